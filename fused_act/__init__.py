@@ -1,0 +1,19 @@
+"""fused_act: fused GPU kernels for activation functions, as drop-in torch ops and modules.
+
+    import fused_act
+    y = fused_act.mish(x)                       # also silu, swish(x, beta), gelu(x, approximate)
+    fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
+    with fused_act.use_backend("triton"): ...
+    model = nn.Sequential(..., fused_act.nn.Mish(), ...)
+"""
+
+from . import config, nn, reference
+from .backend import BACKENDS, get_backend, set_backend, use_backend
+from .functional import gelu, mish, silu, swish
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "config", "gelu", "get_backend", "mish", "nn", "reference", "set_backend",
+    "silu", "swish", "use_backend",
+]

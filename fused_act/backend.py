@@ -1,0 +1,93 @@
+"""Which implementation runs an op: "auto" | "triton" | "cuda" | "reference".
+
+The default comes from ``FUSED_ACT_BACKEND`` (else "auto").  "auto" sends CUDA tensors to the
+Triton kernels and everything else to the reference.  "triton" also runs CPU tensors, through
+Triton's interpreter, when ``TRITON_INTERPRET=1`` was set before the kernels were first used; a CPU
+tensor without it is a clear error.  "cuda" names the CUDA C++ kernels, which this version does not
+ship yet: asking for it says so.  Availability is probed once and explained by
+``python -m fused_act.info``.
+"""
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"fused_act: unknown backend {name!r}; choose one of {BACKENDS}")
+    if name == "cuda":
+        raise RuntimeError(f"fused_act: backend 'cuda' is not available: {cuda_status()[1]}")
+    return name
+
+
+_backend = _check(os.environ.get("FUSED_ACT_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation for all later calls: "auto", "triton", "cuda" or "reference"."""
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> str:
+    """The backend selected by ``set_backend``, ``use_backend`` or ``FUSED_ACT_BACKEND``."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the block with ``name`` as the backend, then restore the previous one."""
+    global _backend
+    previous, _backend = _backend, _check(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    """(available, why) for the Triton kernels on this machine."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton cannot be imported ({e})"
+    if interpreting():
+        return True, "Triton interpreter (TRITON_INTERPRET=1): runs CPU tensors"
+    if torch.cuda.is_available():
+        return True, f"Triton on {torch.cuda.get_device_name()}"
+    return False, "no CUDA device, and TRITON_INTERPRET=1 is not set"
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(available, why) for the CUDA C++ kernels."""
+    return False, "the CUDA C++ kernels (csrc/) are not part of this version"
+
+
+def resolve(device: torch.device) -> str:
+    """The implementation that runs a tensor on ``device``: "triton" or "reference"."""
+    name = _backend
+    if name == "reference":
+        return name
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_status()[0] else "reference"
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        ok, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"fused_act: backend 'triton' is not available: {why}")
+        return name
+    raise RuntimeError(
+        f"fused_act: backend 'triton' cannot run a {device.type} tensor: Triton needs a CUDA "
+        "device, or TRITON_INTERPRET=1 (set before fused_act's kernels are first used) to run on "
+        "the CPU; use backend 'auto' or 'reference' for CPU tensors")

@@ -1,0 +1,119 @@
+"""Drop-in ``nn.Module``s: same constructor arguments and state_dicts as the modules they replace.
+
+``Mish``, ``SiLU`` and ``GELU`` take torch.nn's arguments and have no state; ``Swish`` has a
+float beta or, when learnable, a ``beta`` parameter of ``num_parameters`` values (1, or C for a
+per-channel beta, as ``torch.nn.PReLU``).  ``inplace=True`` overwrites the input when no gradient
+is needed; when one is, the fused backward needs the input intact, so the module computes out of
+place and warns once.
+"""
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from . import functional, ops
+
+_warned_inplace = False
+
+
+def _inplace(x: Tensor, act: str, module: str) -> Tensor | None:
+    """f(x) written into ``x`` when that is safe, else None (after a one-time warning)."""
+    global _warned_inplace
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return ops.apply_(x, act)
+    if not _warned_inplace:
+        _warned_inplace = True
+        warnings.warn(f"fused_act.nn.{module}(inplace=True): the input requires grad and the "
+                      "fused backward needs it, so the result is computed out of place",
+                      stacklevel=3)
+    return None
+
+
+class Mish(nn.Module):
+    """Mish, ``x * tanh(softplus(x))``; a drop-in for ``torch.nn.Mish``."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inplace:
+            functional._check_x("mish", x)
+            y = _inplace(x, "mish", "Mish")
+            if y is not None:
+                return y
+        return functional.mish(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class SiLU(nn.Module):
+    """SiLU, ``x * sigmoid(x)``; a drop-in for ``torch.nn.SiLU``."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inplace:
+            functional._check_x("silu", x)
+            y = _inplace(x, "swish", "SiLU")
+            if y is not None:
+                return y
+        return functional.silu(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class GELU(nn.Module):
+    """GELU with ``approximate="none"`` or ``"tanh"``; a drop-in for ``torch.nn.GELU``."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"fused_act.nn.GELU: approximate must be 'none' or 'tanh' "
+                             f"(got {approximate!r})")
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.gelu(x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class Swish(nn.Module):
+    """Swish, ``x * sigmoid(beta * x)`` with a fixed or learnable beta.
+
+    ``learnable=True`` makes ``beta`` a parameter of ``num_parameters`` values initialised to
+    ``beta``: 1 (shared) or C = ``x.shape[1]`` (per channel, as ``torch.nn.PReLU``).  Its gradient
+    is reduced inside the fused backward kernel.
+    """
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False, num_parameters: int = 1,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        if num_parameters < 1:
+            raise ValueError(f"fused_act.nn.Swish: num_parameters must be >= 1 "
+                             f"(got {num_parameters})")
+        if num_parameters != 1 and not learnable:
+            raise ValueError("fused_act.nn.Swish: num_parameters > 1 needs learnable=True")
+        self.learnable = learnable
+        self.num_parameters = num_parameters
+        if learnable:
+            self.beta = nn.Parameter(torch.full((num_parameters,), float(beta), device=device,
+                                                dtype=dtype))
+        else:
+            self.beta = float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.swish(x, self.beta)
+
+    def extra_repr(self) -> str:
+        if self.learnable:
+            return f"learnable=True, num_parameters={self.num_parameters}"
+        return f"beta={self.beta}"

@@ -1,0 +1,205 @@
+"""The elementwise activations as torch ops: kernels, fake kernels and autograd.
+
+Two entry points reach the same kernels:
+
+* eager calls go through ``_ActivationFn``, a plain ``autograd.Function`` (a few microseconds of
+  host time cheaper per call than a custom op);
+* under ``torch.compile`` the custom ops ``fused_act::activation`` and
+  ``fused_act::activation_backward`` are traced, opaque to Inductor, or, when
+  ``config.compile_mode`` says "decompose" for the op, the reference math is traced instead.
+
+Either way backward saves only ``x`` (and beta).  The kernel implementation is picked per call by
+``backend.resolve``.  Dense inputs of any strides (channels_last, permuted) run in place of their
+memory with outputs of the same strides; other inputs are copied once to contiguous.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import config, reference
+from .backend import resolve
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One row of the op table: the kernel selector and the reference math."""
+
+    kernel: str  # key of triton_kernels.math.ACT_IDS
+    forward: Callable[[Tensor, float | Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor, float | Tensor, bool], tuple[Tensor, Tensor | None]]
+    torch_fn: Callable[[Tensor, float | Tensor], Tensor]  # what PyTorch users call today
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "mish": Activation("mish", lambda x, b: reference.mish(x),
+                       lambda g, x, b, n: (reference.mish_backward(g, x), None),
+                       lambda x, b: F.mish(x)),
+    "swish": Activation("swish", reference.swish, reference.swish_backward,
+                        lambda x, b: x * torch.sigmoid(x * reference._param(b, x))),
+    "gelu": Activation("gelu", lambda x, b: reference.gelu(x),
+                       lambda g, x, b, n: (reference.gelu_backward(g, x), None),
+                       lambda x, b: F.gelu(x)),
+    "gelu_tanh": Activation("gelu_tanh", lambda x, b: reference.gelu(x, "tanh"),
+                            lambda g, x, b, n: (reference.gelu_backward(g, x, "tanh"), None),
+                            lambda x, b: F.gelu(x, approximate="tanh")),
+}
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+def is_dense(x: Tensor) -> bool:
+    """True if ``x`` covers a gap-free, non-overlapping block of memory in some dim order."""
+    expected = 1
+    for size, stride in sorted((s, st) for s, st in zip(x.shape, x.stride(), strict=True) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense(x: Tensor) -> Tensor:
+    """``x`` itself when dense, else one contiguous copy."""
+    return x if is_dense(x) else x.contiguous()
+
+
+def empty_out(x: Tensor) -> Tensor:
+    """An output for ``x``: same strides when ``x`` is dense, else contiguous."""
+    return torch.empty_like(x) if is_dense(x) else torch.empty(x.shape, dtype=x.dtype,
+                                                               device=x.device)
+
+
+def like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with ``x``'s strides (``x`` dense): a copy only when they differ, e.g. an
+    expanded gradient from ``.sum()``."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+def _kernels():
+    from .triton_kernels import elementwise, math
+    return elementwise, math.ACT_IDS
+
+
+def _flat_beta(beta: Tensor, x: Tensor) -> Tensor:
+    if beta.dtype == torch.float64 and x.dtype != torch.float64:
+        beta = beta.float()
+    return beta.reshape(-1)
+
+
+# ---- implementations (what the op and the Function run) ------------------------------------
+
+def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
+                 out: Tensor | None = None) -> Tensor:
+    """f(x) by the backend in force for ``x.device``; ``out`` (dense, x's strides) may be x."""
+    xd = dense(x)
+    if x.numel() == 0:
+        return empty_out(x) if out is None else out
+    if resolve(x.device) == "reference":
+        y = ACTIVATIONS[act].forward(xd, beta_value if beta is None else beta)
+        return y if out is None else out.copy_(y)
+    y = empty_out(x) if out is None else out
+    elementwise, ids = _kernels()
+    elementwise.forward(xd, y, ids[act], None if beta is None else _flat_beta(beta, x), beta_value)
+    return y
+
+
+def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_value: float,
+                  need_dbeta: bool) -> tuple[Tensor, Tensor | None]:
+    """(dx, dbeta if asked) by the backend in force for ``x.device``."""
+    xd = dense(x)
+    g = like(grad, xd)
+    if x.numel() == 0:
+        db = torch.zeros_like(beta) if need_dbeta else None
+        return torch.empty_like(xd), db
+    if resolve(x.device) == "reference":
+        return ACTIVATIONS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
+    elementwise, ids = _kernels()
+    dx = torch.empty_like(xd)
+    db = elementwise.backward(g, xd, dx, ids[act],
+                              None if beta is None else _flat_beta(beta, x), beta_value,
+                              need_dbeta)
+    if db is not None:
+        db = db.reshape(beta.shape).to(beta.dtype)
+    return dx, db
+
+
+# ---- torch.library custom ops (what torch.compile sees) ------------------------------------
+
+@torch.library.custom_op("fused_act::activation", mutates_args=())
+def activation_op(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
+    """y = f(x) for ``act`` in ACTIVATIONS (beta: swish only)."""
+    return forward_impl(x, act, beta, beta_value)
+
+
+@activation_op.register_fake
+def _(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
+    return empty_out(x)
+
+
+@torch.library.custom_op("fused_act::activation_backward", mutates_args=())
+def activation_backward_op(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
+                           beta_value: float, need_dbeta: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dbeta); dbeta is an empty tensor unless ``need_dbeta``."""
+    dx, db = backward_impl(grad, x, act, beta, beta_value, need_dbeta)
+    return dx, x.new_empty(0) if db is None else db
+
+
+@activation_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_value: float,
+      need_dbeta: bool) -> tuple[Tensor, Tensor]:
+    db = torch.empty_like(beta) if need_dbeta else x.new_empty(0)
+    return torch.empty_like(dense(x)), db
+
+
+def _save(ctx, x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> None:
+    ctx.act, ctx.beta_value = act, beta_value
+    ctx.save_for_backward(x, beta)
+
+
+def _grads(ctx, grad: Tensor, backward: Callable) -> tuple:
+    x, beta = ctx.saved_tensors
+    need_dbeta = beta is not None and ctx.needs_input_grad[2]
+    dx, db = backward(grad, x, ctx.act, beta, ctx.beta_value, need_dbeta)
+    return dx, None, db if need_dbeta else None, None
+
+
+activation_op.register_autograd(
+    lambda ctx, grad: _grads(ctx, grad, activation_backward_op),
+    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
+
+
+class _ActivationFn(torch.autograd.Function):
+    """The eager path: the same kernels without the custom-op dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
+        _save(ctx, x, act, beta, beta_value)
+        return forward_impl(x, act, beta, beta_value)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        return _grads(ctx, grad, backward_impl)
+
+
+def apply(name: str, x: Tensor, act: str, beta: Tensor | None = None,
+          beta_value: float = 1.0) -> Tensor:
+    """Run activation ``act`` (public name ``name``) on validated arguments."""
+    if torch.compiler.is_compiling():
+        if config.mode_for(name) == "decompose":
+            return ACTIVATIONS[act].forward(x, beta_value if beta is None else beta)
+        return activation_op(x, act, beta, beta_value)
+    return _ActivationFn.apply(x, act, beta, beta_value)
+
+
+def apply_(x: Tensor, act: str, beta_value: float = 1.0) -> Tensor:
+    """Overwrite ``x`` with f(x) (no autograd: the caller checked that no gradient is needed)."""
+    if torch.compiler.is_compiling() or not is_dense(x):
+        return x.copy_(activation_op(x, act, None, beta_value))
+    return forward_impl(x, act, None, beta_value, out=x)

@@ -1,0 +1,204 @@
+"""Pure-PyTorch math of every activation: the fallback on any device and the tests' oracle.
+
+Each activation has a forward and an explicit backward, so the reference backend, like the
+fused ones, saves only its inputs for backward.  Arithmetic runs in fp32 for fp16/bf16/fp32
+inputs and in fp64 for fp64 (``_opmath``); results come back in the input's dtype.  The forms are
+the numerically stable ones of ``triton_kernels/math.py`` (same limits at +-inf, no NaN from any
+finite input), written with torch operations so that ``torch.compile`` can fuse them when an op
+is compiled in "decompose" mode.
+
+Parameter shapes follow the public API: a per-channel parameter is ``(C,)`` or ``(1, C, 1, ...)``
+for an input of shape ``(N, C, *)``; a one-element tensor is a scalar; a Meta-ACON beta may be
+``(N, C)`` or ``(N, C, 1, ...)``.  Parameter gradients come back in the parameter's shape and dtype.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+SQRT1_2 = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_C = 0.044715
+MISH_SATURATION = 20.0
+INF = math.inf
+
+Beta = float | Tensor
+
+
+def _opmath(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _param(p: Beta, x: Tensor) -> Beta:
+    """A parameter as a tensor that broadcasts against ``x`` in opmath (floats stay floats)."""
+    if not isinstance(p, Tensor):
+        return p
+    p = _opmath(p)
+    if p.numel() == 1:
+        return p.reshape(())
+    if p.dim() >= 2 and p.shape[0] == x.shape[0] and p.shape[0] != 1:  # per-sample (N, C, ...)
+        return p.reshape(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+    return p.reshape(1, x.shape[1], *([1] * (x.dim() - 2)))
+
+
+def _grad_to(g: Tensor, p: Tensor) -> Tensor:
+    """Sum an elementwise parameter gradient down to ``p``'s shape and dtype."""
+    if p.numel() == 1:
+        return g.sum().reshape(p.shape).to(p.dtype)
+    if p.dim() >= 2 and p.shape[0] == g.shape[0] and p.shape[0] != 1:
+        return g.flatten(2).sum(2).reshape(p.shape).to(p.dtype)
+    dims = [d for d in range(g.dim()) if d != 1]
+    return g.sum(dims).reshape(p.shape).to(p.dtype)
+
+
+def sigmoid_pair(z: Tensor) -> tuple[Tensor, Tensor]:
+    """sigma(z) and sigma(-z), both accurate in the tails, from one exp."""
+    e = torch.exp(-z.abs())
+    r = 1.0 / (1.0 + e)
+    p = e * r
+    pos = z >= 0
+    return torch.where(pos, r, p), torch.where(pos, p, r)
+
+
+def _is_inf(x: Tensor) -> Tensor:
+    return x.abs() == INF
+
+
+# ---- mish: x tanh(softplus(x)) -------------------------------------------------------------
+
+def _tanh_softplus(x: Tensor) -> tuple[Tensor, Tensor]:
+    e = torch.exp(x)
+    n = e * (e + 2.0)
+    return torch.where(x > MISH_SATURATION, 1.0, n / (n + 2.0)), n
+
+
+def mish(x: Tensor) -> Tensor:
+    """Mish, x * tanh(softplus(x)), as ``torch.nn.functional.mish`` with exact limits."""
+    xf = _opmath(x)
+    t, _ = _tanh_softplus(xf)
+    return torch.where(xf == -INF, 0.0, xf * t).to(x.dtype)
+
+
+def mish_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """grad * mish'(x), mish' = t + x sigma(x) (1 - t^2) with t = tanh(softplus(x))."""
+    xf = _opmath(x)
+    t, n = _tanh_softplus(xf)
+    s, _ = sigmoid_pair(xf)
+    d = t + xf * s * ((2.0 / (n + 2.0)) * (1.0 + t))
+    d = torch.where(xf > MISH_SATURATION, 1.0, torch.where(xf == -INF, 0.0, d))
+    return (_opmath(grad) * d).to(x.dtype)
+
+
+# ---- swish: x sigma(beta x); silu is beta = 1 ----------------------------------------------
+
+def _swish_z(xf: Tensor, b: Beta) -> Tensor:
+    if isinstance(b, Tensor):
+        return torch.where(b == 0.0, 0.0, b * xf)
+    return xf * b if b != 0.0 else torch.zeros_like(xf)
+
+
+def swish(x: Tensor, beta: Beta = 1.0) -> Tensor:
+    """Swish, x * sigmoid(beta * x); beta a float or a scalar / per-channel tensor."""
+    xf = _opmath(x)
+    s, _ = sigmoid_pair(_swish_z(xf, _param(beta, x)))
+    return torch.where((s == 0.0) & _is_inf(xf), 0.0, xf * s).to(x.dtype)
+
+
+def swish_backward(grad: Tensor, x: Tensor, beta: Beta = 1.0,
+                   need_dbeta: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(grad * d/dx, grad * d/dbeta summed to beta's shape if asked) of swish."""
+    xf, gf, b = _opmath(x), _opmath(grad), _param(beta, x)
+    z = _swish_z(xf, b)
+    s, sn = sigmoid_pair(z)
+    q = s * sn
+    dx = (gf * (s + torch.where(q == 0.0, 0.0, z * q))).to(x.dtype)
+    if not need_dbeta:
+        return dx, None
+    if not isinstance(beta, Tensor):
+        raise TypeError("swish_backward: need_dbeta requires beta to be a tensor")
+    return dx, _grad_to(gf * torch.where(q == 0.0, 0.0, xf * xf * q), beta)
+
+
+def silu(x: Tensor) -> Tensor:
+    """SiLU, x * sigmoid(x), as ``torch.nn.functional.silu`` with exact limits."""
+    return swish(x, 1.0)
+
+
+# ---- gelu: x Phi(x), and its tanh approximation x sigma(2u) --------------------------------
+
+def _gelu_cdf(xf: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(xf * SQRT1_2))
+
+
+def _gelu_tanh_u(xf: Tensor) -> Tensor:
+    return SQRT_2_OVER_PI * (xf + GELU_TANH_C * xf * xf * xf)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, x * Phi(x) ("none") or x * (1 + tanh(u)) / 2 ("tanh"), as F.gelu."""
+    xf = _opmath(x)
+    if approximate == "tanh":
+        s, _ = sigmoid_pair(2.0 * _gelu_tanh_u(xf))
+        y = torch.where((s == 0.0) & _is_inf(xf), 0.0, xf * s)
+    else:
+        y = torch.where(xf == -INF, 0.0, xf * _gelu_cdf(xf))
+    return y.to(x.dtype)
+
+
+def gelu_backward(grad: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
+    """grad * gelu'(x) for either approximation."""
+    xf = _opmath(x)
+    if approximate == "tanh":
+        s, sn = sigmoid_pair(2.0 * _gelu_tanh_u(xf))
+        q = s * sn
+        du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * xf * xf)
+        d = torch.where(q == 0.0, s, s + 2.0 * xf * q * du)
+    else:
+        cdf = _gelu_cdf(xf)
+        pdf = torch.exp(-0.5 * xf * xf) * INV_SQRT_2PI
+        d = torch.where(pdf == 0.0, cdf, cdf + xf * pdf)
+    return (_opmath(grad) * d).to(x.dtype)
+
+
+# ---- acon_c: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x ------------------------------------
+
+def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """ACON-C with per-channel p1, p2 and a per-channel or per-sample (Meta-ACON) beta."""
+    xf = _opmath(x)
+    a, b2, b = _param(p1, x), _param(p2, x), _param(beta, x)
+    d = (a - b2) * xf
+    s, _ = sigmoid_pair(b * d)
+    return (torch.where((s == 0.0) & _is_inf(d), 0.0, d * s) + b2 * xf).to(x.dtype)
+
+
+def acon_c_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dp1, dp2, dbeta) of ACON-C; parameter gradients in the parameters' shapes."""
+    xf, gf = _opmath(x), _opmath(grad)
+    a, b2, b = _param(p1, x), _param(p2, x), _param(beta, x)
+    d = (a - b2) * xf
+    z = b * d
+    s, sn = sigmoid_pair(z)
+    q = s * sn
+    big_s = s + torch.where(q == 0.0, 0.0, z * q)  # d/dd of d sigma(beta d)
+    gs = gf * big_s
+    dx = ((a - b2) * gs + b2 * gf).to(x.dtype)
+    dp1 = _grad_to(xf * gs, p1)
+    dp2 = _grad_to(gf * xf - xf * gs, p2)
+    dbeta = _grad_to(gf * torch.where(q == 0.0, 0.0, d * d * q), beta)
+    return dx, dp1, dp2, dbeta
+
+
+# ---- frelu_max: max(x, t) with torch.maximum's gradient routing ----------------------------
+
+def frelu_max(x: Tensor, t: Tensor) -> Tensor:
+    """max(x, t), NaN if either is NaN (``torch.maximum``)."""
+    return torch.maximum(x, t)
+
+
+def frelu_max_backward(grad: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dt): grad to the larger, half to each on a tie, all to both where NaN is involved."""
+    g = torch.where(x == t, grad / 2, grad)
+    return g.masked_fill(x < t, 0), g.masked_fill(x > t, 0)

@@ -1,0 +1,175 @@
+"""The test tables: ops, dtypes, shapes and layouts, tolerances, and the comparison helper."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fused_act
+from fused_act import backend, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# |out - ref64| <= atol + rtol |ref64|, against the reference computed in float64.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (8e-3, 1e-5),
+}
+# parameter gradients are sums: |err| <= PARAM_RTOL * sum |terms| (fp32 accumulation)
+PARAM_RTOL = {torch.float64: 1e-10}
+PARAM_RTOL_DEFAULT = 2e-5
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def need_device(device: str) -> None:
+    """Skip unless Triton can run on ``device`` here (GPU, or the CPU interpreter)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if device == "cpu" and not backend.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One activation variant: the public call, its reference, and what PyTorch users call."""
+
+    name: str
+    call: Callable[[Tensor, list[Tensor]], Tensor]
+    ref: Callable[[Tensor, list[Tensor]], Tensor]
+    ref_backward: Callable[[Tensor, Tensor, list[Tensor]], tuple[Tensor, ...]]
+    torch_fn: Callable[[Tensor, list[Tensor]], Tensor]
+    params: Callable[[Tensor], list[Tensor]] = field(default=lambda x: [])
+    scale: float = 8.0  # inputs ~ N(0, scale): reaches the saturating branches
+
+
+def _beta_scalar(x: Tensor) -> list[Tensor]:
+    return [torch.tensor([1.3], device=x.device, dtype=_param_dtype(x)).requires_grad_()]
+
+
+def _beta_channel(x: Tensor) -> list[Tensor]:
+    c = x.shape[1]
+    b = torch.linspace(-1.5, 2.0, c, device=x.device, dtype=_param_dtype(x))
+    return [b.requires_grad_()]
+
+
+def _beta_channel_4d(x: Tensor) -> list[Tensor]:
+    (b,) = _beta_channel(x)
+    return [b.detach().reshape(1, -1, *([1] * (x.dim() - 2))).requires_grad_()]
+
+
+def _param_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _swish_ref_bwd(g, x, p):
+    dx, db = reference.swish_backward(g, x, p[0], need_dbeta=True)
+    return dx, db
+
+
+def _torch_swish(x, p):
+    return x * torch.sigmoid(reference._param(p[0], x).to(x.dtype) * x)
+
+
+OPS = [
+    Op("mish", lambda x, p: fused_act.mish(x), lambda x, p: reference.mish(x),
+       lambda g, x, p: (reference.mish_backward(g, x),), lambda x, p: F.mish(x)),
+    Op("silu", lambda x, p: fused_act.silu(x), lambda x, p: reference.silu(x),
+       lambda g, x, p: (reference.swish_backward(g, x, 1.0)[0],), lambda x, p: F.silu(x)),
+    Op("swish_float", lambda x, p: fused_act.swish(x, -0.75),
+       lambda x, p: reference.swish(x, -0.75),
+       lambda g, x, p: (reference.swish_backward(g, x, -0.75)[0],),
+       lambda x, p: x * torch.sigmoid(-0.75 * x)),
+    Op("swish_scalar", lambda x, p: fused_act.swish(x, p[0]), lambda x, p: reference.swish(x, p[0]),
+       _swish_ref_bwd, _torch_swish, _beta_scalar),
+    Op("gelu", lambda x, p: fused_act.gelu(x), lambda x, p: reference.gelu(x),
+       lambda g, x, p: (reference.gelu_backward(g, x),), lambda x, p: F.gelu(x), scale=4.0),
+    Op("gelu_tanh", lambda x, p: fused_act.gelu(x, "tanh"), lambda x, p: reference.gelu(x, "tanh"),
+       lambda g, x, p: (reference.gelu_backward(g, x, "tanh"),),
+       lambda x, p: F.gelu(x, approximate="tanh"), scale=4.0),
+]
+CHANNEL_OPS = [
+    Op("swish_channel", lambda x, p: fused_act.swish(x, p[0]),
+       lambda x, p: reference.swish(x, p[0]), _swish_ref_bwd, _torch_swish, _beta_channel),
+    Op("swish_channel_4d", lambda x, p: fused_act.swish(x, p[0]),
+       lambda x, p: reference.swish(x, p[0]), _swish_ref_bwd, _torch_swish, _beta_channel_4d),
+]
+ALL_OPS = OPS + CHANNEL_OPS
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.t()
+
+
+def _cl(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _strided(x: Tensor) -> Tensor:
+    return x[:, ::2]
+
+
+def _perm(x: Tensor) -> Tensor:
+    return x.permute(2, 0, 1)
+
+
+# (shape made first, layout transform) -> the tensor the op sees
+SHAPES = {
+    "empty": ((0,), None),
+    "scalar": ((), None),
+    "one": ((1,), None),
+    "odd": ((7,), None),
+    "blocks_tail": ((2 * 2048 + 37,), None),
+    "nchw": ((3, 5, 7, 11), None),
+    "channels_last": ((2, 6, 9, 13), _cl),
+    "transposed": ((37, 53), _t),
+    "strided": ((33, 70), _strided),
+    "permuted": ((4, 9, 5), _perm),
+}
+# per-channel beta needs a channel dim: x of rank >= 2, channel counts 1, 3, 64, 130
+CHANNEL_SHAPES = {
+    "nc": ((5, 130), None),
+    "nchw_c1": ((3, 1, 4, 5), None),
+    "nchw_c3": ((2, 3, 45, 47), None),
+    "nchw_c64": ((2, 64, 3, 5), None),
+    "channels_last_c130": ((2, 130, 3, 7), _cl),
+    "transposed_nc": ((64, 9), _t),
+    "strided": ((3, 64, 10), lambda x: x[..., ::3]),
+}
+
+
+def make_x(shape_key: str, dtype: torch.dtype, device: str, scale: float = 8.0,
+           table: dict = SHAPES, seed: int = 0) -> Tensor:
+    """A fresh random input over the activation's interesting range, in the given layout."""
+    shape, layout = table[shape_key]
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    return layout(x) if layout else x
+
+
+def assert_near(out: Tensor, ref64: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Elementwise tolerance check with a message naming the first mismatches."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref64.shape)}"
+    rtol, atol = TOL[dtype]
+    o, r = out.detach().double().cpu(), ref64.detach().double().cpu()
+    bad = ~((o - r).abs() <= atol + rtol * r.abs()) & ~(o.isnan() & r.isnan()) & ~(o == r)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        pairs = [(i, o[tuple(i)].item(), r[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{what}: {int(bad.sum())}/{o.numel()} elements off "
+                             f"(rtol {rtol}, atol {atol}); first [index, got, want]: {pairs}")
+
+
+def assert_param_near(out: Tensor, ref64: Tensor, terms_abs_sum: Tensor, dtype: torch.dtype,
+                      what: str) -> None:
+    """A reduced parameter gradient against float64, scaled by the size of its terms."""
+    rtol = PARAM_RTOL.get(dtype, PARAM_RTOL_DEFAULT)
+    err = (out.detach().double().cpu() - ref64.detach().double().cpu()).abs()
+    lim = rtol * terms_abs_sum.double().cpu() + 1e-12
+    ok = bool((err <= lim).all())
+    assert ok, f"{what}: error {err.max().item():.3g} > {lim.max().item():.3g}"

@@ -1,0 +1,13 @@
+"""Test set-up: Triton's interpreter runs the kernels on the CPU when there is no GPU.
+
+TRITON_INTERPRET is read when a kernel is first decorated, so it is set here, before any test
+imports fused_act's kernels.  On a GPU machine the GPU tests run with ``pytest -m cuda`` and the
+CPU ones with ``TRITON_INTERPRET=1 pytest``.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,172 @@
+"""Every op x backend x dtype x shape/layout against the float64 reference, forward and backward."""
+
+import math
+
+import pytest
+import torch
+from fused_act.triton_kernels import elementwise
+
+import fused_act
+from fused_act import ops, reference
+
+from .cases import (
+    CHANNEL_OPS,
+    CHANNEL_SHAPES,
+    DEVICES,
+    DTYPES,
+    OPS,
+    SHAPES,
+    TOL,
+    assert_near,
+    assert_param_near,
+    make_x,
+    need_device,
+)
+
+BACKENDS = ["triton", "reference"]
+
+
+def _run(op, x, backend_name, seed=1):
+    params = op.params(x)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
+    with fused_act.use_backend(backend_name):
+        y = op.call(x, params)
+        grads = torch.autograd.grad(y, [x, *params], g) if x.numel() else [torch.zeros_like(x)]
+    return params, g, y, grads
+
+
+def _check(op, x, dtype, backend_name):
+    params, g, y, grads = _run(op, x, backend_name)
+    x64, g64 = x.detach().double(), g.double()
+    p64 = [p.detach().double() for p in params]
+    what = f"{op.name}[{backend_name}, {dtype}, {tuple(x.shape)}]"
+    assert y.dtype == dtype and grads[0].dtype == dtype
+    if ops.is_dense(x):
+        assert y.stride() == x.stride(), f"{what}: output strides {y.stride()} vs {x.stride()}"
+    assert_near(y, op.ref(x64, p64), dtype, what + " forward")
+    if x.numel() == 0:
+        return
+    want = op.ref_backward(g64, x64, p64)
+    assert_near(grads[0], want[0], dtype, what + " dx")
+    for p, got, ref64 in zip(params, grads[1:], want[1:], strict=True):
+        assert got.shape == p.shape and got.dtype == p.dtype
+        _, terms = reference.swish_backward(g64.abs(), x64, p64[0], need_dbeta=True)
+        assert_param_near(got, ref64, terms, dtype, what + " dbeta")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
+def test_vs_float64(op, shape, dtype, backend_name, device):
+    if backend_name == "triton":
+        need_device(device)
+    elif device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = make_x(shape, dtype, device, op.scale).requires_grad_()
+    _check(op, x, dtype, backend_name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(CHANNEL_SHAPES))
+@pytest.mark.parametrize("op", CHANNEL_OPS, ids=lambda o: o.name)
+def test_channel_beta_vs_float64(op, shape, dtype, backend_name, device):
+    if backend_name == "triton":
+        need_device(device)
+    elif device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = make_x(shape, dtype, device, op.scale, CHANNEL_SHAPES).requires_grad_()
+    if op.name.endswith("_4d") and x.dim() < 3:
+        pytest.skip("(1, C, 1, ...) beta needs rank >= 3")
+    _check(op, x, dtype, backend_name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS + CHANNEL_OPS[:1], ids=lambda o: o.name)
+def test_int64_offsets(op, device, monkeypatch):
+    """The 64-bit offset path (taken from 2^31 elements) computes the same values."""
+    need_device(device)
+    monkeypatch.setattr(elementwise, "INT64_THRESHOLD", 0)
+    x = make_x("nchw_c3", torch.float32, device, op.scale, CHANNEL_SHAPES).requires_grad_()
+    _check(op, x, torch.float32, "triton")
+
+
+def _ulp_error(out, want, dtype):
+    """max |out - want| in units of the spacing of ``dtype`` at ``want`` (finite ``want``)."""
+    mant = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    spacing = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(tiny)))) * mant
+    return ((out - want).abs() / spacing).max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS + CHANNEL_OPS, ids=lambda o: o.name)
+def test_fused_no_worse_than_torch(op, device):
+    """In fp16/bf16 the fused result is no further from float64 than twice PyTorch's own op's
+    error, measured in units in the last place (PyTorch rounds to nearest: about 0.5; Triton's
+    CPU interpreter truncates fp32 to bf16: under 1)."""
+    need_device(device)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = make_x("nchw_c64", dtype, device, op.scale, CHANNEL_SHAPES)
+        params = [p.detach() for p in op.params(x)]
+        with fused_act.use_backend("triton"):
+            ours = op.call(x, params).double()
+        theirs = op.torch_fn(x, params).double()
+        want = op.ref(x.double(), [p.double() for p in params])
+        err_ours = _ulp_error(ours, want, dtype)
+        err_torch = _ulp_error(theirs, want, dtype)
+        # the interpreter's round-toward-zero costs up to half an ulp more; the GPU gets no slack
+        slack = 0.5 if device == "cpu" and dtype == torch.bfloat16 else 0.0
+        assert err_ours <= 2 * err_torch + slack, (op.name, dtype, err_ours, err_torch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS + CHANNEL_OPS[:1], ids=lambda o: o.name)
+def test_beta_grad_deterministic(op, device):
+    need_device(device)
+    x = make_x("nchw_c64", torch.float32, device, op.scale, CHANNEL_SHAPES).requires_grad_()
+    runs = [_run(op, x, "triton", seed=3)[3] for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+EDGES = [math.inf, -math.inf, math.nan, 20.0, -20.0, 88.0, -88.0, 1e4, -1e4, -0.0, 0.0, 3e-8,
+         -100.0, 45.0]
+# the mathematical limits at +-inf, for value and derivative
+LIMITS = {"mish": (math.inf, 0.0, 1.0, 0.0), "silu": (math.inf, 0.0, 1.0, 0.0),
+          "gelu": (math.inf, 0.0, 1.0, 0.0), "gelu_tanh": (math.inf, 0.0, 1.0, 0.0)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
+def test_edge_values(op, dtype, backend_name, device):
+    """inf, NaN, large magnitudes, signed zeros: limits at +-inf, NaN in gives NaN out, no
+    spurious NaN/inf from finite input, and PyTorch's values wherever PyTorch is finite."""
+    if backend_name == "triton":
+        need_device(device)
+    elif device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = torch.tensor(EDGES, dtype=dtype, device=device).requires_grad_()
+    params = [p.detach() for p in op.params(x)]
+    with fused_act.use_backend(backend_name):
+        y = op.call(x, params)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    finite = x.detach().isfinite()
+    assert y[finite].isfinite().all() and dx[finite].isfinite().all(), (y, dx)
+    assert y[2].isnan() and dx[2].isnan()
+    if op.name in LIMITS:
+        lim = LIMITS[op.name]
+        assert (y[0].item(), y[1].item(), dx[0].item(), dx[1].item()) == lim
+    theirs = op.torch_fn(x.detach(), params)
+    ok = finite & theirs.isfinite()
+    torch.testing.assert_close(y[ok], theirs[ok], rtol=TOL[dtype][0] * 4, atol=1e-5)
+    if op.name in ("mish", "silu"):  # f(-1e4) = -0.0, as PyTorch gives
+        assert y[8].item() == 0.0 and math.copysign(1.0, y[8].item()) == -1.0
+    if op.name == "mish" and dtype in (torch.float32, torch.float64):
+        assert dx[12].item() < 0.0  # mish'(-100) = e^-100 (2 - 100 + ...) < 0

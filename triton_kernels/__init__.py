@@ -1,0 +1,1 @@
+"""Triton kernels of fused_act, installed as ``fused_act.triton_kernels``."""

@@ -1,0 +1,170 @@
+"""Scalar math of every activation, once, as Triton functions.
+
+Each activation has a value function and a derivative function; the generic kernels in
+``elementwise.py`` pick one by the ``ACT`` selector.  Everything here avoids libdevice (tanh,
+log1p, erfc, ...) so that the CPU interpreter runs exactly the code the GPU runs, and every form
+is written so that no finite input overflows into NaN or inf:
+
+* ``sigmoid_pair`` returns sigma(z) and sigma(-z) from one ``exp(-|z|)``: both stay accurate in
+  the tails, so ``1 - sigma(z)`` never cancels.
+* tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2): exact to rounding where softplus
+  underflows, and 1 for x > 20 (n would overflow past x ~ 44).
+* 1 + tanh(u) = 2 sigma(2u), so GELU-tanh is x sigma(2u) and needs no tanh at all.
+
+Infinite inputs return the mathematical limits (f(+inf) = +inf, f(-inf) = 0, f'(+inf) = 1,
+f'(-inf) = 0) instead of the 0 * inf = NaN a direct formula gives.
+"""
+
+import triton
+import triton.language as tl
+
+# Activation selectors, shared with fused_act/ops.py through ACT_IDS.
+MISH = tl.constexpr(0)
+SWISH = tl.constexpr(1)
+GELU = tl.constexpr(2)
+GELU_TANH = tl.constexpr(3)
+ACT_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3}
+
+# Module constants are constexpr; keep them right of a tensor operand (tensor * C): the
+# interpreter cannot take constexpr * tensor as a tensor.
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_C = tl.constexpr(0.044715)
+MISH_SATURATION = tl.constexpr(20.0)  # tanh(softplus(x)) == 1 in fp32 and fp64 beyond this
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def opmath(x):
+    """fp16/bf16/fp32 compute in fp32; fp64 stays fp64 (for gradcheck)."""
+    if x.dtype == tl.float64:
+        r = x
+    else:
+        r = x.to(tl.float32)
+    return r
+
+
+@triton.jit
+def sigmoid_pair(z):
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    p = e * r
+    pos = z >= 0
+    return tl.where(pos, r, p), tl.where(pos, p, r)
+
+
+@triton.jit
+def _mish_tanh_softplus(x):
+    e = tl.exp(x)
+    n = e * (e + 2.0)
+    t = tl.where(x > MISH_SATURATION, 1.0, n / (n + 2.0))
+    return t, n
+
+
+@triton.jit
+def mish_fwd(x):
+    t, _ = _mish_tanh_softplus(x)
+    return tl.where(x == -INF, 0.0, x * t)
+
+
+@triton.jit
+def mish_bwd(x):
+    # d/dx x tanh(sp(x)) = t + x sigma(x) (1 - t^2), with 1 - t = 2 / (n + 2) kept exact.
+    t, n = _mish_tanh_softplus(x)
+    s, _ = sigmoid_pair(x)
+    one_minus_t2 = (2.0 / (n + 2.0)) * (1.0 + t)
+    d = t + x * s * one_minus_t2
+    return tl.where(x > MISH_SATURATION, 1.0, tl.where(x == -INF, 0.0, d))
+
+
+@triton.jit
+def _swish_z(x, beta):
+    # beta == 0 with x == inf would give 0 * inf = NaN; the limit is x / 2.
+    return tl.where(beta == 0.0, 0.0, beta * x)
+
+
+@triton.jit
+def swish_fwd(x, beta):
+    s, _ = sigmoid_pair(_swish_z(x, beta))
+    return tl.where((s == 0.0) & (tl.abs(x) == INF), 0.0, x * s)
+
+
+@triton.jit
+def swish_bwd(x, beta):
+    # d/dx = s + z s (1 - s); d/dbeta = x^2 s (1 - s); q = s (1 - s) is 0 wherever a product
+    # with an infinite or overflowing factor would make NaN, and then the term's limit is 0.
+    z = _swish_z(x, beta)
+    s, sn = sigmoid_pair(z)
+    q = s * sn
+    dx = s + tl.where(q == 0.0, 0.0, z * q)
+    dbeta = tl.where(q == 0.0, 0.0, x * x * q)
+    return dx, dbeta
+
+
+@triton.jit
+def _gelu_cdf(x):
+    return 0.5 * (1.0 + tl.erf(x * SQRT1_2))
+
+
+@triton.jit
+def gelu_fwd(x):
+    return tl.where(x == -INF, 0.0, x * _gelu_cdf(x))
+
+
+@triton.jit
+def gelu_bwd(x):
+    cdf = _gelu_cdf(x)
+    pdf = tl.exp(-0.5 * x * x) * INV_SQRT_2PI
+    return tl.where(pdf == 0.0, cdf, cdf + x * pdf)
+
+
+@triton.jit
+def _gelu_tanh_u(x):
+    return (x + x * x * x * GELU_TANH_C) * SQRT_2_OVER_PI
+
+
+@triton.jit
+def gelu_tanh_fwd(x):
+    s, _ = sigmoid_pair(2.0 * _gelu_tanh_u(x))
+    return tl.where((s == 0.0) & (tl.abs(x) == INF), 0.0, x * s)
+
+
+@triton.jit
+def gelu_tanh_bwd(x):
+    # d/dx x sigma(2u) = s + 2 x s (1 - s) u'
+    s, sn = sigmoid_pair(2.0 * _gelu_tanh_u(x))
+    q = s * sn
+    du = (1.0 + x * x * (3.0 * GELU_TANH_C)) * SQRT_2_OVER_PI
+    return tl.where(q == 0.0, s, s + 2.0 * x * q * du)
+
+
+@triton.jit
+def act_fwd(x, beta, ACT: tl.constexpr):
+    """y = f(x) for the activation ACT; beta is used by SWISH only."""
+    if ACT == MISH:
+        y = mish_fwd(x)
+    elif ACT == SWISH:
+        y = swish_fwd(x, beta)
+    elif ACT == GELU:
+        y = gelu_fwd(x)
+    else:
+        y = gelu_tanh_fwd(x)
+    return y
+
+
+@triton.jit
+def act_bwd(x, beta, ACT: tl.constexpr):
+    """(df/dx, df/dbeta) for the activation ACT; df/dbeta is 0 for all but SWISH."""
+    if ACT == MISH:
+        dx = mish_bwd(x)
+        dbeta = 0.0 * x
+    elif ACT == SWISH:
+        dx, dbeta = swish_bwd(x, beta)
+    elif ACT == GELU:
+        dx = gelu_bwd(x)
+        dbeta = 0.0 * x
+    else:
+        dx = gelu_tanh_bwd(x)
+        dbeta = 0.0 * x
+    return dx, dbeta
