@@ -8,7 +8,9 @@ Two entry points reach the same kernels:
   ``fused_act::activation_backward`` are traced, opaque to Inductor, or, when
   ``config.compile_mode`` says "decompose" for the op, the reference math is traced instead.
 
-Either way backward saves only ``x`` (and beta).  The kernel implementation is picked per call by
+Either way backward saves only ``x`` (and beta).  Double backward (``create_graph=True``) is
+supported in eager mode by differentiating the reference math; under ``torch.compile`` the opaque
+backward op has no derivative and says so.  The kernel implementation is picked per call by
 ``backend.resolve``.  Dense inputs of any strides (channels_last, permuted) run in place of their
 memory with outputs of the same strides; other inputs are copied once to contiguous.
 """
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import config, reference
 from .backend import resolve
@@ -55,7 +56,8 @@ ACTIVATIONS: dict[str, Activation] = {
 def is_dense(x: Tensor) -> bool:
     """True if ``x`` covers a gap-free, non-overlapping block of memory in some dim order."""
     expected = 1
-    for size, stride in sorted((s, st) for s, st in zip(x.shape, x.stride(), strict=True) if s != 1):
+    dims = sorted((st, s) for s, st in zip(x.shape, x.stride(), strict=True) if s != 1)
+    for stride, size in dims:
         if stride != expected:
             return False
         expected *= size
@@ -174,6 +176,17 @@ activation_op.register_autograd(
     setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
 
 
+def _differentiable_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
+                             beta_value: float, need_dbeta: bool) -> tuple[Tensor, Tensor | None]:
+    """Backward through the reference math with a graph, for double backward (eager only)."""
+    xr = x if x.requires_grad else x.detach().requires_grad_()
+    inputs = [xr, beta] if need_dbeta else [xr]
+    with torch.enable_grad():
+        y = ACTIVATIONS[act].forward(xr, beta_value if beta is None else beta)
+        grads = torch.autograd.grad(y, inputs, grad, create_graph=True)
+    return grads[0], grads[1] if need_dbeta else None
+
+
 class _ActivationFn(torch.autograd.Function):
     """The eager path: the same kernels without the custom-op dispatch cost."""
 
@@ -183,8 +196,11 @@ class _ActivationFn(torch.autograd.Function):
         return forward_impl(x, act, beta, beta_value)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple:
+        # grad mode is on in backward only under create_graph=True: then the gradient must be
+        # differentiable itself, and the reference math supplies that graph
+        if torch.is_grad_enabled():
+            return _grads(ctx, grad, _differentiable_backward)
         return _grads(ctx, grad, backward_impl)
 
 

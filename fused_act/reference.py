@@ -48,7 +48,7 @@ def _grad_to(g: Tensor, p: Tensor) -> Tensor:
     if p.numel() == 1:
         return g.sum().reshape(p.shape).to(p.dtype)
     if p.dim() >= 2 and p.shape[0] == g.shape[0] and p.shape[0] != 1:
-        return g.flatten(2).sum(2).reshape(p.shape).to(p.dtype)
+        return g.reshape(g.shape[0], g.shape[1], -1).sum(2).reshape(p.shape).to(p.dtype)
     dims = [d for d in range(g.dim()) if d != 1]
     return g.sum(dims).reshape(p.shape).to(p.dtype)
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from fused_act.triton_kernels import elementwise
 
 import fused_act
 from fused_act import ops, reference
+from fused_act.triton_kernels import elementwise
 
 from .cases import (
     CHANNEL_OPS,

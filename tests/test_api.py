@@ -1,0 +1,220 @@
+"""Public API: argument errors, backend control, modules, in-place, and the op table."""
+
+import inspect
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fused_act
+from fused_act import ops, reference
+from fused_act.triton_kernels import math as tmath
+
+from .cases import need_device
+
+
+def test_every_activation_in_every_math_site():
+    """Adding an activation means a Triton math pair, a reference pair and an op-table row."""
+    assert set(ops.ACTIVATIONS) == set(tmath.ACT_IDS)
+    for name in tmath.ACT_IDS:
+        assert hasattr(tmath, f"{name}_fwd") and hasattr(tmath, f"{name}_bwd")
+    for fn in ("mish", "swish", "gelu", "acon_c", "frelu_max"):
+        assert hasattr(reference, fn) and hasattr(reference, fn + "_backward")
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: fused_act.mish(x), lambda x: fused_act.silu(x), lambda x: fused_act.gelu(x),
+    lambda x: fused_act.swish(x, 1.0)], ids=["mish", "silu", "gelu", "swish"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
+def test_non_float_input_is_a_type_error(call, dtype):
+    with pytest.raises(TypeError, match=r"fused_act\.\w+: x must be a floating-point tensor"):
+        call(torch.zeros(4, dtype=dtype))
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fused_act.mish([1.0, 2.0])
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3), (1, 3, 2), (3, 1, 1, 1)])
+def test_beta_of_wrong_shape(shape):
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"fused_act.swish: beta must have one element or C=4"):
+        fused_act.swish(x, torch.ones(shape))
+
+
+def test_beta_bad_types_and_devices():
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="beta must be a floating-point tensor"):
+        fused_act.swish(x, torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="beta must be a float or a tensor"):
+        fused_act.swish(x, "1.0")
+    with pytest.raises(TypeError, match="beta must be a float or a tensor"):
+        fused_act.swish(x, True)
+    with pytest.raises(ValueError, match="beta is on meta but x is on cpu"):
+        fused_act.swish(x, torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match="one element"):
+        fused_act.swish(torch.randn(5), torch.ones(5))  # a 1-D x has no channel dim
+
+
+def test_gelu_bad_approximate():
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        fused_act.gelu(torch.randn(3), "erf")
+    with pytest.raises(ValueError, match="approximate must be"):
+        fused_act.nn.GELU("fast")
+
+
+def test_backend_control():
+    assert fused_act.get_backend() == "auto"
+    with fused_act.use_backend("reference"):
+        assert fused_act.get_backend() == "reference"
+        with fused_act.use_backend("triton"):
+            assert fused_act.get_backend() == "triton"
+        assert fused_act.get_backend() == "reference"
+    assert fused_act.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fused_act.set_backend("fast")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        fused_act.set_backend("cuda")
+    fused_act.set_backend("reference")
+    try:
+        assert fused_act.get_backend() == "reference"
+    finally:
+        fused_act.set_backend("auto")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with fused_act.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fused_act.mish(torch.randn(4))
+    # "auto" quietly uses the reference for CPU tensors
+    torch.testing.assert_close(fused_act.mish(torch.ones(3)), reference.mish(torch.ones(3)))
+
+
+def test_backend_from_environment():
+    code = "import fused_act; print(fused_act.get_backend())"
+    env = dict(os.environ, FUSED_ACT_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "reference", out.stderr
+    env["FUSED_ACT_BACKEND"] = "nonsense"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown backend 'nonsense'" in out.stderr
+
+
+def test_info_runs():
+    out = subprocess.run([sys.executable, "-m", "fused_act.info"], capture_output=True, text=True)
+    assert out.returncode == 0 and "triton" in out.stdout and "reference" in out.stdout
+
+
+def test_compile_mode_validation(monkeypatch):
+    monkeypatch.setattr(fused_act.config, "compile_mode", {"mish": "decompose"})
+    assert fused_act.config.mode_for("mish") == "decompose"
+    assert fused_act.config.mode_for("gelu") == "opaque"
+    monkeypatch.setattr(fused_act.config, "compile_mode", "fast")
+    with pytest.raises(ValueError, match="compile_mode"):
+        fused_act.config.mode_for("mish")
+
+
+@pytest.mark.parametrize("make_x, dense", [
+    (lambda: torch.randn(3, 4), True),
+    (lambda: torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), True),
+    (lambda: torch.randn(4, 5).t(), True),
+    (lambda: torch.randn(4, 5, 6).permute(2, 0, 1), True),
+    (lambda: torch.randn(4, 1, 5)[:, :, :], True),
+    (lambda: torch.randn(4, 6)[:, ::2], False),
+    (lambda: torch.randn(4, 1).expand(4, 3), False),
+    (lambda: torch.randn(4, 6)[:, 1:4], False),
+])
+def test_is_dense(make_x, dense):
+    assert ops.is_dense(make_x()) is dense
+
+
+# ---- modules ---------------------------------------------------------------------------
+
+MODULE_PAIRS = [
+    (lambda: torch.nn.Mish(), lambda: fused_act.nn.Mish()),
+    (lambda: torch.nn.SiLU(), lambda: fused_act.nn.SiLU()),
+    (lambda: torch.nn.GELU(), lambda: fused_act.nn.GELU()),
+    (lambda: torch.nn.GELU(approximate="tanh"), lambda: fused_act.nn.GELU(approximate="tanh")),
+]
+
+
+@pytest.mark.parametrize("pair", MODULE_PAIRS, ids=["Mish", "SiLU", "GELU", "GELU_tanh"])
+def test_modules_match_torch(pair):
+    theirs, ours = pair[0](), pair[1]()
+    assert theirs.state_dict().keys() == ours.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    ya, yb = theirs(x), ours(x)
+    torch.testing.assert_close(yb, ya)
+    ga, gb = (torch.autograd.grad(y.sum(), x)[0] for y in (ya, yb))
+    torch.testing.assert_close(gb, ga)
+
+
+def test_module_constructor_arguments_match_torch():
+    for name in ("Mish", "SiLU", "GELU"):
+        theirs = inspect.signature(getattr(torch.nn, name)).parameters
+        ours = inspect.signature(getattr(fused_act.nn, name)).parameters
+        assert list(theirs) == list(ours), name
+        assert all(theirs[p].default == ours[p].default for p in theirs), name
+
+
+def test_swish_module():
+    fixed = fused_act.nn.Swish(beta=1.5)
+    assert dict(fixed.state_dict()) == {} and "beta=1.5" in repr(fixed)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    torch.testing.assert_close(fixed(x), x * torch.sigmoid(1.5 * x))
+    per_channel = fused_act.nn.Swish(beta=0.5, learnable=True, num_parameters=3)
+    assert per_channel.state_dict()["beta"].shape == (3,)
+    per_channel(x).sum().backward()
+    assert per_channel.beta.grad is not None and per_channel.beta.grad.shape == (3,)
+    prelu_like = fused_act.nn.Swish(learnable=True, num_parameters=3)
+    prelu_like.load_state_dict({"beta": torch.tensor([1.0, 2.0, 3.0])})
+    torch.testing.assert_close(prelu_like(x), x * torch.sigmoid(
+        torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) * x))
+    with pytest.raises(ValueError, match="needs learnable=True"):
+        fused_act.nn.Swish(num_parameters=3)
+
+
+@pytest.mark.parametrize("module", [fused_act.nn.Mish, fused_act.nn.SiLU])
+def test_inplace(module):
+    x = torch.randn(300) * 4
+    want = module()(x)
+    y = module(inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, want)
+    strided = torch.randn(10, 8)[:, ::2]
+    want = module()(strided)
+    module(inplace=True)(strided)
+    torch.testing.assert_close(strided, want)
+    # a leaf that requires grad: out of place, with one warning
+    leaf = torch.randn(5, requires_grad=True)
+    import fused_act.nn as fnn
+    fnn._warned_inplace = False
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = module(inplace=True)(leaf)
+        module(inplace=True)(leaf)
+    assert y.data_ptr() != leaf.data_ptr() and len(w) == 1 and "out of place" in str(w[0].message)
+
+
+def test_inplace_under_triton_uses_one_buffer():
+    need_device("cpu")
+    x = torch.randn(5000) * 4
+    want = reference.mish(x)
+    with fused_act.use_backend("triton"):
+        y = fused_act.nn.Mish(inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, want)
+
+
+def test_autocast_bf16_on_cpu():
+    x = torch.randn(4, 8)
+    lin = torch.nn.Linear(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        for f in (fused_act.mish, fused_act.silu, fused_act.gelu):
+            assert f(h).dtype == torch.bfloat16 == torch.nn.functional.mish(h).dtype

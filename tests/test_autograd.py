@@ -1,0 +1,186 @@
+"""Autograd and op machinery: gradcheck, opcheck, torch.compile, saved tensors, checkpointing."""
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+import fused_act
+from fused_act import ops
+
+from .cases import ALL_OPS, CHANNEL_SHAPES, DEVICES, OPS, make_x, need_device
+
+BACKENDS = ["triton", "reference"]
+
+
+def _backend_ok(backend_name, device):
+    if backend_name == "triton":
+        need_device(device)
+    elif device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
+def test_gradcheck(op, backend_name, device):
+    _backend_ok(backend_name, device)
+    x = make_x("nchw_c3", torch.float64, device, 2.0, CHANNEL_SHAPES)[:1, :, :2, :4]
+    x = x.clone().requires_grad_()
+    params = op.params(x)
+    with fused_act.use_backend(backend_name):
+        assert torch.autograd.gradcheck(lambda x, *p: op.call(x, list(p)), (x, *params))
+
+
+def _op_args(op, x):
+    """Arguments of fused_act::activation for one row of the test table."""
+    params = [p.detach().requires_grad_() for p in op.params(x)]
+    act = {"mish": "mish", "silu": "swish", "swish_float": "swish", "gelu": "gelu",
+           "gelu_tanh": "gelu_tanh"}.get(op.name, "swish")
+    beta_value = -0.75 if op.name == "swish_float" else 1.0
+    return act, (params[0] if params else None), beta_value
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
+def test_opcheck(op, backend_name, device):
+    _backend_ok(backend_name, device)
+    x = make_x("channels_last_c130", torch.float32, device, 4.0, CHANNEL_SHAPES)
+    x.requires_grad_()
+    act, beta, beta_value = _op_args(op, x)
+    with fused_act.use_backend(backend_name):
+        torch.library.opcheck(ops.activation_op, (x, act, beta, beta_value))
+        g = torch.randn_like(x)
+        beta = None if beta is None else beta.detach()
+        for need in ([False, True] if beta is not None else [False]):
+            torch.library.opcheck(ops.activation_backward_op,
+                                  (g, x.detach(), act, beta, beta_value, need))
+
+
+class _Block(torch.nn.Module):
+    """A small model using every module: Linear -> act -> ... with a learnable swish."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.acts = torch.nn.ModuleList([
+            fused_act.nn.Mish(), fused_act.nn.SiLU(), fused_act.nn.GELU(),
+            fused_act.nn.GELU("tanh"), fused_act.nn.Swish(learnable=True, num_parameters=16),
+            fused_act.nn.Swish(beta=0.5)])
+
+    def forward(self, x):
+        a = self.acts
+        x = a[1](a[0](self.l1(x)))
+        x = a[3](a[2](self.l2(x))) + x
+        return a[5](a[4](self.l3(x)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["opaque", "decompose"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(compiler, mode, device, monkeypatch):
+    need_device(device)
+    monkeypatch.setattr(fused_act.config, "compile_mode", mode)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Block().to(device)
+    x = torch.randn(8, 16, device=device) * 3
+
+    def run(m):
+        with fused_act.use_backend("triton"):
+            model.zero_grad()
+            y = m(x)
+            y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+    y_eager, g_eager = run(model)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    y_comp, g_comp = run(compiled)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_comp, g_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_opaque_traces_our_op():
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    torch.compile(fused_act.mish, fullgraph=True, backend=backend)(torch.randn(4))
+    assert any("fused_act.activation" in t for t in seen), seen
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
+def test_saves_only_inputs(op, backend_name):
+    _backend_ok(backend_name, "cpu")
+    x = make_x("nchw_c64", torch.float32, "cpu", 4.0, CHANNEL_SHAPES).requires_grad_()
+    params = op.params(x)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with fused_act.use_backend(backend_name), hooks:
+        y = op.call(x, params)
+    allowed = {x.data_ptr()} | {p.data_ptr() for p in params}
+    assert saved and all(t.data_ptr() in allowed for t in saved), [t.shape for t in saved]
+    assert sum(t.numel() for t in saved) == x.numel() + sum(p.numel() for p in params)
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
+def test_checkpoint_and_retain_graph(op, backend_name):
+    _backend_ok(backend_name, "cpu")
+    x = make_x("nchw", torch.float32, "cpu", 4.0).requires_grad_()
+    params = op.params(x)
+    with fused_act.use_backend(backend_name):
+        want = torch.autograd.grad(op.call(x, params).sum(), [x, *params])
+        y = torch.utils.checkpoint.checkpoint(lambda x: op.call(x, params), x,
+                                              use_reentrant=False)
+        got = torch.autograd.grad(y.sum(), [x, *params])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+        y = op.call(x, params)
+        first = torch.autograd.grad(y.sum(), [x, *params], retain_graph=True)
+        second = torch.autograd.grad(y.sum(), [x, *params])
+        for a, b, c in zip(first, second, want, strict=True):
+            torch.testing.assert_close(a, c)
+            torch.testing.assert_close(b, c)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
+def test_double_backward_supported_in_eager(op, backend_name):
+    """create_graph=True gives a differentiable gradient (through the reference math)."""
+    _backend_ok(backend_name, "cpu")
+    x = make_x("nchw_c3", torch.float64, "cpu", 2.0, CHANNEL_SHAPES)[:1, :, :2, :2]
+    x = x.clone().requires_grad_()
+    params = op.params(x)
+    with fused_act.use_backend(backend_name):
+        assert torch.autograd.gradgradcheck(lambda x, *p: op.call(x, list(p)), (x, *params))
+
+
+def test_double_backward_under_compile_is_a_clear_error():
+    torch._dynamo.reset()
+    x = torch.randn(10, requires_grad=True)
+    f = torch.compile(fused_act.mish, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="double backward|autograd formula"):
+        (dx,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+        dx.sum().backward()
+
+
+def test_gradients_never_written_into_inputs():
+    x = torch.randn(3000, requires_grad=True)
+    g = torch.randn(3000)
+    x0, g0 = x.detach().clone(), g.clone()
+    with fused_act.use_backend("triton"):
+        y = fused_act.mish(x)
+        y.backward(g)
+    assert torch.equal(x.detach(), x0) and torch.equal(g, g0)

@@ -1,0 +1,117 @@
+"""The oracle itself: reference math against PyTorch's own functions and autograd in float64,
+and its fp32 path against its float64 path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_act import reference
+
+from .cases import TOL, assert_near
+
+
+def _x(shape=(4, 6, 5, 7), scale=6.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+
+def _autograd(fn, *inputs, grad):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    return y.detach(), torch.autograd.grad(y, inputs, grad)
+
+
+ELEMENTWISE = {
+    "mish": (reference.mish, lambda g, x: reference.mish_backward(g, x), F.mish),
+    "silu": (reference.silu, lambda g, x: reference.swish_backward(g, x)[0], F.silu),
+    "gelu": (reference.gelu, lambda g, x: reference.gelu_backward(g, x), F.gelu),
+    "gelu_tanh": (lambda x: reference.gelu(x, "tanh"),
+                  lambda g, x: reference.gelu_backward(g, x, "tanh"),
+                  lambda x: F.gelu(x, approximate="tanh")),
+}
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+def test_elementwise_vs_torch_float64(name):
+    fwd, bwd, torch_fn = ELEMENTWISE[name]
+    x, g = _x(), _x(seed=1)
+    y, (dx,) = _autograd(torch_fn, x, grad=g)
+    assert_near(fwd(x), y, torch.float64, name)
+    assert_near(bwd(g, x), dx, torch.float64, name + " backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+def test_elementwise_low_precision_vs_float64(name, dtype):
+    fwd, bwd, _ = ELEMENTWISE[name]
+    x, g = _x().to(dtype), _x(seed=1).to(dtype)
+    assert fwd(x).dtype == dtype
+    assert_near(fwd(x), fwd(x.double()), dtype, name)
+    assert_near(bwd(g, x), bwd(g.double(), x.double()), dtype, name + " backward")
+
+
+@pytest.mark.parametrize("beta_shape", [(1,), (6,), (1, 6, 1, 1)])
+def test_swish_vs_autograd(beta_shape):
+    x, g = _x(), _x(seed=1)
+    beta = torch.linspace(-2, 2, 6, dtype=torch.float64)[: torch.Size(beta_shape).numel()]
+    beta = beta.reshape(beta_shape)
+
+    def plain(x, b):
+        b = b.reshape(-1) if b.numel() == 1 else b.reshape(1, 6, 1, 1)
+        return x * torch.sigmoid(b * x)
+
+    y, (dx, db) = _autograd(plain, x, beta, grad=g)
+    assert_near(reference.swish(x, beta), y, torch.float64, "swish")
+    rdx, rdb = reference.swish_backward(g, x, beta, need_dbeta=True)
+    assert rdb.shape == beta.shape
+    assert_near(rdx, dx, torch.float64, "swish dx")
+    torch.testing.assert_close(rdb, db, rtol=1e-10, atol=1e-10)
+
+
+def _acon_plain(x, p1, p2, beta):
+    def shape(p):
+        if p.dim() >= 2 and p.shape[0] == x.shape[0] and p.shape[0] != 1:
+            return p.reshape(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+        return p.reshape(1, x.shape[1], *([1] * (x.dim() - 2)))
+    d = (shape(p1) - shape(p2)) * x
+    return d * torch.sigmoid(shape(beta) * d) + shape(p2) * x
+
+
+@pytest.mark.parametrize("beta_shape", ["channel", "channel_4d", "sample", "sample_4d"])
+@pytest.mark.parametrize("x_shape", [(4, 6, 5, 7), (4, 6)])
+def test_acon_c_vs_autograd(beta_shape, x_shape):
+    x, g = _x(x_shape, 3.0), _x(x_shape, seed=1)
+    n, c = x_shape[:2]
+    ones = [1] * (len(x_shape) - 2)
+    p1 = torch.randn(c, dtype=torch.float64)
+    p2 = torch.randn(1, c, *ones, dtype=torch.float64)
+    beta = {"channel": torch.rand(c), "channel_4d": torch.rand(1, c, *ones),
+            "sample": torch.rand(n, c), "sample_4d": torch.rand(n, c, *ones)}[beta_shape]
+    beta = beta.double() * 2
+    y, grads = _autograd(_acon_plain, x, p1, p2, beta, grad=g)
+    assert_near(reference.acon_c(x, p1, p2, beta), y, torch.float64, "acon_c")
+    ours = reference.acon_c_backward(g, x, p1, p2, beta)
+    for got, want, p in zip(ours, grads, (x, p1, p2, beta), strict=True):
+        assert got.shape == p.shape
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_frelu_max_vs_torch_maximum():
+    x = torch.tensor([1.0, 2.0, 3.0, float("nan"), 5.0, float("nan"), -0.0], dtype=torch.float64)
+    t = torch.tensor([2.0, 2.0, 1.0, 1.0, float("nan"), float("nan"), 0.0], dtype=torch.float64)
+    g = torch.arange(1.0, 8.0, dtype=torch.float64)
+    y, (dx, dt) = _autograd(torch.maximum, x, t, grad=g)
+    torch.testing.assert_close(reference.frelu_max(x, t), y, equal_nan=True)
+    rdx, rdt = reference.frelu_max_backward(g, x, t)
+    torch.testing.assert_close(rdx, dx)
+    torch.testing.assert_close(rdt, dt)
+
+
+def test_limits_documented():
+    """At +-inf the reference returns the mathematical limits (PyTorch is not consistent)."""
+    x = torch.tensor([float("inf"), -float("inf")])
+    g = torch.ones(2)
+    for fwd, bwd, _ in ELEMENTWISE.values():
+        assert fwd(x).tolist() == [float("inf"), 0.0]
+        assert bwd(g, x).tolist() == [1.0, 0.0]
+    assert TOL  # one tolerance table serves every file
