@@ -83,7 +83,8 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
                 dx_ref = torch.autograd.grad(y_ref, x, g)[0]
             f_ok, b_ok = _close(y, y_ref, dtype), _close(dx, dx_ref, dtype)
             ok_all &= f_ok and b_ok
-            print(f"{name:<11} {dname:<5} {'ok' if f_ok else 'FAIL':<8} {'ok' if b_ok else 'FAIL':<8}")
+            verdict = [("ok" if ok else "FAIL").ljust(8) for ok in (f_ok, b_ok)]
+            print(f"{name:<11} {dname:<5} {verdict[0]} {verdict[1]}")
     us_ours, us_torch = host_overhead("cpu")
     print(f"\nhost time per eager mish forward+backward on 2^10 CPU elements: fused_act "
           f"(reference backend) {us_ours:.1f} us, F.mish {us_torch:.1f} us")
@@ -135,9 +136,16 @@ def _peak_mb(fn: Callable) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _contestants(op: Op) -> dict[str, Callable]:
-    compiled = torch.compile(op.torch_fn, dynamic=False)
-    return {"fused": op.fused, "eager": op.torch_fn, "compile": compiled}
+_compiled: dict[str, Callable] = {}
+
+
+def _contestants(name: str) -> dict[str, Callable]:
+    # one compiled function per op: Inductor specializes per dtype and, after the second size,
+    # compiles one dynamic-shape kernel, which keeps a full run's compile time bounded
+    op = OPS[name]
+    if name not in _compiled:
+        _compiled[name] = torch.compile(op.torch_fn)
+    return {"fused": op.fused, "eager": op.torch_fn, "compile": _compiled[name]}
 
 
 def bench_case(name: str, dtype: torch.dtype, n: int, quick: bool) -> list[dict]:
@@ -154,32 +162,35 @@ def bench_case(name: str, dtype: torch.dtype, n: int, quick: bool) -> list[dict]
                  gbps=copy_gbps, frac_copy=1.0)]
     want = _reference(name, x, [p.detach() for p in params])
     xg = x.detach().clone().requires_grad_()
-    for cname, fn in _contestants(op).items():
+    for cname, fn in _contestants(name).items():
         with torch.no_grad():
             out = fn(x, *params)
         if not _close(out, want, dtype):
             raise AssertionError(f"{cname} {name} {dtype} n={n}: output differs from reference")
-        y = fn(xg, *params)
-        inputs = [xg, *params]
-        modes = {
-            "forward": (lambda: fn(x, *params), 2 * n * b),
-            "backward": (lambda: torch.autograd.grad(y, inputs, g, retain_graph=True), 3 * n * b),
-            "fwd+bwd": (lambda: torch.autograd.grad(fn(xg, *params), inputs, g), 5 * n * b),
-        }
-        for mode, (run, nbytes) in modes.items():
-            if mode == "forward":
-                with torch.no_grad():
-                    ms = _time_ms(run, n, quick)
-            else:
-                ms = _time_ms(run, n, quick)
-            gbps = nbytes / ms / 1e6
-            row = dict(op=name, dtype=str(dtype), n=n, mode=mode, contestant=cname, ms=ms,
-                       gbps=gbps, frac_copy=gbps / copy_gbps)
-            if mode == "fwd+bwd":
-                row["peak_mb"] = _peak_mb(run)
-            rows.append(row)
-        del y
+        for mode, ms, peak in _time_modes(fn, x, xg, params, g, n, quick):
+            gbps = MODE_BYTES[mode] * n * b / ms / 1e6
+            rows.append(dict(op=name, dtype=str(dtype), n=n, mode=mode, contestant=cname, ms=ms,
+                             gbps=gbps, frac_copy=gbps / copy_gbps, peak_mb=peak))
     return rows
+
+
+MODE_BYTES = {"forward": 2, "backward": 3, "fwd+bwd": 5}  # tensor-sized reads + writes
+
+
+def _time_modes(fn: Callable, x: torch.Tensor, xg: torch.Tensor, params: list[torch.Tensor],
+                g: torch.Tensor, n: int, quick: bool) -> list[tuple[str, float, float | None]]:
+    """(mode, median ms, peak MB of fwd+bwd or None) for forward, backward and both."""
+    inputs = [xg, *params]
+    y = fn(xg, *params)
+    with torch.no_grad():
+        fwd = _time_ms(lambda: fn(x, *params), n, quick)
+    bwd = _time_ms(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True), n, quick)
+
+    def both():
+        return torch.autograd.grad(fn(xg, *params), inputs, g)
+
+    return [("forward", fwd, None), ("backward", bwd, None),
+            ("fwd+bwd", _time_ms(both, n, quick), _peak_mb(both))]
 
 
 def _env() -> dict:
@@ -237,7 +248,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         f"{env['commit']}, {env['date']}. Fractions are of a device-to-device copy of the same "
         "bytes timed in the same run; times are medians.",
         "",
-        f"Host time per eager forward+backward on 2^10 elements: "
+        "Host time per eager forward+backward on 2^10 elements: "
         + ", ".join(f"{k} {v:.1f} us" for k, v in env.get("host_overhead_us", {}).items()),
         "",
         "| op | dtype | n | mode | fused ms | fused / copy | eager / copy | compile / copy "
@@ -248,7 +259,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         if c != "fused":
             continue
         e, k = by[(op, dtype, n, mode, "eager")], by[(op, dtype, n, mode, "compile")]
-        peaks = " / ".join(f"{x.get('peak_mb', float('nan')):.0f}" for x in (r, e, k))
+        peaks = " / ".join(f"{x['peak_mb']:.0f}" for x in (r, e, k) if x["peak_mb"] is not None)
         lines.append(
             f"| {op} | {dtype.replace('torch.', '')} | {_size(n)} | {mode} | {r['ms']:.4f} | "
             f"{r['frac_copy']:.2f} | {e['frac_copy']:.2f} | {k['frac_copy']:.2f} | "
