@@ -21,7 +21,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FULL_SIZES = [2**k for k in range(16, 29, 2)]
 QUICK_SIZES = [2**20, 2**24, 2**26]
-CUDA_GRAPH_BELOW = 2**22  # smaller sizes time CUDA-graph replays, so launch cost is not counted
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,6 @@ def _sync(device: str) -> None:
 
 def _time_ms(fn: Callable, n: int, quick: bool) -> float:
     import triton.testing
-    if n < CUDA_GRAPH_BELOW:
-        try:
-            return triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 30,
-                                                     return_mode="median")
-        except Exception:  # some contestants cannot be captured; time them plainly
-            pass
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                    return_mode="median")
 
@@ -246,7 +239,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "",
         f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit "
         f"{env['commit']}, {env['date']}. Fractions are of a device-to-device copy of the same "
-        "bytes timed in the same run; times are medians.",
+        "bytes timed in the same run; times are medians of plain launches (at small sizes "
+        "they include launch cost).",
         "",
         "Host time per eager forward+backward on 2^10 elements: "
         + ", ".join(f"{k} {v:.1f} us" for k, v in env.get("host_overhead_us", {}).items()),

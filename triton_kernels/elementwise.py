@@ -44,6 +44,10 @@ class Plan:
     block_l: int
 
     @property
+    def flat(self) -> bool:
+        return self.rows == 1 and self.block_r == 1
+
+    @property
     def grid(self) -> tuple[int]:
         return (triton.cdiv(self.rows, self.block_r) * triton.cdiv(self.cols, self.block_l),)
 
@@ -65,8 +69,8 @@ def plan(x: torch.Tensor, beta: torch.Tensor | None) -> Plan:
 
 
 @triton.jit
-def _tile(pid, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr):
-    # R == 1 (the flat case) arrives as a constexpr: Triton specializes integer arguments of 1
+def _tile(pid, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
+          INT64: tl.constexpr):
     if INT64:
         pid = pid.to(tl.int64)
     n_l = tl.cdiv(L, BLOCK_L)
@@ -74,8 +78,9 @@ def _tile(pid, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.con
     pid_l = pid % n_l
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    if R == 1:
-        # a single row: plain contiguous offsets, which keeps loads vectorized for any L
+    if FLAT:
+        # a single row (R == 1, BLOCK_R == 1): offsets without the row multiply, which the
+        # compiler sees as contiguous and aligned (16-byte accesses) whatever L is
         offs = cols[None, :]
     else:
         offs = rows[:, None] * L + cols[None, :]
@@ -97,8 +102,8 @@ def _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE: tl.constexpr):
 @triton.jit
 def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
                    ACT: tl.constexpr, BETA_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_L: tl.constexpr, INT64: tl.constexpr):
-    _, _, rows, cols, offs, mask = _tile(tl.program_id(0), R, L, BLOCK_R, BLOCK_L, INT64)
+                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
+    _, _, rows, cols, offs, mask = _tile(tl.program_id(0), R, L, BLOCK_R, BLOCK_L, FLAT, INT64)
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     b = _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     y = act_fwd(x, b, ACT)
@@ -108,8 +113,10 @@ def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
 @triton.jit
 def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L, C,
                    ACT: tl.constexpr, BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr):
-    pid_r, pid_l, rows, cols, offs, mask = _tile(tl.program_id(0), R, L, BLOCK_R, BLOCK_L, INT64)
+                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
+                   INT64: tl.constexpr):
+    tile = _tile(tl.program_id(0), R, L, BLOCK_R, BLOCK_L, FLAT, INT64)
+    pid_r, pid_l, rows, cols, offs, mask = tile
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     b = _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
@@ -134,7 +141,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | Non
     p = plan(x, beta)
     act_fwd_kernel[p.grid](
         x, y, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
-        ACT=act, BETA_MODE=p.beta_mode, BLOCK_R=p.block_r, BLOCK_L=p.block_l,
+        ACT=act, BETA_MODE=p.beta_mode, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
         INT64=_int64(x), num_warps=NUM_WARPS)
 
 
@@ -158,7 +165,7 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
     act_bwd_kernel[p.grid](
         g, x, dx, x if beta is None else beta, beta_value, partial, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.beta_mode, NEED_DBETA=need_dbeta, BLOCK_R=p.block_r,
-        BLOCK_L=p.block_l, INT64=_int64(x), num_warps=NUM_WARPS)
+        BLOCK_L=p.block_l, FLAT=p.flat, INT64=_int64(x), num_warps=NUM_WARPS)
     if not need_dbeta:
         return None
     return partial.view(-1, p.channels).sum(0)
