@@ -1,0 +1,58 @@
+"""``python -m bench.overhead``: where the host time of one eager call goes, on a tiny tensor.
+
+Prints microseconds per call for each layer of the eager path, from a bare Triton launch up to
+forward+backward through autograd, next to PyTorch's own op, so a regression in any layer shows.
+"""
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fused_act
+from fused_act import ops
+from fused_act.triton_kernels import elementwise
+
+
+def per_call_us(fn: Callable, iters: int = 2000) -> float:
+    """Median over 5 rounds of the mean host time per call, device synchronized at the ends."""
+    for _ in range(50):
+        fn()
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - t0) / iters * 1e6)
+    return sorted(rounds)[2]
+
+
+def main() -> None:
+    x = torch.randn(2**10, device="cuda")
+    xg = x.clone().requires_grad_()
+    y = torch.empty_like(x)
+    g = torch.ones_like(x)
+    p = elementwise.plan(x, None)
+    kernel = elementwise.act_fwd_kernel
+    rows = {
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "F.mish forward": lambda: F.mish(x),
+        "triton launch (fwd kernel)": lambda: kernel[p.grid](
+            x, y, x, 1.0, p.rows, p.cols, p.channels, ACT=0, BETA_MODE=0, BLOCK_R=1,
+            BLOCK_L=p.block_l, FLAT=True, INT64=False, num_warps=elementwise.NUM_WARPS),
+        "elementwise.forward": lambda: elementwise.forward(x, y, 0, None, 1.0),
+        "ops.forward_impl": lambda: ops.forward_impl(x, "mish", None, 1.0),
+        "fused_act.mish forward": lambda: fused_act.mish(x),
+        "custom op forward": lambda: ops.activation_op(x, "mish", None, 1.0),
+        "F.mish fwd+bwd": lambda: torch.autograd.grad(F.mish(xg), xg, g),
+        "fused_act.mish fwd+bwd": lambda: torch.autograd.grad(fused_act.mish(xg), xg, g),
+    }
+    for name, fn in rows.items():
+        print(f"{name:<28} {per_call_us(fn):8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
