@@ -55,6 +55,8 @@ ACTIVATIONS: dict[str, Activation] = {
 
 def is_dense(x: Tensor) -> bool:
     """True if ``x`` covers a gap-free, non-overlapping block of memory in some dim order."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return True  # the common layouts, answered in C++ (this runs on every call)
     expected = 1
     dims = sorted((st, s) for s, st in zip(x.shape, x.stride(), strict=True) if s != 1)
     for stride, size in dims:
@@ -69,12 +71,6 @@ def dense(x: Tensor) -> Tensor:
     return x if is_dense(x) else x.contiguous()
 
 
-def empty_out(x: Tensor) -> Tensor:
-    """An output for ``x``: same strides when ``x`` is dense, else contiguous."""
-    return torch.empty_like(x) if is_dense(x) else torch.empty(x.shape, dtype=x.dtype,
-                                                               device=x.device)
-
-
 def like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` with ``x``'s strides (``x`` dense): a copy only when they differ, e.g. an
     expanded gradient from ``.sum()``."""
@@ -83,9 +79,17 @@ def like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
-def _kernels():
-    from .triton_kernels import elementwise, math
-    return elementwise, math.ACT_IDS
+_triton_modules: tuple = ()
+
+
+def _kernels() -> tuple:
+    # imported on first use: defining the kernels reads TRITON_INTERPRET, and CPU-only users of
+    # the reference never pay for it
+    global _triton_modules
+    if not _triton_modules:
+        from .triton_kernels import elementwise, math
+        _triton_modules = (elementwise, math.ACT_IDS)
+    return _triton_modules
 
 
 def _flat_beta(beta: Tensor, x: Tensor) -> Tensor:
@@ -101,11 +105,11 @@ def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
     """f(x) by the backend in force for ``x.device``; ``out`` (dense, x's strides) may be x."""
     xd = dense(x)
     if x.numel() == 0:
-        return empty_out(x) if out is None else out
+        return torch.empty_like(xd) if out is None else out
     if resolve(x.device) == "reference":
         y = ACTIVATIONS[act].forward(xd, beta_value if beta is None else beta)
         return y if out is None else out.copy_(y)
-    y = empty_out(x) if out is None else out
+    y = torch.empty_like(xd) if out is None else out
     elementwise, ids = _kernels()
     elementwise.forward(xd, y, ids[act], None if beta is None else _flat_beta(beta, x), beta_value)
     return y
@@ -141,7 +145,7 @@ def activation_op(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -
 
 @activation_op.register_fake
 def _(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
-    return empty_out(x)
+    return torch.empty_like(dense(x))
 
 
 @torch.library.custom_op("fused_act::activation_backward", mutates_args=())
