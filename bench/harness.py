@@ -120,20 +120,32 @@ def _time_ms(fn: Callable, n: int, quick: bool) -> float:
     overhead (Python, launches, the autograd engine) does not hide the kernels' time."""
     import triton.testing
     reps = max(1, min(50, GRAPH_ELEMENTS // n))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side = _stream()
+    side.wait_stream(torch.cuda.default_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
+    side.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         for _ in range(reps):
             fn()
     ms = triton.testing.do_bench(graph.replay, warmup=10 if quick else 25,
                                  rep=40 if quick else 100, return_mode="median")
     del graph
     return ms / reps
+
+
+_side: list[torch.cuda.Stream] = []
+
+
+def _stream() -> torch.cuda.Stream:
+    """The one side stream that runs every timed call: graphs are captured on it, and autograd
+    graphs whose backward is timed are built on it, since a backward replays on its forward's
+    stream and a capture must not touch any other."""
+    if not _side:
+        _side.append(torch.cuda.Stream())
+    return _side[0]
 
 
 def _peak_mb(fn: Callable) -> float:
@@ -191,7 +203,8 @@ def _time_modes(fn: Callable, x: torch.Tensor, xg: torch.Tensor, params: list[to
                 g: torch.Tensor, n: int, quick: bool) -> list[tuple[str, float, float | None]]:
     """(mode, median ms, peak MB of fwd+bwd or None) for forward, backward and both."""
     inputs = [xg, *params]
-    y = fn(xg, *params)
+    with torch.cuda.stream(_stream()):
+        y = fn(xg, *params)
     with torch.no_grad():
         fwd = _time_ms(lambda: fn(x, *params), n, quick)
     bwd = _time_ms(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True), n, quick)
