@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .math import act_bwd, act_fwd, opmath
 
-BLOCK = 2048  # elements per program; 16-byte accesses for every dtype at 8 warps
-NUM_WARPS = 8
+BLOCK = 2048  # elements per program: 16 (bf16) or 8 (fp32) a thread at 4 warps (bench/NOTES.md)
+NUM_WARPS = 4
 MAX_COLS_BLOCK = 64  # channels-innermost tiles: at least BLOCK // 64 rows reduced per partial
 INT64_THRESHOLD = 2**31  # numel from which offsets are computed in 64 bits
 
