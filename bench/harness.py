@@ -219,8 +219,10 @@ def _time_modes(fn: Callable, x: torch.Tensor, xg: torch.Tensor, params: list[to
 def _env() -> dict:
     import triton
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        # safe.directory: the checkout may belong to another user (a copied tree on a GPU host)
+        commit = subprocess.run(["git", "-c", "safe.directory=*", "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
