@@ -30,42 +30,38 @@ def _inplace(x: Tensor, act: str, module: str) -> Tensor | None:
     return None
 
 
-class Mish(nn.Module):
+class _InplaceActivation(nn.Module):
+    """A stateless activation with torch.nn's ``inplace`` argument."""
+
+    op = ""  # the public function in fused_act.functional
+    act = ""  # its kernel activation
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inplace:
+            functional._check_x(self.op, x)
+            y = _inplace(x, self.act, type(self).__name__)
+            if y is not None:
+                return y
+        return getattr(functional, self.op)(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class Mish(_InplaceActivation):
     """Mish, ``x * tanh(softplus(x))``; a drop-in for ``torch.nn.Mish``."""
 
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.inplace:
-            functional._check_x("mish", x)
-            y = _inplace(x, "mish", "Mish")
-            if y is not None:
-                return y
-        return functional.mish(x)
-
-    def extra_repr(self) -> str:
-        return "inplace=True" if self.inplace else ""
+    op, act = "mish", "mish"
 
 
-class SiLU(nn.Module):
+class SiLU(_InplaceActivation):
     """SiLU, ``x * sigmoid(x)``; a drop-in for ``torch.nn.SiLU``."""
 
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.inplace:
-            functional._check_x("silu", x)
-            y = _inplace(x, "swish", "SiLU")
-            if y is not None:
-                return y
-        return functional.silu(x)
-
-    def extra_repr(self) -> str:
-        return "inplace=True" if self.inplace else ""
+    op, act = "silu", "swish"
 
 
 class GELU(nn.Module):

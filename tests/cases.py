@@ -35,6 +35,14 @@ def need_device(device: str) -> None:
         pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
 
 
+def need_backend(backend_name: str, device: str) -> None:
+    """Skip unless ``backend_name`` can run on ``device`` here."""
+    if backend_name == "triton":
+        need_device(device)
+    elif device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
 @dataclass(frozen=True)
 class Op:
     """One activation variant: the public call, its reference, and what PyTorch users call."""

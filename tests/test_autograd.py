@@ -7,23 +7,16 @@ import torch.utils.checkpoint
 import fused_act
 from fused_act import ops
 
-from .cases import ALL_OPS, CHANNEL_SHAPES, DEVICES, OPS, make_x, need_device
+from .cases import ALL_OPS, CHANNEL_SHAPES, DEVICES, OPS, make_x, need_backend, need_device
 
 BACKENDS = ["triton", "reference"]
-
-
-def _backend_ok(backend_name, device):
-    if backend_name == "triton":
-        need_device(device)
-    elif device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
 def test_gradcheck(op, backend_name, device):
-    _backend_ok(backend_name, device)
+    need_backend(backend_name, device)
     x = make_x("nchw_c3", torch.float64, device, 2.0, CHANNEL_SHAPES)[:1, :, :2, :4]
     x = x.clone().requires_grad_()
     params = op.params(x)
@@ -44,7 +37,7 @@ def _op_args(op, x):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
 def test_opcheck(op, backend_name, device):
-    _backend_ok(backend_name, device)
+    need_backend(backend_name, device)
     x = make_x("channels_last_c130", torch.float32, device, 4.0, CHANNEL_SHAPES)
     x.requires_grad_()
     act, beta, beta_value = _op_args(op, x)
@@ -116,7 +109,7 @@ def test_compile_opaque_traces_our_op():
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
 def test_saves_only_inputs(op, backend_name):
-    _backend_ok(backend_name, "cpu")
+    need_backend(backend_name, "cpu")
     x = make_x("nchw_c64", torch.float32, "cpu", 4.0, CHANNEL_SHAPES).requires_grad_()
     params = op.params(x)
     saved = []
@@ -137,7 +130,7 @@ def test_saves_only_inputs(op, backend_name):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
 def test_checkpoint_and_retain_graph(op, backend_name):
-    _backend_ok(backend_name, "cpu")
+    need_backend(backend_name, "cpu")
     x = make_x("nchw", torch.float32, "cpu", 4.0).requires_grad_()
     params = op.params(x)
     with fused_act.use_backend(backend_name):
@@ -159,7 +152,7 @@ def test_checkpoint_and_retain_graph(op, backend_name):
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
 def test_double_backward_supported_in_eager(op, backend_name):
     """create_graph=True gives a differentiable gradient (through the reference math)."""
-    _backend_ok(backend_name, "cpu")
+    need_backend(backend_name, "cpu")
     x = make_x("nchw_c3", torch.float64, "cpu", 2.0, CHANNEL_SHAPES)[:1, :, :2, :2]
     x = x.clone().requires_grad_()
     params = op.params(x)

@@ -20,6 +20,7 @@ from .cases import (
     assert_near,
     assert_param_near,
     make_x,
+    need_backend,
     need_device,
 )
 
@@ -55,33 +56,20 @@ def _check(op, x, dtype, backend_name):
         assert_param_near(got, ref64, terms, dtype, what + " dbeta")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
-def test_vs_float64(op, shape, dtype, backend_name, device):
-    if backend_name == "triton":
-        need_device(device)
-    elif device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    x = make_x(shape, dtype, device, op.scale).requires_grad_()
-    _check(op, x, dtype, backend_name)
+# every elementwise op on every shape; per-channel beta on the shapes that have channels
+CASES = [pytest.param(op, key, SHAPES, id=f"{op.name}-{key}") for op in OPS for key in SHAPES] + [
+    pytest.param(op, key, CHANNEL_SHAPES, id=f"{op.name}-{key}")
+    for op in CHANNEL_OPS for key in CHANNEL_SHAPES
+    if not (op.name.endswith("_4d") and len(CHANNEL_SHAPES[key][0]) < 3)]  # (1, C, 1, ...) beta
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(CHANNEL_SHAPES))
-@pytest.mark.parametrize("op", CHANNEL_OPS, ids=lambda o: o.name)
-def test_channel_beta_vs_float64(op, shape, dtype, backend_name, device):
-    if backend_name == "triton":
-        need_device(device)
-    elif device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    x = make_x(shape, dtype, device, op.scale, CHANNEL_SHAPES).requires_grad_()
-    if op.name.endswith("_4d") and x.dim() < 3:
-        pytest.skip("(1, C, 1, ...) beta needs rank >= 3")
+@pytest.mark.parametrize("op, shape, table", CASES)
+def test_vs_float64(op, shape, table, dtype, backend_name, device):
+    need_backend(backend_name, device)
+    x = make_x(shape, dtype, device, op.scale, table).requires_grad_()
     _check(op, x, dtype, backend_name)
 
 
@@ -148,10 +136,7 @@ LIMITS = {"mish": (math.inf, 0.0, 1.0, 0.0), "silu": (math.inf, 0.0, 1.0, 0.0),
 def test_edge_values(op, dtype, backend_name, device):
     """inf, NaN, large magnitudes, signed zeros: limits at +-inf, NaN in gives NaN out, no
     spurious NaN/inf from finite input, and PyTorch's values wherever PyTorch is finite."""
-    if backend_name == "triton":
-        need_device(device)
-    elif device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    need_backend(backend_name, device)
     x = torch.tensor(EDGES, dtype=dtype, device=device).requires_grad_()
     params = [p.detach() for p in op.params(x)]
     with fused_act.use_backend(backend_name):
