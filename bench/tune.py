@@ -6,7 +6,7 @@ import itertools
 import torch
 
 from bench.harness import _time_ms
-from fused_act.triton_kernels import elementwise
+from fused_act.triton_kernels import elementwise, tiling
 from fused_act.triton_kernels.math import ACT_IDS
 
 N = 2**26
@@ -23,7 +23,7 @@ def main() -> None:
         for act, kind in itertools.product(ACT_IDS, ("fwd", "bwd")):
             fracs = []
             for block, warps in CONFIGS:
-                elementwise.BLOCK, elementwise.NUM_WARPS = block, warps
+                tiling.BLOCK, tiling.NUM_WARPS = block, warps
                 if kind == "fwd":
                     def run():
                         elementwise.forward(x, y, ACT_IDS[act], None, 1.0)  # noqa: B023

@@ -7,7 +7,7 @@ import torch
 
 import fused_act
 from fused_act import ops, reference
-from fused_act.triton_kernels import elementwise
+from fused_act.triton_kernels import tiling
 
 from .cases import (
     CHANNEL_OPS,
@@ -78,7 +78,7 @@ def test_vs_float64(op, shape, table, dtype, backend_name, device):
 def test_int64_offsets(op, device, monkeypatch):
     """The 64-bit offset path (taken from 2^31 elements) computes the same values."""
     need_device(device)
-    monkeypatch.setattr(elementwise, "INT64_THRESHOLD", 0)
+    monkeypatch.setattr(tiling, "INT64_THRESHOLD", 0)
     x = make_x("nchw_c3", torch.float32, device, op.scale, CHANNEL_SHAPES).requires_grad_()
     _check(op, x, torch.float32, "triton")
 
