@@ -18,14 +18,20 @@ def _check_x(op: str, x: object) -> None:
                         f"or fp64), got {x.dtype}")
 
 
-def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor) -> None:
-    """A parameter of 1 element, or of C = x.shape[1] as (C,) or (1, C, 1, ...)."""
+def _check_param_type(op: str, arg: str, p: object, x: Tensor) -> None:
     if not isinstance(p, Tensor) or not p.is_floating_point():
         what = p.dtype if isinstance(p, Tensor) else type(p).__name__
         raise TypeError(f"fused_act.{op}: {arg} must be a floating-point tensor (got {what})")
     if p.device != x.device:
         raise ValueError(f"fused_act.{op}: {arg} is on {p.device} but x is on {x.device}")
-    if p.numel() == 1:
+
+
+def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
+                         allow_scalar: bool = True) -> None:
+    """A parameter of C = x.shape[1] elements as (C,) or (1, C, 1, ...), or of one element
+    (a scalar) where ``allow_scalar``."""
+    _check_param_type(op, arg, p, x)
+    if p.numel() == 1 and allow_scalar:
         return
     c = x.shape[1] if x.dim() >= 2 else None
     shape = tuple(p.shape)
@@ -33,7 +39,8 @@ def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor) -> None:
         shape == (c,) or (len(shape) <= x.dim() and len(shape) >= 2 and shape[1] == c))
     if not ok:
         want = f"C={c} elements as (C,) or (1, C, 1, ...)" if c is not None else "one element"
-        raise ValueError(f"fused_act.{op}: {arg} must have one element or {want} for x of shape "
+        one = "one element or " if allow_scalar and c is not None else ""
+        raise ValueError(f"fused_act.{op}: {arg} must have {one}{want} for x of shape "
                          f"{tuple(x.shape)} (got shape {shape})")
 
 
@@ -95,3 +102,36 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
         return ops.apply("gelu_tanh", x, "gelu_tanh")
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
 
+
+
+def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """ACON-C (Ma et al., 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) + p2 x``.
+
+    ``x`` is (N, C, *) or (N, C) in any floating dtype (fp16/bf16/fp32 computed in fp32);
+    ``p1``, ``p2`` hold C values as (C,) or (1, C, 1, ...); ``beta`` is per channel in the same
+    shapes or per sample, (N, C) or (N, C, 1, ...), which is Meta-ACON.  Parameters may be fp32 or
+    x's dtype; their gradients come back in their dtype, reduced inside the fused backward
+    (deterministically).  Contiguous and channels_last inputs run without a copy; other strides
+    are copied once.  Backward saves only x and the parameters.
+    """
+    _check_x("acon_c", x)
+    if x.dim() < 2:
+        raise ValueError(f"fused_act.acon_c: x must have shape (N, C, *), got rank {x.dim()} "
+                         f"(shape {tuple(x.shape)})")
+    for name, p in (("p1", p1), ("p2", p2)):
+        _check_channel_param("acon_c", name, p, x, allow_scalar=x.shape[1] == 1)
+    _check_acon_beta(x, beta)
+    return ops.apply_acon(x, p1, p2, beta)
+
+
+def _check_acon_beta(x: Tensor, beta: Tensor) -> None:
+    n, c = x.shape[:2]
+    if isinstance(beta, Tensor) and beta.dim() >= 2 and beta.shape[0] == n and n != 1:
+        _check_param_type("acon_c", "beta", beta, x)
+        shape = tuple(beta.shape)
+        if shape[1] != c or len(shape) > x.dim() or any(s != 1 for s in shape[2:]):
+            raise ValueError(f"fused_act.acon_c: a per-sample beta must be (N, C) or (N, C, 1, "
+                             f"...) = ({n}, {c}, ...) for x of shape {tuple(x.shape)} "
+                             f"(got shape {shape})")
+        return
+    _check_channel_param("acon_c", "beta", beta, x, allow_scalar=c == 1)

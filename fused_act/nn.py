@@ -1,5 +1,8 @@
 """Drop-in ``nn.Module``s: same constructor arguments and state_dicts as the modules they replace.
 
+``AconC`` and ``MetaAconC`` match the ACON paper's published modules (and, with ``bn=True``, the
+authors' original Meta-ACON with BatchNorm).
+
 ``Mish``, ``SiLU`` and ``GELU`` take torch.nn's arguments and have no state; ``Swish`` has a
 float beta or, when learnable, a ``beta`` parameter of ``num_parameters`` values (1, or C for a
 per-channel beta, as ``torch.nn.PReLU``).  ``inplace=True`` overwrites the input when no gradient
@@ -113,3 +116,49 @@ class Swish(nn.Module):
         if self.learnable:
             return f"learnable=True, num_parameters={self.num_parameters}"
         return f"beta={self.beta}"
+
+
+class AconC(nn.Module):
+    """ACON-C (Ma et al., "Activate or Not", 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) +
+    p2 x`` with learnable per-channel ``p1``, ``p2``, ``beta`` of shape (1, C, 1, 1).
+
+    Parameter names, shapes and initialisation (randn, randn, ones) match the paper's published
+    module, so its state_dicts load as they are.  Takes (N, C, H, W) or (N, C) input.  Keep the
+    parameters out of weight decay.
+    """
+
+    def __init__(self, c1: int) -> None:
+        super().__init__()
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.acon_c(x, self.p1, self.p2, self.beta)
+
+
+class MetaAconC(nn.Module):
+    """Meta-ACON: ACON-C whose beta is computed per sample and channel by a small network,
+    ``beta = sigmoid(fc2(fc1(mean of x over H, W))))``, with 1x1 (``k``) convolutions through
+    ``c2 = max(r, c1 // r)`` channels.
+
+    ``bn=False`` (default) is the form most detection code ships; ``bn=True`` adds ``bn1`` after
+    ``fc1`` and ``bn2`` after ``fc2``, as in the ACON authors' original module.  Parameter and
+    buffer names, shapes and initialisation match both, so their checkpoints load as they are.
+    The beta network runs in PyTorch; the activation itself is the fused per-sample ACON-C.
+    """
+
+    def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16, bn: bool = False) -> None:
+        super().__init__()
+        c2 = max(r, c1 // r)
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.fc1 = nn.Conv2d(c1, c2, k, s, bias=True)
+        self.bn1 = nn.BatchNorm2d(c2) if bn else nn.Identity()
+        self.fc2 = nn.Conv2d(c2, c1, k, s, bias=True)
+        self.bn2 = nn.BatchNorm2d(c1) if bn else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.mean(dim=(2, 3), keepdim=True)
+        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(y)))))
+        return functional.acon_c(x, self.p1, self.p2, beta)

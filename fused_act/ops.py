@@ -223,3 +223,134 @@ def apply_(x: Tensor, act: str, beta_value: float = 1.0) -> Tensor:
     if torch.compiler.is_compiling() or not is_dense(x):
         return x.copy_(activation_op(x, act, None, beta_value))
     return forward_impl(x, act, None, beta_value, out=x)
+
+
+# ---- ACON-C / Meta-ACON ------------------------------------------------------------------
+
+def acon_per_sample(beta: Tensor, x: Tensor) -> bool:
+    """A beta of shape (N, C) or (N, C, 1, ...) with N > 1 is per sample (Meta-ACON)."""
+    return beta.dim() >= 2 and beta.shape[0] == x.shape[0] and beta.shape[0] != 1
+
+
+def acon_dense(x: Tensor, per_sample: bool) -> Tensor:
+    """``dense(x)``, and with N outermost in memory when beta is per sample (else one copy)."""
+    xd = dense(x)
+    if per_sample and xd.shape[0] != 1 and xd.stride(0) * xd.shape[0] != xd.numel():
+        xd = xd.contiguous()
+    return xd
+
+
+def _acon_kernels():
+    from .triton_kernels import acon
+    return acon
+
+
+def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """ACON-C by the backend in force for ``x.device``."""
+    per_sample = acon_per_sample(beta, x)
+    xd = acon_dense(x, per_sample)
+    if x.numel() == 0:
+        return torch.empty_like(xd)
+    if resolve(x.device) == "reference":
+        return reference.acon_c(xd, p1, p2, beta)
+    y = torch.empty_like(xd)
+    _acon_kernels().forward(xd, y, _flat_beta(p1, x), _flat_beta(p2, x), _flat_beta(beta, x),
+                            per_sample)
+    return y
+
+
+def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
+                       need_params: bool) -> tuple[Tensor, ...]:
+    """(dx, dp1, dp2, dbeta), the last three only if ``need_params`` (else None)."""
+    per_sample = acon_per_sample(beta, x)
+    xd = acon_dense(x, per_sample)
+    g = like(grad, xd)
+    if x.numel() == 0:
+        zeros = tuple(torch.zeros_like(p) if need_params else None for p in (p1, p2, beta))
+        return (torch.empty_like(xd), *zeros)
+    if resolve(x.device) == "reference":
+        dx, *dparams = reference.acon_c_backward(g, xd, p1, p2, beta)
+        return (dx, *(dparams if need_params else (None,) * 3))
+    dx = torch.empty_like(xd)
+    sums = _acon_kernels().backward(g, xd, dx, _flat_beta(p1, x), _flat_beta(p2, x),
+                                    _flat_beta(beta, x), per_sample, need_params)
+    if sums is None:
+        return dx, None, None, None
+    return (dx, *(s.reshape(p.shape).to(p.dtype) for s, p in zip(sums, (p1, p2, beta),
+                                                                  strict=True)))
+
+
+@torch.library.custom_op("fused_act::acon_c", mutates_args=())
+def acon_c_op(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """ACON-C: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x."""
+    return acon_forward_impl(x, p1, p2, beta)
+
+
+@acon_c_op.register_fake
+def _(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    return torch.empty_like(acon_dense(x, acon_per_sample(beta, x)))
+
+
+@torch.library.custom_op("fused_act::acon_c_backward", mutates_args=())
+def acon_c_backward_op(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
+                       need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dp1, dp2, dbeta); the parameter gradients are empty unless ``need_params``."""
+    dx, *dparams = acon_backward_impl(grad, x, p1, p2, beta, need_params)
+    # dp1 and dp2 are views of one buffer, and a custom op's outputs may not alias
+    return dx, *(x.new_empty(0) if d is None else d.clone() for d in dparams)
+
+
+@acon_c_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
+      need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx = torch.empty_like(acon_dense(x, acon_per_sample(beta, x)))
+    return dx, *(torch.empty_like(p) if need_params else x.new_empty(0) for p in (p1, p2, beta))
+
+
+def _acon_grads(ctx, grad: Tensor, backward: Callable) -> tuple:
+    x, p1, p2, beta = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, *dparams = backward(grad, x, p1, p2, beta, any(need[1:]))
+    return (dx, *(d if n else None for d, n in zip(dparams, need[1:], strict=True)))
+
+
+def _acon_save(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+acon_c_op.register_autograd(lambda ctx, grad: _acon_grads(ctx, grad, acon_c_backward_op),
+                            setup_context=_acon_save)
+
+
+def _acon_differentiable_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor,
+                                  beta: Tensor, need_params: bool) -> tuple:
+    """Backward through the reference math with a graph, for double backward (eager only)."""
+    inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, p1, p2, beta)]
+    with torch.enable_grad():
+        y = reference.acon_c(*inputs)
+        grads = torch.autograd.grad(y, inputs, grad, create_graph=True)
+    return grads
+
+
+class _AconFn(torch.autograd.Function):
+    """The eager path of ACON-C: the same kernels without the custom-op dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+        ctx.save_for_backward(x, p1, p2, beta)
+        return acon_forward_impl(x, p1, p2, beta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        if torch.is_grad_enabled():  # create_graph=True, as in _ActivationFn
+            return _acon_grads(ctx, grad, _acon_differentiable_backward)
+        return _acon_grads(ctx, grad, acon_backward_impl)
+
+
+def apply_acon(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """ACON-C on validated arguments, eager or under torch.compile (``config.compile_mode``)."""
+    if torch.compiler.is_compiling():
+        if config.mode_for("acon_c") == "decompose":
+            return reference.acon_c(x, p1, p2, beta)
+        return acon_c_op(x, p1, p2, beta)
+    return _AconFn.apply(x, p1, p2, beta)

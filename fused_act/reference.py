@@ -164,29 +164,43 @@ def gelu_backward(grad: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
 
 # ---- acon_c: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x ------------------------------------
 
+def _mul_or_zero(c: Tensor, x: Tensor) -> Tensor:
+    """c * x, taking the limit 0 where c == 0 (x may be infinite)."""
+    return torch.where(c == 0.0, 0.0, c * x)
+
+
+def _acon_parts(xf: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):
+    a, b2, b = _param(p1, xf) - _param(p2, xf), _param(p2, xf), _param(beta, xf)
+    d = _mul_or_zero(a, xf)
+    z = _mul_or_zero(b, d)
+    s, sn = sigmoid_pair(z)
+    return a, b2, d, z, s, sn, s * sn
+
+
 def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
-    """ACON-C with per-channel p1, p2 and a per-channel or per-sample (Meta-ACON) beta."""
+    """ACON-C (Ma et al., 2021) with per-channel p1, p2 and a per-channel or per-sample
+    (Meta-ACON) beta: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x, written (a sigma(z) + p2) x so
+    that x = +-inf gives its limit (p1 x, p2 x, or their mean where beta (p1 - p2) = 0)."""
     xf = _opmath(x)
-    a, b2, b = _param(p1, x), _param(p2, x), _param(beta, x)
-    d = (a - b2) * xf
-    s, _ = sigmoid_pair(b * d)
-    return (torch.where((s == 0.0) & _is_inf(d), 0.0, d * s) + b2 * xf).to(x.dtype)
+    a, b2, _, _, s, _, _ = _acon_parts(xf, p1, p2, beta)
+    return _mul_or_zero(a * s + b2, xf).to(x.dtype)
 
 
 def acon_c_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dp1, dp2, dbeta) of ACON-C; parameter gradients in the parameters' shapes."""
+    """(dx, dp1, dp2, dbeta) of ACON-C; parameter gradients in the parameters' shapes.
+
+    With d = (p1 - p2) x, z = beta d and S = s + z s (1 - s) (the derivative of d sigma(beta d)
+    by d): dx = (p1 - p2) S + p2, dp1 = x S, dp2 = x (1 - S), dbeta = d^2 s (1 - s), each times
+    grad and summed over everything but the parameter's own dims.
+    """
     xf, gf = _opmath(x), _opmath(grad)
-    a, b2, b = _param(p1, x), _param(p2, x), _param(beta, x)
-    d = (a - b2) * xf
-    z = b * d
-    s, sn = sigmoid_pair(z)
-    q = s * sn
-    big_s = s + torch.where(q == 0.0, 0.0, z * q)  # d/dd of d sigma(beta d)
-    gs = gf * big_s
-    dx = ((a - b2) * gs + b2 * gf).to(x.dtype)
-    dp1 = _grad_to(xf * gs, p1)
-    dp2 = _grad_to(gf * xf - xf * gs, p2)
+    a, b2, d, z, s, sn, q = _acon_parts(xf, p1, p2, beta)
+    zq = torch.where(q == 0.0, 0.0, z * q)
+    big_s = s + zq
+    dx = (gf * (a * big_s + b2)).to(x.dtype)
+    dp1 = _grad_to(gf * _mul_or_zero(big_s, xf), p1)
+    dp2 = _grad_to(gf * _mul_or_zero(sn - zq, xf), p2)
     dbeta = _grad_to(gf * torch.where(q == 0.0, 0.0, d * d * q), beta)
     return dx, dp1, dp2, dbeta
 

@@ -175,9 +175,12 @@ def assert_near(out: Tensor, ref64: Tensor, dtype: torch.dtype, what: str) -> No
 
 def assert_param_near(out: Tensor, ref64: Tensor, terms_abs_sum: Tensor, dtype: torch.dtype,
                       what: str) -> None:
-    """A reduced parameter gradient against float64, scaled by the size of its terms."""
+    """A reduced parameter gradient against float64, scaled by the size of its terms, plus the
+    rounding of the parameter's own dtype (a fp16 parameter gets a fp16 gradient)."""
     rtol = PARAM_RTOL.get(dtype, PARAM_RTOL_DEFAULT)
-    err = (out.detach().double().cpu() - ref64.detach().double().cpu()).abs()
-    lim = rtol * terms_abs_sum.double().cpu() + 1e-12
+    ref = ref64.detach().double().cpu()
+    err = (out.detach().double().cpu() - ref).abs()
+    rounding = torch.finfo(out.dtype).eps * ref.abs() if out.dtype != torch.float64 else 0.0
+    lim = rtol * terms_abs_sum.double().cpu() + rounding + 1e-12
     ok = bool((err <= lim).all())
     assert ok, f"{what}: error {err.max().item():.3g} > {lim.max().item():.3g}"

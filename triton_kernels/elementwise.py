@@ -31,8 +31,8 @@ def _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE: tl.constexpr):
 def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
                    ACT: tl.constexpr, BETA_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
-    _, _, rows, cols, offs, mask, _ = tile(tl.program_id(0), R, L, 1, BLOCK_R, BLOCK_L, FLAT,
-                                           INT64)
+    _, _, _, rows, cols, offs, mask, _ = tile(tl.program_id(0), R, L, 1, BLOCK_R, BLOCK_L,
+                                              FLAT, INT64)
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     b = _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     y = act_fwd(x, b, ACT)
@@ -44,8 +44,8 @@ def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L
                    ACT: tl.constexpr, BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
                    INT64: tl.constexpr):
-    rb, pid_l, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, 1, BLOCK_R,
-                                                       BLOCK_L, FLAT, INT64)
+    _, rb, pid_l, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, 1, BLOCK_R,
+                                                          BLOCK_L, FLAT, INT64)
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     b = _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
@@ -81,7 +81,8 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
     """
     p = _plan(x, beta)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty(p.partials if need_dbeta else 0, dtype=acc, device=x.device)
+    # without d/dbeta the partials are never touched: any valid pointer will do
+    partial = torch.empty(p.partials, dtype=acc, device=x.device) if need_dbeta else dx
     act_bwd_kernel[p.grid](
         g, x, dx, x if beta is None else beta, beta_value, partial, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, NEED_DBETA=need_dbeta, BLOCK_R=p.block_r,

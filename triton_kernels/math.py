@@ -79,27 +79,55 @@ def mish_bwd(x):
 
 
 @triton.jit
-def _swish_z(x, beta):
-    # beta == 0 with x == inf would give 0 * inf = NaN; the limit is x / 2.
-    return tl.where(beta == 0.0, 0.0, beta * x)
+def mul_or_zero(c, x):
+    """c * x, taking the limit 0 where c == 0 (x may be infinite)."""
+    return tl.where(c == 0.0, 0.0, c * x)
+
+
+@triton.jit
+def _swish_parts(x, beta):
+    # z = beta x (beta == 0 with x == inf would give NaN; the limit is z = 0), sigma(+-z), and
+    # q = s (1 - s), which is 0 wherever a product with an infinite or overflowing factor would
+    # make NaN; the limit of every such term is then 0
+    z = mul_or_zero(beta, x)
+    s, sn = sigmoid_pair(z)
+    return z, s, sn, s * sn
 
 
 @triton.jit
 def swish_fwd(x, beta):
-    s, _ = sigmoid_pair(_swish_z(x, beta))
+    _, s, _, _ = _swish_parts(x, beta)
     return tl.where((s == 0.0) & (tl.abs(x) == INF), 0.0, x * s)
 
 
 @triton.jit
 def swish_bwd(x, beta):
-    # d/dx = s + z s (1 - s); d/dbeta = x^2 s (1 - s); q = s (1 - s) is 0 wherever a product
-    # with an infinite or overflowing factor would make NaN, and then the term's limit is 0.
-    z = _swish_z(x, beta)
-    s, sn = sigmoid_pair(z)
-    q = s * sn
+    # d/dx = s + z s (1 - s); d/dbeta = x^2 s (1 - s)
+    z, s, _, q = _swish_parts(x, beta)
     dx = s + tl.where(q == 0.0, 0.0, z * q)
     dbeta = tl.where(q == 0.0, 0.0, x * x * q)
     return dx, dbeta
+
+
+@triton.jit
+def acon_c_fwd(x, a, p2, beta):
+    """ACON-C with a = p1 - p2: a x sigma(beta a x) + p2 x = (a sigma(z) + p2) x, z = beta a x;
+    the product form gives the limits at x = +-inf (p1 x, p2 x or their mean) directly."""
+    _, s, _, _ = _swish_parts(mul_or_zero(a, x), beta)
+    return mul_or_zero(a * s + p2, x)
+
+
+@triton.jit
+def acon_c_bwd(x, a, p2, beta):
+    """(dy/dx, dy/dp1, dy/dp2, dy/dbeta) of ACON-C with a = p1 - p2: with d = a x and
+    S = s + z q the derivative of d sigma(beta d) by d, dy/dx = a S + p2, dy/dp1 = x S,
+    dy/dp2 = x (1 - S) where 1 - S = sigma(-z) - z q stays exact, dy/dbeta = d^2 q."""
+    d = mul_or_zero(a, x)
+    z, s, sn, q = _swish_parts(d, beta)
+    zq = tl.where(q == 0.0, 0.0, z * q)
+    big_s = s + zq
+    dbeta = tl.where(q == 0.0, 0.0, d * d * q)
+    return a * big_s + p2, mul_or_zero(big_s, x), mul_or_zero(sn - zq, x), dbeta
 
 
 @triton.jit

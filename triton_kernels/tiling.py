@@ -101,7 +101,8 @@ def int64(x: torch.Tensor) -> bool:
 @triton.jit
 def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
          INT64: tl.constexpr):
-    """This program's tile: (row block, column block, rows, cols, offsets, mask, row mask)."""
+    """This program's tile: (sample, row block, column block, rows, cols, offsets, mask,
+    row mask); the row block counts across samples."""
     if INT64:
         pid = pid.to(tl.int64)
     rows_per_sample = R // S
@@ -122,7 +123,7 @@ def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.co
         offs = rows[:, None] * L + cols[None, :]
     row_mask = r_in < rows_per_sample
     mask = row_mask[:, None] & (cols[None, :] < L)
-    return sample * n_r + pid_r, pid_l, rows, cols, offs, mask, row_mask
+    return sample, sample * n_r + pid_r, pid_l, rows, cols, offs, mask, row_mask
 
 
 @triton.jit

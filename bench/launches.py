@@ -1,0 +1,59 @@
+"""``python -m bench.launches``: kernel launches and GPU time of one forward+backward of the
+ACON modules, fused vs the plain PyTorch module (the formula written with torch ops)."""
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import fused_act
+from bench.harness import _stream, _time_ms
+
+
+class PlainAconC(nn.Module):
+    """ACON-C as users write it in PyTorch (the published module's forward)."""
+
+    def __init__(self, c1: int) -> None:
+        super().__init__()
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dpx = (self.p1 - self.p2) * x
+        return dpx * torch.sigmoid(self.beta * dpx) + self.p2 * x
+
+
+def count_kernels(step) -> int:
+    """CUDA kernels launched by ``step()`` (memsets and copies not counted)."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memset" not in e.name.lower() and "memcpy" not in e.name.lower())
+
+
+def main() -> None:
+    shape = (32, 64, 112, 112)
+    print(f"ACON-C forward+backward on {shape}, parameter grads included")
+    print(f"{'module':<22} {'dtype':<9} {'kernels':>8} {'GPU ms':>9}")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(shape, device="cuda", dtype=dtype).requires_grad_()
+        g = torch.randn_like(x)
+        for name, module in (("plain PyTorch", PlainAconC(64)), ("fused_act.nn.AconC",
+                                                                fused_act.nn.AconC(64))):
+            module = module.to("cuda", dtype)  # parameters in x's dtype, as a bf16 model has
+            params = list(module.parameters())
+
+            def step(module=module, params=params, x=x, g=g):
+                return torch.autograd.grad(module(x), [x, *params], g)
+
+            kernels = count_kernels(step)
+            with torch.cuda.stream(_stream()):
+                ms = _time_ms(step, x.numel(), False)
+            print(f"{name:<22} {str(dtype)[6:]:<9} {kernels:>8} {ms:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Fused ACON-C / Meta-ACON: forward in one pass over x, backward in one pass over (grad, x).
+
+The backward writes dx and, per tile, partial sums of the three parameter gradients
+(dp1 = sum g x S, dp2 = sum g x (1 - S), dbeta = sum g d^2 q; ``math.acon_c_bwd``), which the
+caller finishes with one small deterministic sum (``tiling.py``).  A per-sample beta (Meta-ACON,
+(N, C)) is read per (sample, channel) and its gradient summed over the spatial positions only.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tiling
+from .math import acon_c_bwd, acon_c_fwd, opmath
+from .tiling import load_channel, store_partial, tile
+
+
+@triton.jit
+def _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB,
+            LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr):
+    p1 = load_channel(p1_ptr, rows, cols, C, LAYOUT)
+    p2 = load_channel(p2_ptr, rows, cols, C, LAYOUT)
+    if not PER_SAMPLE:
+        b = load_channel(beta_ptr, rows, cols, C, LAYOUT)
+    elif LAYOUT == 1:
+        # a row is one (sample, channel) run; N is outermost, so the sample is row // (R / N)
+        n = rows // (R // NB)
+        b = opmath(tl.load(beta_ptr + n * C + rows % C, mask=row_mask, other=1.0))[:, None]
+    else:
+        # the tile lies inside one sample (tiling.py), so beta is one row of C values
+        b = opmath(tl.load(beta_ptr + sample * C + cols, mask=cols < C, other=1.0))[None, :]
+    return p1 - p2, p2, b
+
+
+@triton.jit
+def acon_fwd_kernel(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, R, L, C, NB, S,
+                    LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
+    sample, _, _, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, S, BLOCK_R,
+                                                          BLOCK_L, FLAT, INT64)
+    x = opmath(tl.load(x_ptr + offs, mask=mask))
+    a, p2, b = _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB, LAYOUT,
+                       PER_SAMPLE)
+    tl.store(y_ptr + offs, acon_c_fwd(x, a, p2, b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, partial_ptr, P,
+                    R, L, C, NB, S, LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                    NEED_PARAMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+                    FLAT: tl.constexpr, INT64: tl.constexpr):
+    sample, rb, pid_l, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, S,
+                                                               BLOCK_R, BLOCK_L, FLAT, INT64)
+    x = opmath(tl.load(x_ptr + offs, mask=mask))
+    g = opmath(tl.load(g_ptr + offs, mask=mask))
+    a, p2, b = _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB, LAYOUT,
+                       PER_SAMPLE)
+    dydx, dp1, dp2, dbeta = acon_c_bwd(x, a, p2, b)
+    tl.store(dx_ptr + offs, (g * dydx).to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_PARAMS:
+        store_partial(partial_ptr, tl.where(mask, g * dp1, 0.0), rb, pid_l, rows, cols,
+                      row_mask, R, L, LAYOUT)
+        store_partial(partial_ptr + P, tl.where(mask, g * dp2, 0.0), rb, pid_l, rows, cols,
+                      row_mask, R, L, LAYOUT)
+        store_partial(partial_ptr + 2 * P, tl.where(mask, g * dbeta, 0.0), rb, pid_l, rows,
+                      cols, row_mask, R, L, LAYOUT)
+
+
+def _launch_args(x: torch.Tensor, p: tiling.Plan, per_sample: bool) -> dict:
+    return dict(LAYOUT=p.layout, PER_SAMPLE=per_sample, BLOCK_R=p.block_r, BLOCK_L=p.block_l,
+                FLAT=p.flat, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+
+
+def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+            beta: torch.Tensor, per_sample: bool) -> None:
+    """Write ACON-C of ``x`` into ``y`` (dense, same strides; N outermost if ``per_sample``).
+    p1, p2 hold C values, beta C or N * C (sample-major)."""
+    c = p1.numel()
+    p = tiling.channel_plan(x, c, per_sample)
+    acon_fwd_kernel[p.grid](x, y, p1, p2, beta, p.rows, p.cols, c, x.shape[0], p.samples,
+                            **_launch_args(x, p, per_sample))
+
+
+def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tensor,
+             p2: torch.Tensor, beta: torch.Tensor, per_sample: bool, need_params: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Write grad * dy/dx into ``dx``; if asked, return (dp1 (C,), dp2 (C,), dbeta (C,) or
+    (N, C)) in fp32 (fp64 for fp64 input)."""
+    c, n = p1.numel(), x.shape[0]
+    p = tiling.channel_plan(x, c, per_sample)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # without parameter gradients the partials are never touched: any valid pointer will do
+    partial = torch.empty(3 * p.partials, dtype=acc, device=x.device) if need_params else dx
+    acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, partial, p.partials, p.rows, p.cols, c, n,
+                            p.samples, NEED_PARAMS=need_params, **_launch_args(x, p, per_sample))
+    if not need_params:
+        return None
+    if p.layout == tiling.ROWS:
+        per_row = partial.view(3, p.col_blocks, p.rows).sum(1)  # (3, R), row = (.., channel)
+        dp = per_row[:2].reshape(2, -1, c).sum(1)
+        db = per_row[2].view(n, -1, c).sum(1) if per_sample else per_row[2].view(-1, c).sum(0)
+    else:
+        per_sample_sums = partial.view(3, p.samples, -1, c).sum(2)  # (3, S, C)
+        dp = per_sample_sums[:2].sum(1)
+        db = per_sample_sums[2] if per_sample else per_sample_sums[2].sum(0)
+    return dp[0], dp[1], db
