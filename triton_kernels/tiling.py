@@ -86,9 +86,13 @@ def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Pl
         return Plan(x.shape[0], inner, 1, ROWS, BLOCK // block_l, block_l)
     inner = x.stride(1)
     if inner == 1:
-        block_l = min(triton.next_power_of_2(channels), MAX_COLS_BLOCK)
         samples = x.shape[0] if per_sample else 1
-        return Plan(n // channels, channels, channels, COLS, BLOCK // block_l, block_l, samples)
+        rows_per_sample = triton.next_power_of_2(n // channels // samples)
+        # few rows per sample (an (N, C) input with a per-sample beta): wide, short tiles
+        block_l = min(triton.next_power_of_2(channels),
+                      max(MAX_COLS_BLOCK, BLOCK // rows_per_sample))
+        block_r = min(BLOCK // block_l, rows_per_sample)
+        return Plan(n // channels, channels, channels, COLS, block_r, block_l, samples)
     block_l = min(triton.next_power_of_2(inner), BLOCK)
     return Plan(n // inner, inner, channels, ROWS, BLOCK // block_l, block_l)
 
