@@ -3,6 +3,7 @@
     import fused_act
     y = fused_act.mish(x)                       # also silu, swish(x, beta), gelu(x, approximate)
     y = fused_act.acon_c(x, p1, p2, beta)       # ACON-C; a (N, C) beta is Meta-ACON
+    y = fused_act.frelu_max(x, t)               # FReLU's max step; saves 1 byte per element
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)
@@ -10,11 +11,11 @@
 
 from . import config, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
-from .functional import acon_c, gelu, mish, silu, swish
+from .functional import acon_c, frelu_max, gelu, mish, silu, swish
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "acon_c", "config", "gelu", "get_backend", "mish", "nn", "reference", "set_backend",
-    "silu", "swish", "use_backend",
+    "BACKENDS", "acon_c", "config", "frelu_max", "gelu", "get_backend", "mish", "nn",
+    "reference", "set_backend", "silu", "swish", "use_backend",
 ]

@@ -4,9 +4,9 @@
 fused kernel runs, and saves only its input for backward), "decompose" traces the reference math
 so Inductor can fuse the activation with its neighbours (bias add, BatchNorm, residual add).  It
 is one string for every op, or a dict from op name ("mish", "silu", "swish", "gelu",
-"gelu_tanh", "acon_c") to a string, ops left out being "opaque".  The defaults are to be set
-per op from the compile-pipeline benchmark (bench/NOTES.md).  Changing it recompiles graphs
-that use the op.
+"gelu_tanh", "acon_c", "frelu_max") to a string, ops left out being "opaque".  The defaults
+are to be set per op from the compile-pipeline benchmark (bench/NOTES.md).  Changing it
+recompiles graphs that use the op.
 """
 
 COMPILE_MODES = ("opaque", "decompose")

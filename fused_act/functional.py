@@ -135,3 +135,28 @@ def _check_acon_beta(x: Tensor, beta: Tensor) -> None:
                              f"(got shape {shape})")
         return
     _check_channel_param("acon_c", "beta", beta, x, allow_scalar=c == 1)
+
+
+def _check_frelu_pair(op: str, x: Tensor, t: Tensor) -> None:
+    _check_x(op, x)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fused_act.{op}: t must be a torch.Tensor (got {type(t).__name__})")
+    if t.dtype != x.dtype:
+        raise TypeError(f"fused_act.{op}: t must have x's dtype {x.dtype} (got {t.dtype})")
+    if t.device != x.device:
+        raise ValueError(f"fused_act.{op}: t is on {t.device} but x is on {x.device}")
+    if t.shape != x.shape:
+        raise ValueError(f"fused_act.{op}: t must have x's shape {tuple(x.shape)} (got "
+                         f"{tuple(t.shape)}); no broadcasting")
+
+
+def frelu_max(x: Tensor, t: Tensor) -> Tensor:
+    """FReLU's max step (Ma et al., "Funnel Activation", 2020): ``torch.maximum(x, t)``.
+
+    ``x`` and ``t`` have the same shape, dtype and device (no broadcasting).  NaN in either gives
+    NaN, and the gradient routes as ``torch.maximum``'s: all to the larger, half to each on a
+    tie, all to both where a NaN is involved.  Backward saves one byte per element (which side
+    won) instead of x and t; forward and backward are one pass each.
+    """
+    _check_frelu_pair("frelu_max", x, t)
+    return ops.apply_frelu_max(x, t)

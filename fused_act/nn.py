@@ -162,3 +162,37 @@ class MetaAconC(nn.Module):
         y = x.mean(dim=(2, 3), keepdim=True)
         beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(y)))))
         return functional.acon_c(x, self.p1, self.p2, beta)
+
+
+class FReLU(nn.Module):
+    """FReLU (Ma et al., "Funnel Activation for Visual Recognition", 2020):
+    ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution ``conv`` (padding k // 2,
+    no bias) and BatchNorm ``bn``, named and shaped as the paper's published module.
+
+    The convolution and, in training, BatchNorm run in PyTorch; the max step is fused and saves
+    one byte per element for backward.  In eval mode, when no gradient is needed, BatchNorm's
+    running statistics and affine parameters fold into a per-channel ``a t + b`` inside the max
+    kernel, so BatchNorm makes no pass of its own.
+    """
+
+    def __init__(self, c1: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.conv(x)
+        bn = self.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None or (
+                torch.is_grad_enabled() and (t.requires_grad or any(
+                    p.requires_grad for p in bn.parameters()))):
+            return functional.frelu_max(x, bn(t))
+        functional._check_frelu_pair("nn.FReLU", x, t)
+        acc = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32, or fp64
+        a = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            a = a * bn.weight.to(acc)
+        b = -bn.running_mean.to(acc) * a
+        if bn.bias is not None:
+            b = b + bn.bias.to(acc)
+        return ops.frelu_max_affine_op(x, t, a, b)

@@ -354,3 +354,116 @@ def apply_acon(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
             return reference.acon_c(x, p1, p2, beta)
         return acon_c_op(x, p1, p2, beta)
     return _AconFn.apply(x, p1, p2, beta)
+
+
+# ---- FReLU's max step ---------------------------------------------------------------------
+
+def _frelu_kernels():
+    from .triton_kernels import frelu
+    return frelu
+
+
+def frelu_forward_impl(x: Tensor, t: Tensor, need_code: bool) -> tuple[Tensor, Tensor | None]:
+    """(max(x, t), the one-byte win code if ``need_code``) by the backend in force."""
+    xd = dense(x)
+    td = like(t, xd)
+    if resolve(x.device) == "reference":
+        y = reference.frelu_max(xd, td)
+        return y, reference.frelu_max_code(xd, td) if need_code else None
+    y = torch.empty_like(xd)
+    code = torch.empty_like(xd, dtype=torch.uint8) if need_code else None
+    if x.numel():
+        _frelu_kernels().forward(xd, td, y, code)
+    return y, code
+
+
+def frelu_backward_impl(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dt) from the incoming gradient and the win code."""
+    g = like(grad, code)
+    if resolve(code.device) == "reference":
+        return reference.frelu_max_backward_code(g, code)
+    dx, dt = torch.empty_like(g), torch.empty_like(g)
+    if code.numel():
+        _frelu_kernels().backward(g, code, dx, dt)
+    return dx, dt
+
+
+@torch.library.custom_op("fused_act::frelu_max", mutates_args=())
+def frelu_max_op(x: Tensor, t: Tensor, need_code: bool) -> tuple[Tensor, Tensor]:
+    """(max(x, t), win code); the code is empty unless ``need_code``."""
+    y, code = frelu_forward_impl(x, t, need_code)
+    return y, x.new_empty(0, dtype=torch.uint8) if code is None else code
+
+
+@frelu_max_op.register_fake
+def _(x: Tensor, t: Tensor, need_code: bool) -> tuple[Tensor, Tensor]:
+    xd = dense(x)
+    code = torch.empty_like(xd, dtype=torch.uint8) if need_code else x.new_empty(0,
+                                                                               dtype=torch.uint8)
+    return torch.empty_like(xd), code
+
+
+@torch.library.custom_op("fused_act::frelu_max_backward", mutates_args=())
+def frelu_max_backward_op(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dt) of max(x, t) from the win code."""
+    return frelu_backward_impl(grad, code)
+
+
+@frelu_max_backward_op.register_fake
+def _(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(code, dtype=grad.dtype), torch.empty_like(code, dtype=grad.dtype))
+
+
+def _frelu_save(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+frelu_max_op.register_autograd(
+    lambda ctx, grad, _: (*frelu_max_backward_op(grad, ctx.saved_tensors[0]), None),
+    setup_context=_frelu_save)
+
+
+@torch.library.custom_op("fused_act::frelu_max_affine", mutates_args=())
+def frelu_max_affine_op(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """max(x, a t + b) with per-channel a, b: FReLU's eval-mode step (no autograd)."""
+    xd = dense(x)
+    td = like(t, xd)
+    if resolve(x.device) == "reference":
+        return reference.frelu_max_affine(xd, td, a, b)
+    y = torch.empty_like(xd)
+    if x.numel():
+        _frelu_kernels().forward_affine(xd, td, _flat_beta(a, x), _flat_beta(b, x), y)
+    return y
+
+
+@frelu_max_affine_op.register_fake
+def _(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.empty_like(dense(x))
+
+
+class _FreluMaxFn(torch.autograd.Function):
+    """The eager path of frelu_max: saves the win code (1 byte per element), not x and t."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor) -> Tensor:
+        y, code = frelu_forward_impl(x, t, ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        ctx.save_for_backward(code)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        (code,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward differentiable in grad
+            return reference.frelu_max_backward_code(grad, code)
+        return frelu_backward_impl(grad, code)
+
+
+def apply_frelu_max(x: Tensor, t: Tensor) -> Tensor:
+    """max(x, t) on validated arguments, eager or under torch.compile."""
+    if torch.compiler.is_compiling():
+        if config.mode_for("frelu_max") == "decompose":
+            return reference.frelu_max(x, t)
+        need = torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)
+        return frelu_max_op(x, t, need)[0]
+    return _FreluMaxFn.apply(x, t)

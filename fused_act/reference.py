@@ -216,3 +216,29 @@ def frelu_max_backward(grad: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tens
     """(dx, dt): grad to the larger, half to each on a tie, all to both where NaN is involved."""
     g = torch.where(x == t, grad / 2, grad)
     return g.masked_fill(x < t, 0), g.masked_fill(x > t, 0)
+
+
+# which side of max(x, t) won, one byte per element: all that its backward needs
+X_WINS, T_WINS, TIE, NAN = 0, 1, 2, 3
+
+
+def frelu_max_code(x: Tensor, t: Tensor) -> Tensor:
+    """The win code of max(x, t): X_WINS, T_WINS, TIE, or NAN where either is NaN (uint8)."""
+    code = torch.full_like(x, NAN, dtype=torch.uint8)  # in place below: keeps x's strides
+    return code.masked_fill_(x == t, TIE).masked_fill_(x < t, T_WINS).masked_fill_(x > t, X_WINS)
+
+
+def frelu_max_backward_code(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dt) from the win code, as ``frelu_max_backward``; differentiable in ``grad``."""
+    half = torch.where(code == TIE, 0.5, 1.0).to(grad.dtype)
+    gx = (code == X_WINS) | (code == NAN) | (code == TIE)
+    gt = (code == T_WINS) | (code == NAN) | (code == TIE)
+    g = grad * half
+    return g * gx.to(grad.dtype), g * gt.to(grad.dtype)
+
+
+def frelu_max_affine(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """max(x, a t + b) with per-channel a, b (fp32, C values): FReLU's max after an eval-mode
+    BatchNorm folded into a, b."""
+    xf, tf = _opmath(x), _opmath(t)
+    return torch.maximum(xf, tf * _param(a, x) + _param(b, x)).to(x.dtype)

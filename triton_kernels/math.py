@@ -196,3 +196,30 @@ def act_bwd(x, beta, ACT: tl.constexpr):
         dx = gelu_tanh_bwd(x)
         dbeta = 0.0 * x
     return dx, dbeta
+
+
+# ---- frelu_max: max(x, t) with torch.maximum's gradient routing ----------------------------
+
+# Which side won, one byte per element, all that the backward needs: x, t, a tie (each gets half
+# the gradient) or a NaN on either side (each gets all of it, as torch.maximum's derivative).
+X_WINS = tl.constexpr(0)
+T_WINS = tl.constexpr(1)
+TIE = tl.constexpr(2)
+NAN = tl.constexpr(3)
+
+
+@triton.jit
+def max_fwd(x, t):
+    """(max(x, t) with NaN if either is NaN, the win code)."""
+    y = tl.where((x > t) | (x != x), x, t)
+    code = tl.where(x > t, X_WINS, tl.where(x < t, T_WINS, tl.where(x == t, TIE, NAN)))
+    return y, code.to(tl.uint8)
+
+
+@triton.jit
+def max_bwd(g, code):
+    """(grad to x, grad to t) from the win code."""
+    half = g * 0.5
+    dx = tl.where((code == X_WINS) | (code == NAN), g, tl.where(code == TIE, half, 0.0))
+    dt = tl.where((code == T_WINS) | (code == NAN), g, tl.where(code == TIE, half, 0.0))
+    return dx, dt

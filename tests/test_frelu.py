@@ -1,0 +1,261 @@
+"""FReLU: the fused max step (ties, NaNs, the saved win code), its eval-mode BatchNorm fold, and
+the module against the paper's published form."""
+
+import pytest
+import torch
+from torch import nn
+
+import fused_act
+from fused_act import ops, reference
+
+from .cases import DEVICES, DTYPES, need_backend, need_device
+
+BACKENDS = ["triton", "reference"]
+SHAPES = {
+    "odd": (7,),
+    "blocks_tail": (2 * 2048 + 37,),
+    "nchw": (2, 5, 17, 19),
+    "channels_last": (2, 6, 9, 13),
+    "transposed": (37, 53),
+    "strided": (33, 70),
+    "empty": (0, 3),
+}
+LAYOUTS = {"channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+           "transposed": lambda t: t.t(), "strided": lambda t: t[:, ::2]}
+
+
+def make(key, dtype, device, ties=True, seed=0):
+    """x and t with exact ties (t copies a quarter of x), signed zeros and NaNs on both sides."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = SHAPES[key]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if ties and x.numel() > 8:
+        flat_x, flat_t = x.view(-1), t.view(-1)
+        flat_t[::4] = flat_x[::4]
+        flat_x[1], flat_t[1] = -0.0, 0.0
+        flat_x[2] = float("nan")
+        flat_t[3] = float("nan")
+        flat_x[5], flat_t[5] = float("nan"), float("nan")
+    layout = LAYOUTS.get(key, lambda v: v)
+    x, t = layout(x.to(device)), layout(t.to(device))
+    return x.requires_grad_(), t.requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("key", list(SHAPES))
+def test_matches_torch_maximum_exactly(key, dtype, backend_name, device):
+    """Values and gradients equal torch.maximum's bit for bit, ties and NaNs included."""
+    need_backend(backend_name, device)
+    x, t = make(key, dtype, device)
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(device)
+    with fused_act.use_backend(backend_name):
+        y = fused_act.frelu_max(x, t)
+        dx, dt = torch.autograd.grad(y, [x, t], g) if x.numel() else (x, t)
+    want = torch.maximum(x, t)
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+    if ops.is_dense(x):
+        assert y.stride() == x.stride()
+    if x.numel():
+        wx, wt = torch.autograd.grad(want, [x, t], g)
+        torch.testing.assert_close(dx, wx, rtol=0, atol=0)
+        torch.testing.assert_close(dt, wt, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_tie_and_nan_routing(backend_name, device):
+    need_backend(backend_name, device)
+    nan = float("nan")
+    x = torch.tensor([1.0, 3.0, 2.0, nan, 1.0, nan, -0.0], device=device, requires_grad=True)
+    t = torch.tensor([3.0, 1.0, 2.0, 1.0, nan, nan, 0.0], device=device, requires_grad=True)
+    with fused_act.use_backend(backend_name):
+        dx, dt = torch.autograd.grad(fused_act.frelu_max(x, t), [x, t], torch.full((7,), 4.0,
+                                                                                   device=device))
+    assert dx.tolist() == [0.0, 4.0, 2.0, 4.0, 4.0, 4.0, 2.0]
+    assert dt.tolist() == [4.0, 0.0, 2.0, 4.0, 4.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_gradcheck(backend_name, device):
+    need_backend(backend_name, device)
+    x, t = make("nchw", torch.float64, device, ties=False)
+    x, t = (v.detach()[:1, :2, :3, :3].clone().requires_grad_() for v in (x, t))
+    with fused_act.use_backend(backend_name):
+        assert torch.autograd.gradcheck(fused_act.frelu_max, (x, t))
+        assert torch.autograd.gradgradcheck(fused_act.frelu_max, (x, t))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_opcheck(backend_name, device):
+    need_backend(backend_name, device)
+    x, t = make("channels_last", torch.float32, device, ties=True)
+    x, t = x.detach().nan_to_num(), t.detach().nan_to_num()
+    with fused_act.use_backend(backend_name):
+        for need in (False, True):
+            torch.library.opcheck(ops.frelu_max_op, (x.requires_grad_(need),
+                                                     t.requires_grad_(need), need))
+        code = reference.frelu_max_code(x, t)
+        torch.library.opcheck(ops.frelu_max_backward_op, (torch.randn_like(x.detach()), code))
+        a, b = torch.randn(6, device=device), torch.randn(6, device=device)
+        torch.library.opcheck(ops.frelu_max_affine_op, (x.detach(), t.detach(), a, b))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_saves_one_byte_per_element(backend_name):
+    need_backend(backend_name, "cpu")
+    x, t = make("nchw", torch.float32, "cpu")
+    saved = []
+
+    def pack(v):
+        saved.append(v)
+        return v
+
+    with fused_act.use_backend(backend_name), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        y = fused_act.frelu_max(x, t)
+    assert [(v.dtype, v.numel()) for v in saved] == [(torch.uint8, x.numel())]
+    y.sum().backward()
+    with torch.no_grad():  # nothing is kept without grad, and no code is written
+        assert ops.frelu_forward_impl(x, t, need_code=False)[1] is None
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"frelu_max: t must have x's shape \(2, 3\)"):
+        fused_act.frelu_max(x, torch.randn(1, 3))
+    with pytest.raises(TypeError, match="frelu_max: t must have x's dtype"):
+        fused_act.frelu_max(x, torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="frelu_max: t is on meta"):
+        fused_act.frelu_max(x, torch.randn(2, 3, device="meta"))
+    with pytest.raises(TypeError, match="frelu_max: x must be a floating-point tensor"):
+        fused_act.frelu_max(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3,
+                                                                           dtype=torch.int64))
+    with pytest.raises(TypeError, match="frelu_max: t must be a torch.Tensor"):
+        fused_act.frelu_max(x, 0.0)
+
+
+# ---- the module ----------------------------------------------------------------------------
+
+class PlainFReLU(nn.Module):
+    """The published module, written here in plain PyTorch."""
+
+    def __init__(self, c1, k=3):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+
+    def forward(self, x):
+        return torch.max(x, self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_module_matches_published(dtype, backend_name, device):
+    need_backend(backend_name, device)
+    torch.manual_seed(0)
+    theirs = PlainFReLU(6).to(device, dtype)
+    ours = fused_act.nn.FReLU(6).to(device, dtype)
+    assert sorted(theirs.state_dict()) == sorted(ours.state_dict())
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        theirs.bn.weight.uniform_(0.5, 2.0)
+        theirs.bn.bias.uniform_(-1.0, 1.0)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = (torch.randn(4, 6, 11, 9, dtype=torch.float64) * 2).to(device, dtype)
+    tol = dict(rtol=0, atol=0) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    with fused_act.use_backend(backend_name):
+        for train in (True, False):
+            theirs.train(train)
+            ours.train(train)
+            outs = []
+            for m in (theirs, ours):
+                xg = x.clone().requires_grad_()
+                y = m(xg)
+                y.square().sum().backward()
+                outs.append((y.detach(), xg.grad, [p.grad.clone() for p in m.parameters()]))
+                m.zero_grad()
+            (ya, gxa, gpa), (yb, gxb, gpb) = outs
+            torch.testing.assert_close(yb, ya, **tol)
+            torch.testing.assert_close(gxb, gxa, **tol)
+            for a, b in zip(gpb, gpa, strict=True):
+                torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(ours.bn.running_mean, theirs.bn.running_mean)
+            torch.testing.assert_close(ours.bn.running_var, theirs.bn.running_var)
+            # eval without grad takes the folded-BatchNorm kernel
+            if not train:
+                with torch.no_grad():
+                    yi = ours(x)
+                fp = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else \
+                    dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else tol
+                torch.testing.assert_close(yi, ya, **fp)
+
+
+def test_eval_without_grad_makes_no_batchnorm_pass(monkeypatch):
+    """In eval() under no_grad the module calls the fused affine max, not BatchNorm."""
+    m = fused_act.nn.FReLU(4).eval()
+    calls = []
+    monkeypatch.setattr(m.bn, "forward", lambda t: calls.append("bn") or t)
+    with torch.no_grad():
+        m(torch.randn(2, 4, 5, 5))
+    assert calls == []
+    m(torch.randn(2, 4, 5, 5, requires_grad=True))  # with grad: BatchNorm runs as usual
+    assert calls == ["bn"]
+
+
+def test_saved_bytes_vs_plain_module():
+    """Autograd memory of the max step: one byte per element against the plain module's
+    second full tensor (torch.max saves both of its inputs)."""
+
+    def saved_bytes(m, x):
+        saved = {}
+
+        def pack(v):
+            saved[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+            return v
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            m(x)
+        return sum(saved.values())
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    ours, theirs = fused_act.nn.FReLU(8), PlainFReLU(8)
+    n = x.numel()
+    b_ours, b_theirs = saved_bytes(ours, x), saved_bytes(theirs, x)
+    # both keep x (the convolution's input) and t (BatchNorm's input); the max keeps 1 byte
+    # per element for ours, bn(t) for the plain module
+    assert b_theirs - b_ours == n * (4 - 1), (b_ours / n, b_theirs / n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["opaque", "decompose"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(compiler, mode, device, monkeypatch):
+    need_device(device)
+    monkeypatch.setattr(fused_act.config, "compile_mode", mode)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), fused_act.nn.FReLU(8)).to(device)
+    x = torch.randn(4, 3, 8, 8, device=device)
+
+    def run(m):
+        with fused_act.use_backend("triton"):
+            model.zero_grad()
+            y = m(x)
+            y.square().mean().backward()
+        return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+    y0, g0 = run(model)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    y1, g1 = run(compiled)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad(), fused_act.use_backend("triton"):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

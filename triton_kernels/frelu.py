@@ -1,0 +1,75 @@
+"""Fused FReLU max step: y = max(x, t) in one pass, writing a one-byte win code for backward,
+and the backward in one pass over (grad, code); plus the eval-mode step max(x, a t + b) with
+BatchNorm's running statistics folded into per-channel a, b, so BatchNorm costs no pass."""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tiling
+from .math import max_bwd, max_fwd, opmath
+from .tiling import load_channel, tile
+
+
+@triton.jit
+def max_fwd_kernel(x_ptr, t_ptr, y_ptr, code_ptr, N, WRITE_CODE: tl.constexpr,
+                   BLOCK: tl.constexpr, INT64: tl.constexpr):
+    _, _, _, _, _, offs, mask, _ = tile(tl.program_id(0), 1, N, 1, 1, BLOCK, True, INT64)
+    # compared in opmath: exact, and the interpreter holds bf16 as raw integers
+    x = opmath(tl.load(x_ptr + offs, mask=mask))
+    t = opmath(tl.load(t_ptr + offs, mask=mask))
+    y, code = max_fwd(x, t)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CODE:
+        tl.store(code_ptr + offs, code, mask=mask)
+
+
+@triton.jit
+def max_bwd_kernel(g_ptr, code_ptr, dx_ptr, dt_ptr, N, BLOCK: tl.constexpr,
+                   INT64: tl.constexpr):
+    _, _, _, _, _, offs, mask, _ = tile(tl.program_id(0), 1, N, 1, 1, BLOCK, True, INT64)
+    g = opmath(tl.load(g_ptr + offs, mask=mask))
+    code = tl.load(code_ptr + offs, mask=mask)
+    dx, dt = max_bwd(g, code)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dt_ptr + offs, dt.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def max_affine_kernel(x_ptr, t_ptr, a_ptr, b_ptr, y_ptr, R, L, C, LAYOUT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
+                      INT64: tl.constexpr):
+    _, _, _, rows, cols, offs, mask, _ = tile(tl.program_id(0), R, L, 1, BLOCK_R, BLOCK_L,
+                                              FLAT, INT64)
+    x = opmath(tl.load(x_ptr + offs, mask=mask))
+    t = opmath(tl.load(t_ptr + offs, mask=mask))
+    a = load_channel(a_ptr, rows, cols, C, LAYOUT)
+    b = load_channel(b_ptr, rows, cols, C, LAYOUT)
+    y, _ = max_fwd(x, t * a + b)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tensor | None
+            ) -> None:
+    """y = max(x, t), and the win code if ``code`` is given; all dense with x's strides."""
+    n = x.numel()
+    max_fwd_kernel[(triton.cdiv(n, tiling.BLOCK),)](
+        x, t, y, y if code is None else code, n, WRITE_CODE=code is not None,
+        BLOCK=tiling.BLOCK, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+
+
+def backward(g: torch.Tensor, code: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor) -> None:
+    """dx, dt from the incoming gradient and the win code (all with the same strides)."""
+    n = code.numel()
+    max_bwd_kernel[(triton.cdiv(n, tiling.BLOCK),)](
+        g, code, dx, dt, n, BLOCK=tiling.BLOCK, INT64=tiling.int64(code),
+        num_warps=tiling.NUM_WARPS)
+
+
+def forward_affine(x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   y: torch.Tensor) -> None:
+    """y = max(x, a t + b) with a, b per channel (C values, fp32)."""
+    p = tiling.channel_plan(x, a.numel())
+    max_affine_kernel[p.grid](
+        x, t, a, b, y, p.rows, p.cols, p.channels, LAYOUT=p.layout, BLOCK_R=p.block_r,
+        BLOCK_L=p.block_l, FLAT=p.flat, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
