@@ -43,6 +43,19 @@ def need_backend(backend_name: str, device: str) -> None:
         pytest.skip("no CUDA device")
 
 
+def saved_by(fn: Callable[[], Tensor], backend_name: str) -> tuple[Tensor, list[Tensor]]:
+    """Run ``fn`` under ``backend_name``; return its result and the tensors autograd saved."""
+    saved: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with fused_act.use_backend(backend_name), hooks:
+        return fn(), saved
+
+
 @dataclass(frozen=True)
 class Op:
     """One activation variant: the public call, its reference, and what PyTorch users call."""

@@ -7,7 +7,16 @@ import torch.utils.checkpoint
 import fused_act
 from fused_act import ops
 
-from .cases import ALL_OPS, CHANNEL_SHAPES, DEVICES, OPS, make_x, need_backend, need_device
+from .cases import (
+    ALL_OPS,
+    CHANNEL_SHAPES,
+    DEVICES,
+    OPS,
+    make_x,
+    need_backend,
+    need_device,
+    saved_by,
+)
 
 BACKENDS = ["triton", "reference"]
 
@@ -68,22 +77,37 @@ class _Block(torch.nn.Module):
         return a[5](a[4](self.l3(x)))
 
 
+# a small model per kernel family: (factory, input shape)
+MODELS = {
+    "elementwise": (_Block, (8, 16)),
+    "acon": (lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), fused_act.nn.AconC(16), torch.nn.Conv2d(16, 16, 1),
+        fused_act.nn.MetaAconC(16, r=4)), (4, 3, 8, 8)),
+    "frelu": (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                          fused_act.nn.FReLU(8)), (4, 3, 8, 8)),
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["opaque", "decompose"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph(compiler, mode, device, monkeypatch):
+@pytest.mark.parametrize("family", list(MODELS))
+def test_compile_fullgraph(family, compiler, mode, device, monkeypatch):
+    """torch.compile(fullgraph=True): forward and backward equal to eager in train mode, and
+    the forward in eval mode without grad (FReLU's folded-BatchNorm path)."""
     need_device(device)
     monkeypatch.setattr(fused_act.config, "compile_mode", mode)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = _Block().to(device)
-    x = torch.randn(8, 16, device=device) * 3
+    factory, shape = MODELS[family]
+    model = factory().to(device)
+    x = torch.randn(shape, device=device) * 3
 
     def run(m):
         with fused_act.use_backend("triton"):
             model.zero_grad()
             y = m(x)
-            y.square().sum().backward()
+            y.square().mean().backward()
         return y.detach(), [p.grad.clone() for p in model.parameters()]
 
     y_eager, g_eager = run(model)
@@ -92,6 +116,9 @@ def test_compile_fullgraph(compiler, mode, device, monkeypatch):
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_comp, g_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad(), fused_act.use_backend("triton"):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_opaque_traces_our_op():
@@ -112,15 +139,7 @@ def test_saves_only_inputs(op, backend_name):
     need_backend(backend_name, "cpu")
     x = make_x("nchw_c64", torch.float32, "cpu", 4.0, CHANNEL_SHAPES).requires_grad_()
     params = op.params(x)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with fused_act.use_backend(backend_name), hooks:
-        y = op.call(x, params)
+    y, saved = saved_by(lambda: op.call(x, params), backend_name)
     allowed = {x.data_ptr()} | {p.data_ptr() for p in params}
     assert saved and all(t.data_ptr() in allowed for t in saved), [t.shape for t in saved]
     assert sum(t.numel() for t in saved) == x.numel() + sum(p.numel() for p in params)

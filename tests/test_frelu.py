@@ -8,7 +8,7 @@ from torch import nn
 import fused_act
 from fused_act import ops, reference
 
-from .cases import DEVICES, DTYPES, need_backend, need_device
+from .cases import DEVICES, DTYPES, need_backend, saved_by
 
 BACKENDS = ["triton", "reference"]
 SHAPES = {
@@ -109,15 +109,7 @@ def test_opcheck(backend_name, device):
 def test_saves_one_byte_per_element(backend_name):
     need_backend(backend_name, "cpu")
     x, t = make("nchw", torch.float32, "cpu")
-    saved = []
-
-    def pack(v):
-        saved.append(v)
-        return v
-
-    with fused_act.use_backend(backend_name), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-        y = fused_act.frelu_max(x, t)
+    y, saved = saved_by(lambda: fused_act.frelu_max(x, t), backend_name)
     assert [(v.dtype, v.numel()) for v in saved] == [(torch.uint8, x.numel())]
     y.sum().backward()
     with torch.no_grad():  # nothing is kept without grad, and no code is written
@@ -230,32 +222,3 @@ def test_saved_bytes_vs_plain_module():
     # both keep x (the convolution's input) and t (BatchNorm's input); the max keeps 1 byte
     # per element for ours, bn(t) for the plain module
     assert b_theirs - b_ours == n * (4 - 1), (b_ours / n, b_theirs / n)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["opaque", "decompose"])
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph(compiler, mode, device, monkeypatch):
-    need_device(device)
-    monkeypatch.setattr(fused_act.config, "compile_mode", mode)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), fused_act.nn.FReLU(8)).to(device)
-    x = torch.randn(4, 3, 8, 8, device=device)
-
-    def run(m):
-        with fused_act.use_backend("triton"):
-            model.zero_grad()
-            y = m(x)
-            y.square().mean().backward()
-        return y.detach(), [p.grad.clone() for p in model.parameters()]
-
-    y0, g0 = run(model)
-    compiled = torch.compile(model, fullgraph=True, backend=compiler)
-    y1, g1 = run(compiled)
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g1, g0, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    model.eval()
-    with torch.no_grad(), fused_act.use_backend("triton"):
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
