@@ -7,15 +7,17 @@
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)
+    fused_act.replace_activations(model)        # swap torch.nn / paper modules in place
 """
 
 from . import config, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import acon_c, frelu_max, gelu, mish, silu, swish
+from .nn import replace_activations
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "acon_c", "config", "frelu_max", "gelu", "get_backend", "mish", "nn",
-    "reference", "set_backend", "silu", "swish", "use_backend",
+    "reference", "replace_activations", "set_backend", "silu", "swish", "use_backend",
 ]

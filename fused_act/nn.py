@@ -159,7 +159,7 @@ class MetaAconC(nn.Module):
         self.bn2 = nn.BatchNorm2d(c1) if bn else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x.mean(dim=(2, 3), keepdim=True)
+        y = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)  # as the published module
         beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(y)))))
         return functional.acon_c(x, self.p1, self.p2, beta)
 
@@ -196,3 +196,119 @@ class FReLU(nn.Module):
         if bn.bias is not None:
             b = b + bn.bias.to(acc)
         return ops.frelu_max_affine_op(x, t, a, b)
+
+
+# ---- replace_activations -------------------------------------------------------------------
+
+def _has(m: nn.Module, names: tuple[str, ...]) -> bool:
+    return all(hasattr(m, n) for n in names)
+
+
+def _channel_params(m: nn.Module, names: tuple[str, ...]) -> int | None:
+    """C if each named attribute is a (1, C, 1, 1) parameter, else None."""
+    shapes = {tuple(getattr(m, n).shape) for n in names if isinstance(getattr(m, n, None),
+                                                                      nn.Parameter)}
+    if len(shapes) != 1:
+        return None
+    (shape,) = shapes
+    return shape[1] if len(shape) == 4 and shape[0] == shape[2] == shape[3] == 1 else None
+
+
+def _from_torch(m: nn.Module) -> nn.Module | None:
+    if type(m) is nn.Mish:
+        return Mish(m.inplace)
+    if type(m) is nn.SiLU:
+        return SiLU(m.inplace)
+    if type(m) is nn.GELU:
+        return GELU(m.approximate)
+    return None
+
+
+def _from_acon(m: nn.Module) -> nn.Module | None:
+    if _has(m, ("p1", "p2", "beta")) and _channel_params(m, ("p1", "p2", "beta")):
+        return AconC(m.p1.shape[1])
+    return None
+
+
+def _meta_r(c1: int, c2: int) -> int | None:
+    """An r with max(r, c1 // r) == c2, the hidden width of a Meta-ACON beta network."""
+    return next((r for r in range(1, max(c1, c2) + 1) if max(r, c1 // r) == c2), None)
+
+
+def _from_meta_acon(m: nn.Module) -> nn.Module | None:
+    if not (_has(m, ("p1", "p2", "fc1", "fc2")) and _channel_params(m, ("p1", "p2"))):
+        return None
+    fc1, fc2 = m.fc1, m.fc2
+    if not (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d)):
+        return None
+    c1, c2 = fc1.in_channels, fc1.out_channels
+    bn = isinstance(getattr(m, "bn1", None), nn.BatchNorm2d)
+    r = _meta_r(c1, c2)
+    if r is None or fc2.in_channels != c2 or fc2.out_channels != c1 or c1 != m.p1.shape[1]:
+        return None
+    if fc1.bias is None or fc2.bias is None or fc1.kernel_size[0] != fc1.kernel_size[1]:
+        return None
+    return MetaAconC(c1, fc1.kernel_size[0], fc1.stride[0], r, bn=bn)
+
+
+def _from_frelu(m: nn.Module) -> nn.Module | None:
+    conv, bn = getattr(m, "conv", None), getattr(m, "bn", None)
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+        return None
+    c1, k = conv.in_channels, conv.kernel_size[0]
+    shape = (conv.out_channels, conv.groups, conv.kernel_size, conv.stride, conv.padding)
+    if conv.bias is not None or shape != (c1, c1, (k, k), (1, 1), (k // 2, k // 2)):
+        return None
+    return FReLU(c1, k)
+
+
+# class name -> how to build ours from a module of that name (paper modules are matched by name
+# and then by their parameter layout)
+_RECOGNISED = {
+    "Mish": _from_torch, "SiLU": _from_torch, "GELU": _from_torch,
+    "AconC": _from_acon, "MetaAconC": _from_meta_acon, "FReLU": _from_frelu,
+}
+_OURS = (Mish, SiLU, GELU, Swish, AconC, MetaAconC, FReLU)
+
+
+def _selected(name: str, kind: str, patterns: list[str] | None) -> bool:
+    return any(p == kind or p == name or name.startswith(p + ".") for p in patterns or ())
+
+
+def replace_activations(model: nn.Module, *, include: list[str] | None = None,
+                        exclude: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """Swap, in place, the activations of ``model`` for fused_act's; return what was swapped.
+
+    Replaces ``torch.nn.Mish``, ``SiLU``, ``GELU`` (either approximation) and modules shaped like
+    the published ACON-C, Meta-ACON (with or without BatchNorm) and FReLU modules, recognised by
+    class name and parameter layout.  Each replacement keeps the module's parameters, buffers,
+    train/eval mode, device and dtype (its state_dict is loaded strictly).  ``include`` and
+    ``exclude`` hold kinds ("Mish", "SiLU", "GELU", "AconC", "MetaAconC", "FReLU") or module
+    names (a name also covers everything below it); with ``include`` only matches are swapped.
+    Modules it does not recognise are left alone, and running it again swaps nothing.  Returns
+    ``(name, old class, new class)`` for each swap.
+    """
+    swapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            kind = type(child).__name__
+            if isinstance(child, _OURS) or kind not in _RECOGNISED:
+                continue
+            if include is not None and not _selected(full, kind, include):
+                continue
+            if _selected(full, kind, exclude):
+                continue
+            new = _RECOGNISED[kind](child)
+            if new is None:
+                continue
+            state = child.state_dict()
+            ref = next((v for v in state.values() if v.is_floating_point()), None)
+            if ref is not None:
+                new = new.to(device=ref.device, dtype=ref.dtype)
+                new.load_state_dict(state, strict=True)
+            new.train(child.training)
+            setattr(module, child_name, new)
+            swapped.append((full, f"{type(child).__module__}.{kind}",
+                            f"fused_act.nn.{type(new).__name__}"))
+    return swapped
