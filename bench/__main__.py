@@ -1,16 +1,17 @@
 """``python -m bench``: every op, fused vs PyTorch eager vs torch.compile, on this GPU.
 
-Activations are memory-bound, so each time is also given as GB/s (bytes that must move: forward
-reads x and writes y, 2nb; backward reads grad and x and writes dx, 3nb) and as a fraction of a
-device-to-device copy of the same bytes timed in the same run.  Each contestant's output is
-checked against the reference before it is timed.  Without a GPU the harness checks every kernel
-through Triton's interpreter against the reference, reports eager host overhead, and says that
-GPU timings need a GPU.
+Activations are memory-bound, so each time is also given as GB/s (bytes that must move, e.g.
+forward reads x and writes y: 2nb; backward reads grad and x and writes dx: 3nb) and as a
+fraction of a device-to-device copy of the same bytes timed in the same run.  Each contestant's
+output is checked against the reference before it is timed.  Without a GPU the harness checks
+every kernel through Triton's interpreter against the reference, reports eager host overhead,
+and says that GPU timings need a GPU.
 """
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,34 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
 
 from bench import harness  # noqa: E402
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split("x"))
+
+
+def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
+    """Check every op through the interpreter against the reference; print host overhead."""
+    print("No CUDA device: GPU timings need a GPU. Checking every kernel through Triton's "
+          "interpreter against the reference instead.\n")
+    print(f"{'op':<13} {'dtype':<5} forward and input gradient")
+    ok_all = True
+    for name in ops:
+        op = harness.OPS[name]
+        for dname in dtypes:
+            x, g, params = harness._inputs(op, op.shape(2**12), harness.DTYPES[dname], "cpu")
+            try:
+                with fused_act.use_backend("triton"):
+                    harness.check(name, op.fused, x, g, params)
+                verdict = "ok"
+            except AssertionError as e:
+                verdict, ok_all = f"FAIL: {e}", False
+            print(f"{name:<13} {dname:<5} {verdict}")
+    us = harness.host_overhead("cpu")
+    print("\nhost time per eager mish forward+backward on 2^10 CPU elements: "
+          + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())
+          + " (fused_act runs the reference on CPU tensors under backend 'auto')")
+    return 0 if ok_all else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +57,30 @@ def main(argv: list[str] | None = None) -> int:
                    choices=list(harness.DTYPES))
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="numbers of elements (default: 2^16 .. 2^28, or a few with --quick)")
+    p.add_argument("--shapes", nargs="*", type=_shape, default=None,
+                   help="layer shapes such as 32x64x112x112 (default: a few real layers)")
+    p.add_argument("--no-pipelines", action="store_true", help="skip the compile pipelines")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        return harness.run_without_gpu(args.ops, args.dtypes)
-    return harness.run_gpu(args.ops, args.dtypes, args.sizes, args.quick, args.out)
+        return run_without_gpu(args.ops, args.dtypes)
+    sizes = args.sizes or (harness.QUICK_SIZES if args.quick else harness.FULL_SIZES)
+    shapes = args.shapes if args.shapes is not None else (
+        harness.LAYER_SHAPES[:2] if args.quick else harness.LAYER_SHAPES)
+    name = harness.env("cuda")["gpu"]
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / _slug(name)
+    result = harness.run(args.ops, args.dtypes, sizes, shapes, args.quick, out,
+                         pipelines=not args.no_pipelines)
+    print(harness.markdown(result))
+    return 0
 
+
+def _slug(name: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+import fused_act  # noqa: E402  (after TRITON_INTERPRET is settled)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,25 +2,11 @@
 ACON modules, fused vs the plain PyTorch module (the formula written with torch ops)."""
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import fused_act
 from bench.harness import _stream, _time_ms
-
-
-class PlainAconC(nn.Module):
-    """ACON-C as users write it in PyTorch (the published module's forward)."""
-
-    def __init__(self, c1: int) -> None:
-        super().__init__()
-        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
-        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
-        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dpx = (self.p1 - self.p2) * x
-        return dpx * torch.sigmoid(self.beta * dpx) + self.p2 * x
+from bench.pipelines import AconC as PlainAconC
 
 
 def count_kernels(step) -> int:

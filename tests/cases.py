@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor
 import fused_act
 from fused_act import backend, reference
 
+ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # |out - ref64| <= atol + rtol |ref64|, against the reference computed in float64.

@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import pathlib
 import tempfile
 
 import pytest
@@ -13,11 +12,9 @@ from torch import nn
 
 import fused_act
 
-from .cases import need_device
+from .cases import ROOT, need_device
 from .test_acon import PlainAconC, PlainMetaAconC
 from .test_frelu import PlainFReLU
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _example():

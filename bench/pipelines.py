@@ -1,0 +1,171 @@
+"""torch.compile pipelines: a realistic block per op, timed forward+backward five ways.
+
+A block is Linear -> activation -> residual add for the elementwise activations, and
+Conv -> BatchNorm -> activation -> residual add for ACON-C, Meta-ACON and FReLU.  The plain
+block uses PyTorch's modules (or the published ACON/FReLU modules, written here in PyTorch); the
+fused block is the same model after ``fused_act.replace_activations``.  Timed: eager plain,
+compiled plain, eager fused, and compiled fused with the op opaque and decomposed
+(``fused_act.config.compile_mode``).  The faster compiled-fused variant is the op's choice.
+"""
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import fused_act
+from bench.harness import _build_on_stream, _time_ms
+
+
+class Swish(nn.Module):
+    """A Swish with one learnable beta, as users write it (the channel count is unused: in a
+    (batch, tokens, features) block there is no channel dim 1 for a per-channel beta)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta * x)
+
+
+class AconC(nn.Module):
+    """The published ACON-C module's layout and forward (recognised by replace_activations)."""
+
+    def __init__(self, c1: int) -> None:
+        super().__init__()
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dpx = (self.p1 - self.p2) * x
+        return dpx * torch.sigmoid(self.beta * dpx) + self.p2 * x
+
+
+class MetaAconC(nn.Module):
+    """The published Meta-ACON module (no BatchNorm in its beta network)."""
+
+    def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16) -> None:
+        super().__init__()
+        c2 = max(r, c1 // r)
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.fc1 = nn.Conv2d(c1, c2, k, s, bias=True)
+        self.fc2 = nn.Conv2d(c2, c1, k, s, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+        beta = torch.sigmoid(self.fc2(self.fc1(y)))
+        dpx = (self.p1 - self.p2) * x
+        return dpx * torch.sigmoid(beta * dpx) + self.p2 * x
+
+
+class FReLU(nn.Module):
+    """The published FReLU module."""
+
+    def __init__(self, c1: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.max(x, self.bn(self.conv(x)))
+
+
+class Residual(nn.Module):
+    """body(x) + x."""
+
+    def __init__(self, *body: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*body)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+def _linear_block(act: nn.Module, h: int) -> nn.Module:
+    return Residual(nn.Linear(h, h), act)
+
+
+def _conv_block(act: nn.Module, c: int) -> nn.Module:
+    return Residual(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), act)
+
+
+# op -> (config key, block kind, activation factory taking the channel count)
+BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
+    "mish": ("mish", "linear", lambda c: nn.Mish()),
+    "silu": ("silu", "linear", lambda c: nn.SiLU()),
+    "swish_beta": ("swish", "linear", Swish),
+    "gelu": ("gelu", "linear", lambda c: nn.GELU()),
+    "gelu_tanh": ("gelu_tanh", "linear", lambda c: nn.GELU(approximate="tanh")),
+    "acon_c": ("acon_c", "conv", AconC),
+    "meta_acon": ("acon_c", "conv", MetaAconC),
+    "frelu_max": ("frelu_max", "conv", FReLU),
+    "frelu_module": ("frelu_max", "conv", FReLU),
+}
+
+
+def _shape(kind: str, device: str, quick: bool) -> tuple[int, ...]:
+    if device != "cuda":
+        return (2, 16, 32) if kind == "linear" else (2, 16, 6, 6)
+    if kind == "linear":
+        return (8, 512, 1024) if quick else (16, 1024, 1024)
+    return (16, 64, 56, 56) if quick else (32, 64, 112, 112)
+
+
+def run(ops: list[str], device: str, quick: bool, compile_backend: str = "inductor"
+        ) -> list[dict]:
+    """Forward+backward ms of each op's block, five ways."""
+    out = []
+    for name in dict.fromkeys(ops):
+        key, kind, act = BLOCKS[name]
+        shape = _shape(kind, device, quick)
+        width = shape[-1] if kind == "linear" else shape[1]
+        torch.manual_seed(0)
+        make = _linear_block if kind == "linear" else _conv_block
+        plain = make(act(width), width).to(device)
+        fused = copy.deepcopy(plain)
+        fused_act.replace_activations(fused)
+        if name == "swish_beta":
+            fused.body[1] = fused_act.nn.Swish(learnable=True).to(device)
+        x = torch.randn(shape, device=device, requires_grad=True)
+        variants = {"eager torch": (plain, None), "compile torch": (plain, "plain"),
+                    "eager fused": (fused, None), "compile opaque": (fused, "opaque"),
+                    "compile decompose": (fused, "decompose")}
+        ms = {}
+        for label, (model, mode) in variants.items():
+            ms[label] = _time_block(model, x, mode, key, device, quick, compile_backend)
+        out.append(dict(op=name, block=f"{kind} {tuple(shape)}", config_key=key, ms=ms))
+    return out
+
+
+def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, device: str,
+                quick: bool, compile_backend: str) -> float:
+    previous = fused_act.config.compile_mode
+    if mode in ("opaque", "decompose"):
+        fused_act.config.compile_mode = {key: mode}
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(model, fullgraph=True, backend=compile_backend) if mode else model
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            return torch.autograd.grad(fn(x).square().mean(), [x, *params])
+
+        with _build_on_stream(device):
+            step()  # compile outside the timed region
+        return _time_ms(step, x.numel(), quick, device)
+    finally:
+        fused_act.config.compile_mode = previous
+
+
+def choose(pipelines: list[dict]) -> dict[str, str]:
+    """The faster compile mode per op (ops sharing a config key: the first row decides)."""
+    choice = {}
+    for p in pipelines:
+        ms = p["ms"]
+        choice.setdefault(p["op"], "opaque" if ms["compile opaque"] <= ms["compile decompose"]
+                          else "decompose")
+    return choice
