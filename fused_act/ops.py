@@ -1,25 +1,27 @@
-"""The elementwise activations as torch ops: kernels, fake kernels and autograd.
+"""Every activation as torch ops: kernels, fake kernels and autograd.
 
-Two entry points reach the same kernels:
+The elementwise family (mish, swish/silu, gelu, gelu-tanh) shares one pair of ops; ACON-C and
+FReLU's max step have their own.  Two entry points reach the same kernels:
 
 * eager calls go through ``_ActivationFn``, a plain ``autograd.Function`` (a few microseconds of
   host time cheaper per call than a custom op);
-* under ``torch.compile`` the custom ops ``fused_act::activation`` and
-  ``fused_act::activation_backward`` are traced, opaque to Inductor, or, when
+* under ``torch.compile`` the custom ops (``fused_act::activation``, ``fused_act::acon_c``,
+  ``fused_act::frelu_max`` and their backward ops) are traced, opaque to Inductor, or, when
   ``config.compile_mode`` says "decompose" for the op, the reference math is traced instead.
 
-Either way backward saves only ``x`` (and beta).  Double backward (``create_graph=True``) is
-supported in eager mode by differentiating the reference math; under ``torch.compile`` the opaque
-backward op has no derivative and says so.  The kernel implementation is picked per call by
-``backend.resolve``.  Dense inputs of any strides (channels_last, permuted) run in place of their
-memory with outputs of the same strides; other inputs are copied once to contiguous.
+Either way backward saves only the inputs (x and the parameters), except frelu_max, which
+saves a one-byte code of which side won instead of x and t.  Double backward
+(``create_graph=True``) is supported in eager mode by differentiating the reference math; under
+``torch.compile`` the opaque backward ops have no derivative and say so.  The kernel
+implementation is picked per call by ``backend.resolve``.  Dense inputs of any strides
+(channels_last, permuted) run in place of their memory with outputs of the same strides; other
+inputs are copied once to contiguous.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import config, reference
@@ -28,26 +30,21 @@ from .backend import resolve
 
 @dataclass(frozen=True)
 class Activation:
-    """One row of the op table: the kernel selector and the reference math."""
+    """One row of the elementwise op table (keyed as ``triton_kernels.math.ACT_IDS``): the
+    reference math, ``forward(x, beta)`` and ``backward(grad, x, beta, need_dbeta)``."""
 
-    kernel: str  # key of triton_kernels.math.ACT_IDS
     forward: Callable[[Tensor, float | Tensor], Tensor]
     backward: Callable[[Tensor, Tensor, float | Tensor, bool], tuple[Tensor, Tensor | None]]
-    torch_fn: Callable[[Tensor, float | Tensor], Tensor]  # what PyTorch users call today
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "mish": Activation("mish", lambda x, b: reference.mish(x),
-                       lambda g, x, b, n: (reference.mish_backward(g, x), None),
-                       lambda x, b: F.mish(x)),
-    "swish": Activation("swish", reference.swish, reference.swish_backward,
-                        lambda x, b: x * torch.sigmoid(x * reference._param(b, x))),
-    "gelu": Activation("gelu", lambda x, b: reference.gelu(x),
-                       lambda g, x, b, n: (reference.gelu_backward(g, x), None),
-                       lambda x, b: F.gelu(x)),
-    "gelu_tanh": Activation("gelu_tanh", lambda x, b: reference.gelu(x, "tanh"),
-                            lambda g, x, b, n: (reference.gelu_backward(g, x, "tanh"), None),
-                            lambda x, b: F.gelu(x, approximate="tanh")),
+    "mish": Activation(lambda x, b: reference.mish(x),
+                       lambda g, x, b, n: (reference.mish_backward(g, x), None)),
+    "swish": Activation(reference.swish, reference.swish_backward),
+    "gelu": Activation(lambda x, b: reference.gelu(x),
+                       lambda g, x, b, n: (reference.gelu_backward(g, x), None)),
+    "gelu_tanh": Activation(lambda x, b: reference.gelu(x, "tanh"),
+                            lambda g, x, b, n: (reference.gelu_backward(g, x, "tanh"), None)),
 }
 
 
