@@ -54,8 +54,6 @@ def test_beta_bad_types_and_devices():
         fused_act.swish(x, "1.0")
     with pytest.raises(TypeError, match="beta must be a float or a tensor"):
         fused_act.swish(x, True)
-    with pytest.raises(ValueError, match="beta=1e.40 does not fit in fp32"):
-        fused_act.swish(x, 1e40)
     with pytest.raises(ValueError, match="beta is on meta but x is on cpu"):
         fused_act.swish(x, torch.ones(4, device="meta"))
     with pytest.raises(ValueError, match="one element"):
