@@ -269,8 +269,10 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
         dx, *dparams = reference.acon_c_backward(g, xd, p1, p2, beta)
         return (dx, *(dparams if need_params else (None,) * 3))
     dx = torch.empty_like(xd)
+    # the gradients come back in the parameters' dtype when they share one (one cast, not three)
+    out_dtype = p1.dtype if p1.dtype == p2.dtype == beta.dtype else None
     sums = _acon_kernels().backward(g, xd, dx, _flat_beta(p1, x), _flat_beta(p2, x),
-                                    _flat_beta(beta, x), per_sample, need_params)
+                                    _flat_beta(beta, x), per_sample, need_params, out_dtype)
     if sums is None:
         return dx, None, None, None
     return (dx, *(s.reshape(p.shape).to(p.dtype) for s, p in zip(sums, (p1, p2, beta),

@@ -82,10 +82,11 @@ def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tensor,
-             p2: torch.Tensor, beta: torch.Tensor, per_sample: bool, need_params: bool
+             p2: torch.Tensor, beta: torch.Tensor, per_sample: bool, need_params: bool,
+             out_dtype: torch.dtype | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Write grad * dy/dx into ``dx``; if asked, return (dp1 (C,), dp2 (C,), dbeta (C,) or
-    (N, C)) in fp32 (fp64 for fp64 input)."""
+    (N, C)), summed in fp32 (fp64 for fp64 input) and returned in ``out_dtype`` if given."""
     c, n = p1.numel(), x.shape[0]
     p = tiling.channel_plan(x, c, per_sample)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -95,12 +96,17 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tenso
                             p.samples, NEED_PARAMS=need_params, **_launch_args(x, p, per_sample))
     if not need_params:
         return None
+    # Slot k of a partial belongs to channel k % C in both layouts (ROWS: k = block * R + row
+    # with R a multiple of C; COLS: k = row block * C + channel), so one sum finishes all three
+    # per-channel gradients.  A per-sample beta keeps its samples apart: ROWS slots run
+    # (column block, sample, row in sample), COLS slots (sample, row block, channel).
+    out_dtype = out_dtype or acc
+    if not per_sample:
+        sums = partial.view(3, -1, c).sum(1).to(out_dtype)
+        return sums[0], sums[1], sums[2]
     if p.layout == tiling.ROWS:
-        per_row = partial.view(3, p.col_blocks, p.rows).sum(1)  # (3, R), row = (.., channel)
-        dp = per_row[:2].reshape(2, -1, c).sum(1)
-        db = per_row[2].view(n, -1, c).sum(1) if per_sample else per_row[2].view(-1, c).sum(0)
+        by_sample = partial.view(3, p.col_blocks, n, -1, c).sum((1, 3))  # (3, N, C)
     else:
-        per_sample_sums = partial.view(3, p.samples, -1, c).sum(2)  # (3, S, C)
-        dp = per_sample_sums[:2].sum(1)
-        db = per_sample_sums[2] if per_sample else per_sample_sums[2].sum(0)
-    return dp[0], dp[1], db
+        by_sample = partial.view(3, n, -1, c).sum(2)
+    dp = by_sample[:2].sum(1).to(out_dtype)
+    return dp[0], dp[1], by_sample[2].to(out_dtype)
