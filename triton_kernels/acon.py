@@ -1,8 +1,8 @@
 """Fused ACON-C / Meta-ACON: forward in one pass over x, backward in one pass over (grad, x).
 
 The backward writes dx and, per tile, partial sums of the three parameter gradients
-(dp1 = sum g x S, dp2 = sum g x (1 - S), dbeta = sum g d^2 q; ``math.acon_c_bwd``), which the
-caller finishes with one small deterministic sum (``tiling.py``).  A per-sample beta (Meta-ACON,
+(dp1 = sum g x S, dp2 = sum g x (1 - S), dbeta = sum g d^2 q; ``math.acon_c_bwd``), finished
+with one small deterministic sum (``fused_act/plan.py``).  A per-sample beta (Meta-ACON,
 (N, C)) is read per (sample, channel) and its gradient summed over the spatial positions only.
 """
 
@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiling
+from .. import plan
 from .math import acon_c_bwd, acon_c_fwd, opmath
-from .tiling import load_channel, store_partial, tile
+from .tiling import NUM_WARPS, load_channel, store_partial, tile
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB,
         n = rows // (R // NB)
         b = opmath(tl.load(beta_ptr + n * C + rows % C, mask=row_mask, other=1.0))[:, None]
     else:
-        # the tile lies inside one sample (tiling.py), so beta is one row of C values
+        # the tile lies inside one sample (plan.py), so beta is one row of C values
         b = opmath(tl.load(beta_ptr + sample * C + cols, mask=cols < C, other=1.0))[None, :]
     return p1 - p2, p2, b
 
@@ -66,9 +66,9 @@ def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, partial_ptr,
                       cols, row_mask, R, L, LAYOUT)
 
 
-def _launch_args(x: torch.Tensor, p: tiling.Plan, per_sample: bool) -> dict:
+def _launch_args(x: torch.Tensor, p: plan.Plan, per_sample: bool) -> dict:
     return dict(LAYOUT=p.layout, PER_SAMPLE=per_sample, BLOCK_R=p.block_r, BLOCK_L=p.block_l,
-                FLAT=p.flat, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+                FLAT=p.flat, INT64=plan.int64(x), num_warps=NUM_WARPS)
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
@@ -76,7 +76,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
     """Write ACON-C of ``x`` into ``y`` (dense, same strides; N outermost if ``per_sample``).
     p1, p2 hold C values, beta C or N * C (sample-major)."""
     c = p1.numel()
-    p = tiling.channel_plan(x, c, per_sample)
+    p = plan.channel_plan(x, c, per_sample)
     acon_fwd_kernel[p.grid](x, y, p1, p2, beta, p.rows, p.cols, c, x.shape[0], p.samples,
                             **_launch_args(x, p, per_sample))
 
@@ -88,25 +88,12 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tenso
     """Write grad * dy/dx into ``dx``; if asked, return (dp1 (C,), dp2 (C,), dbeta (C,) or
     (N, C)), summed in fp32 (fp64 for fp64 input) and returned in ``out_dtype`` if given."""
     c, n = p1.numel(), x.shape[0]
-    p = tiling.channel_plan(x, c, per_sample)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = plan.channel_plan(x, c, per_sample)
+    acc = plan.accumulator(x)
     # without parameter gradients the partials are never touched: any valid pointer will do
     partial = torch.empty(3 * p.partials, dtype=acc, device=x.device) if need_params else dx
     acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, partial, p.partials, p.rows, p.cols, c, n,
                             p.samples, NEED_PARAMS=need_params, **_launch_args(x, p, per_sample))
     if not need_params:
         return None
-    # Slot k of a partial belongs to channel k % C in both layouts (ROWS: k = block * R + row
-    # with R a multiple of C; COLS: k = row block * C + channel), so one sum finishes all three
-    # per-channel gradients.  A per-sample beta keeps its samples apart: ROWS slots run
-    # (column block, sample, row in sample), COLS slots (sample, row block, channel).
-    out_dtype = out_dtype or acc
-    if not per_sample:
-        sums = partial.view(3, -1, c).sum(1).to(out_dtype)
-        return sums[0], sums[1], sums[2]
-    if p.layout == tiling.ROWS:
-        by_sample = partial.view(3, p.col_blocks, n, -1, c).sum((1, 3))  # (3, N, C)
-    else:
-        by_sample = partial.view(3, n, -1, c).sum(2)
-    dp = by_sample[:2].sum(1).to(out_dtype)
-    return dp[0], dp[1], by_sample[2].to(out_dtype)
+    return plan.acon_sums(partial, p, n, per_sample, out_dtype or acc)

@@ -2,20 +2,18 @@
 
 One forward and one backward kernel serve every activation (``ACT`` selects the math in
 ``math.py``) and every dtype (loads are upcast by ``opmath``).  They walk the tensor as
-``tiling.py`` lays it out: flat without a beta tensor, by rows or columns with a per-channel one.
-The backward kernel reduces d(loss)/d(beta) inside each tile into per-tile partials that the
-caller sums (``tiling.py``: deterministic, no atomics).
+``fused_act/plan.py`` lays it out: flat without a beta tensor, by rows or columns with a
+per-channel one.  The backward kernel reduces d(loss)/d(beta) inside each tile into per-tile
+partials, summed in a fixed order (``plan.channel_sums``: deterministic, no atomics).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from . import tiling
+from .. import plan
 from .math import act_bwd, act_fwd, opmath
-from .tiling import load_channel, store_partial, tile
-
-BETA_VALUE = 0  # layout code 0: a float beta, no parameter tensor
+from .tiling import NUM_WARPS, load_channel, store_partial, tile
 
 
 @triton.jit
@@ -56,10 +54,10 @@ def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L
                       row_mask, R, L, BETA_MODE)
 
 
-def _plan(x: torch.Tensor, beta: torch.Tensor | None) -> tiling.Plan:
+def _plan(x: torch.Tensor, beta: torch.Tensor | None) -> plan.Plan:
     if beta is None:
-        return tiling.Plan(1, x.numel(), 1, BETA_VALUE, 1, tiling.BLOCK)
-    return tiling.channel_plan(x, beta.numel())
+        return plan.flat(x.numel(), plan.SCALAR)
+    return plan.channel_plan(x, beta.numel())
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | None,
@@ -69,7 +67,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | Non
     act_fwd_kernel[p.grid](
         x, y, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
-        INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+        INT64=plan.int64(x), num_warps=NUM_WARPS)
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
@@ -80,13 +78,13 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
     ``g``, ``x`` and ``dx`` are dense with identical strides; ``beta`` is flat (1 or C values).
     """
     p = _plan(x, beta)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = plan.accumulator(x)
     # without d/dbeta the partials are never touched: any valid pointer will do
     partial = torch.empty(p.partials, dtype=acc, device=x.device) if need_dbeta else dx
     act_bwd_kernel[p.grid](
         g, x, dx, x if beta is None else beta, beta_value, partial, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, NEED_DBETA=need_dbeta, BLOCK_R=p.block_r,
-        BLOCK_L=p.block_l, FLAT=p.flat, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+        BLOCK_L=p.block_l, FLAT=p.flat, INT64=plan.int64(x), num_warps=NUM_WARPS)
     if not need_dbeta:
         return None
-    return partial.view(-1, p.channels).sum(0)
+    return plan.channel_sums(partial, p)

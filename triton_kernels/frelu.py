@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiling
+from .. import plan
 from .math import max_bwd, max_fwd, opmath
-from .tiling import load_channel, tile
+from .tiling import NUM_WARPS, load_channel, tile
 
 
 @triton.jit
@@ -53,23 +53,23 @@ def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tenso
             ) -> None:
     """y = max(x, t), and the win code if ``code`` is given; all dense with x's strides."""
     n = x.numel()
-    max_fwd_kernel[(triton.cdiv(n, tiling.BLOCK),)](
+    max_fwd_kernel[(triton.cdiv(n, plan.BLOCK),)](
         x, t, y, y if code is None else code, n, WRITE_CODE=code is not None,
-        BLOCK=tiling.BLOCK, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+        BLOCK=plan.BLOCK, INT64=plan.int64(x), num_warps=NUM_WARPS)
 
 
 def backward(g: torch.Tensor, code: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor) -> None:
     """dx, dt from the incoming gradient and the win code (all with the same strides)."""
     n = code.numel()
-    max_bwd_kernel[(triton.cdiv(n, tiling.BLOCK),)](
-        g, code, dx, dt, n, BLOCK=tiling.BLOCK, INT64=tiling.int64(code),
-        num_warps=tiling.NUM_WARPS)
+    max_bwd_kernel[(triton.cdiv(n, plan.BLOCK),)](
+        g, code, dx, dt, n, BLOCK=plan.BLOCK, INT64=plan.int64(code),
+        num_warps=NUM_WARPS)
 
 
 def forward_affine(x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    y: torch.Tensor) -> None:
     """y = max(x, a t + b) with a, b per channel (C values, fp32)."""
-    p = tiling.channel_plan(x, a.numel())
+    p = plan.channel_plan(x, a.numel())
     max_affine_kernel[p.grid](
         x, t, a, b, y, p.rows, p.cols, p.channels, LAYOUT=p.layout, BLOCK_R=p.block_r,
-        BLOCK_L=p.block_l, FLAT=p.flat, INT64=tiling.int64(x), num_warps=tiling.NUM_WARPS)
+        BLOCK_L=p.block_l, FLAT=p.flat, INT64=plan.int64(x), num_warps=NUM_WARPS)

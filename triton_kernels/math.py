@@ -18,12 +18,13 @@ f'(-inf) = 0) instead of the 0 * inf = NaN a direct formula gives.
 import triton
 import triton.language as tl
 
-# Activation selectors, shared with fused_act/ops.py through ACT_IDS.
-MISH = tl.constexpr(0)
-SWISH = tl.constexpr(1)
-GELU = tl.constexpr(2)
-GELU_TANH = tl.constexpr(3)
-ACT_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3}
+from ..plan import ACT_IDS
+
+# Activation selectors (the numbers every backend shares).
+MISH = tl.constexpr(ACT_IDS["mish"])
+SWISH = tl.constexpr(ACT_IDS["swish"])
+GELU = tl.constexpr(ACT_IDS["gelu"])
+GELU_TANH = tl.constexpr(ACT_IDS["gelu_tanh"])
 
 # Module constants are constexpr; keep them right of a tensor operand (tensor * C): the
 # interpreter cannot take constexpr * tensor as a tensor.

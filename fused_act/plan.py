@@ -1,0 +1,147 @@
+"""How every kernel backend walks a dense tensor, and how it finishes parameter-gradient sums.
+
+A dense tensor (no gaps, no overlaps, any dim order: contiguous, channels_last, permuted) is
+processed in place of its memory, viewed as a matrix of ``rows`` x ``cols`` in tiles of
+``block_r`` x ``block_l``, so that a per-channel (or per-sample) parameter costs one index per
+row or column instead of a division per element:
+
+* no parameter: one row of ``numel`` columns (``flat``);
+* ROWS: channels outer to a contiguous run (NCHW): a row is a run of ``inner = stride(1)``
+  elements, its channel is ``row % C`` and, when N is outermost, its sample ``row // (R / N)``;
+* COLS: channels innermost (channels_last, (N, C) after a Linear): a row holds the ``C``
+  channels of one position, the channel is the column.  With per-sample parameters the rows of
+  each of the ``samples`` samples are tiled apart, so no tile straddles two samples.
+
+Per-tile partial sums (parameter gradients) go to one slot per (column block, row) in ROWS and
+per (row block, column) in COLS; every slot is written on every call, and ``channel_sums`` /
+``acon_sums`` add the small buffer up in a fixed order: deterministic, no atomics, nothing to
+zero.  The Triton kernels (``triton_kernels/tiling.py``) and the CUDA kernels (``csrc/tile.cuh``)
+share these tiles and slots.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+# Activation selectors of the kernels (triton_kernels/math.py, csrc/fused_act.h).
+ACT_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3}
+
+BLOCK = 2048  # elements a tile (bench/NOTES.md)
+MAX_COLS_BLOCK = 64  # COLS tiles: at least BLOCK // 64 rows reduced into each partial
+INT64_THRESHOLD = 2**31  # numel from which offsets are computed in 64 bits
+
+SCALAR, ROWS, COLS = 0, 1, 2  # layouts; SCALAR: no parameter tensor
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An R x L matrix in ``block_r`` x ``block_l`` tiles, rows split evenly into ``samples``;
+    ``batch`` is N when a ROWS plan carries a per-sample parameter (else 0)."""
+
+    rows: int
+    cols: int
+    channels: int
+    layout: int
+    block_r: int
+    block_l: int
+    samples: int = 1
+    batch: int = 0
+
+    @property
+    def flat(self) -> bool:
+        return self.rows == 1 and self.block_r == 1
+
+    @property
+    def row_blocks(self) -> int:
+        return self.samples * cdiv(self.rows // self.samples, self.block_r)
+
+    @property
+    def col_blocks(self) -> int:
+        return cdiv(self.cols, self.block_l)
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.row_blocks * self.col_blocks,)
+
+    @property
+    def partials(self) -> int:
+        """Partial-sum slots per reduced quantity."""
+        if self.layout == COLS:
+            return self.row_blocks * self.cols
+        return self.col_blocks * self.rows
+
+    def fields(self) -> tuple[int, ...]:
+        """The plan as the CUDA kernels take it (csrc/fused_act.h ``fa_plan``)."""
+        return (self.rows, self.cols, self.channels, self.layout, self.block_r, self.block_l,
+                self.samples, self.batch)
+
+
+def flat(n: int, layout: int = ROWS) -> Plan:
+    """One row of ``n`` elements (``layout`` SCALAR when no parameter tensor is read)."""
+    return Plan(1, n, 1, layout, 1, BLOCK)
+
+
+def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Plan:
+    """Tile a dense ``x`` of shape (N, C, *) for parameters of ``channels`` (1 or C) values per
+    channel, or per (sample, channel) when ``per_sample`` (then N must be outermost in memory)."""
+    n = x.numel()
+    batch = x.shape[0] if per_sample else 0
+    if channels == 1:
+        if not per_sample:
+            return flat(n)
+        inner = n // x.shape[0]
+        block_l = min(next_power_of_2(inner), BLOCK)
+        return Plan(x.shape[0], inner, 1, ROWS, BLOCK // block_l, block_l, batch=batch)
+    inner = x.stride(1)
+    if inner == 1:
+        samples = x.shape[0] if per_sample else 1
+        rows_per_sample = next_power_of_2(n // channels // samples)
+        # few rows per sample (an (N, C) input with a per-sample beta): wide, short tiles
+        block_l = min(next_power_of_2(channels), max(MAX_COLS_BLOCK, BLOCK // rows_per_sample))
+        block_r = min(BLOCK // block_l, rows_per_sample)
+        return Plan(n // channels, channels, channels, COLS, block_r, block_l, samples)
+    block_l = min(next_power_of_2(inner), BLOCK)
+    return Plan(n // inner, inner, channels, ROWS, BLOCK // block_l, block_l, batch=batch)
+
+
+def int64(x: torch.Tensor) -> bool:
+    """Whether offsets into ``x`` need 64 bits."""
+    return x.numel() >= INT64_THRESHOLD
+
+
+def accumulator(x: torch.Tensor) -> torch.dtype:
+    """The dtype partial sums are kept in: fp32, fp64 for fp64 data."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def channel_sums(partial: torch.Tensor, p: Plan) -> torch.Tensor:
+    """The per-channel totals (``p.channels`` values) of one quantity's partials."""
+    return partial.view(-1, p.channels).sum(0)
+
+
+def acon_sums(partial: torch.Tensor, p: Plan, n: int, per_sample: bool,
+              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dp1 (C,), dp2 (C,), dbeta (C,) or (N, C)) in ``out_dtype`` from the 3 x ``p.partials``
+    partials of ACON-C's backward."""
+    # Slot k of a partial belongs to channel k % C in both layouts (ROWS: k = block * R + row
+    # with R a multiple of C; COLS: k = row block * C + channel), so one sum finishes all three
+    # per-channel gradients.  A per-sample beta keeps its samples apart: ROWS slots run
+    # (column block, sample, row in sample), COLS slots (sample, row block, channel).
+    c = p.channels
+    if not per_sample:
+        sums = partial.view(3, -1, c).sum(1).to(out_dtype)
+        return sums[0], sums[1], sums[2]
+    if p.layout == ROWS:
+        by_sample = partial.view(3, p.col_blocks, n, -1, c).sum((1, 3))  # (3, N, C)
+    else:
+        by_sample = partial.view(3, n, -1, c).sum(2)
+    dp = by_sample[:2].sum(1).to(out_dtype)
+    return dp[0], dp[1], by_sample[2].to(out_dtype)
