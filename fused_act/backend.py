@@ -1,11 +1,12 @@
 """Which implementation runs an op: "auto" | "triton" | "cuda" | "reference".
 
 The default comes from ``FUSED_ACT_BACKEND`` (else "auto").  "auto" sends CUDA tensors to the
-Triton kernels and everything else to the reference.  "triton" also runs CPU tensors, through
+Triton kernels (to the CUDA C++ kernels where Triton is missing and those are built or
+buildable) and everything else to the reference.  "triton" also runs CPU tensors, through
 Triton's interpreter, when ``TRITON_INTERPRET=1`` was set before the kernels were first used; a CPU
-tensor without it is a clear error.  "cuda" names the CUDA C++ kernels, which this version does not
-ship yet: asking for it says so.  Availability is probed once and explained by
-``python -m fused_act.info``.
+tensor without it is a clear error.  "cuda" names the CUDA C++ kernels (``csrc/``, ``_cuda.py``):
+CUDA tensors only, and asking for it where they cannot run says why.  Availability is probed
+once and explained by ``python -m fused_act.info``.
 """
 
 import contextlib
@@ -22,7 +23,9 @@ def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"fused_act: unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "cuda":
-        raise RuntimeError(f"fused_act: backend 'cuda' is not available: {cuda_status()[1]}")
+        ok, why = cuda_status()
+        if not ok:
+            raise RuntimeError(f"fused_act: backend 'cuda' is not available: {why}")
     return name
 
 
@@ -71,17 +74,28 @@ def triton_status() -> tuple[bool, str]:
 
 
 def cuda_status() -> tuple[bool, str]:
-    """(available, why) for the CUDA C++ kernels."""
-    return False, "the CUDA C++ kernels (csrc/) are not part of this version"
+    """(available, why) for the CUDA C++ kernels: built, or buildable on first use."""
+    from . import _cuda
+    return _cuda.status()
 
 
 def resolve(device: torch.device) -> str:
-    """The implementation that runs a tensor on ``device``: "triton" or "reference"."""
+    """The implementation that runs a tensor on ``device``: "triton", "cuda" or "reference"."""
     name = _backend
     if name == "reference":
         return name
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_status()[0] else "reference"
+        if device.type != "cuda":
+            return "reference"
+        if triton_status()[0]:
+            return "triton"
+        return "cuda" if cuda_status()[0] else "reference"
+    if name == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"fused_act: backend 'cuda' cannot run a {device.type} tensor; use backend "
+                "'auto' or 'reference' for it")
+        return name
     if device.type == "cuda" or (device.type == "cpu" and interpreting()):
         ok, why = triton_status()
         if not ok:

@@ -20,17 +20,18 @@ inputs are copied once to contiguous.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from . import config, reference
+from . import config, plan, reference
 from .backend import resolve
 
 
 @dataclass(frozen=True)
 class Activation:
-    """One row of the elementwise op table (keyed as ``triton_kernels.math.ACT_IDS``): the
+    """One row of the elementwise op table (keyed as ``plan.ACT_IDS``): the
     reference math, ``forward(x, beta)`` and ``backward(grad, x, beta, need_dbeta)``."""
 
     forward: Callable[[Tensor, float | Tensor], Tensor]
@@ -76,17 +77,23 @@ def like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
-_triton_modules: tuple = ()
+_kernel_sets: dict = {}
 
 
-def _kernels() -> tuple:
-    # imported on first use: defining the kernels reads TRITON_INTERPRET, and CPU-only users of
-    # the reference never pay for it
-    global _triton_modules
-    if not _triton_modules:
-        from .triton_kernels import elementwise, math
-        _triton_modules = (elementwise, math.ACT_IDS)
-    return _triton_modules
+def _kernels(name: str):
+    """The kernel families (``elementwise``, ``acon``, ``frelu``) of backend ``name``."""
+    # imported on first use: defining the Triton kernels reads TRITON_INTERPRET, loading the
+    # CUDA ones may build them, and CPU-only users of the reference pay for neither
+    if name not in _kernel_sets:
+        if name == "cuda":
+            from . import _cuda
+            _cuda.library()
+            _kernel_sets[name] = _cuda
+        else:
+            from .triton_kernels import acon, elementwise, frelu
+            _kernel_sets[name] = SimpleNamespace(elementwise=elementwise, acon=acon,
+                                                 frelu=frelu)
+    return _kernel_sets[name]
 
 
 def _flat_beta(beta: Tensor, x: Tensor) -> Tensor:
@@ -103,12 +110,13 @@ def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
     xd = dense(x)
     if x.numel() == 0:
         return torch.empty_like(xd) if out is None else out
-    if resolve(x.device) == "reference":
+    name = resolve(x.device)
+    if name == "reference":
         y = ACTIVATIONS[act].forward(xd, beta_value if beta is None else beta)
         return y if out is None else out.copy_(y)
     y = torch.empty_like(xd) if out is None else out
-    elementwise, ids = _kernels()
-    elementwise.forward(xd, y, ids[act], None if beta is None else _flat_beta(beta, x), beta_value)
+    _kernels(name).elementwise.forward(xd, y, plan.ACT_IDS[act],
+                                       None if beta is None else _flat_beta(beta, x), beta_value)
     return y
 
 
@@ -120,13 +128,13 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
     if x.numel() == 0:
         db = torch.zeros_like(beta) if need_dbeta else None
         return torch.empty_like(xd), db
-    if resolve(x.device) == "reference":
+    name = resolve(x.device)
+    if name == "reference":
         return ACTIVATIONS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
-    elementwise, ids = _kernels()
     dx = torch.empty_like(xd)
-    db = elementwise.backward(g, xd, dx, ids[act],
-                              None if beta is None else _flat_beta(beta, x), beta_value,
-                              need_dbeta)
+    db = _kernels(name).elementwise.backward(g, xd, dx, plan.ACT_IDS[act],
+                                             None if beta is None else _flat_beta(beta, x),
+                                             beta_value, need_dbeta)
     if db is not None:
         db = db.reshape(beta.shape).to(beta.dtype)
     return dx, db
@@ -237,21 +245,17 @@ def acon_dense(x: Tensor, per_sample: bool) -> Tensor:
     return xd
 
 
-def _acon_kernels():
-    from .triton_kernels import acon
-    return acon
-
-
 def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C by the backend in force for ``x.device``."""
     per_sample = acon_per_sample(beta, x)
     xd = acon_dense(x, per_sample)
     if x.numel() == 0:
         return torch.empty_like(xd)
-    if resolve(x.device) == "reference":
+    name = resolve(x.device)
+    if name == "reference":
         return reference.acon_c(xd, p1, p2, beta)
     y = torch.empty_like(xd)
-    _acon_kernels().forward(xd, y, _flat_beta(p1, x), _flat_beta(p2, x), _flat_beta(beta, x),
+    _kernels(name).acon.forward(xd, y, _flat_beta(p1, x), _flat_beta(p2, x), _flat_beta(beta, x),
                             per_sample)
     return y
 
@@ -265,14 +269,15 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
     if x.numel() == 0:
         zeros = tuple(torch.zeros_like(p) if need_params else None for p in (p1, p2, beta))
         return (torch.empty_like(xd), *zeros)
-    if resolve(x.device) == "reference":
+    name = resolve(x.device)
+    if name == "reference":
         dx, *dparams = reference.acon_c_backward(g, xd, p1, p2, beta)
         return (dx, *(dparams if need_params else (None,) * 3))
     dx = torch.empty_like(xd)
     # the gradients come back in the parameters' dtype when they share one (one cast, not three)
     out_dtype = p1.dtype if p1.dtype == p2.dtype == beta.dtype else None
-    sums = _acon_kernels().backward(g, xd, dx, _flat_beta(p1, x), _flat_beta(p2, x),
-                                    _flat_beta(beta, x), per_sample, need_params, out_dtype)
+    sums = _kernels(name).acon.backward(g, xd, dx, _flat_beta(p1, x), _flat_beta(p2, x),
+                                        _flat_beta(beta, x), per_sample, need_params, out_dtype)
     if sums is None:
         return dx, None, None, None
     return (dx, *(s.reshape(p.shape).to(p.dtype) for s, p in zip(sums, (p1, p2, beta),
@@ -357,33 +362,30 @@ def apply_acon(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
 
 # ---- FReLU's max step ---------------------------------------------------------------------
 
-def _frelu_kernels():
-    from .triton_kernels import frelu
-    return frelu
-
-
 def frelu_forward_impl(x: Tensor, t: Tensor, need_code: bool) -> tuple[Tensor, Tensor | None]:
     """(max(x, t), the one-byte win code if ``need_code``) by the backend in force."""
     xd = dense(x)
     td = like(t, xd)
-    if resolve(x.device) == "reference":
+    name = resolve(x.device)
+    if name == "reference":
         y = reference.frelu_max(xd, td)
         return y, reference.frelu_max_code(xd, td) if need_code else None
     y = torch.empty_like(xd)
     code = torch.empty_like(xd, dtype=torch.uint8) if need_code else None
     if x.numel():
-        _frelu_kernels().forward(xd, td, y, code)
+        _kernels(name).frelu.forward(xd, td, y, code)
     return y, code
 
 
 def frelu_backward_impl(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     """(dx, dt) from the incoming gradient and the win code."""
     g = like(grad, code)
-    if resolve(code.device) == "reference":
+    name = resolve(code.device)
+    if name == "reference":
         return reference.frelu_max_backward_code(g, code)
     dx, dt = torch.empty_like(g), torch.empty_like(g)
     if code.numel():
-        _frelu_kernels().backward(g, code, dx, dt)
+        _kernels(name).frelu.backward(g, code, dx, dt)
     return dx, dt
 
 
@@ -428,11 +430,12 @@ def frelu_max_affine_op(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """max(x, a t + b) with per-channel a, b: FReLU's eval-mode step (no autograd)."""
     xd = dense(x)
     td = like(t, xd)
-    if resolve(x.device) == "reference":
+    name = resolve(x.device)
+    if name == "reference":
         return reference.frelu_max_affine(xd, td, a, b)
     y = torch.empty_like(xd)
     if x.numel():
-        _frelu_kernels().forward_affine(xd, td, _flat_beta(a, x), _flat_beta(b, x), y)
+        _kernels(name).frelu.forward_affine(xd, td, _flat_beta(a, x), _flat_beta(b, x), y)
     return y
 
 

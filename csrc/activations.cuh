@@ -1,0 +1,215 @@
+// Scalar math of every activation, once, for the CUDA kernels: the same forms as
+// triton_kernels/math.py (see there for why each is written as it is), in opmath M (float for
+// fp32/fp16/bf16 data, double for fp64).  Host and device functions, so a host program can check
+// them against the reference without a GPU.
+//
+// * sigmoid_pair gives sigma(z) and sigma(-z) from one exp(-|z|): no cancellation in 1 - sigma.
+// * tanh(softplus(x)) = n / (n + 2), n = e^x (e^x + 2); 1 beyond x = 20.
+// * 1 + tanh(u) = 2 sigma(2u): GELU-tanh needs no tanh.
+// * Infinite inputs give the mathematical limits, never 0 * inf = NaN.
+#pragma once
+
+#include <math.h>
+
+#include "fused_act.h"
+
+#define FA_HD __host__ __device__ __forceinline__
+
+namespace fused_act {
+
+FA_HD float ex(float v) { return expf(v); }
+FA_HD double ex(double v) { return exp(v); }
+FA_HD float erf_(float v) { return erff(v); }
+FA_HD double erf_(double v) { return erf(v); }
+FA_HD float abs_(float v) { return fabsf(v); }
+FA_HD double abs_(double v) { return fabs(v); }
+
+template <class M>
+struct Sig {
+  M s, sn;  // sigma(z), sigma(-z)
+};
+
+template <class M>
+FA_HD Sig<M> sigmoid_pair(M z) {
+  const M e = ex(-abs_(z));
+  const M r = M(1) / (M(1) + e);
+  const M p = e * r;
+  return z >= M(0) ? Sig<M>{r, p} : Sig<M>{p, r};
+}
+
+// c * x, taking the limit 0 where c == 0 (x may be infinite).
+template <class M>
+FA_HD M mul_or_zero(M c, M x) { return c == M(0) ? M(0) : c * x; }
+
+template <class M>
+FA_HD bool is_inf(M v) { return abs_(v) == M(INFINITY); }
+
+// ---- mish ----------------------------------------------------------------------------------
+
+constexpr double MISH_SATURATION = 20.0;
+
+template <class M>
+FA_HD M mish_fwd(M x) {
+  const M e = ex(x);
+  const M n = e * (e + M(2));
+  const M t = x > M(MISH_SATURATION) ? M(1) : n / (n + M(2));
+  return x == -M(INFINITY) ? M(0) : x * t;
+}
+
+template <class M>
+FA_HD M mish_bwd(M x) {
+  // t + x sigma(x) (1 - t^2), with 1 - t = 2 / (n + 2) kept exact
+  const M e = ex(x);
+  const M n = e * (e + M(2));
+  const M t = x > M(MISH_SATURATION) ? M(1) : n / (n + M(2));
+  const M one_minus_t2 = (M(2) / (n + M(2))) * (M(1) + t);
+  const M d = t + x * sigmoid_pair(x).s * one_minus_t2;
+  return x > M(MISH_SATURATION) ? M(1) : (x == -M(INFINITY) ? M(0) : d);
+}
+
+// ---- swish (and ACON-C, which is swish of d = (p1 - p2) x plus p2 x) -----------------------
+
+template <class M>
+struct SwishParts {
+  M z, s, sn, q;  // z = beta x, sigma(+-z), q = s (1 - s)
+};
+
+template <class M>
+FA_HD SwishParts<M> swish_parts(M x, M beta) {
+  const M z = mul_or_zero(beta, x);
+  const Sig<M> p = sigmoid_pair(z);
+  return {z, p.s, p.sn, p.s * p.sn};
+}
+
+template <class M>
+FA_HD M swish_fwd(M x, M beta) {
+  const M s = swish_parts(x, beta).s;
+  return s == M(0) && is_inf(x) ? M(0) : x * s;
+}
+
+template <class M>
+struct Grad2 {
+  M dx, dparam;
+};
+
+template <class M>
+FA_HD Grad2<M> swish_bwd(M x, M beta) {
+  // d/dx = s + z q; d/dbeta = x^2 q
+  const SwishParts<M> p = swish_parts(x, beta);
+  return {p.s + (p.q == M(0) ? M(0) : p.z * p.q), p.q == M(0) ? M(0) : x * x * p.q};
+}
+
+// ACON-C with a = p1 - p2: (a sigma(beta a x) + p2) x, the product form giving the limits at
+// x = +-inf directly.
+template <class M>
+FA_HD M acon_c_fwd(M x, M a, M p2, M beta) {
+  const M s = swish_parts(mul_or_zero(a, x), beta).s;
+  return mul_or_zero(a * s + p2, x);
+}
+
+template <class M>
+struct AconGrad {
+  M dx, dp1, dp2, dbeta;
+};
+
+// With d = a x and S = s + z q: dy/dx = a S + p2, dy/dp1 = x S, dy/dp2 = x (1 - S) where
+// 1 - S = sigma(-z) - z q stays exact, dy/dbeta = d^2 q.
+template <class M>
+FA_HD AconGrad<M> acon_c_bwd(M x, M a, M p2, M beta) {
+  const M d = mul_or_zero(a, x);
+  const SwishParts<M> p = swish_parts(d, beta);
+  const M zq = p.q == M(0) ? M(0) : p.z * p.q;
+  const M big_s = p.s + zq;
+  return {a * big_s + p2, mul_or_zero(big_s, x), mul_or_zero(p.sn - zq, x),
+          p.q == M(0) ? M(0) : d * d * p.q};
+}
+
+// ---- gelu ----------------------------------------------------------------------------------
+
+constexpr double SQRT1_2 = 0.7071067811865476;       // 1 / sqrt(2)
+constexpr double INV_SQRT_2PI = 0.3989422804014327;  // 1 / sqrt(2 pi)
+constexpr double SQRT_2_OVER_PI = 0.7978845608028654;
+constexpr double GELU_TANH_C = 0.044715;
+
+template <class M>
+FA_HD M gelu_cdf(M x) { return M(0.5) * (M(1) + erf_(x * M(SQRT1_2))); }
+
+template <class M>
+FA_HD M gelu_fwd(M x) { return x == -M(INFINITY) ? M(0) : x * gelu_cdf(x); }
+
+template <class M>
+FA_HD M gelu_bwd(M x) {
+  const M cdf = gelu_cdf(x);
+  const M pdf = ex(M(-0.5) * x * x) * M(INV_SQRT_2PI);
+  return pdf == M(0) ? cdf : cdf + x * pdf;
+}
+
+template <class M>
+FA_HD M gelu_tanh_u(M x) { return (x + x * x * x * M(GELU_TANH_C)) * M(SQRT_2_OVER_PI); }
+
+template <class M>
+FA_HD M gelu_tanh_fwd(M x) {
+  const M s = sigmoid_pair(M(2) * gelu_tanh_u(x)).s;
+  return s == M(0) && is_inf(x) ? M(0) : x * s;
+}
+
+template <class M>
+FA_HD M gelu_tanh_bwd(M x) {
+  // d/dx x sigma(2u) = s + 2 x s (1 - s) u'
+  const Sig<M> p = sigmoid_pair(M(2) * gelu_tanh_u(x));
+  const M q = p.s * p.sn;
+  const M du = (M(1) + x * x * M(3 * GELU_TANH_C)) * M(SQRT_2_OVER_PI);
+  return q == M(0) ? p.s : p.s + M(2) * x * q * du;
+}
+
+// ---- the selectors the generic kernels use --------------------------------------------------
+
+template <int ACT, class M>
+FA_HD M act_fwd(M x, M beta) {
+  if constexpr (ACT == FA_MISH) {
+    return mish_fwd(x);
+  } else if constexpr (ACT == FA_SWISH) {
+    return swish_fwd(x, beta);
+  } else if constexpr (ACT == FA_GELU) {
+    return gelu_fwd(x);
+  } else {
+    return gelu_tanh_fwd(x);
+  }
+}
+
+// (df/dx, df/dbeta); df/dbeta is 0 for all but swish.
+template <int ACT, class M>
+FA_HD Grad2<M> act_bwd(M x, M beta) {
+  if constexpr (ACT == FA_MISH) {
+    return {mish_bwd(x), M(0)};
+  } else if constexpr (ACT == FA_SWISH) {
+    return swish_bwd(x, beta);
+  } else if constexpr (ACT == FA_GELU) {
+    return {gelu_bwd(x), M(0)};
+  } else {
+    return {gelu_tanh_bwd(x), M(0)};
+  }
+}
+
+// ---- frelu_max: max(x, t) with torch.maximum's gradient routing ----------------------------
+
+// Which side won, one byte per element: x, t, a tie (half the gradient each) or a NaN on either
+// side (all of it to each), as triton_kernels/math.py.
+enum MaxCode : unsigned char { X_WINS = 0, T_WINS = 1, TIE = 2, NAN_SEEN = 3 };
+
+template <class M>
+FA_HD M max_value(M x, M t) { return (x > t || x != x) ? x : t; }
+
+template <class M>
+FA_HD unsigned char max_code(M x, M t) {
+  return x > t ? X_WINS : (x < t ? T_WINS : (x == t ? TIE : NAN_SEEN));
+}
+
+template <class M>
+FA_HD Grad2<M> max_bwd(M g, unsigned char code) {
+  const M half = g * M(0.5);
+  return {code == X_WINS || code == NAN_SEEN ? g : (code == TIE ? half : M(0)),
+          code == T_WINS || code == NAN_SEEN ? g : (code == TIE ? half : M(0))};
+}
+
+}  // namespace fused_act

@@ -1,0 +1,160 @@
+// The torch side of the CUDA kernels: checks what reaches them, runs them on the tensors' device
+// and current stream, and turns a launch error into a Python exception.  fused_act/_cuda.py
+// lays the tensors out (fused_act/plan.py) and allocates the outputs; the kernels see raw
+// pointers only (fused_act.h).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+#include "fused_act.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+int dtype_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return FA_F32;
+    case at::kHalf:
+      return FA_F16;
+    case at::kBFloat16:
+      return FA_BF16;
+    case at::kDouble:
+      return FA_F64;
+    default:
+      TORCH_CHECK(false, "fused_act CUDA kernels: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Every tensor on x's CUDA device; data in x's dtype, parameters in its opmath dtype.
+void check(const Tensor& x, std::initializer_list<const Tensor*> data,
+           std::initializer_list<const Tensor*> params) {
+  TORCH_CHECK(x.is_cuda(), "fused_act CUDA kernels need CUDA tensors, got ", x.device());
+  const auto op = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const Tensor* t : data) {
+    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(),
+                "fused_act CUDA kernels: a tensor on ", t->device(), " of ", t->scalar_type(),
+                " beside x on ", x.device(), " of ", x.scalar_type());
+  }
+  for (const Tensor* t : params) {
+    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == op && t->is_contiguous(),
+                "fused_act CUDA kernels: parameters must be contiguous ", op, " on ", x.device());
+  }
+}
+
+fa_plan to_plan(const std::vector<int64_t>& p) {
+  TORCH_CHECK(p.size() == 8, "fused_act CUDA kernels: a plan has 8 fields");
+  return fa_plan{p[0], p[1], p[2], int32_t(p[3]), int32_t(p[4]), int32_t(p[5]), p[6], p[7]};
+}
+
+void* stream_of(const Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+void raise_if(int err, const char* what) {
+  TORCH_CHECK(err == 0, "fused_act CUDA kernel ", what, " failed: ", fa_error_string(err));
+}
+
+const void* ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+void act_forward(const Tensor& x, Tensor& y, int64_t act, const OptTensor& beta,
+                 double beta_value, const std::vector<int64_t>& plan) {
+  check(x, {&y}, {});
+  if (beta) check(x, {}, {&*beta});
+  const c10::cuda::CUDAGuard guard(x.device());
+  raise_if(fa_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(act), ptr(beta),
+                          float(beta_value), to_plan(plan), stream_of(x)),
+           "act_forward");
+}
+
+void act_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t act,
+                  const OptTensor& beta, double beta_value, const OptTensor& partial,
+                  const std::vector<int64_t>& plan) {
+  check(x, {&g, &dx}, {});
+  if (beta) check(x, {}, {&*beta});
+  if (partial) check(x, {}, {&*partial});
+  const c10::cuda::CUDAGuard guard(x.device());
+  raise_if(fa_act_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x), int(act),
+                           ptr(beta), float(beta_value), partial ? partial->data_ptr() : nullptr,
+                           to_plan(plan), stream_of(x)),
+           "act_backward");
+}
+
+void acon_forward(const Tensor& x, Tensor& y, const Tensor& p1, const Tensor& p2,
+                  const Tensor& beta, bool per_sample, const std::vector<int64_t>& plan) {
+  check(x, {&y}, {&p1, &p2, &beta});
+  const c10::cuda::CUDAGuard guard(x.device());
+  raise_if(fa_acon_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), p1.data_ptr(),
+                           p2.data_ptr(), beta.data_ptr(), per_sample, to_plan(plan),
+                           stream_of(x)),
+           "acon_forward");
+}
+
+void acon_backward(const Tensor& g, const Tensor& x, Tensor& dx, const Tensor& p1,
+                   const Tensor& p2, const Tensor& beta, bool per_sample,
+                   const OptTensor& partial, int64_t n_partial,
+                   const std::vector<int64_t>& plan) {
+  check(x, {&g, &dx}, {&p1, &p2, &beta});
+  if (partial) {
+    check(x, {}, {&*partial});
+    TORCH_CHECK(partial->numel() >= 3 * n_partial, "fused_act: partial buffer too small");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  raise_if(fa_acon_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
+                            p1.data_ptr(), p2.data_ptr(), beta.data_ptr(), per_sample,
+                            partial ? partial->data_ptr() : nullptr, n_partial, to_plan(plan),
+                            stream_of(x)),
+           "acon_backward");
+}
+
+void check_code(const Tensor& x, const Tensor& code) {
+  TORCH_CHECK(code.device() == x.device() && code.scalar_type() == at::kByte &&
+                  code.numel() == x.numel(),
+              "fused_act CUDA kernels: the win code must be uint8 beside x");
+}
+
+void max_forward(const Tensor& x, const Tensor& t, Tensor& y, const OptTensor& code) {
+  check(x, {&t, &y}, {});
+  if (code) check_code(x, *code);
+  const c10::cuda::CUDAGuard guard(x.device());
+  raise_if(fa_max_forward(x.data_ptr(), t.data_ptr(), y.data_ptr(),
+                          code ? code->data_ptr() : nullptr, dtype_code(x), x.numel(),
+                          stream_of(x)),
+           "max_forward");
+}
+
+void max_backward(const Tensor& g, const Tensor& code, Tensor& dx, Tensor& dt) {
+  check(g, {&dx, &dt}, {});
+  check_code(g, code);
+  const c10::cuda::CUDAGuard guard(g.device());
+  raise_if(fa_max_backward(g.data_ptr(), code.data_ptr(), dx.data_ptr(), dt.data_ptr(),
+                           dtype_code(g), g.numel(), stream_of(g)),
+           "max_backward");
+}
+
+void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor& b, Tensor& y,
+                const std::vector<int64_t>& plan) {
+  check(x, {&t, &y}, {&a, &b});
+  const c10::cuda::CUDAGuard guard(x.device());
+  raise_if(fa_max_affine(x.data_ptr(), t.data_ptr(), a.data_ptr(), b.data_ptr(), y.data_ptr(),
+                         dtype_code(x), to_plan(plan), stream_of(x)),
+           "max_affine");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_act's CUDA C++ kernels (called by fused_act/_cuda.py)";
+  m.def("act_forward", &act_forward);
+  m.def("act_backward", &act_backward);
+  m.def("acon_forward", &acon_forward);
+  m.def("acon_backward", &acon_backward);
+  m.def("max_forward", &max_forward);
+  m.def("max_backward", &max_backward);
+  m.def("max_affine", &max_affine);
+}

@@ -1,0 +1,125 @@
+// Mish, swish/SiLU and GELU (erf, tanh): one forward and one backward op for every activation
+// and dtype, run by the tiled kernel (tile.cuh).  Backward sums d(loss)/d(beta) of a swish beta
+// tensor per tile.
+#include "tile.cuh"
+
+namespace fused_act {
+
+template <class M>
+struct Beta {
+  const M* ptr;  // null: the scalar `value`
+  M value;
+  int layout;
+
+  __device__ __forceinline__ M at(const At& a, int k) const {
+    return ptr == nullptr ? value : channel_param(ptr, a, k, layout);
+  }
+};
+
+template <int ACT, class T>
+struct ActForward {
+  using Storage = T;
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* x;
+  T* y;
+  Beta<M> beta;
+
+  template <int VEC>
+  __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
+    M v[VEC];
+    load<VEC>(x + a.off, a.n, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>(v[k], beta.at(a, k));
+    store<VEC>(y + a.off, a.n, v);
+  }
+};
+
+template <int ACT, class T>
+struct ActBackward {
+  using Storage = T;
+  using M = opmath_t<T>;
+  static constexpr int NP = 1;
+  const T* g;
+  const T* x;
+  T* dx;
+  Beta<M> beta;
+
+  template <int VEC>
+  __device__ __forceinline__ void apply(const At& a, M (&dbeta)[1][VEC]) const {
+    M gv[VEC], xv[VEC];
+    load<VEC>(g + a.off, a.n, gv);
+    load<VEC>(x + a.off, a.n, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const Grad2<M> d = act_bwd<ACT>(xv[k], beta.at(a, k));
+      xv[k] = gv[k] * d.dx;
+      dbeta[0][k] = gv[k] * d.dparam;  // 0 past n: gv is 0 there
+    }
+    store<VEC>(dx + a.off, a.n, xv);
+  }
+};
+
+template <int ACT, class T>
+int act_forward(const void* x, void* y, const void* beta, float beta_value, const fa_plan& p,
+                void* stream) {
+  using M = opmath_t<T>;
+  const ActForward<ACT, T> op{static_cast<const T*>(x), static_cast<T*>(y),
+                              Beta<M>{static_cast<const M*>(beta), M(beta_value), p.layout}};
+  return run(op, p, stream, {{x, sizeof(T)}, {y, sizeof(T)}});
+}
+
+template <int ACT, class T>
+int act_backward(const void* g, const void* x, void* dx, const void* beta, float beta_value,
+                 void* partial, const fa_plan& p, void* stream) {
+  using M = opmath_t<T>;
+  const ActBackward<ACT, T> op{static_cast<const T*>(g), static_cast<const T*>(x),
+                               static_cast<T*>(dx),
+                               Beta<M>{static_cast<const M*>(beta), M(beta_value), p.layout}};
+  return run(op, p, stream, {{g, sizeof(T)}, {x, sizeof(T)}, {dx, sizeof(T)}},
+             static_cast<M*>(partial));
+}
+
+template <class F>
+int dispatch_act(int act, F&& f) {
+  switch (act) {
+    case FA_MISH:
+      return f(std::integral_constant<int, FA_MISH>{});
+    case FA_SWISH:
+      return f(std::integral_constant<int, FA_SWISH>{});
+    case FA_GELU:
+      return f(std::integral_constant<int, FA_GELU>{});
+    case FA_GELU_TANH:
+      return f(std::integral_constant<int, FA_GELU_TANH>{});
+    default:
+      return int(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace fused_act
+
+using namespace fused_act;
+
+extern "C" int fa_act_forward(const void* x, void* y, int dtype, int act, const void* beta,
+                              float beta_value, fa_plan plan, void* stream) {
+  return dispatch_act(act, [&](auto a) {
+    return dispatch_dtype(dtype, [&](auto t) {
+      return act_forward<decltype(a)::value, decltype(t)>(x, y, beta, beta_value, plan, stream);
+    });
+  });
+}
+
+extern "C" int fa_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                               const void* beta, float beta_value, void* partial, fa_plan plan,
+                               void* stream) {
+  return dispatch_act(act, [&](auto a) {
+    return dispatch_dtype(dtype, [&](auto t) {
+      return act_backward<decltype(a)::value, decltype(t)>(g, x, dx, beta, beta_value, partial,
+                                                           plan, stream);
+    });
+  });
+}
+
+extern "C" const char* fa_error_string(int err) {
+  return cudaGetErrorString(static_cast<cudaError_t>(err));
+}

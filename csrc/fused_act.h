@@ -1,0 +1,55 @@
+// The C interface of the CUDA kernels: plain pointers and sizes, no torch types, so the kernel
+// sources compile with nvcc alone and only binding.cpp sees torch.
+//
+// Every tensor is dense and shares x's strides; it is walked in memory order as a matrix of
+// `rows` x `cols` in tiles of `block_r` x `block_l` (fused_act/plan.py describes the layouts).
+// Parameters (beta, p1, p2, a, b) hold opmath values: float for fp32/fp16/bf16 data, double for
+// fp64.  Partial sums of parameter gradients go to one slot per (column block, row) for ROWS
+// and per (row block, column) for COLS, the same slots the Triton kernels write; the caller
+// finishes them with one small sum.  Each launcher returns a cudaError_t as int (0 = success).
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum fa_dtype { FA_F32 = 0, FA_F16 = 1, FA_BF16 = 2, FA_F64 = 3 };
+// As fused_act/plan.py ACT_IDS.
+enum fa_act { FA_MISH = 0, FA_SWISH = 1, FA_GELU = 2, FA_GELU_TANH = 3 };
+// 0: no parameter tensor (a scalar value); ROWS: a parameter per row; COLS: per column.
+enum fa_layout { FA_SCALAR = 0, FA_ROWS = 1, FA_COLS = 2 };
+
+typedef struct {
+  int64_t rows, cols, channels;
+  int32_t layout, block_r, block_l;
+  int64_t samples;  // rows are split evenly into this many samples, tiled apart
+  int64_t batch;    // per-sample parameters in a ROWS plan: sample = row / (rows / batch); else 0
+} fa_plan;
+
+int fa_act_forward(const void* x, void* y, int dtype, int act, const void* beta,
+                   float beta_value, fa_plan plan, void* stream);
+int fa_act_backward(const void* g, const void* x, void* dx, int dtype, int act, const void* beta,
+                    float beta_value, void* partial, fa_plan plan, void* stream);
+
+int fa_acon_forward(const void* x, void* y, int dtype, const void* p1, const void* p2,
+                    const void* beta, int per_sample, fa_plan plan, void* stream);
+// partial: 3 * n_partial slots (dp1, dp2, dbeta), or null when no parameter gradient is needed.
+int fa_acon_backward(const void* g, const void* x, void* dx, int dtype, const void* p1,
+                     const void* p2, const void* beta, int per_sample, void* partial,
+                     int64_t n_partial, fa_plan plan, void* stream);
+
+// code: one byte per element (fused_act/reference.py frelu_max_code), or null.
+int fa_max_forward(const void* x, const void* t, void* y, void* code, int dtype, int64_t n,
+                   void* stream);
+int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dtype, int64_t n,
+                    void* stream);
+int fa_max_affine(const void* x, const void* t, const void* a, const void* b, void* y, int dtype,
+                  fa_plan plan, void* stream);
+
+const char* fa_error_string(int err);
+
+#ifdef __cplusplus
+}
+#endif

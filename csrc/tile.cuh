@@ -1,0 +1,383 @@
+// The one tiled kernel every op runs, and its launcher.
+//
+// The tensor is a rows x cols matrix in memory order, cut into block_r x block_l tiles exactly as
+// the Triton kernels cut it (fused_act/plan.py), so both backends write the same partial-sum
+// slots.  A block of 256 threads walks the tiles with a grid-stride loop; its threads form a
+// TY x TX grid over a tile, each thread handling VEC consecutive elements of a row with one
+// 16-byte load where the data is aligned.  An op is a functor called per vector: it loads its
+// inputs, stores its outputs and returns its per-element contributions to NP parameter
+// gradients, which the kernel reduces over the tile in a fixed order (warp shuffles, then shared
+// memory): deterministic, no atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
+
+#include "activations.cuh"
+
+namespace fused_act {
+
+constexpr int THREADS = 256;
+// 4 resident blocks (32 warps) an SM: registers capped at 64 a thread, enough bytes in flight
+constexpr int MIN_BLOCKS = 4;
+
+// ---- storage <-> opmath --------------------------------------------------------------------
+
+template <class T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Explicit conversions: torch builds with the implicit half/bfloat16 conversions disabled.
+__device__ __forceinline__ float to_op(float v) { return v; }
+__device__ __forceinline__ double to_op(double v) { return v; }
+__device__ __forceinline__ float to_op(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_op(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void from_op(float v, float& d) { d = v; }
+__device__ __forceinline__ void from_op(double v, double& d) { d = v; }
+__device__ __forceinline__ void from_op(float v, __half& d) { d = __float2half_rn(v); }
+__device__ __forceinline__ void from_op(float v, __nv_bfloat16& d) { d = __float2bfloat16_rn(v); }
+
+template <class T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// The n (<= VEC) elements at p; a full vector is one aligned load.
+template <int VEC, class T>
+__device__ __forceinline__ void load_raw(const T* p, int n, T (&out)[VEC]) {
+  if (n == VEC) {
+    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = pk.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < n) out[k] = p[k];
+    }
+  }
+}
+
+template <int VEC, class T>
+__device__ __forceinline__ void store_raw(T* p, int n, const T (&in)[VEC]) {
+  if (n == VEC) {
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pk.v[k] = in[k];
+    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < n) p[k] = in[k];
+    }
+  }
+}
+
+// Loads upcast to opmath; lanes past n read as 0 (never stored).
+template <int VEC, class T, class M>
+__device__ __forceinline__ void load(const T* p, int n, M (&out)[VEC]) {
+  T raw[VEC];
+  load_raw<VEC>(p, n, raw);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = k < n ? to_op(raw[k]) : M(0);
+}
+
+template <int VEC, class T, class M>
+__device__ __forceinline__ void store(T* p, int n, const M (&in)[VEC]) {
+  T raw[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) from_op(in[k], raw[k]);
+  store_raw<VEC>(p, n, raw);
+}
+
+// An op (elementwise.cu, acon.cu, frelu.cu) names its storage type `Storage`, opmath type `M`
+// and number of parameter-gradient partials `NP`, holds its pointers, and has
+// `template <int VEC> apply(const At&, M (&)[max(NP, 1)][VEC])`.
+
+// ---- geometry ------------------------------------------------------------------------------
+
+struct Geom {
+  int64_t rows, cols, channels;
+  int32_t layout, block_r, block_l;
+  int64_t samples, rows_per_sample, rows_per_batch_item;  // the last 0 unless ROWS per sample
+  int64_t col_blocks, row_blocks_per_sample, tiles;
+};
+
+inline Geom make_geom(const fa_plan& p) {
+  Geom g{};
+  g.rows = p.rows;
+  g.cols = p.cols;
+  g.channels = p.channels;
+  g.layout = p.layout;
+  g.block_r = p.block_r;
+  g.block_l = p.block_l;
+  g.samples = p.samples;
+  g.rows_per_sample = p.rows / p.samples;
+  g.rows_per_batch_item = p.batch > 0 ? p.rows / p.batch : 0;
+  g.col_blocks = (p.cols + p.block_l - 1) / p.block_l;
+  g.row_blocks_per_sample = (g.rows_per_sample + p.block_r - 1) / p.block_r;
+  g.tiles = p.samples * g.row_blocks_per_sample * g.col_blocks;
+  return g;
+}
+
+// a % b and a / b in 32 bits where both fit (64-bit division is several times slower).
+__device__ __forceinline__ int64_t mod64(int64_t a, int64_t b) {
+  return (a | b) <= INT32_MAX ? int64_t(uint32_t(a) % uint32_t(b)) : a % b;
+}
+__device__ __forceinline__ int64_t div64(int64_t a, int64_t b) {
+  return (a | b) <= INT32_MAX ? int64_t(uint32_t(a) / uint32_t(b)) : a / b;
+}
+
+// Where a vector lies: offset, row, first column, element count, the parameter index of its row
+// (ROWS: row % channels) and its sample (per-sample parameters).
+struct At {
+  int64_t off, row, col, chan, sample;
+  int n;
+};
+
+// A per-channel parameter of element k of the vector at `at` (layout ROWS or COLS), and a
+// per-(sample, channel) one; elements past at.n read element 0's, never past the array.
+__device__ __forceinline__ int64_t param_index(const At& at, int k, int layout) {
+  return layout == FA_ROWS ? at.chan : at.col + (k < at.n ? k : 0);
+}
+template <class M>
+__device__ __forceinline__ M channel_param(const M* p, const At& at, int k, int layout) {
+  return p[param_index(at, k, layout)];
+}
+template <class M>
+__device__ __forceinline__ M sample_param(const M* p, const At& at, int k, int layout,
+                                          int64_t channels) {
+  return p[at.sample * channels + param_index(at, k, layout)];
+}
+
+// ---- reductions over a tile (fixed order: deterministic) -----------------------------------
+
+template <class M>
+__device__ __forceinline__ M shfl_xor(M v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+
+// ---- the kernel ----------------------------------------------------------------------------
+
+template <class Op, int VEC>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g,
+                                                       typename Op::M* partial,
+                                                       int64_t n_partial) {
+  using M = typename Op::M;
+  constexpr int NP = Op::NP > 0 ? Op::NP : 1;
+  const int per_row = g.block_l / VEC;  // vectors in a tile row (block_l is a power of 2 >= VEC)
+  const int tx_n = per_row < THREADS ? per_row : THREADS;
+  const int ty_n = THREADS / tx_n;
+  const int tx = threadIdx.x % tx_n;
+  const int ty = threadIdx.x / tx_n;
+  const bool reduce = Op::NP > 0 && partial != nullptr;
+  const bool by_column = reduce && g.layout == FA_COLS;
+
+  for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
+    const int64_t pid_l = mod64(tile, g.col_blocks);
+    const int64_t t = div64(tile, g.col_blocks);
+    const int64_t sample = div64(t, g.row_blocks_per_sample);
+    const int64_t pid_r = mod64(t, g.row_blocks_per_sample);
+
+    auto locate = [&](int r, int cv, At& at) -> bool {
+      const int64_t r_in = pid_r * g.block_r + r;
+      const int64_t col = pid_l * g.block_l + int64_t(cv) * VEC;
+      if (r >= g.block_r || r_in >= g.rows_per_sample || cv >= per_row || col >= g.cols) {
+        return false;
+      }
+      at.row = sample * g.rows_per_sample + r_in;
+      at.col = col;
+      at.off = at.row * g.cols + col;
+      at.n = g.cols - col < VEC ? int(g.cols - col) : VEC;
+      return true;
+    };
+    auto place_row = [&](At& at) {
+      at.chan = g.layout == FA_ROWS ? mod64(at.row, g.channels) : 0;
+      at.sample = g.rows_per_batch_item > 0 ? div64(at.row, g.rows_per_batch_item) : sample;
+    };
+
+    if (!by_column) {
+      // row passes; a ROWS reduction sums each row over the tile's columns
+      for (int r0 = 0; r0 < g.block_r; r0 += ty_n) {
+        M acc[NP] = {};
+        At at{};
+        bool row_ok = false;
+        for (int c0 = 0; c0 < per_row; c0 += tx_n) {
+          if (!locate(r0 + ty, c0 + tx, at)) continue;
+          if (!row_ok) place_row(at);
+          row_ok = true;
+          M d[NP][VEC] = {};
+          op.template apply<VEC>(at, d);
+#pragma unroll
+          for (int p = 0; p < NP; ++p) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[p] += d[p][k];
+          }
+        }
+        if constexpr (Op::NP > 0) {
+          if (!reduce) continue;
+          const int lane = threadIdx.x % 32;
+          const int warp = threadIdx.x / 32;
+          // the tx_n threads of a tile row are consecutive: lanes of one warp, or whole warps
+          const int in_warp = tx_n < 32 ? tx_n : 32;
+#pragma unroll
+          for (int p = 0; p < NP; ++p) {
+            for (int o = in_warp / 2; o >= 1; o /= 2) acc[p] += shfl_xor(acc[p], o);
+          }
+          const int64_t slot = pid_l * g.rows + at.row;
+          if (tx_n <= 32) {
+            if (tx == 0 && row_ok) {
+              for (int p = 0; p < NP; ++p) partial[p * n_partial + slot] = acc[p];
+            }
+          } else {
+            __shared__ M warp_sums[NP][THREADS / 32];
+            if (lane == 0) {
+              for (int p = 0; p < NP; ++p) warp_sums[p][warp] = acc[p];
+            }
+            __syncthreads();
+            if (tx == 0 && row_ok) {
+              const int warps = tx_n / 32;
+              for (int p = 0; p < NP; ++p) {
+                M s = M(0);
+                for (int w = 0; w < warps; ++w) s += warp_sums[p][ty * warps + w];
+                partial[p * n_partial + slot] = s;
+              }
+            }
+            __syncthreads();
+          }
+        }
+      }
+    } else if constexpr (Op::NP > 0) {
+      // column passes; a COLS reduction sums each column over the tile's rows
+      for (int c0 = 0; c0 < per_row; c0 += tx_n) {
+        M acc[NP][VEC] = {};
+        At first{};
+        bool col_ok = false;
+        for (int r0 = 0; r0 < g.block_r; r0 += ty_n) {
+          At at{};
+          if (!locate(r0 + ty, c0 + tx, at)) continue;
+          place_row(at);
+          if (!col_ok) first = at;
+          col_ok = true;
+          M d[NP][VEC] = {};
+          op.template apply<VEC>(at, d);
+#pragma unroll
+          for (int p = 0; p < NP; ++p) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[p][k] += d[p][k];
+          }
+        }
+        // threads of one column: lanes tx, tx + tx_n, ... of a warp, then one group per warp
+        // (tx_n < 32) or per tile row (tx_n >= 32)
+        for (int o = tx_n; o < 32; o *= 2) {
+#pragma unroll
+          for (int p = 0; p < NP; ++p) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[p][k] += shfl_xor(acc[p][k], o);
+          }
+        }
+        const int lane = threadIdx.x % 32;
+        const int warp = threadIdx.x / 32;
+        const int groups = tx_n < 32 ? THREADS / 32 : ty_n;
+        const int group = tx_n < 32 ? warp : ty;
+        const bool writer = tx_n < 32 ? lane < tx_n : true;
+        __shared__ M col_sums[NP][THREADS * VEC];
+        if (writer) {
+          for (int p = 0; p < NP; ++p) {
+            for (int k = 0; k < VEC; ++k) col_sums[p][(group * tx_n + tx) * VEC + k] = acc[p][k];
+          }
+        }
+        __syncthreads();
+        // the tile's first row is always valid, so thread (ty = 0, tx) saw every valid column
+        if (group == 0 && writer && col_ok) {
+          const int64_t row_block = sample * g.row_blocks_per_sample + pid_r;
+          const int64_t slot = row_block * g.cols + first.col;
+          for (int p = 0; p < NP; ++p) {
+            for (int k = 0; k < first.n; ++k) {
+              M s = M(0);
+              for (int w = 0; w < groups; ++w) s += col_sums[p][(w * tx_n + tx) * VEC + k];
+              partial[p * n_partial + slot + k] = s;
+            }
+          }
+        }
+        __syncthreads();
+      }
+    }
+  }
+}
+
+// Whether every pointer suits VEC-element accesses of its element size and every row starts on a
+// vector boundary.
+template <int VEC>
+bool vector_ok(const fa_plan& p, std::initializer_list<std::pair<const void*, int>> ptrs) {
+  if (VEC == 1) return true;
+  if (p.block_l % VEC != 0 || (p.rows > 1 && p.cols % VEC != 0)) return false;
+  for (const auto& [ptr, size] : ptrs) {
+    if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % (uintptr_t(size) * VEC) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+inline int resident_blocks() {
+  // per device, read once: cudaDeviceGetAttribute is cheap but not free
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1024;
+  if (dev < 0 || dev >= 64) return 1024;
+  if (cache[dev] == 0) {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cache[dev] = (sms > 0 ? sms : 128) * (2048 / THREADS);
+  }
+  return cache[dev];
+}
+
+template <class Op, int VEC>
+int launch(const Op& op, const fa_plan& plan, typename Op::M* partial, int64_t n_partial,
+           void* stream) {
+  const Geom g = make_geom(plan);
+  if (g.tiles == 0) return 0;
+  const int64_t grid = g.tiles < resident_blocks() ? g.tiles : resident_blocks();
+  tile_kernel<Op, VEC><<<unsigned(grid), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+      op, g, partial, n_partial);
+  return int(cudaGetLastError());
+}
+
+// The widest vector for T: 16 bytes (fp64 is for gradcheck, run it scalar).
+template <class T>
+constexpr int vec_of() { return std::is_same_v<T, double> ? 1 : int(16 / sizeof(T)); }
+
+// Launch op with 16-byte vectors where every pointer (with its element size) allows, else
+// scalar.
+template <class Op>
+int run(const Op& op, const fa_plan& plan, void* stream,
+        std::initializer_list<std::pair<const void*, int>> ptrs,
+        typename Op::M* partial = nullptr, int64_t n_partial = 0) {
+  constexpr int V = vec_of<typename Op::Storage>();
+  if (vector_ok<V>(plan, ptrs)) return launch<Op, V>(op, plan, partial, n_partial, stream);
+  return launch<Op, 1>(op, plan, partial, n_partial, stream);
+}
+
+// Run f(T{}) for the storage type named by dtype.
+template <class F>
+int dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case FA_F32:
+      return f(float{});
+    case FA_F16:
+      return f(__half{});
+    case FA_BF16:
+      return f(__nv_bfloat16{});
+    case FA_F64:
+      return f(double{});
+    default:
+      return int(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace fused_act

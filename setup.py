@@ -1,0 +1,43 @@
+"""Builds the CUDA kernels (csrc/) into ``fused_act._C`` when a CUDA build of torch and nvcc are
+present; everything else is in pyproject.toml.  FUSED_ACT_BUILD_CUDA=1 makes a missing
+toolchain an error, FUSED_ACT_BUILD_CUDA=0 skips the build.  Without ``_C`` the package still
+installs, and backend "cuda" builds csrc/ on first use (fused_act/_cuda.py)."""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+def cuda_build() -> dict:
+    want = os.environ.get("FUSED_ACT_BUILD_CUDA")
+    if want == "0":
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        missing = "torch is not importable here (build with pip's --no-build-isolation)"
+    else:
+        if torch.version.cuda is None:
+            missing = f"torch {torch.__version__} is not a CUDA build"
+        elif cpp_extension.CUDA_HOME is None:
+            missing = "nvcc not found (set CUDA_HOME)"
+        else:
+            missing = ""
+    if missing:
+        if want == "1":
+            raise SystemExit(f"FUSED_ACT_BUILD_CUDA=1, but {missing}")
+        print(f"fused_act: not building the CUDA kernels: {missing}")
+        return {}
+    sources = sorted(str(p.relative_to(CSRC.parent))
+                     for p in (*CSRC.glob("*.cu"), *CSRC.glob("*.cpp")))
+    ext = cpp_extension.CUDAExtension(
+        "fused_act._C", sources, include_dirs=[str(CSRC)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]})
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
+
+setup(**cuda_build())
