@@ -27,6 +27,9 @@ PARAM_RTOL = {torch.float64: 1e-10}
 PARAM_RTOL_DEFAULT = 2e-5
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+# "cuda" (the CUDA C++ kernels) runs CUDA tensors only; conftest.py drops its CPU combinations
+BACKENDS = ["triton", "cuda", "reference"]
+CPU_BACKENDS = ["triton", "reference"]
 
 
 def need_device(device: str) -> None:
@@ -43,6 +46,10 @@ def need_backend(backend_name: str, device: str) -> None:
         need_device(device)
     elif device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if backend_name == "cuda":
+        ok, why = backend.cuda_status()
+        if not ok:
+            pytest.skip(f"backend 'cuda': {why}")
 
 
 def saved_by(fn: Callable[[], Tensor], backend_name: str) -> tuple[Tensor, list[Tensor]]:

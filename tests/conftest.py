@@ -11,3 +11,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Backend "cuda" runs CUDA tensors only: its CPU-device combinations are not tests."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        cpu_cuda = bool(params) and params.get("backend_name") == "cuda" and \
+            params.get("device") == "cpu"
+        (drop if cpu_cuda else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 import fused_act
-from fused_act import ops, reference
-from fused_act.triton_kernels import tiling
+from fused_act import ops, plan, reference
 
 from .cases import (
+    BACKENDS,
+    CPU_BACKENDS,
     DEVICES,
     DTYPES,
     assert_near,
@@ -17,8 +18,6 @@ from .cases import (
     need_device,
     saved_by,
 )
-
-BACKENDS = ["triton", "reference"]
 
 # x shape, layout: channel counts 1, 3, 64, 130; tails and several blocks; 2-D after a Linear
 SHAPES = {
@@ -109,7 +108,7 @@ def test_params_in_x_dtype(dtype, device):
 @pytest.mark.parametrize("beta_kind", BETAS)
 def test_int64_offsets(beta_kind, device, monkeypatch):
     need_device(device)
-    monkeypatch.setattr(tiling, "INT64_THRESHOLD", 0)
+    monkeypatch.setattr(plan, "INT64_THRESHOLD", 0)
     for key in ("c3", "c64_cl_big"):
         x, params = make(key, torch.float32, device, beta_kind)
         check(x, params, torch.float32, "triton", f"acon_c int64 {key}")
@@ -136,7 +135,7 @@ def test_edge_values():
     x = torch.tensor([[inf, -inf, float("nan"), 0.0, -0.0, 1e4, -1e4, 88.0, -88.0]]).t()
     x = x.reshape(9, 1).repeat(1, 2).requires_grad_()  # (N=9, C=2)
     p1, p2, beta = torch.tensor([2.0, 0.5]), torch.tensor([0.5, 2.0]), torch.tensor([1.0, 1.0])
-    for backend_name in BACKENDS:
+    for backend_name in CPU_BACKENDS:
         with fused_act.use_backend(backend_name):
             y = fused_act.acon_c(x, p1, p2, beta)
             (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
@@ -176,7 +175,7 @@ def test_opcheck(key, beta_kind, backend_name, device):
             torch.library.opcheck(ops.acon_c_backward_op, (g, *detached, need))
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_saves_only_inputs(backend_name):
     need_backend(backend_name, "cpu")
     x, params = make("c64", torch.float32, "cpu", "sample_4d")
@@ -268,7 +267,7 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(MODULES))
 @pytest.mark.parametrize("train", [True, False])
 def test_modules_match_published(name, train, backend_name):

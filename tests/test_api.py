@@ -10,17 +10,22 @@ import pytest
 import torch
 
 import fused_act
-from fused_act import ops, reference
+from fused_act import ops, plan, reference
 from fused_act.triton_kernels import math as tmath
 
-from .cases import need_device
+from .cases import ROOT, need_device
 
 
 def test_every_activation_in_every_math_site():
-    """Adding an activation means a Triton math pair, a reference pair and an op-table row."""
-    assert set(ops.ACTIVATIONS) == set(tmath.ACT_IDS)
-    for name in tmath.ACT_IDS:
+    """Adding an activation means a Triton math pair, a CUDA math pair and selector, a reference
+    pair and an op-table row."""
+    assert set(ops.ACTIVATIONS) == set(plan.ACT_IDS)
+    header = (ROOT / "csrc" / "activations.cuh").read_text()
+    abi = (ROOT / "csrc" / "fused_act.h").read_text()
+    for name, i in plan.ACT_IDS.items():
         assert hasattr(tmath, f"{name}_fwd") and hasattr(tmath, f"{name}_bwd")
+        assert f"M {name}_fwd(" in header and f"{name}_bwd(" in header
+        assert f"FA_{name.upper()} = {i}" in abi
     for fn in ("mish", "swish", "gelu", "acon_c", "frelu_max"):
         assert hasattr(reference, fn) and hasattr(reference, fn + "_backward")
 

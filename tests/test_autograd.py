@@ -9,7 +9,9 @@ from fused_act import ops
 
 from .cases import (
     ALL_OPS,
+    BACKENDS,
     CHANNEL_SHAPES,
+    CPU_BACKENDS,
     DEVICES,
     OPS,
     make_x,
@@ -17,8 +19,6 @@ from .cases import (
     need_device,
     saved_by,
 )
-
-BACKENDS = ["triton", "reference"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,7 +133,7 @@ def test_compile_opaque_traces_our_op():
     assert any("fused_act.activation" in t for t in seen), seen
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
 def test_saves_only_inputs(op, backend_name):
     need_backend(backend_name, "cpu")
@@ -146,7 +146,7 @@ def test_saves_only_inputs(op, backend_name):
     y.sum().backward()
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
 def test_checkpoint_and_retain_graph(op, backend_name):
     need_backend(backend_name, "cpu")
@@ -167,7 +167,7 @@ def test_checkpoint_and_retain_graph(op, backend_name):
             torch.testing.assert_close(b, c)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
 def test_double_backward_supported_in_eager(op, backend_name):
     """create_graph=True gives a differentiable gradient (through the reference math)."""

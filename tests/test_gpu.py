@@ -1,12 +1,16 @@
-"""GPU-only checks (``pytest -m cuda``): sizes past 2^31 elements, CUDA graphs, compile modes."""
+"""GPU-only checks (``pytest -m cuda``): sizes past 2^31 elements, CUDA graphs, compile modes,
+each for both kernel backends; and the CUDA C++ kernels against the Triton ones."""
 
 import pytest
 import torch
 
 import fused_act
-from fused_act import reference
+from fused_act import ops, reference
+
+from .cases import ALL_OPS, need_backend
 
 pytestmark = pytest.mark.cuda
+KERNEL_BACKENDS = ["triton", "cuda"]
 
 
 @pytest.fixture(autouse=True)
@@ -15,15 +19,16 @@ def _need_gpu():
         pytest.skip("no CUDA device")
 
 
-def test_past_2_31_elements():
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_past_2_31_elements(backend_name):
     """64-bit offsets: a bf16 tensor of 2^31 + 4099 elements, forward and backward, checked at
     the start, around 2^31 and at the tail against the reference."""
     n = 2**31 + 4099
     x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    with fused_act.use_backend("triton"):
+    need_backend(backend_name, "cuda")
+    with fused_act.use_backend(backend_name):
         y = fused_act.mish(x)
-        from fused_act import ops
         dx, _ = ops.backward_impl(g, x, "mish", None, 1.0, False)
     for s in (slice(0, 4096), slice(2**31 - 2048, 2**31 + 2048), slice(n - 4096, n)):
         torch.testing.assert_close(y[s], reference.mish(x[s]), rtol=8e-3, atol=1e-5)
@@ -31,22 +36,28 @@ def test_past_2_31_elements():
                                    atol=1e-5)
 
 
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_cuda_graph_capture(backend_name):
+    need_backend(backend_name, "cuda")
     x = torch.randn(4096, device="cuda", requires_grad=True)
     beta = torch.ones(1, device="cuda", requires_grad=True)
-    fused_act.swish(x, beta).sum().backward()  # compile kernels before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fused_act.swish(x, beta)
+    with fused_act.use_backend(backend_name):
+        fused_act.swish(x, beta).sum().backward()  # compile kernels before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = fused_act.swish(x, beta)
     x.data.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(y, reference.swish(x.detach(), beta.detach()))
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("compile_mode", ["opaque", "decompose"])
-def test_compile_inductor_cuda(mode, compile_mode, monkeypatch):
+def test_compile_inductor_cuda(mode, compile_mode, backend_name, monkeypatch):
+    need_backend(backend_name, "cuda")
     monkeypatch.setattr(fused_act.config, "compile_mode", compile_mode)
+    monkeypatch.setattr(fused_act.backend, "_backend", backend_name)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), fused_act.nn.Mish(),
                                 torch.nn.Linear(64, 64), fused_act.nn.GELU("tanh"),
@@ -66,3 +77,79 @@ def test_compile_inductor_cuda(mode, compile_mode, monkeypatch):
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _grads(fn, x, params, g):
+    y = fn(x, params)
+    return (y, *torch.autograd.grad(y, [x, *params], g))
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, device="cuda").mul(6).to(dtype)
+
+
+# each made in its final layout on the GPU (a later copy would realign it)
+LAYOUTS = {
+    "flat_tail": lambda d: _randn(3 * 2**20 + 7, dtype=d),
+    "misaligned": lambda d: _randn(2**20 + 1, dtype=d)[1:],  # offset by 1 element: scalar path
+    "nchw": lambda d: _randn(8, 64, 56, 56, dtype=d),
+    "nchw_odd_rows": lambda d: _randn(4, 130, 7, 7, dtype=d),  # rows of 49: scalar path
+    "channels_last": lambda d: _randn(8, 64, 28, 28, dtype=d).contiguous(
+        memory_format=torch.channels_last),
+    "nc": lambda d: _randn(256, 1024, dtype=d),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
+def test_cuda_kernels_match_triton(op, layout, dtype):
+    """Two independent implementations, larger than the CPU tables: outputs and input gradients
+    within a few ulps of each other, parameter gradients to summation order."""
+    need_backend("cuda", "cuda")
+    torch.manual_seed(0)
+    x = LAYOUTS[layout](dtype)
+    assert layout != "misaligned" or x.data_ptr() % 16
+    if x.dim() < 2 and op.name.startswith("swish_channel"):
+        pytest.skip("a per-channel beta needs a channel dim")
+    x.requires_grad_()
+    params = op.params(x)
+    g = torch.randn_like(x)
+    got = {}
+    for name in KERNEL_BACKENDS:
+        with fused_act.use_backend(name):
+            got[name] = _grads(op.call, x, params, g)
+    ulp = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for a, b in zip(got["cuda"][:2], got["triton"][:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=ulp, atol=ulp)
+    for a, b in zip(got["cuda"][2:], got["triton"][2:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["swish_channel", "acon_nchw", "acon_cl", "meta_acon"])
+def test_parameter_gradients_bit_identical(kind, backend_name):
+    """Two runs give the same parameter gradients to the bit (no atomics)."""
+    need_backend(backend_name, "cuda")
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, 28, 28, device="cuda")
+    if kind == "acon_cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    c = x.shape[1]
+    beta_shape = (16, c) if kind == "meta_acon" else (c,)
+    p = [torch.randn(c, device="cuda", requires_grad=True) for _ in range(2)]
+    beta = torch.rand(beta_shape, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+
+    def run():
+        with fused_act.use_backend(backend_name):
+            if kind == "swish_channel":
+                y = fused_act.swish(x, p[0])
+                return torch.autograd.grad(y, [p[0]], g)
+            y = fused_act.acon_c(x, p[0], p[1], beta)
+            return torch.autograd.grad(y, [*p, beta], g)
+
+    first, second = run(), run()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fused_act
-from fused_act import ops, reference
-from fused_act.triton_kernels import tiling
+from fused_act import ops, plan, reference
 
 from .cases import (
+    BACKENDS,
     CHANNEL_OPS,
     CHANNEL_SHAPES,
     DEVICES,
@@ -23,8 +23,6 @@ from .cases import (
     need_backend,
     need_device,
 )
-
-BACKENDS = ["triton", "reference"]
 
 
 def _run(op, x, backend_name, seed=1):
@@ -78,7 +76,7 @@ def test_vs_float64(op, shape, table, dtype, backend_name, device):
 def test_int64_offsets(op, device, monkeypatch):
     """The 64-bit offset path (taken from 2^31 elements) computes the same values."""
     need_device(device)
-    monkeypatch.setattr(tiling, "INT64_THRESHOLD", 0)
+    monkeypatch.setattr(plan, "INT64_THRESHOLD", 0)
     x = make_x("nchw_c3", torch.float32, device, op.scale, CHANNEL_SHAPES).requires_grad_()
     _check(op, x, torch.float32, "triton")
 

@@ -1,0 +1,168 @@
+"""The CUDA C++ backend without a GPU: every csrc/*.cu compiles for sm_80 and sm_90 with no
+warning, its math (csrc/activations.cuh) matches the reference on the host, and asking for the
+backend where it cannot run is a clear error.  Its GPU tests are the tables of test_kernels,
+test_acon, test_frelu and test_autograd run with backend "cuda" (``pytest -m cuda``), and
+test_gpu.py."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+import fused_act
+from fused_act import _cuda, reference
+
+from .cases import ROOT, TOL
+
+CSRC = ROOT / "csrc"
+NVCC = shutil.which("nvcc")
+need_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources not compiled")
+# as torch's extension builds: the implicit half/bfloat16 conversions are off there
+TORCH_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+
+def _nvcc(args: list[str], cwd) -> None:
+    out = subprocess.run([NVCC, "-std=c++17", "-O3", "-Werror", "all-warnings", *args],
+                         cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr[-4000:]
+
+
+def test_every_source_is_built():
+    """What the build compiles is every CUDA source there is."""
+    sources = [*CSRC.glob("*.cu"), *CSRC.glob("*.cpp")]
+    assert sorted(_cuda.SOURCES) == sorted(p.name for p in sources)
+
+
+@need_nvcc
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_compiles_for_sm80_and_sm90(source, tmp_path):
+    _nvcc([*ARCHS, *TORCH_DEFINES, "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")],
+          tmp_path)
+
+
+@need_nvcc
+def test_binding_type_checks_against_torch(tmp_path):
+    """binding.cpp against this torch's headers (nvcc supplies CUDA's), all warnings as errors.
+    A CPU build of torch ships c10/cuda's headers but not the one its CMake generates; the
+    stand-in defines what a shared-library build defines."""
+    from torch.utils import cpp_extension
+    shim = tmp_path / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    system = [tmp_path, *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    args = ["-Xcompiler", "-fsyntax-only,-Wall,-Wextra,-Werror", f"-I{CSRC}",
+            "-DTORCH_EXTENSION_NAME=_C", "-c", str(CSRC / "binding.cpp"), "-o",
+            str(tmp_path / "binding.o")]
+    for p in system:
+        args[:0] = ["-isystem", str(p)]
+    _nvcc(args, tmp_path)
+
+
+def test_setup_build_cuda_1_needs_a_cuda_toolchain():
+    """FUSED_ACT_BUILD_CUDA=1 without a CUDA torch is an error naming what is missing."""
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch: setup.py would build")
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, text=True,
+                         capture_output=True, env={**os.environ, "FUSED_ACT_BUILD_CUDA": "1"})
+    assert out.returncode != 0 and "is not a CUDA build" in out.stderr + out.stdout
+
+
+def _host_math(xs: list[float], beta: float, a: float, p2: float, acon_beta: float):
+    """(float results, double results), each (len(xs), 14), from csrc/activations.cuh."""
+    exe = _host_math.exe
+    text = f"{beta} {a} {p2} {acon_beta}\n" + "\n".join(repr(x) for x in xs) + "\n"
+    out = subprocess.run([exe], input=text, capture_output=True, text=True, check=True)
+    rows = torch.tensor([[float(v) for v in line.split()] for line in out.stdout.splitlines()],
+                        dtype=torch.float64)
+    return rows[:, :14], rows[:, 14:]
+
+
+@pytest.fixture(scope="module")
+def host_math(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    exe = tmp_path_factory.mktemp("csrc") / "math"
+    _nvcc(["-I", str(CSRC), str(ROOT / "tests" / "csrc_math.cu"), "-o", str(exe)],
+          exe.parent)
+    _host_math.exe = str(exe)
+    return _host_math
+
+
+def _reference(x: torch.Tensor, beta: float, a: float, p2: float, acon_beta: float):
+    """The same 14 columns from fused_act.reference in float64."""
+    one = torch.ones_like(x)
+    sdx, sdb = reference.swish_backward(one, x, torch.tensor([beta], dtype=torch.float64),
+                                        need_dbeta=False)
+    # d/dbeta per element: x^2 q, from the reference's own pieces
+    s, sn = reference.sigmoid_pair(beta * x)
+    sdb = torch.where(s * sn == 0, 0.0, x * x * s * sn)
+    p1t = torch.tensor([a + p2], dtype=torch.float64)
+    p2t = torch.tensor([p2], dtype=torch.float64)
+    bt = torch.tensor([acon_beta], dtype=torch.float64)
+    xc = x.reshape(-1, 1)
+    acon = reference.acon_c(xc, p1t, p2t, bt).reshape(-1)
+    s2, sn2 = reference.sigmoid_pair(acon_beta * (a * x))
+    q = s2 * sn2
+    zq = torch.where(q == 0, 0.0, acon_beta * a * x * q)
+    big_s = s2 + zq
+    adx = reference.acon_c_backward(one.reshape(-1, 1), xc, p1t, p2t, bt)[0].reshape(-1)
+    mz = lambda c, v: torch.where(c == 0, 0.0, c * v)  # noqa: E731
+    cols = [reference.mish(x), reference.mish_backward(one, x), reference.swish(x, beta), sdx,
+            sdb, reference.gelu(x), reference.gelu_backward(one, x),
+            reference.gelu(x, "tanh"), reference.gelu_backward(one, x, "tanh"), acon, adx,
+            mz(big_s, x), mz(sn2 - zq, x), torch.where(q == 0, 0.0, (a * x) ** 2 * q)]
+    return torch.stack(cols, 1)
+
+
+EDGES = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e4, -1e4, 100.0, -100.0, 88.0,
+         -88.0, 20.0, 20.5, -20.0, 1e-30, -1e-30]
+
+
+@pytest.mark.parametrize("beta, a, p2, acon_beta", [(1.0, 1.5, 0.5, 1.0), (-0.75, -2.0, 1.25,
+                                                                           0.3)])
+def test_host_math_matches_reference(host_math, beta, a, p2, acon_beta):
+    """Every value and derivative of activations.cuh in float and double against the float64
+    reference, within the test tolerances, on random inputs and the edge values."""
+    gen = torch.Generator().manual_seed(0)
+    xs = (torch.randn(2000, generator=gen, dtype=torch.float64) * 8).tolist() + EDGES
+    got32, got64 = host_math(xs, beta, a, p2, acon_beta)
+    x64 = torch.tensor(xs, dtype=torch.float64)
+    want = _reference(x64, beta, a, p2, acon_beta)
+    # the float program sees x rounded to float; compare against the reference at that x
+    want32 = _reference(x64.float().double(), beta, a, p2, acon_beta)
+    names = ["mish", "mish'", "swish", "swish'", "swish dbeta", "gelu", "gelu'", "gelu_tanh",
+             "gelu_tanh'", "acon", "acon dx", "acon dp1", "acon dp2", "acon dbeta"]
+    for got, ref, dtype in ((got32, want32, torch.float32), (got64, want, torch.float64)):
+        rtol, atol = TOL[dtype]
+        for j, name in enumerate(names):
+            o, r = got[:, j], ref[:, j]
+            ok = ((o - r).abs() <= atol + rtol * r.abs()) | (o.isnan() & r.isnan()) | (o == r)
+            bad = (~ok).nonzero().reshape(-1)[:5].tolist()
+            assert not bad, f"{name} {dtype}: {[(xs[i], o[i].item(), r[i].item()) for i in bad]}"
+
+
+def test_max_code_matches_reference(host_math):
+    """The win codes of csrc are the reference's (checked through the header's text: the
+    numbering is the ABI the backward reads)."""
+    header = (CSRC / "activations.cuh").read_text()
+    assert "X_WINS = 0, T_WINS = 1, TIE = 2, NAN_SEEN = 3" in header
+    x = torch.tensor([1.0, 0.0, 2.0, float("nan")])
+    t = torch.tensor([0.0, 1.0, 2.0, 0.0])
+    assert reference.frelu_max_code(x, t).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_backend_without_gpu_is_a_clear_error():
+    ok, why = fused_act.backend.cuda_status()
+    assert not ok and why == "no CUDA device"
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: no CUDA device"):
+        fused_act.set_backend("cuda")
+    assert fused_act.get_backend() == "auto"
+    with pytest.raises(RuntimeError, match="not available"):
+        _cuda.library()
