@@ -1,8 +1,9 @@
 """The benchmark harness: ops, contestants, timing, correctness checks and result files.
 
-Every op is timed forward, backward and forward+backward for three contestants: ``fused``
-(fused_act's kernels), ``eager`` (PyTorch as users write it today: F.* or the plain formula) and
-``compile`` (``torch.compile`` of that eager function).  Each contestant's output and input
+Every op is timed forward, backward and forward+backward for the contestants ``fused``
+(fused_act's Triton kernels), ``fused_cuda`` (its CUDA C++ kernels, where built or buildable),
+``eager`` (PyTorch as users write it today: F.* or the plain formula) and ``compile``
+(``torch.compile`` of that eager function).  Each contestant's output and input
 gradient are checked against the reference before it is timed.  On a GPU times are medians of
 CUDA-graph replays (GPU time, no host overhead), and memory-bound ops are also given as GB/s and
 as a fraction of a device-to-device copy of the same bytes timed in the same run.  The same code
@@ -32,7 +33,9 @@ QUICK_SIZES = [2**20, 2**24, 2**26]
 LAYER_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (64, 512, 14, 14), (8, 4096, 4096)]
 GRAPH_ELEMENTS = 2**27  # a timed CUDA graph repeats a call until it covers this many elements
 MODES = ("forward", "backward", "fwd+bwd")
-CONTESTANTS = ("fused", "eager", "compile")
+CONTESTANTS = ("fused", "fused_cuda", "eager", "compile")
+# the kernel backend each contestant runs under (forward and backward alike)
+BACKEND_OF = {"fused_cuda": "cuda"}
 
 
 def _flat(n: int) -> tuple[int, ...]:
@@ -196,13 +199,18 @@ class _nullcontext:
 _compiled: dict[tuple[str, str], Callable] = {}
 
 
-def contestants(name: str, compile_backend: str = "inductor") -> dict[str, Callable]:
-    """fused, eager and compiled callables of op ``name`` (one compiled function per op)."""
+def contestants(name: str, compile_backend: str = "inductor", device: str = "cuda"
+                ) -> dict[str, Callable]:
+    """fused, fused_cuda (on a GPU where the CUDA kernels can run), eager and compiled
+    callables of op ``name`` (one compiled function per op)."""
     op = OPS[name]
     key = (name, compile_backend)
     if key not in _compiled:
         _compiled[key] = torch.compile(op.eager, backend=compile_backend)
-    return {"fused": op.fused, "eager": op.eager, "compile": _compiled[key]}
+    found = {"fused": op.fused}
+    if device == "cuda" and fused_act.backend.cuda_status()[0]:
+        found["fused_cuda"] = op.fused
+    return {**found, "eager": op.eager, "compile": _compiled[key]}
 
 
 def _inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str):
@@ -244,9 +252,11 @@ def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: boo
     base = dict(op=name, dtype=str(dtype).replace("torch.", ""), n=n, shape=list(shape))
     rows = [dict(base, mode="copy", contestant="torch", ms=copy_ms, gbps=copy_gbps,
                  frac_copy=1.0, peak_mb=None)]
-    for cname, fn in contestants(name, compile_backend).items():
-        check(name, fn, x, g, params)
-        for mode, ms, peak in _time_modes(fn, x, g, params, n, quick, device):
+    for cname, fn in contestants(name, compile_backend, device).items():
+        with fused_act.use_backend(BACKEND_OF.get(cname, "triton")):
+            check(name, fn, x, g, params)
+            timed = _time_modes(fn, x, g, params, n, quick, device)
+        for mode, ms, peak in timed:
             row = dict(base, mode=mode, contestant=cname, ms=ms, gbps=None, frac_copy=None,
                        peak_mb=peak)
             if op.traffic is not None:
@@ -283,14 +293,18 @@ def host_overhead(device: str, n: int = 2**10, iters: int = 300) -> dict[str, fl
     x = torch.randn(n, device=device, requires_grad=True)
     g = torch.ones_like(x)
     result = {}
-    for label, fn in (("fused_act.mish", fused_act.mish), ("F.mish", F.mish)):
-        for _ in range(20):
-            torch.autograd.grad(fn(x), x, g)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch.autograd.grad(fn(x), x, g)
-        _sync(device)
+    calls = [("fused_act.mish", fused_act.mish, "triton"), ("F.mish", F.mish, "triton")]
+    if device == "cuda" and fused_act.backend.cuda_status()[0]:
+        calls.insert(1, ("fused_act.mish (cuda)", fused_act.mish, "cuda"))
+    for label, fn, backend_name in calls:
+        with fused_act.use_backend(backend_name):
+            for _ in range(20):
+                torch.autograd.grad(fn(x), x, g)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                torch.autograd.grad(fn(x), x, g)
+            _sync(device)
         result[label] = (time.perf_counter() - t0) / iters * 1e6
     return result
 
@@ -376,21 +390,24 @@ def markdown(result: dict) -> str:
         f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, commit "
         f"{info['commit']}, {info['date']}. Fractions are of a device-to-device copy of the same "
         "bytes timed in the same run; GPU times are medians of CUDA-graph replays (GPU time, no "
-        "host overhead: that is the next line).", "",
+        "host overhead: that is the next line). fused: the Triton kernels; cuda: the CUDA C++ "
+        "kernels.", "",
         f"Host time per eager forward+backward on 2^10 elements: {overhead}", "",
-        "| op | dtype | shape | mode | fused ms | fused / copy | eager / copy | compile / copy "
-        "| vs eager | vs compile | peak MB fused / eager / compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | dtype | shape | mode | fused ms | fused / copy | cuda / copy | eager / copy "
+        "| compile / copy | vs eager | vs compile | peak MB fused / eager / compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (op, dtype, shape, mode, c), r in by.items():
         if c != "fused":
             continue
         e, k = by[(op, dtype, shape, mode, "eager")], by[(op, dtype, shape, mode, "compile")]
+        cu = by.get((op, dtype, shape, mode, "fused_cuda"), {}).get("frac_copy")
         peaks = " / ".join(_fmt(x["peak_mb"], ".0f") for x in (r, e, k))
         shown = _size(r["n"]) if len(shape) == 1 else "x".join(map(str, shape))
         lines.append(
             f"| {op} | {dtype} | {shown} | {mode} | {r['ms']:.4f} | {_fmt(r['frac_copy'], '.2f')} "
-            f"| {_fmt(e['frac_copy'], '.2f')} | {_fmt(k['frac_copy'], '.2f')} | "
+            f"| {_fmt(cu, '.2f')} | {_fmt(e['frac_copy'], '.2f')} | "
+            f"{_fmt(k['frac_copy'], '.2f')} | "
             f"{e['ms'] / r['ms']:.2f}x | {k['ms'] / r['ms']:.2f}x | "
             f"{peaks if mode == 'fwd+bwd' else ''} |")
     if "pipelines" in result:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_act
-from fused_act import ops
+from fused_act import _cuda, ops, plan
 from fused_act.triton_kernels import elementwise, tiling
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     xg = x.clone().requires_grad_()
     y = torch.empty_like(x)
     g = torch.ones_like(x)
-    p = tiling.flat(x.numel())
+    p = plan.flat(x.numel(), plan.SCALAR)
     kernel = elementwise.act_fwd_kernel
     rows = {
         "torch.empty_like": lambda: torch.empty_like(x),
@@ -50,6 +50,16 @@ def main() -> None:
         "F.mish fwd+bwd": lambda: torch.autograd.grad(F.mish(xg), xg, g),
         "fused_act.mish fwd+bwd": lambda: torch.autograd.grad(fused_act.mish(xg), xg, g),
     }
+    if fused_act.backend.cuda_status()[0]:
+        def cuda_backend(fn):
+            def call():
+                with fused_act.use_backend("cuda"):
+                    return fn()
+            return call
+        rows["cuda kernels: act_forward"] = lambda: _cuda.act_forward(x, y, 0, None, 1.0)
+        rows["fused_act.mish forward (cuda)"] = cuda_backend(lambda: fused_act.mish(x))
+        rows["fused_act.mish fwd+bwd (cuda)"] = cuda_backend(
+            lambda: torch.autograd.grad(fused_act.mish(xg), xg, g))
     for name, fn in rows.items():
         print(f"{name:<28} {per_call_us(fn):8.1f} us")
 
