@@ -23,6 +23,12 @@
 
 namespace fused_act {
 
+// How a kernel is launched; tests/cuda_emu.h replaces it to run the kernels on the CPU.
+#ifndef FA_LAUNCH
+#define FA_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 constexpr int THREADS = 256;
 // 4 resident blocks (32 warps) an SM: registers capped at 64 a thread, enough bytes in flight
 constexpr int MIN_BLOCKS = 4;
@@ -343,8 +349,9 @@ int launch(const Op& op, const fa_plan& plan, typename Op::M* partial, int64_t n
   const Geom g = make_geom(plan);
   if (g.tiles == 0) return 0;
   const int64_t grid = g.tiles < resident_blocks() ? g.tiles : resident_blocks();
-  tile_kernel<Op, VEC><<<unsigned(grid), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-      op, g, partial, n_partial);
+  const auto kernel = tile_kernel<Op, VEC>;
+  FA_LAUNCH(kernel, unsigned(grid), THREADS, static_cast<cudaStream_t>(stream), op, g, partial,
+            n_partial);
   return int(cudaGetLastError());
 }
 

@@ -1,8 +1,8 @@
 """The CUDA C++ backend without a GPU: every csrc/*.cu compiles for sm_80 and sm_90 with no
 warning, its math (csrc/activations.cuh) matches the reference on the host, and asking for the
-backend where it cannot run is a clear error.  Its GPU tests are the tables of test_kernels,
-test_acon, test_frelu and test_autograd run with backend "cuda" (``pytest -m cuda``), and
-test_gpu.py."""
+backend where it cannot run is a clear error.  test_csrc_emulated.py runs the kernels on the
+CPU.  On a GPU, the tables of test_kernels, test_acon, test_frelu and test_autograd run with
+backend "cuda" (``pytest -m cuda``), and test_gpu.py compares it with backend "triton"."""
 
 import os
 import shutil

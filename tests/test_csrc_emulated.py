@@ -1,0 +1,160 @@
+"""The CUDA C++ kernels run on the CPU: csrc/ compiled as plain C++ with tests/cuda_emu.h (each
+block's threads as std::threads meeting at barriers and shuffles), called through the same
+fused_act/_cuda.py as on a GPU, and checked against the float64 reference on the suites' own
+tables: every op, dtype, shape and layout (vector and scalar paths, tails, several tiles a block,
+per-sample beta, ties and NaNs for the max).  This proves the kernels' indexing and reductions
+without a GPU; it says nothing of their speed or of the GPU memory model."""
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fused_act
+from fused_act import _cuda, ops
+
+from . import test_acon as acon_tables
+from . import test_frelu as frelu_tables
+from . import test_kernels as kernel_tables
+from .cases import ROOT, make_x
+
+CSRC = ROOT / "csrc"
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+class Plan(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("channels", ctypes.c_int64), ("layout", ctypes.c_int32),
+                ("block_r", ctypes.c_int32), ("block_l", ctypes.c_int32),
+                ("samples", ctypes.c_int64), ("batch", ctypes.c_int64)]
+
+
+def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+class Emulated:
+    """What binding.cpp offers, over the CPU-compiled kernels (host pointers, no stream)."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        for name in ("fa_act_forward", "fa_act_backward", "fa_acon_forward", "fa_acon_backward",
+                     "fa_max_forward", "fa_max_backward", "fa_max_affine"):
+            getattr(self.lib, name).restype = ctypes.c_int
+        self.lib.fa_error_string.restype = ctypes.c_char_p
+
+    def _ok(self, err: int) -> None:
+        assert err == 0, self.lib.fa_error_string(err)
+
+    def act_forward(self, x, y, act, beta, beta_value, plan):
+        self._ok(self.lib.fa_act_forward(_p(x), _p(y), CODES[x.dtype], act, _p(beta),
+                                         ctypes.c_float(beta_value), Plan(*plan), None))
+
+    def act_backward(self, g, x, dx, act, beta, beta_value, partial, plan):
+        self._ok(self.lib.fa_act_backward(_p(g), _p(x), _p(dx), CODES[x.dtype], act, _p(beta),
+                                          ctypes.c_float(beta_value), _p(partial), Plan(*plan),
+                                          None))
+
+    def acon_forward(self, x, y, p1, p2, beta, per_sample, plan):
+        self._ok(self.lib.fa_acon_forward(_p(x), _p(y), CODES[x.dtype], _p(p1), _p(p2),
+                                          _p(beta), int(per_sample), Plan(*plan), None))
+
+    def acon_backward(self, g, x, dx, p1, p2, beta, per_sample, partial, n_partial, plan):
+        self._ok(self.lib.fa_acon_backward(_p(g), _p(x), _p(dx), CODES[x.dtype], _p(p1),
+                                           _p(p2), _p(beta), int(per_sample), _p(partial),
+                                           ctypes.c_int64(n_partial), Plan(*plan), None))
+
+    def max_forward(self, x, t, y, code):
+        self._ok(self.lib.fa_max_forward(_p(x), _p(t), _p(y), _p(code), CODES[x.dtype],
+                                         ctypes.c_int64(x.numel()), None))
+
+    def max_backward(self, g, code, dx, dt):
+        self._ok(self.lib.fa_max_backward(_p(g), _p(code), _p(dx), _p(dt), CODES[g.dtype],
+                                          ctypes.c_int64(g.numel()), None))
+
+    def max_affine(self, x, t, a, b, y, plan):
+        self._ok(self.lib.fa_max_affine(_p(x), _p(t), _p(a), _p(b), _p(y), CODES[x.dtype],
+                                        Plan(*plan), None))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: no CUDA headers to compile csrc/ against")
+    lib = tmp_path_factory.mktemp("emu") / "libfused_act_emu.so"
+    # nvcc as the C++ driver brings CUDA's headers; cuda_emu.h answers the runtime calls
+    out = subprocess.run(
+        [nvcc, "-std=c++17", "-O1", "-x", "c++", "-cudart", "none", "-shared", "-Xcompiler",
+         "-fPIC", "-include",
+         str(ROOT / "tests" / "cuda_emu.h"), f"-I{CSRC}",
+         *(str(CSRC / s) for s in _cuda.SOURCES if s.endswith(".cu")), "-o", str(lib)],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return Emulated(str(lib))
+
+
+@pytest.fixture
+def cuda_on_cpu(emulated, monkeypatch):
+    """Backend "cuda" runs CPU tensors through the emulated kernels for this test."""
+    monkeypatch.setattr(_cuda, "library", lambda: emulated)
+    monkeypatch.setattr(fused_act.backend, "cuda_status", lambda: (True, "emulated on the CPU"))
+    monkeypatch.setattr(ops, "resolve", lambda device: fused_act.backend.get_backend())
+    ops._kernel_sets.pop("cuda", None)
+    yield
+    ops._kernel_sets.pop("cuda", None)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op, shape, table", kernel_tables.CASES)
+def test_elementwise(op, shape, table, dtype, cuda_on_cpu):
+    x = make_x(shape, dtype, "cpu", op.scale, table).requires_grad_()
+    kernel_tables._check(op, x, dtype, "cuda")
+
+
+def test_elementwise_misaligned(cuda_on_cpu):
+    """A view one element in: the scalar path."""
+    for op in kernel_tables.OPS:
+        x = torch.randn(4099, dtype=torch.float64).mul(8).float()[1:].requires_grad_()
+        assert x.data_ptr() % 16
+        kernel_tables._check(op, x, torch.float32, "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta_kind", acon_tables.BETAS)
+@pytest.mark.parametrize("key", list(acon_tables.SHAPES))
+def test_acon(key, beta_kind, dtype, cuda_on_cpu):
+    x, params = acon_tables.make(key, dtype, "cpu", beta_kind)
+    acon_tables.check(x, params, dtype, "cuda", f"acon_c[{key}, {beta_kind}, {dtype}, emulated]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("key", list(frelu_tables.SHAPES))
+def test_frelu_max(key, dtype, cuda_on_cpu):
+    frelu_tables.test_matches_torch_maximum_exactly(key, dtype, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_frelu_module(dtype, cuda_on_cpu):
+    """The module in train and eval (the eval step folds BatchNorm into max(x, a t + b))."""
+    frelu_tables.test_module_matches_published(dtype, "cuda", "cpu")
+
+
+def test_frelu_eval_fold_channels_last(cuda_on_cpu):
+    """The folded step with channels innermost (a, b per column)."""
+    torch.manual_seed(0)
+    theirs, ours = frelu_tables.PlainFReLU(6), fused_act.nn.FReLU(6)
+    with torch.no_grad():
+        theirs.bn.running_mean.uniform_(-1, 1)
+        theirs.bn.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 6, 9, 13).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fused_act.use_backend("cuda"):
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
