@@ -16,6 +16,7 @@ import fused_act
 from fused_act import _cuda, ops
 
 from . import test_acon as acon_tables
+from . import test_autograd as autograd_tables
 from . import test_frelu as frelu_tables
 from . import test_kernels as kernel_tables
 from .cases import ROOT, make_x
@@ -158,3 +159,32 @@ def test_frelu_eval_fold_channels_last(cuda_on_cpu):
     x = torch.randn(2, 6, 9, 13).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), fused_act.use_backend("cuda"):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(autograd_tables.MODELS))
+def test_models_eager_and_compiled(family, cuda_on_cpu, monkeypatch):
+    """Each family's small model: backend "cuda" equals the reference in eager mode, and
+    torch.compile(fullgraph=True) with the op opaque equals eager (train, then eval)."""
+    monkeypatch.setattr(fused_act.config, "compile_mode", "opaque")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    factory, shape = autograd_tables.MODELS[family]
+    model = factory()
+    x = torch.randn(shape) * 3
+
+    def run(m, backend_name):
+        with fused_act.use_backend(backend_name):
+            model.zero_grad()
+            y = m(x)
+            y.square().mean().backward()
+        return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want = run(model, "reference")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for got in (run(model, "cuda"), run(compiled, "cuda")):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(got[1], want[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad(), fused_act.use_backend("cuda"):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
