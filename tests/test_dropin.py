@@ -198,6 +198,9 @@ def _ddp_worker(rank, world, init_file, x, y, out):
         _ddp_steps(model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
         if rank == 0:
             torch.save(model.module.state_dict(), out)
+        # tear down together: a rank leaving while the other still talks aborts gloo (seen
+        # once in CI as SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
