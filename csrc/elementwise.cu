@@ -16,47 +16,19 @@ struct Beta {
   }
 };
 
-template <int ACT, class T>
-struct ActForward {
-  using Storage = T;
-  using M = opmath_t<T>;
-  static constexpr int NP = 0;
-  const T* x;
-  T* y;
+// Activation ACT with its beta (swish only), as tile.cuh's MapOp / GradOp take it.
+template <int ACT, class M>
+struct ActMath {
+  static constexpr int NP = 1;  // d/dbeta
   Beta<M> beta;
 
-  template <int VEC>
-  __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
-    M v[VEC];
-    load<VEC>(x + a.off, a.n, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>(v[k], beta.at(a, k));
-    store<VEC>(y + a.off, a.n, v);
+  __device__ __forceinline__ M value(M x, const At& a, int k) const {
+    return act_fwd<ACT>(x, beta.at(a, k));
   }
-};
-
-template <int ACT, class T>
-struct ActBackward {
-  using Storage = T;
-  using M = opmath_t<T>;
-  static constexpr int NP = 1;
-  const T* g;
-  const T* x;
-  T* dx;
-  Beta<M> beta;
-
-  template <int VEC>
-  __device__ __forceinline__ void apply(const At& a, M (&dbeta)[1][VEC]) const {
-    M gv[VEC], xv[VEC];
-    load<VEC>(g + a.off, a.n, gv);
-    load<VEC>(x + a.off, a.n, xv);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const Grad2<M> d = act_bwd<ACT>(xv[k], beta.at(a, k));
-      xv[k] = gv[k] * d.dx;
-      dbeta[0][k] = gv[k] * d.dparam;  // 0 past n: gv is 0 there
-    }
-    store<VEC>(dx + a.off, a.n, xv);
+  __device__ __forceinline__ M grad(M x, const At& a, int k, M (&terms)[1]) const {
+    const Grad2<M> d = act_bwd<ACT>(x, beta.at(a, k));
+    terms[0] = d.dparam;
+    return d.dx;
   }
 };
 
@@ -64,8 +36,9 @@ template <int ACT, class T>
 int act_forward(const void* x, void* y, const void* beta, float beta_value, const fa_plan& p,
                 void* stream) {
   using M = opmath_t<T>;
-  const ActForward<ACT, T> op{static_cast<const T*>(x), static_cast<T*>(y),
-                              Beta<M>{static_cast<const M*>(beta), M(beta_value), p.layout}};
+  const MapOp<T, ActMath<ACT, M>> op{
+      static_cast<const T*>(x), static_cast<T*>(y),
+      {Beta<M>{static_cast<const M*>(beta), M(beta_value), p.layout}}};
   return run(op, p, stream, {{x, sizeof(T)}, {y, sizeof(T)}});
 }
 
@@ -73,9 +46,9 @@ template <int ACT, class T>
 int act_backward(const void* g, const void* x, void* dx, const void* beta, float beta_value,
                  void* partial, const fa_plan& p, void* stream) {
   using M = opmath_t<T>;
-  const ActBackward<ACT, T> op{static_cast<const T*>(g), static_cast<const T*>(x),
-                               static_cast<T*>(dx),
-                               Beta<M>{static_cast<const M*>(beta), M(beta_value), p.layout}};
+  const GradOp<T, ActMath<ACT, M>> op{
+      static_cast<const T*>(g), static_cast<const T*>(x), static_cast<T*>(dx),
+      {Beta<M>{static_cast<const M*>(beta), M(beta_value), p.layout}}};
   return run(op, p, stream, {{g, sizeof(T)}, {x, sizeof(T)}, {dx, sizeof(T)}},
              static_cast<M*>(partial));
 }

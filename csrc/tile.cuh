@@ -315,6 +315,58 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
   }
 }
 
+// The two op shapes of an activation, generic over its math `F` (opmath M):
+// `F::value(x, at, k)` is f(x) for element k of the vector at `at`;
+// `F::grad(x, at, k, terms)` returns df/dx and writes F::NP parameter derivatives to `terms`.
+
+// y = f(x)
+template <class T, class F>
+struct MapOp {
+  using Storage = T;
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* x;
+  T* y;
+  F f;
+
+  template <int VEC>
+  __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
+    M v[VEC];
+    load<VEC>(x + a.off, a.n, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = f.value(v[k], a, k);
+    store<VEC>(y + a.off, a.n, v);
+  }
+};
+
+// dx = g f'(x), and the per-element parameter-gradient terms g df/dp for the tile's reduction
+template <class T, class F>
+struct GradOp {
+  using Storage = T;
+  using M = opmath_t<T>;
+  static constexpr int NP = F::NP;
+  const T* g;
+  const T* x;
+  T* dx;
+  F f;
+
+  template <int VEC>
+  __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {
+    M gv[VEC], xv[VEC];
+    load<VEC>(g + a.off, a.n, gv);
+    load<VEC>(x + a.off, a.n, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      M terms[NP];
+      xv[k] = gv[k] * f.grad(xv[k], a, k, terms);
+      // 0 past n: gv is 0 there and every term is finite at x = 0
+#pragma unroll
+      for (int p = 0; p < NP; ++p) d[p][k] = gv[k] * terms[p];
+    }
+    store<VEC>(dx + a.off, a.n, xv);
+  }
+};
+
 // Whether every pointer suits VEC-element accesses of its element size and every row starts on a
 // vector boundary.
 template <int VEC>
