@@ -54,19 +54,24 @@ constexpr unsigned GRID = 3;  // blocks, whatever the launcher asked: exercises 
 }  // namespace fa_emu
 
 // The runtime calls csrc makes, answered here (built with `-cudart none`): one device of two
-// multiprocessors, no errors.
-extern "C" {
-__attribute__((weak)) cudaError_t cudaGetDevice(int* device) {
+// multiprocessors, no errors.  They are renamed, not defined under CUDA's names: a process that
+// already loaded a CUDA runtime (torch's CUDA wheels ship one) would bind those names to it.
+namespace fa_emu {
+inline cudaError_t get_device(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-__attribute__((weak)) cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+inline cudaError_t device_attribute(int* value, cudaDeviceAttr, int) {
   *value = 2;
   return cudaSuccess;
 }
-__attribute__((weak)) cudaError_t cudaGetLastError() { return cudaSuccess; }
-__attribute__((weak)) const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-}
+inline cudaError_t last_error() { return cudaSuccess; }
+inline const char* error_string(cudaError_t) { return "emulated"; }
+}  // namespace fa_emu
+#define cudaGetDevice fa_emu::get_device
+#define cudaDeviceGetAttribute fa_emu::device_attribute
+#define cudaGetLastError fa_emu::last_error
+#define cudaGetErrorString fa_emu::error_string
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import fused_act
-from fused_act import _cuda, ops
+from fused_act import _build, _cuda, ops
 
 from . import test_acon as acon_tables
 from . import test_autograd as autograd_tables
 from . import test_frelu as frelu_tables
 from . import test_kernels as kernel_tables
 from .cases import ROOT, make_x
+from .test_csrc import toolchain_gap
 
 CSRC = ROOT / "csrc"
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -85,15 +86,24 @@ def emulated(tmp_path_factory):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found: no CUDA headers to compile csrc/ against")
+    std = _build.torch_cxx_standard()  # as an install builds csrc/
+    gap = toolchain_gap(nvcc, std)
+    if gap:
+        pytest.skip(gap)
     lib = tmp_path_factory.mktemp("emu") / "libfused_act_emu.so"
     # nvcc as the C++ driver brings CUDA's headers; cuda_emu.h answers the runtime calls
     out = subprocess.run(
-        [nvcc, "-std=c++17", "-O1", "-x", "c++", "-cudart", "none", "-shared", "-Xcompiler",
+        [nvcc, std, "-O1", "-x", "c++", "-cudart", "none", "-shared", "-Xcompiler",
          "-fPIC", "-include",
          str(ROOT / "tests" / "cuda_emu.h"), f"-I{CSRC}",
-         *(str(CSRC / s) for s in _cuda.SOURCES if s.endswith(".cu")), "-o", str(lib)],
+         *(str(CSRC / s) for s in _build.SOURCES if s.endswith(".cu")), "-o", str(lib)],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+    # every runtime call is answered by cuda_emu.h: none may bind to a CUDA runtime that the
+    # process has loaded (torch's CUDA wheels ship one)
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True,
+                               text=True, check=True).stdout.split()
+    assert not [s for s in undefined if s.startswith("cuda")], undefined
     return Emulated(str(lib))
 
 
