@@ -4,12 +4,24 @@ toolchain or a failed build an error, FUSED_ACT_BUILD_CUDA=0 skips the build.  O
 build is reported and the package installs without ``_C``: the Triton kernels do not need it,
 and backend "cuda" builds csrc/ on first use (fused_act/_cuda.py)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
 from setuptools import setup
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def build_config():
+    """fused_act/_build.py (sources and flags), loaded from the tree: the package is not
+    importable before it is installed."""
+    path = ROOT / "fused_act" / "_build.py"
+    spec = importlib.util.spec_from_file_location("fused_act_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cuda_build() -> dict:
@@ -24,7 +36,7 @@ def cuda_build() -> dict:
     else:
         if torch.version.cuda is None:
             missing = f"torch {torch.__version__} is not a CUDA build"
-        elif cpp_extension.CUDA_HOME is None:
+        elif build_config().nvcc_path() is None:
             missing = "nvcc not found (set CUDA_HOME)"
         else:
             missing = ""
@@ -33,11 +45,11 @@ def cuda_build() -> dict:
             raise SystemExit(f"FUSED_ACT_BUILD_CUDA=1, but {missing}")
         print(f"fused_act: not building the CUDA kernels: {missing}")
         return {}
-    sources = sorted(str(p.relative_to(CSRC.parent))
-                     for p in (*CSRC.glob("*.cu"), *CSRC.glob("*.cpp")))
+    cfg = build_config()
+    # no -std and no arch flags: torch's builder adds its own (fused_act/_build.py)
     ext = cpp_extension.CUDAExtension(
-        "fused_act._C", sources, include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]})
+        "fused_act._C", [f"csrc/{s}" for s in cfg.SOURCES], include_dirs=[str(CSRC)],
+        extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS})
 
     class BuildExt(cpp_extension.BuildExtension):
         def run(self):

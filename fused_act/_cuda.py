@@ -17,11 +17,9 @@ from types import ModuleType, SimpleNamespace
 import torch
 
 from . import plan
+from ._build import CXX_FLAGS, NVCC_FLAGS, SOURCES, nvcc_path
 
 log = logging.getLogger("fused_act")
-
-SOURCES = ("binding.cpp", "elementwise.cu", "acon.cu", "frelu.cu")
-NVCC_FLAGS = ["-O3", "-std=c++17"]
 
 
 def source_dir() -> Path:
@@ -41,14 +39,6 @@ def _prebuilt() -> ModuleType | None:
     return _C
 
 
-def _nvcc() -> str | None:
-    from torch.utils import cpp_extension
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "bin" / "nvcc").is_file():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
 @functools.cache
 def status() -> tuple[bool, str]:
     """(available, why): prebuilt, or buildable here on first use; never builds."""
@@ -60,7 +50,7 @@ def status() -> tuple[bool, str]:
         return False, f"torch {torch.__version__} is not a CUDA build"
     if os.environ.get("FUSED_ACT_BUILD_CUDA") == "0":
         return False, "not built at install, and FUSED_ACT_BUILD_CUDA=0 forbids building it"
-    if _nvcc() is None:
+    if nvcc_path() is None:
         return False, "not built at install, and no nvcc to build it (set CUDA_HOME)"
     if shutil.which("ninja") is None:
         return False, "not built at install, and ninja (pip install ninja) is missing to build it"
@@ -85,7 +75,7 @@ def library() -> ModuleType:
     log.warning("fused_act: building the CUDA kernels from %s (once; a minute or two)", src)
     return cpp_extension.load(
         name="fused_act_C", sources=[str(src / s) for s in SOURCES],
-        extra_include_paths=[str(src)], extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS)
+        extra_include_paths=[str(src)], extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS)
 
 
 def _dtype_params(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -4,31 +4,58 @@ backend where it cannot run is a clear error.  test_csrc_emulated.py runs the ke
 CPU.  On a GPU, the tables of test_kernels, test_acon, test_frelu and test_autograd run with
 backend "cuda" (``pytest -m cuda``), and test_gpu.py compares it with backend "triton"."""
 
+import functools
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import fused_act
-from fused_act import _cuda, reference
+from fused_act import _build, _cuda, reference
 
 from .cases import ROOT, TOL
 
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
 need_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources not compiled")
-# as torch's extension builds: the implicit half/bfloat16 conversions are off there
-TORCH_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else "of unknown version"
+
+
+@functools.cache
+def toolchain_gap(nvcc: str, std: str) -> str | None:
+    """None if ``nvcc`` (and its host compiler) can compile ``std``, else the one-line reason
+    a test that needs it skips with, naming the versions."""
+    probe = "#include <cuda_runtime.h>\n#include <vector>\nint main() { return 0; }\n"
+    out = subprocess.run([nvcc, std, "-x", "cu", "-E", "-", "-o", os.devnull], input=probe,
+                         capture_output=True, text=True)
+    if out.returncode == 0:
+        return None
+    return (f"nvcc {nvcc_version(nvcc)} cannot compile {std}, which torch {torch.__version__}'s "
+            "extension builder uses")
+
+
 def _nvcc(args: list[str], cwd) -> None:
-    out = subprocess.run([NVCC, "-std=c++17", "-O3", "-Werror", "all-warnings", *args],
+    """nvcc with the flags of torch's extension builder, all warnings as errors; skips where the
+    local toolchain cannot compile the C++ standard the installed torch needs."""
+    std = _build.torch_cxx_standard()
+    gap = toolchain_gap(NVCC, std)
+    if gap:
+        pytest.skip(gap)
+    out = subprocess.run([NVCC, std, "-O3", "-Werror", "all-warnings", *args],
                          cwd=cwd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr[-4000:]
 
@@ -36,14 +63,14 @@ def _nvcc(args: list[str], cwd) -> None:
 def test_every_source_is_built():
     """What the build compiles is every CUDA source there is."""
     sources = [*CSRC.glob("*.cu"), *CSRC.glob("*.cpp")]
-    assert sorted(_cuda.SOURCES) == sorted(p.name for p in sources)
+    assert sorted(_build.SOURCES) == sorted(p.name for p in sources)
 
 
 @need_nvcc
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
 def test_compiles_for_sm80_and_sm90(source, tmp_path):
-    _nvcc([*ARCHS, *TORCH_DEFINES, "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")],
-          tmp_path)
+    _nvcc([*ARCHS, *_build.torch_nvcc_defines(), "-c", str(CSRC / source), "-o",
+           str(tmp_path / "k.o")], tmp_path)
 
 
 @need_nvcc
@@ -64,13 +91,41 @@ def test_binding_type_checks_against_torch(tmp_path):
     _nvcc(args, tmp_path)
 
 
-def test_setup_build_cuda_1_needs_a_cuda_toolchain():
-    """FUSED_ACT_BUILD_CUDA=1 without a CUDA torch is an error naming what is missing."""
-    if torch.version.cuda is not None:
-        pytest.skip("a CUDA build of torch: setup.py would build")
+def test_build_flags_follow_torch():
+    """The C++ standard is the one torch's builder uses, read from it; fused_act's own flags
+    name no standard (the builder adds its own only when none is given)."""
+    std = _build.torch_cxx_standard()
+    assert re.fullmatch(r"-std=c\+\+(17|20|23)", std)
+    assert std in inspect.getsource(cpp_extension)
+    assert not [f for f in _build.CXX_FLAGS + _build.NVCC_FLAGS if f.startswith("-std")]
+
+
+@need_nvcc
+def test_toolchain_gap_is_a_skip_naming_versions(tmp_path):
+    """A toolchain that cannot compile torch's standard skips the compile tests with one line
+    naming nvcc's and torch's versions (here: an nvcc that rejects every source)."""
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Cuda compilation tools, "
+                    "release 11.0, V11.0.1' && exit 0\nexit 1\n")
+    fake.chmod(0o755)
+    reason = toolchain_gap(str(fake), "-std=c++20")
+    assert reason == (f"nvcc 11.0 cannot compile -std=c++20, which torch {torch.__version__}'s "
+                      "extension builder uses")
+
+
+def test_setup_build_cuda_1_needs_a_cuda_toolchain(tmp_path):
+    """FUSED_ACT_BUILD_CUDA=1 where the CUDA kernels cannot be built is an error naming what is
+    missing: a CPU build of torch, or (with a CUDA build) nvcc."""
+    env = {**os.environ, "FUSED_ACT_BUILD_CUDA": "1"}
+    if torch.version.cuda is None:
+        want = "is not a CUDA build"
+    else:
+        want = "nvcc not found"
+        env.update(CUDA_HOME=str(tmp_path), PATH=os.pathsep.join(
+            d for d in env["PATH"].split(os.pathsep) if not (Path(d) / "nvcc").exists()))
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, text=True,
-                         capture_output=True, env={**os.environ, "FUSED_ACT_BUILD_CUDA": "1"})
-    assert out.returncode != 0 and "is not a CUDA build" in out.stderr + out.stdout
+                         capture_output=True, env=env)
+    assert out.returncode != 0 and want in out.stderr + out.stdout, out.stderr + out.stdout
 
 
 def _host_math(xs: list[float], beta: float, a: float, p2: float, acon_beta: float):

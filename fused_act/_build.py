@@ -1,0 +1,48 @@
+"""How the CUDA C++ kernels (``csrc/``) are built, in one place: ``setup.py`` (at install),
+``_cuda.py`` (first use) and the tests (compile checks, CPU emulation) all read it.
+
+fused_act adds only optimisation flags.  The C++ standard, the half/bfloat16 defines and the
+architecture flags are those of torch's own extension builder, which adds them when the caller
+gives none: a torch whose headers need C++20 is built with C++20, an older one with its own
+standard.  This module imports nothing from fused_act, so setup.py can load it from the tree.
+"""
+
+import inspect
+import os
+import re
+import shutil
+from pathlib import Path
+
+SOURCES = ("binding.cpp", "elementwise.cu", "acon.cu", "frelu.cu")
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3"]
+
+
+def torch_cxx_standard() -> str:
+    """The ``-std=c++NN`` flag torch's extension builder compiles extensions with.
+
+    The builder hard-codes it where it assembles compiler flags (no public constant names it),
+    so it is read from the builder's source: the newest standard named there.  For callers that
+    drive a compiler themselves (the tests) and must match what an install would build with.
+    """
+    from torch.utils import cpp_extension
+    found = re.findall(r"-std=c\+\+(\d\d)\b", inspect.getsource(cpp_extension))
+    if not found:
+        raise RuntimeError("fused_act: cannot tell which C++ standard torch's extension "
+                           "builder uses (no -std=c++NN in torch.utils.cpp_extension)")
+    return f"-std=c++{max(int(v) for v in found)}"
+
+
+def torch_nvcc_defines() -> list[str]:
+    """The ``-D`` flags torch's builder passes nvcc (implicit half/bfloat16 conversions off)."""
+    from torch.utils import cpp_extension
+    return [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D")]
+
+
+def nvcc_path() -> str | None:
+    """nvcc of torch's CUDA_HOME, else the one on PATH, else None."""
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    if home and os.access(Path(home) / "bin" / "nvcc", os.X_OK):
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
