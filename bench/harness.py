@@ -289,13 +289,25 @@ def _time_modes(fn: Callable, x: torch.Tensor, g: torch.Tensor, params: list[tor
 # ---- host overhead -----------------------------------------------------------------------------
 
 def host_overhead(device: str, n: int = 2**10, iters: int = 300) -> dict[str, float]:
-    """Microseconds per eager forward+backward call on a tiny tensor, fused_act vs PyTorch."""
+    """Microseconds per eager forward+backward call on a tiny tensor, fused_act vs PyTorch.
+
+    fused_act is timed under each backend that really runs ``device`` tensors: on a GPU the
+    Triton and (where built) CUDA kernels, elsewhere what "auto" runs there, the reference.
+    Never the Triton interpreter: its figures say nothing of a GPU.  Each label names the
+    implementation and the device."""
     x = torch.randn(n, device=device, requires_grad=True)
     g = torch.ones_like(x)
+    names = ["auto"]
+    if device == "cuda":
+        names = ["triton"] + (["cuda"] if fused_act.backend.cuda_status()[0] else [])
+    calls = []
+    for backend_name in names:
+        with fused_act.use_backend(backend_name):
+            runs = fused_act.backend.resolve(torch.device(device))
+        label = f"fused_act.mish [{runs}" + (", auto" if backend_name == "auto" else "")
+        calls.append((f"{label}, {device}]", fused_act.mish, backend_name))
+    calls.append((f"F.mish [torch, {device}]", F.mish, "reference"))
     result = {}
-    calls = [("fused_act.mish", fused_act.mish, "triton"), ("F.mish", F.mish, "triton")]
-    if device == "cuda" and fused_act.backend.cuda_status()[0]:
-        calls.insert(1, ("fused_act.mish (cuda)", fused_act.mish, "cuda"))
     for label, fn, backend_name in calls:
         with fused_act.use_backend(backend_name):
             for _ in range(20):
@@ -327,8 +339,11 @@ def env(device: str) -> dict:
     except OSError:
         commit = ""
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})"
+    # on a CPU the Triton kernels run under the interpreter: their times say nothing of a GPU
+    interpreter = device == "cpu" and fused_act.backend.interpreting()
     return dict(gpu=gpu, device=device, torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), commit=commit,
+                interpreter=interpreter, cuda=torch.version.cuda,
+                python=platform.python_version(), commit=commit,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -385,13 +400,15 @@ def markdown(result: dict) -> str:
     info, rows = result["env"], result["rows"]
     by = {(r["op"], r["dtype"], tuple(r["shape"]), r["mode"], r["contestant"]): r for r in rows}
     overhead = ", ".join(f"{k} {v:.1f} us" for k, v in result["host_overhead_us"].items())
+    fused = "the Triton kernels" + (" under Triton's CPU interpreter (not GPU figures)"
+                                    if info.get("interpreter") else "")
     lines = [
         f"# fused_act on {info['gpu']}", "",
         f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, commit "
         f"{info['commit']}, {info['date']}. Fractions are of a device-to-device copy of the same "
         "bytes timed in the same run; GPU times are medians of CUDA-graph replays (GPU time, no "
-        "host overhead: that is the next line). fused: the Triton kernels; cuda: the CUDA C++ "
-        "kernels.", "",
+        f"host overhead: that is the next line). fused: {fused}; cuda: the CUDA C++ kernels.",
+        "",
         f"Host time per eager forward+backward on 2^10 elements: {overhead}", "",
         "| op | dtype | shape | mode | fused ms | fused / copy | cuda / copy | eager / copy "
         "| compile / copy | vs eager | vs compile | peak MB fused / eager / compile |",
