@@ -302,8 +302,7 @@ def host_overhead(device: str, n: int = 2**10, iters: int = 300) -> dict[str, fl
         names = ["triton"] + (["cuda"] if fused_act.backend.cuda_status()[0] else [])
     calls = []
     for backend_name in names:
-        with fused_act.use_backend(backend_name):
-            runs = fused_act.backend.resolve(torch.device(device))
+        runs = fused_act.backend.resolve(torch.device(device), backend_name)
         label = f"fused_act.mish [{runs}" + (", auto" if backend_name == "auto" else "")
         calls.append((f"{label}, {device}]", fused_act.mish, backend_name))
     calls.append((f"F.mish [torch, {device}]", F.mish, "reference"))

@@ -78,11 +78,6 @@ def library() -> ModuleType:
         extra_include_paths=[str(src)], extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS)
 
 
-def _dtype_params(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A parameter flat, contiguous, in x's opmath dtype (what the kernels read)."""
-    return t.reshape(-1).to(plan.accumulator(x)).contiguous()
-
-
 def _elementwise_plan(x: torch.Tensor, beta: torch.Tensor | None) -> plan.Plan:
     return plan.flat(x.numel(), plan.SCALAR) if beta is None else plan.channel_plan(
         x, beta.numel())
@@ -92,8 +87,7 @@ def act_forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor |
                 beta_value: float) -> None:
     """Write f(x) into ``y`` (as ``triton_kernels.elementwise.forward``)."""
     p = _elementwise_plan(x, beta)
-    b = None if beta is None else _dtype_params(beta, x)
-    library().act_forward(x, y, act, b, beta_value, p.fields())
+    library().act_forward(x, y, act, beta, beta_value, p.fields())
 
 
 def act_backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
@@ -102,10 +96,9 @@ def act_backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
     """Write grad * f'(x) into ``dx``; return d/dbeta per channel if asked (as
     ``triton_kernels.elementwise.backward``)."""
     p = _elementwise_plan(x, beta)
-    b = None if beta is None else _dtype_params(beta, x)
     partial = torch.empty(p.partials, dtype=plan.accumulator(x),
                           device=x.device) if need_dbeta else None
-    library().act_backward(g, x, dx, act, b, beta_value, partial, p.fields())
+    library().act_backward(g, x, dx, act, beta, beta_value, partial, p.fields())
     return None if partial is None else plan.channel_sums(partial, p)
 
 
@@ -113,8 +106,7 @@ def acon_forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.T
                  beta: torch.Tensor, per_sample: bool) -> None:
     """Write ACON-C of ``x`` into ``y`` (as ``triton_kernels.acon.forward``)."""
     p = plan.channel_plan(x, p1.numel(), per_sample)
-    library().acon_forward(x, y, _dtype_params(p1, x), _dtype_params(p2, x),
-                           _dtype_params(beta, x), per_sample, p.fields())
+    library().acon_forward(x, y, p1, p2, beta, per_sample, p.fields())
 
 
 def acon_backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tensor,
@@ -126,8 +118,8 @@ def acon_backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.
     p = plan.channel_plan(x, p1.numel(), per_sample)
     acc = plan.accumulator(x)
     partial = torch.empty(3 * p.partials, dtype=acc, device=x.device) if need_params else None
-    library().acon_backward(g, x, dx, _dtype_params(p1, x), _dtype_params(p2, x),
-                            _dtype_params(beta, x), per_sample, partial, p.partials, p.fields())
+    library().acon_backward(g, x, dx, p1, p2, beta, per_sample, partial, p.partials,
+                            p.fields())
     if partial is None:
         return None
     return plan.acon_sums(partial, p, x.shape[0], per_sample, out_dtype or acc)
@@ -149,7 +141,7 @@ def max_affine(x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tenso
                y: torch.Tensor) -> None:
     """y = max(x, a t + b) per channel (as ``triton_kernels.frelu.forward_affine``)."""
     p = plan.channel_plan(x, a.numel())
-    library().max_affine(x, t, _dtype_params(a, x), _dtype_params(b, x), y, p.fields())
+    library().max_affine(x, t, a, b, y, p.fields())
 
 
 # the families as ops.py reaches them, named as the Triton modules

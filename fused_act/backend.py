@@ -7,6 +7,12 @@ Triton's interpreter, when ``TRITON_INTERPRET=1`` was set before the kernels wer
 tensor without it is a clear error.  "cuda" names the CUDA C++ kernels (``csrc/``, ``_cuda.py``):
 CUDA tensors only, and asking for it where they cannot run says why.  Availability is probed
 once and explained by ``python -m fused_act.info``.
+
+The backend in force when an op's forward runs is recorded with its autograd node and runs that
+node's backward, wherever the backward is called (as torch does for autocast): with
+``use_backend("triton"): y = model(x)`` then ``y.backward()`` outside the block, the backward is
+Triton's too.  Under ``torch.compile`` the backend in force when a graph is traced is part of the
+graph (changing it recompiles), as ``config.compile_mode`` is.
 """
 
 import contextlib
@@ -45,7 +51,8 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the block with ``name`` as the backend, then restore the previous one."""
+    """Run the block with ``name`` as the backend, then restore the previous one.  Backward
+    passes of ops run in the block use ``name`` too, even when called after it."""
     global _backend
     previous, _backend = _backend, _check(name)
     try:
@@ -79,9 +86,10 @@ def cuda_status() -> tuple[bool, str]:
     return _cuda.status()
 
 
-def resolve(device: torch.device) -> str:
-    """The implementation that runs a tensor on ``device``: "triton", "cuda" or "reference"."""
-    name = _backend
+def resolve(device: torch.device, name: str) -> str:
+    """The implementation that backend ``name`` (as ``set_backend`` takes it; an op records the
+    one in force at its forward) runs a tensor on ``device`` with: "triton", "cuda" or
+    "reference"."""
     if name == "reference":
         return name
     if name == "auto":

@@ -3,25 +3,34 @@
 Every check runs before any kernel launch and names the op and the argument.
 """
 
-import struct
-
+import torch
 from torch import Tensor
 
 from . import ops
+
+# Every op computes in fp32 for the 16-bit types and fp32, in fp64 for fp64.  Anything else
+# (integers, bool, complex, float8) is refused: float8's few mantissa bits would need their own
+# rounding rules, and no kernel here implements them.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORTED = "floating-point tensor of dtype float16, bfloat16, float32 or float64"
+
+
+def _check_dtype(op: str, arg: str, t: Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fused_act.{op}: {arg} must be a {_SUPPORTED} (got {t.dtype})")
 
 
 def _check_x(op: str, x: object) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"fused_act.{op}: x must be a torch.Tensor (got {type(x).__name__})")
-    if not x.is_floating_point():
-        raise TypeError(f"fused_act.{op}: x must be a floating-point tensor (fp16, bf16, fp32 "
-                        f"or fp64), got {x.dtype}")
+    _check_dtype(op, "x", x)
 
 
 def _check_param_type(op: str, arg: str, p: object, x: Tensor) -> None:
-    if not isinstance(p, Tensor) or not p.is_floating_point():
-        what = p.dtype if isinstance(p, Tensor) else type(p).__name__
-        raise TypeError(f"fused_act.{op}: {arg} must be a floating-point tensor (got {what})")
+    if not isinstance(p, Tensor):
+        raise TypeError(f"fused_act.{op}: {arg} must be a {_SUPPORTED} (got "
+                        f"{type(p).__name__})")
+    _check_dtype(op, arg, p)
     if p.device != x.device:
         raise ValueError(f"fused_act.{op}: {arg} is on {p.device} but x is on {x.device}")
 
@@ -42,11 +51,6 @@ def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
         one = "one element or " if allow_scalar and c is not None else ""
         raise ValueError(f"fused_act.{op}: {arg} must have {one}{want} for x of shape "
                          f"{tuple(x.shape)} (got shape {shape})")
-
-
-def _fp32(v: float) -> float:
-    # kernels take scalars as fp32 (no fp64 promotion); round here so every backend agrees
-    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def mish(x: Tensor) -> Tensor:
@@ -85,7 +89,10 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    return ops.apply("swish", x, "swish", None, _fp32(beta))
+    if not torch.compiler.is_compiling():
+        # under torch.compile beta may be symbolic: the op rounds it when it runs
+        beta = ops._fp32(beta)
+    return ops.apply("swish", x, "swish", None, beta)
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -141,6 +148,7 @@ def _check_frelu_pair(op: str, x: Tensor, t: Tensor) -> None:
     _check_x(op, x)
     if not isinstance(t, Tensor):
         raise TypeError(f"fused_act.{op}: t must be a torch.Tensor (got {type(t).__name__})")
+    _check_dtype(op, "t", t)
     if t.dtype != x.dtype:
         raise TypeError(f"fused_act.{op}: t must have x's dtype {x.dtype} (got {t.dtype})")
     if t.device != x.device:

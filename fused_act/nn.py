@@ -33,7 +33,20 @@ def _inplace(x: Tensor, act: str, module: str) -> Tensor | None:
     return None
 
 
-class _InplaceActivation(nn.Module):
+class FusedModule(nn.Module):
+    """What every fused_act module shares: TorchScript is refused with a clear error.
+
+    Scripting compiles ``forward`` from its source, and ours calls the fused custom ops through
+    Python; ``torch.jit.trace`` records the reference math instead and works on every backend.
+    """
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(f"fused_act.nn.{type(self).__name__} cannot be compiled by "
+                           "torch.jit.script; use torch.compile or torch.export (or "
+                           "torch.jit.trace, which records the reference math)")
+
+
+class _InplaceActivation(FusedModule):
     """A stateless activation with torch.nn's ``inplace`` argument."""
 
     op = ""  # the public function in fused_act.functional
@@ -67,7 +80,7 @@ class SiLU(_InplaceActivation):
     op, act = "silu", "swish"
 
 
-class GELU(nn.Module):
+class GELU(FusedModule):
     """GELU with ``approximate="none"`` or ``"tanh"``; a drop-in for ``torch.nn.GELU``."""
 
     def __init__(self, approximate: str = "none") -> None:
@@ -84,7 +97,7 @@ class GELU(nn.Module):
         return f"approximate={self.approximate!r}"
 
 
-class Swish(nn.Module):
+class Swish(FusedModule):
     """Swish, ``x * sigmoid(beta * x)`` with a fixed or learnable beta.
 
     ``learnable=True`` makes ``beta`` a parameter of ``num_parameters`` values initialised to
@@ -118,7 +131,7 @@ class Swish(nn.Module):
         return f"beta={self.beta}"
 
 
-class AconC(nn.Module):
+class AconC(FusedModule):
     """ACON-C (Ma et al., "Activate or Not", 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) +
     p2 x`` with learnable per-channel ``p1``, ``p2``, ``beta`` of shape (1, C, 1, 1).
 
@@ -137,7 +150,7 @@ class AconC(nn.Module):
         return functional.acon_c(x, self.p1, self.p2, self.beta)
 
 
-class MetaAconC(nn.Module):
+class MetaAconC(FusedModule):
     """Meta-ACON: ACON-C whose beta is computed per sample and channel by a small network,
     ``beta = sigmoid(fc2(fc1(mean of x over H, W))))``, with 1x1 (``k``) convolutions through
     ``c2 = max(r, c1 // r)`` channels.
@@ -164,7 +177,7 @@ class MetaAconC(nn.Module):
         return functional.acon_c(x, self.p1, self.p2, beta)
 
 
-class FReLU(nn.Module):
+class FReLU(FusedModule):
     """FReLU (Ma et al., "Funnel Activation for Visual Recognition", 2020):
     ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution ``conv`` (padding k // 2,
     no bias) and BatchNorm ``bn``, named and shaped as the paper's published module.
@@ -195,7 +208,7 @@ class FReLU(nn.Module):
         b = -bn.running_mean.to(acc) * a
         if bn.bias is not None:
             b = b + bn.bias.to(acc)
-        return ops.frelu_max_affine_op(x, t, a, b)
+        return ops.apply_frelu_max_affine(x, t, a, b)
 
 
 # ---- replace_activations -------------------------------------------------------------------

@@ -51,12 +51,12 @@ def test_opcheck(op, backend_name, device):
     x.requires_grad_()
     act, beta, beta_value = _op_args(op, x)
     with fused_act.use_backend(backend_name):
-        torch.library.opcheck(ops.activation_op, (x, act, beta, beta_value))
+        torch.library.opcheck(ops.activation_op, (x, act, beta, beta_value, backend_name))
         g = torch.randn_like(x)
         beta = None if beta is None else beta.detach()
         for need in ([False, True] if beta is not None else [False]):
             torch.library.opcheck(ops.activation_backward_op,
-                                  (g, x.detach(), act, beta, beta_value, need))
+                                  (g, x.detach(), act, beta, beta_value, need, backend_name))
 
 
 class _Block(torch.nn.Module):

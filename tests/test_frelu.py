@@ -97,11 +97,13 @@ def test_opcheck(backend_name, device):
     with fused_act.use_backend(backend_name):
         for need in (False, True):
             torch.library.opcheck(ops.frelu_max_op, (x.requires_grad_(need),
-                                                     t.requires_grad_(need), need))
+                                                     t.requires_grad_(need), need, backend_name))
         code = reference.frelu_max_code(x, t)
-        torch.library.opcheck(ops.frelu_max_backward_op, (torch.randn_like(x.detach()), code))
+        torch.library.opcheck(ops.frelu_max_backward_op,
+                              (torch.randn_like(x.detach()), code, backend_name))
         a, b = torch.randn(6, device=device), torch.randn(6, device=device)
-        torch.library.opcheck(ops.frelu_max_affine_op, (x.detach(), t.detach(), a, b))
+        torch.library.opcheck(ops.frelu_max_affine_op,
+                              (x.detach(), t.detach(), a, b, backend_name))
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
@@ -112,7 +114,7 @@ def test_saves_one_byte_per_element(backend_name):
     assert [(v.dtype, v.numel()) for v in saved] == [(torch.uint8, x.numel())]
     y.sum().backward()
     with torch.no_grad():  # nothing is kept without grad, and no code is written
-        assert ops.frelu_forward_impl(x, t, need_code=False)[1] is None
+        assert ops.frelu_forward_impl(x, t, need_code=False, backend=backend_name)[1] is None
 
 
 def test_bad_arguments():

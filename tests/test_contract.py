@@ -1,0 +1,665 @@
+"""The contract of DESIGN.md sections 2-4, one table per clause, on every backend ("triton" under
+the interpreter, "cuda" through the CPU emulation of its kernels, "reference"): strided
+parameters, in-place version counters, unsupported dtypes, the backend a backward runs on,
+torch.func, forward-mode AD, autograd.functional.jacobian, dynamic torch.compile, torch.jit, and a
+property-based sweep of shapes, layouts, dtypes and ops."""
+
+import contextlib
+import math
+import re
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+import fused_act
+from fused_act import reference
+from fused_act.triton_kernels import acon as triton_acon
+from fused_act.triton_kernels import elementwise as triton_elementwise
+from fused_act.triton_kernels import frelu as triton_frelu
+
+from .cases import (
+    ALL_OPS,
+    BACKENDS,
+    CPU_BACKENDS,
+    DTYPES,
+    OPS,
+    Op,
+    assert_near,
+    assert_param_near,
+    need_backend,
+)
+from .test_csrc_emulated import cuda_on_cpu, emulated  # noqa: F401
+
+F64 = torch.float64
+TIGHT = {"rtol": 1e-10, "atol": 1e-10}  # float64 transforms against torch's own functions
+
+
+def _use(request, backend):
+    """Make ``backend`` runnable on CPU tensors in this test (CUDA kernels: their emulation)."""
+    if backend == "cuda":
+        request.getfixturevalue("cuda_on_cpu")
+    else:
+        need_backend(backend, "cpu")
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=F64, scale=4.0, gen=None):
+    gen = gen or _gen()
+    return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(dtype)
+
+
+def _rand(*shape, lo=-2.0, hi=2.0, dtype=F64, gen=None):
+    gen = gen or _gen()
+    return (torch.rand(shape, generator=gen, dtype=F64) * (hi - lo) + lo).to(dtype)
+
+
+def _leaf(t):
+    """``t`` as a leaf that requires grad, keeping its strides and storage offset."""
+    return t.detach().requires_grad_()
+
+
+def _acon_formula(x, p1, p2, beta):
+    """ACON-C as plain torch operations (the paper's formula), parameters broadcast over C."""
+    ones = [1] * (x.dim() - 2)
+    p1, p2 = (p.reshape(1, x.shape[1], *ones) for p in (p1, p2))
+    beta = beta.reshape(beta.shape[0] if beta.dim() >= 2 else 1, x.shape[1], *ones)
+    d = (p1 - p2) * x
+    return d * torch.sigmoid(beta * d) + p2 * x
+
+
+def _acon_params(per_sample):
+    def params(x):
+        gen = _gen(7)
+        pd = F64 if x.dtype == F64 else torch.float32
+        n, c, ones = x.shape[0], x.shape[1], [1] * (x.dim() - 2)
+        p1 = _rand(c, dtype=pd, gen=gen)
+        p2 = _rand(1, c, *ones, dtype=pd, gen=gen) if ones else _rand(c, dtype=pd, gen=gen)
+        beta = _rand(n, c, lo=0.2, dtype=pd, gen=gen) if per_sample else \
+            _rand(c, lo=0.2, dtype=pd, gen=gen)
+        return [p.to(x.device).requires_grad_() for p in (p1, p2, beta)]
+    return params
+
+
+# ACON-C in the shape of the tables in cases.py (x of rank >= 2)
+ACON_OPS = [
+    Op(name, lambda x, p: fused_act.acon_c(x, *p), lambda x, p: reference.acon_c(x, *p),
+       lambda g, x, p: reference.acon_c_backward(g, x, *p), lambda x, p: _acon_formula(x, *p),
+       _acon_params(per_sample), scale=4.0)
+    for name, per_sample in (("acon_c", False), ("acon_c_sample", True))]
+# the ops without parameter tensors: (x) -> y, with torch's own function beside each
+ELEMENTWISE = [op for op in OPS if op.name != "swish_scalar"]
+
+
+def _param_terms(op_name, g64, x64, p64):
+    """Per parameter, the size of the terms its reduced gradient sums (for its tolerance)."""
+    if not p64:
+        return []
+    if op_name.startswith("acon"):
+        terms = reference.acon_c_backward(g64.abs(), x64.abs(), *[p.abs() for p in p64])[1:]
+        return [t.abs() for t in terms]
+    if op_name.startswith("frelu"):
+        return [g64.abs()]
+    return [reference.swish_backward(g64.abs(), x64, p64[0], need_dbeta=True)[1].abs()]
+
+
+# ---- 1. strided / sliced parameter tensors -----------------------------------------------
+
+def _strided_case(name, dtype, x_offset):
+    """(call, x, params): x of the case's shape (a view with a storage offset if ``x_offset``)
+    and its parameters as strided views."""
+    gen = _gen(3)
+    shape = (2, 3, 5) if name == "swish_channel" else (2, 3, 4, 5)
+    n = math.prod(shape)
+    x = _randn(n + 1, dtype=dtype, gen=gen)[1:].view(shape) if x_offset else \
+        _randn(*shape, dtype=dtype, gen=gen)
+
+    def r(*s, lo=-2.0):
+        return _rand(*s, lo=lo, dtype=dtype, gen=gen)
+
+    if name == "mish":
+        return lambda x, p: fused_act.mish(x), x, []
+    if name == "swish_channel":
+        return lambda x, p: fused_act.swish(x, p[0]), x, [(torch.rand(6, generator=gen).to(
+            dtype) + 0.5)[::2]]
+    if name == "swish_channel_4d":
+        return lambda x, p: fused_act.swish(x, p[0]), x, [r(1, 6, 1, 1, lo=0.5)[:, ::2]]
+    if name == "frelu_max":
+        return lambda x, p: fused_act.frelu_max(x, p[0]), x, [_randn(2, 3, 4, 10, dtype=dtype,
+                                                                     gen=gen)[..., ::2]]
+    beta = {"acon_channel": lambda: r(6, lo=0.2)[::2],
+            "acon_sample": lambda: r(2, 6, lo=0.2)[:, ::2],
+            "acon_sample_4d": lambda: r(2, 6, 1, 1, lo=0.2)[:, ::2]}[name]()
+    return lambda x, p: fused_act.acon_c(x, *p), x, [r(6)[::2], r(1, 6, 1, 1)[:, ::2], beta]
+
+
+STRIDED = ["swish_channel", "swish_channel_4d", "acon_channel", "acon_sample", "acon_sample_4d",
+           "frelu_max"]
+STRIDED_CASES = [pytest.param("mish", True, id="mish-x_offset")] + [
+    pytest.param(name, off, id=f"{name}-{'x_offset' if off else 'x_contiguous'}")
+    for name in STRIDED for off in (False, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, x_offset", STRIDED_CASES)
+def test_strided_params_match_contiguous(name, x_offset, backend, dtype, request):
+    """Strided parameter views (and x with a storage offset) give the values and gradients of
+    contiguous copies (section 4: a unit-stride kernel gets a copy, never a strided view)."""
+    _use(request, backend)
+    call, x, params = _strided_case(name, dtype, x_offset)
+    assert (x.storage_offset() > 0) == x_offset
+    assert all(not p.is_contiguous() for p in params), "the case must have strided parameters"
+    x, params = _leaf(x), [_leaf(p) for p in params]
+    g = _randn(*x.shape, dtype=dtype, scale=1.0, gen=_gen(5))
+    with fused_act.use_backend(backend):
+        y = call(x, params)
+        grads = torch.autograd.grad(y, [x, *params], g)
+    x64, g64 = x.detach().double().contiguous(), g.double()
+    p64 = [p.detach().double().contiguous() for p in params]
+    with fused_act.use_backend("reference"):
+        xr, pr = _leaf(x64), [_leaf(p) for p in p64]
+        want_y = call(xr, pr)
+        want = torch.autograd.grad(want_y, [xr, *pr], g64)
+    what = f"{name}[{backend}, {dtype}, x_offset={x_offset}]"
+    assert_near(y, want_y, dtype, what + " forward")
+    assert_near(grads[0], want[0], dtype, what + " dx")
+    terms = _param_terms(name, g64, x64, p64)
+    for i, (p, got, ref64, t) in enumerate(zip(params, grads[1:], want[1:], terms, strict=True)):
+        assert got.shape == p.shape, f"{what} dparam{i}: shape {got.shape} vs {p.shape}"
+        assert_param_near(got, ref64, t + ref64.abs(), dtype, f"{what} dparam{i}")
+
+
+# ---- 2. in-place writes bump the version counter ------------------------------------------
+
+INPLACE = [pytest.param(fused_act.nn.Mish, torch.nn.Mish, F.mish, id="Mish"),
+           pytest.param(fused_act.nn.SiLU, torch.nn.SiLU, F.silu, id="SiLU")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours, theirs, fn", INPLACE)
+def test_inplace_saved_tensor_raises(ours, theirs, fn, backend, request):
+    """Overwriting a tensor autograd saved elsewhere makes backward raise torch's error, as
+    torch.nn's in-place module does (section 4: the version counter is bumped)."""
+    _use(request, backend)
+    for module in (theirs, ours):
+        x = torch.randn(50, generator=_gen())
+        w = torch.randn(50, requires_grad=True)
+        y = (x * w).sum()
+        with fused_act.use_backend(backend):
+            module(inplace=True)(x)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours, theirs, fn", INPLACE)
+def test_inplace_version_delta(ours, theirs, fn, backend, request):
+    """One in-place call bumps x._version by exactly what torch.nn's module does (1)."""
+    _use(request, backend)
+    deltas = {}
+    for label, module in (("torch", theirs), ("fused_act", ours)):
+        x = torch.randn(50, generator=_gen())
+        before = x._version
+        with fused_act.use_backend(backend):
+            module(inplace=True)(x)
+        deltas[label] = x._version - before
+    assert deltas["fused_act"] == deltas["torch"] == 1, f"version deltas {deltas}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours, theirs, fn", INPLACE)
+def test_inplace_no_grad_writes_input(ours, theirs, fn, backend, request):
+    """Under torch.no_grad() the result is written into x's own memory."""
+    _use(request, backend)
+    x = torch.randn(50, generator=_gen()) * 4
+    want = fn(x.double())
+    ptr = x.data_ptr()
+    with torch.no_grad(), fused_act.use_backend(backend):
+        y = ours(inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr() == ptr, "the result is not x's memory"
+    assert_near(x, want, torch.float32, f"{ours.__name__}(inplace=True) values in x")
+
+
+# ---- 3. unsupported dtypes ------------------------------------------------------------
+
+def _pdtype(x):
+    return F64 if x.dtype == F64 else torch.float32
+
+
+# case -> (public name, call(x)); parameters in a supported dtype, t in x's dtype
+DTYPE_OPS = {
+    "mish": ("mish", lambda x: fused_act.mish(x)),
+    "silu": ("silu", lambda x: fused_act.silu(x)),
+    "swish_float": ("swish", lambda x: fused_act.swish(x, 1.5)),
+    "swish_tensor": ("swish", lambda x: fused_act.swish(x, torch.full((3,), 1.5,
+                                                                      dtype=_pdtype(x)))),
+    "gelu": ("gelu", lambda x: fused_act.gelu(x)),
+    "gelu_tanh": ("gelu", lambda x: fused_act.gelu(x, "tanh")),
+    "acon_c": ("acon_c", lambda x: fused_act.acon_c(
+        x, torch.full((3,), 1.5, dtype=_pdtype(x)), torch.full((3,), 0.25, dtype=_pdtype(x)),
+        torch.ones(3, dtype=_pdtype(x)))),
+    "frelu_max": ("frelu_max", lambda x: fused_act.frelu_max(x, torch.zeros_like(x))),
+}
+BAD_DTYPES = [getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fn") if hasattr(torch, n)] + [
+    torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8]
+FLOAT8 = [d for d in BAD_DTYPES if "float8" in str(d)]
+SUPPORTED_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _names(msg, arg):
+    """True if ``msg`` names the argument ``arg`` (as a word, maybe quoted; not "x's")."""
+    return re.search(rf"(?<![\w.'])(['\"`]?){re.escape(arg)}\1(?![\w'])", msg) is not None
+
+
+@contextlib.contextmanager
+def _kernel_probe(monkeypatch, attr):
+    """Record every call of ``attr`` ("forward" or "backward") of each backend's kernel
+    families; yields the list of (backend, family) called."""
+    from fused_act import _cuda
+    calls = []
+    families = {"triton": {"elementwise": triton_elementwise, "acon": triton_acon,
+                           "frelu": triton_frelu},
+                "cuda": {"elementwise": _cuda.elementwise, "acon": _cuda.acon,
+                         "frelu": _cuda.frelu}}
+    for backend, fams in families.items():
+        for family, module in fams.items():
+            original = getattr(module, attr)
+
+            def wrapper(*args, _orig=original, _tag=(backend, family), **kwargs):
+                calls.append(_tag)
+                return _orig(*args, **kwargs)
+
+            monkeypatch.setattr(module, attr, wrapper)
+    yield calls
+
+
+def _assert_dtype_error(err, op, arg, what):
+    msg = str(err.value)
+    assert f"fused_act.{op}" in msg, f"{what}: message does not name fused_act.{op}: {msg!r}"
+    assert _names(msg, arg), f"{what}: message does not name the argument {arg!r}: {msg!r}"
+    missing = [n for n in SUPPORTED_NAMES if n not in msg]
+    assert not missing, f"{what}: supported dtypes {missing} not listed: {msg!r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(DTYPE_OPS))
+def test_unsupported_x_dtype(case, dtype, backend, request, monkeypatch):
+    """x of any other dtype is a TypeError naming the op, "x" and the supported set, raised
+    before any kernel launch (section 4)."""
+    _use(request, backend)
+    op, call = DTYPE_OPS[case]
+    x = _randn(2, 3, 4).to(dtype)
+    with _kernel_probe(monkeypatch, "forward") as launched, fused_act.use_backend(backend), \
+            pytest.raises(TypeError) as err:
+        call(x)
+    assert not launched, f"{case}[{dtype}]: kernels launched before the error: {launched}"
+    _assert_dtype_error(err, op, "x", f"{case}[{dtype}, {backend}]")
+
+
+def _bad_param_call(case, dtype):
+    x = _randn(2, 3, 4, dtype=torch.float32)
+    ok = torch.ones(3)
+    bad = torch.ones(3).to(dtype)
+    return {
+        "swish-beta": lambda: fused_act.swish(x, bad),
+        "acon_c-p1": lambda: fused_act.acon_c(x, bad, ok, ok),
+        "acon_c-p2": lambda: fused_act.acon_c(x, ok, bad, ok),
+        "acon_c-beta": lambda: fused_act.acon_c(x, ok, ok, bad),
+        "frelu_max-t": lambda: fused_act.frelu_max(x, torch.zeros(2, 3, 4).to(dtype)),
+    }[case]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+@pytest.mark.parametrize("case", ["swish-beta", "acon_c-p1", "acon_c-p2", "acon_c-beta",
+                                  "frelu_max-t"])
+def test_unsupported_param_dtype(case, dtype, backend, request, monkeypatch):
+    """A float8 parameter (beta, p1, p2, t) with a float32 x is a TypeError naming it."""
+    _use(request, backend)
+    op, arg = case.split("-")
+    call = _bad_param_call(case, dtype)
+    with _kernel_probe(monkeypatch, "forward") as launched, fused_act.use_backend(backend), \
+            pytest.raises(TypeError) as err:
+        call()
+    assert not launched, f"{case}[{dtype}]: kernels launched before the error: {launched}"
+    _assert_dtype_error(err, op, arg, f"{case}[{dtype}, {backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(DTYPE_OPS))
+def test_supported_dtypes_work(case, dtype, backend, request):
+    """float16, bfloat16, float32 and float64 still run, with the float64 reference's values."""
+    _use(request, backend)
+    _, call = DTYPE_OPS[case]
+    x = _randn(2, 3, 4, dtype=dtype, gen=_gen(11))
+    with fused_act.use_backend(backend):
+        y = call(x)
+    with fused_act.use_backend("reference"):
+        want = call(x.double())
+    assert y.dtype == dtype, f"{case}: output dtype {y.dtype} for x of {dtype}"
+    assert_near(y, want, dtype, f"{case}[{dtype}, {backend}]")
+
+
+# ---- 4. a backward runs on the backend of its forward -------------------------------------
+
+def _backward_case(name):
+    """(call(x, params), x, params) of one op, x (2, 3, 4) in float32 (leaves)."""
+    x = _leaf(_randn(2, 3, 4, dtype=torch.float32, gen=_gen(13)))
+    if name in {op.name for op in ELEMENTWISE}:
+        op = next(op for op in ELEMENTWISE if op.name == name)
+        return op.call, x, []
+    if name == "swish_channel":
+        return lambda x, p: fused_act.swish(x, p[0]), x, [torch.full((3,), 1.5,
+                                                                     requires_grad=True)]
+    if name == "acon_c":
+        return lambda x, p: fused_act.acon_c(x, *p), x, ACON_OPS[0].params(x)
+    return lambda x, p: fused_act.frelu_max(x, p[0]), x, [_leaf(_randn(2, 3, 4,
+                                                                         dtype=torch.float32))]
+
+
+BACKWARD_OPS = [op.name for op in ELEMENTWISE] + ["swish_channel", "acon_c", "frelu_max"]
+# (backend of the forward, backend in force when .backward() is called); "cuda" is probed on
+# fused_act._cuda's family namespaces, which ops.py reaches as ``_kernels("cuda")``; on CPU the
+# cuda_on_cpu fixture routes them to the emulated kernels
+BACKWARD_PAIRS = [("triton", "auto"), ("cuda", "auto"), ("triton", "reference"),
+                  ("cuda", "triton"), ("reference", "triton"), ("reference", "cuda")]
+
+
+@pytest.mark.parametrize("fwd, bwd", BACKWARD_PAIRS, ids=lambda s: s)
+@pytest.mark.parametrize("name", BACKWARD_OPS)
+def test_backward_runs_on_forward_backend(name, fwd, bwd, request, monkeypatch):
+    """The backend in force when a forward runs is the one its backward uses, wherever the
+    backward is called (section 2)."""
+    for b in {fwd, bwd} - {"auto"}:
+        _use(request, b)
+    call, x, params = _backward_case(name)
+    with fused_act.use_backend(fwd):
+        y = call(x, params)
+    with _kernel_probe(monkeypatch, "backward") as called, fused_act.use_backend(bwd):
+        y.sum().backward()
+    backends = {b for b, _ in called}
+    want = set() if fwd == "reference" else {fwd}
+    assert backends == want, (f"{name}: forward under {fwd!r}, backward called under {bwd!r} "
+                              f"ran the kernels of {sorted(backends) or 'none'} (want "
+                              f"{sorted(want) or 'none: the reference'})")
+    assert x.grad is not None and x.grad.isfinite().all(), f"{name}: no finite x.grad"
+
+
+# ---- 5. torch.func transforms ------------------------------------------------------------
+
+TRANSFORMS = ["vmap_in0", "vmap_in1", "grad", "jvp", "jacrev", "jacfwd", "hessian"]
+
+
+def _transform(kind, f):
+    """Apply the transform ``kind`` to ``f`` on fixed float64 inputs."""
+    x34 = _randn(3, 4, gen=_gen(17), scale=3.0)
+    x5 = _randn(5, gen=_gen(19), scale=3.0)
+    v5 = _randn(5, gen=_gen(23), scale=1.0)
+    fn = torch.func
+    return {
+        "vmap_in0": lambda: fn.vmap(f, in_dims=0)(x34),
+        "vmap_in1": lambda: fn.vmap(f, in_dims=1)(x34),
+        "grad": lambda: fn.grad(lambda x: f(x).sum())(x5),
+        "jvp": lambda: fn.jvp(f, (x5,), (v5,)),
+        "jacrev": lambda: fn.jacrev(f)(x5),
+        "jacfwd": lambda: fn.jacfwd(f)(x5),
+        "hessian": lambda: fn.hessian(f)(x5),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", TRANSFORMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ELEMENTWISE, ids=lambda o: o.name)
+def test_torch_func(op, backend, kind, request):
+    """vmap, grad, jvp, jacrev, jacfwd and hessian of each op equal the same transform of
+    torch's function (section 4)."""
+    _use(request, backend)
+    with fused_act.use_backend(backend):
+        got = _transform(kind, lambda x: op.call(x, []))
+    want = _transform(kind, lambda x: op.torch_fn(x, []))
+    torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{op.name} {kind}: {m}")
+
+
+def _swish_acon_inputs():
+    gen = _gen(29)
+    x = _randn(2, 3, gen=gen)
+    beta = _rand(3, lo=0.2, gen=gen)
+    p1, p2 = _rand(3, gen=gen), _rand(3, gen=gen)
+    return x, p1, p2, beta
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_swish_beta(backend, request):
+    """torch.func.grad with respect to a per-channel swish beta equals the plain formula's."""
+    _use(request, backend)
+    x, _, _, beta = _swish_acon_inputs()
+    with fused_act.use_backend(backend):
+        got = torch.func.grad(lambda x, b: fused_act.swish(x, b).sum(), argnums=1)(x, beta)
+    want = torch.func.grad(lambda x, b: (x * torch.sigmoid(b.reshape(1, 3) * x)).sum(),
+                           argnums=1)(x, beta)
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_acon(backend, request):
+    """torch.func.grad over x, p1, p2 and beta of acon_c equals the plain formula's."""
+    _use(request, backend)
+    args = _swish_acon_inputs()
+    with fused_act.use_backend(backend):
+        got = torch.func.grad(lambda *a: fused_act.acon_c(*a).sum(), argnums=(0, 1, 2, 3))(*args)
+    want = torch.func.grad(lambda *a: _acon_formula(*a).sum(), argnums=(0, 1, 2, 3))(*args)
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
+# ---- 6. forward-mode AD ----------------------------------------------------------------
+
+def _fwd_case(name):
+    """(ours, torch's, primals): two functions of the same float64 primals."""
+    gen = _gen(31)
+    x = _randn(2, 3, gen=gen)
+    for op in ELEMENTWISE:
+        if op.name == name:
+            return (lambda x, op=op: op.call(x, [])), (lambda x, op=op: op.torch_fn(x, [])), (x,)
+    if name == "swish_scalar":
+        return (fused_act.swish, lambda x, b: x * torch.sigmoid(b * x),
+                (x, _rand(1, lo=0.2, gen=gen)))
+    if name == "swish_channel":
+        return (fused_act.swish, lambda x, b: x * torch.sigmoid(b.reshape(1, 3) * x),
+                (x, _rand(3, lo=0.2, gen=gen)))
+    if name.startswith("acon_c"):
+        beta = _rand(2, 3, lo=0.2, gen=gen) if name == "acon_c_sample" else \
+            _rand(3, lo=0.2, gen=gen)
+        return fused_act.acon_c, _acon_formula, (x, _rand(3, gen=gen), _rand(3, gen=gen), beta)
+    return fused_act.frelu_max, torch.maximum, (x, _randn(2, 3, gen=gen))  # no ties
+
+
+FWD_OPS = [op.name for op in ELEMENTWISE] + ["swish_scalar", "swish_channel", "acon_c",
+                                             "acon_c_sample", "frelu_max"]
+
+
+def _jvp_dual(f, primals, tangents):
+    with fwAD.dual_level():
+        out = f(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)])
+        value, tangent = fwAD.unpack_dual(out)
+        return value.clone(), None if tangent is None else tangent.clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", FWD_OPS)
+def test_forward_ad(name, backend, request):
+    """Forward-mode AD (dual tensors, tangents on every input) gives torch's jvp (section 4)."""
+    _use(request, backend)
+    ours, theirs, primals = _fwd_case(name)
+    gen = _gen(37)
+    tangents = [_randn(*p.shape, scale=1.0, gen=gen) for p in primals]
+    with fused_act.use_backend(backend):
+        got = _jvp_dual(ours, primals, tangents)
+    want = _jvp_dual(theirs, primals, tangents)
+    assert got[1] is not None, f"{name}: the output carries no tangent"
+    torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{name}: {m}")
+
+
+# ---- 7. autograd.functional.jacobian(vectorize=True) -------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ELEMENTWISE, ids=lambda o: o.name)
+def test_jacobian_vectorized(op, backend, request):
+    """torch.autograd.functional.jacobian(vectorize=True) equals torch's function's."""
+    _use(request, backend)
+    x = _randn(2, 3, gen=_gen(41), scale=3.0)
+    with fused_act.use_backend(backend):
+        got = torch.autograd.functional.jacobian(lambda x: op.call(x, []), x, vectorize=True)
+    want = torch.autograd.functional.jacobian(lambda x: op.torch_fn(x, []), x, vectorize=True)
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
+# ---- 8. torch.compile(dynamic=True) ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["opaque", "decompose"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_dynamic(backend, mode, request, monkeypatch):
+    """A dynamic compile with a Python-float beta that changes between calls (Dynamo makes it
+    symbolic) gives the static compile's and eager's results, in both compile modes."""
+    _use(request, backend)
+    monkeypatch.setattr(fused_act.config, "compile_mode", mode)
+
+    def f(x, beta):
+        return fused_act.swish(x, beta)
+
+    calls = [(_randn(3, 4, dtype=torch.float32, gen=_gen(43)), 1.5),
+             (_randn(5, 7, dtype=torch.float32, gen=_gen(47)), 0.3),
+             (_randn(5, 7, dtype=torch.float32, gen=_gen(53)), -2.25)]
+    with fused_act.use_backend(backend):
+        eager = [f(x, b) for x, b in calls]
+        results = {}
+        for dynamic in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(f, dynamic=dynamic, backend="aot_eager", fullgraph=True)
+            results[dynamic] = [compiled(x, b) for x, b in calls]
+    torch._dynamo.reset()
+    for dynamic, outs in results.items():
+        for (x, b), got, want in zip(calls, outs, eager, strict=True):
+            assert_near(got, want.double(), torch.float32,
+                        f"swish[{backend}, {mode}, dynamic={dynamic}, beta={b}] {tuple(x.shape)}")
+
+
+# ---- 9. torch.jit ------------------------------------------------------------------------
+
+MODULES = {"Mish": lambda: fused_act.nn.Mish(), "SiLU": lambda: fused_act.nn.SiLU(),
+           "GELU": lambda: fused_act.nn.GELU(), "GELU_tanh": lambda: fused_act.nn.GELU("tanh"),
+           "Swish": lambda: fused_act.nn.Swish(beta=1.5)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_jit_trace(name, backend, request):
+    """A torch.jit.trace of the module computes what the module does on a new input."""
+    _use(request, backend)
+    module = MODULES[name]()
+    example = _randn(3, 5, dtype=torch.float32, gen=_gen(53))
+    x = _randn(3, 5, dtype=torch.float32, gen=_gen(59))
+    with fused_act.use_backend(backend):
+        traced = torch.jit.trace(module, example)
+        got, want = traced(x), module(x)
+    assert_near(got, want.double(), torch.float32, f"traced {name}[{backend}]")
+
+
+def test_jit_script_points_to_compile():
+    """torch.jit.script of a module is a clear error that points to torch.compile."""
+    with pytest.raises((RuntimeError, Exception), match="torch.compile"):
+        torch.jit.script(fused_act.nn.Mish())
+
+
+# ---- 10. property-based: shapes x layouts x dtypes x ops ----------------------------------
+
+PROPERTY_OPS = {op.name: op for op in ALL_OPS + ACON_OPS}
+
+
+def _min_rank(name):
+    if name.endswith("_4d"):
+        return 3  # a (1, C, 1, ...) beta: as the kernel tables, x of rank >= 3
+    return 2 if name.startswith(("swish_channel", "acon")) else 1
+
+
+@st.composite
+def _examples(draw):
+    rank = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=rank, max_size=rank)))
+    layout = draw(st.sampled_from(["contiguous", "sliced", "offset"] +
+                                  (["transposed"] if rank >= 2 else [])))
+    dim = draw(st.integers(0, rank - 1))
+    dtype = draw(st.sampled_from(DTYPES))
+    op = draw(st.sampled_from([n for n in PROPERTY_OPS if _min_rank(n) <= rank]))
+    strided_params = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return shape, layout, dim, dtype, op, strided_params, seed
+
+
+def _layout(shape, layout, dim, dtype, scale, gen):
+    """A tensor of ``shape`` in ``layout``: contiguous, transposed (last two dims), sliced with
+    step 2 along ``dim``, or a view one element into a larger buffer."""
+    if layout == "transposed":
+        s = list(shape)
+        s[-1], s[-2] = s[-2], s[-1]
+        return _randn(*s, dtype=dtype, scale=scale, gen=gen).transpose(-1, -2)
+    if layout == "sliced":
+        s = list(shape)
+        s[dim] *= 2
+        return _randn(*s, dtype=dtype, scale=scale, gen=gen)[(slice(None),) * dim +
+                                                             (slice(None, None, 2),)]
+    if layout == "offset":
+        return _randn(math.prod(shape) + 1, dtype=dtype, scale=scale, gen=gen)[1:].view(shape)
+    return _randn(*shape, dtype=dtype, scale=scale, gen=gen)
+
+
+def _strided_copy(p):
+    """``p``'s values as every other element of a buffer twice as long along its channel dim."""
+    d = 0 if p.dim() == 1 else 1
+    s = list(p.shape)
+    s[d] *= 2
+    view = torch.zeros(s, dtype=p.dtype)[(slice(None),) * d + (slice(None, None, 2),)]
+    view.copy_(p.detach())
+    return _leaf(view)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(example=_examples())
+def test_property_vs_float64(backend, example):
+    """Any small shape, layout, dtype and op (contiguous or strided parameters): outputs and
+    gradients within the float64 reference's tolerance (sections 3, 4, 6)."""
+    need_backend(backend, "cpu")
+    shape, layout, dim, dtype, name, strided_params, seed = example
+    op = PROPERTY_OPS[name]
+    gen = _gen(seed)
+    x = _leaf(_layout(shape, layout, dim, dtype, op.scale, gen))
+    params = op.params(x)
+    if strided_params:
+        params = [_strided_copy(p) for p in params]
+    g = _randn(*shape, dtype=dtype, scale=1.0, gen=gen)
+    with fused_act.use_backend(backend):
+        y = op.call(x, params)
+        grads = torch.autograd.grad(y, [x, *params], g)
+    x64, g64 = x.detach().double(), g.double()
+    p64 = [p.detach().double() for p in params]
+    what = (f"{name}[{backend}, {dtype}, {shape}, {layout}(dim {dim}), "
+            f"strided params={strided_params}]")
+    assert y.dtype == dtype, f"{what}: output dtype {y.dtype}"
+    assert_near(y, op.ref(x64, p64), dtype, what + " forward")
+    want = op.ref_backward(g64, x64, p64)
+    assert_near(grads[0], want[0], dtype, what + " dx")
+    if params:
+        terms = _param_terms(name, g64, x64, p64)
+        for p, got, ref64, t in zip(params, grads[1:], want[1:], terms, strict=True):
+            assert got.shape == p.shape, f"{what}: param grad shape {got.shape} vs {p.shape}"
+            assert_param_near(got, ref64, t + ref64.abs(), dtype, what + " dparam")
