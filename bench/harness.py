@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_act
-from fused_act import reference
+from fused_act import reference, registry
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -101,14 +101,16 @@ def _frelu_t(x, w, bn_w, bn_b):
     return F.batch_norm(t, None, None, bn_w, bn_b, training=True)
 
 
+def _elementwise(spec: registry.Spec) -> Op:
+    """A registry activation; one with a beta times its learnable one-element beta."""
+    if spec.beta:
+        return Op(spec.call, spec.torch_fn, spec.forward,
+                  params=lambda x: [_leaf(torch.ones(1, device=x.device))])
+    return Op(spec.call, spec.torch_fn, lambda x, s=spec: s.forward(x, 1.0))
+
+
 OPS: dict[str, Op] = {
-    "mish": Op(lambda x: fused_act.mish(x), F.mish, reference.mish),
-    "silu": Op(lambda x: fused_act.silu(x), F.silu, reference.silu),
-    "swish_beta": Op(fused_act.swish, lambda x, b: x * torch.sigmoid(b * x), reference.swish,
-                     params=lambda x: [_leaf(torch.ones(1, device=x.device))]),
-    "gelu": Op(lambda x: fused_act.gelu(x), F.gelu, reference.gelu),
-    "gelu_tanh": Op(lambda x: fused_act.gelu(x, "tanh"), lambda x: F.gelu(x, approximate="tanh"),
-                    lambda x: reference.gelu(x, "tanh")),
+    **{s.name + ("_beta" if s.beta else ""): _elementwise(s) for s in registry.SPECS.values()},
     "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params),
     "meta_acon": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
                     lambda x: _acon_params(x, per_sample=True)),

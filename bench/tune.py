@@ -6,8 +6,8 @@ import itertools
 import torch
 
 from bench.harness import _time_ms
+from fused_act.registry import KERNEL_IDS as ACT_IDS
 from fused_act.triton_kernels import elementwise, tiling
-from fused_act.triton_kernels.math import ACT_IDS
 
 N = 2**26
 CONFIGS = list(itertools.product([1024, 2048, 4096], [4, 8]))

@@ -172,8 +172,10 @@ FA_HD M act_fwd(M x, M beta) {
     return swish_fwd(x, beta);
   } else if constexpr (ACT == FA_GELU) {
     return gelu_fwd(x);
-  } else {
+  } else if constexpr (ACT == FA_GELU_TANH) {
     return gelu_tanh_fwd(x);
+  } else {
+    static_assert(ACT != ACT, "act_fwd: unknown activation selector");
   }
 }
 
@@ -186,8 +188,10 @@ FA_HD Grad2<M> act_bwd(M x, M beta) {
     return swish_bwd(x, beta);
   } else if constexpr (ACT == FA_GELU) {
     return {gelu_bwd(x), M(0)};
-  } else {
+  } else if constexpr (ACT == FA_GELU_TANH) {
     return {gelu_tanh_bwd(x), M(0)};
+  } else {
+    static_assert(ACT != ACT, "act_bwd: unknown activation selector");
   }
 }
 

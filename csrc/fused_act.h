@@ -16,7 +16,7 @@ extern "C" {
 #endif
 
 enum fa_dtype { FA_F32 = 0, FA_F16 = 1, FA_BF16 = 2, FA_F64 = 3 };
-// As fused_act/plan.py ACT_IDS.
+// As fused_act/registry.py KERNEL_IDS (checked by tests/test_api.py).
 enum fa_act { FA_MISH = 0, FA_SWISH = 1, FA_GELU = 2, FA_GELU_TANH = 3 };
 // 0: no parameter tensor (a scalar value); ROWS: a parameter per row; COLS: per column.
 enum fa_layout { FA_SCALAR = 0, FA_ROWS = 1, FA_COLS = 2 };

@@ -3,20 +3,24 @@
 ``compile_mode`` decides what ``torch.compile`` sees for an op: "opaque" traces our custom op (our
 fused kernel runs, and saves only its input for backward), "decompose" traces the reference math
 so Inductor can fuse the activation with its neighbours (bias add, BatchNorm, residual add).  It
-is one string for every op, or a dict from op name ("mish", "silu", "swish", "gelu",
-"gelu_tanh", "acon_c", "frelu_max") to a string, ops left out being "opaque".  The defaults
-are to be set per op from the compile-pipeline benchmark (bench/NOTES.md).  Changing it
-recompiles graphs that use the op.
+is one string for every op, or a dict from op name (an elementwise activation of
+``registry.SPECS``, "acon_c" or "frelu_max") to a string, ops left out taking their default
+(``Spec.compile_mode``; "opaque" for acon_c and frelu_max).  The defaults are to be set per op
+from the compile-pipeline benchmark (bench/NOTES.md).  Changing it recompiles graphs that use
+the op.
 """
+
+from .registry import SPECS
 
 COMPILE_MODES = ("opaque", "decompose")
 
-compile_mode: str | dict[str, str] = "opaque"
+compile_mode: str | dict[str, str] = {}
 
 
 def mode_for(op: str) -> str:
     """The compile mode in force for ``op``."""
-    mode = compile_mode.get(op, "opaque") if isinstance(compile_mode, dict) else compile_mode
+    default = SPECS[op].compile_mode if op in SPECS else "opaque"
+    mode = compile_mode.get(op, default) if isinstance(compile_mode, dict) else compile_mode
     if mode not in COMPILE_MODES:
         raise ValueError(f"fused_act.config.compile_mode: {mode!r} for {op!r} is not one of "
                          f"{COMPILE_MODES}")

@@ -27,7 +27,6 @@ tensors reach the kernels flat, contiguous and in opmath (``flat_param``).
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -36,27 +35,7 @@ from torch import Tensor
 
 from . import config, plan, reference
 from .backend import get_backend, resolve
-
-
-@dataclass(frozen=True)
-class Activation:
-    """One row of the elementwise op table (keyed as ``plan.ACT_IDS``): the
-    reference math, ``forward(x, beta)`` and ``backward(grad, x, beta, need_dbeta)``."""
-
-    forward: Callable[[Tensor, float | Tensor], Tensor]
-    backward: Callable[[Tensor, Tensor, float | Tensor, bool], tuple[Tensor, Tensor | None]]
-
-
-ACTIVATIONS: dict[str, Activation] = {
-    "mish": Activation(lambda x, b: reference.mish(x),
-                       lambda g, x, b, n: (reference.mish_backward(g, x), None)),
-    "swish": Activation(reference.swish, reference.swish_backward),
-    "gelu": Activation(lambda x, b: reference.gelu(x),
-                       lambda g, x, b, n: (reference.gelu_backward(g, x), None)),
-    "gelu_tanh": Activation(lambda x, b: reference.gelu(x, "tanh"),
-                            lambda g, x, b, n: (reference.gelu_backward(g, x, "tanh"), None)),
-}
-
+from .registry import KERNEL_IDS, KERNELS
 
 # ---- layout --------------------------------------------------------------------------------
 
@@ -131,10 +110,10 @@ def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float, ba
         return torch.empty_like(xd) if out is None else out
     name = resolve(x.device, backend)
     if name == "reference":
-        y = ACTIVATIONS[act].forward(xd, beta_value if beta is None else beta)
+        y = KERNELS[act].forward(xd, beta_value if beta is None else beta)
         return y if out is None else out.copy_(y)
     y = torch.empty_like(xd) if out is None else out
-    _kernels(name).elementwise.forward(xd, y, plan.ACT_IDS[act],
+    _kernels(name).elementwise.forward(xd, y, KERNEL_IDS[act],
                                        None if beta is None else flat_param(beta, x), beta_value)
     return y
 
@@ -149,9 +128,9 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
         return torch.empty_like(xd), db
     name = resolve(x.device, backend)
     if name == "reference":
-        return ACTIVATIONS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
+        return KERNELS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
     dx = torch.empty_like(xd)
-    db = _kernels(name).elementwise.backward(g, xd, dx, plan.ACT_IDS[act],
+    db = _kernels(name).elementwise.backward(g, xd, dx, KERNEL_IDS[act],
                                              None if beta is None else flat_param(beta, x),
                                              beta_value, need_dbeta)
     if db is not None:
@@ -164,7 +143,7 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
 @torch.library.custom_op("fused_act::activation", mutates_args=())
 def activation_op(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
                   backend: str) -> Tensor:
-    """y = f(x) for ``act`` in ACTIVATIONS (beta: swish only)."""
+    """y = f(x) for the kernel activation ``act`` (``registry.KERNEL_IDS``; beta: swish)."""
     return forward_impl(x, act, beta, _fp32(beta_value), backend)
 
 
@@ -217,7 +196,7 @@ def _reference_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
                         backend: str) -> tuple[Tensor, Tensor | None]:
     """The reference's explicit backward: plain torch operations, so differentiable (double
     backward) and batchable (a vmap over the backward)."""
-    return ACTIVATIONS[act].backward(grad, x, beta_value if beta is None else beta, need_dbeta)
+    return KERNELS[act].backward(grad, x, beta_value if beta is None else beta, need_dbeta)
 
 
 def plain_backward(grad: Tensor) -> bool:
@@ -248,10 +227,10 @@ def apply(name: str, x: Tensor, act: str, beta: Tensor | None = None,
     """Run activation ``act`` (public name ``name``) on validated arguments."""
     if torch.compiler.is_compiling():
         if config.mode_for(name) == "decompose":
-            return ACTIVATIONS[act].forward(x, beta_value if beta is None else beta)
+            return KERNELS[act].forward(x, beta_value if beta is None else beta)
         return activation_op(x, act, beta, beta_value, get_backend())
     if reference_math():
-        return ACTIVATIONS[act].forward(x, beta_value if beta is None else beta)
+        return KERNELS[act].forward(x, beta_value if beta is None else beta)
     return _ActivationFn.apply(x, act, beta, beta_value, get_backend())
 
 

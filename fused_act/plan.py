@@ -23,9 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Activation selectors of the kernels (triton_kernels/math.py, csrc/fused_act.h).
-ACT_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3}
-
 BLOCK = 2048  # elements a tile (bench/NOTES.md)
 MAX_COLS_BLOCK = 64  # COLS tiles: at least BLOCK // 64 rows reduced into each partial
 INT64_THRESHOLD = 2**31  # numel from which offsets are computed in 64 bits

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import fused_act
-from fused_act import backend, reference
+from fused_act import backend, reference, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -67,7 +66,9 @@ def saved_by(fn: Callable[[], Tensor], backend_name: str) -> tuple[Tensor, list[
 
 @dataclass(frozen=True)
 class Op:
-    """One activation variant: the public call, its reference, and what PyTorch users call."""
+    """One activation variant: the public call, its reference, and what PyTorch users call.
+    ``spec`` is its registry entry (None for the families outside the registry's table);
+    ``beta_value`` the float beta it passes (swish's float variant)."""
 
     name: str
     call: Callable[[Tensor, list[Tensor]], Tensor]
@@ -76,6 +77,8 @@ class Op:
     torch_fn: Callable[[Tensor, list[Tensor]], Tensor]
     params: Callable[[Tensor], list[Tensor]] = field(default=lambda x: [])
     scale: float = 8.0  # inputs ~ N(0, scale): reaches the saturating branches
+    spec: registry.Spec | None = None
+    beta_value: float = 1.0
 
 
 def _beta_scalar(x: Tensor) -> list[Tensor]:
@@ -97,38 +100,32 @@ def _param_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _swish_ref_bwd(g, x, p):
-    dx, db = reference.swish_backward(g, x, p[0], need_dbeta=True)
-    return dx, db
+def _plain(spec: registry.Spec, beta: float = 1.0, suffix: str = "") -> Op:
+    """The spec called with no tensor parameter (a float beta for a spec with beta)."""
+    args = (beta,) if spec.beta else ()
+    return Op(spec.name + suffix, lambda x, p: spec.call(x, *args),
+              lambda x, p: spec.forward(x, beta),
+              lambda g, x, p: (spec.backward(g, x, beta, False)[0],),
+              lambda x, p: spec.torch_fn(x, *args), scale=spec.scale, spec=spec, beta_value=beta)
 
 
-def _torch_swish(x, p):
-    return x * torch.sigmoid(reference._param(p[0], x).to(x.dtype) * x)
+def _with_beta(spec: registry.Spec, suffix: str, params: Callable) -> Op:
+    """The spec with a beta tensor (a learnable parameter), its gradient checked too."""
+    return Op(spec.name + suffix, lambda x, p: spec.call(x, p[0]),
+              lambda x, p: spec.forward(x, p[0]),
+              lambda g, x, p: spec.backward(g, x, p[0], True),
+              lambda x, p: spec.torch_fn(x, reference._param(p[0], x).to(x.dtype)), params,
+              spec.scale, spec)
 
 
-OPS = [
-    Op("mish", lambda x, p: fused_act.mish(x), lambda x, p: reference.mish(x),
-       lambda g, x, p: (reference.mish_backward(g, x),), lambda x, p: F.mish(x)),
-    Op("silu", lambda x, p: fused_act.silu(x), lambda x, p: reference.silu(x),
-       lambda g, x, p: (reference.swish_backward(g, x, 1.0)[0],), lambda x, p: F.silu(x)),
-    Op("swish_float", lambda x, p: fused_act.swish(x, -0.75),
-       lambda x, p: reference.swish(x, -0.75),
-       lambda g, x, p: (reference.swish_backward(g, x, -0.75)[0],),
-       lambda x, p: x * torch.sigmoid(-0.75 * x)),
-    Op("swish_scalar", lambda x, p: fused_act.swish(x, p[0]), lambda x, p: reference.swish(x, p[0]),
-       _swish_ref_bwd, _torch_swish, _beta_scalar),
-    Op("gelu", lambda x, p: fused_act.gelu(x), lambda x, p: reference.gelu(x),
-       lambda g, x, p: (reference.gelu_backward(g, x),), lambda x, p: F.gelu(x), scale=4.0),
-    Op("gelu_tanh", lambda x, p: fused_act.gelu(x, "tanh"), lambda x, p: reference.gelu(x, "tanh"),
-       lambda g, x, p: (reference.gelu_backward(g, x, "tanh"),),
-       lambda x, p: F.gelu(x, approximate="tanh"), scale=4.0),
-]
-CHANNEL_OPS = [
-    Op("swish_channel", lambda x, p: fused_act.swish(x, p[0]),
-       lambda x, p: reference.swish(x, p[0]), _swish_ref_bwd, _torch_swish, _beta_channel),
-    Op("swish_channel_4d", lambda x, p: fused_act.swish(x, p[0]),
-       lambda x, p: reference.swish(x, p[0]), _swish_ref_bwd, _torch_swish, _beta_channel_4d),
-]
+# every spec of the registry; those with a beta also with a float, a one-element and (on the
+# channel shapes) a per-channel beta, (C,) and (1, C, 1, ...)
+OPS = [op for spec in registry.SPECS.values() for op in (
+    [_plain(spec, -0.75, "_float"), _with_beta(spec, "_scalar", _beta_scalar)] if spec.beta
+    else [_plain(spec)])]
+CHANNEL_OPS = [op for spec in registry.SPECS.values() if spec.beta for op in (
+    _with_beta(spec, "_channel", _beta_channel),
+    _with_beta(spec, "_channel_4d", _beta_channel_4d))]
 ALL_OPS = OPS + CHANNEL_OPS
 
 

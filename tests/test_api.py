@@ -2,32 +2,65 @@
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fused_act
-from fused_act import ops, plan, reference
+from fused_act import ops, reference, registry
 from fused_act.triton_kernels import math as tmath
 
 from .cases import ROOT, need_device
 
 
 def test_every_activation_in_every_math_site():
-    """Adding an activation means a Triton math pair, a CUDA math pair and selector, a reference
-    pair and an op-table row."""
-    assert set(ops.ACTIVATIONS) == set(plan.ACT_IDS)
+    """Each kernel activation of the registry has its math in every language, under the id the
+    registry assigns: a Triton pair and selector constant, a CUDA pair, enum value and dispatch
+    case, and a spec whose reference math the op table runs."""
     header = (ROOT / "csrc" / "activations.cuh").read_text()
     abi = (ROOT / "csrc" / "fused_act.h").read_text()
-    for name, i in plan.ACT_IDS.items():
-        assert hasattr(tmath, f"{name}_fwd") and hasattr(tmath, f"{name}_bwd")
-        assert f"M {name}_fwd(" in header and f"{name}_bwd(" in header
-        assert f"FA_{name.upper()} = {i}" in abi
+    dispatch = (ROOT / "csrc" / "elementwise.cu").read_text()
+    enum = dict(re.findall(r"FA_(\w+) = (\d+)", abi.split("enum fa_act")[1].split("}")[0]))
+    assert {k.lower(): int(v) for k, v in enum.items()} == registry.KERNEL_IDS
+    for name, i in registry.KERNEL_IDS.items():
+        assert hasattr(tmath, f"{name}_fwd") and hasattr(tmath, f"{name}_bwd"), name
+        assert getattr(tmath, name.upper()).value == i, name
+        assert f"M {name}_fwd(" in header and f"{name}_bwd(" in header, name
+        assert f"ACT == FA_{name.upper()}" in header, name
+        assert f"case FA_{name.upper()}:" in dispatch, name
+        assert registry.KERNELS[name].kernel == name
     for fn in ("mish", "swish", "gelu", "acon_c", "frelu_max"):
         assert hasattr(reference, fn) and hasattr(reference, fn + "_backward")
+
+
+@triton.jit
+def _selector_kernel(out_ptr, ACT: tl.constexpr, BWD: tl.constexpr):
+    x = tl.full((16,), 1.0, tl.float32)
+    if BWD:
+        y, _ = tmath.act_bwd(x, 1.0, ACT)
+    else:
+        y = tmath.act_fwd(x, 1.0, ACT)
+    tl.store(out_ptr + tl.arange(0, 16), y)
+
+
+@pytest.mark.parametrize("bwd", [False, True], ids=["act_fwd", "act_bwd"])
+def test_unknown_selector_is_an_error(bwd):
+    """A selector no branch handles fails at compile time (here: the interpreter's), never
+    falls through to another activation; the CUDA selectors end in a static_assert likewise."""
+    need_device("cpu")
+    out = torch.empty(16)
+    _selector_kernel[(1,)](out, ACT=registry.KERNEL_IDS["mish"], BWD=bwd)
+    unknown = max(registry.KERNEL_IDS.values()) + 1
+    with pytest.raises(Exception, match="unknown activation selector"):
+        _selector_kernel[(1,)](out, ACT=unknown, BWD=bwd)
+    header = (ROOT / "csrc" / "activations.cuh").read_text()
+    assert header.count('static_assert(ACT != ACT, "') == 2
 
 
 @pytest.mark.parametrize("call", [

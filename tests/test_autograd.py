@@ -36,10 +36,7 @@ def test_gradcheck(op, backend_name, device):
 def _op_args(op, x):
     """Arguments of fused_act::activation for one row of the test table."""
     params = [p.detach().requires_grad_() for p in op.params(x)]
-    act = {"mish": "mish", "silu": "swish", "swish_float": "swish", "gelu": "gelu",
-           "gelu_tanh": "gelu_tanh"}.get(op.name, "swish")
-    beta_value = -0.75 if op.name == "swish_float" else 1.0
-    return act, (params[0] if params else None), beta_value
+    return op.spec.kernel, (params[0] if params else None), op.beta_value
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,9 +3,8 @@ and its fp32 path against its float64 path."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fused_act import reference
+from fused_act import reference, registry
 
 from .cases import TOL, assert_near
 
@@ -21,14 +20,11 @@ def _autograd(fn, *inputs, grad):
     return y.detach(), torch.autograd.grad(y, inputs, grad)
 
 
+# every activation of the registry without a beta: (forward, backward, torch's function)
 ELEMENTWISE = {
-    "mish": (reference.mish, lambda g, x: reference.mish_backward(g, x), F.mish),
-    "silu": (reference.silu, lambda g, x: reference.swish_backward(g, x)[0], F.silu),
-    "gelu": (reference.gelu, lambda g, x: reference.gelu_backward(g, x), F.gelu),
-    "gelu_tanh": (lambda x: reference.gelu(x, "tanh"),
-                  lambda g, x: reference.gelu_backward(g, x, "tanh"),
-                  lambda x: F.gelu(x, approximate="tanh")),
-}
+    s.name: (lambda x, s=s: s.forward(x, 1.0), lambda g, x, s=s: s.backward(g, x, 1.0, False)[0],
+             s.torch_fn)
+    for s in registry.SPECS.values() if not s.beta}
 
 
 @pytest.mark.parametrize("name", list(ELEMENTWISE))

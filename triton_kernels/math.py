@@ -18,13 +18,11 @@ f'(-inf) = 0) instead of the 0 * inf = NaN a direct formula gives.
 import triton
 import triton.language as tl
 
-from ..plan import ACT_IDS
-
-# Activation selectors (the numbers every backend shares).
-MISH = tl.constexpr(ACT_IDS["mish"])
-SWISH = tl.constexpr(ACT_IDS["swish"])
-GELU = tl.constexpr(ACT_IDS["gelu"])
-GELU_TANH = tl.constexpr(ACT_IDS["gelu_tanh"])
+# Activation selectors: fused_act/registry.py KERNEL_IDS assigns them (a test checks these).
+MISH = tl.constexpr(0)
+SWISH = tl.constexpr(1)
+GELU = tl.constexpr(2)
+GELU_TANH = tl.constexpr(3)
 
 # Module constants are constexpr; keep them right of a tensor operand (tensor * C): the
 # interpreter cannot take constexpr * tensor as a tensor.
@@ -177,8 +175,10 @@ def act_fwd(x, beta, ACT: tl.constexpr):
         y = swish_fwd(x, beta)
     elif ACT == GELU:
         y = gelu_fwd(x)
-    else:
+    elif ACT == GELU_TANH:
         y = gelu_tanh_fwd(x)
+    else:
+        tl.static_assert(False, "act_fwd: unknown activation selector")
     return y
 
 
@@ -193,9 +193,11 @@ def act_bwd(x, beta, ACT: tl.constexpr):
     elif ACT == GELU:
         dx = gelu_bwd(x)
         dbeta = 0.0 * x
-    else:
+    elif ACT == GELU_TANH:
         dx = gelu_tanh_bwd(x)
         dbeta = 0.0 * x
+    else:
+        tl.static_assert(False, "act_bwd: unknown activation selector")
     return dx, dbeta
 
 
