@@ -1,40 +1,27 @@
-"""Every activation as torch ops: kernels, fake kernels and autograd.
+"""What each op family computes: its implementations by backend, fake kernels, reference math
+and what its backward needs.  ``factory.Op`` builds the custom ops, autograd and the eager and
+compile paths from each ``Family`` (factory.py says how a call is routed).
 
-The elementwise family (mish, swish/silu, gelu, gelu-tanh) shares one pair of ops; ACON-C and
-FReLU's max step have their own.  Two entry points reach the same kernels:
-
-* eager calls go through ``_ActivationFn``, a plain ``autograd.Function`` (a few microseconds of
-  host time cheaper per call than a custom op);
-* under ``torch.compile`` the custom ops (``fused_act::activation``, ``fused_act::acon_c``,
-  ``fused_act::frelu_max`` and their backward ops) are traced, opaque to Inductor, or, when
-  ``config.compile_mode`` says "decompose" for the op, the reference math is traced instead.
-
-Either way backward saves only the inputs (x and the parameters), except frelu_max, which
-saves a one-byte code of which side won instead of x and t.  Double backward
-(``create_graph=True``) is supported in eager mode through the reference's explicit backward
-math; under ``torch.compile`` the opaque backward ops have no derivative and say so.
-
-The backend in force when a forward runs (``backend.get_backend()``) is recorded with the node
-and runs its backward too, wherever and whenever the backward is called: it is an argument of
-every op, resolved per call by ``backend.resolve``.  Under torch.func transforms (vmap, grad,
-jvp, jacrev, jacfwd, hessian, and the vmap of ``autograd.functional.jacobian(vectorize=True)``),
-forward-mode AD and ``torch.jit.trace``, an op is its reference math: plain torch operations,
-which every transform differentiates and batches natively and a trace records; the kernels see
-only plain tensors.  Dense inputs of any strides (channels_last, permuted) run in place of their
-memory with outputs of the same strides; other inputs are copied once to contiguous; parameter
-tensors reach the kernels flat, contiguous and in opmath (``flat_param``).
+The elementwise family (mish, swish/silu, gelu, gelu-tanh) shares one pair of ops
+(``fused_act::activation``, ``fused_act::activation_backward``); ACON-C and FReLU's max step have
+their own.  Backward saves only the inputs (x and the parameters), except frelu_max, which saves a
+one-byte code of which side won instead of x and t.  Double backward (``create_graph=True``) is
+supported in eager mode through the reference's explicit backward math; under ``torch.compile``
+the opaque backward ops have no derivative and say so.  Dense inputs of any strides
+(channels_last, permuted) run in place of their memory with outputs of the same strides; other
+inputs are copied once to contiguous; parameter tensors reach the kernels flat, contiguous and in
+opmath (``flat_param``).
 """
 
 import struct
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
-import torch.autograd.forward_ad
 from torch import Tensor
 
-from . import config, plan, reference
+from . import plan, reference
 from .backend import get_backend, resolve
+from .factory import Family, Op, reference_math
 from .registry import KERNEL_IDS, KERNELS
 
 # ---- layout --------------------------------------------------------------------------------
@@ -90,21 +77,15 @@ def flat_param(p: Tensor, x: Tensor) -> Tensor:
     return p.reshape(-1).to(plan.accumulator(x)).contiguous()
 
 
-def reference_math() -> bool:
-    """True where an op must be its reference math, not a kernel call: under a torch.func
-    transform (its wrapped tensors have no storage a kernel could read), forward-mode AD (the
-    reference's operations carry tangents) and ``torch.jit.trace`` (a trace records operations,
-    not kernel launches)."""
-    return (torch._C._are_functorch_transforms_active()
-            or torch.autograd.forward_ad._current_level >= 0 or torch.jit.is_tracing())
+def _fp32(v: float) -> float:
+    """``v`` rounded to fp32, as every kernel takes a scalar (so every backend agrees)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
-# ---- implementations (what the op and the Function run) ------------------------------------
+# ---- the elementwise activations ------------------------------------------------------------
 
-def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float, backend: str,
+def _act_forward(x: Tensor, act: str, beta: Tensor | None, beta_value: float, backend: str,
                  out: Tensor | None = None) -> Tensor:
-    """f(x) by ``backend`` (a name as ``set_backend`` takes) for ``x.device``; ``out`` (dense,
-    x's strides) may be x."""
     xd = dense(x)
     if x.numel() == 0:
         return torch.empty_like(xd) if out is None else out
@@ -118,15 +99,23 @@ def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float, ba
     return y
 
 
+def forward_impl(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
+                 backend: str) -> Tensor:
+    """y = f(x) for the kernel activation ``act`` (``registry.KERNEL_IDS``; beta: swish) by
+    ``backend`` (a name as ``set_backend`` takes) for ``x.device``."""
+    return _act_forward(x, act, beta, _fp32(beta_value), backend)
+
+
 def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_value: float,
                   need_dbeta: bool, backend: str) -> tuple[Tensor, Tensor | None]:
-    """(dx, dbeta if asked) by ``backend`` for ``x.device``."""
+    """(dx, dbeta if ``need_dbeta``) by ``backend`` for ``x.device``."""
     xd = dense(x)
     g = like(grad, xd)
     if x.numel() == 0:
         db = torch.zeros_like(beta) if need_dbeta else None
         return torch.empty_like(xd), db
     name = resolve(x.device, backend)
+    beta_value = _fp32(beta_value)
     if name == "reference":
         return KERNELS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
     dx = torch.empty_like(xd)
@@ -138,100 +127,42 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
     return dx, db
 
 
-# ---- torch.library custom ops (what torch.compile sees) ------------------------------------
-
-@torch.library.custom_op("fused_act::activation", mutates_args=())
-def activation_op(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
-                  backend: str) -> Tensor:
-    """y = f(x) for the kernel activation ``act`` (``registry.KERNEL_IDS``; beta: swish)."""
-    return forward_impl(x, act, beta, _fp32(beta_value), backend)
-
-
-@activation_op.register_fake
-def _(x: Tensor, act: str, beta: Tensor | None, beta_value: float, backend: str) -> Tensor:
+def _act_fake(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
+              backend: str) -> Tensor:
     return torch.empty_like(dense(x))
 
 
-@torch.library.custom_op("fused_act::activation_backward", mutates_args=())
-def activation_backward_op(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
-                           beta_value: float, need_dbeta: bool,
-                           backend: str) -> tuple[Tensor, Tensor]:
-    """(dx, dbeta); dbeta is an empty tensor unless ``need_dbeta``."""
-    dx, db = backward_impl(grad, x, act, beta, _fp32(beta_value), need_dbeta, backend)
-    return dx, x.new_empty(0) if db is None else db
-
-
-@activation_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_value: float,
-      need_dbeta: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _act_fake_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
+                       beta_value: float, need_dbeta: bool,
+                       backend: str) -> tuple[Tensor, Tensor]:
     db = torch.empty_like(beta) if need_dbeta else x.new_empty(0)
     return torch.empty_like(dense(x)), db
 
 
-def _fp32(v: float) -> float:
-    """``v`` rounded to fp32, as every kernel takes a scalar (so every backend agrees)."""
-    return struct.unpack("f", struct.pack("f", v))[0]
+def _act_reference(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
+    return KERNELS[act].forward(x, beta_value if beta is None else beta)
 
 
-def _save(ctx, x: Tensor, act: str, beta: Tensor | None, beta_value: float,
-          backend: str) -> None:
-    ctx.act, ctx.beta_value, ctx.backend = act, beta_value, backend
-    ctx.save_for_backward(x, beta)
-
-
-def _grads(ctx, grad: Tensor, backward: Callable) -> tuple:
-    x, beta = ctx.saved_tensors
-    need_dbeta = beta is not None and ctx.needs_input_grad[2]
-    dx, db = backward(grad, x, ctx.act, beta, ctx.beta_value, need_dbeta, ctx.backend)
-    return dx, None, db if need_dbeta else None, None, None
-
-
-activation_op.register_autograd(
-    lambda ctx, grad: _grads(ctx, grad, activation_backward_op),
-    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
-
-
-def _reference_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
-                        beta_value: float, need_dbeta: bool,
-                        backend: str) -> tuple[Tensor, Tensor | None]:
-    """The reference's explicit backward: plain torch operations, so differentiable (double
-    backward) and batchable (a vmap over the backward)."""
+def _act_reference_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
+                            beta_value: float, need_dbeta: bool) -> tuple[Tensor, Tensor | None]:
     return KERNELS[act].backward(grad, x, beta_value if beta is None else beta, need_dbeta)
 
 
-def plain_backward(grad: Tensor) -> bool:
-    """False where a backward must run the reference math: ``create_graph=True`` (the gradient
-    needs a graph of its own), a torch.func transform over the backward, or a batched gradient
-    (``autograd.grad(is_grads_batched=True)``, which ``autograd.functional.jacobian(...,
-    vectorize=True)`` runs)."""
-    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                or torch._C._functorch.is_legacy_batchedtensor(grad))
-
-
-class _ActivationFn(torch.autograd.Function):
-    """The eager path: the same kernels without the custom-op dispatch cost."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, act: str, beta: Tensor | None, beta_value: float,
-                backend: str) -> Tensor:
-        _save(ctx, x, act, beta, beta_value, backend)
-        return forward_impl(x, act, beta, beta_value, backend)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
-        return _grads(ctx, grad, backward_impl if plain_backward(grad) else _reference_backward)
+ACTIVATION = Op(Family(
+    "activation", forward_impl, _act_fake, _act_reference,
+    backward_impl, _act_fake_backward, _act_reference_backward,
+    saved=lambda args, outputs: (args[0], args[2]),  # x, beta
+    # (x, act, beta, beta_value, need_dbeta): beta's gradient only when asked
+    backward_args=lambda saved, attrs, needs: (saved[0], attrs[1], saved[1], attrs[3], needs[2]),
+    grad_of=(0, 2)))
+activation_op, activation_backward_op = ACTIVATION.forward_op, ACTIVATION.backward_op
 
 
 def apply(name: str, x: Tensor, act: str, beta: Tensor | None = None,
           beta_value: float = 1.0) -> Tensor:
-    """Run activation ``act`` (public name ``name``) on validated arguments."""
-    if torch.compiler.is_compiling():
-        if config.mode_for(name) == "decompose":
-            return KERNELS[act].forward(x, beta_value if beta is None else beta)
-        return activation_op(x, act, beta, beta_value, get_backend())
-    if reference_math():
-        return KERNELS[act].forward(x, beta_value if beta is None else beta)
-    return _ActivationFn.apply(x, act, beta, beta_value, get_backend())
+    """Run activation ``act`` (public name ``name``, whose compile mode applies) on validated
+    arguments."""
+    return ACTIVATION(x, act, beta, beta_value, mode=name)
 
 
 def apply_(x: Tensor, act: str, beta_value: float = 1.0) -> Tensor:
@@ -243,7 +174,7 @@ def apply_(x: Tensor, act: str, beta_value: float = 1.0) -> Tensor:
     if (torch.compiler.is_compiling() or reference_math() or not is_dense(x)
             or resolve(x.device, backend) == "reference"):
         return x.copy_(apply(act, x, act, None, beta_value))  # copy_ bumps the version
-    forward_impl(x, act, None, beta_value, backend, out=x)
+    _act_forward(x, act, None, _fp32(beta_value), backend, out=x)
     if not x.is_inference():
         torch.autograd.graph.increment_version(x)
     return x
@@ -265,7 +196,7 @@ def acon_dense(x: Tensor, per_sample: bool) -> Tensor:
 
 
 def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
-    """ACON-C by ``backend`` for ``x.device``."""
+    """ACON-C, (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x, by ``backend`` for ``x.device``."""
     per_sample = acon_per_sample(beta, x)
     xd = acon_dense(x, per_sample)
     if x.numel() == 0:
@@ -275,7 +206,7 @@ def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: 
         return reference.acon_c(xd, p1, p2, beta)
     y = torch.empty_like(xd)
     _kernels(name).acon.forward(xd, y, flat_param(p1, x), flat_param(p2, x), flat_param(beta, x),
-                            per_sample)
+                                per_sample)
     return y
 
 
@@ -303,79 +234,29 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
                                                                   strict=True)))
 
 
-@torch.library.custom_op("fused_act::acon_c", mutates_args=())
-def acon_c_op(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
-    """ACON-C: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x."""
-    return acon_forward_impl(x, p1, p2, beta, backend)
-
-
-@acon_c_op.register_fake
-def _(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
+def _acon_fake(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
     return torch.empty_like(acon_dense(x, acon_per_sample(beta, x)))
 
 
-@torch.library.custom_op("fused_act::acon_c_backward", mutates_args=())
-def acon_c_backward_op(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
-                       need_params: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dp1, dp2, dbeta); the parameter gradients are empty unless ``need_params``."""
-    dx, *dparams = acon_backward_impl(grad, x, p1, p2, beta, need_params, backend)
-    # dp1 and dp2 are views of one buffer, and a custom op's outputs may not alias
-    return dx, *(x.new_empty(0) if d is None else d.clone() for d in dparams)
-
-
-@acon_c_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
-      need_params: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _acon_fake_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
+                        need_params: bool, backend: str) -> tuple[Tensor, ...]:
     dx = torch.empty_like(acon_dense(x, acon_per_sample(beta, x)))
     return dx, *(torch.empty_like(p) if need_params else x.new_empty(0) for p in (p1, p2, beta))
 
 
-def _acon_grads(ctx, grad: Tensor, backward: Callable) -> tuple:
-    x, p1, p2, beta = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, *dparams = backward(grad, x, p1, p2, beta, any(need[1:4]), ctx.backend)
-    return (dx, *(d if n else None for d, n in zip(dparams, need[1:4], strict=True)), None)
-
-
-def _acon_save(ctx, inputs: tuple, output: Tensor) -> None:
-    ctx.backend = inputs[4]
-    ctx.save_for_backward(*inputs[:4])
-
-
-acon_c_op.register_autograd(lambda ctx, grad: _acon_grads(ctx, grad, acon_c_backward_op),
-                            setup_context=_acon_save)
-
-
-def _acon_reference_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
-                             need_params: bool, backend: str) -> tuple:
-    """The reference's explicit backward (differentiable and batchable, as
-    ``_reference_backward``)."""
-    return reference.acon_c_backward(grad, x, p1, p2, beta)
-
-
-class _AconFn(torch.autograd.Function):
-    """The eager path of ACON-C: the same kernels without the custom-op dispatch cost."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
-        _acon_save(ctx, (x, p1, p2, beta, backend), None)
-        return acon_forward_impl(x, p1, p2, beta, backend)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
-        return _acon_grads(ctx, grad,
-                           acon_backward_impl if plain_backward(grad) else _acon_reference_backward)
+ACON_C = Op(Family(
+    "acon_c", acon_forward_impl, _acon_fake, reference.acon_c,
+    acon_backward_impl, _acon_fake_backward,
+    lambda grad, x, p1, p2, beta, need_params: reference.acon_c_backward(grad, x, p1, p2, beta),
+    saved=lambda args, outputs: args,
+    backward_args=lambda saved, attrs, needs: (*saved, any(needs[1:4])),
+    grad_of=(0, 1, 2, 3)))
+acon_c_op, acon_c_backward_op = ACON_C.forward_op, ACON_C.backward_op
 
 
 def apply_acon(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     """ACON-C on validated arguments, eager or under torch.compile (``config.compile_mode``)."""
-    if torch.compiler.is_compiling():
-        if config.mode_for("acon_c") == "decompose":
-            return reference.acon_c(x, p1, p2, beta)
-        return acon_c_op(x, p1, p2, beta, get_backend())
-    if reference_math():
-        return reference.acon_c(x, p1, p2, beta)
-    return _AconFn.apply(x, p1, p2, beta, get_backend())
+    return ACON_C(x, p1, p2, beta, mode="acon_c")
 
 
 # ---- FReLU's max step ---------------------------------------------------------------------
@@ -396,8 +277,14 @@ def frelu_forward_impl(x: Tensor, t: Tensor, need_code: bool,
     return y, code
 
 
+def _frelu_forward(x: Tensor, t: Tensor, need_code: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(max(x, t), win code); the code is empty unless ``need_code``."""
+    y, code = frelu_forward_impl(x, t, need_code, backend)
+    return y, x.new_empty(0, dtype=torch.uint8) if code is None else code
+
+
 def frelu_backward_impl(grad: Tensor, code: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """(dx, dt) from the incoming gradient and the win code."""
+    """(dx, dt) of max(x, t) from the incoming gradient and the win code."""
     g = like(grad, code)
     name = resolve(code.device, backend)
     if name == "reference":
@@ -408,46 +295,33 @@ def frelu_backward_impl(grad: Tensor, code: Tensor, backend: str) -> tuple[Tenso
     return dx, dt
 
 
-@torch.library.custom_op("fused_act::frelu_max", mutates_args=())
-def frelu_max_op(x: Tensor, t: Tensor, need_code: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(max(x, t), win code); the code is empty unless ``need_code``."""
-    y, code = frelu_forward_impl(x, t, need_code, backend)
-    return y, x.new_empty(0, dtype=torch.uint8) if code is None else code
-
-
-@frelu_max_op.register_fake
-def _(x: Tensor, t: Tensor, need_code: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _frelu_fake(x: Tensor, t: Tensor, need_code: bool, backend: str) -> tuple[Tensor, Tensor]:
     xd = dense(x)
-    code = torch.empty_like(xd, dtype=torch.uint8) if need_code else x.new_empty(0,
-                                                                               dtype=torch.uint8)
-    return torch.empty_like(xd), code
+    code = xd if need_code else x.new_empty(0)
+    return torch.empty_like(xd), torch.empty_like(code, dtype=torch.uint8)
 
 
-@torch.library.custom_op("fused_act::frelu_max_backward", mutates_args=())
-def frelu_max_backward_op(grad: Tensor, code: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """(dx, dt) of max(x, t) from the win code."""
-    return frelu_backward_impl(grad, code, backend)
+def _frelu_fake_backward(grad: Tensor, code: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(code, dtype=grad.dtype), torch.empty_like(code, dtype=grad.dtype)
 
 
-@frelu_max_backward_op.register_fake
-def _(grad: Tensor, code: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(code, dtype=grad.dtype), torch.empty_like(code, dtype=grad.dtype))
+FRELU_MAX = Op(Family(
+    "frelu_max", _frelu_forward, _frelu_fake,
+    lambda x, t, need_code: reference.frelu_max(x, t),
+    frelu_backward_impl, _frelu_fake_backward, reference.frelu_max_backward_code,
+    saved=lambda args, outputs: outputs[1:],  # the win code
+    backward_args=lambda saved, attrs, needs: saved,
+    grad_of=(0, 1)))
+frelu_max_op, frelu_max_backward_op = FRELU_MAX.forward_op, FRELU_MAX.backward_op
 
 
-def _frelu_save(ctx, inputs: tuple, output: tuple) -> None:
-    ctx.mark_non_differentiable(output[1])
-    ctx.backend = inputs[3]
-    ctx.save_for_backward(output[1])
+def apply_frelu_max(x: Tensor, t: Tensor) -> Tensor:
+    """max(x, t) on validated arguments, eager or under torch.compile."""
+    need_code = torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)
+    return FRELU_MAX(x, t, need_code, mode="frelu_max")
 
 
-frelu_max_op.register_autograd(
-    lambda ctx, grad, _: (*frelu_max_backward_op(grad, ctx.saved_tensors[0], ctx.backend), None,
-                          None),
-    setup_context=_frelu_save)
-
-
-@torch.library.custom_op("fused_act::frelu_max_affine", mutates_args=())
-def frelu_max_affine_op(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: str) -> Tensor:
+def frelu_max_affine_impl(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: str) -> Tensor:
     """max(x, a t + b) with per-channel a, b: FReLU's eval-mode step (no autograd)."""
     xd = dense(x)
     td = like(t, xd)
@@ -460,45 +334,12 @@ def frelu_max_affine_op(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: str
     return y
 
 
-@frelu_max_affine_op.register_fake
-def _(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: str) -> Tensor:
-    return torch.empty_like(dense(x))
+FRELU_MAX_AFFINE = Op(Family(
+    "frelu_max_affine", frelu_max_affine_impl,
+    lambda x, t, a, b, backend: torch.empty_like(dense(x)), reference.frelu_max_affine))
+frelu_max_affine_op = FRELU_MAX_AFFINE.forward_op
 
 
 def apply_frelu_max_affine(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """max(x, a t + b) on validated arguments (no gradient needed)."""
-    if reference_math() and not torch.compiler.is_compiling():
-        return reference.frelu_max_affine(x, t, a, b)
-    return frelu_max_affine_op(x, t, a, b, get_backend())
-
-
-class _FreluMaxFn(torch.autograd.Function):
-    """The eager path of frelu_max: saves the win code (1 byte per element), not x and t."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor, backend: str) -> Tensor:
-        y, code = frelu_forward_impl(x, t, ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
-                                     backend)
-        ctx.backend = backend
-        ctx.save_for_backward(code)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        (code,) = ctx.saved_tensors
-        if plain_backward(grad):
-            return (*frelu_backward_impl(grad, code, ctx.backend), None)
-        # differentiable in grad, batchable: plain torch operations
-        return (*reference.frelu_max_backward_code(grad, code), None)
-
-
-def apply_frelu_max(x: Tensor, t: Tensor) -> Tensor:
-    """max(x, t) on validated arguments, eager or under torch.compile."""
-    if torch.compiler.is_compiling():
-        if config.mode_for("frelu_max") == "decompose":
-            return reference.frelu_max(x, t)
-        need = torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)
-        return frelu_max_op(x, t, need, get_backend())[0]
-    if reference_math():
-        return reference.frelu_max(x, t)
-    return _FreluMaxFn.apply(x, t, get_backend())
+    return FRELU_MAX_AFFINE(x, t, a, b)
