@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
 
-from bench import harness  # noqa: E402
+from bench import harness, report, table, timing  # noqa: E402
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -33,17 +33,17 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     print(f"{'op':<13} {'dtype':<5} forward and input gradient (Triton interpreter, CPU)")
     ok_all = True
     for name in ops:
-        op = harness.OPS[name]
+        op = table.OPS[name]
         for dname in dtypes:
-            x, g, params = harness._inputs(op, op.shape(2**12), harness.DTYPES[dname], "cpu")
+            x, g, params = table.make_inputs(op, op.shape(2**12), table.DTYPES[dname], "cpu")
             try:
                 with fused_act.use_backend("triton"):
-                    harness.check(name, op.fused, x, g, params)
+                    table.check(name, op.fused, x, g, params)
                 verdict = "ok"
             except AssertionError as e:
                 verdict, ok_all = f"FAIL: {e}", False
             print(f"{name:<13} {dname:<5} {verdict}")
-    us = harness.host_overhead("cpu")
+    us = timing.host_overhead("cpu")
     print("\nhost time per eager mish forward+backward on 2^10 CPU elements, no interpreter "
           "(backend 'auto' runs the reference on CPU tensors): "
           + ", ".join(f"{k} {v:.1f} us" for k, v in us.items()))
@@ -53,9 +53,9 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few sizes, fewer repetitions")
-    p.add_argument("--ops", nargs="+", default=list(harness.OPS), choices=list(harness.OPS))
+    p.add_argument("--ops", nargs="+", default=list(table.OPS), choices=list(table.OPS))
     p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"],
-                   choices=list(harness.DTYPES))
+                   choices=list(table.DTYPES))
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="numbers of elements (default: 2^16 .. 2^28, or a few with --quick)")
     p.add_argument("--shapes", nargs="*", type=_shape, default=None,
@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         return run_without_gpu(args.ops, args.dtypes)
-    sizes = args.sizes or (harness.QUICK_SIZES if args.quick else harness.FULL_SIZES)
+    sizes = args.sizes or (table.QUICK_SIZES if args.quick else table.FULL_SIZES)
     shapes = args.shapes if args.shapes is not None else (
-        harness.LAYER_SHAPES[:2] if args.quick else harness.LAYER_SHAPES)
+        table.LAYER_SHAPES[:2] if args.quick else table.LAYER_SHAPES)
     name = harness.env("cuda")["gpu"]
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / _slug(name)
     result = harness.run(args.ops, args.dtypes, sizes, shapes, args.quick, out,
                          pipelines=not args.no_pipelines)
-    print(harness.markdown(result))
+    print(report.markdown(result))
     return 0
 
 

@@ -5,8 +5,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fused_act
-from bench.harness import _stream, _time_ms
 from bench.pipelines import AconC as PlainAconC
+from bench.timing import side_stream, time_ms
 
 
 def count_kernels(step) -> int:
@@ -29,7 +29,7 @@ def main() -> None:
         g = torch.randn_like(x)
         src, dst = torch.empty_like(x), torch.empty_like(x)
         # forward+backward moves 5 tensors of x's size (x twice, y, grad, dx): 2.5 copies
-        copy_ms = 2.5 * _time_ms(lambda: dst.copy_(src), x.numel(), False)  # noqa: B023
+        copy_ms = 2.5 * time_ms(lambda: dst.copy_(src), x.numel(), False)  # noqa: B023
         for name, module in (("plain PyTorch", PlainAconC(64)), ("fused_act.nn.AconC",
                                                                 fused_act.nn.AconC(64))):
             module = module.to("cuda", dtype)  # parameters in x's dtype, as a bf16 model has
@@ -39,8 +39,8 @@ def main() -> None:
                 return torch.autograd.grad(module(x), [x, *params], g)
 
             kernels = count_kernels(step)
-            with torch.cuda.stream(_stream()):
-                ms = _time_ms(step, x.numel(), False)
+            with torch.cuda.stream(side_stream()):
+                ms = time_ms(step, x.numel(), False)
             print(f"{name:<22} {str(dtype)[6:]:<9} {kernels:>8} {ms:>9.3f} {copy_ms / ms:>8.2f}")
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fused_act
-from bench.harness import _build_on_stream, _time_ms
+from bench.timing import build_on_stream, time_ms
 
 
 class Swish(nn.Module):
@@ -154,9 +154,9 @@ def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, d
         def step():
             return torch.autograd.grad(fn(x).square().mean(), [x, *params])
 
-        with _build_on_stream(device):
+        with build_on_stream(device):
             step()  # compile outside the timed region
-        return _time_ms(step, x.numel(), quick, device)
+        return time_ms(step, x.numel(), quick, device)
     finally:
         fused_act.config.compile_mode = previous
 

@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-from bench.harness import _time_ms
+from bench.timing import time_ms
 from fused_act.registry import KERNEL_IDS as ACT_IDS
 from fused_act.triton_kernels import elementwise, tiling
 
@@ -19,7 +19,7 @@ def main() -> None:
         x = torch.randn(N, device="cuda", dtype=dtype) * 4
         g, y = torch.randn_like(x), torch.empty_like(x)
         src, dst = torch.empty_like(x), torch.empty_like(x)
-        copy_ms = _time_ms(lambda: dst.copy_(src), N, True)  # noqa: B023
+        copy_ms = time_ms(lambda: dst.copy_(src), N, True)  # noqa: B023
         for act, kind in itertools.product(ACT_IDS, ("fwd", "bwd")):
             fracs = []
             for block, warps in CONFIGS:
@@ -32,7 +32,7 @@ def main() -> None:
                     def run():
                         elementwise.backward(g, x, y, ACT_IDS[act], None, 1.0, False)  # noqa: B023
                     nbytes = 3
-                fracs.append(nbytes / 2 * copy_ms / _time_ms(run, N, True))
+                fracs.append(nbytes / 2 * copy_ms / time_ms(run, N, True))
             print(f"{act:<10} {str(dtype)[6:]:<9} {kind:<4} "
                   + " ".join(f"{f:<11.3f}" for f in fracs))
 

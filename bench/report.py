@@ -1,0 +1,107 @@
+"""How the figures are shown: the markdown tables of results.md and the bandwidth plot.
+
+Only reads result rows as the runner writes them to results.json, never runs anything, so a
+table or plot can be redrawn or restyled from a saved results.json without a GPU, and a change
+of presentation cannot change a measurement.
+"""
+
+import math
+from pathlib import Path
+
+from bench.table import CONTESTANTS, MODES
+
+
+def _size(n: int) -> str:
+    k = math.log2(n)
+    return f"2^{int(k)}" if k == int(k) else str(n)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def markdown(result: dict) -> str:
+    """The tables: per op, dtype, shape and mode, and the compile pipelines."""
+    info, rows = result["env"], result["rows"]
+    by = {(r["op"], r["dtype"], tuple(r["shape"]), r["mode"], r["contestant"]): r for r in rows}
+    overhead = ", ".join(f"{k} {v:.1f} us" for k, v in result["host_overhead_us"].items())
+    fused = "the Triton kernels" + (" under Triton's CPU interpreter (not GPU figures)"
+                                    if info.get("interpreter") else "")
+    lines = [
+        f"# fused_act on {info['gpu']}", "",
+        f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, commit "
+        f"{info['commit']}, {info['date']}. Fractions are of a device-to-device copy of the same "
+        "bytes timed in the same run; GPU times are medians of CUDA-graph replays (GPU time, no "
+        f"host overhead: that is the next line). fused: {fused}; cuda: the CUDA C++ kernels.",
+        "",
+        f"Host time per eager forward+backward on 2^10 elements: {overhead}", "",
+        "| op | dtype | shape | mode | fused ms | fused / copy | cuda / copy | eager / copy "
+        "| compile / copy | vs eager | vs compile | peak MB fused / eager / compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (op, dtype, shape, mode, c), r in by.items():
+        if c != "fused":
+            continue
+        e, k = by[(op, dtype, shape, mode, "eager")], by[(op, dtype, shape, mode, "compile")]
+        cu = by.get((op, dtype, shape, mode, "fused_cuda"), {}).get("frac_copy")
+        peaks = " / ".join(_fmt(x["peak_mb"], ".0f") for x in (r, e, k))
+        shown = _size(r["n"]) if len(shape) == 1 else "x".join(map(str, shape))
+        lines.append(
+            f"| {op} | {dtype} | {shown} | {mode} | {r['ms']:.4f} | {_fmt(r['frac_copy'], '.2f')} "
+            f"| {_fmt(cu, '.2f')} | {_fmt(e['frac_copy'], '.2f')} | "
+            f"{_fmt(k['frac_copy'], '.2f')} | "
+            f"{e['ms'] / r['ms']:.2f}x | {k['ms'] / r['ms']:.2f}x | "
+            f"{peaks if mode == 'fwd+bwd' else ''} |")
+    if "pipelines" in result:
+        lines += ["", "## torch.compile pipelines (forward+backward of a block, ms)", "",
+                  "| op | block | " + " | ".join(result["pipelines"][0]["ms"]) + " | choice |",
+                  "|---|---|" + "---|" * (len(result["pipelines"][0]["ms"]) + 1)]
+        for p in result["pipelines"]:
+            lines.append(f"| {p['op']} | {p['block']} | "
+                         + " | ".join(f"{v:.4f}" for v in p["ms"].values())
+                         + f" | {result['compile_mode_choice'][p['op']]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], folder: Path) -> None:
+    """GB/s against size, one panel per op and mode, a line per contestant and dtype, the copy
+    of the same dtype dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return
+    sweep = [r for r in rows if r["gbps"] is not None and len(r["shape"]) >= 1]
+    ops = sorted({r["op"] for r in sweep if r["op"] != "copy"})
+    dtypes = sorted({r["dtype"] for r in sweep})
+    if not ops:
+        return
+    colors = {c: f"C{i}" for i, c in enumerate(CONTESTANTS)}
+    styles = dict(zip(dtypes, ("-", "-.", ":"), strict=False))
+    fig, axes = plt.subplots(len(ops), len(MODES), figsize=(15, 3.4 * len(ops)), squeeze=False)
+    for i, op in enumerate(ops):
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            for dtype in dtypes:
+                copy = sorted({(r["n"], r["gbps"]) for r in sweep if r["op"] == op and
+                               r["mode"] == "copy" and r["dtype"] == dtype})
+                if copy:
+                    ax.plot(*zip(*copy, strict=True), "k--", lw=0.8)
+                for c in CONTESTANTS:
+                    pts = sorted((r["n"], r["gbps"]) for r in sweep if r["op"] == op and
+                                 r["mode"] == mode and r["contestant"] == c and
+                                 r["dtype"] == dtype)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), styles.get(dtype, "-"), marker="o",
+                                ms=3, color=colors[c], label=f"{c} {dtype}")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {mode} (dashed: copy)")
+            ax.set_xlabel("elements")
+            ax.set_ylabel("GB/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "bandwidth.png", dpi=90)
+    plt.close(fig)
