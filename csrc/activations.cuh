@@ -11,8 +11,6 @@
 
 #include <math.h>
 
-#include "fused_act.h"
-
 #define FA_HD __host__ __device__ __forceinline__
 
 namespace fused_act {
@@ -164,15 +162,21 @@ FA_HD M gelu_tanh_bwd(M x) {
 
 // ---- the selectors the generic kernels use --------------------------------------------------
 
+// Each kernel activation's id, as fused_act/registry.py KERNEL_IDS assigns it (0, 1, ...; a test
+// checks these and N_ACT).  The C interface (fused_act.h) takes one as `int act`, and
+// elementwise.cu instantiates its kernels for every id below N_ACT, so an activation is an id
+// here and a branch in each selector.
+enum act_id : int { ACT_MISH = 0, ACT_SWISH = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, N_ACT };
+
 template <int ACT, class M>
 FA_HD M act_fwd(M x, M beta) {
-  if constexpr (ACT == FA_MISH) {
+  if constexpr (ACT == ACT_MISH) {
     return mish_fwd(x);
-  } else if constexpr (ACT == FA_SWISH) {
+  } else if constexpr (ACT == ACT_SWISH) {
     return swish_fwd(x, beta);
-  } else if constexpr (ACT == FA_GELU) {
+  } else if constexpr (ACT == ACT_GELU) {
     return gelu_fwd(x);
-  } else if constexpr (ACT == FA_GELU_TANH) {
+  } else if constexpr (ACT == ACT_GELU_TANH) {
     return gelu_tanh_fwd(x);
   } else {
     static_assert(ACT != ACT, "act_fwd: unknown activation selector");
@@ -182,13 +186,13 @@ FA_HD M act_fwd(M x, M beta) {
 // (df/dx, df/dbeta); df/dbeta is 0 for all but swish.
 template <int ACT, class M>
 FA_HD Grad2<M> act_bwd(M x, M beta) {
-  if constexpr (ACT == FA_MISH) {
+  if constexpr (ACT == ACT_MISH) {
     return {mish_bwd(x), M(0)};
-  } else if constexpr (ACT == FA_SWISH) {
+  } else if constexpr (ACT == ACT_SWISH) {
     return swish_bwd(x, beta);
-  } else if constexpr (ACT == FA_GELU) {
+  } else if constexpr (ACT == ACT_GELU) {
     return {gelu_bwd(x), M(0)};
-  } else if constexpr (ACT == FA_GELU_TANH) {
+  } else if constexpr (ACT == ACT_GELU_TANH) {
     return {gelu_tanh_bwd(x), M(0)};
   } else {
     static_assert(ACT != ACT, "act_bwd: unknown activation selector");

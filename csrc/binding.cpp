@@ -47,8 +47,11 @@ void check(const Tensor& x, std::initializer_list<const Tensor*> data,
   }
 }
 
+// fused_act/plan.py Plan.fields(), in fa_plan's order (a member missing here is a
+// -Wmissing-field-initializers error, one too many a compile error).
 fa_plan to_plan(const std::vector<int64_t>& p) {
-  TORCH_CHECK(p.size() == 8, "fused_act CUDA kernels: a plan has 8 fields");
+  TORCH_CHECK(p.size() == FA_PLAN_FIELDS, "fused_act CUDA kernels: a plan has ", FA_PLAN_FIELDS,
+              " fields, got ", p.size());
   return fa_plan{p[0], p[1], p[2], int32_t(p[3]), int32_t(p[4]), int32_t(p[5]), p[6], p[7]};
 }
 
@@ -118,22 +121,24 @@ void check_code(const Tensor& x, const Tensor& code) {
               "fused_act CUDA kernels: the win code must be uint8 beside x");
 }
 
-void max_forward(const Tensor& x, const Tensor& t, Tensor& y, const OptTensor& code) {
+void max_forward(const Tensor& x, const Tensor& t, Tensor& y, const OptTensor& code,
+                 const std::vector<int64_t>& plan) {
   check(x, {&t, &y}, {});
   if (code) check_code(x, *code);
   const c10::cuda::CUDAGuard guard(x.device());
   raise_if(fa_max_forward(x.data_ptr(), t.data_ptr(), y.data_ptr(),
-                          code ? code->data_ptr() : nullptr, dtype_code(x), x.numel(),
+                          code ? code->data_ptr() : nullptr, dtype_code(x), to_plan(plan),
                           stream_of(x)),
            "max_forward");
 }
 
-void max_backward(const Tensor& g, const Tensor& code, Tensor& dx, Tensor& dt) {
+void max_backward(const Tensor& g, const Tensor& code, Tensor& dx, Tensor& dt,
+                  const std::vector<int64_t>& plan) {
   check(g, {&dx, &dt}, {});
   check_code(g, code);
   const c10::cuda::CUDAGuard guard(g.device());
   raise_if(fa_max_backward(g.data_ptr(), code.data_ptr(), dx.data_ptr(), dt.data_ptr(),
-                           dtype_code(g), g.numel(), stream_of(g)),
+                           dtype_code(g), to_plan(plan), stream_of(g)),
            "max_backward");
 }
 

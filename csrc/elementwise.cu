@@ -53,20 +53,18 @@ int act_backward(const void* g, const void* x, void* dx, const void* beta, float
              static_cast<M*>(partial));
 }
 
+// f(std::integral_constant<int, ACT>{}) for the run-time id `act`: every id of activations.cuh
+// (0 .. N_ACT - 1) is instantiated; any other is cudaErrorInvalidValue.
+template <class F, int... IDS>
+int dispatch_act(int act, F&& f, std::integer_sequence<int, IDS...>) {
+  int err = int(cudaErrorInvalidValue);
+  static_cast<void>(((act == IDS && (err = f(std::integral_constant<int, IDS>{}), true)) || ...));
+  return err;
+}
+
 template <class F>
 int dispatch_act(int act, F&& f) {
-  switch (act) {
-    case FA_MISH:
-      return f(std::integral_constant<int, FA_MISH>{});
-    case FA_SWISH:
-      return f(std::integral_constant<int, FA_SWISH>{});
-    case FA_GELU:
-      return f(std::integral_constant<int, FA_GELU>{});
-    case FA_GELU_TANH:
-      return f(std::integral_constant<int, FA_GELU_TANH>{});
-    default:
-      return int(cudaErrorInvalidValue);
-  }
+  return dispatch_act(act, f, std::make_integer_sequence<int, N_ACT>{});
 }
 
 }  // namespace fused_act

@@ -1,6 +1,7 @@
 // FReLU's max step: y = max(x, t) writing a one-byte win code for backward, the backward in one
 // pass over (grad, code), and the eval-mode step max(x, a t + b) with BatchNorm folded into
-// per-channel a, b.  All run by the tiled kernel (tile.cuh); max and its backward on a flat plan.
+// per-channel a, b.  All run by the tiled kernel (tile.cuh) on the caller's plan: flat for the
+// max and its backward, a channel plan for the folded step.
 #include "tile.cuh"
 
 namespace fused_act {
@@ -84,28 +85,12 @@ struct MaxAffine {
   }
 };
 
-// One row of n elements (the plan of fused_act/plan.py flat()).
-inline fa_plan flat_plan(int64_t n, int block) {
-  fa_plan p{};
-  p.rows = 1;
-  p.cols = n;
-  p.channels = 1;
-  p.layout = FA_SCALAR;
-  p.block_r = 1;
-  p.block_l = block;
-  p.samples = 1;
-  return p;
-}
-
-constexpr int FLAT_BLOCK = 2048;  // as fused_act/plan.py BLOCK
-
 }  // namespace fused_act
 
 using namespace fused_act;
 
 extern "C" int fa_max_forward(const void* x, const void* t, void* y, void* code, int dtype,
-                              int64_t n, void* stream) {
-  const fa_plan plan = flat_plan(n, FLAT_BLOCK);
+                              fa_plan plan, void* stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const MaxForward<T> op{static_cast<const T*>(x), static_cast<const T*>(t), static_cast<T*>(y),
@@ -115,8 +100,7 @@ extern "C" int fa_max_forward(const void* x, const void* t, void* y, void* code,
 }
 
 extern "C" int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dtype,
-                               int64_t n, void* stream) {
-  const fa_plan plan = flat_plan(n, FLAT_BLOCK);
+                               fa_plan plan, void* stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const MaxBackward<T> op{static_cast<const T*>(g), static_cast<const uint8_t*>(code),

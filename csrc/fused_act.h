@@ -16,17 +16,21 @@ extern "C" {
 #endif
 
 enum fa_dtype { FA_F32 = 0, FA_F16 = 1, FA_BF16 = 2, FA_F64 = 3 };
-// As fused_act/registry.py KERNEL_IDS (checked by tests/test_api.py).
-enum fa_act { FA_MISH = 0, FA_SWISH = 1, FA_GELU = 2, FA_GELU_TANH = 3 };
 // 0: no parameter tensor (a scalar value); ROWS: a parameter per row; COLS: per column.
 enum fa_layout { FA_SCALAR = 0, FA_ROWS = 1, FA_COLS = 2 };
 
+// fused_act/plan.py Plan, field for field (names, order, and its C_TYPES; tests/test_csrc.py
+// checks both this struct and FA_PLAN_FIELDS against it).
 typedef struct {
   int64_t rows, cols, channels;
   int32_t layout, block_r, block_l;
   int64_t samples;  // rows are split evenly into this many samples, tiled apart
   int64_t batch;    // per-sample parameters in a ROWS plan: sample = row / (rows / batch); else 0
 } fa_plan;
+enum { FA_PLAN_FIELDS = 8 };  // the members of fa_plan: Plan.fields() has as many
+
+// act: a kernel id of fused_act/registry.py KERNEL_IDS (csrc/activations.cuh act_id); an id
+// without an activation is cudaErrorInvalidValue.
 
 int fa_act_forward(const void* x, void* y, int dtype, int act, const void* beta,
                    float beta_value, fa_plan plan, void* stream);
@@ -40,11 +44,12 @@ int fa_acon_backward(const void* g, const void* x, void* dx, int dtype, const vo
                      const void* p2, const void* beta, int per_sample, void* partial,
                      int64_t n_partial, fa_plan plan, void* stream);
 
-// code: one byte per element (fused_act/reference.py frelu_max_code), or null.
-int fa_max_forward(const void* x, const void* t, void* y, void* code, int dtype, int64_t n,
+// code: one byte per element (fused_act/reference.py frelu_max_code), or null.  The max and its
+// backward read no parameter: the caller passes a flat plan (fused_act/plan.py flat).
+int fa_max_forward(const void* x, const void* t, void* y, void* code, int dtype, fa_plan plan,
                    void* stream);
-int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dtype, int64_t n,
-                    void* stream);
+int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dtype,
+                    fa_plan plan, void* stream);
 int fa_max_affine(const void* x, const void* t, const void* a, const void* b, void* y, int dtype,
                   fa_plan plan, void* stream);
 

@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "activations.cuh"
+#include "fused_act.h"
 
 namespace fused_act {
 

@@ -128,13 +128,13 @@ def acon_backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.
 def max_forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tensor | None
                 ) -> None:
     """y = max(x, t), and the win code if given (as ``triton_kernels.frelu.forward``)."""
-    library().max_forward(x, t, y, code)
+    library().max_forward(x, t, y, code, plan.flat(x.numel(), plan.SCALAR).fields())
 
 
 def max_backward(g: torch.Tensor, code: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor
                  ) -> None:
     """dx, dt from the gradient and the win code (as ``triton_kernels.frelu.backward``)."""
-    library().max_backward(g, code, dx, dt)
+    library().max_backward(g, code, dx, dt, plan.flat(g.numel(), plan.SCALAR).fields())
 
 
 def max_affine(x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

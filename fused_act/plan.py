@@ -19,6 +19,8 @@ zero.  The Triton kernels (``triton_kernels/tiling.py``) and the CUDA kernels (`
 share these tiles and slots.
 """
 
+import dataclasses
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -76,9 +78,19 @@ class Plan:
         return self.col_blocks * self.rows
 
     def fields(self) -> tuple[int, ...]:
-        """The plan as the CUDA kernels take it (csrc/fused_act.h ``fa_plan``)."""
-        return (self.rows, self.cols, self.channels, self.layout, self.block_r, self.block_l,
-                self.samples, self.batch)
+        """The fields in declaration order: the plan as the CUDA kernels take it (csrc/fused_act.h
+        ``fa_plan``, whose members are these, typed as ``C_TYPES``)."""
+        return _FIELD_VALUES(self)
+
+
+# The source of the C layout: fa_plan (csrc/fused_act.h) declares Plan's fields in their order
+# with these C types (<type>_t).  tests/test_csrc.py checks the header's struct and its
+# FA_PLAN_FIELDS (binding.cpp's check of a plan) against Plan and this table, and the emulated
+# kernels' ctypes struct (tests/test_csrc_emulated.py) is built from them.
+C_TYPES = {"rows": "int64", "cols": "int64", "channels": "int64", "layout": "int32",
+           "block_r": "int32", "block_l": "int32", "samples": "int64", "batch": "int64"}
+# Plan.fields(), as dataclasses.astuple without its deep copy (50x the cost, paid every launch)
+_FIELD_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Plan)))
 
 
 def flat(n: int, layout: int = ROWS) -> Plan:

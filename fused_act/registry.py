@@ -1,12 +1,12 @@
 """One spec per elementwise activation: the one place an activation is declared.
 
 The op table of ``ops.py``, the test tables, the benchmark's table and the kernel selectors'
-numbers come from here: ``KERNEL_IDS`` assigns each kernel activation its selector, and a test
-checks ``triton_kernels/math.py``, ``csrc/fused_act.h`` and ``csrc/elementwise.cu`` against it
-(a selector that meets an unknown id fails at compile time, never computes another
-activation).  Adding an elementwise activation is its math in the three math files (Triton,
-CUDA, reference), an id here and one ``Spec``, plus its public function and module if it has its
-own (CONTRIBUTING.md).
+numbers come from here: ``KERNEL_IDS`` assigns each kernel activation its selector, and tests
+check ``triton_kernels/math.py`` and ``csrc/activations.cuh`` (its ids and their count
+``N_ACT``, over which the CUDA launchers dispatch) against it (a selector that meets an unknown
+id fails at compile time, never computes another activation).  Adding an elementwise activation
+is its math in the three math files (Triton, CUDA, reference), an id here and one ``Spec``, plus
+its public function and module if it has its own (CONTRIBUTING.md).
 """
 
 import math
@@ -21,8 +21,9 @@ from . import reference
 Beta = float | Tensor
 INF = math.inf
 
-# The selector of each kernel activation: ``<name>_fwd`` / ``<name>_bwd`` in
-# triton_kernels/math.py and csrc/activations.cuh, ``FA_<NAME>`` in csrc/fused_act.h.
+# The selector of each kernel activation: ``<NAME>`` in triton_kernels/math.py and ``ACT_<NAME>``
+# in csrc/activations.cuh (ids 0, 1, ...: the CUDA launchers dispatch over every id below its
+# ``N_ACT``), picking ``<name>_fwd`` / ``<name>_bwd`` in both.
 KERNEL_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3}
 
 

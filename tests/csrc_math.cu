@@ -1,8 +1,9 @@
 // Host program for tests/test_csrc.py: evaluates csrc/activations.cuh (the CUDA kernels' math)
 // on the CPU.  Reads "beta a p2 acon_beta" and then one x a line from stdin; writes, per x, in
-// float and then in double, %.17g each: for every kernel activation id 0 .. FA_N_ACT - 1 (the
-// registry's count, defined by the test) f(x), df/dx and df/dbeta through the generic selectors
-// the kernels use, then ACON-C's value, dy/dx, dy/dp1, dy/dp2 and dy/dbeta.
+// float and then in double, %.17g each: for every kernel activation id 0 .. N_ACT - 1 (the
+// header's count, which the test checks against the registry) f(x), df/dx and df/dbeta through
+// the generic selectors the kernels use, then ACON-C's value, dy/dx, dy/dp1, dy/dp2 and
+// dy/dbeta.
 #include <stdio.h>
 
 #include <utility>
@@ -23,7 +24,7 @@ void activations(M x, M beta, std::integer_sequence<int, IDS...>) {
 
 template <class M>
 void row(M x, M beta, M a, M p2, M acon_beta) {
-  activations<M>(x, beta, std::make_integer_sequence<int, FA_N_ACT>{});
+  activations<M>(x, beta, std::make_integer_sequence<int, N_ACT>{});
   const AconGrad<M> ac = acon_c_bwd(x, a, p2, acon_beta);
   const M v[] = {acon_c_fwd(x, a, p2, acon_beta), ac.dx, ac.dp1, ac.dp2, ac.dbeta};
   for (M value : v) printf("%.17g ", double(value));

@@ -19,21 +19,44 @@ from fused_act.triton_kernels import math as tmath
 from .cases import ROOT, need_device
 
 
+def c_enum(text: str, name: str) -> dict[str, int]:
+    """The enumerators of the C enum ``name`` in ``text``, in order, with their values (an
+    implicit one is the previous plus one)."""
+    body = re.search(rf"enum {name}\b[^{{;]*{{([^}}]*)}}", re.sub(r"//[^\n]*", "", text))
+    assert body, f"enum {name} not found"
+    values, value = {}, 0
+    for item in filter(None, (i.strip() for i in body.group(1).split(","))):
+        key, _, given = (part.strip() for part in item.partition("="))
+        value = int(given, 0) if given else value
+        values[key] = value
+        value += 1
+    return values
+
+
 def test_every_activation_in_every_math_site():
     """Each kernel activation of the registry has its math in every language, under the id the
-    registry assigns: a Triton pair and selector constant, a CUDA pair, enum value and dispatch
-    case, and a spec whose reference math the op table runs."""
+    registry assigns: a Triton pair and selector constant, a CUDA pair, id (``act_id``, whose last
+    enumerator ``N_ACT`` counts them: the CUDA launchers dispatch over every id below it) and
+    selector branches, and a spec whose reference math the op table runs.  No other CUDA file
+    names an activation."""
     header = (ROOT / "csrc" / "activations.cuh").read_text()
-    abi = (ROOT / "csrc" / "fused_act.h").read_text()
+    ids = c_enum(header, "act_id")
+    assert list(ids)[-1] == "N_ACT", ids
+    n_act = ids.pop("N_ACT")
+    assert {k.removeprefix("ACT_").lower(): v for k, v in ids.items()} == registry.KERNEL_IDS
+    assert all(k.startswith("ACT_") for k in ids), ids
+    assert sorted(registry.KERNEL_IDS.values()) == list(range(n_act))
     dispatch = (ROOT / "csrc" / "elementwise.cu").read_text()
-    enum = dict(re.findall(r"FA_(\w+) = (\d+)", abi.split("enum fa_act")[1].split("}")[0]))
-    assert {k.lower(): int(v) for k, v in enum.items()} == registry.KERNEL_IDS
+    assert "std::make_integer_sequence<int, N_ACT>" in dispatch
+    others = {p.name: p.read_text() for p in (ROOT / "csrc").iterdir()
+              if p.name != "activations.cuh"}
     for name, i in registry.KERNEL_IDS.items():
         assert hasattr(tmath, f"{name}_fwd") and hasattr(tmath, f"{name}_bwd"), name
         assert getattr(tmath, name.upper()).value == i, name
         assert f"M {name}_fwd(" in header and f"{name}_bwd(" in header, name
-        assert f"ACT == FA_{name.upper()}" in header, name
-        assert f"case FA_{name.upper()}:" in dispatch, name
+        assert header.count(f"ACT == ACT_{name.upper()})") == 2, name
+        for file, text in others.items():
+            assert not re.search(rf"\b(FA|ACT)_{name.upper()}\b", text), (file, name)
         assert registry.KERNELS[name].kernel == name
     for fn in ("mish", "swish", "gelu", "acon_c", "frelu_max"):
         assert hasattr(reference, fn) and hasattr(reference, fn + "_backward")

@@ -4,6 +4,7 @@ backend where it cannot run is a clear error.  test_csrc_emulated.py runs the ke
 CPU.  On a GPU, the tables of test_kernels, test_acon, test_frelu and test_autograd run with
 backend "cuda" (``pytest -m cuda``), and test_gpu.py compares it with backend "triton"."""
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -19,7 +20,7 @@ import torch
 from torch.utils import cpp_extension
 
 import fused_act
-from fused_act import _build, _cuda, reference, registry
+from fused_act import _build, _cuda, plan, reference, registry
 
 from .cases import ROOT, TOL
 
@@ -143,6 +144,8 @@ def _host_math(xs: list[float], beta: float, a: float, p2: float, acon_beta: flo
     out = subprocess.run([exe], input=text, capture_output=True, text=True, check=True)
     rows = torch.tensor([[float(v) for v in line.split()] for line in out.stdout.splitlines()],
                         dtype=torch.float64)
+    # the program writes a column triple per id below activations.cuh's N_ACT
+    assert rows.shape == (len(xs), 2 * len(COLUMNS)), "N_ACT is not the registry's count"
     return rows[:, :len(COLUMNS)], rows[:, len(COLUMNS):]
 
 
@@ -151,7 +154,13 @@ def host_math(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc not found")
     exe = tmp_path_factory.mktemp("csrc") / "math"
-    _nvcc(["-I", str(CSRC), f"-DFA_N_ACT={len(KERNELS)}", str(ROOT / "tests" / "csrc_math.cu"),
+    # built with a compile-time check that activations.cuh's ids are the registry's
+    checks = [f"fused_act::ACT_{k.upper()} == {i}" for k, i in registry.KERNEL_IDS.items()]
+    checks.append(f"fused_act::N_ACT == {len(KERNELS)}")
+    ids = exe.parent / "ids.h"
+    ids.write_text('#include "activations.cuh"\n' + "".join(
+        f'static_assert({c}, "{c}, as fused_act/registry.py KERNEL_IDS");\n' for c in checks))
+    _nvcc(["-I", str(CSRC), str(ROOT / "tests" / "csrc_math.cu"), "-include", str(ids),
            "-o", str(exe)], exe.parent)
     _host_math.exe = str(exe)
     return _host_math
@@ -217,6 +226,26 @@ def test_max_code_matches_reference(host_math):
     x = torch.tensor([1.0, 0.0, 2.0, float("nan")])
     t = torch.tensor([0.0, 1.0, 2.0, 0.0])
     assert reference.frelu_max_code(x, t).tolist() == [0, 1, 2, 3]
+
+
+def test_plan_struct_is_plan_py():
+    """csrc/fused_act.h's fa_plan declares fused_act/plan.py Plan's fields, in their order, with
+    the C types of plan.C_TYPES; FA_PLAN_FIELDS (what binding.cpp checks a plan's length
+    against) counts them; Plan.fields() gives them in that order."""
+    abi = re.sub(r"//[^\n]*", "", (CSRC / "fused_act.h").read_text())
+    body = re.search(r"typedef struct \{([^}]*)\} fa_plan;", abi)
+    assert body, "typedef struct {...} fa_plan; not found"
+    members = []
+    for decl in filter(None, (d.strip() for d in body.group(1).split(";"))):
+        ctype, names = decl.split(None, 1)
+        members += [(name.strip(), ctype) for name in names.split(",")]
+    names = [f.name for f in dataclasses.fields(plan.Plan)]
+    assert list(plan.C_TYPES) == names
+    assert members == [(name, f"{plan.C_TYPES[name]}_t") for name in names]
+    assert re.search(r"\bFA_PLAN_FIELDS = (\d+)\b", abi).group(1) == str(len(names))
+    assert "FA_PLAN_FIELDS" in (CSRC / "binding.cpp").read_text()
+    for p in (plan.flat(5000), plan.channel_plan(torch.empty(2, 3, 4, 5), 3, True)):
+        assert p.fields() == dataclasses.astuple(p)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")

@@ -6,6 +6,7 @@ per-sample beta, ties and NaNs for the max).  This proves the kernels' indexing 
 without a GPU; it says nothing of their speed or of the GPU memory model."""
 
 import ctypes
+import dataclasses
 import shutil
 import subprocess
 
@@ -27,10 +28,9 @@ CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3
 
 
 class Plan(ctypes.Structure):
-    _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
-                ("channels", ctypes.c_int64), ("layout", ctypes.c_int32),
-                ("block_r", ctypes.c_int32), ("block_l", ctypes.c_int32),
-                ("samples", ctypes.c_int64), ("batch", ctypes.c_int64)]
+    """csrc/fused_act.h fa_plan, from fused_act/plan.py (test_csrc.py checks the header)."""
+    _fields_ = [(f.name, getattr(ctypes, f"c_{fused_act.plan.C_TYPES[f.name]}"))
+                for f in dataclasses.fields(fused_act.plan.Plan)]
 
 
 def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -68,13 +68,13 @@ class Emulated:
                                            _p(p2), _p(beta), int(per_sample), _p(partial),
                                            ctypes.c_int64(n_partial), Plan(*plan), None))
 
-    def max_forward(self, x, t, y, code):
+    def max_forward(self, x, t, y, code, plan):
         self._ok(self.lib.fa_max_forward(_p(x), _p(t), _p(y), _p(code), CODES[x.dtype],
-                                         ctypes.c_int64(x.numel()), None))
+                                         Plan(*plan), None))
 
-    def max_backward(self, g, code, dx, dt):
+    def max_backward(self, g, code, dx, dt, plan):
         self._ok(self.lib.fa_max_backward(_p(g), _p(code), _p(dx), _p(dt), CODES[g.dtype],
-                                          ctypes.c_int64(g.numel()), None))
+                                          Plan(*plan), None))
 
     def max_affine(self, x, t, a, b, y, plan):
         self._ok(self.lib.fa_max_affine(_p(x), _p(t), _p(a), _p(b), _p(y), CODES[x.dtype],
