@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_act
-from fused_act import _cuda, ops, plan
+from fused_act import ops, plan
+from fused_act.kernels import kernels
 from fused_act.triton_kernels import elementwise, tiling
 
 
@@ -43,7 +44,7 @@ def main() -> None:
         "triton launch (fwd kernel)": lambda: kernel[p.grid](
             x, y, x, 1.0, p.rows, p.cols, p.channels, ACT=0, BETA_MODE=0, BLOCK_R=1,
             BLOCK_L=p.block_l, FLAT=True, INT64=False, num_warps=tiling.NUM_WARPS),
-        "elementwise.forward": lambda: elementwise.forward(x, y, 0, None, 1.0),
+        "elementwise.forward": lambda: elementwise.forward(x, y, 0, None, 1.0, p),
         "ops.forward_impl": lambda: ops.forward_impl(x, "mish", None, 1.0, "triton"),
         "fused_act.mish forward": lambda: fused_act.mish(x),
         "custom op forward": lambda: ops.activation_op(x, "mish", None, 1.0, "triton"),
@@ -56,7 +57,8 @@ def main() -> None:
                 with fused_act.use_backend("cuda"):
                     return fn()
             return call
-        rows["cuda kernels: act_forward"] = lambda: _cuda.act_forward(x, y, 0, None, 1.0)
+        cuda = kernels("cuda")
+        rows["cuda kernels: act_forward"] = lambda: cuda.act_forward(x, y, 0, None, 1.0, p)
         rows["fused_act.mish forward (cuda)"] = cuda_backend(lambda: fused_act.mish(x))
         rows["fused_act.mish fwd+bwd (cuda)"] = cuda_backend(
             lambda: torch.autograd.grad(fused_act.mish(xg), xg, g))

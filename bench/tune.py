@@ -6,8 +6,9 @@ import itertools
 import torch
 
 from bench.timing import time_ms
+from fused_act import plan
 from fused_act.registry import KERNEL_IDS as ACT_IDS
-from fused_act.triton_kernels import elementwise, tiling
+from fused_act.triton_kernels import elementwise
 
 N = 2**26
 CONFIGS = list(itertools.product([1024, 2048, 4096], [4, 8]))
@@ -23,14 +24,15 @@ def main() -> None:
         for act, kind in itertools.product(ACT_IDS, ("fwd", "bwd")):
             fracs = []
             for block, warps in CONFIGS:
-                tiling.BLOCK, tiling.NUM_WARPS = block, warps
+                elementwise.NUM_WARPS = warps
+                p = plan.Plan(1, N, 1, plan.SCALAR, 1, block)
                 if kind == "fwd":
                     def run():
-                        elementwise.forward(x, y, ACT_IDS[act], None, 1.0)  # noqa: B023
+                        elementwise.forward(x, y, ACT_IDS[act], None, 1.0, p)  # noqa: B023
                     nbytes = 2
                 else:
                     def run():
-                        elementwise.backward(g, x, y, ACT_IDS[act], None, 1.0, False)  # noqa: B023
+                        elementwise.backward(g, x, y, ACT_IDS[act], None, 1.0, None, p)  # noqa: B023
                     nbytes = 3
                 fracs.append(nbytes / 2 * copy_ms / time_ms(run, N, True))
             print(f"{act:<10} {str(dtype)[6:]:<9} {kind:<4} "

@@ -14,7 +14,6 @@ opmath (``flat_param``).
 """
 
 import struct
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -22,6 +21,7 @@ from torch import Tensor
 from . import plan, reference
 from .backend import get_backend, resolve
 from .factory import Family, Op, reference_math
+from .kernels import kernels
 from .registry import KERNEL_IDS, KERNELS
 
 # ---- layout --------------------------------------------------------------------------------
@@ -52,25 +52,6 @@ def like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
-_kernel_sets: dict = {}
-
-
-def _kernels(name: str):
-    """The kernel families (``elementwise``, ``acon``, ``frelu``) of backend ``name``."""
-    # imported on first use: defining the Triton kernels reads TRITON_INTERPRET, loading the
-    # CUDA ones may build them, and CPU-only users of the reference pay for neither
-    if name not in _kernel_sets:
-        if name == "cuda":
-            from . import _cuda
-            _cuda.library()
-            _kernel_sets[name] = _cuda
-        else:
-            from .triton_kernels import acon, elementwise, frelu
-            _kernel_sets[name] = SimpleNamespace(elementwise=elementwise, acon=acon,
-                                                 frelu=frelu)
-    return _kernel_sets[name]
-
-
 def flat_param(p: Tensor, x: Tensor) -> Tensor:
     """A parameter as every kernel reads it: flat, contiguous (a strided view is copied: the
     kernels index it with unit stride) and in x's opmath dtype (fp32, or fp64 for fp64 x)."""
@@ -84,6 +65,12 @@ def _fp32(v: float) -> float:
 
 # ---- the elementwise activations ------------------------------------------------------------
 
+def _act_plan(x: Tensor, beta: Tensor | None) -> plan.Plan:
+    """Flat without a beta tensor (SCALAR: no parameter read), else by channel."""
+    return plan.flat(x.numel(), plan.SCALAR) if beta is None else plan.channel_plan(
+        x, beta.numel())
+
+
 def _act_forward(x: Tensor, act: str, beta: Tensor | None, beta_value: float, backend: str,
                  out: Tensor | None = None) -> Tensor:
     xd = dense(x)
@@ -94,8 +81,9 @@ def _act_forward(x: Tensor, act: str, beta: Tensor | None, beta_value: float, ba
         y = KERNELS[act].forward(xd, beta_value if beta is None else beta)
         return y if out is None else out.copy_(y)
     y = torch.empty_like(xd) if out is None else out
-    _kernels(name).elementwise.forward(xd, y, KERNEL_IDS[act],
-                                       None if beta is None else flat_param(beta, x), beta_value)
+    kernels(name).act_forward(xd, y, KERNEL_IDS[act],
+                              None if beta is None else flat_param(beta, x), beta_value,
+                              _act_plan(xd, beta))
     return y
 
 
@@ -119,12 +107,15 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
     if name == "reference":
         return KERNELS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
     dx = torch.empty_like(xd)
-    db = _kernels(name).elementwise.backward(g, xd, dx, KERNEL_IDS[act],
-                                             None if beta is None else flat_param(beta, x),
-                                             beta_value, need_dbeta)
-    if db is not None:
-        db = db.reshape(beta.shape).to(beta.dtype)
-    return dx, db
+    p = _act_plan(xd, beta)
+    partial = torch.empty(p.partials, dtype=plan.accumulator(x),
+                          device=x.device) if need_dbeta else None
+    kernels(name).act_backward(g, xd, dx, KERNEL_IDS[act],
+                               None if beta is None else flat_param(beta, x), beta_value,
+                               partial, p)
+    if partial is None:
+        return dx, None
+    return dx, plan.channel_sums(partial, p).reshape(beta.shape).to(beta.dtype)
 
 
 def _act_fake(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
@@ -205,8 +196,8 @@ def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: 
     if name == "reference":
         return reference.acon_c(xd, p1, p2, beta)
     y = torch.empty_like(xd)
-    _kernels(name).acon.forward(xd, y, flat_param(p1, x), flat_param(p2, x), flat_param(beta, x),
-                                per_sample)
+    kernels(name).acon_forward(xd, y, flat_param(p1, x), flat_param(p2, x), flat_param(beta, x),
+                               per_sample, plan.channel_plan(xd, p1.numel(), per_sample))
     return y
 
 
@@ -224,12 +215,16 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
         dx, *dparams = reference.acon_c_backward(g, xd, p1, p2, beta)
         return (dx, *(dparams if need_params else (None,) * 3))
     dx = torch.empty_like(xd)
-    # the gradients come back in the parameters' dtype when they share one (one cast, not three)
-    out_dtype = p1.dtype if p1.dtype == p2.dtype == beta.dtype else None
-    sums = _kernels(name).acon.backward(g, xd, dx, flat_param(p1, x), flat_param(p2, x),
-                                        flat_param(beta, x), per_sample, need_params, out_dtype)
-    if sums is None:
+    p = plan.channel_plan(xd, p1.numel(), per_sample)
+    acc = plan.accumulator(x)
+    partial = torch.empty(3 * p.partials, dtype=acc, device=x.device) if need_params else None
+    kernels(name).acon_backward(g, xd, dx, flat_param(p1, x), flat_param(p2, x),
+                                flat_param(beta, x), per_sample, partial, p)
+    if partial is None:
         return dx, None, None, None
+    # the gradients come back in the parameters' dtype when they share one (one cast, not three)
+    out_dtype = p1.dtype if p1.dtype == p2.dtype == beta.dtype else acc
+    sums = plan.acon_sums(partial, p, x.shape[0], per_sample, out_dtype)
     return (dx, *(s.reshape(p.shape).to(p.dtype) for s, p in zip(sums, (p1, p2, beta),
                                                                   strict=True)))
 
@@ -273,7 +268,7 @@ def frelu_forward_impl(x: Tensor, t: Tensor, need_code: bool,
     y = torch.empty_like(xd)
     code = torch.empty_like(xd, dtype=torch.uint8) if need_code else None
     if x.numel():
-        _kernels(name).frelu.forward(xd, td, y, code)
+        kernels(name).max_forward(xd, td, y, code, plan.flat(x.numel(), plan.SCALAR))
     return y, code
 
 
@@ -291,7 +286,7 @@ def frelu_backward_impl(grad: Tensor, code: Tensor, backend: str) -> tuple[Tenso
         return reference.frelu_max_backward_code(g, code)
     dx, dt = torch.empty_like(g), torch.empty_like(g)
     if code.numel():
-        _kernels(name).frelu.backward(g, code, dx, dt)
+        kernels(name).max_backward(g, code, dx, dt, plan.flat(code.numel(), plan.SCALAR))
     return dx, dt
 
 
@@ -330,7 +325,8 @@ def frelu_max_affine_impl(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: s
         return reference.frelu_max_affine(xd, td, a, b)
     y = torch.empty_like(xd)
     if x.numel():
-        _kernels(name).frelu.forward_affine(xd, td, flat_param(a, x), flat_param(b, x), y)
+        kernels(name).max_affine(xd, td, flat_param(a, x), flat_param(b, x), y,
+                                 plan.channel_plan(xd, a.numel()))
     return y
 
 

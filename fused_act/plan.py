@@ -59,6 +59,11 @@ class Plan:
         return self.rows == 1 and self.block_r == 1
 
     @property
+    def int64(self) -> bool:
+        """Whether offsets need 64 bits (the plan covers every element: rows x cols)."""
+        return self.rows * self.cols >= INT64_THRESHOLD
+
+    @property
     def row_blocks(self) -> int:
         return self.samples * cdiv(self.rows // self.samples, self.block_r)
 
@@ -119,11 +124,6 @@ def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Pl
         return Plan(n // channels, channels, channels, COLS, block_r, block_l, samples)
     block_l = min(next_power_of_2(inner), BLOCK)
     return Plan(n // inner, inner, channels, ROWS, BLOCK // block_l, block_l, batch=batch)
-
-
-def int64(x: torch.Tensor) -> bool:
-    """Whether offsets into ``x`` need 64 bits."""
-    return x.numel() >= INT64_THRESHOLD
 
 
 def accumulator(x: torch.Tensor) -> torch.dtype:

@@ -279,3 +279,23 @@ def test_autocast_bf16_on_cpu():
         h = lin(x)
         for f in (fused_act.mish, fused_act.silu, fused_act.gelu):
             assert f(h).dtype == torch.bfloat16 == torch.nn.functional.mish(h).dtype
+
+
+def test_backends_implement_the_kernel_interface():
+    """Both kernel backends offer every launcher of ``kernels.Kernels`` with its parameters (what
+    a type checker verifies, checked here without one)."""
+    import inspect
+
+    from fused_act._cuda import CudaKernels
+    from fused_act.kernels import Kernels
+    from fused_act.triton_kernels import TritonKernels
+
+    def params(fn):
+        return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+    launchers = [n for n, v in vars(Kernels).items()
+                 if inspect.isfunction(v) and not n.startswith("_")]
+    assert len(launchers) == 7
+    for cls in (TritonKernels, CudaKernels):
+        for name in launchers:
+            assert params(getattr(cls, name)) == params(getattr(Kernels, name)), (cls, name)

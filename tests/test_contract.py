@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 import fused_act
 from fused_act import reference
-from fused_act.triton_kernels import acon as triton_acon
-from fused_act.triton_kernels import elementwise as triton_elementwise
-from fused_act.triton_kernels import frelu as triton_frelu
+from fused_act.kernels import Kernels
+from fused_act.triton_kernels import TritonKernels
 
 from .cases import (
     ALL_OPS,
@@ -260,23 +259,21 @@ def _names(msg, arg):
 
 @contextlib.contextmanager
 def _kernel_probe(monkeypatch, attr):
-    """Record every call of ``attr`` ("forward" or "backward") of each backend's kernel
-    families; yields the list of (backend, family) called."""
-    from fused_act import _cuda
+    """Record every call of a ``Kernels`` launcher whose name ends in ``attr`` ("forward" or
+    "backward") on each backend; yields the list of (backend, launcher) called."""
+    from fused_act._cuda import CudaKernels
     calls = []
-    families = {"triton": {"elementwise": triton_elementwise, "acon": triton_acon,
-                           "frelu": triton_frelu},
-                "cuda": {"elementwise": _cuda.elementwise, "acon": _cuda.acon,
-                         "frelu": _cuda.frelu}}
-    for backend, fams in families.items():
-        for family, module in fams.items():
-            original = getattr(module, attr)
+    names = [n for n in vars(Kernels) if n.endswith(attr)]
+    for backend, cls in (("triton", TritonKernels), ("cuda", CudaKernels)):
+        for name in names:
+            original = getattr(cls, name)
 
-            def wrapper(*args, _orig=original, _tag=(backend, family), **kwargs):
+            def wrapper(*args, _orig=original, _tag=(backend, name), **kwargs):
                 calls.append(_tag)
                 return _orig(*args, **kwargs)
 
-            monkeypatch.setattr(module, attr, wrapper)
+            monkeypatch.setattr(cls, name, wrapper if backend == "cuda" else
+                                staticmethod(wrapper))
     yield calls
 
 
@@ -368,8 +365,8 @@ def _backward_case(name):
 
 BACKWARD_OPS = [op.name for op in ELEMENTWISE] + ["swish_channel", "acon_c", "frelu_max"]
 # (backend of the forward, backend in force when .backward() is called); "cuda" is probed on
-# fused_act._cuda's family namespaces, which ops.py reaches as ``_kernels("cuda")``; on CPU the
-# cuda_on_cpu fixture routes them to the emulated kernels
+# fused_act._cuda.CudaKernels, which ops.py reaches as ``kernels("cuda")``; on CPU the
+# cuda_on_cpu fixture routes it to the emulated kernels
 BACKWARD_PAIRS = [("triton", "auto"), ("cuda", "auto"), ("triton", "reference"),
                   ("cuda", "triton"), ("reference", "triton"), ("reference", "cuda")]
 

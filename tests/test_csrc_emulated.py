@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fused_act
-from fused_act import _build, _cuda, ops
+from fused_act import _build, _cuda, kernels, ops
 
 from . import test_acon as acon_tables
 from . import test_autograd as autograd_tables
@@ -114,9 +114,9 @@ def cuda_on_cpu(emulated, monkeypatch):
     monkeypatch.setattr(fused_act.backend, "cuda_status", lambda: (True, "emulated on the CPU"))
     monkeypatch.setattr(ops, "resolve",
                         lambda device, name: "reference" if name == "auto" else name)
-    ops._kernel_sets.pop("cuda", None)
+    kernels._loaded.pop("cuda", None)
     yield
-    ops._kernel_sets.pop("cuda", None)
+    kernels._loaded.pop("cuda", None)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -10,9 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import plan
 from .math import acon_c_bwd, acon_c_fwd, opmath
-from .tiling import NUM_WARPS, load_channel, store_partial, tile
+from .tiling import NUM_WARPS, Plan, load_channel, store_partial, tile
 
 
 @triton.jit
@@ -66,34 +65,25 @@ def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, partial_ptr,
                       cols, row_mask, R, L, LAYOUT)
 
 
-def _launch_args(x: torch.Tensor, p: plan.Plan, per_sample: bool) -> dict:
+def _launch_args(p: Plan, per_sample: bool) -> dict:
     return dict(LAYOUT=p.layout, PER_SAMPLE=per_sample, BLOCK_R=p.block_r, BLOCK_L=p.block_l,
-                FLAT=p.flat, INT64=plan.int64(x), num_warps=NUM_WARPS)
+                FLAT=p.flat, INT64=p.int64, num_warps=NUM_WARPS)
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
-            beta: torch.Tensor, per_sample: bool) -> None:
+            beta: torch.Tensor, per_sample: bool, p: Plan) -> None:
     """Write ACON-C of ``x`` into ``y`` (dense, same strides; N outermost if ``per_sample``).
     p1, p2 hold C values, beta C or N * C (sample-major)."""
-    c = p1.numel()
-    p = plan.channel_plan(x, c, per_sample)
-    acon_fwd_kernel[p.grid](x, y, p1, p2, beta, p.rows, p.cols, c, x.shape[0], p.samples,
-                            **_launch_args(x, p, per_sample))
+    acon_fwd_kernel[p.grid](x, y, p1, p2, beta, p.rows, p.cols, p1.numel(), x.shape[0],
+                            p.samples, **_launch_args(p, per_sample))
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tensor,
-             p2: torch.Tensor, beta: torch.Tensor, per_sample: bool, need_params: bool,
-             out_dtype: torch.dtype | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Write grad * dy/dx into ``dx``; if asked, return (dp1 (C,), dp2 (C,), dbeta (C,) or
-    (N, C)), summed in fp32 (fp64 for fp64 input) and returned in ``out_dtype`` if given."""
-    c, n = p1.numel(), x.shape[0]
-    p = plan.channel_plan(x, c, per_sample)
-    acc = plan.accumulator(x)
+             p2: torch.Tensor, beta: torch.Tensor, per_sample: bool,
+             partial: torch.Tensor | None, p: Plan) -> None:
+    """Write grad * dy/dx into ``dx``, and the dp1, dp2, dbeta partials (3 x ``p.partials``)
+    into ``partial`` if given."""
     # without parameter gradients the partials are never touched: any valid pointer will do
-    partial = torch.empty(3 * p.partials, dtype=acc, device=x.device) if need_params else dx
-    acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, partial, p.partials, p.rows, p.cols, c, n,
-                            p.samples, NEED_PARAMS=need_params, **_launch_args(x, p, per_sample))
-    if not need_params:
-        return None
-    return plan.acon_sums(partial, p, n, per_sample, out_dtype or acc)
+    acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, dx if partial is None else partial,
+                            p.partials, p.rows, p.cols, p1.numel(), x.shape[0], p.samples,
+                            NEED_PARAMS=partial is not None, **_launch_args(p, per_sample))

@@ -2,18 +2,17 @@
 
 One forward and one backward kernel serve every activation (``ACT`` selects the math in
 ``math.py``) and every dtype (loads are upcast by ``opmath``).  They walk the tensor as
-``fused_act/plan.py`` lays it out: flat without a beta tensor, by rows or columns with a
-per-channel one.  The backward kernel reduces d(loss)/d(beta) inside each tile into per-tile
-partials, summed in a fixed order (``plan.channel_sums``: deterministic, no atomics).
+the host's plan lays it out (``fused_act/plan.py``): flat without a beta tensor, by rows or
+columns with a per-channel one.  The backward kernel reduces d(loss)/d(beta) inside each tile into
+per-tile partials, which the host sums in a fixed order (deterministic, no atomics).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import plan
 from .math import act_bwd, act_fwd, opmath
-from .tiling import NUM_WARPS, load_channel, store_partial, tile
+from .tiling import NUM_WARPS, Plan, load_channel, store_partial, tile
 
 
 @triton.jit
@@ -54,37 +53,21 @@ def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L
                       row_mask, R, L, BETA_MODE)
 
 
-def _plan(x: torch.Tensor, beta: torch.Tensor | None) -> plan.Plan:
-    if beta is None:
-        return plan.flat(x.numel(), plan.SCALAR)
-    return plan.channel_plan(x, beta.numel())
-
-
 def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | None,
-            beta_value: float) -> None:
+            beta_value: float, p: Plan) -> None:
     """Write f(x) into ``y``; both dense with identical strides, ``beta`` flat (1 or C values)."""
-    p = _plan(x, beta)
     act_fwd_kernel[p.grid](
         x, y, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
-        INT64=plan.int64(x), num_warps=NUM_WARPS)
+        INT64=p.int64, num_warps=NUM_WARPS)
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
-             beta: torch.Tensor | None, beta_value: float, need_dbeta: bool
-             ) -> torch.Tensor | None:
-    """Write grad * f'(x) into ``dx``; return d/dbeta per channel (C values, fp32 or fp64).
-
-    ``g``, ``x`` and ``dx`` are dense with identical strides; ``beta`` is flat (1 or C values).
-    """
-    p = _plan(x, beta)
-    acc = plan.accumulator(x)
+             beta: torch.Tensor | None, beta_value: float, partial: torch.Tensor | None,
+             p: Plan) -> None:
+    """Write grad * f'(x) into ``dx``, and grad * df/dbeta into ``partial`` if given."""
     # without d/dbeta the partials are never touched: any valid pointer will do
-    partial = torch.empty(p.partials, dtype=acc, device=x.device) if need_dbeta else dx
     act_bwd_kernel[p.grid](
-        g, x, dx, x if beta is None else beta, beta_value, partial, p.rows, p.cols, p.channels,
-        ACT=act, BETA_MODE=p.layout, NEED_DBETA=need_dbeta, BLOCK_R=p.block_r,
-        BLOCK_L=p.block_l, FLAT=p.flat, INT64=plan.int64(x), num_warps=NUM_WARPS)
-    if not need_dbeta:
-        return None
-    return plan.channel_sums(partial, p)
+        g, x, dx, x if beta is None else beta, beta_value, dx if partial is None else partial,
+        p.rows, p.cols, p.channels, ACT=act, BETA_MODE=p.layout, NEED_DBETA=partial is not None,
+        BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64, num_warps=NUM_WARPS)

@@ -6,9 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import plan
 from .math import max_bwd, max_fwd, opmath
-from .tiling import NUM_WARPS, load_channel, tile
+from .tiling import NUM_WARPS, Plan, load_channel, tile
 
 
 @triton.jit
@@ -49,27 +48,25 @@ def max_affine_kernel(x_ptr, t_ptr, a_ptr, b_ptr, y_ptr, R, L, C, LAYOUT: tl.con
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tensor | None
-            ) -> None:
-    """y = max(x, t), and the win code if ``code`` is given; all dense with x's strides."""
-    n = x.numel()
-    max_fwd_kernel[(triton.cdiv(n, plan.BLOCK),)](
-        x, t, y, y if code is None else code, n, WRITE_CODE=code is not None,
-        BLOCK=plan.BLOCK, INT64=plan.int64(x), num_warps=NUM_WARPS)
+def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tensor | None,
+            p: Plan) -> None:
+    """y = max(x, t), and the win code if ``code`` is given; all dense with x's strides; ``p``
+    is flat."""
+    max_fwd_kernel[p.grid](x, t, y, y if code is None else code, p.cols,
+                           WRITE_CODE=code is not None, BLOCK=p.block_l, INT64=p.int64,
+                           num_warps=NUM_WARPS)
 
 
-def backward(g: torch.Tensor, code: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor) -> None:
+def backward(g: torch.Tensor, code: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor,
+             p: Plan) -> None:
     """dx, dt from the incoming gradient and the win code (all with the same strides)."""
-    n = code.numel()
-    max_bwd_kernel[(triton.cdiv(n, plan.BLOCK),)](
-        g, code, dx, dt, n, BLOCK=plan.BLOCK, INT64=plan.int64(code),
-        num_warps=NUM_WARPS)
+    max_bwd_kernel[p.grid](g, code, dx, dt, p.cols, BLOCK=p.block_l, INT64=p.int64,
+                           num_warps=NUM_WARPS)
 
 
 def forward_affine(x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   y: torch.Tensor) -> None:
+                   y: torch.Tensor, p: Plan) -> None:
     """y = max(x, a t + b) with a, b per channel (C values, fp32)."""
-    p = plan.channel_plan(x, a.numel())
     max_affine_kernel[p.grid](
         x, t, a, b, y, p.rows, p.cols, p.channels, LAYOUT=p.layout, BLOCK_R=p.block_r,
-        BLOCK_L=p.block_l, FLAT=p.flat, INT64=plan.int64(x), num_warps=NUM_WARPS)
+        BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64, num_warps=NUM_WARPS)

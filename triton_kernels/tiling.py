@@ -1,10 +1,34 @@
 """The Triton side of the tiling every kernel family shares (``fused_act/plan.py``: the plans,
 their layouts and partial-sum slots): a program's tile, its partial sums, its parameters."""
 
+from typing import Protocol
+
 import triton
 import triton.language as tl
 
 from .math import opmath
+
+
+class Plan(Protocol):
+    """What a launcher reads of the plan the host chose (``fused_act/plan.py`` ``Plan``): the
+    kernels import nothing from the host package."""
+
+    rows: int
+    cols: int
+    channels: int
+    layout: int
+    block_r: int
+    block_l: int
+    samples: int
+
+    @property
+    def flat(self) -> bool: ...
+    @property
+    def int64(self) -> bool: ...
+    @property
+    def grid(self) -> tuple[int]: ...
+    @property
+    def partials(self) -> int: ...
 
 NUM_WARPS = 4  # with plan.BLOCK 2048: 16 (bf16) or 8 (fp32) elements a thread (bench/NOTES.md)
 

@@ -1,0 +1,65 @@
+"""The kernel boundary: what a kernel backend ("triton", "cuda") implements, and loading one.
+
+``Kernels`` is the whole interface between the host code (``ops.py``) and a backend.  The host
+lays every tensor out and chooses its tiling plan (``plan.py``); a backend only launches.  Every
+data tensor is dense with x's strides and preallocated; parameters (beta, p1, p2, a, b) are
+flat, contiguous and in opmath (fp32, fp64 for fp64 data); ``act`` is a kernel id of
+``registry.KERNEL_IDS``; ``partial`` is the buffer of per-tile partial sums of parameter
+gradients that the host finishes (``plan.channel_sums``, ``plan.acon_sums``), or None when no
+parameter gradient is needed.  ``triton_kernels.TritonKernels`` and ``_cuda.CudaKernels``
+implement it, the latter over the C interface of ``csrc/fused_act.h``.
+"""
+
+from typing import Protocol
+
+from torch import Tensor
+
+from .plan import Plan
+
+
+class Kernels(Protocol):
+    """The launchers every kernel backend provides (module docstring)."""
+
+    def act_forward(self, x: Tensor, y: Tensor, act: int, beta: Tensor | None,
+                    beta_value: float, p: Plan) -> None:
+        """y = f(x) for kernel activation ``act`` (beta: a tensor, else ``beta_value``)."""
+
+    def act_backward(self, g: Tensor, x: Tensor, dx: Tensor, act: int, beta: Tensor | None,
+                     beta_value: float, partial: Tensor | None, p: Plan) -> None:
+        """dx = g f'(x), and g df/dbeta into ``partial`` (``p.partials`` slots)."""
+
+    def acon_forward(self, x: Tensor, y: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
+                     per_sample: bool, p: Plan) -> None:
+        """y = ACON-C of x (beta per sample, sample-major, where ``per_sample``)."""
+
+    def acon_backward(self, g: Tensor, x: Tensor, dx: Tensor, p1: Tensor, p2: Tensor,
+                      beta: Tensor, per_sample: bool, partial: Tensor | None, p: Plan) -> None:
+        """dx = g dy/dx, and the dp1, dp2, dbeta partials (3 x ``p.partials`` slots)."""
+
+    def max_forward(self, x: Tensor, t: Tensor, y: Tensor, code: Tensor | None,
+                    p: Plan) -> None:
+        """y = max(x, t), and the one-byte win code where ``code`` is given."""
+
+    def max_backward(self, g: Tensor, code: Tensor, dx: Tensor, dt: Tensor, p: Plan) -> None:
+        """dx, dt of max(x, t) from g and the win code."""
+
+    def max_affine(self, x: Tensor, t: Tensor, a: Tensor, b: Tensor, y: Tensor,
+                   p: Plan) -> None:
+        """y = max(x, a t + b) with a, b per channel."""
+
+
+_loaded: dict[str, Kernels] = {}
+
+
+def kernels(name: str) -> Kernels:
+    """The kernels of backend ``name`` ("triton" or "cuda"), loaded on first use: defining the
+    Triton kernels reads TRITON_INTERPRET, loading the CUDA ones may build them, and CPU-only
+    users of the reference pay for neither."""
+    if name not in _loaded:
+        if name == "cuda":
+            from ._cuda import CudaKernels, library
+            _loaded[name] = CudaKernels(library())
+        else:
+            from .triton_kernels import TritonKernels
+            _loaded[name] = TritonKernels()
+    return _loaded[name]
