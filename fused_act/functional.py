@@ -6,7 +6,10 @@ Every check runs before any kernel launch and names the op and the argument.
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
+
+# the public functions, re-exported by fused_act/__init__.py
+__all__ = ["acon_c", "frelu_max", "gelu", "mish", "silu", "swish"]
 
 # Every op computes in fp32 for the 16-bit types and fp32, in fp64 for fp64.  Anything else
 # (integers, bool, complex, float8) is refused: float8's few mantissa bits would need their own
@@ -61,7 +64,7 @@ def mish(x: Tensor) -> Tensor:
     Backward saves only ``x``; a non-dense ``x`` is copied once to contiguous.
     """
     _check_x("mish", x)
-    return ops.apply("mish", x, "mish")
+    return ops.apply("mish", x)
 
 
 def silu(x: Tensor) -> Tensor:
@@ -70,7 +73,7 @@ def silu(x: Tensor) -> Tensor:
     Any shape and floating dtype; silu(+inf) = +inf, silu(-inf) = 0.  Backward saves only ``x``.
     """
     _check_x("silu", x)
-    return ops.apply("silu", x, "swish")
+    return ops.apply("silu", x)
 
 
 def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
@@ -85,14 +88,14 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     _check_x("swish", x)
     if isinstance(beta, Tensor):
         _check_channel_param("swish", "beta", beta, x)
-        return ops.apply("swish", x, "swish", beta)
+        return ops.apply("swish", x, beta)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
     if not torch.compiler.is_compiling():
         # under torch.compile beta may be symbolic: the op rounds it when it runs
         beta = ops._fp32(beta)
-    return ops.apply("swish", x, "swish", None, beta)
+    return ops.apply("swish", x, None, beta)
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -104,9 +107,9 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """
     _check_x("gelu", x)
     if approximate == "none":
-        return ops.apply("gelu", x, "gelu")
+        return ops.apply("gelu", x)
     if approximate == "tanh":
-        return ops.apply("gelu_tanh", x, "gelu_tanh")
+        return ops.apply("gelu_tanh", x)
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
 
 
@@ -133,7 +136,7 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
 
 def _check_acon_beta(x: Tensor, beta: Tensor) -> None:
     n, c = x.shape[:2]
-    if isinstance(beta, Tensor) and beta.dim() >= 2 and beta.shape[0] == n and n != 1:
+    if isinstance(beta, Tensor) and reference.per_sample(beta, x):
         _check_param_type("acon_c", "beta", beta, x)
         shape = tuple(beta.shape)
         if shape[1] != c or len(shape) > x.dim() or any(s != 1 for s in shape[2:]):

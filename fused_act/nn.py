@@ -20,11 +20,11 @@ from . import functional, ops
 _warned_inplace = False
 
 
-def _inplace(x: Tensor, act: str, module: str) -> Tensor | None:
+def _inplace(x: Tensor, name: str, module: str) -> Tensor | None:
     """f(x) written into ``x`` when that is safe, else None (after a one-time warning)."""
     global _warned_inplace
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return ops.apply_(x, act)
+        return ops.apply_(x, name)
     if not _warned_inplace:
         _warned_inplace = True
         warnings.warn(f"fused_act.nn.{module}(inplace=True): the input requires grad and the "
@@ -49,8 +49,7 @@ class FusedModule(nn.Module):
 class _InplaceActivation(FusedModule):
     """A stateless activation with torch.nn's ``inplace`` argument."""
 
-    op = ""  # the public function in fused_act.functional
-    act = ""  # its kernel activation
+    op = ""  # the public function in fused_act.functional, a spec of fused_act/registry.py
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
@@ -59,7 +58,7 @@ class _InplaceActivation(FusedModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.inplace:
             functional._check_x(self.op, x)
-            y = _inplace(x, self.act, type(self).__name__)
+            y = _inplace(x, self.op, type(self).__name__)
             if y is not None:
                 return y
         return getattr(functional, self.op)(x)
@@ -71,13 +70,13 @@ class _InplaceActivation(FusedModule):
 class Mish(_InplaceActivation):
     """Mish, ``x * tanh(softplus(x))``; a drop-in for ``torch.nn.Mish``."""
 
-    op, act = "mish", "mish"
+    op = "mish"
 
 
 class SiLU(_InplaceActivation):
     """SiLU, ``x * sigmoid(x)``; a drop-in for ``torch.nn.SiLU``."""
 
-    op, act = "silu", "swish"
+    op = "silu"
 
 
 class GELU(FusedModule):

@@ -22,7 +22,7 @@ from . import plan, reference
 from .backend import get_backend, resolve
 from .factory import Family, Op, reference_math
 from .kernels import kernels
-from .registry import KERNEL_IDS, KERNELS
+from .registry import KERNEL_IDS, KERNELS, SPECS
 
 # ---- layout --------------------------------------------------------------------------------
 
@@ -149,34 +149,29 @@ ACTIVATION = Op(Family(
 activation_op, activation_backward_op = ACTIVATION.forward_op, ACTIVATION.backward_op
 
 
-def apply(name: str, x: Tensor, act: str, beta: Tensor | None = None,
-          beta_value: float = 1.0) -> Tensor:
-    """Run activation ``act`` (public name ``name``, whose compile mode applies) on validated
-    arguments."""
-    return ACTIVATION(x, act, beta, beta_value, mode=name)
+def apply(name: str, x: Tensor, beta: Tensor | None = None, beta_value: float = 1.0) -> Tensor:
+    """Run the activation of spec ``name`` (``registry.SPECS``; its compile mode applies) on
+    validated arguments."""
+    return ACTIVATION(x, SPECS[name].kernel, beta, beta_value, mode=name)
 
 
-def apply_(x: Tensor, act: str, beta_value: float = 1.0) -> Tensor:
-    """Overwrite ``x`` with f(x) (no autograd: the caller checked that no gradient is needed).
+def apply_(x: Tensor, name: str, beta_value: float = 1.0) -> Tensor:
+    """Overwrite ``x`` with the activation of spec ``name`` (no autograd: the caller checked that
+    no gradient is needed).
 
     The write bumps x's autograd version exactly once, as torch's in-place ops do, so a tensor
     that autograd saved elsewhere raises torch's error instead of giving a wrong gradient."""
     backend = get_backend()
     if (torch.compiler.is_compiling() or reference_math() or not is_dense(x)
             or resolve(x.device, backend) == "reference"):
-        return x.copy_(apply(act, x, act, None, beta_value))  # copy_ bumps the version
-    _act_forward(x, act, None, _fp32(beta_value), backend, out=x)
+        return x.copy_(apply(name, x, None, beta_value))  # copy_ bumps the version
+    _act_forward(x, SPECS[name].kernel, None, _fp32(beta_value), backend, out=x)
     if not x.is_inference():
         torch.autograd.graph.increment_version(x)
     return x
 
 
 # ---- ACON-C / Meta-ACON ------------------------------------------------------------------
-
-def acon_per_sample(beta: Tensor, x: Tensor) -> bool:
-    """A beta of shape (N, C) or (N, C, 1, ...) with N > 1 is per sample (Meta-ACON)."""
-    return beta.dim() >= 2 and beta.shape[0] == x.shape[0] and beta.shape[0] != 1
-
 
 def acon_dense(x: Tensor, per_sample: bool) -> Tensor:
     """``dense(x)``, and with N outermost in memory when beta is per sample (else one copy)."""
@@ -188,7 +183,7 @@ def acon_dense(x: Tensor, per_sample: bool) -> Tensor:
 
 def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
     """ACON-C, (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x, by ``backend`` for ``x.device``."""
-    per_sample = acon_per_sample(beta, x)
+    per_sample = reference.per_sample(beta, x)
     xd = acon_dense(x, per_sample)
     if x.numel() == 0:
         return torch.empty_like(xd)
@@ -204,7 +199,7 @@ def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: 
 def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
                        need_params: bool, backend: str) -> tuple[Tensor, ...]:
     """(dx, dp1, dp2, dbeta), the last three only if ``need_params`` (else None)."""
-    per_sample = acon_per_sample(beta, x)
+    per_sample = reference.per_sample(beta, x)
     xd = acon_dense(x, per_sample)
     g = like(grad, xd)
     if x.numel() == 0:
@@ -230,12 +225,12 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
 
 
 def _acon_fake(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
-    return torch.empty_like(acon_dense(x, acon_per_sample(beta, x)))
+    return torch.empty_like(acon_dense(x, reference.per_sample(beta, x)))
 
 
 def _acon_fake_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
                         need_params: bool, backend: str) -> tuple[Tensor, ...]:
-    dx = torch.empty_like(acon_dense(x, acon_per_sample(beta, x)))
+    dx = torch.empty_like(acon_dense(x, reference.per_sample(beta, x)))
     return dx, *(torch.empty_like(p) if need_params else x.new_empty(0) for p in (p1, p2, beta))
 
 

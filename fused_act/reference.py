@@ -31,6 +31,12 @@ def _opmath(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def per_sample(p: Tensor, x: Tensor) -> bool:
+    """The one rule for a per-sample parameter (Meta-ACON's beta): shape (N, C) or (N, C, 1,
+    ...) with N = x.shape[0] > 1; any other parameter is per channel or a scalar."""
+    return p.dim() >= 2 and p.shape[0] == x.shape[0] and p.shape[0] != 1
+
+
 def _param(p: Beta, x: Tensor) -> Beta:
     """A parameter as a tensor that broadcasts against ``x`` in opmath (floats stay floats)."""
     if not isinstance(p, Tensor):
@@ -38,7 +44,7 @@ def _param(p: Beta, x: Tensor) -> Beta:
     p = _opmath(p)
     if p.numel() == 1:
         return p.reshape(())
-    if p.dim() >= 2 and p.shape[0] == x.shape[0] and p.shape[0] != 1:  # per-sample (N, C, ...)
+    if per_sample(p, x):
         return p.reshape(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
     return p.reshape(1, x.shape[1], *([1] * (x.dim() - 2)))
 
@@ -47,7 +53,7 @@ def _grad_to(g: Tensor, p: Tensor) -> Tensor:
     """Sum an elementwise parameter gradient down to ``p``'s shape and dtype."""
     if p.numel() == 1:
         return g.sum().reshape(p.shape).to(p.dtype)
-    if p.dim() >= 2 and p.shape[0] == g.shape[0] and p.shape[0] != 1:
+    if per_sample(p, g):
         return g.reshape(g.shape[0], g.shape[1], -1).sum(2).reshape(p.shape).to(p.dtype)
     dims = [d for d in range(g.dim()) if d != 1]
     return g.sum(dims).reshape(p.shape).to(p.dtype)
