@@ -12,12 +12,11 @@
 
 from . import config, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
-from .functional import acon_c, frelu_max, gelu, mish, silu, swish
+from .functional import *  # noqa: F403  (its __all__: every public function)
+from .functional import __all__ as _functions
 from .nn import replace_activations
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKENDS", "acon_c", "config", "frelu_max", "gelu", "get_backend", "mish", "nn",
-    "reference", "replace_activations", "set_backend", "silu", "swish", "use_backend",
-]
+__all__ = ["BACKENDS", "config", "get_backend", "nn", "reference", "replace_activations",
+           "set_backend", "use_backend", *_functions]
