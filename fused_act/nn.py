@@ -10,12 +10,14 @@ is needed; when one is, the fused backward needs the input intact, so the module
 place and warns once.
 """
 
+import inspect
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from . import functional, ops
+from .registry import SPECS
 
 _warned_inplace = False
 
@@ -227,13 +229,14 @@ def _channel_params(m: nn.Module, names: tuple[str, ...]) -> int | None:
 
 
 def _from_torch(m: nn.Module) -> nn.Module | None:
-    if type(m) is nn.Mish:
-        return Mish(m.inplace)
-    if type(m) is nn.SiLU:
-        return SiLU(m.inplace)
-    if type(m) is nn.GELU:
-        return GELU(m.approximate)
-    return None
+    """Ours for a torch.nn activation (the spec that ``replaces`` its class), with the module's
+    arguments of the same names (inplace, approximate)."""
+    kind = type(m).__name__
+    if type(m) is not getattr(nn, kind, None):
+        return None
+    ours = globals()[_TORCH[kind]]
+    args = inspect.signature(ours).parameters
+    return ours(**{a: getattr(m, a) for a in args if hasattr(m, a)})
 
 
 def _from_acon(m: nn.Module) -> nn.Module | None:
@@ -276,11 +279,11 @@ def _from_frelu(m: nn.Module) -> nn.Module | None:
 
 # class name -> how to build ours from a module of that name (paper modules are matched by name
 # and then by their parameter layout)
+_TORCH = {s.replaces: s.module for s in SPECS.values() if s.replaces}
 _RECOGNISED = {
-    "Mish": _from_torch, "SiLU": _from_torch, "GELU": _from_torch,
+    **dict.fromkeys(_TORCH, _from_torch),
     "AconC": _from_acon, "MetaAconC": _from_meta_acon, "FReLU": _from_frelu,
 }
-_OURS = (Mish, SiLU, GELU, Swish, AconC, MetaAconC, FReLU)
 
 
 def _selected(name: str, kind: str, patterns: list[str] | None) -> bool:
@@ -305,7 +308,7 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             kind = type(child).__name__
-            if isinstance(child, _OURS) or kind not in _RECOGNISED:
+            if isinstance(child, FusedModule) or kind not in _RECOGNISED:
                 continue
             if include is not None and not _selected(full, kind, include):
                 continue

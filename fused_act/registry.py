@@ -38,6 +38,8 @@ class Spec:
     inputs as N(0, ``scale``) (the saturating branches are reached) and expect ``limits`` =
     (f(+inf), f(-inf), f'(+inf), f'(-inf)).  ``compile_mode`` is what ``torch.compile`` sees
     unless ``config.compile_mode`` says otherwise (chosen by measurement: bench/NOTES.md).
+    ``module`` is its ``fused_act.nn`` class, and ``replaces`` the ``torch.nn`` class that
+    ``replace_activations`` swaps for it (its arguments of the same names carry over).
     """
 
     name: str
@@ -51,6 +53,8 @@ class Spec:
     scale: float = 8.0
     limits: tuple[float, float, float, float] = (INF, 0.0, 1.0, 0.0)
     compile_mode: str = "opaque"
+    module: str = ""
+    replaces: str = ""
 
     @property
     def kernel_id(self) -> int:
@@ -73,13 +77,17 @@ def _torch_swish(x: Tensor, beta: Beta = 1.0) -> Tensor:
 
 
 SPECS: dict[str, Spec] = {s.name: s for s in (
-    Spec("mish", "mish", torch_fn=F.mish, **_plain(reference.mish, reference.mish_backward)),
-    Spec("silu", "swish", reference.swish, reference.swish_backward, F.silu),
-    Spec("swish", "swish", reference.swish, reference.swish_backward, _torch_swish, beta=True),
-    Spec("gelu", "gelu", torch_fn=F.gelu, scale=4.0,
+    Spec("mish", "mish", torch_fn=F.mish, module="Mish", replaces="Mish",
+         **_plain(reference.mish, reference.mish_backward)),
+    Spec("silu", "swish", reference.swish, reference.swish_backward, F.silu, module="SiLU",
+         replaces="SiLU"),
+    Spec("swish", "swish", reference.swish, reference.swish_backward, _torch_swish, beta=True,
+         module="Swish"),
+    Spec("gelu", "gelu", torch_fn=F.gelu, scale=4.0, module="GELU", replaces="GELU",
          **_plain(reference.gelu, reference.gelu_backward)),
     Spec("gelu_tanh", "gelu_tanh", function="gelu", kwargs={"approximate": "tanh"},
-         torch_fn=lambda x: F.gelu(x, approximate="tanh"), scale=4.0,
+         torch_fn=lambda x: F.gelu(x, approximate="tanh"), scale=4.0, module="GELU",
+         replaces="GELU",
          **_plain(lambda x: reference.gelu(x, "tanh"),
                   lambda g, x: reference.gelu_backward(g, x, "tanh"))),
 )}

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_act
+from fused_act import registry
 
 from .cases import ROOT, need_device
 from .test_acon import PlainAconC, PlainMetaAconC
@@ -84,6 +85,19 @@ def test_replace_activations_swaps_and_keeps_state():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, theirs[name].grad, msg=name)
     assert fused_act.replace_activations(model) == []  # idempotent
+
+
+@pytest.mark.parametrize("spec", [s for s in registry.SPECS.values() if s.replaces],
+                         ids=lambda s: s.name)
+def test_every_spec_replaces_its_torch_module(spec):
+    """The registry's class map: torch.nn's module of each spec becomes the spec's fused module,
+    with the same arguments, and computes the same function."""
+    original = getattr(nn, spec.replaces)(**spec.kwargs)
+    model = nn.Sequential(original)
+    swapped = fused_act.replace_activations(model)
+    assert [new for _, _, new in swapped] == [f"fused_act.nn.{spec.module}"]
+    x = torch.randn(4, 33, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
 
 def test_replace_activations_include_exclude():
