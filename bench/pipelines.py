@@ -16,6 +16,7 @@ from torch import nn
 
 import fused_act
 from bench.timing import build_on_stream, time_ms
+from fused_act import registry
 
 
 class Swish(nn.Module):
@@ -93,13 +94,18 @@ def _conv_block(act: nn.Module, c: int) -> nn.Module:
     return Residual(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), act)
 
 
+def _torch_module(spec: registry.Spec) -> Callable[[int], nn.Module]:
+    """The module users have for an elementwise spec: torch.nn's class that the spec replaces,
+    with its arguments, or the learnable Swish above for a spec with a beta."""
+    if spec.beta:
+        return Swish
+    return lambda c: getattr(nn, spec.replaces)(**spec.kwargs)
+
+
 # op -> (config key, block kind, activation factory taking the channel count)
 BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
-    "mish": ("mish", "linear", lambda c: nn.Mish()),
-    "silu": ("silu", "linear", lambda c: nn.SiLU()),
-    "swish_beta": ("swish", "linear", Swish),
-    "gelu": ("gelu", "linear", lambda c: nn.GELU()),
-    "gelu_tanh": ("gelu_tanh", "linear", lambda c: nn.GELU(approximate="tanh")),
+    **{s.name + ("_beta" if s.beta else ""): (s.name, "linear", _torch_module(s))
+       for s in registry.SPECS.values()},
     "acon_c": ("acon_c", "conv", AconC),
     "meta_acon": ("acon_c", "conv", MetaAconC),
     "frelu_max": ("frelu_max", "conv", FReLU),
