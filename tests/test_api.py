@@ -86,9 +86,8 @@ def test_unknown_selector_is_an_error(bwd):
     assert header.count('static_assert(ACT != ACT, "') == 2
 
 
-@pytest.mark.parametrize("call", [
-    lambda x: fused_act.mish(x), lambda x: fused_act.silu(x), lambda x: fused_act.gelu(x),
-    lambda x: fused_act.swish(x, 1.0)], ids=["mish", "silu", "gelu", "swish"])
+@pytest.mark.parametrize("call", [pytest.param(s.call, id=s.name)
+                                  for s in registry.SPECS.values()])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
 def test_non_float_input_is_a_type_error(call, dtype):
     with pytest.raises(TypeError, match=r"fused_act\.\w+: x must be a floating-point tensor"):
@@ -195,15 +194,17 @@ def test_is_dense(make_x, dense):
 
 # ---- modules ---------------------------------------------------------------------------
 
-MODULE_PAIRS = [
-    (lambda: torch.nn.Mish(), lambda: fused_act.nn.Mish()),
-    (lambda: torch.nn.SiLU(), lambda: fused_act.nn.SiLU()),
-    (lambda: torch.nn.GELU(), lambda: fused_act.nn.GELU()),
-    (lambda: torch.nn.GELU(approximate="tanh"), lambda: fused_act.nn.GELU(approximate="tanh")),
-]
+# (torch.nn's module, ours) of every spec that replaces one, with the spec's arguments
+REPLACING = [s for s in registry.SPECS.values() if s.replaces]
+MODULE_PAIRS = [pytest.param((lambda s=s: getattr(torch.nn, s.replaces)(**s.kwargs),
+                              lambda s=s: getattr(fused_act.nn, s.module)(**s.kwargs)),
+                             id=s.name) for s in REPLACING]
+# our modules with torch.nn's inplace argument
+INPLACE_MODULES = [m for m in dict.fromkeys(getattr(fused_act.nn, s.module) for s in REPLACING)
+                   if "inplace" in inspect.signature(m).parameters]
 
 
-@pytest.mark.parametrize("pair", MODULE_PAIRS, ids=["Mish", "SiLU", "GELU", "GELU_tanh"])
+@pytest.mark.parametrize("pair", MODULE_PAIRS)
 def test_modules_match_torch(pair):
     theirs, ours = pair[0](), pair[1]()
     assert theirs.state_dict().keys() == ours.state_dict().keys()
@@ -216,7 +217,7 @@ def test_modules_match_torch(pair):
 
 
 def test_module_constructor_arguments_match_torch():
-    for name in ("Mish", "SiLU", "GELU"):
+    for name in dict.fromkeys(s.replaces for s in REPLACING):
         theirs = inspect.signature(getattr(torch.nn, name)).parameters
         ours = inspect.signature(getattr(fused_act.nn, name)).parameters
         assert list(theirs) == list(ours), name
@@ -240,7 +241,7 @@ def test_swish_module():
         fused_act.nn.Swish(num_parameters=3)
 
 
-@pytest.mark.parametrize("module", [fused_act.nn.Mish, fused_act.nn.SiLU])
+@pytest.mark.parametrize("module", INPLACE_MODULES, ids=lambda m: m.__name__)
 def test_inplace(module):
     x = torch.randn(300) * 4
     want = module()(x)

@@ -5,6 +5,7 @@ torch.func, forward-mode AD, autograd.functional.jacobian, dynamic torch.compile
 property-based sweep of shapes, layouts, dtypes and ops."""
 
 import contextlib
+import inspect
 import math
 import re
 
@@ -13,10 +14,9 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 
 import fused_act
-from fused_act import reference
+from fused_act import reference, registry
 from fused_act.kernels import Kernels
 from fused_act.triton_kernels import TritonKernels
 
@@ -177,8 +177,10 @@ def test_strided_params_match_contiguous(name, x_offset, backend, dtype, request
 
 # ---- 2. in-place writes bump the version counter ------------------------------------------
 
-INPLACE = [pytest.param(fused_act.nn.Mish, torch.nn.Mish, F.mish, id="Mish"),
-           pytest.param(fused_act.nn.SiLU, torch.nn.SiLU, F.silu, id="SiLU")]
+INPLACE = [pytest.param(getattr(fused_act.nn, s.module), getattr(torch.nn, s.replaces),
+                        s.torch_fn, id=s.module) for s in registry.SPECS.values()
+           if s.replaces
+           and "inplace" in inspect.signature(getattr(torch.nn, s.replaces)).parameters]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -234,13 +236,10 @@ def _pdtype(x):
 
 # case -> (public name, call(x)); parameters in a supported dtype, t in x's dtype
 DTYPE_OPS = {
-    "mish": ("mish", lambda x: fused_act.mish(x)),
-    "silu": ("silu", lambda x: fused_act.silu(x)),
+    **{s.name: (s.function or s.name, s.call) for s in registry.SPECS.values() if not s.beta},
     "swish_float": ("swish", lambda x: fused_act.swish(x, 1.5)),
     "swish_tensor": ("swish", lambda x: fused_act.swish(x, torch.full((3,), 1.5,
                                                                       dtype=_pdtype(x)))),
-    "gelu": ("gelu", lambda x: fused_act.gelu(x)),
-    "gelu_tanh": ("gelu", lambda x: fused_act.gelu(x, "tanh")),
     "acon_c": ("acon_c", lambda x: fused_act.acon_c(
         x, torch.full((3,), 1.5, dtype=_pdtype(x)), torch.full((3,), 0.25, dtype=_pdtype(x)),
         torch.ones(3, dtype=_pdtype(x)))),
@@ -551,8 +550,8 @@ def test_compile_dynamic(backend, mode, request, monkeypatch):
 
 # ---- 9. torch.jit ------------------------------------------------------------------------
 
-MODULES = {"Mish": lambda: fused_act.nn.Mish(), "SiLU": lambda: fused_act.nn.SiLU(),
-           "GELU": lambda: fused_act.nn.GELU(), "GELU_tanh": lambda: fused_act.nn.GELU("tanh"),
+MODULES = {**{s.name: (lambda s=s: getattr(fused_act.nn, s.module)(**s.kwargs))
+              for s in registry.SPECS.values() if s.module and not s.beta},
            "Swish": lambda: fused_act.nn.Swish(beta=1.5)}
 
 
