@@ -4,6 +4,7 @@
     y = fused_act.mish(x)                       # also silu, swish(x, beta), gelu(x, approximate)
     y = fused_act.acon_c(x, p1, p2, beta)       # ACON-C; a (N, C) beta is Meta-ACON
     y = fused_act.frelu_max(x, t)               # FReLU's max step; saves 1 byte per element
+    y = fused_act.swiglu(gate, up)              # act(gate) * up: also geglu, glu(activation=)
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)

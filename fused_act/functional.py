@@ -202,8 +202,7 @@ def _gated_activation(op: str, activation: str, kwargs: dict) -> tuple[Spec, obj
         names = sorted({s.function or s.name for s in SPECS.values()} | set(SPECS))
         raise ValueError(f"fused_act.{op}: unknown activation {activation!r}; choose one of "
                          f"{names}")
-    params = list(inspect.signature(globals()[activation]).parameters.values())[1:]
-    defaults = {p.name: p.default for p in params}
+    defaults = dict(_ACTIVATION_ARGS[activation])
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise TypeError(f"fused_act.{op}: activation {activation!r} takes no argument "
@@ -289,3 +288,11 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
     """GeGLU, ``gelu(gate, approximate) * up``: ``glu`` with activation "gelu" (``up=None``
     splits gate)."""
     return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
+
+
+# each public activation function's keyword arguments with their defaults, which a gated op's
+# activation arguments are checked against: read once here, as torch.compile traces a dict
+_ACTIVATION_ARGS = {
+    name: {p.name: p.default
+           for p in list(inspect.signature(globals()[name]).parameters.values())[1:]}
+    for name in {s.function or s.name for s in SPECS.values()}}

@@ -453,7 +453,8 @@ def glu_backward_impl(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
         packed = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         dg, du = reference.halves(packed, dim)
     else:
-        dg, du = torch.empty(g.shape, dtype=g.dtype, device=g.device), torch.empty_like(dg)
+        dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        du = torch.empty_like(dg)
     grads = (packed, None) if up is None else (dg, du)
     if dg.numel() == 0:
         return *grads, torch.zeros_like(beta) if need_dbeta else None
