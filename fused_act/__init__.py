@@ -8,16 +8,17 @@
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)
-    fused_act.replace_activations(model)        # swap torch.nn / paper modules in place
+    fused_act.replace_activations(model)        # swap torch.nn / timm / transformers / paper
+    fused_act.restore_activations(model)        # modules in place, and back
 """
 
 from . import config, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import *  # noqa: F403  (its __all__: every public function)
 from .functional import __all__ as _functions
-from .nn import replace_activations
+from .nn import replace_activations, restore_activations
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "config", "get_backend", "nn", "reference", "replace_activations",
-           "set_backend", "use_backend", *_functions]
+           "restore_activations", "set_backend", "use_backend", *_functions]

@@ -7,11 +7,15 @@ authors' original Meta-ACON with BatchNorm).
 float beta or, when learnable, a ``beta`` parameter of ``num_parameters`` values (1, or C for a
 per-channel beta, as ``torch.nn.PReLU``).  ``inplace=True`` overwrites the input when no gradient
 is needed; when one is, the fused backward needs the input intact, so the module computes out of
-place and warns once.
+place (it says so once, when built: a warning cannot be traced inside a compiled forward).
+Every module's repr says "fused".
 """
 
 import inspect
+import math
 import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,25 +26,32 @@ from .registry import SPECS
 _warned_inplace = False
 
 
-def _inplace(x: Tensor, name: str, module: str) -> Tensor | None:
-    """f(x) written into ``x`` when that is safe, else None (after a one-time warning)."""
+def _warn_inplace(module: str) -> None:
+    """Say once per process, when a module is built with ``inplace=True``, what that means here:
+    said at construction (or swap) because a warning is untraceable inside a compiled forward."""
     global _warned_inplace
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return ops.apply_(x, name)
     if not _warned_inplace:
         _warned_inplace = True
-        warnings.warn(f"fused_act.nn.{module}(inplace=True): the input requires grad and the "
-                      "fused backward needs it, so the result is computed out of place",
-                      stacklevel=3)
-    return None
+        warnings.warn(f"fused_act.nn.{module}(inplace=True) writes into its input only when no "
+                      "gradient is needed; when one is, the fused backward needs the input, so "
+                      "it computes out of place", stacklevel=3)
 
 
 class FusedModule(nn.Module):
-    """What every fused_act module shares: TorchScript is refused with a clear error.
+    """What every fused_act module shares: its repr says "fused" (a swapped model shows what
+    was swapped), and TorchScript is refused with a clear error.
 
     Scripting compiles ``forward`` from its source, and ours calls the fused custom ops through
     Python; ``torch.jit.trace`` records the reference math instead and works on every backend.
     """
+
+    def extra_repr(self) -> str:
+        details = self._details()
+        return f"fused, {details}" if details else "fused"
+
+    def _details(self) -> str:
+        """The module's arguments in its repr, after "fused"."""
+        return ""
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise RuntimeError(f"fused_act.nn.{type(self).__name__} cannot be compiled by "
@@ -56,16 +67,16 @@ class _InplaceActivation(FusedModule):
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = inplace
+        if inplace:
+            _warn_inplace(type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.inplace:
+        if self.inplace and not (torch.is_grad_enabled() and x.requires_grad):
             functional._check_x(self.op, x)
-            y = _inplace(x, self.op, type(self).__name__)
-            if y is not None:
-                return y
+            return ops.apply_(x, self.op)
         return getattr(functional, self.op)(x)
 
-    def extra_repr(self) -> str:
+    def _details(self) -> str:
         return "inplace=True" if self.inplace else ""
 
 
@@ -94,7 +105,7 @@ class GELU(FusedModule):
     def forward(self, x: Tensor) -> Tensor:
         return functional.gelu(x, self.approximate)
 
-    def extra_repr(self) -> str:
+    def _details(self) -> str:
         return f"approximate={self.approximate!r}"
 
 
@@ -126,7 +137,7 @@ class Swish(FusedModule):
     def forward(self, x: Tensor) -> Tensor:
         return functional.swish(x, self.beta)
 
-    def extra_repr(self) -> str:
+    def _details(self) -> str:
         if self.learnable:
             return f"learnable=True, num_parameters={self.num_parameters}"
         return f"beta={self.beta}"
@@ -228,17 +239,6 @@ def _channel_params(m: nn.Module, names: tuple[str, ...]) -> int | None:
     return shape[1] if len(shape) == 4 and shape[0] == shape[2] == shape[3] == 1 else None
 
 
-def _from_torch(m: nn.Module) -> nn.Module | None:
-    """Ours for a torch.nn activation (the spec that ``replaces`` its class), with the module's
-    arguments of the same names (inplace, approximate)."""
-    kind = type(m).__name__
-    if type(m) is not getattr(nn, kind, None):
-        return None
-    ours = globals()[_TORCH[kind]]
-    args = inspect.signature(ours).parameters
-    return ours(**{a: getattr(m, a) for a in args if hasattr(m, a)})
-
-
 def _from_acon(m: nn.Module) -> nn.Module | None:
     if _has(m, ("p1", "p2", "beta")) and _channel_params(m, ("p1", "p2", "beta")):
         return AconC(m.p1.shape[1])
@@ -277,53 +277,245 @@ def _from_frelu(m: nn.Module) -> nn.Module | None:
     return FReLU(c1, k)
 
 
-# class name -> how to build ours from a module of that name (paper modules are matched by name
-# and then by their parameter layout)
-_TORCH = {s.replaces: s.module for s in SPECS.values() if s.replaces}
-_RECOGNISED = {
-    **dict.fromkeys(_TORCH, _from_torch),
-    "AconC": _from_acon, "MetaAconC": _from_meta_acon, "FReLU": _from_frelu,
-}
+# ---- replace_activations / restore_activations ----------------------------------------------
+
+_CARRIED = ("inplace", "approximate")  # arguments of torch.nn's modules that ours take too
+_PAPER = {"AconC": _from_acon, "MetaAconC": _from_meta_acon, "FReLU": _from_frelu}
+# how far a swapped module may be from the original on the probe, relative and absolute, by
+# dtype: a few ulps of the original's own low-precision arithmetic
+_PROBE_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+_PROBE_TOL_DEFAULT = 1e-5
 
 
-def _selected(name: str, kind: str, patterns: list[str] | None) -> bool:
-    return any(p == kind or p == name or name.startswith(p + ".") for p in patterns or ())
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _known() -> dict[str, tuple[str, dict]]:
+    """Qualified class name -> (our module, its further arguments), from the registry."""
+    known = {}
+    for s in SPECS.values():
+        if s.replaces:
+            known[_qualname(getattr(nn, s.replaces))] = (s.module, {})
+        known.update({name: (s.module, kwargs) for name, kwargs in s.lookalikes.items()})
+    return known
+
+
+_KNOWN = _known()
+# an unknown class that shares a known class's name is a candidate too, checked on the probe
+_BY_NAME = {name.rsplit(".", 1)[1]: hit for name, hit in _KNOWN.items()}
+
+
+class Swapped(NamedTuple):
+    """A module that ``replace_activations`` swapped: its name, the class it had (qualified),
+    what replaced it, and whether it was checked on a probe first (an unfamiliar class)."""
+
+    name: str
+    old: str
+    new: str
+    probed: bool = False
+
+
+class Left(NamedTuple):
+    """A module that looked like an activation ``replace_activations`` computes but was left."""
+
+    name: str
+    cls: str
+    reason: str
+
+
+@dataclass
+class Replacement:
+    """What ``replace_activations`` did: the modules it swapped and those it left, with why."""
+
+    swapped: list[Swapped] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fused_act.replace_activations: {len(self.swapped)} swapped, "
+                 f"{len(self.left)} left"]
+        lines += [f"  swapped {s.name or '<model>'}: {s.old} -> {s.new}"
+                  + (" (checked on a probe)" if s.probed else "") for s in self.swapped]
+        lines += [f"  left    {x.name or '<model>'}: {x.cls}: {x.reason}" for x in self.left]
+        return "\n".join(lines)
+
+
+def _plan(m: nn.Module) -> tuple[nn.Module | None, bool, str]:
+    """(ours for ``m``, whether ``m`` is unfamiliar and must match on the probe first, why not
+    when ours is None and ``m`` looked like a candidate); (None, False, "") if it is not one."""
+    cls = type(m)
+    if cls.__name__ in _PAPER:
+        ours = _PAPER[cls.__name__](m)
+        return ours, False, "" if ours else f"its layout is not the published {cls.__name__}'s"
+    depth, hit = next(((i, _KNOWN[_qualname(c)]) for i, c in enumerate(cls.__mro__)
+                       if _qualname(c) in _KNOWN), (-1, _BY_NAME.get(cls.__name__)))
+    if hit is None:
+        return None, False, ""
+    module, kwargs = hit
+    ours = globals()[module]
+    args = inspect.signature(ours).parameters
+    carried = {a: getattr(m, a) for a in _CARRIED if a in args and hasattr(m, a)}
+    try:
+        new = ours(**{**carried, **kwargs})
+    except (TypeError, ValueError) as e:
+        return None, False, f"its arguments do not carry over ({e})"
+    # a known class itself, with its own forward: anything else (a subclass, a look-alike of
+    # another package, a patched forward) is checked on the probe before it is trusted
+    familiar = (depth == 0 and "forward" not in vars(m)
+                and cls.forward.__qualname__ == f"{cls.__qualname__}.forward")
+    return new, not familiar, ""
+
+
+def _state_of(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of ``model``'s first floating tensor (fp32 on the CPU if none)."""
+    t = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    return (torch.float32, torch.device("cpu")) if t is None else (t.dtype, t.device)
+
+
+def _probe(old: nn.Module, new: nn.Module, dtype: torch.dtype, device: torch.device,
+           channels: int | None) -> str:
+    """'' if ``new`` computes what ``old`` does on a probe tensor in ``dtype``, else why not.
+
+    Both run in eval mode on copies, so no running statistic moves and an in-place original
+    writes into its own input."""
+    import copy
+    shape = (2, channels, 5, 7) if channels else (7, 11, 13)
+    n = math.prod(shape)
+    x = torch.linspace(-8.0, 8.0, n, device=device).reshape(shape).to(dtype)
+    try:
+        with torch.no_grad():
+            want = copy.deepcopy(old).eval()(x.clone())
+            got = copy.deepcopy(new).eval()(x.clone())
+    except Exception as e:  # noqa: BLE001 - any failure leaves the module as it is
+        return f"the probe raised {type(e).__name__}: {e}"
+    tol = _PROBE_TOL.get(dtype, _PROBE_TOL_DEFAULT)
+    if got.shape != want.shape or not torch.allclose(got.double(), want.double(), rtol=tol,
+                                                     atol=tol, equal_nan=True):
+        diff = (got.double() - want.double()).abs().nan_to_num(math.inf).max().item() \
+            if got.shape == want.shape else math.inf
+        return f"computes another function (max difference {diff:.3g} on a {dtype} probe)"
+    return ""
+
+
+def _channels(m: nn.Module) -> int | None:
+    """C of a channel-wise module (ACON-C, Meta-ACON, FReLU), whose probe is (N, C, H, W)."""
+    p1, conv = getattr(m, "p1", None), getattr(m, "conv", None)
+    return p1.shape[1] if p1 is not None else conv.in_channels if conv is not None else None
+
+
+def _named_patterns(name: str, cls: type, new: nn.Module) -> tuple[str, ...]:
+    return (name, cls.__name__, _qualname(cls), type(new).__name__)
+
+
+def _selected(name: str, kinds: tuple[str, ...], patterns: list[str] | None) -> bool:
+    return any(p in kinds or name.startswith(p + ".") for p in patterns or ())
+
+
+def _slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(parent's name, parent, attribute, child) for every child slot, a module shared by
+    several slots once per slot (``named_children`` would show it once)."""
+    return [(name, parent, attr, child) for name, parent in model.named_modules()
+            for attr, child in parent._modules.items() if child is not None]
 
 
 def replace_activations(model: nn.Module, *, include: list[str] | None = None,
-                        exclude: list[str] | None = None) -> list[tuple[str, str, str]]:
-    """Swap, in place, the activations of ``model`` for fused_act's; return what was swapped.
+                        exclude: list[str] | None = None, verbose: bool = False
+                        ) -> Replacement:
+    """Swap, in place, the activations of ``model`` for fused_act's; return what was done.
 
-    Replaces ``torch.nn.Mish``, ``SiLU``, ``GELU`` (either approximation) and modules shaped like
-    the published ACON-C, Meta-ACON (with or without BatchNorm) and FReLU modules, recognised by
-    class name and parameter layout.  Each replacement keeps the module's parameters, buffers,
-    train/eval mode, device and dtype (its state_dict is loaded strictly).  ``include`` and
-    ``exclude`` hold kinds ("Mish", "SiLU", "GELU", "AconC", "MetaAconC", "FReLU") or module
-    names (a name also covers everything below it); with ``include`` only matches are swapped.
-    Modules it does not recognise are left alone, and running it again swaps nothing.  Returns
-    ``(name, old class, new class)`` for each swap.
+    Recognises by qualified class name (no package is imported to do so) the activation modules
+    of torch.nn (Mish, SiLU, GELU of either approximation), timm, transformers and
+    EfficientNet-PyTorch that compute Mish, SiLU, GELU, tanh-GELU or quick-GELU (a Swish with
+    beta 1.702), and modules shaped like the published ACON-C, Meta-ACON and FReLU modules (by
+    class name and parameter layout).  A subclass of a known class, a class of an unknown
+    package that shares a known class's name, or a known class whose ``forward`` was replaced is
+    swapped only if the replacement computes the same function on a probe tensor in the
+    model's dtype and device; a module with hooks, or whose state does not load into ours, is
+    left.  Arguments that matter (``inplace``, GELU's ``approximate``) carry over; each
+    replacement keeps the module's parameters, buffers, train/eval mode, device and dtype, and
+    a module shared by several parents stays shared.  ``include`` and ``exclude`` hold class
+    names (theirs or ours, e.g. "Mish", "GELUActivation", "AconC") or module names (a name also
+    covers everything below it); with ``include`` only matches are swapped.  Running it again
+    swaps nothing; ``restore_activations`` undoes it.  Returns a ``Replacement`` listing each
+    module swapped and each candidate left with the reason; ``verbose=True`` also prints it.
     """
-    swapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            kind = type(child).__name__
-            if isinstance(child, FusedModule) or kind not in _RECOGNISED:
-                continue
-            if include is not None and not _selected(full, kind, include):
-                continue
-            if _selected(full, kind, exclude):
-                continue
-            new = _RECOGNISED[kind](child)
-            if new is None:
-                continue
-            state = child.state_dict()
-            ref = next((v for v in state.values() if v.is_floating_point()), None)
-            if ref is not None:
-                new = new.to(device=ref.device, dtype=ref.dtype)
-                new.load_state_dict(state, strict=True)
-            new.train(child.training)
-            setattr(module, child_name, new)
-            swapped.append((full, f"{type(child).__module__}.{kind}",
-                            f"fused_act.nn.{type(new).__name__}"))
-    return swapped
+    dtype, device = _state_of(model)
+    report = Replacement()
+    done: dict[int, nn.Module] = {}  # id of a module already swapped -> its replacement
+    for parent_name, parent, child_name, child in _slots(model):
+        name = f"{parent_name}.{child_name}" if parent_name else child_name
+        if id(child) in done:
+            new = done[id(child)]
+            setattr(parent, child_name, new)
+            report.swapped.append(Swapped(name, _qualname(type(child)), f"fused_act.nn.{new!r}"))
+            continue
+        if isinstance(child, FusedModule):
+            continue
+        new, unfamiliar, why = _plan(child)
+        cls = _qualname(type(child))
+        if new is None:
+            if why:
+                report.left.append(Left(name, cls, why))
+            continue
+        kinds = _named_patterns(name, type(child), new)
+        if include is not None and not _selected(name, kinds, include) or _selected(
+                name, kinds, exclude):
+            report.left.append(Left(name, cls, "excluded by include/exclude"))
+            continue
+        why = _swap_check(child, new, unfamiliar, dtype, device)
+        if why:
+            report.left.append(Left(name, cls, why))
+            continue
+        new.__dict__["_replaced"] = child  # for restore_activations; not a submodule
+        setattr(parent, child_name, new)
+        done[id(child)] = new
+        report.swapped.append(Swapped(name, cls, f"fused_act.nn.{new!r}", unfamiliar))
+    if verbose:
+        print(report)
+    return report
+
+
+def _load(into: nn.Module, source: nn.Module) -> Tensor | None:
+    """Give ``into`` the state (strictly), dtype, device and mode of ``source``; return a
+    floating tensor of that state, if any."""
+    state = source.state_dict()
+    ref = next((v for v in state.values() if v.is_floating_point()), None)
+    if ref is not None:
+        into.to(device=ref.device, dtype=ref.dtype)
+    if state:
+        into.load_state_dict(state, strict=True)
+    into.train(source.training)
+    return ref
+
+
+def _swap_check(old: nn.Module, new: nn.Module, unfamiliar: bool, dtype: torch.dtype,
+                device: torch.device) -> str:
+    """Give ``new`` ``old``'s state and mode; '' if it may replace ``old``, else why not."""
+    if any((old._forward_hooks, old._forward_pre_hooks, old._backward_hooks,
+            old._backward_pre_hooks)):
+        return "it has hooks, which a swap would drop"
+    try:
+        ref = _load(new, old)
+    except (RuntimeError, KeyError) as e:
+        return f"its state does not load into ours ({e})"
+    if ref is not None:
+        dtype, device = ref.dtype, ref.device
+    return _probe(old, new, dtype, device, _channels(new)) if unfamiliar else ""
+
+
+def restore_activations(model: nn.Module) -> list[str]:
+    """Undo ``replace_activations``: put back each swapped module, in place, with the state
+    its replacement has now (trained parameters, running statistics), its mode, device and
+    dtype.  Returns the names of the modules restored."""
+    restored = []
+    done: dict[int, nn.Module] = {}
+    for parent_name, parent, child_name, child in _slots(model):
+        old = child.__dict__.get("_replaced")
+        if old is None:
+            continue
+        if id(child) not in done:
+            _load(old, child)
+            done[id(child)] = old
+        setattr(parent, child_name, done[id(child)])
+        restored.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return restored

@@ -39,7 +39,10 @@ class Spec:
     (f(+inf), f(-inf), f'(+inf), f'(-inf)).  ``compile_mode`` is what ``torch.compile`` sees
     unless ``config.compile_mode`` says otherwise (chosen by measurement: bench/NOTES.md).
     ``module`` is its ``fused_act.nn`` class, and ``replaces`` the ``torch.nn`` class that
-    ``replace_activations`` swaps for it (its arguments of the same names carry over).
+    ``replace_activations`` swaps for it (its arguments of the same names carry over);
+    ``lookalikes`` maps the qualified names of other libraries' classes that compute the same
+    function to the further arguments our module needs for them (known by name, so those
+    libraries are never imported here).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Spec:
     compile_mode: str = "opaque"
     module: str = ""
     replaces: str = ""
+    lookalikes: dict[str, dict] = field(default_factory=dict)
 
     @property
     def kernel_id(self) -> int:
@@ -76,18 +80,39 @@ def _torch_swish(x: Tensor, beta: Beta = 1.0) -> Tensor:
     return x * (beta * x).sigmoid()
 
 
+def _named(*names: str, **kwargs: object) -> dict[str, dict]:
+    return dict.fromkeys(names, kwargs)
+
+
+# The activation modules of the libraries models are built with: timm (layers.activations and
+# its memory-efficient activations_me), transformers (activations, what ``hidden_act`` builds)
+# and EfficientNet-PyTorch (utils); each listed class computes exactly this spec's function.
+_TIMM, _TIMM_ME, _HF = "timm.layers.activations", "timm.layers.activations_me", \
+    "transformers.activations"
+_EFFNET = "efficientnet_pytorch.utils"
+QUICK_GELU_BETA = 1.702  # "quick GELU" is x sigmoid(1.702 x): a Swish
+
 SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("mish", "mish", torch_fn=F.mish, module="Mish", replaces="Mish",
+         lookalikes=_named(f"{_TIMM}.Mish", f"{_TIMM_ME}.MishMe", f"{_HF}.MishActivation"),
          **_plain(reference.mish, reference.mish_backward)),
     Spec("silu", "swish", reference.swish, reference.swish_backward, F.silu, module="SiLU",
-         replaces="SiLU"),
+         replaces="SiLU",
+         lookalikes=_named(f"{_TIMM}.Swish", f"{_TIMM_ME}.SwishMe", f"{_HF}.SiLUActivation",
+                           f"{_EFFNET}.MemoryEfficientSwish")),
     Spec("swish", "swish", reference.swish, reference.swish_backward, _torch_swish, beta=True,
-         module="Swish"),
+         module="Swish",
+         lookalikes=_named(f"{_TIMM}.QuickGELU", f"{_HF}.QuickGELUActivation",
+                           beta=QUICK_GELU_BETA)),
     Spec("gelu", "gelu", torch_fn=F.gelu, scale=4.0, module="GELU", replaces="GELU",
+         lookalikes=_named(f"{_TIMM}.GELU", f"{_HF}.GELUActivation"),
          **_plain(reference.gelu, reference.gelu_backward)),
     Spec("gelu_tanh", "gelu_tanh", function="gelu", kwargs={"approximate": "tanh"},
          torch_fn=lambda x: F.gelu(x, approximate="tanh"), scale=4.0, module="GELU",
          replaces="GELU",
+         lookalikes=_named(f"{_TIMM}.GELUTanh", f"{_HF}.GELUTanh", f"{_HF}.NewGELUActivation",
+                           f"{_HF}.FastGELUActivation", f"{_HF}.AccurateGELUActivation",
+                           approximate="tanh"),
          **_plain(lambda x: reference.gelu(x, "tanh"),
                   lambda g, x: reference.gelu_backward(g, x, "tanh"))),
 )}

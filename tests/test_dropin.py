@@ -60,9 +60,11 @@ def test_replace_activations_swaps_and_keeps_state():
     ref.load_state_dict(model.state_dict())
     model.eval()
     ref.eval()
-    swapped = fused_act.replace_activations(model)
-    assert [name for name, _, _ in swapped] == ["1", "3", "4", "5", "6", "7", "8", "9", "11.1"]
-    assert dict((n, new) for n, _, new in swapped)["8"] == "fused_act.nn.MetaAconC"
+    report = fused_act.replace_activations(model)
+    assert [s.name for s in report.swapped] == ["1", "3", "4", "5", "6", "7", "8", "9", "11.1"]
+    assert {s.name: s.new for s in report.swapped}["8"].startswith("fused_act.nn.MetaAconC(")
+    assert [(x.name, x.reason) for x in report.left] == [
+        ("12", "its layout is not the published AconC's")]
     kinds = [type(m) for m in model]
     assert kinds[1] is fused_act.nn.Mish and model[1].inplace
     assert kinds[4] is fused_act.nn.GELU and model[4].approximate == "tanh"
@@ -84,7 +86,7 @@ def test_replace_activations_swaps_and_keeps_state():
     theirs = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, theirs[name].grad, msg=name)
-    assert fused_act.replace_activations(model) == []  # idempotent
+    assert fused_act.replace_activations(model).swapped == []  # idempotent
 
 
 @pytest.mark.parametrize("spec", [s for s in registry.SPECS.values() if s.replaces],
@@ -94,18 +96,19 @@ def test_every_spec_replaces_its_torch_module(spec):
     with the same arguments, and computes the same function."""
     original = getattr(nn, spec.replaces)(**spec.kwargs)
     model = nn.Sequential(original)
-    swapped = fused_act.replace_activations(model)
-    assert [new for _, _, new in swapped] == [f"fused_act.nn.{spec.module}"]
+    swapped = fused_act.replace_activations(model).swapped
+    assert [s.new.split("(")[0] for s in swapped] == [f"fused_act.nn.{spec.module}"]
     x = torch.randn(4, 33, dtype=torch.float64)
     torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
 
 def test_replace_activations_include_exclude():
     model = _zoo()
-    swapped = fused_act.replace_activations(model, include=["Mish", "FReLU"], exclude=["11"])
-    assert [n for n, _, _ in swapped] == ["1", "9"]
-    swapped = fused_act.replace_activations(model, exclude=["GELU", "7"])
-    assert [n for n, _, _ in swapped] == ["3", "6", "8", "11.1"]
+    report = fused_act.replace_activations(model, include=["Mish", "FReLU"], exclude=["11"])
+    assert [s.name for s in report.swapped] == ["1", "9"]
+    assert "11.1" in [x.name for x in report.left if x.reason.startswith("excluded")]
+    report = fused_act.replace_activations(model, exclude=["GELU", "7"])
+    assert [s.name for s in report.swapped] == ["3", "6", "8", "11.1"]
 
 
 def _digits_net(device):
@@ -246,3 +249,142 @@ def test_example_one_short_epoch():
     ref = example.train(1, "reference", limit=96, batch=32, quiet=True)
     fused_act.set_backend("auto")
     assert abs(fused[0][0] - ref[0][0]) < 1e-4 and fused[0][1] == ref[0][1]
+
+
+# ---- what replace_activations recognises, checks, reports and undoes -----------------------------
+
+def _lookalikes():
+    """Every (qualified class name, spec) that the registry lists, importable here."""
+    out = []
+    for spec in registry.SPECS.values():
+        for name in spec.lookalikes:
+            module, cls = name.rsplit(".", 1)
+            out.append(pytest.param(module, cls, spec, id=f"{cls}-{spec.name}"))
+    return out
+
+
+@pytest.mark.parametrize(("module", "cls", "spec"), _lookalikes())
+def test_every_lookalike_class_is_swapped_and_computes_the_same(module, cls, spec):
+    """Each class the registry names (timm, transformers, ...) is swapped for the spec's module
+    without a probe, and computes the same function in fp32 (values and gradients)."""
+    try:
+        original = getattr(importlib.import_module(module), cls)()
+    except ImportError as e:
+        pytest.skip(f"{module} is not installed here ({e})")
+    model = nn.Sequential(original)
+    report = fused_act.replace_activations(model)
+    assert [(s.old, s.probed) for s in report.swapped] == [(f"{module}.{cls}", False)]
+    assert type(model[0]).__name__ == spec.module and "fused" in repr(model[0])
+    x = torch.linspace(-6, 6, 999).reshape(9, 111).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    with fused_act.use_backend("triton"):
+        y = model(x)
+        y.square().sum().backward()
+    want = original(x2)
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_lookalike_names_never_collide():
+    """A class name the registry lists belongs to one module with one set of arguments."""
+    known = fused_act.nn._known()
+    by_name = {}
+    for qualified, hit in known.items():
+        by_name.setdefault(qualified.rsplit(".", 1)[1], set()).add((hit[0], tuple(hit[1].items())))
+    assert all(len(v) == 1 for v in by_name.values()), by_name
+
+
+class _SubSiLU(nn.SiLU):
+    """A subclass computing the same function: swapped after the probe."""
+
+
+class _TanhGELU(nn.GELU):
+    """A subclass computing another function: left, with the difference."""
+
+    def forward(self, x):
+        return nn.functional.gelu(x, approximate="tanh")
+
+
+def _unknown_mish():
+    """A class of an unknown package named like a known one."""
+    return type("Mish", (nn.Module,), {"forward": lambda self, x: nn.functional.mish(x),
+                                       "__module__": "somepackage.layers"})()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_unfamiliar_classes_are_checked_on_a_probe(dtype):
+    patched = nn.SiLU()
+    patched.forward = lambda x: 2 * x  # an instance whose forward was replaced
+    hooked = nn.Mish()
+    hooked.register_forward_hook(lambda m, i, o: None)
+    model = nn.Sequential(nn.Linear(4, 4), _SubSiLU(), _TanhGELU(), patched, _unknown_mish(),
+                          hooked).to(dtype)
+    report = fused_act.replace_activations(model)
+    # tanh-GELU is 5e-4 from GELU: seen in fp32 and fp64, the same function at bf16's rounding
+    same_in_dtype = ["2"] if dtype == torch.bfloat16 else []
+    assert [(s.name, s.probed) for s in report.swapped] == [
+        (n, True) for n in sorted(["1", "4", *same_in_dtype])]
+    left = {x.name: x.reason for x in report.left}
+    assert left.keys() == {"2", "3", "5"} - set(same_in_dtype)
+    assert "hooks" in left["5"] and "another function" in left["3"]
+    assert type(model[1]) is fused_act.nn.SiLU and type(model[4]) is fused_act.nn.Mish
+
+
+def test_probe_leaves_state_alone_and_failing_modules_in_place():
+    class Broken(nn.Mish):
+        def forward(self, x):
+            raise RuntimeError("no")
+
+    bn_model = nn.Sequential(nn.Conv2d(3, 8, 1), type("FReLU", (PlainFReLU,), {})(8), Broken())
+    bn = bn_model[1].bn
+    before = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
+    report = fused_act.replace_activations(bn_model)
+    assert [s.name for s in report.swapped] == ["1"]
+    assert torch.equal(bn_model[1].bn.running_mean, before[0])
+    assert torch.equal(bn_model[1].bn.num_batches_tracked, before[1])
+    assert [x.name for x in report.left] == ["2"] and "RuntimeError: no" in report.left[0].reason
+
+
+def test_shared_module_stays_shared_and_restore_undoes_the_swap():
+    torch.manual_seed(0)
+    act = nn.SiLU()
+    model = nn.Sequential(act, nn.Sequential(act), PaperAconC(4), nn.GELU(approximate="tanh"))
+    original = [type(m) for m in model]
+    x = torch.randn(3, 4, 2, 2)
+    want = model(x)
+    report = fused_act.replace_activations(model)
+    assert sorted(s.name for s in report.swapped) == ["0", "1.0", "2", "3"]
+    assert model[0] is model[1][0] and type(model[0]) is fused_act.nn.SiLU
+    torch.testing.assert_close(model(x), want)
+    with torch.no_grad():
+        model[2].p1.add_(1.0)  # trained after the swap: restore keeps it
+    trained = model[2].p1.detach().clone()
+    model.eval()
+    assert sorted(fused_act.restore_activations(model)) == ["0", "1.0", "2", "3"]
+    assert [type(m) for m in model] == original and not model[2].training
+    assert model[0] is model[1][0] is act
+    assert torch.equal(model[2].p1, trained) and model[3].approximate == "tanh"
+    assert fused_act.restore_activations(model) == []
+
+
+def test_report_is_printed_when_verbose(capsys):
+    model = nn.Sequential(nn.Mish(), _TanhGELU())
+    report = fused_act.replace_activations(model, verbose=True)
+    out = capsys.readouterr().out
+    assert out.strip() == str(report)
+    assert "1 swapped, 1 left" in out and "torch.nn.modules.activation.Mish" in out
+    assert repr(model[0]) == "Mish(fused)"
+
+
+def test_inplace_modules_swap_with_one_warning_and_none_in_forward():
+    fused_act.nn._warned_inplace = False
+    model = nn.Sequential(nn.Mish(inplace=True), nn.SiLU(inplace=True))
+    with pytest.warns(UserWarning, match="inplace=True") as record:
+        fused_act.replace_activations(model)
+    assert len(record) == 1 and model[0].inplace and model[1].inplace
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = torch.randn(5, requires_grad=True)
+        model(x).sum().backward()
