@@ -16,9 +16,10 @@ from . import config, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import *  # noqa: F403  (its __all__: every public function)
 from .functional import __all__ as _functions
-from .nn import replace_activations, restore_activations
+from .nn import patch_gated_mlps, replace_activations, restore_activations
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "config", "get_backend", "nn", "reference", "replace_activations",
-           "restore_activations", "set_backend", "use_backend", *_functions]
+__all__ = ["BACKENDS", "config", "get_backend", "nn", "patch_gated_mlps", "reference",
+           "replace_activations", "restore_activations", "set_backend", "use_backend",
+           *_functions]

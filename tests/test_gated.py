@@ -473,3 +473,24 @@ def test_errors(case, backend, request, monkeypatch):
     with fused_act.use_backend(backend), pytest.raises(kind, match=match):
         call(_randn((4, 6), torch.float32, 1.0, 33))
     assert not launched
+
+
+def test_glu_module():
+    """nn.GLU: the function over (gate, up) or a packed input; a learnable swish beta is a
+    parameter whose gradient arrives; its repr says fused; arguments are checked when built."""
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 5), torch.randn(3, 5)
+    m = fused_act.nn.GLU("gelu", approximate="tanh")
+    torch.testing.assert_close(m(gate, up), fused_act.geglu(gate, up, approximate="tanh"))
+    torch.testing.assert_close(m(torch.cat([gate, up], -1)), m(gate, up))
+    assert repr(m) == "GLU(fused, activation='gelu', approximate='tanh')"
+    learn = fused_act.nn.GLU("swish", learnable=True, beta=1.5)
+    assert list(learn.state_dict()) == ["beta"] and learn.beta.item() == 1.5
+    learn(gate, up).sum().backward()
+    assert learn.beta.grad is not None and learn.beta.grad.isfinite().all()
+    with pytest.raises(ValueError, match="learnable=True needs activation='swish'"):
+        fused_act.nn.GLU("mish", learnable=True)
+    with pytest.raises(ValueError):
+        fused_act.nn.GLU("relu")
+    with pytest.raises(TypeError):
+        fused_act.nn.GLU("silu", approximate="tanh")
