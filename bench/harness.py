@@ -113,10 +113,15 @@ def run(ops: list[str], dtypes: list[str], sizes: list[int], shapes: list[tuple[
     """Time every case and the compile pipelines; write results.json, results.md and plots."""
     # the fused contestant is always the kernels; compiled backwards must allow retain_graph
     # (timing a backward repeats it), so buffer donation is off: compile's peak memory may read
-    # a little high
+    # a little high.  A compiled contestant keeps a graph per rank, static and dynamic sizes
+    # and grad mode (the forward is also timed under no_grad): 8 for an elementwise op and
+    # dtype over the default cases, already dynamo's default limit, past which it would
+    # silently run eager.  The limit is raised to 32, and passing it is an error
+    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
-    with fused_act.use_backend("triton"), functorch_config.patch(donated_buffer=False):
+    with fused_act.use_backend("triton"), functorch_config.patch(donated_buffer=False), \
+            dynamo_config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True):
         return _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipelines)
 
 
