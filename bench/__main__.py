@@ -1,8 +1,10 @@
 """``python -m bench``: every op, fused vs PyTorch eager vs torch.compile, on this GPU.
 
 Activations are memory-bound, so each time is also given as GB/s (bytes that must move, e.g.
-forward reads x and writes y: 2nb; backward reads grad and x and writes dx: 3nb) and as a
-fraction of a device-to-device copy of the same bytes timed in the same run.  Each contestant's
+forward reads x and writes y: 2nb; backward reads grad and x and writes dx: 3nb; a gated op's
+forward reads gate and up and writes the output: 3nb, its backward reads grad, gate and up and
+writes both gradients: 5nb) and as a fraction of a device-to-device copy of the same bytes
+timed in the same run.  Each contestant's
 output is checked against the reference before it is timed.  Without a GPU the harness checks
 every kernel through Triton's interpreter against the reference, reports eager host overhead,
 and says that GPU timings need a GPU.
@@ -30,7 +32,8 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     what "auto" runs on CPU tensors (the reference, not the interpreter)."""
     print("No CUDA device: GPU timings need a GPU. Checking every Triton kernel on the CPU, "
           "through Triton's interpreter, against the reference instead.\n")
-    print(f"{'op':<13} {'dtype':<5} forward and input gradient (Triton interpreter, CPU)")
+    width = max(map(len, ops)) + 1
+    print(f"{'op':<{width}} {'dtype':<5} forward and input gradients (Triton interpreter, CPU)")
     ok_all = True
     for name in ops:
         op = table.OPS[name]
@@ -42,7 +45,7 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
                 verdict = "ok"
             except AssertionError as e:
                 verdict, ok_all = f"FAIL: {e}", False
-            print(f"{name:<13} {dname:<5} {verdict}")
+            print(f"{name:<{width}} {dname:<5} {verdict}")
     us = timing.host_overhead("cpu")
     print("\nhost time per eager mish forward+backward on 2^10 CPU elements, no interpreter "
           "(backend 'auto' runs the reference on CPU tensors): "
@@ -59,18 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="numbers of elements (default: 2^16 .. 2^28, or a few with --quick)")
     p.add_argument("--shapes", nargs="*", type=_shape, default=None,
-                   help="layer shapes such as 32x64x112x112 (default: a few real layers)")
+                   help="layer shapes such as 32x64x112x112 (default: a few real layers per "
+                        "op; LLM MLP shapes such as 8192x11008 for the gated ops)")
     p.add_argument("--no-pipelines", action="store_true", help="skip the compile pipelines")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         return run_without_gpu(args.ops, args.dtypes)
     sizes = args.sizes or (table.QUICK_SIZES if args.quick else table.FULL_SIZES)
-    shapes = args.shapes if args.shapes is not None else (
-        table.LAYER_SHAPES[:2] if args.quick else table.LAYER_SHAPES)
     name = harness.env("cuda")["gpu"]
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / _slug(name)
-    result = harness.run(args.ops, args.dtypes, sizes, shapes, args.quick, out,
+    result = harness.run(args.ops, args.dtypes, sizes, args.shapes, args.quick, out,
                          pipelines=not args.no_pipelines)
     print(report.markdown(result))
     return 0

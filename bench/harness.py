@@ -2,8 +2,11 @@
 
 Every op is timed forward, backward and forward+backward for the contestants ``fused``
 (fused_act's Triton kernels), ``fused_cuda`` (its CUDA C++ kernels, where built or buildable),
-``eager`` (PyTorch as users write it today: F.* or the plain formula) and ``compile``
-(``torch.compile`` of that eager function).  This module only walks the cases and turns times
+``eager`` (PyTorch as users write it today: F.* or the plain formula), ``compile``
+(``torch.compile`` of that eager function) and, for the gated ops, ``decompose``
+(``torch.compile`` of our op with its compile mode "decompose") and ``liger`` (Liger-Kernel's
+kernel, where importable; results.json's ``peers`` says which peers ran or why not).  Each
+contestant runs on its own copies of the inputs.  This module only walks the cases and turns times
 into rows, so that what is measured (``bench.table``), how it is timed (``bench.timing``) and
 how it is shown (``bench.report``) each change in one place.  Memory-bound ops are also given as
 GB/s and as a fraction of a device-to-device copy of the same bytes timed in the same run: the
@@ -32,8 +35,11 @@ from bench.table import (
     OPS,
     check,
     contestants,
+    copies,
     flat,
+    layer_shapes,
     make_inputs,
+    peers,
 )
 from bench.timing import build_on_stream, host_overhead, peak_mb, time_ms
 
@@ -57,7 +63,7 @@ def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: boo
     for cname, fn in contestants(name, compile_backend, device).items():
         with fused_act.use_backend(BACKEND_OF.get(cname, "triton")):
             check(name, fn, x, g, params)
-            timed = _time_modes(fn, x, g, params, n, quick, device)
+            timed = _time_modes(fn, *copies(x, params), g, n, quick, device)
         for mode, ms, peak in timed:
             row = dict(base, mode=mode, contestant=cname, ms=ms, gbps=None, frac_copy=None,
                        peak_mb=peak)
@@ -70,7 +76,7 @@ def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: boo
     return rows
 
 
-def _time_modes(fn: Callable, x: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor],
+def _time_modes(fn: Callable, x: torch.Tensor, params: list[torch.Tensor], g: torch.Tensor,
                 n: int, quick: bool, device: str) -> list[tuple[str, float, float | None]]:
     """(mode, median ms, peak MB of fwd+bwd or None) for forward, backward and both."""
     xg = x.detach().clone().requires_grad_()
@@ -107,10 +113,14 @@ def env(device: str) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def run(ops: list[str], dtypes: list[str], sizes: list[int], shapes: list[tuple[int, ...]],
-        quick: bool, out: Path, device: str = "cuda", compile_backend: str = "inductor",
-        pipelines: bool = True) -> dict:
-    """Time every case and the compile pipelines; write results.json, results.md and plots."""
+def run(ops: list[str], dtypes: list[str], sizes: list[int],
+        shapes: list[tuple[int, ...]] | None, quick: bool, out: Path, device: str = "cuda",
+        compile_backend: str = "inductor", pipelines: bool = True) -> dict:
+    """Time every case and the compile pipelines; write results.json, results.md and plots.
+
+    Each op runs on ``sizes`` (its ``shape`` of that many elements) and on the layer shapes
+    ``shapes``, or where None on its own (``table.layer_shapes``: LLM MLP shapes for the gated
+    ops); a 1-D shape applies only to flat ops."""
     # the fused contestant is always the kernels; compiled backwards must allow retain_graph
     # (timing a backward repeats it), so buffer donation is off: compile's peak memory may read
     # a little high.  A compiled contestant keeps a graph per rank, static and dynamic sizes
@@ -130,15 +140,20 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
     rows: list[dict] = []
     for name in ops:
         op = OPS[name]
-        cases = [op.shape(n) for n in sizes] + [s for s in shapes if len(s) > 1 or
+        layers = shapes if shapes is not None else layer_shapes(name, quick)
+        cases = [op.shape(n) for n in sizes] + [s for s in layers if len(s) > 1 or
                                                 op.shape is flat]
         for dname in dtypes:
+            # the limit counts graphs per code object, which the gated rows' compiled
+            # contestants share (one lambda each way): a fresh start per op and dtype
+            torch._dynamo.reset()
             for shape in cases:
                 rows.extend(bench_case(name, DTYPES[dname], shape, quick, device,
                                        compile_backend))
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    result = dict(env=info, rows=rows, host_overhead_us=host_overhead(device))
+    result = dict(env=info, peers=peers(device), rows=rows,
+                  host_overhead_us=host_overhead(device))
     if pipelines:
         result["pipelines"] = pipes.run(ops, device, quick, compile_backend)
         result["compile_mode_choice"] = pipes.choose(result["pipelines"])

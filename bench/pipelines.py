@@ -8,6 +8,7 @@ compiled plain, eager fused, and compiled fused with the op opaque and decompose
 (``fused_act.config.compile_mode``).  The faster compiled-fused variant is the op's choice.
 """
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import fused_act
-from bench.timing import build_on_stream, time_ms
+from bench.timing import build_on_stream, compile_mode, time_ms
 from fused_act import registry
 
 
@@ -123,9 +124,9 @@ def _shape(kind: str, device: str, quick: bool) -> tuple[int, ...]:
 
 def run(ops: list[str], device: str, quick: bool, compile_backend: str = "inductor"
         ) -> list[dict]:
-    """Forward+backward ms of each op's block, five ways."""
+    """Forward+backward ms of each op's block, five ways (ops without a block are skipped)."""
     out = []
-    for name in dict.fromkeys(ops):
+    for name in dict.fromkeys(n for n in ops if n in BLOCKS):
         key, kind, act = BLOCKS[name]
         shape = _shape(kind, device, quick)
         width = shape[-1] if kind == "linear" else shape[1]
@@ -149,10 +150,8 @@ def run(ops: list[str], device: str, quick: bool, compile_backend: str = "induct
 
 def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, device: str,
                 quick: bool, compile_backend: str) -> float:
-    previous = fused_act.config.compile_mode
-    if mode in ("opaque", "decompose"):
-        fused_act.config.compile_mode = {key: mode}
-    try:
+    ours = mode in ("opaque", "decompose")
+    with compile_mode(key, mode) if ours else contextlib.nullcontext():
         torch._dynamo.reset()
         fn = torch.compile(model, fullgraph=True, backend=compile_backend) if mode else model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -163,8 +162,6 @@ def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, d
         with build_on_stream(device):
             step()  # compile outside the timed region
         return time_ms(step, x.numel(), quick, device)
-    finally:
-        fused_act.config.compile_mode = previous
 
 
 def choose(pipelines: list[dict]) -> dict[str, str]:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from bench.table import CONTESTANTS, MODES
 
+# the contestants shown together in the "more" column, where an op has them
+_MORE = [c for c in CONTESTANTS if c not in ("fused", "fused_cuda", "eager", "compile")]
+
 
 def _size(n: int) -> str:
     k = math.log2(n)
@@ -35,21 +38,27 @@ def markdown(result: dict) -> str:
         f"host overhead: that is the next line). fused: {fused}; cuda: the CUDA C++ kernels.",
         "",
         f"Host time per eager forward+backward on 2^10 elements: {overhead}", "",
+        "more: decompose is torch.compile of our op decomposed (compile mode \"decompose\"), "
+        "liger is Liger-Kernel's kernel; peers: "
+        + ", ".join(f"{k} {v}" for k, v in result.get("peers", {}).items()) + ".", "",
         "| op | dtype | shape | mode | fused ms | fused / copy | cuda / copy | eager / copy "
-        "| compile / copy | vs eager | vs compile | peak MB fused / eager / compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compile / copy | more / copy | vs eager | vs compile | "
+        "peak MB fused / eager / compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (op, dtype, shape, mode, c), r in by.items():
         if c != "fused":
             continue
         e, k = by[(op, dtype, shape, mode, "eager")], by[(op, dtype, shape, mode, "compile")]
         cu = by.get((op, dtype, shape, mode, "fused_cuda"), {}).get("frac_copy")
+        more = ", ".join(f"{m} {_fmt(by[op, dtype, shape, mode, m]['frac_copy'], '.2f')}"
+                         for m in _MORE if (op, dtype, shape, mode, m) in by)
         peaks = " / ".join(_fmt(x["peak_mb"], ".0f") for x in (r, e, k))
         shown = _size(r["n"]) if len(shape) == 1 else "x".join(map(str, shape))
         lines.append(
             f"| {op} | {dtype} | {shown} | {mode} | {r['ms']:.4f} | {_fmt(r['frac_copy'], '.2f')} "
             f"| {_fmt(cu, '.2f')} | {_fmt(e['frac_copy'], '.2f')} | "
-            f"{_fmt(k['frac_copy'], '.2f')} | "
+            f"{_fmt(k['frac_copy'], '.2f')} | {more} | "
             f"{e['ms'] / r['ms']:.2f}x | {k['ms'] / r['ms']:.2f}x | "
             f"{peaks if mode == 'fwd+bwd' else ''} |")
     if "pipelines" in result:

@@ -1,13 +1,16 @@
 """What the benchmark measures: the ops, their inputs, the contestants, the check.
 
 Kept apart from the timing and the runner so that adding or changing an op touches one table and
-nothing that decides how it is timed: the elementwise rows are derived from
-``fused_act.registry``, so a new activation appears here without an edit, and only the ops with
-parameters or a module around them (ACON-C, Meta-ACON, FReLU) are written out.  Every
-contestant is checked against the reference with the tolerances here before any time is taken,
-so a fast but wrong kernel never reaches a table.
+nothing that decides how it is timed: the elementwise rows and their gated rows
+(``act(gate) * up``: swiglu, geglu, ...) are derived from ``fused_act.registry``, so a new
+activation appears here twice without an edit, and only the ops with parameters or a module
+around them (ACON-C, Meta-ACON, FReLU) are written out.  Every contestant is checked against the
+reference with the tolerances here before any time is taken, so a fast but wrong kernel never
+reaches a table.
 """
 
+import importlib
+import importlib.metadata
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_act
+from bench.timing import compile_mode
 from fused_act import reference, registry
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,8 +27,13 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FULL_SIZES = [2**k for k in range(16, 29, 2)]
 QUICK_SIZES = [2**20, 2**24, 2**26]
 LAYER_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (64, 512, 14, 14), (8, 4096, 4096)]
+# a gated MLP's gate (and up) as tokens x intermediate: Llama-2-7B's width on 8192 tokens, and
+# Llama-3-8B's / Mistral-7B's on 16384
+LLM_SHAPES = [(8192, 11008), (16384, 14336)]
 MODES = ("forward", "backward", "fwd+bwd")
-CONTESTANTS = ("fused", "fused_cuda", "eager", "compile")
+# "decompose": torch.compile of our op with its compile mode "decompose" (ops with a
+# compile_key); "liger": Liger-Kernel's kernel of the same function, where importable
+CONTESTANTS = ("fused", "fused_cuda", "eager", "compile", "decompose", "liger")
 # the kernel backend each contestant runs under (forward and backward alike)
 BACKEND_OF = {"fused_cuda": "cuda"}
 
@@ -40,6 +49,13 @@ def _nchw(n: int) -> tuple[int, ...]:
     return (batch, 64, side, side)
 
 
+def _rows(n: int) -> tuple[int, ...]:
+    """n elements as (tokens, 4096), the layout of an MLP's intermediate activations (a single
+    row below 4096 elements), so that a row-wise peer kernel can run the size sweep too."""
+    width = min(n, 4096)
+    return (max(1, n // width), width)
+
+
 @dataclass(frozen=True)
 class Op:
     """One benchmarked op.
@@ -48,7 +64,11 @@ class Op:
     differentiable inputs (parameters, FReLU's t); ``traffic`` is the number of x-sized tensors
     a forward and a backward must read plus write (None: not a single memory-bound pass).
     ``ref_fp32``: check against the reference in fp32 (else in x's dtype: for a module whose
-    convolution and BatchNorm round in that dtype before the max picks a side).
+    convolution and BatchNorm round in that dtype before the max picks a side).  ``inputs``: how
+    many leading arguments are data whose gradients the check compares (a gated op's gate and
+    up: 2).  ``layers``: the real layer shapes the op is timed on by default (empty: the
+    run's).  ``compile_key``: its ``fused_act.config.compile_mode`` key, which adds the
+    contestant "decompose".
     """
 
     fused: Callable
@@ -58,10 +78,21 @@ class Op:
     params: Callable[[torch.Tensor], list[torch.Tensor]] = lambda x: []
     traffic: tuple[int, int] | None = (2, 3)
     ref_fp32: bool = True
+    inputs: int = 1
+    layers: tuple[tuple[int, ...], ...] = ()
+    compile_key: str | None = None
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.requires_grad_()
+
+
+def _scalar_beta(x: torch.Tensor) -> torch.Tensor:
+    return _leaf(torch.ones(1, device=x.device))
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return _leaf(torch.randn_like(x))
 
 
 def _channel(x: torch.Tensor, lo: float, hi: float, per_sample: bool = False) -> torch.Tensor:
@@ -95,13 +126,41 @@ def _frelu_t(x, w, bn_w, bn_b):
 def _elementwise(spec: registry.Spec) -> Op:
     """A registry activation; one with a beta times its learnable one-element beta."""
     if spec.beta:
-        return Op(spec.call, spec.torch_fn, spec.forward,
-                  params=lambda x: [_leaf(torch.ones(1, device=x.device))])
+        return Op(spec.call, spec.torch_fn, spec.forward, params=lambda x: [_scalar_beta(x)])
     return Op(spec.call, spec.torch_fn, lambda x, s=spec: s.forward(x, 1.0))
 
 
+def _row_name(spec: registry.Spec) -> str:
+    return spec.name + ("_beta" if spec.beta else "")
+
+
+# the gated rows by the names LLM code gives them; "geglu" is fused_act.geglu's default (erf),
+# "geglu_tanh" the tanh form of Gemma and of Liger-Kernel's kernel
+_GATED_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+GATED: dict[str, registry.Spec] = {
+    _GATED_NAMES.get(s.name, "glu_" + _row_name(s)): s for s in registry.SPECS.values()}
+
+
+def _gated(spec: registry.Spec) -> Op:
+    """``act(gate) * up`` of a registry activation by ``fused_act.glu``: x is the gate, the
+    first parameter up (then a learnable one-element beta where the spec has one); eager is the
+    plain ``torch_fn(gate) * up``.  Forward reads gate and up and writes the output (3 tensors
+    of x's size), backward reads grad, gate and up and writes both gradients (5)."""
+    act, kwargs = spec.function or spec.name, spec.kwargs
+    common = dict(shape=_rows, traffic=(3, 5), inputs=2, layers=tuple(LLM_SHAPES),
+                  compile_key="glu")
+    if spec.beta:
+        return Op(lambda g, u, b: fused_act.glu(g, u, act, beta=b),
+                  lambda g, u, b: spec.torch_fn(g, b) * u,
+                  lambda g, u, b: spec.forward(g, b) * u,
+                  params=lambda x: [_up(x), _scalar_beta(x)], **common)
+    return Op(lambda g, u: fused_act.glu(g, u, act, **kwargs),
+              lambda g, u: spec.torch_fn(g) * u,
+              lambda g, u: spec.forward(g, 1.0) * u, params=lambda x: [_up(x)], **common)
+
+
 OPS: dict[str, Op] = {
-    **{s.name + ("_beta" if s.beta else ""): _elementwise(s) for s in registry.SPECS.values()},
+    **{_row_name(s): _elementwise(s) for s in registry.SPECS.values()},
     "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params),
     "meta_acon": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
                     lambda x: _acon_params(x, per_sample=True)),
@@ -112,7 +171,54 @@ OPS: dict[str, Op] = {
                        lambda x, *p: torch.max(x, _frelu_t(x, *p)),
                        lambda x, *p: reference.frelu_max(x, _frelu_t(x, *p)), _nchw,
                        _frelu_params, None, ref_fp32=False),
+    **{name: _gated(s) for name, s in GATED.items()},
 }
+
+# peer libraries' kernels of a row's function, timed beside ours where importable and never a
+# dependency: row -> (contestant, module, autograd.Function whose apply(gate, up) is the op)
+PEERS: dict[str, tuple[str, str, str]] = {
+    "swiglu": ("liger", "liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+    "geglu_tanh": ("liger", "liger_kernel.ops.geglu", "LigerGELUMulFunction"),
+}
+
+
+def layer_shapes(name: str, quick: bool) -> list[tuple[int, ...]]:
+    """The real layer shapes op ``name`` is timed on unless the run names its own: LLM MLP
+    shapes for the gated ops, conv and linear layers for the rest (the first two with quick)."""
+    shapes = OPS[name].layers or LAYER_SHAPES
+    return list(shapes[:2] if quick else shapes)
+
+
+def _peer(name: str, device: str) -> tuple[str, Callable] | None:
+    """(contestant, callable) of the peer kernel of row ``name``, or None where there is none,
+    it does not import, or the tensors are not CUDA tensors (the peers' kernels need a GPU)."""
+    if name not in PEERS or device != "cuda":
+        return None
+    label, module, attr = PEERS[name]
+    try:
+        return label, getattr(importlib.import_module(module), attr).apply
+    except Exception:  # noqa: BLE001 - a peer that fails to import is absent, never fatal
+        return None
+
+
+def peers(device: str) -> dict[str, str]:
+    """Each peer contestant: the package and version timed, or "absent: ..." saying why
+    (recorded in results.json, so that a table without a peer's column says why)."""
+    found = {}
+    for label, module, _ in PEERS.values():
+        found.setdefault(label, _peer_version(module, device))
+    return found
+
+
+def _peer_version(module: str, device: str) -> str:
+    if device != "cuda":
+        return "absent: its kernels need CUDA tensors"
+    package = module.split(".")[0]
+    try:
+        importlib.import_module(module)
+        return f"{package} {importlib.metadata.version(package.replace('_', '-'))}"
+    except Exception as e:  # noqa: BLE001 - recorded, never fatal
+        return f"absent: {type(e).__name__}: {e}"
 
 
 def _close(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -120,21 +226,43 @@ def _close(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(out.double(), want.double(), rtol=tol, atol=tol, equal_nan=True))
 
 
-_compiled: dict[tuple[str, str], Callable] = {}
+_compiled: dict[tuple[str, str, str], Callable] = {}
+
+
+def _decomposed(fn: Callable, key: str, compile_backend: str) -> Callable:
+    """``fn`` compiled with compile mode ``key`` "decompose" in force whenever it runs (a
+    compiled graph is kept per mode, so the mode must hold at every call, not only the first)."""
+    compiled = torch.compile(fn, backend=compile_backend)
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        with compile_mode(key, "decompose"):
+            return compiled(*args)
+
+    return call
 
 
 def contestants(name: str, compile_backend: str = "inductor", device: str = "cuda"
                 ) -> dict[str, Callable]:
-    """fused, fused_cuda (on a GPU where the CUDA kernels can run), eager and compiled
-    callables of op ``name`` (one compiled function per op)."""
+    """fused, fused_cuda (on a GPU where the CUDA kernels can run), eager, compiled, and where
+    they apply decomposed (an op with a compile_key) and peer (``PEERS``, importable, CUDA
+    tensors) callables of op ``name`` (one compiled function per op and kind)."""
     op = OPS[name]
-    key = (name, compile_backend)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(op.eager, backend=compile_backend)
+    if (name, compile_backend, "compile") not in _compiled:
+        _compiled[name, compile_backend, "compile"] = torch.compile(op.eager,
+                                                                     backend=compile_backend)
+        if op.compile_key:
+            _compiled[name, compile_backend, "decompose"] = _decomposed(
+                op.fused, op.compile_key, compile_backend)
     found = {"fused": op.fused}
     if device == "cuda" and fused_act.backend.cuda_status()[0]:
         found["fused_cuda"] = op.fused
-    return {**found, "eager": op.eager, "compile": _compiled[key]}
+    found |= {"eager": op.eager, "compile": _compiled[name, compile_backend, "compile"]}
+    if op.compile_key:
+        found["decompose"] = _compiled[name, compile_backend, "decompose"]
+    peer = _peer(name, device)
+    if peer is not None:
+        found[peer[0]] = peer[1]
+    return found
 
 
 def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str):
@@ -146,18 +274,32 @@ def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str)
     return x, g, params
 
 
+def copies(x: torch.Tensor, params: list[torch.Tensor]
+           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fresh copies of x and the parameters for one contestant: Liger-Kernel's backward writes
+    its gradients into its saved inputs, which must not reach the next contestant or the
+    reference."""
+    return x.detach().clone(), [p.detach().clone().requires_grad_(p.requires_grad)
+                                for p in params]
+
+
 def check(name: str, fn: Callable, x: torch.Tensor, g: torch.Tensor,
           params: list[torch.Tensor]) -> None:
-    """Raise unless ``fn`` gives the reference's output and input gradient."""
+    """Raise unless ``fn`` gives the reference's output and the gradients of its data inputs
+    (x, and up for a gated op)."""
     op = OPS[name]
-    xg = x.detach().clone().requires_grad_()
-    y = fn(xg, *params)
-    (dx,) = torch.autograd.grad(y, xg, g)
+    xg, ps = copies(x, params)
+    y = fn(xg.requires_grad_(), *ps)
+    grads = torch.autograd.grad(y, [xg, *ps[:op.inputs - 1]], g)
     dtype = torch.float32 if op.ref_fp32 else x.dtype
     xr = x.detach().to(dtype).requires_grad_()
-    want = op.ref(xr, *[p.detach().to(dtype) for p in params])
-    (want_dx,) = torch.autograd.grad(want, xr, g.to(dtype))
-    for what, got, ref in (("output", y, want), ("input gradient", dx, want_dx)):
+    pr = [p.detach().to(dtype) for p in params]
+    data = [xr, *(p.requires_grad_() for p in pr[:op.inputs - 1])]
+    want = op.ref(xr, *pr)
+    wants = torch.autograd.grad(want, data, g.to(dtype))
+    labels = ["output", "input gradient"] + [f"gradient of input {i + 1}"
+                                             for i in range(1, op.inputs)]
+    for what, got, ref in zip(labels, (y, *grads), (want, *wants), strict=True):
         if not _close(got, ref, x.dtype):
             raise AssertionError(f"{name} {x.dtype} {tuple(x.shape)}: {what} differs from the "
                                  "reference")

@@ -8,8 +8,9 @@ runner, the compile pipelines and the tuning and launch scripts alike.  On the C
 calls fall back to host timers, so the whole benchmark runs without a GPU.
 """
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,18 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@contextlib.contextmanager
+def compile_mode(key: str, mode: str) -> Iterator[None]:
+    """``fused_act.config.compile_mode`` as ``{key: mode}`` (every other op at its default) for
+    the duration, restored after: what a compiled contestant or block is traced and run under."""
+    previous = fused_act.config.compile_mode
+    fused_act.config.compile_mode = {key: mode}
+    try:
+        yield
+    finally:
+        fused_act.config.compile_mode = previous
 
 
 def host_overhead(device: str, n: int = 2**10, iters: int = 300) -> dict[str, float]:

@@ -12,21 +12,37 @@ from .cases import ROOT, need_device
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_harness_end_to_end(tmp_path):
     need_device("cpu")
-    from bench import harness
+    from bench import harness, pipelines, table
     result = harness.run(list(harness.OPS), ["fp32", "bf16"], [2**10], [(2, 8, 4, 4)],
                          quick=True, out=tmp_path, device="cpu", compile_backend="aot_eager")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows == json.loads(json.dumps(result["rows"]))
     for op in harness.OPS:
-        for c in set(harness.CONTESTANTS) - {"fused_cuda"}:  # CUDA kernels: CUDA tensors only
+        # the contestants the table gives this op on CPU tensors (no CUDA kernels, no peers)
+        names = set(table.contestants(op, "aot_eager", "cpu"))
+        assert names >= {"fused", "eager", "compile"}
+        assert ("decompose" in names) == (op in table.GATED), op
+        for c in names:
             for mode in harness.MODES:
                 found = [r for r in rows if (r["op"], r["contestant"], r["mode"]) == (op, c, mode)]
                 assert len(found) == 4 and all(r["ms"] > 0 for r in found), (op, c, mode)
-    assert not [r for r in rows if r["contestant"] == "fused_cuda"]
-    assert {p["op"] for p in result["pipelines"]} == set(harness.OPS)
+    assert not [r for r in rows if r["contestant"] in ("fused_cuda", "liger")]
+    assert set(result["peers"]) == {label for label, _, _ in table.PEERS.values()}
+    assert all(v.startswith("absent") for v in result["peers"].values())
+    # a gated op moves 3 tensors of the gate's size forward, 5 backward: its GB/s and fraction
+    # of the copy count those bytes
+    assert {"swiglu", "geglu_tanh"} <= set(table.GATED)
+    bytes_per = {"forward": 3, "backward": 5, "fwd+bwd": 8}
+    gated = [r for r in rows if r["op"] in table.GATED and r["mode"] != "copy"]
+    assert gated
+    for r in gated:
+        b = 4 if r["dtype"] == "float32" else 2
+        assert r["gbps"] * r["ms"] * 1e6 == pytest.approx(bytes_per[r["mode"]] * r["n"] * b)
+    assert {p["op"] for p in result["pipelines"]} == set(harness.OPS) & set(pipelines.BLOCKS)
     assert set(result["compile_mode_choice"].values()) <= {"opaque", "decompose"}
-    table = (tmp_path / "results.md").read_text()
-    assert "| acon_c | float32 |" in table and "compile pipelines" in table
+    md = (tmp_path / "results.md").read_text()
+    assert "| acon_c | float32 |" in md and "compile pipelines" in md
+    assert "| swiglu | bfloat16 |" in md and "decompose " in md
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
 
 
@@ -36,4 +52,4 @@ def test_bench_quick_without_gpu():
     assert out.returncode == 0, out.stderr
     assert "GPU timings need a GPU" in out.stdout and "FAIL" not in out.stdout
     from bench import table
-    assert out.stdout.count(" ok") == len(table.OPS)  # a line per op
+    assert out.stdout.count(" ok") == len(table.OPS)  # a line per op, the gated ones included
