@@ -1,11 +1,14 @@
 """torch.compile pipelines: a realistic block per op, timed forward+backward five ways.
 
-A block is Linear -> activation -> residual add for the elementwise activations, and
-Conv -> BatchNorm -> activation -> residual add for ACON-C, Meta-ACON and FReLU.  The plain
-block uses PyTorch's modules (or the published ACON/FReLU modules, written here in PyTorch); the
-fused block is the same model after ``fused_act.replace_activations``.  Timed: eager plain,
-compiled plain, eager fused, and compiled fused with the op opaque and decomposed
-(``fused_act.config.compile_mode``).  The faster compiled-fused variant is the op's choice.
+A block is Linear -> activation -> residual add for the elementwise activations,
+Conv -> BatchNorm -> activation -> residual add for ACON-C, Meta-ACON and FReLU, and for the
+gated ops a transformer's gated MLP (Linear gate and up -> gated activation -> Linear down) with
+a residual add, in bf16.  The plain block uses PyTorch's modules (or the published ACON/FReLU
+modules, written here in PyTorch); the fused block is the same model after
+``fused_act.replace_activations`` (the MLP: after ``fused_act.patch_gated_mlps``, a
+``GatedMLP``).  Timed: eager plain, compiled plain, eager fused, and compiled fused with the op
+opaque and decomposed (``fused_act.config.compile_mode``), each first checked against the eager
+plain block.  The faster compiled-fused variant is the op's choice.
 """
 
 import contextlib
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 import fused_act
+from bench.table import GATED
 from bench.timing import build_on_stream, compile_mode, time_ms
 from fused_act import registry
 
@@ -87,6 +91,21 @@ class Residual(nn.Module):
         return self.body(x) + x
 
 
+class MLP(nn.Module):
+    """A transformer's gated MLP as model code writes it, ``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))`` without biases: the layout ``patch_gated_mlps`` recognises."""
+
+    def __init__(self, hidden: int, intermediate: int, act: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 def _linear_block(act: nn.Module, h: int) -> nn.Module:
     return Residual(nn.Linear(h, h), act)
 
@@ -111,15 +130,55 @@ BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
     "meta_acon": ("acon_c", "conv", MetaAconC),
     "frelu_max": ("frelu_max", "conv", FReLU),
     "frelu_module": ("frelu_max", "conv", FReLU),
+    # the activation factory takes the intermediate width; a learnable beta has no MLP block,
+    # as patch_gated_mlps patches only activations of fixed arguments
+    **{name: ("glu", "mlp", _torch_module(s)) for name, s in GATED.items() if not s.beta},
 }
+
+# the MLP block's x (batch, sequence, hidden) and intermediate width: a Llama-2-7B layer on 8192
+# tokens (its gate is table.LLM_SHAPES' first); with --quick half the tokens and widths
+MLP_SIZES = {"full": ((8, 1024, 4096), 11008), "quick": ((4, 1024, 2048), 5504),
+             "cpu": ((2, 16, 32), 64)}
+# how close each variant's output and input gradient must come to the eager plain block's,
+# relative to its largest magnitude: loose enough for TF32 convolutions and another summation
+# order, tight enough that another function fails
+BLOCK_TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
+
+
+def _mlp_sizes(device: str, quick: bool) -> tuple[tuple[int, ...], int]:
+    return MLP_SIZES["cpu" if device != "cuda" else "quick" if quick else "full"]
 
 
 def _shape(kind: str, device: str, quick: bool) -> tuple[int, ...]:
+    if kind == "mlp":
+        return _mlp_sizes(device, quick)[0]
     if device != "cuda":
         return (2, 16, 32) if kind == "linear" else (2, 16, 6, 6)
     if kind == "linear":
         return (8, 512, 1024) if quick else (16, 1024, 1024)
     return (16, 64, 56, 56) if quick else (32, 64, 112, 112)
+
+
+def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[int, ...],
+            device: str, quick: bool) -> tuple[nn.Module, nn.Module, str]:
+    """(plain block, fused block, label) of op ``name``."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        width = _mlp_sizes(device, quick)[1]
+        plain = Residual(MLP(shape[-1], width, act(width))).to(device, torch.bfloat16)
+        fused = copy.deepcopy(plain)
+        report = fused_act.patch_gated_mlps(fused)
+        if not report.swapped:
+            raise RuntimeError(f"{name}: patch_gated_mlps left the MLP block: {report}")
+        return plain, fused, f"mlp {tuple(shape)} -> {width} bf16"
+    width = shape[-1] if kind == "linear" else shape[1]
+    make = _linear_block if kind == "linear" else _conv_block
+    plain = make(act(width), width).to(device)
+    fused = copy.deepcopy(plain)
+    fused_act.replace_activations(fused)
+    if name == "swish_beta":
+        fused.body[1] = fused_act.nn.Swish(learnable=True).to(device)
+    return plain, fused, f"{kind} {tuple(shape)}"
 
 
 def run(ops: list[str], device: str, quick: bool, compile_backend: str = "inductor"
@@ -129,27 +188,42 @@ def run(ops: list[str], device: str, quick: bool, compile_backend: str = "induct
     for name in dict.fromkeys(n for n in ops if n in BLOCKS):
         key, kind, act = BLOCKS[name]
         shape = _shape(kind, device, quick)
-        width = shape[-1] if kind == "linear" else shape[1]
-        torch.manual_seed(0)
-        make = _linear_block if kind == "linear" else _conv_block
-        plain = make(act(width), width).to(device)
-        fused = copy.deepcopy(plain)
-        fused_act.replace_activations(fused)
-        if name == "swish_beta":
-            fused.body[1] = fused_act.nn.Swish(learnable=True).to(device)
-        x = torch.randn(shape, device=device, requires_grad=True)
+        plain, fused, label = _blocks(name, kind, act, shape, device, quick)
+        dtype = next(plain.parameters()).dtype
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        want = _output_and_grad(plain, x)
         variants = {"eager torch": (plain, None), "compile torch": (plain, "plain"),
                     "eager fused": (fused, None), "compile opaque": (fused, "opaque"),
                     "compile decompose": (fused, "decompose")}
         ms = {}
-        for label, (model, mode) in variants.items():
-            ms[label] = _time_block(model, x, mode, key, device, quick, compile_backend)
-        out.append(dict(op=name, block=f"{kind} {tuple(shape)}", config_key=key, ms=ms))
+        for variant, (model, mode) in variants.items():
+            ms[variant] = _time_block(model, x, mode, key, device, quick, compile_backend,
+                                      (f"{name} {variant}", want))
+        out.append(dict(op=name, block=label, config_key=key, ms=ms))
     return out
 
 
+def _output_and_grad(fn: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = fn(x)
+    return y.detach(), torch.autograd.grad(y.square().mean(), x)[0]
+
+
+def _check_block(fn: Callable, x: torch.Tensor, what: str,
+                 want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Raise unless ``fn`` gives the eager plain block's output and input gradient."""
+    for label, got, ref in zip(("output", "input gradient"), _output_and_grad(fn, x), want,
+                               strict=True):
+        err = (got.double() - ref.double()).abs().max().item()
+        if not err <= BLOCK_TOL[x.dtype] * max(ref.double().abs().max().item(), 1e-30):
+            raise AssertionError(f"{what} {tuple(x.shape)}: {label} differs from the eager "
+                                 f"plain block's (max difference {err:.3g})")
+
+
 def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, device: str,
-                quick: bool, compile_backend: str) -> float:
+                quick: bool, compile_backend: str,
+                check: tuple[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Forward+backward ms of ``model`` eager (``mode`` None) or compiled (``mode``: "plain",
+    or our op's compile mode), after ``check`` = (label, eager plain output and gradient)."""
     ours = mode in ("opaque", "decompose")
     with compile_mode(key, mode) if ours else contextlib.nullcontext():
         torch._dynamo.reset()
@@ -160,7 +234,8 @@ def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, d
             return torch.autograd.grad(fn(x).square().mean(), [x, *params])
 
         with build_on_stream(device):
-            step()  # compile outside the timed region
+            _check_block(fn, x, *check)  # also compiles, outside the timed region
+            step()
         return time_ms(step, x.numel(), quick, device)
 
 

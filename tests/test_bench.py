@@ -38,11 +38,14 @@ def test_harness_end_to_end(tmp_path):
     for r in gated:
         b = 4 if r["dtype"] == "float32" else 2
         assert r["gbps"] * r["ms"] * 1e6 == pytest.approx(bytes_per[r["mode"]] * r["n"] * b)
-    assert {p["op"] for p in result["pipelines"]} == set(harness.OPS) & set(pipelines.BLOCKS)
+    with_block = set(harness.OPS) & set(pipelines.BLOCKS)
+    assert {p["op"] for p in result["pipelines"]} == with_block
+    mlp = {p["op"] for p in result["pipelines"] if p["block"].startswith("mlp")}
+    assert mlp == {n for n in table.GATED if n in with_block} and len(mlp) >= 2
     assert set(result["compile_mode_choice"].values()) <= {"opaque", "decompose"}
     md = (tmp_path / "results.md").read_text()
     assert "| acon_c | float32 |" in md and "compile pipelines" in md
-    assert "| swiglu | bfloat16 |" in md and "decompose " in md
+    assert "| swiglu | bfloat16 |" in md and "decompose " in md and "| mlp " in md
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
 
 
