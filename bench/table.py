@@ -92,6 +92,12 @@ def _frelu_t(x, w, bn_w, bn_b):
     return F.batch_norm(t, None, None, bn_w, bn_b, training=True)
 
 
+def bench_key(spec: registry.Spec) -> str:
+    """The benchmark's name of a registry activation: the spec's name, with "_beta" for one
+    with a beta (timed with a learnable one-element beta)."""
+    return spec.name + ("_beta" if spec.beta else "")
+
+
 def _elementwise(spec: registry.Spec) -> Op:
     """A registry activation; one with a beta times its learnable one-element beta."""
     if spec.beta:
@@ -101,7 +107,7 @@ def _elementwise(spec: registry.Spec) -> Op:
 
 
 OPS: dict[str, Op] = {
-    **{s.name + ("_beta" if s.beta else ""): _elementwise(s) for s in registry.SPECS.values()},
+    **{bench_key(s): _elementwise(s) for s in registry.SPECS.values()},
     "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params),
     "meta_acon": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
                     lambda x: _acon_params(x, per_sample=True)),

@@ -92,10 +92,7 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    if not torch.compiler.is_compiling():
-        # under torch.compile beta may be symbolic: the op rounds it when it runs
-        beta = ops._fp32(beta)
-    return ops.apply("swish", x, None, beta)
+    return ops.apply("swish", x, None, beta)  # ops rounds beta to fp32, on every path
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -111,7 +108,6 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     if approximate == "tanh":
         return ops.apply("gelu_tanh", x)
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
-
 
 
 def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
