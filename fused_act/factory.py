@@ -165,7 +165,11 @@ class Op:
             if mode is not None and config.mode_for(mode) == "decompose":
                 return self.family.reference(*args)
             out = self.forward_op(*args, get_backend())
-        elif self.function is None:
+        elif self.function is None or (type(args[0]).__torch_dispatch__
+                                       is not Tensor.__torch_dispatch__):
+            # a tensor subclass that dispatches ops itself (DTensor, by the sharding rules of
+            # distributed.py) must meet the custom ops: the eager Function would hand the
+            # subclass itself to the kernels
             out = self.forward_op(*args, get_backend())
         else:
             out = self.function.apply(*args, get_backend())
