@@ -88,6 +88,40 @@ void act_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t act,
            "act_backward");
 }
 
+// The gated ops' row strides: one per tensor, as fused_act.h's fa_glu_* read them.
+const int64_t* row_strides(const std::vector<int64_t>& strides, size_t n) {
+  TORCH_CHECK(strides.size() == n, "fused_act CUDA kernels: ", n, " row strides expected, got ",
+              strides.size());
+  return strides.data();
+}
+
+void glu_forward(const Tensor& gate, const Tensor& up, Tensor& out,
+                 const std::vector<int64_t>& strides, int64_t act, const OptTensor& beta,
+                 double beta_value, const std::vector<int64_t>& plan) {
+  check(gate, {&up, &out}, {});
+  if (beta) check(gate, {}, {&*beta});
+  const c10::cuda::CUDAGuard guard(gate.device());
+  raise_if(fa_glu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), row_strides(strides, 3),
+                          dtype_code(gate), int(act), ptr(beta), float(beta_value), to_plan(plan),
+                          stream_of(gate)),
+           "glu_forward");
+}
+
+void glu_backward(const Tensor& g, const Tensor& gate, const Tensor& up, Tensor& dgate,
+                  Tensor& dup, const std::vector<int64_t>& strides, int64_t act,
+                  const OptTensor& beta, double beta_value, const OptTensor& partial,
+                  const std::vector<int64_t>& plan) {
+  check(gate, {&g, &up, &dgate, &dup}, {});
+  if (beta) check(gate, {}, {&*beta});
+  if (partial) check(gate, {}, {&*partial});
+  const c10::cuda::CUDAGuard guard(gate.device());
+  raise_if(fa_glu_backward(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(),
+                           dup.data_ptr(), row_strides(strides, 5), dtype_code(gate), int(act),
+                           ptr(beta), float(beta_value), partial ? partial->data_ptr() : nullptr,
+                           to_plan(plan), stream_of(gate)),
+           "glu_backward");
+}
+
 void acon_forward(const Tensor& x, Tensor& y, const Tensor& p1, const Tensor& p2,
                   const Tensor& beta, bool per_sample, const std::vector<int64_t>& plan) {
   check(x, {&y}, {&p1, &p2, &beta});
@@ -162,4 +196,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_forward", &max_forward);
   m.def("max_backward", &max_backward);
   m.def("max_affine", &max_affine);
+  m.def("glu_forward", &glu_forward);
+  m.def("glu_backward", &glu_backward);
 }

@@ -44,6 +44,17 @@ int fa_acon_backward(const void* g, const void* x, void* dx, int dtype, const vo
                      const void* p2, const void* beta, int per_sample, void* partial,
                      int64_t n_partial, fa_plan plan, void* stream);
 
+// The gated activations, out = f(gate) * up, and their backward (dgate = g up f'(gate),
+// dup = g f(gate), and g up df/dbeta into `partial` if not null): every tensor is walked as
+// `plan.rows` rows of `plan.cols` contiguous elements, each with its own distance between rows,
+// `strides` (in argument order: gate, up, out; g, gate, up, dgate, dup), so the halves of a
+// packed tensor are read and written in place.  beta: null (the scalar beta_value) or one value.
+int fa_glu_forward(const void* gate, const void* up, void* out, const int64_t* strides, int dtype,
+                   int act, const void* beta, float beta_value, fa_plan plan, void* stream);
+int fa_glu_backward(const void* g, const void* gate, const void* up, void* dgate, void* dup,
+                    const int64_t* strides, int dtype, int act, const void* beta,
+                    float beta_value, void* partial, fa_plan plan, void* stream);
+
 // code: one byte per element (fused_act/reference.py frelu_max_code), or null.  The max and its
 // backward read no parameter: the caller passes a flat plan (fused_act/plan.py flat).
 int fa_max_forward(const void* x, const void* t, void* y, void* code, int dtype, fa_plan plan,

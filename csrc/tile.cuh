@@ -369,11 +369,15 @@ struct GradOp {
 };
 
 // Whether every pointer suits VEC-element accesses of its element size and every row starts on a
-// vector boundary.
+// vector boundary (rows `cols` apart, or `row_strides` apart where an op walks strided rows).
 template <int VEC>
-bool vector_ok(const fa_plan& p, std::initializer_list<std::pair<const void*, int>> ptrs) {
+bool vector_ok(const fa_plan& p, std::initializer_list<std::pair<const void*, int>> ptrs,
+               std::initializer_list<int64_t> row_strides) {
   if (VEC == 1) return true;
   if (p.block_l % VEC != 0 || (p.rows > 1 && p.cols % VEC != 0)) return false;
+  for (const int64_t s : row_strides) {
+    if (p.rows > 1 && s % VEC != 0) return false;
+  }
   for (const auto& [ptr, size] : ptrs) {
     if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % (uintptr_t(size) * VEC) != 0) {
       return false;
@@ -412,14 +416,17 @@ int launch(const Op& op, const fa_plan& plan, typename Op::M* partial, int64_t n
 template <class T>
 constexpr int vec_of() { return std::is_same_v<T, double> ? 1 : int(16 / sizeof(T)); }
 
-// Launch op with 16-byte vectors where every pointer (with its element size) allows, else
-// scalar.
+// Launch op with 16-byte vectors where every pointer (with its element size) and row stride
+// allows, else scalar.
 template <class Op>
 int run(const Op& op, const fa_plan& plan, void* stream,
         std::initializer_list<std::pair<const void*, int>> ptrs,
-        typename Op::M* partial = nullptr, int64_t n_partial = 0) {
+        typename Op::M* partial = nullptr, int64_t n_partial = 0,
+        std::initializer_list<int64_t> row_strides = {}) {
   constexpr int V = vec_of<typename Op::Storage>();
-  if (vector_ok<V>(plan, ptrs)) return launch<Op, V>(op, plan, partial, n_partial, stream);
+  if (vector_ok<V>(plan, ptrs, row_strides)) {
+    return launch<Op, V>(op, plan, partial, n_partial, stream);
+  }
   return launch<Op, 1>(op, plan, partial, n_partial, stream);
 }
 

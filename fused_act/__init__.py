@@ -4,6 +4,7 @@
     y = fused_act.mish(x)                       # also silu, swish(x, beta), gelu(x, approximate)
     y = fused_act.acon_c(x, p1, p2, beta)       # ACON-C; a (N, C) beta is Meta-ACON
     y = fused_act.frelu_max(x, t)               # FReLU's max step; saves 1 byte per element
+    y = fused_act.swiglu(gate, up)              # act(gate) * up: also geglu, glu(activation=)
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)
@@ -15,11 +16,12 @@ from . import config, distributed, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import *  # noqa: F403  (its __all__: every public function)
 from .functional import __all__ as _functions
-from .nn import replace_activations, restore_activations
+from .nn import patch_gated_mlps, replace_activations, restore_activations
 
 distributed.install()  # DTensor sharding rules, once torch.distributed.tensor is imported
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "config", "get_backend", "nn", "reference", "replace_activations",
-           "restore_activations", "set_backend", "use_backend", *_functions]
+__all__ = ["BACKENDS", "config", "get_backend", "nn", "patch_gated_mlps", "reference",
+           "replace_activations", "restore_activations", "set_backend", "use_backend",
+           *_functions]

@@ -112,3 +112,13 @@ class CudaKernels:
     def max_affine(self, x: Tensor, t: Tensor, a: Tensor, b: Tensor, y: Tensor,
                    p: Plan) -> None:
         self.lib.max_affine(x, t, a, b, y, p.fields())
+
+    def glu_forward(self, gate: Tensor, up: Tensor, out: Tensor, strides: tuple[int, ...],
+                    act: int, beta: Tensor | None, beta_value: float, p: Plan) -> None:
+        self.lib.glu_forward(gate, up, out, strides, act, beta, beta_value, p.fields())
+
+    def glu_backward(self, g: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor,
+                     strides: tuple[int, ...], act: int, beta: Tensor | None, beta_value: float,
+                     partial: Tensor | None, p: Plan) -> None:
+        self.lib.glu_backward(g, gate, up, dgate, dup, strides, act, beta, beta_value, partial,
+                              p.fields())

@@ -3,13 +3,16 @@
 Every check runs before any kernel launch and names the op and the argument.
 """
 
+import inspect
+
 import torch
 from torch import Tensor
 
 from . import ops, reference
+from .registry import SPECS, Spec
 
 # the public functions, re-exported by fused_act/__init__.py
-__all__ = ["acon_c", "frelu_max", "gelu", "mish", "silu", "swish"]
+__all__ = ["acon_c", "frelu_max", "geglu", "gelu", "glu", "mish", "silu", "swiglu", "swish"]
 
 # Every op computes in fp32 for the 16-bit types and fp32, in fp64 for fp64.  Anything else
 # (integers, bool, complex, float8) is refused: float8's few mantissa bits would need their own
@@ -23,19 +26,23 @@ def _check_dtype(op: str, arg: str, t: Tensor) -> None:
         raise TypeError(f"fused_act.{op}: {arg} must be a {_SUPPORTED} (got {t.dtype})")
 
 
+def _check_tensor(op: str, arg: str, t: object) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fused_act.{op}: {arg} must be a torch.Tensor (got {type(t).__name__})")
+    _check_dtype(op, arg, t)
+
+
 def _check_x(op: str, x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"fused_act.{op}: x must be a torch.Tensor (got {type(x).__name__})")
-    _check_dtype(op, "x", x)
+    _check_tensor(op, "x", x)
 
 
-def _check_param_type(op: str, arg: str, p: object, x: Tensor) -> None:
+def _check_param_type(op: str, arg: str, p: object, x: Tensor, x_arg: str = "x") -> None:
     if not isinstance(p, Tensor):
         raise TypeError(f"fused_act.{op}: {arg} must be a {_SUPPORTED} (got "
                         f"{type(p).__name__})")
     _check_dtype(op, arg, p)
     if p.device != x.device:
-        raise ValueError(f"fused_act.{op}: {arg} is on {p.device} but x is on {x.device}")
+        raise ValueError(f"fused_act.{op}: {arg} is on {p.device} but {x_arg} is on {x.device}")
 
 
 def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
@@ -167,3 +174,117 @@ def frelu_max(x: Tensor, t: Tensor) -> Tensor:
     """
     _check_frelu_pair("frelu_max", x, t)
     return ops.apply_frelu_max(x, t)
+
+
+# ---- gated activations: act(gate) * up ----------------------------------------------------
+
+def _gated_activation(op: str, activation: str, kwargs: dict) -> tuple[Spec, object]:
+    """The registry spec that ``fused_act.<activation>(x, **kwargs)`` would run, and the beta
+    among ``kwargs`` (None for an activation without one).  ``activation`` is a public
+    activation function ("silu", "gelu", ...) or a spec name ("gelu_tanh")."""
+    alias = SPECS.get(activation)
+    if alias is not None and alias.function:
+        clash = {k: v for k, v in kwargs.items() if alias.kwargs.get(k, v) != v}
+        if clash:
+            raise ValueError(f"fused_act.{op}: activation {activation!r} is "
+                             f"{alias.function} with {alias.kwargs} (got {clash})")
+        activation, kwargs = alias.function, {**alias.kwargs, **kwargs}
+    specs = [s for s in SPECS.values() if (s.function or s.name) == activation]
+    if not specs:
+        names = sorted({s.function or s.name for s in SPECS.values()} | set(SPECS))
+        raise ValueError(f"fused_act.{op}: unknown activation {activation!r}; choose one of "
+                         f"{names}")
+    defaults = dict(_ACTIVATION_ARGS[activation])
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"fused_act.{op}: activation {activation!r} takes no argument "
+                        f"{unknown[0]!r} (it takes {sorted(defaults) or 'none'})")
+    beta = kwargs.pop("beta", defaults.pop("beta", None))
+    chosen = {**defaults, **kwargs}
+    for spec in specs:
+        if {**defaults, **spec.kwargs} == chosen:
+            return spec, beta
+    allowed = [{**defaults, **s.kwargs} for s in specs]
+    raise ValueError(f"fused_act.{op}: activation {activation!r} takes {allowed} (got {chosen})")
+
+
+def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
+    _check_tensor(op, "gate", gate)
+    if up is not None:
+        _check_tensor(op, "up", up)
+        if up.dtype != gate.dtype:
+            raise TypeError(f"fused_act.{op}: up must have gate's dtype {gate.dtype} (got "
+                            f"{up.dtype})")
+        if up.device != gate.device:
+            raise ValueError(f"fused_act.{op}: up is on {up.device} but gate is on "
+                             f"{gate.device}")
+        if up.shape != gate.shape:
+            raise ValueError(f"fused_act.{op}: up must have gate's shape {tuple(gate.shape)} "
+                             f"(got {tuple(up.shape)}); no broadcasting")
+        return
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"fused_act.{op}: dim must be an int (got {type(dim).__name__})")
+    if not -gate.dim() <= dim < gate.dim():
+        raise ValueError(f"fused_act.{op}: dim {dim} is out of range for gate of shape "
+                         f"{tuple(gate.shape)}, which up=None splits into gate and up halves")
+    if gate.shape[dim] % 2:
+        raise ValueError(f"fused_act.{op}: gate of shape {tuple(gate.shape)} has an odd size "
+                         f"{gate.shape[dim]} along dim {dim}; up=None splits it into two "
+                         "equal halves")
+
+
+def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
+           kwargs: dict) -> Tensor:
+    """The checks and the call of every gated function (``op``: the one the user called)."""
+    _check_gated(op, gate, up, dim)
+    spec, beta = _gated_activation(op, activation, dict(kwargs))
+    if not spec.beta:
+        return ops.apply_glu(gate, up, spec.name, dim=dim)
+    if isinstance(beta, Tensor):
+        _check_param_type(op, "beta", beta, gate, "gate")
+        if beta.numel() != 1:
+            raise ValueError(f"fused_act.{op}: beta must be a float or a one-element tensor "
+                             f"(got shape {tuple(beta.shape)})")
+        return ops.apply_glu(gate, up, spec.name, beta, dim=dim)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
+                        f"(got {type(beta).__name__})")
+    return ops.apply_glu(gate, up, spec.name, None, beta, dim)  # ops rounds beta to fp32
+
+
+def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1,
+        **activation_kwargs: object) -> Tensor:
+    """Gated activation ``activation(gate) * up`` (Shazeer, "GLU Variants Improve Transformer",
+    2020), fused: one pass forward, one pass backward.
+
+    ``activation`` is any elementwise activation here ("silu", "swish", "gelu", "mish", ...),
+    with its own keyword arguments (``beta`` for swish: a float or a one-element tensor, whose
+    gradient is reduced inside the backward; ``approximate`` for gelu).  ``gate`` and ``up``
+    have the same shape, dtype and device (no broadcasting).  With ``up=None``, ``gate`` is the
+    packed gate_up tensor, split into two halves along ``dim`` (first half gate); the halves of a
+    contiguous packed tensor are read in place and its gradient is one buffer of its shape.
+    fp16/bf16/fp32 computed in fp32, fp64 in fp64; the output is contiguous, in gate's dtype.
+    Backward saves only gate and up (or the packed tensor); other non-dense inputs are copied
+    once.
+    """
+    return _gated("glu", gate, up, activation, dim, activation_kwargs)
+
+
+def swiglu(gate: Tensor, up: Tensor | None = None, dim: int = -1) -> Tensor:
+    """SwiGLU, ``silu(gate) * up``: ``glu`` with activation "silu" (``up=None`` splits gate)."""
+    return _gated("swiglu", gate, up, "silu", dim, {})
+
+
+def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
+          dim: int = -1) -> Tensor:
+    """GeGLU, ``gelu(gate, approximate) * up``: ``glu`` with activation "gelu" (``up=None``
+    splits gate)."""
+    return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
+
+
+# each public activation function's keyword arguments with their defaults, which a gated op's
+# activation arguments are checked against: read once here, as torch.compile traces a dict
+_ACTIVATION_ARGS = {
+    name: {p.name: p.default
+           for p in list(inspect.signature(globals()[name]).parameters.values())[1:]}
+    for name in {s.function or s.name for s in SPECS.values()}}

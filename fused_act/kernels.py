@@ -6,8 +6,10 @@ data tensor is dense with x's strides and preallocated; parameters (beta, p1, p2
 flat, contiguous and in opmath (fp32, fp64 for fp64 data); ``act`` is a kernel id of
 ``registry.KERNEL_IDS``; ``partial`` is the buffer of per-tile partial sums of parameter
 gradients that the host finishes (``plan.channel_sums``, ``plan.acon_sums``), or None when no
-parameter gradient is needed.  ``triton_kernels.TritonKernels`` and ``_cuda.CudaKernels``
-implement it, the latter over the C interface of ``csrc/fused_act.h``.
+parameter gradient is needed.  The gated ops (``glu_*``) walk their tensors as the rows of a
+``plan.row_plan``, each tensor with its own row stride (``strides``, in argument order), so the
+halves of a packed tensor are read and written in place.  ``triton_kernels.TritonKernels``
+and ``_cuda.CudaKernels`` implement it, the latter over the C interface of ``csrc/fused_act.h``.
 """
 
 from typing import Protocol
@@ -46,6 +48,17 @@ class Kernels(Protocol):
     def max_affine(self, x: Tensor, t: Tensor, a: Tensor, b: Tensor, y: Tensor,
                    p: Plan) -> None:
         """y = max(x, a t + b) with a, b per channel."""
+
+    def glu_forward(self, gate: Tensor, up: Tensor, out: Tensor, strides: tuple[int, ...],
+                    act: int, beta: Tensor | None, beta_value: float, p: Plan) -> None:
+        """out = f(gate) * up for kernel activation ``act`` (beta: one value, else
+        ``beta_value``); ``strides``: the row strides of gate, up, out."""
+
+    def glu_backward(self, g: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor,
+                     strides: tuple[int, ...], act: int, beta: Tensor | None, beta_value: float,
+                     partial: Tensor | None, p: Plan) -> None:
+        """dgate = g up f'(gate), dup = g f(gate), and g up df/dbeta into ``partial``;
+        ``strides``: the row strides of g, gate, up, dgate, dup."""
 
 
 _loaded: dict[str, Kernels] = {}

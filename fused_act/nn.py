@@ -223,6 +223,75 @@ class FReLU(FusedModule):
         return ops.apply_frelu_max_affine(x, t, a, b)
 
 
+class GLU(FusedModule):
+    """A gated activation ``activation(gate) * up``, fused (``fused_act.glu``): ``forward(gate,
+    up)``, or ``forward(x)`` with ``x`` split in two halves along ``dim`` (gate first, as a
+    packed gate/up projection lays them out; note torch.nn.GLU gates the other way round, with
+    a sigmoid of the second half).  ``activation`` is "silu", "swish", "gelu" or "mish", with
+    that function's arguments (``approximate`` for gelu, ``beta`` for swish); ``learnable=True``
+    makes swish's ``beta`` a one-value parameter.
+    """
+
+    def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
+                 **activation_kwargs: object) -> None:
+        super().__init__()
+        if learnable and activation != "swish":
+            raise ValueError("fused_act.nn.GLU: learnable=True needs activation='swish'")
+        self.activation, self.dim, self.learnable = activation, dim, learnable
+        if learnable:
+            beta = float(activation_kwargs.pop("beta", 1.0))
+            self.beta = nn.Parameter(torch.full((1,), beta))
+        self.activation_kwargs = activation_kwargs
+        functional.glu(torch.zeros(2), None, activation, **self._kwargs())  # checks the args
+
+    def _kwargs(self) -> dict:
+        return {**self.activation_kwargs, **({"beta": self.beta} if self.learnable else {})}
+
+    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor:
+        return functional.glu(gate, up, self.activation, self.dim, **self._kwargs())
+
+    def _details(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
+        return f"activation={self.activation!r}{args}" + (", learnable=True"
+                                                          if self.learnable else "")
+
+
+class GatedMLP(FusedModule):
+    """``down_proj(activation(gate) * up)`` with the gated product fused, over a transformer MLP
+    block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj`` whose
+    output is gate then up): what ``patch_gated_mlps`` puts in place of such a block.  The
+    projections are the block's modules themselves, so parameters, optimizer state and
+    state_dict keys stay as they were.
+    """
+
+    def __init__(self, down_proj: nn.Module, activation: str, *,
+                 gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
+                 gate_up_proj: nn.Module | None = None, **activation_kwargs: object) -> None:
+        super().__init__()
+        if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
+                gate_up_proj is not None and (gate_proj or up_proj)):
+            raise ValueError("fused_act.nn.GatedMLP: give gate_proj and up_proj, or "
+                             "gate_up_proj")
+        for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj),
+                        ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            if m is not None:
+                self.add_module(name, m)
+        self.activation, self.activation_kwargs = activation, activation_kwargs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "gate_up_proj" in self._modules:
+            h = functional.glu(self.gate_up_proj(x), None, self.activation,
+                               **self.activation_kwargs)
+        else:
+            h = functional.glu(self.gate_proj(x), self.up_proj(x), self.activation,
+                               **self.activation_kwargs)
+        return self.down_proj(h)
+
+    def _details(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
+        return f"activation={self.activation!r}{args}"
+
+
 # ---- replace_activations -------------------------------------------------------------------
 
 def _has(m: nn.Module, names: tuple[str, ...]) -> bool:
@@ -411,6 +480,11 @@ def _selected(name: str, kinds: tuple[str, ...], patterns: list[str] | None) -> 
     return any(p in kinds or name.startswith(p + ".") for p in patterns or ())
 
 
+def _label(m: nn.Module) -> str:
+    """``fused_act.nn.Class(arguments)`` of one of our modules, on one line."""
+    return f"fused_act.nn.{type(m).__name__}({m.extra_repr()})"
+
+
 def _slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """(parent's name, parent, attribute, child) for every child slot, a module shared by
     several slots once per slot (``named_children`` would show it once)."""
@@ -447,7 +521,7 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
         if id(child) in done:
             new = done[id(child)]
             setattr(parent, child_name, new)
-            report.swapped.append(Swapped(name, _qualname(type(child)), f"fused_act.nn.{new!r}"))
+            report.swapped.append(Swapped(name, _qualname(type(child)), _label(new)))
             continue
         if isinstance(child, FusedModule):
             continue
@@ -469,7 +543,7 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
         new.__dict__["_replaced"] = child  # for restore_activations; not a submodule
         setattr(parent, child_name, new)
         done[id(child)] = new
-        report.swapped.append(Swapped(name, cls, f"fused_act.nn.{new!r}", unfamiliar))
+        report.swapped.append(Swapped(name, cls, _label(new), unfamiliar))
     if verbose:
         print(report)
     return report
@@ -519,3 +593,108 @@ def restore_activations(model: nn.Module) -> list[str]:
         setattr(parent, child_name, done[id(child)])
         restored.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return restored
+
+
+# ---- patch_gated_mlps -------------------------------------------------------------------------
+
+_ACT_NAMES = ("act_fn", "activation_fn", "act")  # what transformer MLP blocks call it
+
+
+def _gated_form(act: nn.Module) -> tuple[str, dict] | None:
+    """(glu's activation, its arguments) that computes what ``act`` does, or None."""
+    ours = act if isinstance(act, FusedModule) else _plan(act)[0]
+    if isinstance(ours, GELU):
+        return "gelu", {"approximate": ours.approximate}
+    if isinstance(ours, Swish) and not ours.learnable:
+        return "swish", {"beta": ours.beta}
+    if isinstance(ours, _InplaceActivation):
+        return ours.op, {}
+    return None
+
+
+def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str]:
+    """A ``GatedMLP`` over ``m``'s projections if ``m`` has the layout of a gated MLP block,
+    with why not when it has the projections but not an activation the fused op computes."""
+    names = m._modules
+    act_name = next((n for n in _ACT_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
+    if "down_proj" not in names or act_name is None or not (
+            "gate_up_proj" in names or {"gate_proj", "up_proj"} <= names.keys()):
+        return None, ""
+    form = _gated_form(getattr(m, act_name))
+    if form is None:
+        return None, f"its {act_name} ({_qualname(type(getattr(m, act_name)))}) is not an " \
+            "activation the fused gated op computes"
+    projections = {n: names[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in names}
+    if "gate_up_proj" in projections and len(projections) > 1:
+        return None, "it has both gate_up_proj and gate_proj/up_proj"
+    return GatedMLP(names["down_proj"], form[0], **projections, **form[1]), ""
+
+
+def _probe_block(old: nn.Module, new: GatedMLP) -> str:
+    """'' if ``new`` computes what ``old`` does on a probe input, else why not.  Both run in
+    eval mode (no dropout) and the modes are put back; nothing is copied, as a block of a
+    large model is large."""
+    proj = getattr(new, "gate_proj", None) or new.gate_up_proj
+    features = getattr(proj, "in_features", None)
+    weight = next((p for p in old.parameters() if p.is_floating_point()), None)
+    if features is None or weight is None:
+        return "its projections are not Linear layers"
+    x = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0)).to(weight)
+    modes = [(m, m.training) for m in old.modules()]
+    try:
+        old.eval()
+        with torch.no_grad():
+            want, got = old(x), new(x)
+    except Exception as e:  # noqa: BLE001 - any failure leaves the block as it is
+        return f"the probe raised {type(e).__name__}: {e}"
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    tol = _PROBE_TOL.get(x.dtype, _PROBE_TOL_DEFAULT)
+    scale = want.double().abs().max().item()
+    diff = (got.double() - want.double()).abs().max().item() if got.shape == want.shape \
+        else math.inf
+    if not diff <= tol * max(scale, 1e-30):
+        return f"computes another function (max difference {diff:.3g} on a {x.dtype} probe)"
+    return ""
+
+
+def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
+    """Make the gated MLP blocks of ``model`` use the fused gated op, in place.
+
+    A block is a module with ``down_proj``, an activation (``act_fn``, ``activation_fn`` or
+    ``act``: one that ``replace_activations`` knows, of silu, gelu, tanh-gelu, mish or a fixed
+    swish) and either ``gate_proj`` and ``up_proj`` or a packed ``gate_up_proj`` (gate then up
+    along the last dim) - the layout of Llama, Mistral, Qwen, Gemma and Phi-3 MLPs,
+    ``down(act(gate(x)) * up(x))``.  Each is replaced by a ``GatedMLP`` over the same projection
+    modules only if it computes the same on a probe input in the block's dtype and device; a
+    block with hooks or another forward is left.  ``restore_activations`` undoes it.  Returns a
+    ``Replacement`` of the blocks patched and those left, with why; ``verbose=True`` prints it.
+    """
+    report = Replacement()
+    done: dict[int, nn.Module] = {}
+    for parent_name, parent, child_name, child in _slots(model):
+        name = f"{parent_name}.{child_name}" if parent_name else child_name
+        if id(child) in done or isinstance(child, FusedModule):
+            if id(child) in done:
+                setattr(parent, child_name, done[id(child)])
+            continue
+        new, why = _as_gated(child)
+        if new is not None and any((child._forward_hooks, child._forward_pre_hooks,
+                                    child._backward_hooks, child._backward_pre_hooks)):
+            new, why = None, "it has hooks, which the patch would drop"
+        if new is not None:
+            why = _probe_block(child, new)
+        if why:
+            report.left.append(Left(name, _qualname(type(child)), why))
+        if new is None or why:
+            continue
+        new.train(child.training)
+        new.__dict__["_replaced"] = child  # for restore_activations; not a submodule
+        setattr(parent, child_name, new)
+        done[id(child)] = new
+        report.swapped.append(Swapped(name, _qualname(type(child)), _label(new),
+                                      True))
+    if verbose:
+        print(report)
+    return report

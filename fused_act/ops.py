@@ -3,16 +3,19 @@ and what its backward needs.  ``factory.Op`` builds the custom ops, autograd and
 compile paths from each ``Family`` (factory.py says how a call is routed).
 
 The elementwise family (mish, swish/silu, gelu, gelu-tanh) shares one pair of ops
-(``fused_act::activation``, ``fused_act::activation_backward``); ACON-C and FReLU's max step have
-their own.  Backward saves only the inputs (x and the parameters), except frelu_max, which saves a
-one-byte code of which side won instead of x and t.  Double backward (``create_graph=True``) is
+(``fused_act::activation``, ``fused_act::activation_backward``), and their gated forms
+act(gate) * up another (``fused_act::glu``); ACON-C and FReLU's max step have their own.
+Backward saves only the inputs (x and the parameters), except frelu_max, which saves a one-byte
+code of which side won instead of x and t.  Double backward (``create_graph=True``) is
 supported in eager mode through the reference's explicit backward math; under ``torch.compile``
 the opaque backward ops have no derivative and say so.  Dense inputs of any strides
-(channels_last, permuted) run in place of their memory with outputs of the same strides; other
-inputs are copied once to contiguous; parameter tensors reach the kernels flat, contiguous and in
-opmath (``flat_param``).
+(channels_last, permuted) run in place of their memory with outputs of the same strides (the
+gated ops: any rows of contiguous runs, such as the halves of a packed tensor, with contiguous
+outputs); other inputs are copied once to contiguous; parameter tensors reach the kernels flat,
+contiguous and in opmath (``flat_param``).
 """
 
+import math
 import struct
 
 import torch
@@ -342,3 +345,174 @@ frelu_max_affine_op = FRELU_MAX_AFFINE.forward_op
 def apply_frelu_max_affine(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """max(x, a t + b) on validated arguments (no gradient needed)."""
     return FRELU_MAX_AFFINE(x, t, a, b)
+
+
+# ---- gated activations: act(gate) * up ----------------------------------------------------
+
+def row_stride(t: Tensor, k: int) -> int | None:
+    """The distance between rows of ``t`` walked as prod(shape[:k]) rows of the prod(shape[k:])
+    elements behind each, if those are contiguous and the rows evenly spaced; else None."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[k:]), reversed(t.stride()[k:]), strict=True):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    row = None
+    for size, stride in zip(reversed(t.shape[:k]), reversed(t.stride()[:k]), strict=True):
+        if size == 1:
+            continue
+        if row is None:
+            row = stride
+        elif stride != expected:
+            return None
+        expected = stride * size
+    return expected if row is None else row
+
+
+def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
+             ) -> tuple[int, int, tuple[Tensor, ...], tuple[int, ...]]:
+    """(rows, cols, reads, row strides of reads and writes): the split of the common shape into
+    rows of contiguous elements that fits every written tensor and the most read ones, which
+    are then used in place (the halves of a packed tensor: rows two halves apart); a read tensor
+    that does not fit is copied once to contiguous.  Rows evenly spaced in every tensor are one
+    flat row."""
+    shape = writes[0].shape
+    best = None
+    for k in range(len(shape) + 1):
+        w = [row_stride(t, k) for t in writes]
+        if None in w:
+            continue
+        r = [row_stride(t, k) for t in reads]
+        fits = sum(s is not None for s in r)
+        if best is None or fits > best[0]:
+            best = fits, k, r, w
+        if fits == len(reads):
+            break
+    _, k, r, w = best  # contiguous buffers fit every k
+    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
+    reads = tuple(t if s is not None else t.contiguous() for t, s in zip(reads, r, strict=True))
+    strides = tuple(cols if s is None else s for s in r) + tuple(w)
+    if all(s == cols for s in strides):
+        return 1, rows * cols, reads, strides
+    return rows, cols, reads, strides
+
+
+def _glu_halves(gate: Tensor, up: Tensor | None, dim: int) -> tuple[Tensor, Tensor]:
+    return reference.halves(gate, dim) if up is None else (gate, up)
+
+
+def _glu_plan(rows: int, cols: int, beta: Tensor | None) -> plan.Plan:
+    """Rows of the walk; a beta tensor (one value) is read as one channel (its partials: one
+    slot per (column block, row))."""
+    return plan.row_plan(rows, cols, plan.SCALAR if beta is None else plan.ROWS)
+
+
+def _glu_reference(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
+                   beta_value: float, dim: int) -> Tensor:
+    g, u = _glu_halves(gate, up, dim)
+    b = _fp32(beta_value, gate.device) if beta is None else beta
+    return reference.glu(g, u, lambda x: KERNELS[act].forward(x, b))
+
+
+def _glu_reference_grads(grad: Tensor, g: Tensor, u: Tensor, act: str, beta: Tensor | None,
+                         beta_value: float, need_dbeta: bool
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dgate, dup, dbeta or None) of the halves ``g``, ``u`` by the reference math."""
+    spec, b = KERNELS[act], _fp32(beta_value, g.device) if beta is None else beta
+    return reference.glu_backward(grad, g, u, lambda x: spec.forward(x, b),
+                                  lambda gr, x: spec.backward(gr, x, b, need_dbeta))
+
+
+def _glu_reference_backward(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
+                            beta: Tensor | None, beta_value: float, dim: int,
+                            need_dbeta: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    g, u = _glu_halves(gate, up, dim)
+    dg, du, db = _glu_reference_grads(grad, g, u, act, beta, beta_value, need_dbeta)
+    return (torch.cat([dg, du], dim), None, db) if up is None else (dg, du, db)
+
+
+def glu_forward_impl(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
+                     beta_value: float, dim: int, backend: str) -> Tensor:
+    """act(gate) * up for the kernel activation ``act`` (beta: swish; a tensor of one value, or
+    ``beta_value``) by ``backend``, contiguous; ``up`` None: the halves of ``gate`` along
+    ``dim``, read in place."""
+    g, u = _glu_halves(gate, up, dim)
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if out.numel() == 0:
+        return out
+    name = resolve(gate.device, backend)
+    beta_value = _fp32(beta_value)
+    if name == "reference":
+        return out.copy_(_glu_reference(gate, up, act, beta, beta_value, dim))
+    rows, cols, (g, u), strides = row_walk((g, u), (out,))
+    kernels(name).glu_forward(g, u, out, strides, KERNEL_IDS[act],
+                              None if beta is None else flat_param(beta, gate), beta_value,
+                              _glu_plan(rows, cols, beta))
+    return out
+
+
+def glu_backward_impl(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
+                      beta: Tensor | None, beta_value: float, dim: int, need_dbeta: bool,
+                      backend: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dgate, dup, dbeta if ``need_dbeta``), contiguous; with ``up`` None, (d of the packed
+    input, None, dbeta): one buffer whose halves the kernel writes in place."""
+    g, u = _glu_halves(gate, up, dim)
+    if up is None:
+        packed = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        dg, du = reference.halves(packed, dim)
+    else:
+        dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        du = torch.empty_like(dg)
+    grads = (packed, None) if up is None else (dg, du)
+    if dg.numel() == 0:
+        return *grads, torch.zeros_like(beta) if need_dbeta else None
+    name = resolve(gate.device, backend)
+    beta_value = _fp32(beta_value)
+    if name == "reference":
+        rg, ru, db = _glu_reference_grads(grad, g, u, act, beta, beta_value, need_dbeta)
+        dg.copy_(rg)
+        du.copy_(ru)
+        return *grads, db
+    rows, cols, (grad, g, u), strides = row_walk((grad, g, u), (dg, du))
+    p = _glu_plan(rows, cols, beta)
+    partial = torch.empty(p.partials, dtype=plan.accumulator(gate),
+                          device=gate.device) if need_dbeta else None
+    kernels(name).glu_backward(grad, g, u, dg, du, strides, KERNEL_IDS[act],
+                               None if beta is None else flat_param(beta, gate), beta_value,
+                               partial, p)
+    if partial is None:
+        return *grads, None
+    return *grads, plan.channel_sums(partial, p).reshape(beta.shape).to(beta.dtype)
+
+
+def _glu_fake(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
+              beta_value: float, dim: int, backend: str) -> Tensor:
+    g, _ = _glu_halves(gate, up, dim)
+    return gate.new_empty(g.shape)
+
+
+def _glu_fake_backward(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
+                       beta: Tensor | None, beta_value: float, dim: int, need_dbeta: bool,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dup = gate.new_empty(0) if up is None else up.new_empty(up.shape)
+    db = beta.new_empty(beta.shape) if need_dbeta else gate.new_empty(0)
+    return gate.new_empty(gate.shape), dup, db
+
+
+GLU = Op(Family(
+    "glu", glu_forward_impl, _glu_fake, _glu_reference,
+    glu_backward_impl, _glu_fake_backward, _glu_reference_backward,
+    saved=lambda args, outputs: (args[0], args[1], args[3]),  # gate, up (None: packed), beta
+    # (gate, up, act, beta, beta_value, dim, need_dbeta)
+    backward_args=lambda saved, attrs, needs: (saved[0], saved[1], attrs[2], saved[2], attrs[4],
+                                               attrs[5], needs[3]),
+    grad_of=(0, 1, 3)))
+glu_op, glu_backward_op = GLU.forward_op, GLU.backward_op
+
+
+def apply_glu(gate: Tensor, up: Tensor | None, name: str, beta: Tensor | None = None,
+              beta_value: float = 1.0, dim: int = -1) -> Tensor:
+    """act(gate) * up for the activation of spec ``name`` on validated arguments (``up`` None:
+    the halves of ``gate`` along ``dim``), eager or under torch.compile (``config.compile_mode``
+    of "glu")."""
+    return GLU(gate, up, SPECS[name].kernel, beta, beta_value, dim, mode="glu")

@@ -126,6 +126,16 @@ def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Pl
     return Plan(n // inner, inner, channels, ROWS, BLOCK // block_l, block_l, batch=batch)
 
 
+def row_plan(rows: int, cols: int, layout: int) -> Plan:
+    """``rows`` rows of ``cols`` contiguous elements whose row strides the kernel takes per
+    tensor (the gated ops: the halves of a packed tensor are such rows); one row is flat.
+    A parameter is one value (``layout`` ROWS with one channel, or SCALAR)."""
+    if rows == 1:
+        return flat(cols, layout)
+    block_l = min(next_power_of_2(cols), BLOCK)
+    return Plan(rows, cols, 1, layout, BLOCK // block_l, block_l)
+
+
 def accumulator(x: torch.Tensor) -> torch.dtype:
     """The dtype partial sums are kept in: fp32, fp64 for fp64 data."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -13,6 +13,7 @@ for an input of shape ``(N, C, *)``; a one-element tensor is a scalar; a Meta-AC
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -248,3 +249,27 @@ def frelu_max_affine(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
     BatchNorm folded into a, b."""
     xf, tf = _opmath(x), _opmath(t)
     return torch.maximum(xf, tf * _param(a, x) + _param(b, x)).to(x.dtype)
+
+
+# ---- gated: act(gate) * up (SwiGLU, GeGLU, ...) --------------------------------------------
+
+def halves(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The gate and up halves of a packed tensor along ``dim`` (views, gate first)."""
+    h = x.shape[dim] // 2
+    return x.narrow(dim, 0, h), x.narrow(dim, h, h)
+
+
+def glu(gate: Tensor, up: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """act(gate) * up, for ``act`` an activation's reference forward (opmath in, opmath out)."""
+    return (act(_opmath(gate)) * _opmath(up)).to(gate.dtype)
+
+
+def glu_backward(grad: Tensor, gate: Tensor, up: Tensor, act: Callable[[Tensor], Tensor],
+                 act_backward: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dgate, dup, dparam) of act(gate) * up from the activation's reference forward and
+    explicit backward ``act_backward(grad, x) -> (dx, dparam or None)``: dgate is the
+    activation's backward of grad * up, dup = grad * act(gate)."""
+    gf, xf = _opmath(grad), _opmath(gate)
+    dgate, dparam = act_backward(gf * _opmath(up), xf)
+    return dgate.to(gate.dtype), (gf * act(xf)).to(up.dtype), dparam

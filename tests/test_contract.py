@@ -247,16 +247,27 @@ def _pdtype(x):
     return F64 if x.dtype == F64 else torch.float32
 
 
-# case -> (public name, call(x)); parameters in a supported dtype, t in x's dtype
+def _gated(spec):
+    """glu of the spec's activation on the halves of x (up=None), a float beta where it has one."""
+    kwargs = {**spec.kwargs, **({"beta": 1.5} if spec.beta else {})}
+    return lambda x: fused_act.glu(x, None, spec.function or spec.name, 1, **kwargs)
+
+
+# case -> (public name, call(x), the argument x is); parameters in a supported dtype, t in x's
+# dtype; each activation also gated (x the packed gate), and the named gated forms
 DTYPE_OPS = {
-    **{s.name: (s.function or s.name, s.call) for s in registry.SPECS.values() if not s.beta},
-    **{f"{s.name}_{kind}": (s.function or s.name, _beta_call(s, b)) for s in BETA_SPECS
+    **{s.name: (s.function or s.name, s.call, "x") for s in registry.SPECS.values()
+       if not s.beta},
+    **{f"{s.name}_{kind}": (s.function or s.name, _beta_call(s, b), "x") for s in BETA_SPECS
        for kind, b in (("float", 1.5),
                        ("tensor", lambda x: torch.full((3,), 1.5, dtype=_pdtype(x))))},
     "acon_c": ("acon_c", lambda x: fused_act.acon_c(
         x, torch.full((3,), 1.5, dtype=_pdtype(x)), torch.full((3,), 0.25, dtype=_pdtype(x)),
-        torch.ones(3, dtype=_pdtype(x)))),
-    "frelu_max": ("frelu_max", lambda x: fused_act.frelu_max(x, torch.zeros_like(x))),
+        torch.ones(3, dtype=_pdtype(x))), "x"),
+    "frelu_max": ("frelu_max", lambda x: fused_act.frelu_max(x, torch.zeros_like(x)), "x"),
+    **{f"glu_{s.name}": ("glu", _gated(s), "gate") for s in registry.SPECS.values()},
+    "swiglu": ("swiglu", lambda x: fused_act.swiglu(x, x), "gate"),
+    "geglu": ("geglu", lambda x: fused_act.geglu(x, dim=1), "gate"),
 }
 BAD_DTYPES = [getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fn") if hasattr(torch, n)] + [
     torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8]
@@ -304,13 +315,13 @@ def test_unsupported_x_dtype(case, dtype, backend, request, monkeypatch):
     """x of any other dtype is a TypeError naming the op, "x" and the supported set, raised
     before any kernel launch (section 4)."""
     _use(request, backend)
-    op, call = DTYPE_OPS[case]
-    x = _randn(2, 3, 4).to(dtype)
+    op, call, arg = DTYPE_OPS[case]
+    x = _randn(2, 4, 4).to(dtype) if arg == "gate" else _randn(2, 3, 4).to(dtype)
     with _kernel_probe(monkeypatch, "forward") as launched, fused_act.use_backend(backend), \
             pytest.raises(TypeError) as err:
         call(x)
     assert not launched, f"{case}[{dtype}]: kernels launched before the error: {launched}"
-    _assert_dtype_error(err, op, "x", f"{case}[{dtype}, {backend}]")
+    _assert_dtype_error(err, op, arg, f"{case}[{dtype}, {backend}]")
 
 
 def _bad_param_call(case, dtype):
@@ -323,13 +334,15 @@ def _bad_param_call(case, dtype):
         "acon_c-p2": lambda: fused_act.acon_c(x, ok, bad, ok),
         "acon_c-beta": lambda: fused_act.acon_c(x, ok, ok, bad),
         "frelu_max-t": lambda: fused_act.frelu_max(x, torch.zeros(2, 3, 4).to(dtype)),
+        "glu-up": lambda: fused_act.glu(x, torch.zeros(2, 3, 4).to(dtype)),
+        "glu-beta": lambda: fused_act.glu(x, activation="swish", beta=torch.ones(1).to(dtype)),
     }[case]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT8, ids=str)
 @pytest.mark.parametrize("case", ["swish-beta", "acon_c-p1", "acon_c-p2", "acon_c-beta",
-                                  "frelu_max-t"])
+                                  "frelu_max-t", "glu-up", "glu-beta"])
 def test_unsupported_param_dtype(case, dtype, backend, request, monkeypatch):
     """A float8 parameter (beta, p1, p2, t) with a float32 x is a TypeError naming it."""
     _use(request, backend)
@@ -348,8 +361,8 @@ def test_unsupported_param_dtype(case, dtype, backend, request, monkeypatch):
 def test_supported_dtypes_work(case, dtype, backend, request):
     """float16, bfloat16, float32 and float64 still run, with the float64 reference's values."""
     _use(request, backend)
-    _, call = DTYPE_OPS[case]
-    x = _randn(2, 3, 4, dtype=dtype, gen=_gen(11))
+    _, call, arg = DTYPE_OPS[case]
+    x = _randn(2, 4 if arg == "gate" else 3, 4, dtype=dtype, gen=_gen(11))
     with fused_act.use_backend(backend):
         y = call(x)
     with fused_act.use_backend("reference"):

@@ -37,13 +37,18 @@ def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if t is None else t.data_ptr())
 
 
+def _strides(strides: tuple[int, ...]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(strides))(*strides)
+
+
 class Emulated:
     """What binding.cpp offers, over the CPU-compiled kernels (host pointers, no stream)."""
 
     def __init__(self, path: str):
         self.lib = ctypes.CDLL(path)
         for name in ("fa_act_forward", "fa_act_backward", "fa_acon_forward", "fa_acon_backward",
-                     "fa_max_forward", "fa_max_backward", "fa_max_affine"):
+                     "fa_max_forward", "fa_max_backward", "fa_max_affine", "fa_glu_forward",
+                     "fa_glu_backward"):
             getattr(self.lib, name).restype = ctypes.c_int
         self.lib.fa_error_string.restype = ctypes.c_char_p
 
@@ -80,8 +85,20 @@ class Emulated:
         self._ok(self.lib.fa_max_affine(_p(x), _p(t), _p(a), _p(b), _p(y), CODES[x.dtype],
                                         Plan(*plan), None))
 
+    def glu_forward(self, gate, up, out, strides, act, beta, beta_value, plan):
+        self._ok(self.lib.fa_glu_forward(_p(gate), _p(up), _p(out), _strides(strides),
+                                         CODES[gate.dtype], act, _p(beta),
+                                         ctypes.c_float(beta_value), Plan(*plan), None))
 
-@pytest.fixture(scope="module")
+    def glu_backward(self, g, gate, up, dgate, dup, strides, act, beta, beta_value, partial,
+                     plan):
+        self._ok(self.lib.fa_glu_backward(_p(g), _p(gate), _p(up), _p(dgate), _p(dup),
+                                          _strides(strides), CODES[gate.dtype], act, _p(beta),
+                                          ctypes.c_float(beta_value), _p(partial), Plan(*plan),
+                                          None))
+
+
+@pytest.fixture(scope="session")
 def emulated(tmp_path_factory):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

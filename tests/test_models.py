@@ -260,3 +260,68 @@ def test_whole_models_compile_fullgraph_in_a_fresh_process():
     results = json.loads(line[len("RESULT "):])
     assert set(results) == set(names), results
     print("\n" + "\n".join(f"{k}: {v}" for k, v in results.items()))
+
+
+# ---- patch_gated_mlps on the transformer MLPs --------------------------------------------------
+
+GATED = [
+    ("LlamaConfig", dict(num_key_value_heads=1, **_TINY), "gate_proj"),
+    ("GemmaConfig", dict(num_key_value_heads=1, head_dim=16, **_TINY), "gate_proj"),
+    ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0, **_TINY), "gate_up_proj"),
+]
+
+
+@pytest.mark.parametrize(("config", "kwargs", "projection"), GATED, ids=[g[0] for g in GATED])
+def test_patch_gated_mlps_matches_eager_and_compiled(config, kwargs, projection):
+    """Every MLP block of a tiny Llama / Gemma / Phi-3 (packed gate_up_proj) is patched after
+    the probe; the model gives the unpatched one's outputs and gradients, eagerly and compiled
+    with fullgraph=True; restore_activations puts the blocks back."""
+    torch.manual_seed(0)
+    original = _lm(config, **kwargs)().float()
+    model = copy.deepcopy(original)
+    params = {n: p for n, p in model.named_parameters()}
+    report = fused_act.patch_gated_mlps(model)
+    assert [s.name for s in report.swapped] == [f"model.layers.{i}.mlp" for i in range(2)]
+    assert report.left == [], str(report)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp) is fused_act.nn.GatedMLP and hasattr(mlp, projection)
+    assert dict(model.named_parameters()) == params  # the same parameter objects
+    inputs = _tokens()
+    with fused_act.use_backend("triton"):
+        results = []
+        for m in (original, model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+            m.zero_grad()
+            torch.manual_seed(2)
+            y = _out(m, inputs)
+            y.square().mean().backward()
+            grads = original if m is original else model
+            results.append((y.detach(), torch.cat([p.grad.reshape(-1)
+                                                    for p in grads.parameters()])))
+    for y, g in results[1:]:
+        _close(y, results[0][0], "patched output", 1e-5)
+        _close(g, results[0][1], "patched gradients", 1e-4)
+    assert fused_act.restore_activations(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert type(model.model.layers[0].mlp) is type(original.model.layers[0].mlp)
+    assert model.state_dict().keys() == original.state_dict().keys()
+
+
+def test_patch_gated_mlps_leaves_other_blocks():
+    class UpGated(nn.Module):  # the activation on the other projection: another function
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(8, 16), nn.Linear(8, 16),
+                                                            nn.Linear(16, 8))
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+    class Relu(UpGated):
+        def __init__(self):
+            super().__init__()
+            self.act_fn = nn.ReLU()
+
+    model = nn.Sequential(UpGated(), Relu())
+    report = fused_act.patch_gated_mlps(model)
+    assert report.swapped == [] and [x.name for x in report.left] == ["0", "1"]
+    assert "another function" in report.left[0].reason and "ReLU" in report.left[1].reason

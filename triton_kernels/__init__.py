@@ -5,7 +5,7 @@ finishes partial sums (``fused_act/ops.py``, ``fused_act/plan.py``); ``TritonKer
 launchers as ``fused_act.kernels.Kernels`` names them.
 """
 
-from . import acon, elementwise, frelu
+from . import acon, elementwise, frelu, gated
 
 
 class TritonKernels:
@@ -18,3 +18,5 @@ class TritonKernels:
     max_forward = staticmethod(frelu.forward)
     max_backward = staticmethod(frelu.backward)
     max_affine = staticmethod(frelu.forward_affine)
+    glu_forward = staticmethod(gated.forward)
+    glu_backward = staticmethod(gated.backward)

@@ -16,7 +16,9 @@ from .tiling import NUM_WARPS, Plan, load_channel, store_partial, store_rounded,
 
 
 @triton.jit
-def _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE: tl.constexpr):
+def beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE: tl.constexpr):
+    """The activation's beta over the tile: the scalar ``beta_value`` (BETA_MODE 0), else read
+    per channel as the plan's layout says."""
     if BETA_MODE == 0:
         b = beta_value
     else:
@@ -31,7 +33,7 @@ def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
     _, _, _, rows, cols, offs, mask, _ = tile(tl.program_id(0), R, L, 1, BLOCK_R, BLOCK_L,
                                               FLAT, INT64)
     x = opmath(tl.load(x_ptr + offs, mask=mask))
-    b = _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
+    b = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     y = act_fwd(x, b, ACT)
     store_rounded(y_ptr + offs, y, mask)
 
@@ -45,7 +47,7 @@ def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L
                                                           BLOCK_L, FLAT, INT64)
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     g = opmath(tl.load(g_ptr + offs, mask=mask))
-    b = _beta(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
+    b = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     dydx, dydb = act_bwd(x, b, ACT)
     store_rounded(dx_ptr + offs, g * dydx, mask)
     if NEED_DBETA:
