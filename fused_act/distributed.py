@@ -48,18 +48,30 @@ class Pointwise:
     (the output is its gradient: sharded like it, or ``Partial`` where x is sharded over a dim the
     parameter is broadcast over).  ``flag`` is the position of the bool argument without which
     the outputs after the first are empty tensors (``need_dbeta``, ``need_params``,
-    ``need_code``); it decides the outputs' shapes, so DTensor's cache is keyed on it.
+    ``need_code``); it decides the outputs' shapes, so DTensor's cache is keyed on it;
+    ``emptied`` are the indices of the outputs it empties (None: all after the first).  A data
+    argument may be absent (None: its output is then an empty tensor); ``split`` = (position of
+    such an argument, position of the dim argument) for an op that, without it, takes both
+    halves of its first data tensor along that dim (glu's packed gate and up), which therefore
+    must not be sharded.
     """
 
     data: tuple[int, ...]
     params: tuple[int, ...] = ()
     outputs: tuple[int, ...] = (0,)
     flag: int | None = None
+    emptied: tuple[int, ...] | None = None
+    split: tuple[int, int] | None = None
+
+    @property
+    def keyed_from(self) -> int | None:
+        """The first argument position DTensor's sharding cache must key on (an absent data
+        argument, or the flag, changes the outputs' shapes)."""
+        keys = [k for k in (self.flag, self.split and self.split[0]) if k is not None]
+        return min(keys) if keys else None
 
 
-# One line per custom op (schemas in ops.py); a new pointwise op is one more line, e.g. a gated
-# op (gate, up) -> out would be Pointwise(data=(0, 1)) and its backward
-# (grad, gate, up) -> (dgate, dup) Pointwise(data=(0, 1, 2), outputs=(1, 2)).
+# One line per custom op (schemas in ops.py); a new pointwise op is one more line.
 RULES: dict[str, Pointwise] = {
     # (x, act, beta, beta_value, backend) -> y
     "activation": Pointwise(data=(0,), params=(2,)),
@@ -75,6 +87,11 @@ RULES: dict[str, Pointwise] = {
     "frelu_max_backward": Pointwise(data=(0, 1), outputs=(0, 0)),
     # (x, t, a, b, backend) -> y
     "frelu_max_affine": Pointwise(data=(0, 1), params=(2, 3)),
+    # (gate, up, act, beta, beta_value, dim, backend) -> out
+    "glu": Pointwise(data=(0, 1), params=(3,), split=(1, 5)),
+    # (grad, gate, up, act, beta, beta_value, dim, need_dbeta, backend) -> (dgate, dup, dbeta)
+    "glu_backward": Pointwise(data=(0, 1, 2), params=(4,), outputs=(1, 2, 4), flag=7,
+                              emptied=(2,), split=(2, 6)),
 }
 
 
@@ -110,9 +127,13 @@ def strategies(rule: Pointwise, *args: object) -> list[tuple[list, list]]:
 
     x = args[rule.data[0]]
     computed = rule.flag is None or bool(args[rule.flag])
+    packed_dim = None
+    if rule.split is not None and args[rule.split[0]] is None:
+        packed_dim = args[rule.split[1]] % x.ndim
     pairs = []
-    for dim in (None, *range(x.ndim)):
-        placement = {i: Replicate() if dim is None else Shard(dim) for i in rule.data}
+    for dim in (None, *(d for d in range(x.ndim) if d != packed_dim)):
+        placement = {i: Replicate() if dim is None else Shard(dim) for i in rule.data
+                     if args[i] is not None}
         grad_placement = {}
         for i in rule.params:
             p = args[i]
@@ -121,27 +142,29 @@ def strategies(rule: Pointwise, *args: object) -> list[tuple[list, list]]:
             j = None if dim is None else param_dim(p.shape, x.shape, dim)
             placement[i] = Replicate() if j is None else Shard(j)
             grad_placement[i] = placement[i] if j is not None or dim is None else Partial()
-        outputs = [placement[i] if i in rule.data else grad_placement.get(i, Replicate())
-                   for i in rule.outputs]
+        outputs = [placement.get(i, Replicate()) if i in rule.data
+                   else grad_placement.get(i, Replicate()) for i in rule.outputs]
         if not computed:
-            outputs[1:] = [Replicate()] * (len(outputs) - 1)
+            for k in range(1, len(outputs)) if rule.emptied is None else rule.emptied:
+                outputs[k] = Replicate()
         pairs.append((outputs, [placement.get(i) for i in range(len(args))]))
     return pairs
 
 
-def _key_cache_on_flag(overload: torch._ops.OpOverload, flag: int) -> None:
-    """Make DTensor's sharding cache tell calls apart by the op's flag.
+def _key_cache_from(overload: torch._ops.OpOverload, position: int) -> None:
+    """Make DTensor's sharding cache tell calls apart by the op's arguments from ``position`` on.
 
     ``register_sharding`` keys the cache on the tensor arguments and on non-tensor arguments from
-    the first int one on; our ops have no int argument, so a call with ``need_dbeta=True`` would
-    reuse the output shapes cached for ``need_dbeta=False`` (an empty gradient).  The public API
+    the first int one on; most of our ops have no int argument, so a call with
+    ``need_dbeta=True`` would reuse the output shapes cached for ``need_dbeta=False`` (an empty
+    gradient), and glu's absent ``up`` sits before its int ``dim``.  The public API
     cannot say otherwise (torch 2.11 to 2.15), so the op's runtime schema info is set here.
     """
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 
     propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.op_to_schema_info[overload] = RuntimeSchemaInfo(static_argnum=flag,
+    propagator.op_to_schema_info[overload] = RuntimeSchemaInfo(static_argnum=position,
                                                                needs_pytree=True)
 
 
@@ -167,8 +190,8 @@ def register() -> None:
     for name, rule in RULES.items():
         overload = getattr(torch.ops.fused_act, name).default
         register_sharding(overload)(functools.partial(strategies, rule))
-        if rule.flag is not None:
-            _key_cache_on_flag(overload, rule.flag)
+        if rule.keyed_from is not None:
+            _key_cache_from(overload, rule.keyed_from)
     _registered = True
 
 

@@ -145,6 +145,7 @@ class Case:
     params: tuple[Param, ...] = ()
     op: str = "activation"
     backward: bool = True
+    packed: int | None = None  # glu of x's halves along this dim: sharding it must gather
 
 
 CHANNEL = Param((C,), {1: 0})
@@ -173,6 +174,13 @@ CASES = {case.name: case for case in (
     # FReLU's eval-mode step (inference only): max(x, a t + b), a and b per channel
     Case("frelu_max_affine", ops.apply_frelu_max_affine,
          (Param((N, C, L), {0: 0, 1: 1, 2: 2}), CHANNEL, CHANNEL), "frelu_max_affine", False),
+    # the gated op: act(gate) * up with x the gate, and of x's halves (packed gate and up)
+    *(Case(f"glu_{s.name}", lambda x, u, *b, s=s: fused_act.glu(
+        x, u, s.function or s.name, **s.kwargs, **({"beta": b[0] if b else -0.75}
+                                                    if s.beta else {})),
+           (Param((N, C, L), {0: 0, 1: 1, 2: 2}), *((SCALAR,) if s.beta else ())), "glu")
+      for s in registry.SPECS.values()),
+    Case("glu_packed", lambda x: fused_act.swiglu(x, None, dim=1), (), "glu", packed=1),
 )}
 
 # x replicated, and sharded on the batch, the channels and (unevenly) the length
@@ -199,7 +207,10 @@ def _inputs(case: Case) -> tuple[Tensor, list[Tensor], Tensor]:
     x = 3 * torch.randn(N, C, L, generator=gen, dtype=torch.float64)
     params = [torch.rand(p.shape, generator=gen, dtype=torch.float64) + 0.5
               for p in case.params]
-    grad = torch.randn(N, C, L, generator=gen, dtype=torch.float64)
+    shape = [N, C, L]
+    if case.packed is not None:
+        shape[case.packed] //= 2
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
     return x, params, grad
 
 
@@ -288,6 +299,9 @@ def test_dtensor_sharded_matches_single_process(run, name, where):
     assert got["type"] == "DTensor"
     fused = {f"fused_act::{case.op}", *([f"fused_act::{case.op}_backward"] * case.backward)}
     assert fused <= set(got["ops"]), f"the fused ops did not run on DTensors: {got['ops']}"
+    if where == f"shard{case.packed}":  # gate and up halves on different ranks: gathered
+        torch.testing.assert_close(got["out"], out, msg=f"{name} output")
+        return
     assert not got["comms"], f"collectives issued: {got['comms']}"
     x_placement = _placement(where)
     expected = [x_placement, x_placement]
