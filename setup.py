@@ -28,6 +28,7 @@ def cuda_build() -> dict:
     want = os.environ.get("FUSED_ACT_BUILD_CUDA")
     if want == "0":
         return {}
+    cfg = build_config()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -36,7 +37,7 @@ def cuda_build() -> dict:
     else:
         if torch.version.cuda is None:
             missing = f"torch {torch.__version__} is not a CUDA build"
-        elif build_config().nvcc_path() is None:
+        elif cfg.nvcc_path() is None:
             missing = "nvcc not found (set CUDA_HOME)"
         else:
             missing = ""
@@ -45,7 +46,6 @@ def cuda_build() -> dict:
             raise SystemExit(f"FUSED_ACT_BUILD_CUDA=1, but {missing}")
         print(f"fused_act: not building the CUDA kernels: {missing}")
         return {}
-    cfg = build_config()
     # no -std and no arch flags: torch's builder adds its own (fused_act/_build.py)
     ext = cpp_extension.CUDAExtension(
         "fused_act._C", [f"csrc/{s}" for s in cfg.SOURCES], include_dirs=[str(CSRC)],

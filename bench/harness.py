@@ -98,7 +98,7 @@ def env(device: str) -> dict:
     """What the figures were measured on."""
     import triton
     try:
-        # safe.directory: the checkout may belong to another user (a copied tree on a GPU host)
+        # safe.directory: the checkout may belong to another user (a source tree on a GPU machine)
         commit = subprocess.run(["git", "-c", "safe.directory=*", "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()

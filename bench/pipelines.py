@@ -19,21 +19,23 @@ import torch
 from torch import nn
 
 import fused_act
-from bench.table import GATED
+from bench.table import GATED, bench_key
 from bench.timing import build_on_stream, compile_mode, time_ms
 from fused_act import registry
 
 
-class Swish(nn.Module):
-    """A Swish with one learnable beta, as users write it (the channel count is unused: in a
-    (batch, tokens, features) block there is no channel dim 1 for a per-channel beta)."""
+class LearnableBeta(nn.Module):
+    """An activation with a beta (Swish: x sigmoid(beta x)) and one learnable beta, as users
+    write it: the spec's ``torch_fn``.  (One beta, not one per channel: in a (batch, tokens,
+    features) block there is no channel dim 1.)"""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, spec: registry.Spec) -> None:
         super().__init__()
+        self.fn = spec.torch_fn
         self.beta = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.beta * x)
+        return self.fn(x, self.beta)
 
 
 class AconC(nn.Module):
@@ -114,18 +116,37 @@ def _conv_block(act: nn.Module, c: int) -> nn.Module:
     return Residual(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), act)
 
 
+def _cannot(spec: registry.Spec, why: str) -> Callable[..., nn.Module]:
+    """A factory that says why ``spec``'s block cannot be built, when it is asked for one."""
+    def build(*_: object) -> nn.Module:
+        raise ValueError(f"bench.pipelines: no block for {spec.name!r}: {why}")
+    return build
+
+
 def _torch_module(spec: registry.Spec) -> Callable[[int], nn.Module]:
-    """The module users have for an elementwise spec: torch.nn's class that the spec replaces,
-    with its arguments, or the learnable Swish above for a spec with a beta."""
+    """The module users have for an elementwise spec: ``LearnableBeta`` above for a spec with a
+    beta, else torch.nn's class that the spec replaces, with its arguments (a factory that raises
+    where there is none)."""
     if spec.beta:
-        return Swish
-    return lambda c: getattr(nn, spec.replaces)(**spec.kwargs)
+        return lambda c: LearnableBeta(spec)
+    cls = getattr(nn, spec.replaces, None) if spec.replaces else None
+    if cls is None:
+        return _cannot(spec, f"no torch.nn class to build its PyTorch block from (replaces="
+                             f"{spec.replaces!r}) and no beta")
+    return lambda c: cls(**spec.kwargs)
+
+
+def _fused_module(spec: registry.Spec) -> Callable[[], nn.Module]:
+    """The fused module of a spec with a beta, its beta learnable (``replace_activations``
+    leaves ``LearnableBeta`` alone; a factory that raises where the spec has no module)."""
+    if not spec.module:
+        return _cannot(spec, "a beta but no fused_act.nn module (Spec.module)")
+    return lambda: getattr(fused_act.nn, spec.module)(learnable=True)
 
 
 # op -> (config key, block kind, activation factory taking the channel count)
 BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
-    **{s.name + ("_beta" if s.beta else ""): (s.name, "linear", _torch_module(s))
-       for s in registry.SPECS.values()},
+    **{bench_key(s): (s.name, "linear", _torch_module(s)) for s in registry.SPECS.values()},
     "acon_c": ("acon_c", "conv", AconC),
     "meta_acon": ("acon_c", "conv", MetaAconC),
     "frelu_max": ("frelu_max", "conv", FReLU),
@@ -134,6 +155,9 @@ BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
     # as patch_gated_mlps patches only activations of fixed arguments
     **{name: ("glu", "mlp", _torch_module(s)) for name, s in GATED.items() if not s.beta},
 }
+# op -> its fused activation, where replace_activations does not make it (a learnable beta)
+FUSED: dict[str, Callable[[], nn.Module]] = {
+    bench_key(s): _fused_module(s) for s in registry.SPECS.values() if s.beta}
 
 # the MLP block's x (batch, sequence, hidden) and intermediate width: a Llama-2-7B layer on 8192
 # tokens (its gate is table.LLM_SHAPES' first); with --quick half the tokens and widths
@@ -176,8 +200,8 @@ def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[
     plain = make(act(width), width).to(device)
     fused = copy.deepcopy(plain)
     fused_act.replace_activations(fused)
-    if name == "swish_beta":
-        fused.body[1] = fused_act.nn.Swish(learnable=True).to(device)
+    if name in FUSED:
+        fused.body[1] = FUSED[name]().to(device)
     return plain, fused, f"{kind} {tuple(shape)}"
 
 

@@ -82,7 +82,7 @@ def plot(rows: list[dict], folder: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plots")
         return
-    sweep = [r for r in rows if r["gbps"] is not None and len(r["shape"]) >= 1]
+    sweep = [r for r in rows if r["gbps"] is not None]
     ops = sorted({r["op"] for r in sweep if r["op"] != "copy"})
     dtypes = sorted({r["dtype"] for r in sweep})
     if not ops:

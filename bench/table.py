@@ -123,6 +123,12 @@ def _frelu_t(x, w, bn_w, bn_b):
     return F.batch_norm(t, None, None, bn_w, bn_b, training=True)
 
 
+def bench_key(spec: registry.Spec) -> str:
+    """The benchmark's name of a registry activation: the spec's name, with "_beta" for one
+    with a beta (timed with a learnable one-element beta)."""
+    return spec.name + ("_beta" if spec.beta else "")
+
+
 def _elementwise(spec: registry.Spec) -> Op:
     """A registry activation; one with a beta times its learnable one-element beta."""
     if spec.beta:
@@ -130,15 +136,11 @@ def _elementwise(spec: registry.Spec) -> Op:
     return Op(spec.call, spec.torch_fn, lambda x, s=spec: s.forward(x, 1.0))
 
 
-def _row_name(spec: registry.Spec) -> str:
-    return spec.name + ("_beta" if spec.beta else "")
-
-
 # the gated rows by the names LLM code gives them; "geglu" is fused_act.geglu's default (erf),
 # "geglu_tanh" the tanh form of Gemma and of Liger-Kernel's kernel
 _GATED_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 GATED: dict[str, registry.Spec] = {
-    _GATED_NAMES.get(s.name, "glu_" + _row_name(s)): s for s in registry.SPECS.values()}
+    _GATED_NAMES.get(s.name, "glu_" + bench_key(s)): s for s in registry.SPECS.values()}
 
 
 def _gated(spec: registry.Spec) -> Op:
@@ -160,7 +162,7 @@ def _gated(spec: registry.Spec) -> Op:
 
 
 OPS: dict[str, Op] = {
-    **{_row_name(s): _elementwise(s) for s in registry.SPECS.values()},
+    **{bench_key(s): _elementwise(s) for s in registry.SPECS.values()},
     "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params),
     "meta_acon": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
                     lambda x: _acon_params(x, per_sample=True)),

@@ -75,15 +75,7 @@ def peak_mb(fn: Callable, device: str) -> float | None:
 def build_on_stream(device: str):
     """Where to build an autograd graph whose backward ``time_ms`` will capture: the side
     stream on a GPU, nowhere special on the CPU."""
-    return torch.cuda.stream(side_stream()) if device == "cuda" else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.stream(side_stream()) if device == "cuda" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import torch
 
 from bench.timing import time_ms
 from fused_act import plan
-from fused_act.registry import KERNEL_IDS as ACT_IDS
+from fused_act.registry import KERNEL_IDS
 from fused_act.triton_kernels import elementwise
 
 N = 2**26
@@ -21,18 +21,18 @@ def main() -> None:
         g, y = torch.randn_like(x), torch.empty_like(x)
         src, dst = torch.empty_like(x), torch.empty_like(x)
         copy_ms = time_ms(lambda: dst.copy_(src), N, True)  # noqa: B023
-        for act, kind in itertools.product(ACT_IDS, ("fwd", "bwd")):
+        for act, kind in itertools.product(KERNEL_IDS, ("fwd", "bwd")):
             fracs = []
             for block, warps in CONFIGS:
                 elementwise.NUM_WARPS = warps
                 p = plan.Plan(1, N, 1, plan.SCALAR, 1, block)
                 if kind == "fwd":
                     def run():
-                        elementwise.forward(x, y, ACT_IDS[act], None, 1.0, p)  # noqa: B023
+                        elementwise.forward(x, y, KERNEL_IDS[act], None, 1.0, p)  # noqa: B023
                     nbytes = 2
                 else:
                     def run():
-                        elementwise.backward(g, x, y, ACT_IDS[act], None, 1.0, None, p)  # noqa: B023
+                        elementwise.backward(g, x, y, KERNEL_IDS[act], None, 1.0, None, p)  # noqa: B023
                     nbytes = 3
                 fracs.append(nbytes / 2 * copy_ms / time_ms(run, N, True))
             print(f"{act:<10} {str(dtype)[6:]:<9} {kind:<4} "

@@ -12,11 +12,13 @@
     fused_act.restore_activations(model)        # modules in place, and back
 """
 
-from . import config, nn, reference
+from . import config, distributed, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import *  # noqa: F403  (its __all__: every public function)
 from .functional import __all__ as _functions
 from .nn import patch_gated_mlps, replace_activations, restore_activations
+
+distributed.install()  # DTensor sharding rules, once torch.distributed.tensor is imported
 
 __version__ = "0.1.0"
 

@@ -10,10 +10,11 @@ the backend argument), their fake kernels, its reference math, and what backward
   Inductor);
 * an ``autograd.Function`` for eager calls: the same implementations without the custom-op
   dispatch cost;
-* ``Op.__call__``, which picks the path: under ``torch.compile`` the custom op, or the reference
-  math where ``config.compile_mode`` says "decompose"; under torch.func transforms, forward-mode
-  AD and ``torch.jit.trace`` the reference math (plain torch operations, which every transform
-  differentiates and batches natively); otherwise the eager Function;
+* ``Op.__call__``, which picks the path: under torch.func transforms, forward-mode AD and
+  ``torch.jit.trace`` the reference math (plain torch operations, which every transform
+  differentiates and batches natively), compiled or not (the custom op has no jvp or batching
+  rule); otherwise under ``torch.compile`` the custom op, or the reference math where
+  ``config.compile_mode`` says "decompose"; otherwise the eager Function;
 * in the eager Function's backward, the reference's explicit backward where a gradient needs a
   graph of its own or is batched (``plain_backward``), else the kernels.
 
@@ -158,13 +159,17 @@ class Op:
     def __call__(self, *args: object, mode: str | None = None) -> Tensor:
         """The family on validated arguments, by the path this call needs (module docstring);
         ``mode`` names the op whose ``config.compile_mode`` applies (None: always opaque)."""
+        if reference_math():  # first: a transform or dual tensors under compile need it too
+            return self.family.reference(*args)
         if torch.compiler.is_compiling():
             if mode is not None and config.mode_for(mode) == "decompose":
                 return self.family.reference(*args)
             out = self.forward_op(*args, get_backend())
-        elif reference_math():
-            return self.family.reference(*args)
-        elif self.function is None:
+        elif self.function is None or (type(args[0]).__torch_dispatch__
+                                       is not Tensor.__torch_dispatch__):
+            # a tensor subclass that dispatches ops itself (DTensor, by the sharding rules of
+            # distributed.py) must meet the custom ops: the eager Function would hand the
+            # subclass itself to the kernels
             out = self.forward_op(*args, get_backend())
         else:
             out = self.function.apply(*args, get_backend())

@@ -99,14 +99,7 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    return ops.apply("swish", x, None, _float_beta(beta))
-
-
-def _float_beta(beta: float) -> float:
-    """A float beta rounded to fp32, as every scalar that reaches a kernel."""
-    if torch.compiler.is_compiling():
-        return beta  # it may be symbolic here: the op rounds it when it runs
-    return ops._fp32(beta)
+    return ops.apply("swish", x, None, beta)  # ops rounds beta to fp32, on every path
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -122,7 +115,6 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     if approximate == "tanh":
         return ops.apply("gelu_tanh", x)
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
-
 
 
 def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
@@ -257,7 +249,7 @@ def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    return ops.apply_glu(gate, up, spec.name, None, _float_beta(beta), dim)
+    return ops.apply_glu(gate, up, spec.name, None, beta, dim)  # ops rounds beta to fp32
 
 
 def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1,

@@ -72,7 +72,10 @@ def kernels(name: str) -> Kernels:
         if name == "cuda":
             from ._cuda import CudaKernels, library
             _loaded[name] = CudaKernels(library())
-        else:
+        elif name == "triton":
             from .triton_kernels import TritonKernels
             _loaded[name] = TritonKernels()
+        else:
+            raise ValueError(f"fused_act.kernels: no kernel backend {name!r} (kernel backends: "
+                             f"'triton', 'cuda')")
     return _loaded[name]

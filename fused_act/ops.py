@@ -61,8 +61,14 @@ def flat_param(p: Tensor, x: Tensor) -> Tensor:
     return p.reshape(-1).to(plan.accumulator(x)).contiguous()
 
 
-def _fp32(v: float) -> float:
-    """``v`` rounded to fp32, as every kernel takes a scalar (so every backend agrees)."""
+def _fp32(v: float, device: torch.device | None = None) -> float | Tensor:
+    """``v`` rounded to fp32, as every kernel takes a scalar: the one rounding of a float beta,
+    applied on every path (kernels, the reference backend, the decomposed and the reference
+    math), so that all agree bit for bit.  Under ``torch.compile`` ``v`` may be symbolic and
+    Python's rounding does not trace: there it is a 0-d fp32 tensor on ``device`` (the rounding
+    traced), which the reference math takes as its beta."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(v, dtype=torch.float32, device=device)
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
@@ -81,7 +87,7 @@ def _act_forward(x: Tensor, act: str, beta: Tensor | None, beta_value: float, ba
         return torch.empty_like(xd) if out is None else out
     name = resolve(x.device, backend)
     if name == "reference":
-        y = KERNELS[act].forward(xd, beta_value if beta is None else beta)
+        y = like(KERNELS[act].forward(xd, beta_value if beta is None else beta), xd)
         return y if out is None else out.copy_(y)
     y = torch.empty_like(xd) if out is None else out
     kernels(name).act_forward(xd, y, KERNEL_IDS[act],
@@ -103,12 +109,13 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
     xd = dense(x)
     g = like(grad, xd)
     if x.numel() == 0:
-        db = torch.zeros_like(beta) if need_dbeta else None
+        db = beta.new_zeros(beta.shape) if need_dbeta else None
         return torch.empty_like(xd), db
     name = resolve(x.device, backend)
     beta_value = _fp32(beta_value)
     if name == "reference":
-        return KERNELS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
+        dx, db = KERNELS[act].backward(g, xd, beta_value if beta is None else beta, need_dbeta)
+        return like(dx, xd), db
     dx = torch.empty_like(xd)
     p = _act_plan(xd, beta)
     partial = torch.empty(p.partials, dtype=plan.accumulator(x),
@@ -129,17 +136,18 @@ def _act_fake(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
 def _act_fake_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
                        beta_value: float, need_dbeta: bool,
                        backend: str) -> tuple[Tensor, Tensor]:
-    db = torch.empty_like(beta) if need_dbeta else x.new_empty(0)
+    db = beta.new_empty(beta.shape) if need_dbeta else x.new_empty(0)
     return torch.empty_like(dense(x)), db
 
 
 def _act_reference(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
-    return KERNELS[act].forward(x, beta_value if beta is None else beta)
+    return KERNELS[act].forward(x, _fp32(beta_value, x.device) if beta is None else beta)
 
 
 def _act_reference_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
                             beta_value: float, need_dbeta: bool) -> tuple[Tensor, Tensor | None]:
-    return KERNELS[act].backward(grad, x, beta_value if beta is None else beta, need_dbeta)
+    return KERNELS[act].backward(grad, x, _fp32(beta_value, x.device) if beta is None else beta,
+                                 need_dbeta)
 
 
 ACTIVATION = Op(Family(
@@ -192,7 +200,7 @@ def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: 
         return torch.empty_like(xd)
     name = resolve(x.device, backend)
     if name == "reference":
-        return reference.acon_c(xd, p1, p2, beta)
+        return like(reference.acon_c(xd, p1, p2, beta), xd)
     y = torch.empty_like(xd)
     kernels(name).acon_forward(xd, y, flat_param(p1, x), flat_param(p2, x), flat_param(beta, x),
                                per_sample, plan.channel_plan(xd, p1.numel(), per_sample))
@@ -206,12 +214,12 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
     xd = acon_dense(x, per_sample)
     g = like(grad, xd)
     if x.numel() == 0:
-        zeros = tuple(torch.zeros_like(p) if need_params else None for p in (p1, p2, beta))
+        zeros = tuple(p.new_zeros(p.shape) if need_params else None for p in (p1, p2, beta))
         return (torch.empty_like(xd), *zeros)
     name = resolve(x.device, backend)
     if name == "reference":
         dx, *dparams = reference.acon_c_backward(g, xd, p1, p2, beta)
-        return (dx, *(dparams if need_params else (None,) * 3))
+        return (like(dx, xd), *(dparams if need_params else (None,) * 3))
     dx = torch.empty_like(xd)
     p = plan.channel_plan(xd, p1.numel(), per_sample)
     acc = plan.accumulator(x)
@@ -223,7 +231,7 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
     # the gradients come back in the parameters' dtype when they share one (one cast, not three)
     out_dtype = p1.dtype if p1.dtype == p2.dtype == beta.dtype else acc
     sums = plan.acon_sums(partial, p, x.shape[0], per_sample, out_dtype)
-    return (dx, *(s.reshape(p.shape).to(p.dtype) for s, p in zip(sums, (p1, p2, beta),
+    return (dx, *(s.reshape(q.shape).to(q.dtype) for s, q in zip(sums, (p1, p2, beta),
                                                                   strict=True)))
 
 
@@ -234,7 +242,7 @@ def _acon_fake(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) ->
 def _acon_fake_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
                         need_params: bool, backend: str) -> tuple[Tensor, ...]:
     dx = torch.empty_like(acon_dense(x, reference.per_sample(beta, x)))
-    return dx, *(torch.empty_like(p) if need_params else x.new_empty(0) for p in (p1, p2, beta))
+    return dx, *(p.new_empty(p.shape) if need_params else x.new_empty(0) for p in (p1, p2, beta))
 
 
 ACON_C = Op(Family(
@@ -320,7 +328,7 @@ def frelu_max_affine_impl(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: s
     td = like(t, xd)
     name = resolve(x.device, backend)
     if name == "reference":
-        return reference.frelu_max_affine(xd, td, a, b)
+        return like(reference.frelu_max_affine(xd, td, a, b), xd)
     y = torch.empty_like(xd)
     if x.numel():
         kernels(name).max_affine(xd, td, flat_param(a, x), flat_param(b, x), y,
@@ -402,7 +410,7 @@ def _glu_plan(rows: int, cols: int, beta: Tensor | None) -> plan.Plan:
 def _glu_reference(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
                    beta_value: float, dim: int) -> Tensor:
     g, u = _glu_halves(gate, up, dim)
-    b = beta_value if beta is None else beta
+    b = _fp32(beta_value, gate.device) if beta is None else beta
     return reference.glu(g, u, lambda x: KERNELS[act].forward(x, b))
 
 
@@ -410,7 +418,7 @@ def _glu_reference_grads(grad: Tensor, g: Tensor, u: Tensor, act: str, beta: Ten
                          beta_value: float, need_dbeta: bool
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dgate, dup, dbeta or None) of the halves ``g``, ``u`` by the reference math."""
-    spec, b = KERNELS[act], beta_value if beta is None else beta
+    spec, b = KERNELS[act], _fp32(beta_value, g.device) if beta is None else beta
     return reference.glu_backward(grad, g, u, lambda x: spec.forward(x, b),
                                   lambda gr, x: spec.backward(gr, x, b, need_dbeta))
 
@@ -487,7 +495,7 @@ def _glu_fake_backward(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
                        beta: Tensor | None, beta_value: float, dim: int, need_dbeta: bool,
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dup = gate.new_empty(0) if up is None else up.new_empty(up.shape)
-    db = torch.empty_like(beta) if need_dbeta else gate.new_empty(0)
+    db = beta.new_empty(beta.shape) if need_dbeta else gate.new_empty(0)
     return gate.new_empty(gate.shape), dup, db
 
 

@@ -120,5 +120,5 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
 # a spec of each kernel activation, for its reference math (what ops.py runs for "reference")
 KERNELS: dict[str, Spec] = {s.kernel: s for s in SPECS.values()}
 if set(KERNELS) != set(KERNEL_IDS):
-    raise ImportError(f"fused_act.registry: kernel activations {sorted(KERNEL_IDS)} and those "
-                      f"of the specs {sorted(KERNELS)} differ")
+    raise RuntimeError(f"fused_act.registry: kernel activations {sorted(KERNEL_IDS)} and those "
+                       f"of the specs {sorted(KERNELS)} differ")

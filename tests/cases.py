@@ -203,3 +203,22 @@ def assert_param_near(out: Tensor, ref64: Tensor, terms_abs_sum: Tensor, dtype: 
     lim = rtol * terms_abs_sum.double().cpu() + rounding + 1e-12
     ok = bool((err <= lim).all())
     assert ok, f"{what}: error {err.max().item():.3g} > {lim.max().item():.3g}"
+
+
+def ulp_distance(a: Tensor, b: Tensor) -> Tensor:
+    """How many representable values of their (common, floating) dtype lie between ``a`` and
+    ``b``, elementwise, as int64: 0 where they are equal (+0 and -0 included) or both NaN, and
+    the largest int64 where only one is NaN."""
+    assert a.dtype == b.dtype and a.dtype.is_floating_point, (a.dtype, b.dtype)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    top = torch.iinfo(bits).max
+
+    def ordered(t: Tensor) -> Tensor:
+        # sign-magnitude bits to a line of integers on which neighbours differ by one
+        i = t.detach().cpu().contiguous().view(bits).long()
+        return torch.where(i < 0, -(i & top), i)
+
+    d = (ordered(a) - ordered(b)).abs()
+    nan_a, nan_b = a.detach().cpu().isnan(), b.detach().cpu().isnan()
+    d = torch.where(nan_a & nan_b, 0, d)
+    return torch.where(nan_a ^ nan_b, torch.iinfo(torch.int64).max, d)

@@ -1,8 +1,9 @@
 """The contract of DESIGN.md sections 2-4, one table per clause, on every backend ("triton" under
 the interpreter, "cuda" through the CPU emulation of its kernels, "reference"): strided
 parameters, in-place version counters, unsupported dtypes, the backend a backward runs on,
-torch.func, forward-mode AD, autograd.functional.jacobian, dynamic torch.compile, torch.jit, and a
-property-based sweep of shapes, layouts, dtypes and ops."""
+torch.func, forward-mode AD, autograd.functional.jacobian, dynamic torch.compile, torch.jit, a
+property-based sweep of shapes, layouts, dtypes and ops, torch.compile around transforms, fake
+kernels' strides, one rounding of a float beta, and the benchmark's tables."""
 
 import contextlib
 import inspect
@@ -93,7 +94,19 @@ ACON_OPS = [
        _acon_params(per_sample), scale=4.0)
     for name, per_sample in (("acon_c", False), ("acon_c_sample", True))]
 # the ops without parameter tensors: (x) -> y, with torch's own function beside each
-ELEMENTWISE = [op for op in OPS if op.name != "swish_scalar"]
+ELEMENTWISE = [op for op in OPS if not op.params(torch.zeros(2, 3))]
+# the registry's activations with a beta (a float, or a tensor of one or C values)
+BETA_SPECS = [s for s in registry.SPECS.values() if s.beta]
+
+
+def _beta_call(spec, b):
+    """``spec``'s public function with beta ``b`` (a float, or a tensor broadcast over C)."""
+    return lambda x: spec.call(x, b(x) if callable(b) else b)
+
+
+def _beta_formula(spec):
+    """``spec``'s torch function of (x, beta tensor), the tensor broadcast over C."""
+    return lambda x, b: spec.torch_fn(x, reference._param(b, x))
 
 
 def _param_terms(op_name, g64, x64, p64):
@@ -245,9 +258,9 @@ def _gated(spec):
 DTYPE_OPS = {
     **{s.name: (s.function or s.name, s.call, "x") for s in registry.SPECS.values()
        if not s.beta},
-    "swish_float": ("swish", lambda x: fused_act.swish(x, 1.5), "x"),
-    "swish_tensor": ("swish", lambda x: fused_act.swish(x, torch.full((3,), 1.5,
-                                                                      dtype=_pdtype(x))), "x"),
+    **{f"{s.name}_{kind}": (s.function or s.name, _beta_call(s, b), "x") for s in BETA_SPECS
+       for kind, b in (("float", 1.5),
+                       ("tensor", lambda x: torch.full((3,), 1.5, dtype=_pdtype(x))))},
     "acon_c": ("acon_c", lambda x: fused_act.acon_c(
         x, torch.full((3,), 1.5, dtype=_pdtype(x)), torch.full((3,), 0.25, dtype=_pdtype(x)),
         torch.ones(3, dtype=_pdtype(x))), "x"),
@@ -366,8 +379,9 @@ def _backward_case(name):
     if name in {op.name for op in ELEMENTWISE}:
         op = next(op for op in ELEMENTWISE if op.name == name)
         return op.call, x, []
-    if name == "swish_channel":
-        return lambda x, p: fused_act.swish(x, p[0]), x, [torch.full((3,), 1.5,
+    for s in BETA_SPECS:
+        if name == f"{s.name}_channel":
+            return lambda x, p, s=s: s.call(x, p[0]), x, [torch.full((3,), 1.5,
                                                                      requires_grad=True)]
     if name == "acon_c":
         return lambda x, p: fused_act.acon_c(x, *p), x, ACON_OPS[0].params(x)
@@ -375,7 +389,8 @@ def _backward_case(name):
                                                                          dtype=torch.float32))]
 
 
-BACKWARD_OPS = [op.name for op in ELEMENTWISE] + ["swish_channel", "acon_c", "frelu_max"]
+BACKWARD_OPS = [op.name for op in ELEMENTWISE] + [f"{s.name}_channel" for s in BETA_SPECS] + [
+    "acon_c", "frelu_max"]
 # (backend of the forward, backend in force when .backward() is called); "cuda" is probed on
 # fused_act._cuda.CudaKernels, which ops.py reaches as ``kernels("cuda")``; on CPU the
 # cuda_on_cpu fixture routes it to the emulated kernels
@@ -478,12 +493,10 @@ def _fwd_case(name):
     for op in ELEMENTWISE:
         if op.name == name:
             return (lambda x, op=op: op.call(x, [])), (lambda x, op=op: op.torch_fn(x, [])), (x,)
-    if name == "swish_scalar":
-        return (fused_act.swish, lambda x, b: x * torch.sigmoid(b * x),
-                (x, _rand(1, lo=0.2, gen=gen)))
-    if name == "swish_channel":
-        return (fused_act.swish, lambda x, b: x * torch.sigmoid(b.reshape(1, 3) * x),
-                (x, _rand(3, lo=0.2, gen=gen)))
+    for s in BETA_SPECS:  # a beta of one element, or of C = 3
+        for kind, n in (("scalar", 1), ("channel", 3)):
+            if name == f"{s.name}_{kind}":
+                return s.call, _beta_formula(s), (x, _rand(n, lo=0.2, gen=gen))
     if name.startswith("acon_c"):
         beta = _rand(2, 3, lo=0.2, gen=gen) if name == "acon_c_sample" else \
             _rand(3, lo=0.2, gen=gen)
@@ -491,8 +504,9 @@ def _fwd_case(name):
     return fused_act.frelu_max, torch.maximum, (x, _randn(2, 3, gen=gen))  # no ties
 
 
-FWD_OPS = [op.name for op in ELEMENTWISE] + ["swish_scalar", "swish_channel", "acon_c",
-                                             "acon_c_sample", "frelu_max"]
+FWD_OPS = [op.name for op in ELEMENTWISE] + [
+    f"{s.name}_{kind}" for s in BETA_SPECS for kind in ("scalar", "channel")] + [
+    "acon_c", "acon_c_sample", "frelu_max"]
 
 
 def _jvp_dual(f, primals, tangents):
@@ -672,3 +686,203 @@ def test_property_vs_float64(backend, example):
         for p, got, ref64, t in zip(params, grads[1:], want[1:], terms, strict=True):
             assert got.shape == p.shape, f"{what}: param grad shape {got.shape} vs {p.shape}"
             assert_param_near(got, ref64, t + ref64.abs(), dtype, what + " dparam")
+
+
+# ---- 11. torch.compile around torch.func transforms and forward-mode AD ----------------------
+
+COMPILED_TRANSFORMS = ["jvp", "forward_ad", "grad", "vmap"]
+
+
+def _transform_of(kind, f, primals):
+    """The transform ``kind`` of ``f`` as a function of ``primals`` (fixed tangents; vmap over a
+    new leading dim of 2)."""
+    argnums = tuple(range(len(primals)))
+    tangents = [_randn(*p.shape, scale=1.0, gen=_gen(61 + i)) for i, p in enumerate(primals)]
+    if kind == "jvp":
+        return lambda *a: torch.func.jvp(f, a, tuple(tangents))
+    if kind == "forward_ad":
+        def dual(*a):
+            with fwAD.dual_level():
+                out = f(*[fwAD.make_dual(p, t) for p, t in zip(a, tangents, strict=True)])
+                return fwAD.unpack_dual(out)
+        return dual
+    if kind == "grad":
+        return torch.func.grad(lambda *a: f(*a).sum(), argnums=argnums)
+    return torch.func.vmap(f)
+
+
+@pytest.mark.parametrize("kind", COMPILED_TRANSFORMS)
+@pytest.mark.parametrize("name", FWD_OPS)
+def test_compiled_transform_equals_eager(name, kind):
+    """torch.compile of a torch.func transform (jvp, grad, vmap) or of forward-mode AD over an op
+    gives the eager transform's values: the reference math runs there, never the opaque op (it
+    has no jvp or batching rule: a zero tangent, or none)."""
+    ours, _, primals = _fwd_case(name)
+    if kind == "vmap":
+        primals = tuple(torch.stack([p, p * 0.5 + 0.1]) for p in primals)
+    fn = _transform_of(kind, ours, primals)
+    want = fn(*primals)
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager")(*primals)
+    torch._dynamo.reset()
+    if kind == "forward_ad":
+        assert got[1] is not None, f"{name}: the compiled output carries no tangent"
+    torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"compiled {kind} {name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["opaque", "decompose"])
+def test_compile_traces_op_unless_decomposed(mode, monkeypatch):
+    """A plain compile traces the ``fused_act::activation`` custom op, or, with compile_mode
+    "decompose", the reference math; a compiled transform always the reference math."""
+    monkeypatch.setattr(fused_act.config, "compile_mode", mode)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.append({str(n.target) for n in gm.graph.nodes})
+        return gm
+
+    x = _randn(4, gen=_gen(67))
+    torch._dynamo.reset()
+    torch.compile(fused_act.mish, fullgraph=True, backend=backend)(x)
+    torch.compile(torch.func.vmap(fused_act.silu), backend=backend)(x.reshape(2, 2))
+    torch._dynamo.reset()
+    plain, transformed = (any("fused_act.activation" in t for t in g) for g in seen)
+    assert plain == (mode == "opaque"), f"plain compile, {mode}: traced {sorted(seen[0])}"
+    assert not transformed, f"compiled vmap, {mode}: traced {sorted(seen[1])}"
+
+
+# ---- 12. fake kernels give the real strides ----------------------------------------------
+
+def _transposed(*shape):
+    """A dense tensor of ``shape`` (the last two dims) laid out transposed, fp64."""
+    return _rand(*shape[:-2], shape[-1], shape[-2], lo=0.2, gen=_gen(71)).transpose(-1, -2)
+
+
+def _stride_cases():
+    """name -> (call(x, params), x, params): parameters (a per-sample ACON beta, p1, p2, FReLU's
+    t, a swish beta) dense but not in row-major order."""
+    n, c = 3, 4
+    x2, x4 = _randn(n, c, gen=_gen(73)), _randn(n, c, 2, 5, gen=_gen(79))
+    beta4 = _rand(1, 1, 1, c, lo=0.2, gen=_gen(83)).permute(0, 3, 1, 2)  # (1, C, 1, 1)
+    return {
+        "acon_c_sample": (lambda x, p: fused_act.acon_c(x, *p), x2,
+                          [_transposed(1, c), _transposed(1, c), _transposed(n, c)]),
+        "acon_c_sample_4d": (lambda x, p: fused_act.acon_c(x, *p), x4,
+                             [_rand(c, gen=_gen(89)), _rand(c, gen=_gen(97)), _transposed(n, c)]),
+        **{f"{s.name}_channel_4d": (lambda x, p, s=s: s.call(x, p[0]), x4, [beta4])
+           for s in BETA_SPECS},
+        "frelu_max": (lambda x, p: fused_act.frelu_max(x, p[0]), x2, [_transposed(n, c)]),
+    }
+
+
+def _op_calls(name, x, params, backend):
+    """(custom op, arguments) of the forward and backward ops that ``name`` runs."""
+    from fused_act import ops
+    g = _randn(*x.shape, scale=1.0, gen=_gen(101))
+    if name.startswith("acon"):
+        return [(ops.acon_c_op, (x, *params, backend)),
+                (ops.acon_c_backward_op, (g, x, *params, True, backend))]
+    if name.startswith("frelu"):
+        _, code = ops.frelu_max_op(x, params[0], True, backend)
+        a, b = _rand(x.shape[1], gen=_gen(103)), _rand(x.shape[1], gen=_gen(107))
+        return [(ops.frelu_max_op, (x, params[0], True, backend)),
+                (ops.frelu_max_backward_op, (g, code, backend)),
+                (ops.frelu_max_affine_op, (x, params[0], a, b, backend))]
+    spec = next(s for s in BETA_SPECS if name.startswith(s.name))
+    return [(ops.activation_op, (x, spec.kernel, params[0], 1.0, backend)),
+            (ops.activation_backward_op, (g, x, spec.kernel, params[0], 1.0, True, backend))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_stride_cases()))
+def test_opcheck_strided_params(name, backend, request):
+    """torch.library.opcheck of the forward and backward ops with parameters laid out
+    transposed: the fake kernels give the real outputs' shapes and strides (parameter gradients
+    contiguous, x-sized outputs with x's strides)."""
+    _use(request, backend)
+    _, x, params = _stride_cases()[name]
+    for op, args in _op_calls(name, x, params, backend):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(_stride_cases()))
+def test_compile_inductor_strided_params(name, backend):
+    """Inductor (fresh, no cached graphs) over forward and backward with such parameters gives
+    eager's values: its checks of each output against the fake kernel's layout pass."""
+    need_backend(backend, "cpu")
+    call, x, params = _stride_cases()[name]
+
+    def run(f):
+        xs, ps = _leaf(x), [_leaf(p) for p in params]
+        with fused_act.use_backend(backend):
+            y = f(xs, ps)
+            return y, torch.autograd.grad(y, [xs, *ps], torch.ones_like(y))
+
+    want = run(call)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = run(torch.compile(call, backend="inductor", fullgraph=True))
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{name}[{backend}]: {m}")
+
+
+# ---- 13. one fp32 rounding of a float beta on every path -----------------------------------
+
+@pytest.mark.parametrize("spec", BETA_SPECS, ids=lambda s: s.name)
+def test_float_beta_rounded_alike_on_every_path(spec, monkeypatch):
+    """A float beta (0.1: not an fp32 value) is rounded to fp32 on every path: eager, the
+    compiled opaque op, the compiled decomposed math (static and dynamic) and the reference math
+    of a transform give bit-identical fp64 results."""
+    x = _randn(64, gen=_gen(109))
+
+    def f(x, b):
+        return spec.call(x, b)
+
+    with fused_act.use_backend("reference"):
+        eager = f(x, 0.1)
+        got = {"vmap": torch.func.vmap(lambda x: f(x, 0.1))(x.reshape(8, 8)).reshape(64),
+               "jvp": torch.func.jvp(lambda x: f(x, 0.1), (x,), (torch.ones_like(x),))[0]}
+        for mode in ("opaque", "decompose"):
+            monkeypatch.setattr(fused_act.config, "compile_mode", mode)
+            for dynamic in (False, True):
+                torch._dynamo.reset()
+                compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+                compiled(x, 0.3)  # a second beta: a dynamic compile makes it symbolic
+                got[f"{mode}, dynamic={dynamic}"] = compiled(x, 0.1)
+    torch._dynamo.reset()
+    want = spec.forward(x, torch.tensor(0.1, dtype=torch.float32).item())
+    assert torch.equal(eager, want), f"{spec.name}: eager beta=0.1 is not beta=fp32(0.1)"
+    for path, y in got.items():
+        diff = (y - eager).abs().max().item()
+        assert torch.equal(y, eager), f"{spec.name} beta=0.1, {path}: differs from eager by {diff}"
+
+
+# ---- 14. the benchmark's blocks come from the registry -------------------------------------
+
+def test_bench_blocks_from_spec():
+    """The benchmark's tables derive from a spec's properties (section 1): every op has a
+    pipeline block (but a learnable gated one), another activation with a beta gets the
+    learnable block (its ``torch_fn``) and its fused module with a learnable beta, and a spec
+    whose block cannot be built is a ValueError naming it."""
+    import dataclasses
+
+    from bench import pipelines, table
+    # a gated row with a learnable beta has no MLP block (patch_gated_mlps patches fixed ones)
+    assert set(pipelines.BLOCKS) == set(table.OPS) - {
+        n for n, s in table.GATED.items() if s.beta}
+    x = _randn(2, 8, gen=_gen(113))
+    for s in BETA_SPECS:
+        other = dataclasses.replace(s, name=s.name + "_other")
+        plain = pipelines._torch_module(other)(8).double()
+        torch.testing.assert_close(plain(x), s.torch_fn(x, torch.ones(1, dtype=F64)), **TIGHT)
+        fused = pipelines._fused_module(other)()
+        assert isinstance(fused, getattr(fused_act.nn, s.module))
+        assert [n for n, p in fused.named_parameters()] == ["beta"], "beta is not learnable"
+    some = next(iter(registry.SPECS.values()))
+    for bare in (dataclasses.replace(some, name="bare", beta=False, replaces=""),
+                 dataclasses.replace(some, name="bare", beta=False, replaces="NoSuchModule")):
+        with pytest.raises(ValueError, match="'bare'"):
+            pipelines._torch_module(bare)(8)
+    with pytest.raises(ValueError, match="'bare'"):
+        pipelines._fused_module(dataclasses.replace(some, name="bare", beta=True, module=""))()

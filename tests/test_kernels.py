@@ -150,3 +150,13 @@ def test_edge_values(op, dtype, backend_name, device):
         assert y[8].item() == 0.0 and math.copysign(1.0, y[8].item()) == -1.0
     if op.name == "mish" and dtype in (torch.float32, torch.float64):
         assert dx[12].item() < 0.0  # mish'(-100) = e^-100 (2 - 100 + ...) < 0
+
+
+@pytest.mark.parametrize("name", ["reference", "auto", "Triton", "tritonx"])
+def test_kernels_unknown_backend(name):
+    """Only "triton" and "cuda" name kernel backends: any other name is a ValueError naming
+    them, never Triton's kernels by default."""
+    from fused_act.kernels import _loaded, kernels
+    with pytest.raises(ValueError, match="'triton', 'cuda'"):
+        kernels(name)
+    assert name not in _loaded

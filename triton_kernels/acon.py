@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .math import acon_c_bwd, acon_c_fwd, opmath
-from .tiling import NUM_WARPS, Plan, load_channel, store_partial, tile
+from .tiling import NUM_WARPS, Plan, load_channel, store_partial, store_rounded, tile
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def acon_fwd_kernel(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, R, L, C, NB, S,
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     a, p2, b = _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB, LAYOUT,
                        PER_SAMPLE)
-    tl.store(y_ptr + offs, acon_c_fwd(x, a, p2, b).to(y_ptr.dtype.element_ty), mask=mask)
+    store_rounded(y_ptr + offs, acon_c_fwd(x, a, p2, b), mask)
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, partial_ptr,
     a, p2, b = _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB, LAYOUT,
                        PER_SAMPLE)
     dydx, dp1, dp2, dbeta = acon_c_bwd(x, a, p2, b)
-    tl.store(dx_ptr + offs, (g * dydx).to(dx_ptr.dtype.element_ty), mask=mask)
+    store_rounded(dx_ptr + offs, g * dydx, mask)
     if NEED_PARAMS:
         store_partial(partial_ptr, tl.where(mask, g * dp1, 0.0), rb, pid_l, rows, cols,
                       row_mask, R, L, LAYOUT)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .math import act_bwd, act_fwd, opmath
-from .tiling import NUM_WARPS, Plan, load_channel, store_partial, tile
+from .tiling import NUM_WARPS, Plan, load_channel, store_partial, store_rounded, tile
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     b = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     y = act_fwd(x, b, ACT)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_rounded(y_ptr + offs, y, mask)
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     b = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     dydx, dydb = act_bwd(x, b, ACT)
-    tl.store(dx_ptr + offs, (g * dydx).to(dx_ptr.dtype.element_ty), mask=mask)
+    store_rounded(dx_ptr + offs, g * dydx, mask)
     if NEED_DBETA:
         store_partial(partial_ptr, tl.where(mask, g * dydb, 0.0), rb, pid_l, rows, cols,
                       row_mask, R, L, BETA_MODE)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .math import max_bwd, max_fwd, opmath
-from .tiling import NUM_WARPS, Plan, load_channel, tile
+from .tiling import NUM_WARPS, Plan, load_channel, store_rounded, tile
 
 
 @triton.jit
@@ -18,9 +18,9 @@ def max_fwd_kernel(x_ptr, t_ptr, y_ptr, code_ptr, N, WRITE_CODE: tl.constexpr,
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     t = opmath(tl.load(t_ptr + offs, mask=mask))
     y, code = max_fwd(x, t)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_rounded(y_ptr + offs, y, mask)
     if WRITE_CODE:
-        tl.store(code_ptr + offs, code, mask=mask)
+        store_rounded(code_ptr + offs, code, mask)
 
 
 @triton.jit
@@ -30,8 +30,8 @@ def max_bwd_kernel(g_ptr, code_ptr, dx_ptr, dt_ptr, N, BLOCK: tl.constexpr,
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     code = tl.load(code_ptr + offs, mask=mask)
     dx, dt = max_bwd(g, code)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dt_ptr + offs, dt.to(dt_ptr.dtype.element_ty), mask=mask)
+    store_rounded(dx_ptr + offs, dx, mask)
+    store_rounded(dt_ptr + offs, dt, mask)
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def max_affine_kernel(x_ptr, t_ptr, a_ptr, b_ptr, y_ptr, R, L, C, LAYOUT: tl.con
     a = load_channel(a_ptr, rows, cols, C, LAYOUT)
     b = load_channel(b_ptr, rows, cols, C, LAYOUT)
     y, _ = max_fwd(x, t * a + b)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_rounded(y_ptr + offs, y, mask)
 
 
 def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tensor | None,

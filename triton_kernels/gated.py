@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .elementwise import beta_at
 from .math import act_bwd, act_fwd, opmath
-from .tiling import NUM_WARPS, Plan, store_partial, tile
+from .tiling import NUM_WARPS, Plan, store_partial, store_rounded, tile
 
 INT32_MAX = 2**31 - 1
 
@@ -39,7 +39,7 @@ def glu_fwd_kernel(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up
     u = opmath(tl.load(_at(up_ptr, rows, cols, s_up, FLAT), mask=mask))
     b = beta_at(beta_ptr, beta_value, rows, cols, 1, BETA_MODE)
     y = act_fwd(x, b, ACT) * u
-    tl.store(_at(out_ptr, rows, cols, s_out, FLAT), y.to(out_ptr.dtype.element_ty), mask=mask)
+    store_rounded(_at(out_ptr, rows, cols, s_out, FLAT), y, mask)
 
 
 @triton.jit
@@ -55,10 +55,8 @@ def glu_bwd_kernel(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_v
     b = beta_at(beta_ptr, beta_value, rows, cols, 1, BETA_MODE)
     dfdx, dfdb = act_bwd(x, b, ACT)
     gu = g * u
-    tl.store(_at(dgate_ptr, rows, cols, s_dgate, FLAT),
-             (gu * dfdx).to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(_at(dup_ptr, rows, cols, s_dup, FLAT),
-             (g * act_fwd(x, b, ACT)).to(dup_ptr.dtype.element_ty), mask=mask)
+    store_rounded(_at(dgate_ptr, rows, cols, s_dgate, FLAT), gu * dfdx, mask)
+    store_rounded(_at(dup_ptr, rows, cols, s_dup, FLAT), g * act_fwd(x, b, ACT), mask)
     if NEED_DBETA:
         store_partial(partial_ptr, tl.where(mask, gu * dfdb, 0.0), rb, pid_l, rows, cols,
                       row_mask, R, L, BETA_MODE)

@@ -17,6 +17,7 @@ f'(-inf) = 0) instead of the 0 * inf = NaN a direct formula gives.
 
 import triton
 import triton.language as tl
+from triton import knobs
 
 # Activation selectors: fused_act/registry.py KERNEL_IDS assigns them (a test checks these).
 MISH = tl.constexpr(0)
@@ -34,11 +35,42 @@ MISH_SATURATION = tl.constexpr(20.0)  # tanh(softplus(x)) == 1 in fp32 and fp64 
 INF = tl.constexpr(float("inf"))
 
 
+# Triton's interpreter converts between fp32 and bf16 on the bits by a route of its own: down by
+# dropping the low 16 bits (round toward zero, where the GPU's cvt.rn.bf16.f32 rounds to nearest
+# even), and both ways with subnormals scaled wrongly (triton 3.6 to 3.9; asking for
+# fp_downcast_rounding="rtne" changes nothing, it is the default).  Under the interpreter the two
+# conversions below do it on the bits instead.  Kernels are decorated for the interpreter or the
+# GPU by the time this module is imported, and the choice is read the same way.
+INTERPRETED = tl.constexpr(knobs.runtime.interpret)
+
+
+@triton.jit
+def bf16_to_fp32_bits(x):
+    """bf16 -> fp32, exactly: the bits shifted into the high half."""
+    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp32_to_bf16_bits(v):
+    """fp32 -> bf16 rounded to nearest, ties to even, on the bits."""
+    tl.static_assert(v.dtype == tl.float32, "fp32_to_bf16_bits: fp32 only (one rounding)")
+    bits = v.to(tl.uint32, bitcast=True)
+    # just under half an ulp plus the kept lowest bit carries into the kept half exactly when
+    # the dropped bits are over half an ulp, or half with the kept bit odd; a carry out of the
+    # mantissa steps the exponent, past the largest bf16 to inf, as rounding does
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    # a NaN stays a NaN (made quiet) instead of carrying into inf
+    kept = tl.where(v != v, (bits >> 16) | 0x40, rounded)
+    return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
 @triton.jit
 def opmath(x):
     """fp16/bf16/fp32 compute in fp32; fp64 stays fp64 (for gradcheck)."""
     if x.dtype == tl.float64:
         r = x
+    elif INTERPRETED and x.dtype == tl.bfloat16:
+        r = bf16_to_fp32_bits(x)
     else:
         r = x.to(tl.float32)
     return r

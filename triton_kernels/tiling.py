@@ -1,12 +1,13 @@
 """The Triton side of the tiling every kernel family shares (``fused_act/plan.py``: the plans,
-their layouts and partial-sum slots): a program's tile, its partial sums, its parameters."""
+their layouts and partial-sum slots): a program's tile, its partial sums, its parameters, and
+the store every kernel writes through."""
 
 from typing import Protocol
 
 import triton
 import triton.language as tl
 
-from .math import opmath
+from .math import INTERPRETED, fp32_to_bf16_bits, opmath
 
 
 class Plan(Protocol):
@@ -62,14 +63,26 @@ def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.co
 
 
 @triton.jit
+def store_rounded(ptrs, v, mask):
+    """Store ``v`` at ``ptrs`` in their element type, a narrower float rounded to nearest even
+    (as torch's ``.to``): every kernel stores through here, the one place that says how."""
+    ty = ptrs.dtype.element_ty
+    if INTERPRETED and ty == tl.bfloat16:
+        out = fp32_to_bf16_bits(v)
+    else:
+        # the default of triton 3.6 to 3.9 (arith.truncf, cvt.rn on NVIDIA), asked for by name
+        out = v.to(ty, fp_downcast_rounding="rtne")
+    tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
 def store_partial(partial_ptr, v, block_r_id, pid_l, rows, cols, row_mask, R, L,
                   LAYOUT: tl.constexpr):
     """Reduce the tile ``v`` to one partial per row (ROWS) or per column (COLS) and store it."""
-    acc = partial_ptr.dtype.element_ty
     if LAYOUT == 1:
-        tl.store(partial_ptr + pid_l * R + rows, tl.sum(v, axis=1).to(acc), mask=row_mask)
+        store_rounded(partial_ptr + pid_l * R + rows, tl.sum(v, axis=1), row_mask)
     else:
-        tl.store(partial_ptr + block_r_id * L + cols, tl.sum(v, axis=0).to(acc), mask=cols < L)
+        store_rounded(partial_ptr + block_r_id * L + cols, tl.sum(v, axis=0), cols < L)
 
 
 @triton.jit
