@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 import fused_act
-from fused_act import ops
+from fused_act import ops, registry
 from fused_act.triton_kernels import math as tmath
 
 from .cases import DEVICES, OPS, ROOT, need_backend, need_device, ulp_distance
@@ -187,3 +187,15 @@ def test_ulp_distance():
                          dtype=dtype)
         steps = round(2 / eps)  # the smallest normal is 1 / eps subnormal steps above 0
         assert ulp_distance(a, b).tolist() == [1, 2, 0, steps, 0, torch.iinfo(torch.int64).max]
+
+
+@_cases
+@pytest.mark.parametrize("spec", list(registry.SPECS.values()), ids=lambda s: s.name)
+def test_gated(spec, dtype, backend, device):
+    """glu of each activation on a packed gate/up input: act(gate) * up and both gradients
+    rounded once, from fp32 (a float beta where the activation has one)."""
+    x = _normal(spec.scale, dtype, device, 0)
+    g = _normal(1.0, dtype, device, 1)[..., :SHAPE[-1] // 2]
+    kwargs = {**spec.kwargs, **({"beta": 0.75} if spec.beta else {})}
+    _check(lambda v: fused_act.glu(v, None, spec.function or spec.name, **kwargs), [x], g,
+           backend, f"glu {spec.name}[{backend}, {dtype}, {device}]")
