@@ -8,6 +8,10 @@ tensor without it is a clear error.  "cuda" names the CUDA C++ kernels (``csrc/`
 CUDA tensors only, and asking for it where they cannot run says why.  Availability is probed
 once and explained by ``python -m fused_act.info``.
 
+``set_backend`` sets the process-wide default; ``use_backend`` overrides it for its block in the
+current thread (or asyncio task) only, so threads serving different models do not see each other's
+blocks.  A new thread starts from the default.
+
 The backend in force when an op's forward runs is recorded with its autograd node and runs that
 node's backward, wherever the backward is called (as torch does for autocast): with
 ``use_backend("triton"): y = model(x)`` then ``y.backward()`` outside the block, the backward is
@@ -16,6 +20,7 @@ graph (changing it recompiles), as ``config.compile_mode`` is.
 """
 
 import contextlib
+import contextvars
 import functools
 import os
 from collections.abc import Iterator
@@ -35,30 +40,33 @@ def _check(name: str) -> str:
     return name
 
 
-_backend = _check(os.environ.get("FUSED_ACT_BACKEND", "auto"))
+_default = _check(os.environ.get("FUSED_ACT_BACKEND", "auto"))
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_act_backend",
+                                                                     default=None)
 
 
 def set_backend(name: str) -> None:
-    """Select the implementation for all later calls: "auto", "triton", "cuda" or "reference"."""
-    global _backend
-    _backend = _check(name)
+    """Select the process-wide default implementation for later calls: "auto", "triton", "cuda"
+    or "reference".  A ``use_backend`` block in force keeps its own choice until it ends."""
+    global _default
+    _default = _check(name)
 
 
 def get_backend() -> str:
-    """The backend selected by ``set_backend``, ``use_backend`` or ``FUSED_ACT_BACKEND``."""
-    return _backend
+    """The backend in force here: the innermost ``use_backend`` block of this thread, else the
+    default that ``set_backend`` or ``FUSED_ACT_BACKEND`` chose."""
+    return _scoped.get() or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the block with ``name`` as the backend, then restore the previous one.  Backward
-    passes of ops run in the block use ``name`` too, even when called after it."""
-    global _backend
-    previous, _backend = _backend, _check(name)
+    """Run the block with ``name`` as the backend in this thread, then restore the previous one.
+    Backward passes of ops run in the block use ``name`` too, even when called after it."""
+    token = _scoped.set(_check(name))
     try:
         yield
     finally:
-        _backend = previous
+        _scoped.reset(token)
 
 
 def interpreting() -> bool:

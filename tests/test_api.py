@@ -146,6 +146,60 @@ def test_backend_control():
         fused_act.set_backend("auto")
 
 
+def test_use_backend_is_per_thread():
+    """A block in one thread does not change the backend another thread runs with; a new thread
+    starts from the set_backend default, and set_backend does not override a block in force."""
+    import threading
+    inside, entered, leave, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def blocked():
+        with fused_act.use_backend("reference"):
+            entered.set()
+            leave.wait(10)
+            seen["blocked"] = fused_act.get_backend()
+
+    def other():
+        inside.wait(10)
+        seen["other"] = fused_act.get_backend()
+
+    with fused_act.use_backend("triton"):
+        threads = [threading.Thread(target=blocked), threading.Thread(target=other)]
+        for t in threads:
+            t.start()
+        entered.wait(10)
+        inside.set()
+        threads[1].join(10)
+        fused_act.set_backend("reference")
+        try:
+            assert fused_act.get_backend() == "triton"
+            leave.set()
+            threads[0].join(10)
+        finally:
+            fused_act.set_backend("auto")
+    assert seen == {"blocked": "reference", "other": "auto"}
+
+
+def test_compiled_graph_follows_use_backend(monkeypatch):
+    """The backend in force when a compiled function runs picks its graph: a block with another
+    backend retraces rather than reusing the first graph's kernels."""
+    ran = []
+    real = ops.kernels
+
+    def probe(name):
+        ran.append(name)
+        return real(name)
+
+    monkeypatch.setattr(ops, "kernels", probe)
+    f = torch.compile(lambda t: fused_act.mish(t), fullgraph=True, backend="eager")
+    x = torch.randn(64)
+    with fused_act.use_backend("reference"):
+        torch.testing.assert_close(f(x), reference.mish(x))
+    assert ran == []
+    with fused_act.use_backend("triton"):
+        torch.testing.assert_close(f(x), reference.mish(x), rtol=1e-6, atol=1e-6)
+    assert ran and set(ran) == {"triton"}
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with fused_act.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
