@@ -99,6 +99,11 @@ ELEMENTWISE = [op for op in OPS if not op.params(torch.zeros(2, 3))]
 BETA_SPECS = [s for s in registry.SPECS.values() if s.beta]
 
 
+def _beta_spec(name):
+    """The beta spec a case named ``<spec>_...`` or ``<spec>-...`` is about."""
+    return next(s for s in BETA_SPECS if name.startswith((f"{s.name}_", f"{s.name}-")))
+
+
 def _beta_call(spec, b):
     """``spec``'s public function with beta ``b`` (a float, or a tensor broadcast over C)."""
     return lambda x: spec.call(x, b(x) if callable(b) else b)
@@ -118,7 +123,7 @@ def _param_terms(op_name, g64, x64, p64):
         return [t.abs() for t in terms]
     if op_name.startswith("frelu"):
         return [g64.abs()]
-    return [reference.swish_backward(g64.abs(), x64, p64[0], need_dbeta=True)[1].abs()]
+    return [_beta_spec(op_name).backward(g64.abs(), x64, p64[0], True)[1].abs()]
 
 
 # ---- 1. strided / sliced parameter tensors -----------------------------------------------
@@ -127,7 +132,8 @@ def _strided_case(name, dtype, x_offset):
     """(call, x, params): x of the case's shape (a view with a storage offset if ``x_offset``)
     and its parameters as strided views."""
     gen = _gen(3)
-    shape = (2, 3, 5) if name == "swish_channel" else (2, 3, 4, 5)
+    spec = _beta_spec(name) if name.startswith(tuple(s.name for s in BETA_SPECS)) else None
+    shape = (2, 3, 5) if spec and name.endswith("_channel") else (2, 3, 4, 5)
     n = math.prod(shape)
     x = _randn(n + 1, dtype=dtype, gen=gen)[1:].view(shape) if x_offset else \
         _randn(*shape, dtype=dtype, gen=gen)
@@ -137,11 +143,10 @@ def _strided_case(name, dtype, x_offset):
 
     if name == "mish":
         return lambda x, p: fused_act.mish(x), x, []
-    if name == "swish_channel":
-        return lambda x, p: fused_act.swish(x, p[0]), x, [(torch.rand(6, generator=gen).to(
-            dtype) + 0.5)[::2]]
-    if name == "swish_channel_4d":
-        return lambda x, p: fused_act.swish(x, p[0]), x, [r(1, 6, 1, 1, lo=0.5)[:, ::2]]
+    if spec:
+        beta = (torch.rand(6, generator=gen).to(dtype) + 0.5)[::2] if name.endswith(
+            "_channel") else r(1, 6, 1, 1, lo=0.5)[:, ::2]
+        return lambda x, p: spec.call(x, p[0]), x, [beta]
     if name == "frelu_max":
         return lambda x, p: fused_act.frelu_max(x, p[0]), x, [_randn(2, 3, 4, 10, dtype=dtype,
                                                                      gen=gen)[..., ::2]]
@@ -151,8 +156,8 @@ def _strided_case(name, dtype, x_offset):
     return lambda x, p: fused_act.acon_c(x, *p), x, [r(6)[::2], r(1, 6, 1, 1)[:, ::2], beta]
 
 
-STRIDED = ["swish_channel", "swish_channel_4d", "acon_channel", "acon_sample", "acon_sample_4d",
-           "frelu_max"]
+STRIDED = [f"{s.name}_{kind}" for s in BETA_SPECS for kind in ("channel", "channel_4d")] + [
+    "acon_channel", "acon_sample", "acon_sample_4d", "frelu_max"]
 STRIDED_CASES = [pytest.param("mish", True, id="mish-x_offset")] + [
     pytest.param(name, off, id=f"{name}-{'x_offset' if off else 'x_contiguous'}")
     for name in STRIDED for off in (False, True)]
@@ -329,20 +334,21 @@ def _bad_param_call(case, dtype):
     ok = torch.ones(3)
     bad = torch.ones(3).to(dtype)
     return {
-        "swish-beta": lambda: fused_act.swish(x, bad),
+        **{f"{s.name}-beta": lambda s=s: s.call(x, bad) for s in BETA_SPECS},
         "acon_c-p1": lambda: fused_act.acon_c(x, bad, ok, ok),
         "acon_c-p2": lambda: fused_act.acon_c(x, ok, bad, ok),
         "acon_c-beta": lambda: fused_act.acon_c(x, ok, ok, bad),
         "frelu_max-t": lambda: fused_act.frelu_max(x, torch.zeros(2, 3, 4).to(dtype)),
         "glu-up": lambda: fused_act.glu(x, torch.zeros(2, 3, 4).to(dtype)),
-        "glu-beta": lambda: fused_act.glu(x, activation="swish", beta=torch.ones(1).to(dtype)),
+        "glu-beta": lambda: fused_act.glu(x, activation=BETA_SPECS[0].name,
+                                          beta=torch.ones(1).to(dtype)),
     }[case]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT8, ids=str)
-@pytest.mark.parametrize("case", ["swish-beta", "acon_c-p1", "acon_c-p2", "acon_c-beta",
-                                  "frelu_max-t", "glu-up", "glu-beta"])
+@pytest.mark.parametrize("case", [f"{s.name}-beta" for s in BETA_SPECS] + [
+    "acon_c-p1", "acon_c-p2", "acon_c-beta", "frelu_max-t", "glu-up", "glu-beta"])
 def test_unsupported_param_dtype(case, dtype, backend, request, monkeypatch):
     """A float8 parameter (beta, p1, p2, t) with a float32 x is a TypeError naming it."""
     _use(request, backend)
@@ -462,14 +468,14 @@ def _swish_acon_inputs():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_func_grad_swish_beta(backend, request):
-    """torch.func.grad with respect to a per-channel swish beta equals the plain formula's."""
+@pytest.mark.parametrize("spec", BETA_SPECS, ids=lambda s: s.name)
+def test_torch_func_grad_beta(spec, backend, request):
+    """torch.func.grad with respect to a per-channel beta equals the plain formula's."""
     _use(request, backend)
     x, _, _, beta = _swish_acon_inputs()
     with fused_act.use_backend(backend):
-        got = torch.func.grad(lambda x, b: fused_act.swish(x, b).sum(), argnums=1)(x, beta)
-    want = torch.func.grad(lambda x, b: (x * torch.sigmoid(b.reshape(1, 3) * x)).sum(),
-                           argnums=1)(x, beta)
+        got = torch.func.grad(lambda x, b: spec.call(x, b).sum(), argnums=1)(x, beta)
+    want = torch.func.grad(lambda x, b: _beta_formula(spec)(x, b).sum(), argnums=1)(x, beta)
     torch.testing.assert_close(got, want, **TIGHT)
 
 
@@ -549,14 +555,15 @@ def test_jacobian_vectorized(op, backend, request):
 
 @pytest.mark.parametrize("mode", ["opaque", "decompose"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_dynamic(backend, mode, request, monkeypatch):
+@pytest.mark.parametrize("spec", BETA_SPECS, ids=lambda s: s.name)
+def test_compile_dynamic(spec, backend, mode, request, monkeypatch):
     """A dynamic compile with a Python-float beta that changes between calls (Dynamo makes it
     symbolic) gives the static compile's and eager's results, in both compile modes."""
     _use(request, backend)
     monkeypatch.setattr(fused_act.config, "compile_mode", mode)
 
     def f(x, beta):
-        return fused_act.swish(x, beta)
+        return spec.call(x, beta)
 
     calls = [(_randn(3, 4, dtype=torch.float32, gen=_gen(43)), 1.5),
              (_randn(5, 7, dtype=torch.float32, gen=_gen(47)), 0.3),
@@ -572,14 +579,16 @@ def test_compile_dynamic(backend, mode, request, monkeypatch):
     for dynamic, outs in results.items():
         for (x, b), got, want in zip(calls, outs, eager, strict=True):
             assert_near(got, want.double(), torch.float32,
-                        f"swish[{backend}, {mode}, dynamic={dynamic}, beta={b}] {tuple(x.shape)}")
+                        f"{spec.name}[{backend}, {mode}, dynamic={dynamic}, beta={b}] "
+                        f"{tuple(x.shape)}")
 
 
 # ---- 9. torch.jit ------------------------------------------------------------------------
 
 MODULES = {**{s.name: (lambda s=s: getattr(fused_act.nn, s.module)(**s.kwargs))
               for s in registry.SPECS.values() if s.module and not s.beta},
-           "Swish": lambda: fused_act.nn.Swish(beta=1.5)}
+           **{s.module: (lambda s=s: getattr(fused_act.nn, s.module)(beta=1.5, **s.kwargs))
+              for s in BETA_SPECS}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -610,7 +619,7 @@ PROPERTY_OPS = {op.name: op for op in ALL_OPS + ACON_OPS}
 def _min_rank(name):
     if name.endswith("_4d"):
         return 3  # a (1, C, 1, ...) beta: as the kernel tables, x of rank >= 3
-    return 2 if name.startswith(("swish_channel", "acon")) else 1
+    return 2 if name.endswith("_channel") or name.startswith("acon") else 1
 
 
 @st.composite
@@ -788,7 +797,7 @@ def _op_calls(name, x, params, backend):
         return [(ops.frelu_max_op, (x, params[0], True, backend)),
                 (ops.frelu_max_backward_op, (g, code, backend)),
                 (ops.frelu_max_affine_op, (x, params[0], a, b, backend))]
-    spec = next(s for s in BETA_SPECS if name.startswith(s.name))
+    spec = _beta_spec(name)
     return [(ops.activation_op, (x, spec.kernel, params[0], 1.0, backend)),
             (ops.activation_backward_op, (g, x, spec.kernel, params[0], 1.0, True, backend))]
 
