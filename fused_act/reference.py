@@ -241,7 +241,8 @@ def frelu_max_backward_code(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]
     gx = (code == X_WINS) | (code == NAN) | (code == TIE)
     gt = (code == T_WINS) | (code == NAN) | (code == TIE)
     g = grad * half
-    return g * gx.to(grad.dtype), g * gt.to(grad.dtype)
+    # where, not a product with 0: the loser's gradient is +0.0, as torch.maximum's is
+    return torch.where(gx, g, 0.0), torch.where(gt, g, 0.0)
 
 
 def frelu_max_affine(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:

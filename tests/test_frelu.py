@@ -61,6 +61,8 @@ def test_matches_torch_maximum_exactly(key, dtype, backend_name, device):
         wx, wt = torch.autograd.grad(want, [x, t], g)
         torch.testing.assert_close(dx, wx, rtol=0, atol=0)
         torch.testing.assert_close(dt, wt, rtol=0, atol=0)
+        # bit for bit includes the sign of the zeros the loser gets
+        assert torch.equal(dx.signbit(), wx.signbit()) and torch.equal(dt.signbit(), wt.signbit())
 
 
 @pytest.mark.parametrize("device", DEVICES)
