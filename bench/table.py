@@ -76,7 +76,7 @@ class Op:
     ref: Callable
     shape: Callable[[int], tuple[int, ...]] = flat
     params: Callable[[torch.Tensor], list[torch.Tensor]] = lambda x: []
-    traffic: tuple[int, int] | None = (2, 3)
+    traffic: tuple[float, float] | None = (2, 3)
     ref_fp32: bool = True
     inputs: int = 1
     layers: tuple[tuple[int, ...], ...] = ()
@@ -161,6 +161,34 @@ def _gated(spec: registry.Spec) -> Op:
               lambda g, u: spec.forward(g, 1.0) * u, params=lambda x: [_up(x)], **common)
 
 
+def _packed_rows(n: int) -> tuple[int, ...]:
+    """n elements as (tokens, 2 w): gate and up packed side by side, w as ``_rows``' width."""
+    tokens, width = _rows(max(1, n // 2))
+    return (tokens, 2 * width)
+
+
+def _packed(spec: registry.Spec) -> Op:
+    """``act(gate) * up`` with gate and up the halves of one tensor x (``up=None``: a fused
+    gate_up projection's output, read in place).  Forward reads x and writes half of it (1.5
+    x-sized tensors), backward reads grad (half) and x and writes one packed gradient (2.5)."""
+    act, kwargs = spec.function or spec.name, spec.kwargs
+
+    def ref(x):
+        g, u = reference.halves(x, -1)
+        return spec.forward(g, 1.0) * u
+
+    def eager(x):
+        g, u = x.chunk(2, dim=-1)
+        return spec.torch_fn(g) * u
+
+    return Op(lambda x: fused_act.glu(x, None, act, **kwargs), eager, ref, shape=_packed_rows,
+              traffic=(1.5, 2.5), layers=tuple((t, 2 * w) for t, w in LLM_SHAPES),
+              compile_key="glu")
+
+
+# the packed layout (up=None) is timed for SwiGLU alone: the other activations read it alike
+PACKED = {"swiglu_packed": registry.SPECS["silu"]}
+
 OPS: dict[str, Op] = {
     **{bench_key(s): _elementwise(s) for s in registry.SPECS.values()},
     "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params),
@@ -174,6 +202,7 @@ OPS: dict[str, Op] = {
                        lambda x, *p: reference.frelu_max(x, _frelu_t(x, *p)), _nchw,
                        _frelu_params, None, ref_fp32=False),
     **{name: _gated(s) for name, s in GATED.items()},
+    **{name: _packed(s) for name, s in PACKED.items()},
 }
 
 # peer libraries' kernels of a row's function, timed beside ours where importable and never a
@@ -270,9 +299,11 @@ def contestants(name: str, compile_backend: str = "inductor", device: str = "cud
 def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str):
     gen = torch.Generator().manual_seed(math.prod(shape) % 2**31)
     x = (torch.randn(shape, generator=gen) * 4).to(device=device, dtype=dtype)
-    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     torch.manual_seed(0)
     params = op.params(x)
+    # the output's shape (a packed gated op's is half of x's), from a run on meta tensors
+    out = op.eager(x.to("meta"), *(p.detach().to("meta") for p in params)).shape
+    g = torch.randn(out, generator=gen).to(device=device, dtype=dtype)
     return x, g, params
 
 

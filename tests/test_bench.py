@@ -21,7 +21,7 @@ def test_harness_end_to_end(tmp_path):
         # the contestants the table gives this op on CPU tensors (no CUDA kernels, no peers)
         names = set(table.contestants(op, "aot_eager", "cpu"))
         assert names >= {"fused", "eager", "compile"}
-        assert ("decompose" in names) == (op in table.GATED), op
+        assert ("decompose" in names) == (op in table.GATED or op in table.PACKED), op
         for c in names:
             for mode in harness.MODES:
                 found = [r for r in rows if (r["op"], r["contestant"], r["mode"]) == (op, c, mode)]
@@ -29,15 +29,17 @@ def test_harness_end_to_end(tmp_path):
     assert not [r for r in rows if r["contestant"] in ("fused_cuda", "liger")]
     assert set(result["peers"]) == {label for label, _, _ in table.PEERS.values()}
     assert all(v.startswith("absent") for v in result["peers"].values())
-    # a gated op moves 3 tensors of the gate's size forward, 5 backward: its GB/s and fraction
-    # of the copy count those bytes
-    assert {"swiglu", "geglu_tanh"} <= set(table.GATED)
+    # a gated op moves 3 tensors of the gate's size forward, 5 backward, and its packed form
+    # (n counts gate and up) 1.5 and 2.5 of that size: its GB/s and fraction of the copy count
+    # those bytes
+    assert {"swiglu", "geglu_tanh"} <= set(table.GATED) and "swiglu_packed" in table.PACKED
     bytes_per = {"forward": 3, "backward": 5, "fwd+bwd": 8}
-    gated = [r for r in rows if r["op"] in table.GATED and r["mode"] != "copy"]
-    assert gated
+    gated = [r for r in rows if r["op"] in {**table.GATED, **table.PACKED} and r["mode"] != "copy"]
+    assert {r["op"] for r in gated} == set(table.GATED) | set(table.PACKED)
     for r in gated:
         b = 4 if r["dtype"] == "float32" else 2
-        assert r["gbps"] * r["ms"] * 1e6 == pytest.approx(bytes_per[r["mode"]] * r["n"] * b)
+        per = bytes_per[r["mode"]] / (2 if r["op"] in table.PACKED else 1)
+        assert r["gbps"] * r["ms"] * 1e6 == pytest.approx(per * r["n"] * b)
     with_block = set(harness.OPS) & set(pipelines.BLOCKS)
     assert {p["op"] for p in result["pipelines"]} == with_block
     mlp = {p["op"] for p in result["pipelines"] if p["block"].startswith("mlp")}
