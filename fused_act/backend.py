@@ -9,8 +9,8 @@ CUDA tensors only, and asking for it where they cannot run says why.  Availabili
 once and explained by ``python -m fused_act.info``.
 
 ``set_backend`` sets the process-wide default; ``use_backend`` overrides it for its block in the
-current thread (or asyncio task) only, so threads serving different models do not see each other's
-blocks.  A new thread starts from the default.
+current thread only, so threads serving different models do not see each other's blocks.  A
+new thread starts from the default.
 
 The backend in force when an op's forward runs is recorded with its autograd node and runs that
 node's backward, wherever the backward is called (as torch does for autocast): with
@@ -20,9 +20,9 @@ graph (changing it recompiles), as ``config.compile_mode`` is.
 """
 
 import contextlib
-import contextvars
 import functools
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -41,8 +41,9 @@ def _check(name: str) -> str:
 
 
 _default = _check(os.environ.get("FUSED_ACT_BACKEND", "auto"))
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_act_backend",
-                                                                     default=None)
+# a thread-local, not a context variable: torch.compile traces (and guards on) attribute reads
+# of a threading.local on every supported torch, but not ContextVar.get before 2.15
+_scoped = threading.local()
 
 
 def set_backend(name: str) -> None:
@@ -55,18 +56,18 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """The backend in force here: the innermost ``use_backend`` block of this thread, else the
     default that ``set_backend`` or ``FUSED_ACT_BACKEND`` chose."""
-    return _scoped.get() or _default
+    return getattr(_scoped, "name", None) or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the block with ``name`` as the backend in this thread, then restore the previous one.
     Backward passes of ops run in the block use ``name`` too, even when called after it."""
-    token = _scoped.set(_check(name))
+    previous, _scoped.name = getattr(_scoped, "name", None), _check(name)
     try:
         yield
     finally:
-        _scoped.reset(token)
+        _scoped.name = previous
 
 
 def interpreting() -> bool:
