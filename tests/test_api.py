@@ -306,20 +306,17 @@ def test_inplace(module):
     want = module()(strided)
     module(inplace=True)(strided)
     torch.testing.assert_close(strided, want)
-    # a leaf that requires grad: out of place, said once when the first such module is built
-    # (never in forward, where torch.compile could not trace it)
-    leaf = torch.randn(5, requires_grad=True)
-    import fused_act.nn as fnn
-    fnn._warned_inplace = False
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        m = module(inplace=True)
-        module(inplace=True)
-    assert len(w) == 1 and "out of place" in str(w[0].message)
+    # with a gradient needed, still into x (the backward reads a copy), as torch.nn's module
+    # does, and with no warning; a leaf that requires grad is torch's own error
+    h = torch.randn(5, requires_grad=True) * 1
+    want = module()(h)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y = m(leaf)
-    assert y.data_ptr() != leaf.data_ptr()
+        y = module(inplace=True)(h)
+    assert y.data_ptr() == h.data_ptr()
+    torch.testing.assert_close(h, want)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        module(inplace=True)(torch.randn(5, requires_grad=True))
 
 
 def test_inplace_under_triton_uses_one_buffer():

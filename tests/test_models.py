@@ -325,3 +325,56 @@ def test_patch_gated_mlps_leaves_other_blocks():
     report = fused_act.patch_gated_mlps(model)
     assert report.swapped == [] and [x.name for x in report.left] == ["0", "1"]
     assert "another function" in report.left[0].reason and "ReLU" in report.left[1].reason
+
+
+# real transformers blocks with the gated layout whose forward does more: a clamp of gate and up
+# (swiglu_limit), dropout in training, a parameter of the block's own
+_MORE = [("deepseek_v4", "DeepseekV4MLP", "another function"),
+         ("glm5_next", "Glm5NextTextMLP", "another function"),
+         ("seed_oss", "SeedOssMLP", "train mode"),
+         ("gte", "GteMLP", "submodules the patch would drop (dropout)"),
+         ("inkling", "InklingMLP", "of its own (global_scale)")]
+
+
+@pytest.mark.parametrize(("module", "cls", "reason"), _MORE, ids=[m[1] for m in _MORE])
+def test_patch_gated_mlps_leaves_blocks_that_compute_more(module, cls, reason):
+    from types import SimpleNamespace
+    _need("transformers")
+    try:
+        block = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"),
+                        cls)
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"this transformers has no {cls}: {e!r}")
+    torch.manual_seed(0)
+    config = SimpleNamespace(hidden_size=16, intermediate_size=24, mlp_bias=False,
+                             hidden_act="silu", swiglu_limit=10.0, residual_dropout=0.1,
+                             hidden_dropout_prob=0.1, rms_norm_eps=1e-6)
+    model = nn.Sequential(block(config))
+    keys = model.state_dict().keys()
+    report = fused_act.patch_gated_mlps(model)
+    assert report.swapped == [] and type(model[0]).__name__ == cls
+    assert [x.name for x in report.left] == ["0"] and reason in report.left[0].reason, str(report)
+    assert model.state_dict().keys() == keys
+
+
+def test_patch_gated_mlps_hooks_meta_and_restore_after_replace():
+    """A hook anywhere in a block leaves it (and the probe never fires it); a block on the meta
+    device is left with the reason; one restore_activations undoes replace_activations and
+    patch_gated_mlps together."""
+    config = dict(num_key_value_heads=1, **_TINY)
+    with torch.device("meta"):
+        meta = _lm("LlamaConfig", **config)()
+    report = fused_act.patch_gated_mlps(meta)
+    assert report.swapped == [] and all("meta" in x.reason for x in report.left)
+    torch.manual_seed(0)
+    model = _lm("LlamaConfig", **config)().float()
+    seen = []
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    replaced = fused_act.replace_activations(model)
+    assert [x.name for x in replaced.left] == ["model.layers.0.mlp.act_fn"]
+    report = fused_act.patch_gated_mlps(model)
+    assert [s.name for s in report.swapped] == ["model.layers.1.mlp"] and seen == []
+    assert "hooks" in report.left[0].reason
+    restored = fused_act.restore_activations(model)
+    assert sorted(restored) == ["model.layers.1.mlp", "model.layers.1.mlp.act_fn"]
+    assert not any(isinstance(m, fused_act.nn.FusedModule) for m in model.modules())
