@@ -16,15 +16,17 @@ When the rules are registered: importing ``torch.distributed.tensor`` costs 0.35
 torch's own import (measured with torch 2.11 and 2.15 on a CPU machine), ten to twenty times
 ``import fused_act`` (0.03-0.04 s), so fused_act never imports it itself.  ``install()``, run by
 ``import fused_act``, registers the rules at once where ``torch.distributed.tensor`` is already
-imported, and otherwise right after its first import (a one-shot import hook), so a DTensor never
-meets an op without its rule and users call nothing.
+imported, and otherwise right after its first import (an import hook, which leaves once the
+module has loaded), so a DTensor never meets an op without its rule and users call nothing.
+Should the module load past the hook, the first tensor subclass reaching an op registers them
+(``register_if_imported``).
 ``register()`` does the registration itself, idempotently.
 """
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import math
 import sys
 import warnings
@@ -205,26 +207,43 @@ def _register_or_warn() -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """A one-shot import hook: lets ``torch.distributed.tensor`` load as usual, then registers
-    the rules, before the module is handed to whoever imported it."""
+    """An import hook: lets ``torch.distributed.tensor`` load as usual, then registers the rules,
+    before the module is handed to whoever imported it.  It leaves ``sys.meta_path`` once the
+    module has run, not when asked for its spec: ``importlib.util.find_spec`` asks without
+    loading the module."""
 
     def find_spec(self, name: str, path: object, target: object = None
                   ) -> importlib.machinery.ModuleSpec | None:
         if name != DTENSOR_MODULE:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
+        for finder in sys.meta_path:  # the spec the import would get without this hook
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        else:
+            return None
+        if spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module: object) -> None:
             exec_module(module)
+            with contextlib.suppress(ValueError):  # another load of the module removed it
+                sys.meta_path.remove(self)
             _register_or_warn()
 
         # the loader is this spec's own instance; the module keeps it as its __loader__
         spec.loader.exec_module = exec_then_register
         return spec
+
+
+def register_if_imported() -> None:
+    """``register`` where ``torch.distributed.tensor`` is imported and the rules are not yet in
+    place: for a tensor subclass reaching an op, in case that module was loaded past the import
+    hook (a finder ahead of it, a replaced ``sys.meta_path``)."""
+    if not _registered and DTENSOR_MODULE in sys.modules:
+        _register_or_warn()
 
 
 def install() -> None:

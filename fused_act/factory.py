@@ -14,7 +14,8 @@ the backend argument), their fake kernels, its reference math, and what backward
   ``torch.jit.trace`` the reference math (plain torch operations, which every transform
   differentiates and batches natively), compiled or not (the custom op has no jvp or batching
   rule); otherwise under ``torch.compile`` the custom op, or the reference math where
-  ``config.compile_mode`` says "decompose"; otherwise the eager Function;
+  ``config.compile_mode`` says "decompose"; otherwise the custom op where a tensor argument has
+  a dispatch of its own (``dispatches_itself``), else the eager Function;
 * in the eager Function's backward, the reference's explicit backward where a gradient needs a
   graph of its own or is batched (``plain_backward``), else the kernels.
 
@@ -30,7 +31,7 @@ import torch
 import torch.autograd.forward_ad
 from torch import Tensor
 
-from . import config
+from . import config, distributed
 from .backend import get_backend
 
 
@@ -41,6 +42,14 @@ def reference_math() -> bool:
     not kernel launches)."""
     return (torch._C._are_functorch_transforms_active()
             or torch.autograd.forward_ad._current_level >= 0 or torch.jit.is_tracing())
+
+
+def dispatches_itself(args: tuple) -> bool:
+    """True where a tensor among ``args`` is of a subclass with a ``__torch_dispatch__`` of its
+    own (DTensor, TwoTensor), in any argument: an op called on it must reach that dispatch.
+    ``nn.Parameter`` and subclasses without one dispatch as a plain tensor."""
+    plain = Tensor.__torch_dispatch__
+    return any(isinstance(a, Tensor) and type(a).__torch_dispatch__ is not plain for a in args)
 
 
 def plain_backward(grad: Tensor) -> bool:
@@ -165,11 +174,13 @@ class Op:
             if mode is not None and config.mode_for(mode) == "decompose":
                 return self.family.reference(*args)
             out = self.forward_op(*args, get_backend())
-        elif self.function is None or (type(args[0]).__torch_dispatch__
-                                       is not Tensor.__torch_dispatch__):
-            # a tensor subclass that dispatches ops itself (DTensor, by the sharding rules of
-            # distributed.py) must meet the custom ops: the eager Function would hand the
-            # subclass itself to the kernels
+        elif dispatches_itself(args):
+            # the subclass (DTensor, by the sharding rules of distributed.py) must meet the
+            # custom ops: the eager Function would hand it to the kernels as it is; the rules
+            # are missing where torch.distributed.tensor was loaded past the import hook
+            distributed.register_if_imported()
+            out = self.forward_op(*args, get_backend())
+        elif self.function is None:
             out = self.forward_op(*args, get_backend())
         else:
             out = self.function.apply(*args, get_backend())

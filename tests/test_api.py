@@ -356,3 +356,62 @@ def test_backends_implement_the_kernel_interface():
     for cls in (TritonKernels, CudaKernels):
         for name in launchers:
             assert params(getattr(cls, name)) == params(getattr(Kernels, name)), (cls, name)
+
+
+# A tensor subclass in any tensor argument: (call, x's shape, the subclassed argument's shape,
+# other tensor arguments' shapes); each call is (x, subclassed, *others)
+SUBCLASS_CALLS = {
+    "swish_beta": (lambda x, b: fused_act.swish(x, b), (2, 3, 4), (3,), ()),
+    "acon_p1": (lambda x, p1, p2, b: fused_act.acon_c(x, p1, p2, b), (2, 3, 4), (3,),
+                ((3,), (3,))),
+    "frelu_t": (lambda x, t: fused_act.frelu_max(x, t), (2, 3, 4), (2, 3, 4), ()),
+    "swiglu_up": (lambda g, u: fused_act.swiglu(g, u), (3, 4), (3, 4), ()),
+    "glu_beta": (lambda g, b, u: fused_act.glu(g, u, "swish", beta=b), (3, 4), (1,), ((3, 4),)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(SUBCLASS_CALLS))
+def test_tensor_subclass_after_the_first_argument(case, backend):
+    """A tensor subclass that dispatches ops itself (here TwoTensor, which runs every op on its
+    two components) in an argument other than the first: the op runs on the subclass, as torch's
+    own ops do, with the output and every gradient the calls on each component's plain tensors
+    give."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    if backend == "triton":
+        need_device("cpu")
+    call, x_shape, sub_shape, other_shapes = SUBCLASS_CALLS[case]
+    gen = torch.Generator().manual_seed(7)
+    x, sub_a, sub_b, *others = (torch.rand(s, generator=gen, dtype=torch.float64) + 0.5
+                                for s in (x_shape, sub_shape, sub_shape, *other_shapes))
+    x = 4 * x - 4
+    leaves = [x.requires_grad_(), TwoTensor(sub_a, sub_b).requires_grad_(),
+              *(t.requires_grad_() for t in others)]
+    with fused_act.use_backend(backend):
+        y = call(*leaves)
+        assert type(y) is TwoTensor
+        y.sum().backward()
+        for part in ("a", "b"):
+            plain = [t.detach().clone().requires_grad_() for t in leaves]
+            plain[1] = getattr(leaves[1], part).detach().clone().requires_grad_()
+            want = call(*plain)
+            want.sum().backward()
+            torch.testing.assert_close(getattr(y, part), want, msg=f"output {part}")
+            for i, (t, p) in enumerate(zip(leaves, plain, strict=True)):
+                got = getattr(t.grad, part) if type(t.grad) is TwoTensor else t.grad
+                torch.testing.assert_close(got, p.grad, msg=f"gradient {i} {part}")
+
+
+def test_plain_tensors_and_parameters_take_the_eager_function():
+    """Plain tensors and nn.Parameter (a subclass without a dispatch of its own) take the eager
+    Function, which spares the custom op's dispatch cost; a subclass with its own dispatch in
+    any argument takes the custom op."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    beta = torch.nn.Parameter(torch.ones(3))
+    eager = ops.ACTIVATION.function
+    assert fused_act.swish(x, beta).grad_fn._forward_cls is eager
+    assert fused_act.swish(torch.nn.Parameter(x.detach()), beta).grad_fn._forward_cls is eager
+    assert fused_act.swish(x, TwoTensor(beta, beta)).grad_fn._forward_cls is not eager

@@ -333,16 +333,39 @@ def test_every_op_has_a_sharding_rule():
         assert len(rule.outputs) == len(schema.returns), name
 
 
-def test_rules_register_when_dtensor_is_first_imported():
+@pytest.mark.parametrize("before", ["", "importlib.util.find_spec('torch.distributed.tensor')"],
+                         ids=["import", "find_spec_then_import"])
+def test_rules_register_when_dtensor_is_first_imported(before):
     """``import fused_act`` leaves torch.distributed.tensor alone (about half a second), and
-    the rules are in place as soon as anything imports it."""
-    code = ("import sys, fused_act, fused_act.distributed as d\n"
+    the rules are in place as soon as anything imports it, also after a look-up that finds the
+    module without loading it (an availability check)."""
+    code = ("import importlib.util, sys, fused_act, fused_act.distributed as d\n"
+            f"{before}\n"
             "assert 'torch.distributed.tensor' not in sys.modules and not d._registered\n"
             "from torch.distributed.tensor import DTensor\n"
             "assert d._registered\n"
+            "assert not any(isinstance(f, d._AfterImport) for f in sys.meta_path)\n"
             "prop = DTensor._op_dispatcher.sharding_propagator\n"
             "assert torch.ops.fused_act.acon_c.default in prop.op_strategy_funcs\n")
     subprocess.run([sys.executable, "-c", "import torch\n" + code], check=True, timeout=120)
+
+
+def test_rules_register_at_the_first_dtensor_call_where_the_import_hook_missed():
+    """torch.distributed.tensor loaded past the import hook (a finder ahead of it, a reset
+    ``sys.meta_path``): the first DTensor to reach an op registers the rules, and the op runs."""
+    code = ("import sys, tempfile, torch, torch.distributed as dist\n"
+            "import fused_act, fused_act.distributed as d\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, d._AfterImport)]\n"
+            "from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor\n"
+            "assert not d._registered\n"
+            "x = torch.randn(4, 3)\n"
+            "with tempfile.TemporaryDirectory() as t:\n"
+            "    dist.init_process_group('gloo', init_method=f'file://{t}/i', rank=0,\n"
+            "                            world_size=1)\n"
+            "    y = fused_act.mish(distribute_tensor(x, DeviceMesh('cpu', [0]), [Shard(0)]))\n"
+            "    torch.testing.assert_close(y.full_tensor(), torch.nn.functional.mish(x))\n"
+            "    dist.destroy_process_group()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_param_dim_aligns_from_the_left():
