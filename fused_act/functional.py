@@ -210,7 +210,14 @@ def _gated_activation(op: str, activation: str, kwargs: dict) -> tuple[Spec, obj
 
 def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
     _check_tensor(op, "gate", gate)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"fused_act.{op}: dim must be an int (got {type(dim).__name__})")
     if up is not None:
+        # dim is unused with up given, but a wrong one is a mistake worth naming; a 0-d gate
+        # takes dim 0 or -1, as torch's dim arguments do
+        if not -max(gate.dim(), 1) <= dim < max(gate.dim(), 1):
+            raise ValueError(f"fused_act.{op}: dim {dim} is out of range for gate of shape "
+                             f"{tuple(gate.shape)}")
         _check_tensor(op, "up", up)
         if up.dtype != gate.dtype:
             raise TypeError(f"fused_act.{op}: up must have gate's dtype {gate.dtype} (got "
@@ -222,8 +229,6 @@ def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
             raise ValueError(f"fused_act.{op}: up must have gate's shape {tuple(gate.shape)} "
                              f"(got {tuple(up.shape)}); no broadcasting")
         return
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"fused_act.{op}: dim must be an int (got {type(dim).__name__})")
     if not -gate.dim() <= dim < gate.dim():
         raise ValueError(f"fused_act.{op}: dim {dim} is out of range for gate of shape "
                          f"{tuple(gate.shape)}, which up=None splits into gate and up halves")
@@ -262,8 +267,9 @@ def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: i
     gradient is reduced inside the backward; ``approximate`` for gelu).  ``gate`` and ``up``
     have the same shape, dtype and device (no broadcasting).  With ``up=None``, ``gate`` is the
     packed gate_up tensor, split into two halves along ``dim`` (first half gate); the halves of a
-    contiguous packed tensor are read in place and its gradient is one buffer of its shape.
-    fp16/bf16/fp32 computed in fp32, fp64 in fp64; the output is contiguous, in gate's dtype.
+    contiguous packed tensor are read in place and its gradient is one buffer of its shape
+    (with ``up`` given, ``dim`` is unused, but must still be a dim of gate).  fp16/bf16/fp32
+    computed in fp32, fp64 in fp64; the output is contiguous, in gate's dtype.
     Backward saves only gate and up (or the packed tensor); other non-dense inputs are copied
     once.
     """

@@ -437,6 +437,9 @@ ERRORS = {
     "broadcast": (lambda g: fused_act.swiglu(g, g[:1]), ValueError, r"up must have gate's"),
     "odd": (lambda g: fused_act.glu(g[:, :5]), ValueError, r"odd size 5 along dim -1"),
     "dim": (lambda g: fused_act.glu(g, dim=2), ValueError, r"dim 2 is out of range"),
+    "dim_with_up": (lambda g: fused_act.glu(g, g, dim=7), ValueError, r"dim 7 is out of range"),
+    "dim_type_with_up": (lambda g: fused_act.swiglu(g, g, dim=None), TypeError,
+                         r"dim must be an int"),
     "up_dtype": (lambda g: fused_act.glu(g, g.double()), TypeError, r"up must have gate's dtype"),
     "up_type": (lambda g: fused_act.glu(g, [1.0]), TypeError, r"up must be a torch.Tensor"),
     "gate_type": (lambda g: fused_act.swiglu(g.tolist()), TypeError,
@@ -473,6 +476,17 @@ def test_errors(case, backend, request, monkeypatch):
     with fused_act.use_backend(backend), pytest.raises(kind, match=match):
         call(_randn((4, 6), torch.float32, 1.0, 33))
     assert not launched
+
+
+def test_zero_dim_gate_and_up_take_dim_0_or_minus_1():
+    """With up given, dim is unused but checked: a 0-d gate takes -1 (the default) or 0, as
+    torch's dim arguments do on a 0-d tensor."""
+    g, u = torch.tensor(0.5, dtype=F64), torch.tensor(2.0, dtype=F64)
+    for dim in (-1, 0):
+        torch.testing.assert_close(fused_act.swiglu(g, u, dim=dim),
+                                   torch.nn.functional.silu(g) * u)
+    with pytest.raises(ValueError, match="dim 1 is out of range"):
+        fused_act.swiglu(g, u, dim=1)
 
 
 def test_glu_module():
