@@ -342,10 +342,9 @@ def _from_frelu(m: nn.Module) -> nn.Module | None:
 
 _CARRIED = ("inplace", "approximate")  # arguments of torch.nn's modules that ours take too
 _PAPER = {"AconC": _from_acon, "MetaAconC": _from_meta_acon, "FReLU": _from_frelu}
-# how far a swapped module may be from the original on the probe, relative and absolute, by
-# dtype: a few ulps of the original's own low-precision arithmetic
-_PROBE_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
-_PROBE_TOL_DEFAULT = 1e-5
+# how far a swapped module may be from the original on the probe (run in fp32 or fp64),
+# relative and absolute
+_PROBE_TOL = 1e-5
 
 
 def _qualname(cls: type) -> str:
@@ -408,7 +407,8 @@ def _plan(m: nn.Module) -> tuple[nn.Module | None, bool, str]:
     when ours is None and ``m`` looked like a candidate); (None, False, "") if it is not one."""
     cls = type(m)
     if cls.__name__ in _PAPER:
-        ours = _PAPER[cls.__name__](m)
+        with torch.device("meta"):  # every tensor is the original's (_adopt): none is drawn
+            ours = _PAPER[cls.__name__](m)
         # known by name and layout only: its forward is checked on the probe
         return ours, True, "" if ours else f"its layout is not the published {cls.__name__}'s"
     depth, hit = next(((i, _KNOWN[_qualname(c)]) for i, c in enumerate(cls.__mro__)
@@ -420,7 +420,8 @@ def _plan(m: nn.Module) -> tuple[nn.Module | None, bool, str]:
     args = inspect.signature(ours).parameters
     carried = {a: getattr(m, a) for a in _CARRIED if a in args and hasattr(m, a)}
     try:
-        new = ours(**{**carried, **kwargs})
+        with torch.device("meta"):
+            new = ours(**{**carried, **kwargs})
     except (TypeError, ValueError) as e:
         return None, False, f"its arguments do not carry over ({e})"
     # a known class itself, with its own forward: anything else (a subclass, a look-alike of
@@ -441,15 +442,26 @@ def _probe_input(shape: tuple[int, ...], device: torch.device, dtype: torch.dtyp
     return x.reshape(shape).to(device=device, dtype=dtype)
 
 
-def _run_modes(m: nn.Module, x: Tensor) -> list[Tensor]:
+def _run_modes(m: nn.Module, x: Tensor, tensors: dict[str, Tensor] | None = None
+               ) -> list[Tensor]:
     """``m(x)`` in eval mode, then in train mode from a fixed random state (dropout, batch
-    statistics), each on its own copy of x; the caller's random state is kept."""
-    devices = [x.device] if x.device.type == "cuda" else []
+    statistics), each on its own copy of x; with ``tensors`` (``m``'s parameters and buffers by
+    name) it runs on those, buffers copied afresh for each run, so none of ``m``'s moves.  The
+    caller's random state is kept: only the generators forked are seeded."""
+    cuda = x.device.type == "cuda"
+    buffers = {k for k, _ in m.named_buffers(remove_duplicate=False)}
     outs = []
     for train in (False, True):
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(0)
-            outs.append(m.train(train)(x.clone()))
+        with torch.random.fork_rng(devices=[x.device] if cuda else []), torch.no_grad():
+            torch.default_generator.manual_seed(0)
+            if cuda:
+                torch.cuda.default_generators[x.device.index or 0].manual_seed(0)
+            m.train(train)
+            if tensors is None:
+                outs.append(m(x.clone()))
+            else:
+                fresh = {k: t.clone() if k in buffers else t for k, t in tensors.items()}
+                outs.append(torch.func.functional_call(m, fresh, (x.clone(),), strict=True))
     return outs
 
 
@@ -485,7 +497,7 @@ def _probe(old: nn.Module, new: nn.Module, channels: int | None) -> str:
         got = _run_modes(copy.deepcopy(new).double(), x)
     except Exception as e:  # noqa: BLE001 - any failure leaves the module as it is
         return f"the probe raised {type(e).__name__}: {e}"
-    return _differs(got, want, _PROBE_TOL_DEFAULT, torch.float64, atol=_PROBE_TOL_DEFAULT)
+    return _differs(got, want, _PROBE_TOL, torch.float64, atol=_PROBE_TOL)
 
 
 def _channels(m: nn.Module) -> int | None:
@@ -543,6 +555,12 @@ def _hooked(m: nn.Module) -> bool:
                     sub._backward_pre_hooks)) for sub in m.modules())
 
 
+def _inside(name: str, report: Replacement) -> bool:
+    """Whether slot ``name`` lies inside a module swapped already: the model no longer runs it
+    (the walk listed the slots before the swap)."""
+    return any(name.startswith(s.name + ".") for s in report.swapped)
+
+
 def _names_by_module(slots: list[tuple[str, nn.Module, str, nn.Module]]) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for parent_name, _, attr, child in slots:
@@ -584,6 +602,8 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
     done: dict[int, nn.Module] = {}  # id of a module already swapped -> its replacement
     for parent_name, parent, child_name, child in slots:
         name = f"{parent_name}.{child_name}" if parent_name else child_name
+        if _inside(name, report):
+            continue
         if id(child) in done:
             new = done[id(child)]
             setattr(parent, child_name, new)
@@ -623,15 +643,24 @@ def _tensors(m: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
             dict(m.named_buffers(remove_duplicate=False)))
 
 
+def _tensors_differ(a: nn.Module, b: nn.Module) -> str:
+    """'' if ``a`` and ``b`` have parameters and buffers of the same names and shapes, else
+    both lists."""
+    for ours, theirs in zip(_tensors(a), _tensors(b), strict=True):
+        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
+            return (f"ours has {sorted((k, tuple(v.shape)) for k, v in ours.items())}, "
+                    f"it {sorted((k, tuple(v.shape)) for k, v in theirs.items())}")
+    return ""
+
+
 def _adopt(into: nn.Module, source: nn.Module) -> None:
     """Make ``into`` hold ``source``'s parameter and buffer objects themselves (their dtypes,
     devices and requires_grad flags with them), its BatchNorm layers' ``eps`` and ``momentum``,
     and each submodule's train/eval mode (a submodule ``source`` lacks takes the module's).
     Raises ValueError, changing nothing, where the names or shapes of the tensors differ."""
-    for ours, theirs in zip(_tensors(into), _tensors(source), strict=True):
-        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
-            raise ValueError(f"ours has {sorted((k, tuple(v.shape)) for k, v in ours.items())}, "
-                             f"it {sorted((k, tuple(v.shape)) for k, v in theirs.items())}")
+    why = _tensors_differ(into, source)
+    if why:
+        raise ValueError(why)
     params, buffers = _tensors(source)
     for table, attr in ((params, "_parameters"), (buffers, "_buffers")):
         for key, t in table.items():
@@ -661,21 +690,28 @@ def restore_activations(model: nn.Module) -> list[str]:
     """Undo ``replace_activations`` and ``patch_gated_mlps``: put back each swapped module, in
     place, holding the tensors its replacement holds now (trained parameters, running
     statistics, as they are) and its modes; modules inside a restored one are restored too.
-    Returns the names of the modules restored."""
+    Returns the names of the modules restored.  Where a replacement's tensors no longer match
+    its original's (a parameter replaced by one of another shape, a submodule wrapped), it raises
+    ValueError naming the module before anything is restored in that pass."""
     restored: list[str] = []
     while True:
-        done: dict[int, nn.Module] = {}
-        for parent_name, parent, child_name, child in _slots(model):
-            old = child.__dict__.get("_replaced")
-            if old is None:
-                continue
-            if id(child) not in done:
-                _adopt(old, child)
-                done[id(child)] = old
-            setattr(parent, child_name, done[id(child)])
-            restored.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-        if not done:
+        slots = [(f"{p}.{a}" if p else a, parent, a, child) for p, parent, a, child
+                 in _slots(model) if "_replaced" in child.__dict__]
+        if not slots:
             return restored
+        for name, _, _, child in slots:
+            if why := _tensors_differ(child.__dict__["_replaced"], child):
+                raise ValueError(f"fused_act.restore_activations: {name} cannot be restored: "
+                                 f"{why}")
+        originals: dict[int, nn.Module] = {}
+        for name, parent, attr, child in slots:
+            if id(child) not in originals:
+                originals[id(child)] = child.__dict__["_replaced"]
+                _adopt(originals[id(child)], child)
+            setattr(parent, attr, originals[id(child)])
+            restored.append(name)
+        for _, _, _, child in slots:
+            child.__dict__.pop("_replaced", None)  # detached now: it keeps no original alive
 
 
 # ---- patch_gated_mlps -------------------------------------------------------------------------
@@ -684,8 +720,14 @@ _ACT_NAMES = ("act_fn", "activation_fn", "act")  # what transformer MLP blocks c
 
 
 def _gated_form(act: nn.Module) -> tuple[str, dict] | None:
-    """(glu's activation, its arguments) that computes what ``act`` does, or None."""
-    ours = act if isinstance(act, FusedModule) else _plan(act)[0]
+    """(glu's activation, its arguments) that computes what ``act`` does, or None; an
+    unfamiliar class is trusted only after ``replace_activations``' float64 probe."""
+    if isinstance(act, FusedModule):
+        ours = act
+    else:
+        ours, unfamiliar, _ = _plan(act)
+        if ours is None or unfamiliar and _probe(act, ours, None):
+            return None
     if isinstance(ours, GELU):
         return "gelu", {"approximate": ours.approximate}
     if isinstance(ours, Swish) and not ours.learnable:
@@ -695,34 +737,37 @@ def _gated_form(act: nn.Module) -> tuple[str, dict] | None:
     return None
 
 
-def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str]:
-    """A ``GatedMLP`` over ``m``'s projections if ``m`` has the layout of a gated MLP block,
-    with why not when it has the projections but not an activation the fused op computes."""
-    names = m._modules
-    act_name = next((n for n in _ACT_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
-    if "down_proj" not in names or act_name is None or not (
+def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str, str]:
+    """(a ``GatedMLP`` over ``m``'s projections, the name of ``m``'s activation) if ``m`` has
+    the layout of a gated MLP block, with why not when it has the projections but not an
+    activation the fused op computes."""
+    names = {n: c for n, c in m._modules.items() if c is not None}
+    act_name = next((n for n in _ACT_NAMES if n in names), "")
+    if "down_proj" not in names or not act_name or not (
             "gate_up_proj" in names or {"gate_proj", "up_proj"} <= names.keys()):
-        return None, ""
-    form = _gated_form(getattr(m, act_name))
+        return None, "", ""
+    form = _gated_form(names[act_name])
     if form is None:
-        return None, f"its {act_name} ({_qualname(type(getattr(m, act_name)))}) is not an " \
-            "activation the fused gated op computes"
+        return None, f"its {act_name} ({_qualname(type(names[act_name]))}) is not an " \
+            "activation the fused gated op computes", act_name
     projections = {n: names[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in names}
     if "gate_up_proj" in projections and len(projections) > 1:
-        return None, "it has both gate_up_proj and gate_proj/up_proj"
-    return GatedMLP(names["down_proj"], form[0], **projections, **form[1]), ""
+        return None, "it has both gate_up_proj and gate_proj/up_proj", act_name
+    return GatedMLP(names["down_proj"], form[0], **projections, **form[1]), "", act_name
 
 
 def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
     """'' if ``new`` may replace the block ``old``, else why not: it has nothing the patch would
     drop (state or submodules beyond the projections and the activation, hooks) and computes
     the same on probe inputs, in eval and in train mode, at two scales (the second, up to about
-    100, reaches clamps; both stay finite in fp16).  Nothing is copied, as a block of a large
-    model is large: the block runs in place and its modes and the random state are put back."""
+    100, reaches clamps).  Both run on the block's own parameters, in fp32 where they are 16-bit
+    (the block's rounding would hide a difference of a percent), with fresh copies of its
+    buffers, so nothing of the block moves; its modes and the random state are put back."""
     extra = old._modules.keys() - new._modules.keys() - {act_name}
     if extra:
         return f"it has submodules the patch would drop ({', '.join(sorted(extra))})"
-    ours, theirs = (set().union(*map(dict.keys, _tensors(m))) for m in (new, old))
+    params, buffers = _tensors(old)
+    ours, theirs = set().union(*map(dict.keys, _tensors(new))), params.keys() | buffers.keys()
     if ours != theirs:
         return f"it has parameters or buffers of its own ({', '.join(sorted(theirs - ours))})"
     if _hooked(old):
@@ -731,16 +776,19 @@ def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
         return "it is on the meta device, where it cannot be checked: patch it once materialised"
     proj = getattr(new, "gate_proj", None) or new.gate_up_proj
     features = getattr(proj, "in_features", None)
-    weight = next((p for p in old.parameters() if p.is_floating_point()), None)
+    weight = next((p for p in params.values() if p.is_floating_point()), None)
     if features is None or weight is None:
         return "its projections are not Linear layers"
-    modes = [(m, m.training) for m in old.modules()]
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t
+               for k, t in {**params, **buffers}.items()}
+    modes = [(m, m.training) for m in (*old.modules(), *new.modules())]
     try:
         for scale in (1.0, 30.0):
             x = (torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0))
-                 * scale).to(weight)
-            if why := _differs(_run_modes(new, x), _run_modes(old, x),
-                               _PROBE_TOL.get(x.dtype, _PROBE_TOL_DEFAULT), x.dtype):
+                 * scale).to(device=weight.device, dtype=dtype)
+            if why := _differs(_run_modes(new, x, tensors), _run_modes(old, x, tensors),
+                               _PROBE_TOL, dtype):
                 return why
     except Exception as e:  # noqa: BLE001 - any failure leaves the block as it is
         return f"the probe raised {type(e).__name__}: {e}"
@@ -768,19 +816,22 @@ def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
     done: dict[int, nn.Module] = {}
     for parent_name, parent, child_name, child in _slots(model):
         name = f"{parent_name}.{child_name}" if parent_name else child_name
-        if id(child) in done or isinstance(child, FusedModule):
-            if id(child) in done:
-                setattr(parent, child_name, done[id(child)])
+        if _inside(name, report) or isinstance(child, FusedModule):
             continue
-        new, why = _as_gated(child)
+        if id(child) in done:
+            setattr(parent, child_name, done[id(child)])
+            report.swapped.append(Swapped(name, _qualname(type(child)), _label(done[id(child)]),
+                                          True))
+            continue
+        new, why, act_name = _as_gated(child)
         if new is not None:
             why = _COMPILED if _compiled_slot(parent, child_name) else _block_check(
-                child, new, next(n for n in _ACT_NAMES if n in child._modules))
+                child, new, act_name)
         if why:
             report.left.append(Left(name, _qualname(type(child)), why))
         if new is None or why:
             continue
-        new.train(child.training)
+        new.training = child.training  # its projections keep their own modes
         new.__dict__["_replaced"] = child  # for restore_activations; not a submodule
         setattr(parent, child_name, new)
         done[id(child)] = new

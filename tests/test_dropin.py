@@ -554,3 +554,70 @@ def test_gated_modules_check_their_arguments_when_built():
         fused_act.nn.GatedMLP(nn.Linear(4, 2), "relu", gate_proj=nn.Linear(2, 4),
                               up_proj=nn.Linear(2, 4))
     assert repr(fused_act.nn.GLU(dim=0)) == "GLU(fused, activation='silu', dim=0)"
+
+
+class _Block(nn.Module):
+    """A gated MLP block of the Llama layout, ``down(act(gate(x)) * up(x)) * scale``."""
+
+    def __init__(self, act=None, scale=1.0, down=None):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.down_proj = down or nn.Linear(16, 8, bias=False)
+        self.act_fn, self.scale = act or nn.SiLU(), scale
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * self.scale
+
+
+class _SiLU105(nn.SiLU):
+    def forward(self, x):
+        return super().forward(1.05 * x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_patch_leaves_blocks_that_differ_by_a_percent_in_16_bit(dtype):
+    """A block one percent off (in its forward or its activation) is left in every dtype: the
+    probe runs in fp32, not within the block's own rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block(scale=1.01), _Block(_SiLU105()),
+                          _Block(_quick_gelu_named_gelu())).to(dtype)
+    report = fused_act.patch_gated_mlps(model)
+    assert [s.name for s in report.swapped] == ["0"], str(report)
+    assert [x.name for x in report.left] == ["1", "2", "3"]
+    assert "another function" in report.left[0].reason
+    assert all("not an activation" in x.reason for x in report.left[1:])
+
+
+def test_swaps_keep_random_state_buffers_and_modes():
+    """Neither call draws from or reseeds the random generators, the block probe moves no
+    buffer, and submodules keep their own modes."""
+    torch.manual_seed(0)
+    block = _Block(down=nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(3)))
+    block.gate_proj.eval()
+    model = nn.Sequential(block, PaperAconC(3), PaperFReLU(3), _SubSiLU())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    assert len(fused_act.replace_activations(model).swapped) == 4
+    assert [s.name for s in fused_act.patch_gated_mlps(model).swapped] == ["0"]
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert model[0].training and not model[0].gate_proj.training and model[0].up_proj.training
+
+
+def test_restore_is_all_or_nothing_and_nested_blocks_are_not_reported():
+    torch.manual_seed(0)
+    shared = _Block()
+    inner = _Block()
+    model = nn.Sequential(shared, shared, _Block(down=nn.Sequential(nn.Linear(16, 8), inner)),
+                          nn.Mish())
+    report = fused_act.patch_gated_mlps(model)
+    assert [s.name for s in report.swapped] == ["0", "1", "2"]  # not "2.down_proj.1"
+    assert model[0] is model[1] and model[2].down_proj[1] is inner
+    fused_act.replace_activations(model)
+    model[2].gate_proj = nn.Sequential(model[2].gate_proj)  # wrapped after the patch
+    with pytest.raises(ValueError, match="2 cannot be restored"):
+        fused_act.restore_activations(model)
+    assert type(model[0]) is fused_act.nn.GatedMLP and type(model[3]) is fused_act.nn.Mish
