@@ -445,12 +445,11 @@ def _probe_input(shape: tuple[int, ...], device: torch.device, dtype: torch.dtyp
     return x.reshape(shape).to(device=device, dtype=dtype)
 
 
-def _run_modes(m: nn.Module, x: Tensor, buffers: list[tuple[Tensor, Tensor]] = ()
-               ) -> list[Tensor]:
+def _run_modes(m: nn.Module, x: Tensor, copy_buffers: bool = False) -> list[Tensor]:
     """``m(x)`` in eval mode, then in train mode from a fixed random state (dropout, batch
-    statistics), each on its own copy of x and with each (buffer, saved value) of ``buffers``
-    put back first and last, so no buffer moves.  The caller's random state is kept: only the
-    generators forked are seeded."""
+    statistics), each on its own copy of x; with ``copy_buffers`` on fresh copies of ``m``'s
+    buffers (its parameters as they are), so no buffer of ``m`` moves or is replaced.  The
+    caller's random state is kept: only the generators forked are seeded."""
     cuda = x.device.type == "cuda"
     outs = []
     for train in (False, True):
@@ -458,11 +457,14 @@ def _run_modes(m: nn.Module, x: Tensor, buffers: list[tuple[Tensor, Tensor]] = (
             torch.default_generator.manual_seed(0)
             if cuda:
                 torch.cuda.default_generators[x.device.index or 0].manual_seed(0)
-            for b, saved in buffers:
-                b.copy_(saved)
-            outs.append(m.train(train)(x.clone()))
-            for b, saved in buffers:
-                b.copy_(saved)
+            m.train(train)
+            if copy_buffers:
+                memo: dict[int, Tensor] = {}  # a buffer shared by two modules stays shared
+                fresh = {k: memo.setdefault(id(b), b.clone())
+                         for k, b in m.named_buffers(remove_duplicate=False)}
+                outs.append(torch.func.functional_call(m, fresh, (x.clone(),)))
+            else:
+                outs.append(m(x.clone()))
     return outs
 
 
@@ -765,9 +767,10 @@ def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
     drop (state or submodules beyond the projections and the activation, hooks) and computes
     the same on probe inputs, in eval and in train mode, at two scales (the second, up to about
     100, reaches clamps).  Nothing is copied but the buffers, as a block of a large model is
-    large: the block runs in place, in its dtype (a 16-bit block's own rounding bounds what the
-    probe resolves: ``_BLOCK_TOL``; its activation was checked in float64 already), fp32 matrix
-    products in full precision, and its buffers, modes and the random state are put back."""
+    large: the block runs on its own parameters, in its dtype (a 16-bit block's own rounding
+    bounds what the probe resolves: ``_BLOCK_TOL``; its activation was checked in float64
+    already), fp32 matrix products in full precision, and its modes and the random state are
+    put back."""
     extra = old._modules.keys() - new._modules.keys() - {act_name}
     if extra:
         return f"it has submodules the patch would drop ({', '.join(sorted(extra))})"
@@ -784,21 +787,25 @@ def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
     weight = next((p for p in params.values() if p.is_floating_point()), None)
     if features is None or weight is None:
         return "its projections are not Linear layers"
-    saved = [(b, b.clone()) for b in old.buffers()]
     modes = [(m, m.training) for m in (*old.modules(), *new.modules())]
-    precision = torch.get_float32_matmul_precision()
+    # TF32 would differ by more than 1e-5: fp32 products in full precision, each backend's
+    # setting put back exactly as it was
+    matmuls = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    precisions = [b.fp32_precision for b in matmuls]
     try:
-        torch.set_float32_matmul_precision("highest")  # TF32 would differ by more than 1e-5
+        for b in matmuls:
+            b.fp32_precision = "ieee"
         for scale in (1.0, 30.0):
             x = (torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0))
                  * scale).to(weight)
-            if why := _differs(_run_modes(new, x, saved), _run_modes(old, x, saved),
+            if why := _differs(_run_modes(new, x, True), _run_modes(old, x, True),
                                _BLOCK_TOL.get(x.dtype, _PROBE_TOL), x.dtype):
                 return why
     except Exception as e:  # noqa: BLE001 - any failure leaves the block as it is
         return f"the probe raised {type(e).__name__}: {e}"
     finally:
-        torch.set_float32_matmul_precision(precision)
+        for b, precision in zip(matmuls, precisions, strict=True):
+            b.fp32_precision = precision
         for m, mode in modes:
             m.training = mode
     return ""

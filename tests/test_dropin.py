@@ -636,3 +636,37 @@ def test_restore_is_all_or_nothing_and_nested_blocks():
     with pytest.raises(ValueError, match="2 cannot be restored"):
         fused_act.restore_activations(model)
     assert type(model[0]) is fused_act.nn.GatedMLP and type(model[3]) is fused_act.nn.Mish
+
+
+class _Observed(nn.Linear):
+    """A Linear with an observer buffer its forward replaces (as an amax history does), and a
+    stride-0 buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("amax", torch.zeros(()))
+        self.register_buffer("ones", torch.ones(1).expand(4))
+
+    def forward(self, x):
+        self.amax = torch.maximum(self.amax, x.abs().max())
+        return super().forward(x)
+
+
+def test_block_probe_leaves_buffers_and_matmul_precision_as_they_were():
+    torch.manual_seed(0)
+    block = _Block()
+    block.gate_proj = _Observed(8, 16, bias=False)
+    model = nn.Sequential(block)
+    amax, ones = block.gate_proj.amax, block.gate_proj.ones
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [b.fp32_precision for b in backends]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # the per-backend setting
+        assert [s.name for s in fused_act.patch_gated_mlps(model).swapped] == ["0"]
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.mkldnn.matmul.fp32_precision == before[1]
+    finally:
+        for b, p in zip(backends, before, strict=True):
+            b.fp32_precision = p
+    assert model[0].gate_proj.amax is amax and amax.item() == 0
+    assert model[0].gate_proj.ones is ones
