@@ -14,6 +14,7 @@ what torch.nn's module would leave there.  Every module's repr says "fused".
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -596,48 +597,58 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
     ``Replacement`` listing each module swapped and each candidate left with the reason;
     ``verbose=True`` also prints it.
     """
+    def decide(child: nn.Module, names: list[str], compiled: bool
+               ) -> tuple[nn.Module | None, str, bool]:
+        new, unfamiliar, why = _plan(child)
+        if new is None or why:
+            return new, why, unfamiliar
+        if not all(include is None or _selected(n, _named_patterns(n, type(child), new),
+                                                include) for n in names) or any(
+                _selected(n, _named_patterns(n, type(child), new), exclude) for n in names):
+            return new, "excluded by include/exclude", unfamiliar
+        return new, _COMPILED if compiled else _swap_check(child, new, unfamiliar), unfamiliar
+
     report = Replacement()
     if _plan(model)[0] is not None:
         report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: "
                                 "swap it where it is used"))
+    return _swap_all(model, report, decide, verbose)
+
+
+def _swap_all(model: nn.Module, report: Replacement,
+              decide: Callable[[nn.Module, list[str], bool], tuple[nn.Module | None, str, bool]],
+              verbose: bool) -> Replacement:
+    """Walk ``model``'s slots and swap each module that ``decide(module, its names, whether its
+    slot is a compiled module's wrapped one)`` gives a replacement for with no reason against
+    (and whether it was probed); record each swap, and each candidate left at every name with
+    the reason.  A module shared by several slots is decided once and stays shared; slots inside
+    a module the model no longer runs are skipped."""
     slots = _slots(model)
     names = _names_by_module(slots)
-    done: dict[int, nn.Module] = {}  # id of a module already swapped -> its replacement
+    done: dict[int, tuple[nn.Module, bool]] = {}  # id of a module swapped -> (new, probed)
     gone: set[int] = set()
-    for parent_name, parent, child_name, child in slots:
-        name = f"{parent_name}.{child_name}" if parent_name else child_name
+    for parent_name, parent, attr, child in slots:
+        name = f"{parent_name}.{attr}" if parent_name else attr
         if id(parent) in gone:  # the walk listed the slots before any swap
             continue
+        cls = _qualname(type(child))
         if id(child) in done:
-            new = done[id(child)]
-            setattr(parent, child_name, new)
-            report.swapped.append(Swapped(name, _qualname(type(child)), _label(new)))
+            new, probed = done[id(child)]
+            setattr(parent, attr, new)
+            report.swapped.append(Swapped(name, cls, _label(new), probed))
             continue
         if isinstance(child, FusedModule) or name != names[id(child)][0]:
             continue  # a shared module is decided once, at its first name
-        new, unfamiliar, why = _plan(child)
-        cls = _qualname(type(child))
-        if new is None:
-            if why:
-                report.left.append(Left(name, cls, why))
-            continue
-        every = names[id(child)]
-        chosen = all(include is None or _selected(n, _named_patterns(n, type(child), new),
-                                                  include) for n in every)
-        if not chosen or any(_selected(n, _named_patterns(n, type(child), new), exclude)
-                             for n in every):
-            report.left.extend(Left(n, cls, "excluded by include/exclude") for n in every)
-            continue
-        why = _COMPILED if _compiled_slot(parent, child_name) else _swap_check(child, new,
-                                                                              unfamiliar)
+        new, why, probed = decide(child, names[id(child)], _compiled_slot(parent, attr))
         if why:
-            report.left.extend(Left(n, cls, why) for n in every)
+            report.left.extend(Left(n, cls, why) for n in names[id(child)])
+        if new is None or why:
             continue
         new.__dict__["_replaced"] = child  # for restore_activations; not a submodule
-        setattr(parent, child_name, new)
-        done[id(child)] = new
+        setattr(parent, attr, new)
+        done[id(child)] = new, probed
         gone |= _gone(child, new)
-        report.swapped.append(Swapped(name, cls, _label(new), unfamiliar))
+        report.swapped.append(Swapped(name, cls, _label(new), probed))
     if verbose:
         print(report)
     return report
@@ -827,32 +838,12 @@ def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
     undoes it.  Returns a ``Replacement`` of the blocks patched and those left, with why;
     ``verbose=True`` prints it.
     """
-    report = Replacement(by="patch_gated_mlps")
-    done: dict[int, nn.Module] = {}
-    gone: set[int] = set()
-    for parent_name, parent, child_name, child in _slots(model):
-        name = f"{parent_name}.{child_name}" if parent_name else child_name
-        if id(parent) in gone or isinstance(child, FusedModule):
-            continue
-        if id(child) in done:
-            setattr(parent, child_name, done[id(child)])
-            report.swapped.append(Swapped(name, _qualname(type(child)), _label(done[id(child)]),
-                                          True))
-            continue
+    def decide(child: nn.Module, names: list[str], compiled: bool
+               ) -> tuple[nn.Module | None, str, bool]:
         new, why, act_name = _as_gated(child)
-        if new is not None:
-            why = _COMPILED if _compiled_slot(parent, child_name) else _block_check(
-                child, new, act_name)
-        if why:
-            report.left.append(Left(name, _qualname(type(child)), why))
         if new is None or why:
-            continue
+            return new, why, True
         new.training = child.training  # its projections keep their own modes
-        new.__dict__["_replaced"] = child  # for restore_activations; not a submodule
-        setattr(parent, child_name, new)
-        done[id(child)] = new
-        gone |= _gone(child, new)
-        report.swapped.append(Swapped(name, _qualname(type(child)), _label(new), True))
-    if verbose:
-        print(report)
-    return report
+        return new, _COMPILED if compiled else _block_check(child, new, act_name), True
+
+    return _swap_all(model, Replacement(by="patch_gated_mlps"), decide, verbose)
