@@ -44,7 +44,7 @@ def acon_fwd_kernel(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, R, L, C, NB, S,
 
 
 @triton.jit
-def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, partial_ptr, P,
+def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2_ptr, dbeta_ptr,
                     R, L, C, NB, S, LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr,
                     NEED_PARAMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
                     FLAT: tl.constexpr, INT64: tl.constexpr):
@@ -57,12 +57,14 @@ def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, partial_ptr,
     dydx, dp1, dp2, dbeta = acon_c_bwd(x, a, p2, b)
     store_rounded(dx_ptr + offs, g * dydx, mask)
     if NEED_PARAMS:
-        store_partial(partial_ptr, tl.where(mask, g * dp1, 0.0), rb, pid_l, rows, cols,
+        # three pointers, not one plus k * P: an offset of 2 P computed in the 32 bits Triton
+        # gives an int below 2^31 wraps from 2^30 partials and writes far below the buffer
+        store_partial(dp1_ptr, tl.where(mask, g * dp1, 0.0), rb, pid_l, rows, cols,
                       row_mask, R, L, LAYOUT)
-        store_partial(partial_ptr + P, tl.where(mask, g * dp2, 0.0), rb, pid_l, rows, cols,
+        store_partial(dp2_ptr, tl.where(mask, g * dp2, 0.0), rb, pid_l, rows, cols,
                       row_mask, R, L, LAYOUT)
-        store_partial(partial_ptr + 2 * P, tl.where(mask, g * dbeta, 0.0), rb, pid_l, rows,
-                      cols, row_mask, R, L, LAYOUT)
+        store_partial(dbeta_ptr, tl.where(mask, g * dbeta, 0.0), rb, pid_l, rows, cols,
+                      row_mask, R, L, LAYOUT)
 
 
 def _launch_args(p: Plan, per_sample: bool) -> dict:
@@ -84,6 +86,7 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tenso
     """Write grad * dy/dx into ``dx``, and the dp1, dp2, dbeta partials (3 x ``p.partials``)
     into ``partial`` if given."""
     # without parameter gradients the partials are never touched: any valid pointer will do
-    acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, dx if partial is None else partial,
-                            p.partials, p.rows, p.cols, p1.numel(), x.shape[0], p.samples,
+    slots = (dx,) * 3 if partial is None else partial.view(3, p.partials).unbind()
+    acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, *slots, p.rows, p.cols, p1.numel(),
+                            x.shape[0], p.samples,
                             NEED_PARAMS=partial is not None, **_launch_args(p, per_sample))
