@@ -1,10 +1,10 @@
 """Triton launches at sizes the CPU cannot hold, checked where it matters: in their edge programs.
 
-``sparse_launches(writable, programs)`` makes every Triton launch in its block run, under the
-interpreter, only the programs ``programs(grid)`` picks (the first, the last, those on either
-side of an offset of 2^31), and checks every load and store those programs make that is not
-masked off: all its addresses lie inside one tensor argument of the launch, and a store's inside
-one of the tensors in ``writable`` (a list the caller may extend while the block runs).  The
+``sparse_launches(programs)`` makes every Triton launch in its block run, under the interpreter,
+only the programs ``programs(grid)`` picks (by default the first, the last, those on either side
+of an offset of 2^31), and checks every load and store those programs make that is not masked
+off: all its addresses lie inside one tensor argument of the launch, and a store's inside one of
+the tensors made in the block (by ``torch.empty``/``empty_like``: outputs, partial sums).  The
 tensors can be larger than memory: a CPU tensor from ``torch.empty`` is only reserved, and the
 few tiles the chosen programs touch are all that is ever mapped.  An offset computed in 32 bits
 that wraps past 2^31 then shows as an address outside its buffer instead of a write gigabytes
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import triton.language as tl  # noqa: F401  (the wrapper's globals must show triton.language)
 from triton.runtime import interpreter
+
+from fused_act.plan import BLOCK
 
 INT32_MAX = 2**31 - 1
 
@@ -57,7 +59,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
-def edge_programs(grid: int, per_program: int) -> list[int]:
+def edge_programs(grid: int, per_program: int = BLOCK) -> list[int]:
     """The first and last two programs, and the two on either side of every multiple of 2^31
     elements (``per_program`` elements a program)."""
     picks = {0, 1, grid - 2, grid - 1}
@@ -68,12 +70,20 @@ def edge_programs(grid: int, per_program: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def sparse_launches(writable: Iterable[torch.Tensor],
-                    programs: Callable[[int], list[int]]) -> Iterator[Launches]:
+def sparse_launches(programs: Callable[[int], list[int]] = edge_programs
+                    ) -> Iterator[Launches]:
     """Run the block's Triton launches for ``programs(grid size)`` only, checking accesses (see
     the module's doc); yields the record of the launches.  A grid over the 2^31 - 1 programs
     the GPU allows along its first axis fails as the launch would."""
-    launches = Launches(writable)
+    made: list[torch.Tensor] = []
+    launches = Launches(made)
+    makers = {name: getattr(torch, name) for name in ("empty", "empty_like")}
+
+    def recorder(make):
+        def record(*args, **kwargs):
+            made.append(t := make(*args, **kwargs))
+            return t
+        return record
     builder = interpreter.interpreter_builder
     init = interpreter.GridExecutor.__init__
     call = interpreter.GridExecutor.__call__
@@ -113,6 +123,8 @@ def sparse_launches(writable: Iterable[torch.Tensor],
                 raise cause from None
             raise
 
+    for name, make in makers.items():
+        setattr(torch, name, recorder(make))
     interpreter.GridExecutor.__init__ = selective_init
     interpreter.GridExecutor.__call__ = recording_call
     # CPU tensors are the interpreter's own memory: nothing to copy back (and no pass over them)
@@ -124,6 +136,8 @@ def sparse_launches(writable: Iterable[torch.Tensor],
     try:
         yield launches
     finally:
+        for name, make in makers.items():
+            setattr(torch, name, make)
         interpreter.GridExecutor.__init__ = init
         interpreter.GridExecutor.__call__ = call
         interpreter.GridExecutor._restore_args_dev = restore

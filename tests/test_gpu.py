@@ -1,5 +1,15 @@
-"""GPU-only checks (``pytest -m cuda``): sizes past 2^31 elements, CUDA graphs, compile modes,
-each for both kernel backends; and the CUDA C++ kernels against the Triton ones."""
+"""GPU checks: sizes past 2^31 elements, CUDA graphs, compile modes, each for both kernel
+backends; and the CUDA C++ kernels against the Triton ones.
+
+On a GPU they are ``pytest -m cuda``.  Without one they run in the default suite on the CPU, so
+that no GPU-only test rots between GPU sessions: the Triton kernels under the interpreter, the
+launches past 2^31 elements in their edge programs only (``sparse_launch.py``: every access
+checked, values not), a CUDA graph's replay as a second run, Inductor as ``aot_eager``.  Backend
+"cuda" (the CUDA C++ kernels, which need a GPU to load) skips there, saying so;
+``test_csrc_emulated.py`` runs its kernels on the CPU.
+"""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,28 +18,51 @@ import fused_act
 from fused_act import ops, reference
 
 from .cases import ALL_OPS, need_backend
+from .sparse_launch import sparse_launches
 
-pytestmark = pytest.mark.cuda
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+pytestmark = [pytest.mark.cuda] if GPU else []
 KERNEL_BACKENDS = ["triton", "cuda"]
+COMPILE_BACKEND = "inductor" if GPU else "aot_eager"
 
 
-@pytest.fixture(autouse=True)
-def _need_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+class _ReplayedGraph:
+    """A CUDA graph's stand-in on the CPU: replay runs the captured step again into its output."""
+
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def capture(step):
+    """(graph, output) of ``step`` captured in a CUDA graph (a re-run on the CPU)."""
+    if not GPU:
+        return _ReplayedGraph(step, out := step()), out
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_past_2_31_elements(backend_name):
     """64-bit offsets: a bf16 tensor of 2^31 + 4099 elements, forward and backward, checked at
-    the start, around 2^31 and at the tail against the reference."""
+    the start, around 2^31 and at the tail against the reference (on the CPU: the accesses of
+    each launch's edge programs, on reserved memory)."""
+    need_backend(backend_name, DEVICE)
     n = 2**31 + 4099
-    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    need_backend(backend_name, "cuda")
-    with fused_act.use_backend(backend_name):
+    make = torch.randn if GPU else torch.empty
+    x = make(n, device=DEVICE, dtype=torch.bfloat16)
+    g = make(n, device=DEVICE, dtype=torch.bfloat16)
+    with fused_act.use_backend(backend_name), \
+            contextlib.nullcontext() if GPU else sparse_launches():
         y = fused_act.mish(x)
         dx, _ = ops.backward_impl(g, x, "mish", None, 1.0, False, backend_name)
+    if not GPU:
+        return
     for s in (slice(0, 4096), slice(2**31 - 2048, 2**31 + 2048), slice(n - 4096, n)):
         torch.testing.assert_close(y[s], reference.mish(x[s]), rtol=8e-3, atol=1e-5)
         torch.testing.assert_close(dx[s], reference.mish_backward(g[s], x[s]), rtol=8e-3,
@@ -38,14 +71,12 @@ def test_past_2_31_elements(backend_name):
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_cuda_graph_capture(backend_name):
-    need_backend(backend_name, "cuda")
-    x = torch.randn(4096, device="cuda", requires_grad=True)
-    beta = torch.ones(1, device="cuda", requires_grad=True)
+    need_backend(backend_name, DEVICE)
+    x = torch.randn(4096, device=DEVICE, requires_grad=True)
+    beta = torch.ones(1, device=DEVICE, requires_grad=True)
     with fused_act.use_backend(backend_name):
         fused_act.swish(x, beta).sum().backward()  # compile kernels before capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = fused_act.swish(x, beta)
+        graph, y = capture(lambda: fused_act.swish(x, beta))
     x.data.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(y, reference.swish(x.detach(), beta.detach()))
@@ -55,14 +86,13 @@ def test_cuda_graph_capture(backend_name):
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("compile_mode", ["opaque", "decompose"])
 def test_compile_inductor_cuda(mode, compile_mode, backend_name, monkeypatch):
-    need_backend(backend_name, "cuda")
+    need_backend(backend_name, DEVICE)
     monkeypatch.setattr(fused_act.config, "compile_mode", compile_mode)
-    monkeypatch.setattr(fused_act.backend, "_backend", backend_name)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), fused_act.nn.Mish(),
                                 torch.nn.Linear(64, 64), fused_act.nn.GELU("tanh"),
-                                fused_act.nn.Swish(learnable=True, num_parameters=64)).cuda()
-    x = torch.randn(32, 64, device="cuda")
+                                fused_act.nn.Swish(learnable=True, num_parameters=64)).to(DEVICE)
+    x = torch.randn(32, 64, device=DEVICE)
 
     def step(m):
         model.zero_grad()
@@ -70,10 +100,13 @@ def test_compile_inductor_cuda(mode, compile_mode, backend_name, monkeypatch):
         y.square().mean().backward()
         return y.detach().clone(), [p.grad.clone() for p in model.parameters()]
 
-    y0, g0 = step(model)
-    compiled = torch.compile(model, fullgraph=True, mode=mode)
-    for _ in range(3):  # reduce-overhead records, then replays
-        y1, g1 = step(compiled)
+    # the backend in force for the eager run, the trace and every compiled step alike
+    with fused_act.use_backend(backend_name):
+        y0, g0 = step(model)
+        how = dict(mode=mode) if GPU else dict(backend=COMPILE_BACKEND)
+        compiled = torch.compile(model, fullgraph=True, **how)
+        for _ in range(3):  # reduce-overhead records, then replays
+            y1, g1 = step(compiled)
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
@@ -85,7 +118,7 @@ def _grads(fn, x, params, g):
 
 
 def _randn(*shape, dtype):
-    return torch.randn(*shape, device="cuda").mul(6).to(dtype)
+    return torch.randn(*shape, device=DEVICE).mul(6).to(dtype)
 
 
 # each made in its final layout on the GPU (a later copy would realign it)
@@ -106,7 +139,7 @@ LAYOUTS = {
 def test_cuda_kernels_match_triton(op, layout, dtype):
     """Two independent implementations, larger than the CPU tables: outputs and input gradients
     within a few ulps of each other, parameter gradients to summation order."""
-    need_backend("cuda", "cuda")
+    need_backend("cuda", DEVICE)
     torch.manual_seed(0)
     x = LAYOUTS[layout](dtype)
     assert layout != "misaligned" or x.data_ptr() % 16
@@ -130,16 +163,16 @@ def test_cuda_kernels_match_triton(op, layout, dtype):
 @pytest.mark.parametrize("kind", ["swish_channel", "acon_nchw", "acon_cl", "meta_acon"])
 def test_parameter_gradients_bit_identical(kind, backend_name):
     """Two runs give the same parameter gradients to the bit (no atomics)."""
-    need_backend(backend_name, "cuda")
+    need_backend(backend_name, DEVICE)
     torch.manual_seed(0)
-    x = torch.randn(16, 64, 28, 28, device="cuda")
+    x = torch.randn(16 if GPU else 2, 64, 28, 28, device=DEVICE)
     if kind == "acon_cl":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     c = x.shape[1]
-    beta_shape = (16, c) if kind == "meta_acon" else (c,)
-    p = [torch.randn(c, device="cuda", requires_grad=True) for _ in range(2)]
-    beta = torch.rand(beta_shape, device="cuda", requires_grad=True)
+    beta_shape = (x.shape[0], c) if kind == "meta_acon" else (c,)
+    p = [torch.randn(c, device=DEVICE, requires_grad=True) for _ in range(2)]
+    beta = torch.rand(beta_shape, device=DEVICE, requires_grad=True)
     g = torch.randn_like(x)
 
     def run():
