@@ -115,10 +115,13 @@ def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Pl
         block_l = min(next_power_of_2(inner), BLOCK)
         return Plan(x.shape[0], inner, 1, ROWS, BLOCK // block_l, block_l, batch=batch)
     inner = x.stride(1)
-    if inner == 1:
+    # an (N, C) input with a per-sample beta has a beta per element: as ROWS of one element its
+    # tiles stay BLOCK long, where COLS would tile each one-row sample apart (tiles of C
+    # elements, and more programs than a launch allows from N = 2^31)
+    if inner == 1 and not (per_sample and n == x.shape[0] * channels):
         samples = x.shape[0] if per_sample else 1
         rows_per_sample = next_power_of_2(n // channels // samples)
-        # few rows per sample (an (N, C) input with a per-sample beta): wide, short tiles
+        # few rows per sample: wide, short tiles
         block_l = min(next_power_of_2(channels), max(MAX_COLS_BLOCK, BLOCK // rows_per_sample))
         block_r = min(BLOCK // block_l, rows_per_sample)
         return Plan(n // channels, channels, channels, COLS, block_r, block_l, samples)

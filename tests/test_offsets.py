@@ -103,6 +103,18 @@ def test_frelu_past_2_31():
     _sparse(lambda: ops.frelu_max_affine_impl(x4, t4, a, b, "triton"))
 
 
+def test_meta_acon_grid_within_launch_limit():
+    """Meta-ACON on (N, C) with C = 2 and N = 2^31: a beta per element, walked in tiles of
+    BLOCK elements (it once took a program per sample: 2^31 programs, over the launch limit)."""
+    x = _empty(2**31, 2)
+    beta = torch.empty(2**31, 2)  # fp32 already: no copy of the 16 GB it reserves
+    p1, p2 = torch.ones(2), torch.zeros(2)
+    p = plan.channel_plan(x, 2, True)
+    assert p.grid[0] <= 2**31 - 1 and p.block_r * p.block_l == plan.BLOCK, p
+    _sparse(lambda: ops.acon_forward_impl(x, p1, p2, beta, "triton"))
+    _sparse(lambda: ops.acon_backward_impl(x, x, p1, p2, beta, False, "triton"))
+
+
 def test_a_wrapping_offset_is_caught():
     """The check itself: the old ACON-C backward computed ``partial + 2 * P`` in 32 bits, and
     a launch with that arithmetic must fail here."""
