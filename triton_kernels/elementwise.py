@@ -11,8 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .math import act_bwd, act_fwd, opmath
-from .tiling import NUM_WARPS, Plan, load_channel, store_partial, store_rounded, tile
+from .math import act_bwd, act_fwd, opmath, settle_cache_keys
+from .tiling import (
+    NUM_WARPS,
+    Plan,
+    keep,
+    load_channel,
+    store_partial,
+    store_rounded,
+    tail_apart,
+    tile,
+    whole,
+)
 
 
 @triton.jit
@@ -27,11 +37,8 @@ def beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE: tl.constexpr):
 
 
 @triton.jit
-def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
-                   ACT: tl.constexpr, BETA_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
-    _, _, _, rows, cols, offs, mask, _ = tile(tl.program_id(0), R, L, 1, BLOCK_R, BLOCK_L,
-                                              FLAT, INT64)
+def _act_fwd(x_ptr, y_ptr, beta_ptr, beta_value, rows, cols, offs, C, mask,
+             ACT: tl.constexpr, BETA_MODE: tl.constexpr):
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     b = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     y = act_fwd(x, b, ACT)
@@ -39,20 +46,46 @@ def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
 
 
 @triton.jit
-def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L, C,
-                   ACT: tl.constexpr, BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
-                   INT64: tl.constexpr):
-    _, rb, pid_l, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, 1, BLOCK_R,
-                                                          BLOCK_L, FLAT, INT64)
+def act_fwd_kernel(x_ptr, y_ptr, beta_ptr, beta_value, R, L, C,
+                   ACT: tl.constexpr, BETA_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr,
+                   SPLIT: tl.constexpr = False):
+    pid = tl.program_id(0)
+    _, _, _, rows, cols, offs, mask, _ = tile(pid, R, L, 1, BLOCK_R, BLOCK_L, FLAT, INT64)
+    if whole(pid, L, BLOCK_L, INT64, SPLIT):
+        _act_fwd(x_ptr, y_ptr, beta_ptr, beta_value, rows, cols, offs, C, None, ACT, BETA_MODE)
+    else:
+        _act_fwd(x_ptr, y_ptr, beta_ptr, beta_value, rows, cols, offs, C, mask, ACT, BETA_MODE)
+
+
+@triton.jit
+def _act_bwd(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, rb, pid_l, rows, cols,
+             offs, R, L, C, mask, row_mask, ACT: tl.constexpr, BETA_MODE: tl.constexpr,
+             NEED_DBETA: tl.constexpr):
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     b = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
     dydx, dydb = act_bwd(x, b, ACT)
     store_rounded(dx_ptr + offs, g * dydx, mask)
     if NEED_DBETA:
-        store_partial(partial_ptr, tl.where(mask, g * dydb, 0.0), rb, pid_l, rows, cols,
-                      row_mask, R, L, BETA_MODE)
+        store_partial(partial_ptr, keep(g * dydb, mask), rb, pid_l, rows, cols, row_mask, R, L,
+                      BETA_MODE)
+
+
+@triton.jit
+def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L, C,
+                   ACT: tl.constexpr, BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
+                   INT64: tl.constexpr, SPLIT: tl.constexpr = False):
+    pid = tl.program_id(0)
+    _, rb, pid_l, rows, cols, offs, mask, row_mask = tile(pid, R, L, 1, BLOCK_R, BLOCK_L, FLAT,
+                                                          INT64)
+    if whole(pid, L, BLOCK_L, INT64, SPLIT):
+        _act_bwd(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, rb, pid_l, rows, cols,
+                 offs, R, L, C, None, row_mask, ACT, BETA_MODE, NEED_DBETA)
+    else:
+        _act_bwd(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, rb, pid_l, rows, cols,
+                 offs, R, L, C, mask, row_mask, ACT, BETA_MODE, NEED_DBETA)
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | None,
@@ -61,7 +94,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | Non
     act_fwd_kernel[p.grid](
         x, y, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
-        INT64=p.int64, num_warps=NUM_WARPS)
+        INT64=p.int64, SPLIT=tail_apart(p, x.dtype), num_warps=NUM_WARPS)
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
@@ -72,4 +105,9 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
     act_bwd_kernel[p.grid](
         g, x, dx, x if beta is None else beta, beta_value, dx if partial is None else partial,
         p.rows, p.cols, p.channels, ACT=act, BETA_MODE=p.layout, NEED_DBETA=partial is not None,
-        BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64, num_warps=NUM_WARPS)
+        BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64,
+        SPLIT=tail_apart(p, x.dtype), num_warps=NUM_WARPS)
+
+
+# kernel cache keys that do not depend on launch order (math.settle_cache_keys)
+settle_cache_keys(globals())

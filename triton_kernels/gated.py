@@ -13,8 +13,17 @@ import triton
 import triton.language as tl
 
 from .elementwise import beta_at
-from .math import act_bwd, act_fwd, opmath
-from .tiling import NUM_WARPS, Plan, store_partial, store_rounded, tile
+from .math import act_bwd, act_fwd, opmath, settle_cache_keys
+from .tiling import (
+    NUM_WARPS,
+    Plan,
+    keep,
+    store_partial,
+    store_rounded,
+    tail_apart,
+    tile,
+    whole,
+)
 
 INT32_MAX = 2**31 - 1
 
@@ -30,11 +39,8 @@ def _at(ptr, rows, cols, stride, FLAT: tl.constexpr):
 
 
 @triton.jit
-def glu_fwd_kernel(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up, s_out, R, L,
-                   ACT: tl.constexpr, BETA_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
-    _, _, _, rows, cols, _, mask, _ = tile(tl.program_id(0), R, L, 1, BLOCK_R, BLOCK_L, FLAT,
-                                           INT64)
+def _glu_fwd(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up, s_out, rows, cols,
+             mask, ACT: tl.constexpr, BETA_MODE: tl.constexpr, FLAT: tl.constexpr):
     x = opmath(tl.load(_at(gate_ptr, rows, cols, s_gate, FLAT), mask=mask))
     u = opmath(tl.load(_at(up_ptr, rows, cols, s_up, FLAT), mask=mask))
     b = beta_at(beta_ptr, beta_value, rows, cols, 1, BETA_MODE)
@@ -43,12 +49,25 @@ def glu_fwd_kernel(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up
 
 
 @triton.jit
-def glu_bwd_kernel(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_value,
-                   partial_ptr, s_g, s_gate, s_up, s_dgate, s_dup, R, L, ACT: tl.constexpr,
-                   BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
-    _, rb, pid_l, rows, cols, _, mask, row_mask = tile(tl.program_id(0), R, L, 1, BLOCK_R,
-                                                       BLOCK_L, FLAT, INT64)
+def glu_fwd_kernel(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up, s_out, R, L,
+                   ACT: tl.constexpr, BETA_MODE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr,
+                   SPLIT: tl.constexpr = False):
+    pid = tl.program_id(0)
+    _, _, _, rows, cols, _, mask, _ = tile(pid, R, L, 1, BLOCK_R, BLOCK_L, FLAT, INT64)
+    if whole(pid, L, BLOCK_L, INT64, SPLIT):
+        _glu_fwd(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up, s_out, rows, cols,
+                 None, ACT, BETA_MODE, FLAT)
+    else:
+        _glu_fwd(gate_ptr, up_ptr, out_ptr, beta_ptr, beta_value, s_gate, s_up, s_out, rows, cols,
+                 mask, ACT, BETA_MODE, FLAT)
+
+
+@triton.jit
+def _glu_bwd(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_value, partial_ptr,
+             s_g, s_gate, s_up, s_dgate, s_dup, rb, pid_l, rows, cols, R, L, mask, row_mask,
+             ACT: tl.constexpr, BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr,
+             FLAT: tl.constexpr):
     g = opmath(tl.load(_at(g_ptr, rows, cols, s_g, FLAT), mask=mask))
     x = opmath(tl.load(_at(gate_ptr, rows, cols, s_gate, FLAT), mask=mask))
     u = opmath(tl.load(_at(up_ptr, rows, cols, s_up, FLAT), mask=mask))
@@ -58,15 +77,34 @@ def glu_bwd_kernel(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_v
     store_rounded(_at(dgate_ptr, rows, cols, s_dgate, FLAT), gu * dfdx, mask)
     store_rounded(_at(dup_ptr, rows, cols, s_dup, FLAT), g * act_fwd(x, b, ACT), mask)
     if NEED_DBETA:
-        store_partial(partial_ptr, tl.where(mask, gu * dfdb, 0.0), rb, pid_l, rows, cols,
-                      row_mask, R, L, BETA_MODE)
+        store_partial(partial_ptr, keep(gu * dfdb, mask), rb, pid_l, rows, cols, row_mask, R, L,
+                      BETA_MODE)
 
 
-def _launch_args(act: int, p: Plan, strides: tuple[int, ...]) -> dict:
+@triton.jit
+def glu_bwd_kernel(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_value,
+                   partial_ptr, s_g, s_gate, s_up, s_dgate, s_dup, R, L, ACT: tl.constexpr,
+                   BETA_MODE: tl.constexpr, NEED_DBETA: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr,
+                   SPLIT: tl.constexpr = False):
+    pid = tl.program_id(0)
+    _, rb, pid_l, rows, cols, _, mask, row_mask = tile(pid, R, L, 1, BLOCK_R, BLOCK_L, FLAT,
+                                                       INT64)
+    if whole(pid, L, BLOCK_L, INT64, SPLIT):
+        _glu_bwd(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_value, partial_ptr,
+                 s_g, s_gate, s_up, s_dgate, s_dup, rb, pid_l, rows, cols, R, L, None, row_mask,
+                 ACT, BETA_MODE, NEED_DBETA, FLAT)
+    else:
+        _glu_bwd(g_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, beta_ptr, beta_value, partial_ptr,
+                 s_g, s_gate, s_up, s_dgate, s_dup, rb, pid_l, rows, cols, R, L, mask, row_mask,
+                 ACT, BETA_MODE, NEED_DBETA, FLAT)
+
+
+def _launch_args(act: int, p: Plan, strides: tuple[int, ...], dtype: torch.dtype) -> dict:
     # the plan's rows cover every element, but a row stride wider than a row reaches further
     int64 = p.int64 or (p.rows - 1) * max(strides) + p.cols > INT32_MAX
     return dict(ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
-                INT64=int64, num_warps=NUM_WARPS)
+                INT64=int64, SPLIT=tail_apart(p, dtype), num_warps=NUM_WARPS)
 
 
 def forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, strides: tuple[int, ...],
@@ -74,7 +112,7 @@ def forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, strides: tu
             p: Plan) -> None:
     """Write act(gate) * up into ``out``; ``strides`` are the three tensors' row strides."""
     glu_fwd_kernel[p.grid](gate, up, out, gate if beta is None else beta, beta_value, *strides,
-                           p.rows, p.cols, **_launch_args(act, p, strides))
+                           p.rows, p.cols, **_launch_args(act, p, strides, gate.dtype))
 
 
 def backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
@@ -86,4 +124,9 @@ def backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch
     # without d/dbeta the partials are never touched: any valid pointer will do
     glu_bwd_kernel[p.grid](g, gate, up, dgate, dup, gate if beta is None else beta, beta_value,
                            dgate if partial is None else partial, *strides, p.rows, p.cols,
-                           NEED_DBETA=partial is not None, **_launch_args(act, p, strides))
+                           NEED_DBETA=partial is not None,
+                           **_launch_args(act, p, strides, gate.dtype))
+
+
+# kernel cache keys that do not depend on launch order (math.settle_cache_keys)
+settle_cache_keys(globals())

@@ -252,9 +252,62 @@ def max_fwd(x, t):
 
 
 @triton.jit
+def _order_key(bits):
+    """An integer that orders as the 16-bit float of these bits (sign and magnitude to two's
+    complement: +0 and -0 both 0); NaN bits order above or below everything."""
+    return tl.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+@triton.jit
+def max_bits(x, t):
+    """max_fwd's max of two 16-bit float tensors, bit for bit, in their own type: x where
+    x > t or x is NaN, else t, decided on integer keys of the bits.  The float form of this
+    selection, narrowed by the compiler to packed 16-bit compares, leaves pairs of predicates
+    that ptxas spills to local memory; integer compares do not."""
+    if x.dtype == tl.bfloat16:
+        inf = 0x7F80
+    else:
+        inf = 0x7C00
+    bx = x.to(tl.int16, bitcast=True).to(tl.int32)
+    bt = t.to(tl.int16, bitcast=True).to(tl.int32)
+    x_nan = (bx & 0x7FFF) > inf
+    t_nan = (bt & 0x7FFF) > inf
+    return tl.where(x_nan | ((_order_key(bx) > _order_key(bt)) & ~t_nan), x, t)
+
+
+@triton.jit
 def max_bwd(g, code):
     """(grad to x, grad to t) from the win code."""
     half = g * 0.5
     dx = tl.where((code == X_WINS) | (code == NAN), g, tl.where(code == TIE, half, 0.0))
     dt = tl.where((code == T_WINS) | (code == NAN), g, tl.where(code == TIE, half, 0.0))
     return dx, dt
+
+
+def settle_cache_keys(namespace: dict) -> None:
+    """Compute the cache key of every Triton function in ``namespace``, callees first.
+
+    Triton up to 3.8 adds a called function's constexpr globals (``INTERPRETED``, the
+    selectors, the constants above) to its caller's key before it has looked them up, the
+    first time that function is reached: the key of a kernel then depends on which kernel was
+    launched first in the process, and the on-disk cache misses from one run to the next.
+    With every helper's key in place before any kernel's, each kernel's key is the same
+    whatever the order.  Each module of kernels calls this last, on its own globals."""
+    done = set()
+
+    def visit(fn):
+        if id(fn) in done:
+            return
+        done.add(id(fn))
+        for name in fn.fn.__code__.co_names:
+            callee = fn.fn.__globals__.get(name)
+            if isinstance(callee, triton.runtime.JITFunction):
+                visit(callee)
+        fn.cache_key  # noqa: B018  (computed and kept by Triton)
+
+    for value in list(namespace.values()):
+        if isinstance(value, triton.runtime.JITFunction):  # not under the interpreter
+            visit(value)
+
+
+settle_cache_keys(globals())

@@ -7,7 +7,7 @@ from typing import Protocol
 import triton
 import triton.language as tl
 
-from .math import INTERPRETED, fp32_to_bf16_bits, opmath
+from .math import INTERPRETED, fp32_to_bf16_bits, opmath, settle_cache_keys
 
 
 class Plan(Protocol):
@@ -53,13 +53,49 @@ def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.co
     cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     if FLAT:
         # one row (R == 1, BLOCK_R == 1): offsets without the row multiply, which the compiler
-        # sees as contiguous and aligned (16-byte accesses) whatever L is
+        # sees as contiguous and aligned whatever L is; still, the mask limits the accesses to
+        # 16 bytes only where L is a multiple of 16 (``whole``)
         offs = cols[None, :]
     else:
+        # rows start on 16-byte boundaries only where L is a multiple of 16, all Triton knows
+        # of L: other row lengths get one-element accesses, masked or not
         offs = rows[:, None] * L + cols[None, :]
     row_mask = r_in < rows_per_sample
     mask = row_mask[:, None] & (cols[None, :] < L)
     return sample, sample * n_r + pid_r, pid_l, rows, cols, offs, mask, row_mask
+
+
+def tail_apart(p: Plan, dtype) -> bool:
+    """Whether a kernel runs the tiles of plan ``p`` unmasked but for the last (the ``SPLIT``
+    its ``whole`` takes): for a flat row whose length is not a multiple of 16, where the mask
+    ``cols < L`` would make every access of the kernel one element wide (the compiler cannot
+    prove it uniform over 16 bytes).  Not for fp64: two copies of its 16 values a thread spill
+    registers, for accesses 8 bytes narrower."""
+    return p.flat and p.cols % 16 != 0 and dtype.itemsize < 8
+
+
+@triton.jit
+def whole(pid, L, BLOCK_L: tl.constexpr, INT64: tl.constexpr, SPLIT: tl.constexpr):
+    """With SPLIT (``tail_apart``), whether the flat tile of program ``pid`` lies wholly
+    inside the row, to run with mask None; else False, for a kernel with one masked body."""
+    if SPLIT:
+        if INT64:
+            pid = pid.to(tl.int64)
+        # the tile's last column, written so that nothing overflows near 2^31
+        r = pid * BLOCK_L <= L - BLOCK_L
+    else:
+        r = False
+    return r
+
+
+@triton.jit
+def keep(v, mask):
+    """``v`` where ``mask`` (None: everywhere), else 0: a tile's terms of a partial sum."""
+    if mask is None:
+        r = v
+    else:
+        r = tl.where(mask, v, 0.0)
+    return r
 
 
 @triton.jit
@@ -93,3 +129,7 @@ def load_channel(ptr, rows, cols, C, LAYOUT: tl.constexpr):
     else:
         v = tl.load(ptr + cols, mask=cols < C, other=1.0)[None, :]
     return opmath(v)
+
+
+# kernel cache keys that do not depend on launch order (math.settle_cache_keys)
+settle_cache_keys(globals())

@@ -1,0 +1,52 @@
+"""The code the Triton compiler makes of every launched specialization, compiled for sm_90 on
+any machine (``bench/codegen_triton.py``): the gate passes, and it fails on a change that costs
+the kernels their 16-byte accesses."""
+
+import pytest
+
+from bench import codegen_triton
+
+# one-line changes that lose act_fwd_kernel's 16-byte accesses: the length left unspecialized
+# (rows of a per-channel plan no longer known to start 16 bytes apart), and whole tiles masked
+# like the last (a flat row whose length is not a multiple of 16 masked everywhere)
+MUTATIONS = {
+    "length not specialized": (
+        "elementwise.py", "@triton.jit\ndef act_fwd_kernel(",
+        '@triton.jit(do_not_specialize=["L"])\ndef act_fwd_kernel('),
+    "every tile masked": (
+        "elementwise.py", "offs, C, None, ACT, BETA_MODE)", "offs, C, mask, ACT, BETA_MODE)"),
+}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return codegen_triton.rows()
+
+
+def test_gate_passes(rows):
+    found = codegen_triton.problems(rows, codegen_triton.load_baseline())
+    assert not found, "\n".join(found)
+
+
+def test_sweep_covers_every_kernel_and_tail(rows):
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"act_fwd_kernel", "act_bwd_kernel", "glu_fwd_kernel", "glu_bwd_kernel",
+                       "acon_fwd_kernel", "acon_bwd_kernel", "max_fwd_kernel", "max_bwd_kernel",
+                       "max_affine_kernel"}
+    assert len(rows) <= 400
+    for kernel in kernels:
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert {r["dtype"] for r in mine} >= {"float32", "float16", "bfloat16"}, kernel
+        assert any(r["expects_vectors"] for r in mine), kernel
+    # flat rows with a tail keep 16-byte accesses in their whole tiles
+    split = [r for r in rows if r["constexprs"].get("SPLIT")]
+    assert split and all(r["tail"] == "flat" and min(r["load"], r["store"]) == 16
+                         for r in split)
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_gate_fails_on_lost_vectorization(name):
+    got = codegen_triton.rows(kernels=["act_fwd_kernel"], patches=[MUTATIONS[name]])
+    assert got and not [r for r in got if r.get("error")], got
+    found = codegen_triton.problems(got, codegen_triton.load_baseline())
+    assert any("16-byte accesses expected" in line for line in found), found
