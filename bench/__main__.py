@@ -38,13 +38,16 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     for name in ops:
         op = table.OPS[name]
         for dname in dtypes:
-            x, g, params = table.make_inputs(op, op.shape(2**12), table.DTYPES[dname], "cpu")
             try:
+                x, g, params = table.make_inputs(op, op.shape(2**12), table.DTYPES[dname],
+                                                 "cpu")
                 with fused_act.use_backend("triton"):
                     table.check(name, op.fused, x, g, params)
                 verdict = "ok"
             except AssertionError as e:
                 verdict, ok_all = f"FAIL: {e}", False
+            except Exception as e:  # noqa: BLE001 - one op's crash must not hide the others'
+                verdict, ok_all = f"FAIL: {type(e).__name__}: {e}", False
             print(f"{name:<{width}} {dname:<5} {verdict}")
     us = timing.host_overhead("cpu")
     print("\nhost time per eager mish forward+backward on 2^10 CPU elements, no interpreter "
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     result = harness.run(args.ops, args.dtypes, sizes, args.shapes, args.quick, out,
                          pipelines=not args.no_pipelines)
     print(report.markdown(result))
+    # non-zero only now, after every other case was measured and written
+    if result["errors"]:
+        print(f"{len(result['errors'])} failed (see {out / 'results.md'}): "
+              + ", ".join(f"{e['what']} {e['op']}" for e in result["errors"]), file=sys.stderr)
+        return 1
     return 0
 
 

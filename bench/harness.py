@@ -12,6 +12,10 @@ how it is shown (``bench.report``) each change in one place.  Memory-bound ops a
 GB/s and as a fraction of a device-to-device copy of the same bytes timed in the same run: the
 fraction says how far a kernel is from the hardware, which a bare time does not.  The same code
 runs on the CPU (host timers, no memory figures), which is how the test suite exercises it.
+
+A run is long and its GPU lease short, so each case (op, dtype, shape) and each op's pipeline
+is appended to ``results.jsonl`` as soon as it is measured, and one that raises is reported,
+recorded in ``errors`` and skipped: a crash or a timeout loses only the case it was in.
 """
 
 import datetime
@@ -19,6 +23,8 @@ import json
 import math
 import platform
 import subprocess
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,11 +39,10 @@ from bench.table import (
     DTYPES,
     MODES,
     OPS,
+    cases,
     check,
     contestants,
     copies,
-    flat,
-    layer_shapes,
     make_inputs,
     peers,
 )
@@ -118,9 +123,11 @@ def run(ops: list[str], dtypes: list[str], sizes: list[int],
         compile_backend: str = "inductor", pipelines: bool = True) -> dict:
     """Time every case and the compile pipelines; write results.json, results.md and plots.
 
-    Each op runs on ``sizes`` (its ``shape`` of that many elements) and on the layer shapes
-    ``shapes``, or where None on its own (``table.layer_shapes``: LLM MLP shapes for the gated
-    ops); a 1-D shape applies only to flat ops."""
+    Each op runs on ``table.cases``: ``sizes`` (its ``shape`` of that many elements) and the
+    layer shapes ``shapes`` it takes, or where None its own (``table.layer_shapes``: LLM MLP
+    shapes for the gated ops).  Each case and pipeline goes to ``out/results.jsonl`` as it is
+    measured; one that raises is printed, recorded in the result's ``errors`` and skipped, so
+    the caller decides what a failure means once everything else is written."""
     # the fused contestant is always the kernels; compiled backwards must allow retain_graph
     # (timing a backward repeats it), so buffer donation is off: compile's peak memory may read
     # a little high.  A compiled contestant keeps a graph per rank, static and dynamic sizes
@@ -137,28 +144,64 @@ def run(ops: list[str], dtypes: list[str], sizes: list[int],
 
 def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipelines):
     info = env(device)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "results.jsonl"
+    log.write_text("")  # this run's lines only, not a previous run's
+    _log(log, kind="env", env=info)
     rows: list[dict] = []
+    errors: list[dict] = []
     for name in ops:
-        op = OPS[name]
-        layers = shapes if shapes is not None else layer_shapes(name, quick)
-        cases = [op.shape(n) for n in sizes] + [s for s in layers if len(s) > 1 or
-                                                op.shape is flat]
         for dname in dtypes:
+            dtype = DTYPES[dname]
+            where = dict(op=name, dtype=str(dtype).replace("torch.", ""))
             # the limit counts graphs per code object, which the gated rows' compiled
             # contestants share (one lambda each way): a fresh start per op and dtype
             torch._dynamo.reset()
-            for shape in cases:
-                rows.extend(bench_case(name, DTYPES[dname], shape, quick, device,
-                                       compile_backend))
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+            for shape in cases(name, sizes, shapes, quick):
+                try:
+                    found = bench_case(name, dtype, shape, quick, device, compile_backend)
+                except Exception as e:  # noqa: BLE001 - one case's failure must not end the run
+                    errors.append(_failure(e, what="case", **where, shape=list(shape)))
+                    _log(log, kind="error", **errors[-1])
+                else:
+                    rows.extend(found)
+                    _log(log, kind="case", **where, shape=list(shape), rows=found)
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
     result = dict(env=info, peers=peers(device), rows=rows,
-                  host_overhead_us=host_overhead(device))
+                  host_overhead_us=host_overhead(device), errors=errors)
     if pipelines:
-        result["pipelines"] = pipes.run(ops, device, quick, compile_backend)
-        result["compile_mode_choice"] = pipes.choose(result["pipelines"])
-    out.mkdir(parents=True, exist_ok=True)
+        measured = []
+        for name in dict.fromkeys(ops):
+            try:
+                found = pipes.run([name], device, quick, compile_backend)
+            except Exception as e:  # noqa: BLE001 - as for a case
+                errors.append(_failure(e, what="pipeline", op=name))
+                _log(log, kind="error", **errors[-1])
+            else:
+                measured.extend(found)
+                if found:
+                    _log(log, kind="pipeline", op=name, pipelines=found)
+        result["pipelines"] = measured
+        result["compile_mode_choice"] = pipes.choose(measured)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
     plot(rows, out)
     return result
+
+
+def _log(path: Path, **line: object) -> None:
+    """Append one JSON line to ``path`` now (opened and closed each time, so that a run killed
+    mid-case leaves every earlier line whole on disk)."""
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _failure(e: Exception, **where: object) -> dict:
+    """Print the exception that ended a case or pipeline and return its error entry: where it
+    happened, the exception and its traceback (all a GPU lease's output may leave to debug)."""
+    trace = "".join(traceback.format_exception(e))
+    label = " ".join(str(v) for k, v in where.items() if k != "what")
+    print(f"FAILED {where['what']} {label}, skipped:\n{trace}", file=sys.stderr, flush=True)
+    return dict(where, error=f"{type(e).__name__}: {e}", traceback=trace)

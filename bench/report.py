@@ -23,8 +23,13 @@ def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def _shown(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
 def markdown(result: dict) -> str:
-    """The tables: per op, dtype, shape and mode, and the compile pipelines."""
+    """The tables: per op, dtype, shape and mode, the compile pipelines, and the cases and
+    pipelines that failed (``errors``), which have no rows above."""
     info, rows = result["env"], result["rows"]
     by = {(r["op"], r["dtype"], tuple(r["shape"]), r["mode"], r["contestant"]): r for r in rows}
     overhead = ", ".join(f"{k} {v:.1f} us" for k, v in result["host_overhead_us"].items())
@@ -54,14 +59,14 @@ def markdown(result: dict) -> str:
         more = ", ".join(f"{m} {_fmt(by[op, dtype, shape, mode, m]['frac_copy'], '.2f')}"
                          for m in _MORE if (op, dtype, shape, mode, m) in by)
         peaks = " / ".join(_fmt(x["peak_mb"], ".0f") for x in (r, e, k))
-        shown = _size(r["n"]) if len(shape) == 1 else "x".join(map(str, shape))
+        shown = _size(r["n"]) if len(shape) == 1 else _shown(shape)
         lines.append(
             f"| {op} | {dtype} | {shown} | {mode} | {r['ms']:.4f} | {_fmt(r['frac_copy'], '.2f')} "
             f"| {_fmt(cu, '.2f')} | {_fmt(e['frac_copy'], '.2f')} | "
             f"{_fmt(k['frac_copy'], '.2f')} | {more} | "
             f"{e['ms'] / r['ms']:.2f}x | {k['ms'] / r['ms']:.2f}x | "
             f"{peaks if mode == 'fwd+bwd' else ''} |")
-    if "pipelines" in result:
+    if result.get("pipelines"):
         lines += ["", "## torch.compile pipelines (forward+backward of a block, ms)", "",
                   "| op | block | " + " | ".join(result["pipelines"][0]["ms"]) + " | choice |",
                   "|---|---|" + "---|" * (len(result["pipelines"][0]["ms"]) + 1)]
@@ -69,6 +74,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {p['op']} | {p['block']} | "
                          + " | ".join(f"{v:.4f}" for v in p["ms"].values())
                          + f" | {result['compile_mode_choice'][p['op']]} |")
+    if result.get("errors"):
+        lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json's errors)",
+                  "", "| what | op | dtype | shape | error |", "|---|---|---|---|---|"]
+        for e in result["errors"]:
+            # a table cell holds one line, without the column separator
+            error = e["error"].splitlines()[0].replace("|", "/")
+            shape = _shown(e["shape"]) if e.get("shape") else ""
+            lines.append(f"| {e['what']} | {e['op']} | {e.get('dtype', '')} | {shape} "
+                         f"| {error[:300]} |")
     return "\n".join(lines) + "\n"
 
 

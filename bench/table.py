@@ -26,6 +26,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FULL_SIZES = [2**k for k in range(16, 29, 2)]
 QUICK_SIZES = [2**20, 2**24, 2**26]
+# conv layers' (N, C, H, W) and a linear layer's (batch, tokens, features); an op is timed only
+# on those its ``Op.takes`` accepts
 LAYER_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (64, 512, 14, 14), (8, 4096, 4096)]
 # a gated MLP's gate (and up) as tokens x intermediate: Llama-2-7B's width on 8192 tokens, and
 # Llama-3-8B's / Mistral-7B's on 16384
@@ -56,6 +58,27 @@ def _rows(n: int) -> tuple[int, ...]:
     return (max(1, n // width), width)
 
 
+def _any_shape(shape: tuple[int, ...]) -> bool:
+    """An elementwise op takes a tensor of any shape."""
+    return True
+
+
+def _image(shape: tuple[int, ...]) -> bool:
+    """(N, C, H, W): what a conv net's activation sees (FReLU's depthwise conv needs it, and
+    ACON's per-channel parameters and Meta-ACON's spatial mean assume it)."""
+    return len(shape) == 4
+
+
+def _matrix_rows(shape: tuple[int, ...]) -> bool:
+    """(..., features) with at least one leading dim: a gated op's gate and up."""
+    return len(shape) >= 2
+
+
+def _packed_shape(shape: tuple[int, ...]) -> bool:
+    """(..., 2 w): gate and up as the halves of the last dim."""
+    return len(shape) >= 2 and shape[-1] % 2 == 0
+
+
 @dataclass(frozen=True)
 class Op:
     """One benchmarked op.
@@ -67,8 +90,9 @@ class Op:
     convolution and BatchNorm round in that dtype before the max picks a side).  ``inputs``: how
     many leading arguments are data whose gradients the check compares (a gated op's gate and
     up: 2).  ``layers``: the real layer shapes the op is timed on by default (empty: the
-    run's).  ``compile_key``: its ``fused_act.config.compile_mode`` key, which adds the
-    contestant "decompose".
+    run's).  ``takes(shape)``: whether the op can be timed on a layer shape (a layer shape it
+    does not take is skipped, whether it is the default or the run's).  ``compile_key``: its
+    ``fused_act.config.compile_mode`` key, which adds the contestant "decompose".
     """
 
     fused: Callable
@@ -80,6 +104,7 @@ class Op:
     ref_fp32: bool = True
     inputs: int = 1
     layers: tuple[tuple[int, ...], ...] = ()
+    takes: Callable[[tuple[int, ...]], bool] = _any_shape
     compile_key: str | None = None
 
 
@@ -88,7 +113,9 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar_beta(x: torch.Tensor) -> torch.Tensor:
-    return _leaf(torch.ones(1, device=x.device))
+    # in x's dtype, as in a model cast to it: an fp32 beta of shape (1,) would promote the
+    # eager contestant's output to fp32 (more bytes written than the op's)
+    return _leaf(torch.ones(1, device=x.device, dtype=x.dtype))
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +177,7 @@ def _gated(spec: registry.Spec) -> Op:
     of x's size), backward reads grad, gate and up and writes both gradients (5)."""
     act, kwargs = spec.function or spec.name, spec.kwargs
     common = dict(shape=_rows, traffic=(3, 5), inputs=2, layers=tuple(LLM_SHAPES),
-                  compile_key="glu")
+                  takes=_matrix_rows, compile_key="glu")
     if spec.beta:
         return Op(lambda g, u, b: fused_act.glu(g, u, act, beta=b),
                   lambda g, u, b: spec.torch_fn(g, b) * u,
@@ -183,7 +210,7 @@ def _packed(spec: registry.Spec) -> Op:
 
     return Op(lambda x: fused_act.glu(x, None, act, **kwargs), eager, ref, shape=_packed_rows,
               traffic=(1.5, 2.5), layers=tuple((t, 2 * w) for t, w in LLM_SHAPES),
-              compile_key="glu")
+              takes=_packed_shape, compile_key="glu")
 
 
 # the packed layout (up=None) is timed for SwiGLU alone: the other activations read it alike
@@ -191,16 +218,17 @@ PACKED = {"swiglu_packed": registry.SPECS["silu"]}
 
 OPS: dict[str, Op] = {
     **{bench_key(s): _elementwise(s) for s in registry.SPECS.values()},
-    "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params),
+    "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params,
+                 takes=_image),
     "meta_acon": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
-                    lambda x: _acon_params(x, per_sample=True)),
+                    lambda x: _acon_params(x, per_sample=True), takes=_image),
     # forward reads x and t, writes y; backward reads grad (and a 1-byte code), writes dx and dt
     "frelu_max": Op(fused_act.frelu_max, torch.maximum, reference.frelu_max, _nchw,
-                    lambda x: [_leaf(torch.randn_like(x))], (3, 3)),
+                    lambda x: [_leaf(torch.randn_like(x))], (3, 3), takes=_image),
     "frelu_module": Op(lambda x, *p: fused_act.frelu_max(x, _frelu_t(x, *p)),
                        lambda x, *p: torch.max(x, _frelu_t(x, *p)),
                        lambda x, *p: reference.frelu_max(x, _frelu_t(x, *p)), _nchw,
-                       _frelu_params, None, ref_fp32=False),
+                       _frelu_params, None, ref_fp32=False, takes=_image),
     **{name: _gated(s) for name, s in GATED.items()},
     **{name: _packed(s) for name, s in PACKED.items()},
 }
@@ -215,9 +243,21 @@ PEERS: dict[str, tuple[str, str, str]] = {
 
 def layer_shapes(name: str, quick: bool) -> list[tuple[int, ...]]:
     """The real layer shapes op ``name`` is timed on unless the run names its own: LLM MLP
-    shapes for the gated ops, conv and linear layers for the rest (the first two with quick)."""
-    shapes = OPS[name].layers or LAYER_SHAPES
-    return list(shapes[:2] if quick else shapes)
+    shapes for the gated ops, conv and linear layers for the rest, those the op takes (the
+    first two with quick)."""
+    op = OPS[name]
+    shapes = [s for s in op.layers or LAYER_SHAPES if op.takes(s)]
+    return shapes[:2] if quick else shapes
+
+
+def cases(name: str, sizes: list[int], shapes: list[tuple[int, ...]] | None, quick: bool
+          ) -> list[tuple[int, ...]]:
+    """The shapes op ``name`` is timed on: each size as the op's ``shape`` of that many
+    elements, then the layer shapes ``shapes`` it takes, or where None its own
+    (``layer_shapes``)."""
+    op = OPS[name]
+    layers = layer_shapes(name, quick) if shapes is None else shapes
+    return [op.shape(n) for n in sizes] + [s for s in layers if op.takes(s)]
 
 
 def _peer(name: str, device: str) -> tuple[str, Callable] | None:
@@ -296,14 +336,24 @@ def contestants(name: str, compile_backend: str = "inductor", device: str = "cud
     return found
 
 
-def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str):
+def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(x, output gradient g, parameters) of one case: x normal times 4 and g normal, drawn
+    from a seed of the shape, so every contestant and run sees the same values.  On device
+    "meta" they have shapes and dtypes only: how the cases are checked without the memory."""
     gen = torch.Generator().manual_seed(math.prod(shape) % 2**31)
-    x = (torch.randn(shape, generator=gen) * 4).to(device=device, dtype=dtype)
+
+    def draw(size: torch.Size | tuple[int, ...], scale: float) -> torch.Tensor:
+        if device == "meta":
+            return torch.empty(size, device="meta", dtype=dtype)
+        return (torch.randn(size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = draw(shape, 4)
     torch.manual_seed(0)
     params = op.params(x)
     # the output's shape (a packed gated op's is half of x's), from a run on meta tensors
     out = op.eager(x.to("meta"), *(p.detach().to("meta") for p in params)).shape
-    g = torch.randn(out, generator=gen).to(device=device, dtype=dtype)
+    g = draw(out, 1)
     return x, g, params
 
 

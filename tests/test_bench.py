@@ -1,10 +1,15 @@
-"""The benchmark harness end to end on the CPU: tiny sizes, every op, result files."""
+"""The benchmark harness end to end on the CPU: tiny sizes, every op, result files; every
+default case of the GPU run on meta tensors; a failing case recorded and skipped."""
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+import fused_act
 
 from .cases import ROOT, need_device
 
@@ -17,6 +22,9 @@ def test_harness_end_to_end(tmp_path):
                          quick=True, out=tmp_path, device="cpu", compile_backend="aot_eager")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows == json.loads(json.dumps(result["rows"]))
+    assert result["errors"] == [], [e["traceback"] for e in result["errors"]]
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sum((line["rows"] for line in lines if line["kind"] == "case"), []) == rows
     for op in harness.OPS:
         # the contestants the table gives this op on CPU tensors (no CUDA kernels, no peers)
         names = set(table.contestants(op, "aot_eager", "cpu"))
@@ -58,3 +66,121 @@ def test_bench_quick_without_gpu():
     assert "GPU timings need a GPU" in out.stdout and "FAIL" not in out.stdout
     from bench import table
     assert out.stdout.count(" ok") == len(table.OPS)  # a line per op, the gated ones included
+
+
+def _default_cases() -> list[tuple[str, tuple[int, ...]]]:
+    """(op, shape) of every case a GPU run gives each op by default, full or quick."""
+    from bench import table
+    return list(dict.fromkeys(
+        (name, shape) for name in table.OPS for quick in (False, True)
+        for shape in table.cases(name, table.QUICK_SIZES if quick else table.FULL_SIZES, None,
+                                 quick)))
+
+
+def test_default_cases_on_meta():
+    """Every default case's inputs can be made, and the eager and the fused function take
+    them forward and backward: on meta tensors, shapes only, so a case that would crash a GPU
+    run minutes in (an image-only op given a (tokens, ...) shape) fails here at once.  (Backend
+    "auto" runs a meta tensor through the fused function's argument checks and its reference
+    path; no backend launches kernels on one.)"""
+    from bench import table
+    found = _default_cases()
+    assert {name for name, _ in found} == set(table.OPS)
+    for name, shape in found:
+        op = table.OPS[name]
+        assert op.takes(shape), (name, shape)
+        for dtype in table.DTYPES.values():
+            x, g, params = table.make_inputs(op, shape, dtype, "meta")
+            assert x.shape == shape and x.dtype == g.dtype == dtype, (name, shape, dtype)
+            for label, fn in (("eager", op.eager), ("fused", op.fused)):
+                xs, ps = table.copies(x, params)
+                with fused_act.use_backend("auto"):
+                    y = fn(xs.requires_grad_(), *ps)
+                    grads = torch.autograd.grad(y, [xs, *ps], g)
+                assert y.shape == g.shape, (name, label, shape, dtype)
+                assert [t.shape for t in grads] == [t.shape for t in (xs, *ps)], (name, label)
+
+
+def test_layer_shapes_follow_the_table():
+    """An op is given only the layer shapes it takes, whether its own or the run's: the image
+    ops no (tokens, features) shape, the packed gated op no odd width, and only an elementwise
+    op a 1-D shape."""
+    from bench import table
+    given = [(2, 8, 4, 4), (8, 4096, 4096), (16, 30), (16, 31), (1024,)]
+    assert table.cases("frelu_module", [], given, False) == [(2, 8, 4, 4)]
+    assert (8, 4096, 4096) not in table.layer_shapes("frelu_module", False)
+    assert table.cases("swiglu_packed", [], given, False) == [(2, 8, 4, 4), (8, 4096, 4096),
+                                                               (16, 30)]
+    assert table.cases("swiglu", [], given, False) == given[:-1]
+    assert table.cases("mish", [2**10], given, True) == [(2**10,), *given]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_failing_case_is_recorded_and_skipped(tmp_path, monkeypatch):
+    """A case that raises is printed, recorded as an error and skipped; every other case is
+    measured and written to results.jsonl as it finishes, the result files are written, and
+    ``python -m bench`` then exits non-zero."""
+    need_device("cpu")
+    from bench import __main__ as cli
+    from bench import harness
+    real = harness.bench_case
+    calls = []
+
+    def bench_case(name, dtype, shape, *args, **kwargs):
+        # every case before this one is on disk already, not only at the end of the run
+        lines = (tmp_path / "results.jsonl").read_text().splitlines()
+        assert len(lines) == 1 + len(calls), lines
+        calls.append((name, shape))
+        if name == "silu" and shape == (2, 8, 4, 4):
+            raise RuntimeError("boom")
+        return real(name, dtype, shape, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "bench_case", bench_case)
+    # the command line's GPU path, run on the CPU with a quick compiler: only the command line
+    # is told there is a GPU
+    monkeypatch.setattr(cli, "torch", SimpleNamespace(cuda=SimpleNamespace(
+        is_available=lambda: True)))
+    env, run = harness.env, harness.run
+    monkeypatch.setattr(harness, "env", lambda device: env("cpu"))
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: run(
+        *args, **kwargs, device="cpu", compile_backend="aot_eager"))
+    code = cli.main(["--quick", "--ops", "mish", "silu", "--dtypes", "fp32", "--sizes", "1024",
+                     "--shapes", "2x8x4x4", "--no-pipelines", "--out", str(tmp_path)])
+    assert code == 1
+    assert calls == [(op, s) for op in ("mish", "silu") for s in ((1024,), (2, 8, 4, 4))]
+    result = json.loads((tmp_path / "results.json").read_text())
+    [error] = result["errors"]
+    assert error["what"] == "case" and error["error"] == "RuntimeError: boom"
+    assert (error["op"], error["dtype"], error["shape"]) == ("silu", "float32", [2, 8, 4, 4])
+    measured = {(r["op"], tuple(r["shape"])) for r in result["rows"]}
+    assert measured == {("mish", (1024,)), ("mish", (2, 8, 4, 4)), ("silu", (1024,))}
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["env", "case", "case", "case", "error"]
+    assert sum((line.get("rows", []) for line in lines), []) == result["rows"]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Failed (1" in md and "| case | silu | float32 | 2x8x4x4 | RuntimeError: boom |" in md
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_failing_pipeline_is_recorded_and_skipped(tmp_path, monkeypatch):
+    """A pipeline that raises is recorded and skipped like a case; the others still run."""
+    need_device("cpu")
+    from bench import harness, pipelines
+    real = pipelines._blocks
+
+    def blocks(name, *args):
+        if name == "mish":
+            raise RuntimeError("no block")
+        return real(name, *args)
+
+    monkeypatch.setattr(pipelines, "_blocks", blocks)
+    result = harness.run(["mish", "silu"], ["fp32"], [2**10], [], quick=True, out=tmp_path,
+                         device="cpu", compile_backend="aot_eager")
+    assert [(e["what"], e["op"], e["error"]) for e in result["errors"]] == [
+        ("pipeline", "mish", "RuntimeError: no block")]
+    assert [p["op"] for p in result["pipelines"]] == ["silu"]
+    assert set(result["compile_mode_choice"]) == {"silu"}
+    kinds = [json.loads(line)["kind"]
+             for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert kinds == ["env", "case", "case", "error", "pipeline"]
+    assert "| pipeline | mish |" in (tmp_path / "results.md").read_text()
