@@ -17,6 +17,13 @@ struct AconMath {
   int layout;
   bool per_sample;
 
+  // tile.cuh min_blocks: the sums of three terms of the widest vectors need 128 registers (8
+  // elements) or 80 (4) not to spill
+  template <int VEC, int SUMS>
+  static constexpr int grad_blocks() {
+    return SUMS == NO_SUMS || VEC == 1 ? MIN_BLOCKS : (VEC >= 8 ? 2 : 3);
+  }
+
   // (a = p1 - p2, p2, beta) of element k of the vector at `at`
   __device__ __forceinline__ void params(const At& a, int k, M& diff, M& q2, M& b) const {
     const M v1 = channel_param(p1, a, k, layout);

@@ -168,6 +168,11 @@ FA_HD M gelu_tanh_bwd(M x) {
 // here and a branch in each selector.
 enum act_id : int { ACT_MISH = 0, ACT_SWISH = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, N_ACT };
 
+// Whether activation ACT reads its beta (the others ignore it: their d/dbeta is 0).  Its gated
+// backward needs more registers (elementwise.cu ActMath::glu_blocks).
+template <int ACT>
+constexpr bool act_reads_beta = ACT == ACT_SWISH;
+
 template <int ACT, class M>
 FA_HD M act_fwd(M x, M beta) {
   if constexpr (ACT == ACT_MISH) {

@@ -22,6 +22,18 @@ struct ActMath {
   static constexpr int NP = 1;  // d/dbeta
   Beta<M> beta;
 
+  // tile.cuh min_blocks: 64 registers spill for 16-bit vectors with sums of d/dbeta, and in the
+  // gated backward (three inputs, two outputs) also for fp64 with sums and for 16-bit vectors
+  // of an activation that reads beta, sums or not
+  template <int VEC, int SUMS>
+  static constexpr int grad_blocks() { return VEC >= 8 && SUMS != NO_SUMS ? 3 : MIN_BLOCKS; }
+  template <int VEC, int SUMS>
+  static constexpr int glu_blocks() {
+    const bool sums = SUMS != NO_SUMS;
+    return (VEC >= 8 && (sums || act_reads_beta<ACT>)) || (sizeof(M) == 8 && sums) ? 3
+                                                                                  : MIN_BLOCKS;
+  }
+
   __device__ __forceinline__ M value(M x, const At& a, int k) const {
     return act_fwd<ACT>(x, beta.at(a, k));
   }
@@ -99,6 +111,9 @@ struct GluGradOp {
   T* dup;
   int64_t s_g, s_gate, s_up, s_dgate, s_dup;
   F f;
+
+  template <int VEC, int SUMS>
+  static constexpr int min_blocks() { return F::template glu_blocks<VEC, SUMS>(); }
 
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {

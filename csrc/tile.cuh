@@ -4,16 +4,17 @@
 // the Triton kernels cut it (fused_act/plan.py), so both backends write the same partial-sum
 // slots.  A block of 256 threads walks the tiles with a grid-stride loop; its threads form a
 // TY x TX grid over a tile, each thread handling VEC consecutive elements of a row with one
-// 16-byte load where the data is aligned.  An op is a functor called per vector: it loads its
-// inputs, stores its outputs and returns its per-element contributions to NP parameter
-// gradients, which the kernel reduces over the tile in a fixed order (warp shuffles, then shared
-// memory): deterministic, no atomics.
+// 16-byte load and store per tensor where the data is aligned.  An op is a functor called per
+// vector: it loads its inputs, stores its outputs and returns its per-element contributions to
+// NP parameter gradients, which the kernel reduces over the tile in a fixed order (warp
+// shuffles, then shared memory): deterministic, no atomics.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <initializer_list>
 #include <type_traits>
@@ -34,6 +35,28 @@ constexpr int THREADS = 256;
 // 4 resident blocks (32 warps) an SM: registers capped at 64 a thread, enough bytes in flight
 constexpr int MIN_BLOCKS = 4;
 
+// What a launch sums of the op's parameter-gradient terms: nothing (no `partial`, or an op
+// without parameters), per row of a tile (ROWS; the row passes) or per column (COLS; the column
+// passes).  Each is its own kernel, so the common backward without a parameter gradient neither
+// computes the terms nor is held to the registers of the sums.
+enum Sums { NO_SUMS = 0, ROW_SUMS = 1, COLUMN_SUMS = 2 };
+
+// The resident blocks a kernel is compiled for: registers are capped at 65536 / (THREADS x
+// blocks), 64 at MIN_BLOCKS, 80 at 3, 128 at 2.  An op whose heavier instantiations spill at 64
+// (bench/codegen_cuda.py lists every instantiation's registers and spills, and fails on a spill)
+// asks for fewer in `Op::min_blocks<VEC, SUMS>()`: a few warps less cost less than local memory
+// traffic in every iteration.
+template <class Op, int VEC, int SUMS, class = void>
+struct BlocksOf {
+  static constexpr int value = MIN_BLOCKS;
+};
+template <class Op, int VEC, int SUMS>
+struct BlocksOf<Op, VEC, SUMS, std::void_t<decltype(Op::template min_blocks<VEC, SUMS>())>> {
+  static constexpr int value = Op::template min_blocks<VEC, SUMS>();
+};
+template <class Op, int VEC, int SUMS>
+constexpr int min_blocks() { return BlocksOf<Op, VEC, SUMS>::value; }
+
 // ---- storage <-> opmath --------------------------------------------------------------------
 
 template <class T>
@@ -50,18 +73,29 @@ __device__ __forceinline__ void from_op(double v, double& d) { d = v; }
 __device__ __forceinline__ void from_op(float v, __half& d) { d = __float2half_rn(v); }
 __device__ __forceinline__ void from_op(float v, __nv_bfloat16& d) { d = __float2bfloat16_rn(v); }
 
-template <class T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// The builtin type of `BYTES` bytes that a full vector moves as (the __stwb overloads take it).
+template <int BYTES>
+struct Word;
+template <>
+struct Word<16> { using type = uint4; };
+template <>
+struct Word<8> { using type = uint2; };
+template <>
+struct Word<4> { using type = unsigned; };
+template <>
+struct Word<2> { using type = unsigned short; };
+template <>
+struct Word<1> { using type = unsigned char; };
 
-// The n (<= VEC) elements at p; a full vector is one aligned load.
+template <class T, int VEC>
+using word_t = typename Word<int(sizeof(T)) * VEC>::type;
+
+// The n (<= VEC) elements at p; a full vector is one aligned access.
 template <int VEC, class T>
 __device__ __forceinline__ void load_raw(const T* p, int n, T (&out)[VEC]) {
   if (n == VEC) {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = pk.v[k];
+    const word_t<T, VEC> w = *reinterpret_cast<const word_t<T, VEC>*>(p);
+    memcpy(&out, &w, sizeof(w));
   } else {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -73,10 +107,11 @@ __device__ __forceinline__ void load_raw(const T* p, int n, T (&out)[VEC]) {
 template <int VEC, class T>
 __device__ __forceinline__ void store_raw(T* p, int n, const T (&in)[VEC]) {
   if (n == VEC) {
-    Pack<T, VEC> pk;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) pk.v[k] = in[k];
-    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+    word_t<T, VEC> w;
+    memcpy(&w, &in, sizeof(w));
+    // nvcc splits a plain store of w into one store per element in these kernels (STG.E, not
+    // STG.E.128); __stwb is the same store, with the default cache policy, and stays whole.
+    __stwb(reinterpret_cast<word_t<T, VEC>*>(p), w);
   } else {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -148,9 +183,11 @@ struct At {
 };
 
 // A per-channel parameter of element k of the vector at `at` (layout ROWS or COLS), and a
-// per-(sample, channel) one; elements past at.n read element 0's, never past the array.
+// per-(sample, channel) one.  A COLS vector is always whole (vector_ok), so element k's index is
+// col + k, never past the array: one base pointer and constant offsets (clamping the index of
+// elements past n kept a 64-bit address live per element and parameter).
 __device__ __forceinline__ int64_t param_index(const At& at, int k, int layout) {
-  return layout == FA_ROWS ? at.chan : at.col + (k < at.n ? k : 0);
+  return layout == FA_ROWS ? at.chan : at.col + k;
 }
 template <class M>
 __device__ __forceinline__ M channel_param(const M* p, const At& at, int k, int layout) {
@@ -169,10 +206,9 @@ __device__ __forceinline__ M shfl_xor(M v, int o) { return __shfl_xor_sync(0xfff
 
 // ---- the kernel ----------------------------------------------------------------------------
 
-template <class Op, int VEC>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g,
-                                                       typename Op::M* partial,
-                                                       int64_t n_partial) {
+template <class Op, int VEC, int SUMS>
+__global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
+    tile_kernel(Op op, Geom g, typename Op::M* partial, int64_t n_partial) {
   using M = typename Op::M;
   constexpr int NP = Op::NP > 0 ? Op::NP : 1;
   const int per_row = g.block_l / VEC;  // vectors in a tile row (block_l is a power of 2 >= VEC)
@@ -180,8 +216,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
   const int ty_n = THREADS / tx_n;
   const int tx = threadIdx.x % tx_n;
   const int ty = threadIdx.x / tx_n;
-  const bool reduce = Op::NP > 0 && partial != nullptr;
-  const bool by_column = reduce && g.layout == FA_COLS;
+  static_assert(SUMS == NO_SUMS || Op::NP > 0, "sums of parameter-gradient terms need some");
+  constexpr bool reduce = SUMS != NO_SUMS;
 
   for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
     const int64_t pid_l = mod64(tile, g.col_blocks);
@@ -206,7 +242,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
       at.sample = g.rows_per_batch_item > 0 ? div64(at.row, g.rows_per_batch_item) : sample;
     };
 
-    if (!by_column) {
+    if constexpr (SUMS != COLUMN_SUMS) {
       // row passes; a ROWS reduction sums each row over the tile's columns
       for (int r0 = 0; r0 < g.block_r; r0 += ty_n) {
         M acc[NP] = {};
@@ -224,8 +260,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
             for (int k = 0; k < VEC; ++k) acc[p] += d[p][k];
           }
         }
-        if constexpr (Op::NP > 0) {
-          if (!reduce) continue;
+        if constexpr (reduce) {
           const int lane = threadIdx.x % 32;
           const int warp = threadIdx.x / 32;
           // the tx_n threads of a tile row are consecutive: lanes of one warp, or whole warps
@@ -257,25 +292,37 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
           }
         }
       }
-    } else if constexpr (Op::NP > 0) {
-      // column passes; a COLS reduction sums each column over the tile's rows
+    } else {
+      // column passes; a COLS reduction sums each column over the tile's rows.  Each thread
+      // sums its VEC columns in its own slots of col_sums rather than in registers: NP * VEC
+      // accumulators live across the op's math are what made the heaviest ops spill.
+      __shared__ M col_sums[NP][THREADS * VEC];
+      const int me = threadIdx.x * VEC;
       for (int c0 = 0; c0 < per_row; c0 += tx_n) {
-        M acc[NP][VEC] = {};
-        At first{};
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) col_sums[p][me + k] = M(0);
+        }
         bool col_ok = false;
         for (int r0 = 0; r0 < g.block_r; r0 += ty_n) {
           At at{};
           if (!locate(r0 + ty, c0 + tx, at)) continue;
           place_row(at);
-          if (!col_ok) first = at;
           col_ok = true;
           M d[NP][VEC] = {};
           op.template apply<VEC>(at, d);
 #pragma unroll
           for (int p = 0; p < NP; ++p) {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) acc[p][k] += d[p][k];
+            for (int k = 0; k < VEC; ++k) col_sums[p][me + k] += d[p][k];
           }
+        }
+        M acc[NP][VEC];
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[p][k] = col_sums[p][me + k];
         }
         // threads of one column: lanes tx, tx + tx_n, ... of a warp, then one group per warp
         // (tx_n < 32) or per tile row (tx_n >= 32)
@@ -291,7 +338,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
         const int groups = tx_n < 32 ? THREADS / 32 : ty_n;
         const int group = tx_n < 32 ? warp : ty;
         const bool writer = tx_n < 32 ? lane < tx_n : true;
-        __shared__ M col_sums[NP][THREADS * VEC];
+        __syncthreads();  // every thread has read its own slots before the writers reuse them
         if (writer) {
           for (int p = 0; p < NP; ++p) {
             for (int k = 0; k < VEC; ++k) col_sums[p][(group * tx_n + tx) * VEC + k] = acc[p][k];
@@ -300,10 +347,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tile_kernel(Op op, Geom g
         __syncthreads();
         // the tile's first row is always valid, so thread (ty = 0, tx) saw every valid column
         if (group == 0 && writer && col_ok) {
+          const int64_t col = pid_l * g.block_l + int64_t(c0 + tx) * VEC;
+          const int n = g.cols - col < VEC ? int(g.cols - col) : VEC;
           const int64_t row_block = sample * g.row_blocks_per_sample + pid_r;
-          const int64_t slot = row_block * g.cols + first.col;
+          const int64_t slot = row_block * g.cols + col;
           for (int p = 0; p < NP; ++p) {
-            for (int k = 0; k < first.n; ++k) {
+            for (int k = 0; k < n; ++k) {
               M s = M(0);
               for (int w = 0; w < groups; ++w) s += col_sums[p][(w * tx_n + tx) * VEC + k];
               partial[p * n_partial + slot + k] = s;
@@ -351,6 +400,9 @@ struct GradOp {
   T* dx;
   F f;
 
+  template <int VEC, int SUMS>
+  static constexpr int min_blocks() { return F::template grad_blocks<VEC, SUMS>(); }
+
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {
     M gv[VEC], xv[VEC];
@@ -370,11 +422,14 @@ struct GradOp {
 
 // Whether every pointer suits VEC-element accesses of its element size and every row starts on a
 // vector boundary (rows `cols` apart, or `row_strides` apart where an op walks strided rows).
+// A COLS plan also needs whole vectors in its one row (param_index reads col + k); with one row
+// each column sum has one term, so the scalar path gives the same bits.
 template <int VEC>
 bool vector_ok(const fa_plan& p, std::initializer_list<std::pair<const void*, int>> ptrs,
                std::initializer_list<int64_t> row_strides) {
   if (VEC == 1) return true;
-  if (p.block_l % VEC != 0 || (p.rows > 1 && p.cols % VEC != 0)) return false;
+  if (p.block_l % VEC != 0) return false;
+  if ((p.rows > 1 || p.layout == FA_COLS) && p.cols % VEC != 0) return false;
   for (const int64_t s : row_strides) {
     if (p.rows > 1 && s % VEC != 0) return false;
   }
@@ -406,10 +461,18 @@ int launch(const Op& op, const fa_plan& plan, typename Op::M* partial, int64_t n
   const Geom g = make_geom(plan);
   if (g.tiles == 0) return 0;
   const int64_t grid = g.tiles < resident_blocks() ? g.tiles : resident_blocks();
-  const auto kernel = tile_kernel<Op, VEC>;
-  FA_LAUNCH(kernel, unsigned(grid), THREADS, static_cast<cudaStream_t>(stream), op, g, partial,
-            n_partial);
-  return int(cudaGetLastError());
+  auto go = [&](auto kernel) {
+    FA_LAUNCH(kernel, unsigned(grid), THREADS, static_cast<cudaStream_t>(stream), op, g, partial,
+              n_partial);
+    return int(cudaGetLastError());
+  };
+  if constexpr (Op::NP > 0) {
+    if (partial != nullptr) {
+      return plan.layout == FA_COLS ? go(tile_kernel<Op, VEC, COLUMN_SUMS>)
+                                    : go(tile_kernel<Op, VEC, ROW_SUMS>);
+    }
+  }
+  return go(tile_kernel<Op, VEC, NO_SUMS>);
 }
 
 // The widest vector for T: 16 bytes (fp64 is for gradcheck, run it scalar).

@@ -39,6 +39,13 @@ def torch_nvcc_defines() -> list[str]:
     return [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D")]
 
 
+def torch_nvcc_flags() -> list[str]:
+    """Every flag torch's builder passes nvcc for any extension: the defines above and the few
+    others that change what device code compiles to (``--expt-relaxed-constexpr``)."""
+    from torch.utils import cpp_extension
+    return list(cpp_extension.COMMON_NVCC_FLAGS)
+
+
 def nvcc_path() -> str | None:
     """nvcc of torch's CUDA_HOME, else the one on PATH, else None."""
     from torch.utils import cpp_extension

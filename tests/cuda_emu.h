@@ -80,6 +80,10 @@ inline dim3 blockDim;
 
 inline void __syncthreads() { fa_emu::block().sync(); }
 
+// The store intrinsic csrc uses to keep a vector store whole: a plain store on the host.
+template <class T>
+inline void __stwb(T* p, T v) { *p = v; }
+
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int offset) {
   fa_emu::Block& b = fa_emu::block();
