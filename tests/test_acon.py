@@ -22,6 +22,7 @@ from .cases import (
 # x shape, layout: channel counts 1, 3, 64, 130; tails and several blocks; 2-D after a Linear
 SHAPES = {
     "c1": ((3, 1, 17, 9), None),
+    "c1_tiles": ((2, 1, 37, 29), None),  # flat past one tile: whole tiles unmasked, a tail
     "c3": ((2, 3, 45, 47), None),  # rows of 2115: two column blocks with a tail
     "c64": ((2, 64, 5, 7), None),
     "c130_cl": ((2, 130, 3, 7), "channels_last"),

@@ -1,6 +1,6 @@
 """The code the Triton compiler makes of every launched specialization, compiled for sm_90 on
 any machine (``bench/codegen_triton.py``): the gate passes, and it fails on a change that costs
-the kernels their 16-byte accesses."""
+the kernels their 16-byte accesses or makes fp64 spill."""
 
 import pytest
 
@@ -38,10 +38,14 @@ def test_sweep_covers_every_kernel_and_tail(rows):
         mine = [r for r in rows if r["kernel"] == kernel]
         assert {r["dtype"] for r in mine} >= {"float32", "float16", "bfloat16"}, kernel
         assert any(r["expects_vectors"] for r in mine), kernel
-    # flat rows with a tail keep 16-byte accesses in their whole tiles
+    # flat rows with a tail (ACON's one-channel plans and fp64 among them) keep 16-byte
+    # accesses in their whole tiles
     split = [r for r in rows if r["constexprs"].get("SPLIT")]
     assert split and all(r["tail"] == "flat" and min(r["load"], r["store"]) == 16
                          for r in split)
+    assert all(r["constexprs"].get("SPLIT") for r in rows if r["tail"] == "flat")
+    assert {r["kernel"] for r in split} >= {"acon_fwd_kernel", "acon_bwd_kernel"}
+    assert {r["dtype"] for r in split} == {"float32", "float16", "bfloat16", "float64"}
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
@@ -50,3 +54,13 @@ def test_gate_fails_on_lost_vectorization(name):
     assert got and not [r for r in got if r.get("error")], got
     found = codegen_triton.problems(got, codegen_triton.load_baseline())
     assert any("16-byte accesses expected" in line for line in found), found
+
+
+def test_gate_fails_on_fp64_spills():
+    # fp64 at the warps of the narrower dtypes: 16 values a thread spill ACON's backward
+    mutation = ("tiling.py", "return 2 * NUM_WARPS if dtype.itemsize == 8 else NUM_WARPS",
+                "return NUM_WARPS")
+    got = codegen_triton.rows(kernels=["acon_bwd_kernel"], patches=[mutation])
+    assert got and not [r for r in got if r.get("error")], got
+    found = codegen_triton.problems(got, codegen_triton.load_baseline())
+    assert any("float64" in line and ": spills" in line for line in found), found

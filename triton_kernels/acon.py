@@ -10,8 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .math import acon_c_bwd, acon_c_fwd, opmath
-from .tiling import NUM_WARPS, Plan, load_channel, store_partial, store_rounded, tile
+from .math import acon_c_bwd, acon_c_fwd, opmath, settle_cache_keys
+from .tiling import (
+    Plan,
+    keep,
+    load_channel,
+    num_warps,
+    store_partial,
+    store_rounded,
+    tail_apart,
+    tile,
+    whole,
+)
 
 
 @triton.jit
@@ -32,11 +42,8 @@ def _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB,
 
 
 @triton.jit
-def acon_fwd_kernel(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, R, L, C, NB, S,
-                    LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr):
-    sample, _, _, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, S, BLOCK_R,
-                                                          BLOCK_L, FLAT, INT64)
+def _acon_fwd(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, offs, R, C, NB, mask,
+              row_mask, LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr):
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     a, p2, b = _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB, LAYOUT,
                        PER_SAMPLE)
@@ -44,12 +51,25 @@ def acon_fwd_kernel(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, R, L, C, NB, S,
 
 
 @triton.jit
-def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2_ptr, dbeta_ptr,
-                    R, L, C, NB, S, LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                    NEED_PARAMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-                    FLAT: tl.constexpr, INT64: tl.constexpr):
-    sample, rb, pid_l, rows, cols, offs, mask, row_mask = tile(tl.program_id(0), R, L, S,
-                                                               BLOCK_R, BLOCK_L, FLAT, INT64)
+def acon_fwd_kernel(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, R, L, C, NB, S,
+                    LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_L: tl.constexpr, FLAT: tl.constexpr, INT64: tl.constexpr,
+                    SPLIT: tl.constexpr = False):
+    pid = tl.program_id(0)
+    sample, _, _, rows, cols, offs, mask, row_mask = tile(pid, R, L, S, BLOCK_R, BLOCK_L, FLAT,
+                                                          INT64)
+    if whole(pid, L, BLOCK_L, INT64, SPLIT):
+        _acon_fwd(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, offs, R, C, NB,
+                  None, row_mask, LAYOUT, PER_SAMPLE)
+    else:
+        _acon_fwd(x_ptr, y_ptr, p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, offs, R, C, NB,
+                  mask, row_mask, LAYOUT, PER_SAMPLE)
+
+
+@triton.jit
+def _acon_bwd(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2_ptr, dbeta_ptr,
+              sample, rb, pid_l, rows, cols, offs, R, L, C, NB, mask, row_mask,
+              LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr, NEED_PARAMS: tl.constexpr):
     x = opmath(tl.load(x_ptr + offs, mask=mask))
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     a, p2, b = _params(p1_ptr, p2_ptr, beta_ptr, sample, rows, cols, row_mask, R, C, NB, LAYOUT,
@@ -59,17 +79,37 @@ def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2
     if NEED_PARAMS:
         # three pointers, not one plus k * P: an offset of 2 P computed in the 32 bits Triton
         # gives an int below 2^31 wraps from 2^30 partials and writes far below the buffer
-        store_partial(dp1_ptr, tl.where(mask, g * dp1, 0.0), rb, pid_l, rows, cols,
-                      row_mask, R, L, LAYOUT)
-        store_partial(dp2_ptr, tl.where(mask, g * dp2, 0.0), rb, pid_l, rows, cols,
-                      row_mask, R, L, LAYOUT)
-        store_partial(dbeta_ptr, tl.where(mask, g * dbeta, 0.0), rb, pid_l, rows, cols,
-                      row_mask, R, L, LAYOUT)
+        store_partial(dp1_ptr, keep(g * dp1, mask), rb, pid_l, rows, cols, row_mask, R, L,
+                      LAYOUT)
+        store_partial(dp2_ptr, keep(g * dp2, mask), rb, pid_l, rows, cols, row_mask, R, L,
+                      LAYOUT)
+        store_partial(dbeta_ptr, keep(g * dbeta, mask), rb, pid_l, rows, cols, row_mask, R, L,
+                      LAYOUT)
 
 
-def _launch_args(p: Plan, per_sample: bool) -> dict:
+@triton.jit
+def acon_bwd_kernel(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2_ptr, dbeta_ptr,
+                    R, L, C, NB, S, LAYOUT: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                    NEED_PARAMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+                    FLAT: tl.constexpr, INT64: tl.constexpr, SPLIT: tl.constexpr = False):
+    pid = tl.program_id(0)
+    sample, rb, pid_l, rows, cols, offs, mask, row_mask = tile(pid, R, L, S, BLOCK_R, BLOCK_L,
+                                                               FLAT, INT64)
+    if whole(pid, L, BLOCK_L, INT64, SPLIT):
+        _acon_bwd(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2_ptr, dbeta_ptr,
+                  sample, rb, pid_l, rows, cols, offs, R, L, C, NB, None, row_mask, LAYOUT,
+                  PER_SAMPLE, NEED_PARAMS)
+    else:
+        _acon_bwd(g_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, beta_ptr, dp1_ptr, dp2_ptr, dbeta_ptr,
+                  sample, rb, pid_l, rows, cols, offs, R, L, C, NB, mask, row_mask, LAYOUT,
+                  PER_SAMPLE, NEED_PARAMS)
+
+
+def _launch_args(p: Plan, per_sample: bool, dtype: torch.dtype) -> dict:
+    # one channel and no per-sample beta is a flat plan, tiled like the parameterless ops
     return dict(LAYOUT=p.layout, PER_SAMPLE=per_sample, BLOCK_R=p.block_r, BLOCK_L=p.block_l,
-                FLAT=p.flat, INT64=p.int64, num_warps=NUM_WARPS)
+                FLAT=p.flat, INT64=p.int64, SPLIT=tail_apart(p),
+                num_warps=num_warps(dtype))
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
@@ -77,7 +117,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
     """Write ACON-C of ``x`` into ``y`` (dense, same strides; N outermost if ``per_sample``).
     p1, p2 hold C values, beta C or N * C (sample-major)."""
     acon_fwd_kernel[p.grid](x, y, p1, p2, beta, p.rows, p.cols, p1.numel(), x.shape[0],
-                            p.samples, **_launch_args(p, per_sample))
+                            p.samples, **_launch_args(p, per_sample, x.dtype))
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tensor,
@@ -89,4 +129,8 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tenso
     slots = (dx,) * 3 if partial is None else partial.view(3, p.partials).unbind()
     acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, *slots, p.rows, p.cols, p1.numel(),
                             x.shape[0], p.samples,
-                            NEED_PARAMS=partial is not None, **_launch_args(p, per_sample))
+                            NEED_PARAMS=partial is not None, **_launch_args(p, per_sample, x.dtype))
+
+
+# kernel cache keys that do not depend on launch order (math.settle_cache_keys)
+settle_cache_keys(globals())

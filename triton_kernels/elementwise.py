@@ -13,10 +13,10 @@ import triton.language as tl
 
 from .math import act_bwd, act_fwd, opmath, settle_cache_keys
 from .tiling import (
-    NUM_WARPS,
     Plan,
     keep,
     load_channel,
+    num_warps,
     store_partial,
     store_rounded,
     tail_apart,
@@ -94,7 +94,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | Non
     act_fwd_kernel[p.grid](
         x, y, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
-        INT64=p.int64, SPLIT=tail_apart(p, x.dtype), num_warps=NUM_WARPS)
+        INT64=p.int64, SPLIT=tail_apart(p), num_warps=num_warps(x.dtype))
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
@@ -106,7 +106,7 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
         g, x, dx, x if beta is None else beta, beta_value, dx if partial is None else partial,
         p.rows, p.cols, p.channels, ACT=act, BETA_MODE=p.layout, NEED_DBETA=partial is not None,
         BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64,
-        SPLIT=tail_apart(p, x.dtype), num_warps=NUM_WARPS)
+        SPLIT=tail_apart(p), num_warps=num_warps(x.dtype))
 
 
 # kernel cache keys that do not depend on launch order (math.settle_cache_keys)

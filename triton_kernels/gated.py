@@ -15,9 +15,9 @@ import triton.language as tl
 from .elementwise import beta_at
 from .math import act_bwd, act_fwd, opmath, settle_cache_keys
 from .tiling import (
-    NUM_WARPS,
     Plan,
     keep,
+    num_warps,
     store_partial,
     store_rounded,
     tail_apart,
@@ -104,7 +104,7 @@ def _launch_args(act: int, p: Plan, strides: tuple[int, ...], dtype: torch.dtype
     # the plan's rows cover every element, but a row stride wider than a row reaches further
     int64 = p.int64 or (p.rows - 1) * max(strides) + p.cols > INT32_MAX
     return dict(ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
-                INT64=int64, SPLIT=tail_apart(p, dtype), num_warps=NUM_WARPS)
+                INT64=int64, SPLIT=tail_apart(p), num_warps=num_warps(dtype))
 
 
 def forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, strides: tuple[int, ...],

@@ -34,6 +34,13 @@ class Plan(Protocol):
 NUM_WARPS = 4  # with plan.BLOCK 2048: 16 (bf16) or 8 (fp32) elements a thread (bench/NOTES.md)
 
 
+def num_warps(dtype) -> int:
+    """Warps a program of a plan's tile runs for data of ``dtype``: ``NUM_WARPS``, twice that for
+    fp64, whose 16 values a thread (and twice as many registers each) spill the larger kernels;
+    at 8 a thread they stay in registers, with the tile, and so the plan, unchanged."""
+    return 2 * NUM_WARPS if dtype.itemsize == 8 else NUM_WARPS
+
+
 @triton.jit
 def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
          INT64: tl.constexpr):
@@ -65,13 +72,12 @@ def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.co
     return sample, sample * n_r + pid_r, pid_l, rows, cols, offs, mask, row_mask
 
 
-def tail_apart(p: Plan, dtype) -> bool:
+def tail_apart(p: Plan) -> bool:
     """Whether a kernel runs the tiles of plan ``p`` unmasked but for the last (the ``SPLIT``
     its ``whole`` takes): for a flat row whose length is not a multiple of 16, where the mask
     ``cols < L`` would make every access of the kernel one element wide (the compiler cannot
-    prove it uniform over 16 bytes).  Not for fp64: two copies of its 16 values a thread spill
-    registers, for accesses 8 bytes narrower."""
-    return p.flat and p.cols % 16 != 0 and dtype.itemsize < 8
+    prove it uniform over 16 bytes)."""
+    return p.flat and p.cols % 16 != 0
 
 
 @triton.jit
