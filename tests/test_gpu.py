@@ -4,9 +4,9 @@ backends; and the CUDA C++ kernels against the Triton ones.
 On a GPU they are ``pytest -m cuda``.  Without one they run in the default suite on the CPU, so
 that no GPU-only test rots between GPU sessions: the Triton kernels under the interpreter, the
 launches past 2^31 elements in their edge programs only (``sparse_launch.py``: every access
-checked, values not), a CUDA graph's replay as a second run, Inductor as ``aot_eager``.  Backend
-"cuda" (the CUDA C++ kernels, which need a GPU to load) skips there, saying so;
-``test_csrc_emulated.py`` runs its kernels on the CPU.
+checked, values not), a CUDA graph's replay as a second run, Inductor as ``aot_eager``, and
+backend "cuda" as the CUDA C++ kernels emulated on the CPU (``test_csrc_emulated.py``) on
+smaller layouts; only its run past 2^31 elements, which no emulation can afford, needs a GPU.
 """
 
 import contextlib
@@ -19,12 +19,27 @@ from fused_act import ops, reference
 
 from .cases import ALL_OPS, need_backend
 from .sparse_launch import sparse_launches
+from .test_csrc_emulated import cuda_on_cpu, emulated  # noqa: F401  (fixtures, asked by name)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 pytestmark = [pytest.mark.cuda] if GPU else []
 KERNEL_BACKENDS = ["triton", "cuda"]
 COMPILE_BACKEND = "inductor" if GPU else "aot_eager"
+# without a GPU the layouts shrink by this factor (elements), for the interpreter and emulation
+SHRINK = 1 if GPU else 256
+
+
+@pytest.fixture
+def use(request):
+    """``use(backend)``: skip unless ``backend`` runs here; without a GPU, backend "cuda" is the
+    emulated CUDA C++ kernels for this test."""
+    def need(backend_name: str) -> None:
+        if backend_name == "cuda" and not GPU:
+            request.getfixturevalue("cuda_on_cpu")
+        else:
+            need_backend(backend_name, DEVICE)
+    return need
 
 
 class _ReplayedGraph:
@@ -51,7 +66,7 @@ def capture(step):
 def test_past_2_31_elements(backend_name):
     """64-bit offsets: a bf16 tensor of 2^31 + 4099 elements, forward and backward, checked at
     the start, around 2^31 and at the tail against the reference (on the CPU: the accesses of
-    each launch's edge programs, on reserved memory)."""
+    each launch's edge programs, on reserved memory; the CUDA C++ kernels only on a GPU)."""
     need_backend(backend_name, DEVICE)
     n = 2**31 + 4099
     make = torch.randn if GPU else torch.empty
@@ -70,8 +85,8 @@ def test_past_2_31_elements(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-def test_cuda_graph_capture(backend_name):
-    need_backend(backend_name, DEVICE)
+def test_cuda_graph_capture(backend_name, use):
+    use(backend_name)
     x = torch.randn(4096, device=DEVICE, requires_grad=True)
     beta = torch.ones(1, device=DEVICE, requires_grad=True)
     with fused_act.use_backend(backend_name):
@@ -85,8 +100,8 @@ def test_cuda_graph_capture(backend_name):
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("compile_mode", ["opaque", "decompose"])
-def test_compile_inductor_cuda(mode, compile_mode, backend_name, monkeypatch):
-    need_backend(backend_name, DEVICE)
+def test_compile_inductor_cuda(mode, compile_mode, backend_name, monkeypatch, use):
+    use(backend_name)
     monkeypatch.setattr(fused_act.config, "compile_mode", compile_mode)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), fused_act.nn.Mish(),
@@ -123,23 +138,25 @@ def _randn(*shape, dtype):
 
 # each made in its final layout on the GPU (a later copy would realign it)
 LAYOUTS = {
-    "flat_tail": lambda d: _randn(3 * 2**20 + 7, dtype=d),
-    "misaligned": lambda d: _randn(2**20 + 1, dtype=d)[1:],  # offset by 1 element: scalar path
-    "nchw": lambda d: _randn(8, 64, 56, 56, dtype=d),
-    "nchw_odd_rows": lambda d: _randn(4, 130, 7, 7, dtype=d),  # rows of 49: scalar path
-    "channels_last": lambda d: _randn(8, 64, 28, 28, dtype=d).contiguous(
-        memory_format=torch.channels_last),
-    "nc": lambda d: _randn(256, 1024, dtype=d),
+    "flat_tail": lambda d: _randn(3 * 2**20 // SHRINK + 7, dtype=d),
+    # offset by 1 element: scalar path
+    "misaligned": lambda d: _randn(2**20 // SHRINK + 1, dtype=d)[1:],
+    "nchw": lambda d: _randn(8 // min(SHRINK, 4), 64, 56 // min(SHRINK, 4), 56, dtype=d),
+    "nchw_odd_rows": lambda d: _randn(4 // min(SHRINK, 2), 130, 7, 7, dtype=d),  # rows of 49
+    "channels_last": lambda d: _randn(8 // min(SHRINK, 8), 64, 28 // min(SHRINK, 4), 28,
+                                      dtype=d).contiguous(memory_format=torch.channels_last),
+    "nc": lambda d: _randn(256 // min(SHRINK, 64), 1024, dtype=d),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: o.name)
-def test_cuda_kernels_match_triton(op, layout, dtype):
+def test_cuda_kernels_match_triton(op, layout, dtype, use):
     """Two independent implementations, larger than the CPU tables: outputs and input gradients
     within a few ulps of each other, parameter gradients to summation order."""
-    need_backend("cuda", DEVICE)
+    use("triton")
+    use("cuda")
     torch.manual_seed(0)
     x = LAYOUTS[layout](dtype)
     assert layout != "misaligned" or x.data_ptr() % 16
@@ -161,9 +178,9 @@ def test_cuda_kernels_match_triton(op, layout, dtype):
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("kind", ["swish_channel", "acon_nchw", "acon_cl", "meta_acon"])
-def test_parameter_gradients_bit_identical(kind, backend_name):
+def test_parameter_gradients_bit_identical(kind, backend_name, use):
     """Two runs give the same parameter gradients to the bit (no atomics)."""
-    need_backend(backend_name, DEVICE)
+    use(backend_name)
     torch.manual_seed(0)
     x = torch.randn(16 if GPU else 2, 64, 28, 28, device=DEVICE)
     if kind == "acon_cl":
