@@ -46,7 +46,7 @@ from bench.table import (
     make_inputs,
     peers,
 )
-from bench.timing import build_on_stream, host_overhead, peak_mb, time_ms
+from bench.timing import build_on_stream, host_overhead, peak_mb, tensor_device, time_ms
 
 # the names other modules use (CONTESTANTS, MODES, OPS: re-exported from bench.table)
 __all__ = ["CONTESTANTS", "MODES", "OPS", "bench_case", "env", "run"]
@@ -58,7 +58,7 @@ def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: boo
     op = OPS[name]
     n = math.prod(shape)
     b = torch.finfo(dtype).bits // 8
-    x, g, params = make_inputs(op, shape, dtype, device)
+    x, g, params = make_inputs(op, shape, dtype, tensor_device(device))
     src, dst = torch.empty_like(x), torch.empty_like(x)
     copy_ms = time_ms(lambda: dst.copy_(src), n, quick, device)
     copy_gbps = 2 * n * b / copy_ms / 1e6

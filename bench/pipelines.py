@@ -20,7 +20,7 @@ from torch import nn
 
 import fused_act
 from bench.table import GATED, bench_key
-from bench.timing import build_on_stream, compile_mode, time_ms
+from bench.timing import build_on_stream, compile_mode, tensor_device, time_ms
 from fused_act import registry
 
 
@@ -163,33 +163,38 @@ FUSED: dict[str, Callable[[], nn.Module]] = {
 # tokens (its gate is table.LLM_SHAPES' first); with --quick half the tokens and widths
 MLP_SIZES = {"full": ((8, 1024, 4096), 11008), "quick": ((4, 1024, 2048), 5504),
              "cpu": ((2, 16, 32), 64)}
+# the other blocks' x: a linear block's (batch, tokens, features), a conv block's (N, C, H, W)
+BLOCK_SHAPES = {"linear": {"full": (16, 1024, 1024), "quick": (8, 512, 1024), "cpu": (2, 16, 32)},
+                "conv": {"full": (32, 64, 112, 112), "quick": (16, 64, 56, 56),
+                         "cpu": (2, 16, 6, 6)}}
 # how close each variant's output and input gradient must come to the eager plain block's,
 # relative to its largest magnitude: loose enough for TF32 convolutions and another summation
 # order, tight enough that another function fails
 BLOCK_TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
 
 
+def _size(device: str, quick: bool) -> str:
+    return "cpu" if device != "cuda" else "quick" if quick else "full"
+
+
 def _mlp_sizes(device: str, quick: bool) -> tuple[tuple[int, ...], int]:
-    return MLP_SIZES["cpu" if device != "cuda" else "quick" if quick else "full"]
+    return MLP_SIZES[_size(device, quick)]
 
 
 def _shape(kind: str, device: str, quick: bool) -> tuple[int, ...]:
     if kind == "mlp":
         return _mlp_sizes(device, quick)[0]
-    if device != "cuda":
-        return (2, 16, 32) if kind == "linear" else (2, 16, 6, 6)
-    if kind == "linear":
-        return (8, 512, 1024) if quick else (16, 1024, 1024)
-    return (16, 64, 56, 56) if quick else (32, 64, 112, 112)
+    return BLOCK_SHAPES[kind][_size(device, quick)]
 
 
 def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[int, ...],
             device: str, quick: bool) -> tuple[nn.Module, nn.Module, str]:
     """(plain block, fused block, label) of op ``name``."""
     torch.manual_seed(0)
+    tensors = tensor_device(device)
     if kind == "mlp":
         width = _mlp_sizes(device, quick)[1]
-        plain = Residual(MLP(shape[-1], width, act(width))).to(device, torch.bfloat16)
+        plain = Residual(MLP(shape[-1], width, act(width))).to(tensors, torch.bfloat16)
         fused = copy.deepcopy(plain)
         report = fused_act.patch_gated_mlps(fused)
         if not report.swapped:
@@ -197,11 +202,11 @@ def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[
         return plain, fused, f"mlp {tuple(shape)} -> {width} bf16"
     width = shape[-1] if kind == "linear" else shape[1]
     make = _linear_block if kind == "linear" else _conv_block
-    plain = make(act(width), width).to(device)
+    plain = make(act(width), width).to(tensors)
     fused = copy.deepcopy(plain)
     fused_act.replace_activations(fused)
     if name in FUSED:
-        fused.body[1] = FUSED[name]().to(device)
+        fused.body[1] = FUSED[name]().to(tensors)
     return plain, fused, f"{kind} {tuple(shape)}"
 
 
@@ -214,7 +219,7 @@ def run(ops: list[str], device: str, quick: bool, compile_backend: str = "induct
         shape = _shape(kind, device, quick)
         plain, fused, label = _blocks(name, kind, act, shape, device, quick)
         dtype = next(plain.parameters()).dtype
-        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(shape, device=tensor_device(device), dtype=dtype, requires_grad=True)
         want = _output_and_grad(plain, x)
         variants = {"eager torch": (plain, None), "compile torch": (plain, "plain"),
                     "eager fused": (fused, None), "compile opaque": (fused, "opaque"),

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import fused_act
 
 GRAPH_ELEMENTS = 2**27  # a timed CUDA graph repeats a call until it covers this many elements
+# where the tensors of a run timed on a device live, where not on that device: the test suite's
+# stand-in for a GPU runs every "cuda" code path of the benchmark on CPU tensors
+TENSOR_DEVICE: dict[str, str] = {}
 
 _side: list[torch.cuda.Stream] = []
 
@@ -29,6 +32,12 @@ def side_stream() -> torch.cuda.Stream:
     if not _side:
         _side.append(torch.cuda.Stream())
     return _side[0]
+
+
+def tensor_device(device: str) -> str:
+    """The device of the tensors of a run timed on ``device``: the one place the benchmark
+    turns one into the other, so that a stand-in for a GPU can keep the tensors on the CPU."""
+    return TENSOR_DEVICE.get(device, device)
 
 
 def time_ms(fn: Callable, n: int, quick: bool, device: str = "cuda") -> float:
@@ -97,7 +106,7 @@ def host_overhead(device: str, n: int = 2**10, iters: int = 300) -> dict[str, fl
     Triton and (where built) CUDA kernels, elsewhere what "auto" runs there, the reference.
     Never the Triton interpreter: its figures say nothing of a GPU.  Each label names the
     implementation and the device."""
-    x = torch.randn(n, device=device, requires_grad=True)
+    x = torch.randn(n, device=tensor_device(device), requires_grad=True)
     g = torch.ones_like(x)
     names = ["auto"]
     if device == "cuda":

@@ -1,0 +1,286 @@
+"""The benchmark's GPU code paths on the CPU, through a stand-in for the GPU.
+
+A GPU runs the benchmark only during a short lease, so a Python error or a changed torch or
+Triton API in a ``device == "cuda"`` branch (CUDA-graph timing on the side stream, do_bench,
+the memory statistics, the CUDA labels of the host overhead, the choice of contestants, the
+GPU sizes of the pipelines, ``python -m bench``'s GPU path) would otherwise first show there.
+The stand-in answers the torch.cuda and triton.testing calls the benchmark makes on the CPU,
+each refusing any call its real counterpart's signature refuses, while the tensors stay on the
+CPU (``bench.timing.TENSOR_DEVICE``) and the Triton kernels run under the interpreter.  It
+holds a few of the rules a real capture enforces: no synchronization, ``empty_cache`` or
+nested capture during a capture, no capture on the default stream, no replay of a graph not
+captured.
+"""
+
+import collections
+import contextlib
+import inspect
+import json
+import statistics
+import time
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_act
+
+from .cases import need_device
+
+GPU_NAME = "Stand-in GPU (CPU tensors)"
+COMPILE_BACKEND = "aot_eager"  # Inductor's C++ compiles would take most of the run on a CPU
+
+
+def _bind(real, *args, **kwargs) -> None:
+    """Raise TypeError where ``real`` would refuse these arguments (a renamed or removed one)."""
+    inspect.signature(real).bind(*args, **kwargs)
+
+
+class _Record(TorchDispatchMode):
+    """Records every op run while it is active, as a capture records kernels."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        self.calls = calls
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # a compiled function keeps running its compiled graph, as in a real capture (else
+        # torch.compile runs it eagerly under the mode, frame by frame: minutes of Triton's
+        # interpreter)
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+class StandIn:
+    """The GPU the benchmark is shown, and what it was asked (``calls``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import triton.testing
+
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.capturing: object | None = None
+        stand = self
+
+        class Stream:
+            def __init__(self, *args, **kwargs) -> None:
+                _bind(real.Stream, *args, **kwargs)
+
+            def wait_stream(self, *args, **kwargs) -> None:
+                _bind(real.Stream.wait_stream, self, *args, **kwargs)
+                stand.calls["wait_stream"] += 1
+
+            def synchronize(self, *args, **kwargs) -> None:
+                _bind(real.Stream.synchronize, self, *args, **kwargs)
+                stand.no_capture("Stream.synchronize")
+                stand.calls["stream_synchronize"] += 1
+
+        class CUDAGraph:
+            def __init__(self, *args, **kwargs) -> None:
+                _bind(real.CUDAGraph, *args, **kwargs)
+                self.ops: list | None = None
+
+            def replay(self, *args, **kwargs) -> None:
+                _bind(real.CUDAGraph.replay, self, *args, **kwargs)
+                stand.no_capture("CUDAGraph.replay")
+                if self.ops is None:
+                    raise RuntimeError("stand-in: replay of a graph that was never captured")
+                stand.calls["replay"] += 1
+                # the recorded ops alone: no Python, no autograd engine, as a replay
+                with torch.no_grad():
+                    for func, args, kw in self.ops:
+                        func(*args, **kw)
+
+        @contextlib.contextmanager
+        def graph(*args, **kwargs):
+            _bind(real.graph, *args, **kwargs)
+            bound = inspect.signature(real.graph).bind(*args, **kwargs).arguments
+            cuda_graph, capture_stream = bound["cuda_graph"], bound.get("stream") or Stream()
+            stand.no_capture("a nested capture")
+            if capture_stream is stand.default:
+                raise RuntimeError("stand-in: a capture on the default stream")
+            ops: list = []
+            previous, stand.current = stand.current, capture_stream
+            stand.capturing = cuda_graph
+            try:
+                with _Record(ops):
+                    yield
+            finally:
+                stand.capturing, stand.current = None, previous
+            cuda_graph.ops = ops
+            stand.calls["capture"] += 1
+
+        @contextlib.contextmanager
+        def stream(*args, **kwargs):
+            _bind(real.stream, *args, **kwargs)
+            (chosen,) = inspect.signature(real.stream).bind(*args, **kwargs).arguments.values()
+            previous, stand.current = stand.current, chosen or stand.current
+            stand.calls["stream"] += 1
+            try:
+                yield
+            finally:
+                stand.current = previous
+
+        def answer(name, value=None, refused_in_capture=False):
+            def fake(*args, **kwargs):
+                _bind(getattr(real, name), *args, **kwargs)
+                if refused_in_capture:
+                    stand.no_capture(name)
+                stand.calls[name] += 1
+                return value() if callable(value) else value
+            return fake
+
+        def do_bench(*args, **kwargs):
+            _bind(real_do_bench, *args, **kwargs)
+            bound = inspect.signature(real_do_bench).bind(*args, **kwargs)
+            bound.apply_defaults()
+            assert bound.arguments["return_mode"] in ("min", "max", "mean", "median", "all")
+            stand.calls["do_bench"] += 1
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                bound.arguments["fn"]()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+
+        def cuda_status():
+            stand.calls["cuda_status"] += 1
+            return False, "stand-in: the CUDA C++ kernels cannot run CPU tensors"
+
+        real = types.SimpleNamespace(**{name: getattr(torch.cuda, name) for name in (
+            "Stream", "CUDAGraph", "graph", "stream", "current_stream", "default_stream",
+            "synchronize", "get_device_name", "reset_peak_memory_stats", "memory_allocated",
+            "max_memory_allocated", "empty_cache", "is_available")})
+        real_do_bench = triton.testing.do_bench
+        self.default = Stream()
+        self.current = self.default
+        fakes = dict(
+            Stream=Stream, CUDAGraph=CUDAGraph, graph=graph, stream=stream,
+            current_stream=answer("current_stream", lambda: stand.current),
+            default_stream=answer("default_stream", self.default),
+            synchronize=answer("synchronize", refused_in_capture=True),
+            get_device_name=answer("get_device_name", GPU_NAME),
+            reset_peak_memory_stats=answer("reset_peak_memory_stats", refused_in_capture=True),
+            memory_allocated=answer("memory_allocated", 0),
+            max_memory_allocated=answer("max_memory_allocated", 2**20),
+            empty_cache=answer("empty_cache", refused_in_capture=True))
+        for name, fake in fakes.items():
+            monkeypatch.setattr(torch.cuda, name, fake)
+        monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+        monkeypatch.setattr(fused_act.backend, "cuda_status", cuda_status)
+
+        from bench import __main__ as cli
+        from bench import timing
+        monkeypatch.setitem(timing.TENSOR_DEVICE, "cuda", "cpu")
+        # one call per graph: under the interpreter each call costs what a GPU's thousands do
+        monkeypatch.setattr(timing, "GRAPH_ELEMENTS", 1)
+        monkeypatch.setattr(timing, "_side", [])  # the side stream made here stays here
+        # only the command line is told that there is a GPU: torch itself (torch.compile's
+        # saving of the CUDA random state, fused_act's backend probes) must keep seeing none
+        cuda_view = types.SimpleNamespace(**vars(torch.cuda))
+        cuda_view.is_available = answer("is_available", True)
+        torch_view = types.SimpleNamespace(**vars(torch))
+        torch_view.cuda = cuda_view
+        monkeypatch.setattr(cli, "torch", torch_view)
+
+    def no_capture(self, what: str) -> None:
+        if self.capturing is not None:
+            raise RuntimeError(f"stand-in: {what} during a CUDA graph capture (operation not "
+                               "permitted when stream is capturing)")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """The stand-in for one test: monkeypatch undoes every change when the test ends."""
+    need_device("cpu")
+    return StandIn(monkeypatch)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
+    """``python -m bench``'s GPU path, every op and dtype, tiny sizes, pipelines on."""
+    from bench import __main__ as cli
+    from bench import harness, pipelines, table
+    # the GPU's block sizes shrunk to the CPU's: the code that picks them still runs
+    monkeypatch.setitem(pipelines.MLP_SIZES, "full", pipelines.MLP_SIZES["cpu"])
+    for kind in pipelines.BLOCK_SHAPES:
+        monkeypatch.setitem(pipelines.BLOCK_SHAPES[kind], "full",
+                            pipelines.BLOCK_SHAPES[kind]["cpu"])
+    # host overhead timed in a few calls, not hundreds: the interpreter runs them
+    overhead = harness.host_overhead
+    monkeypatch.setattr(harness, "host_overhead", lambda device: overhead(device, iters=3))
+    run = harness.run
+    monkeypatch.setattr(harness, "run", lambda *args, **kwargs: run(
+        *args, **kwargs, compile_backend=COMPILE_BACKEND))
+    # the default results folder, bench/results/<gpu>/, under tmp_path
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "bench" / "__main__.py"))
+    code = cli.main(["--sizes", "256", "--shapes", "2x4x4x4"])
+    out = tmp_path / "bench" / "results" / "stand-in-gpu-cpu-tensors"
+    result = json.loads((out / "results.json").read_text())
+    assert result["errors"] == [], "\n".join(e["traceback"] for e in result["errors"])
+    assert code == 0
+    assert "| mish | float32 |" in capsys.readouterr().out
+
+    info = result["env"]
+    assert (info["gpu"], info["device"], info["interpreter"]) == (GPU_NAME, "cuda", False)
+    # every GPU branch was taken: graphs captured on the side stream and replayed by do_bench,
+    # peak memory read, the cache emptied after each case, the CUDA kernels asked for
+    calls = gpu.calls
+    assert calls["capture"] == calls["do_bench"] > 0 and calls["replay"] >= calls["capture"]
+    assert calls["wait_stream"] == calls["capture"] and calls["stream_synchronize"] > 0
+    assert calls["max_memory_allocated"] > 0 and calls["empty_cache"] > 0
+    assert calls["cuda_status"] > 0 and calls["is_available"] > 0
+    assert calls["get_device_name"] > 0
+    assert all(isinstance(r["peak_mb"], float) for r in result["rows"] if r["mode"] == "fwd+bwd")
+
+    rows = result["rows"]
+    assert {r["dtype"] for r in rows} == {"float32", "float16", "bfloat16"}
+    for op in table.OPS:
+        # what the GPU path picks for this op: the CUDA C++ kernels asked for and refused
+        names = set(table.contestants(op, COMPILE_BACKEND, "cuda"))
+        assert names >= {"fused", "eager", "compile"} and "fused_cuda" not in names, op
+        assert ("decompose" in names) == (op in table.GATED or op in table.PACKED), op
+        shapes = table.cases(op, [256], [(2, 4, 4, 4)], False)
+        for c in names:
+            for mode in harness.MODES:
+                found = [r for r in rows if (r["op"], r["contestant"], r["mode"]) == (op, c, mode)]
+                assert len(found) == 3 * len(shapes), (op, c, mode, len(found))
+        assert {r["contestant"] for r in rows if r["op"] == op} == names | {"torch"}, op
+    assert not [r for r in rows if r["contestant"] == "fused_cuda"]
+    assert set(result["host_overhead_us"]) == {"fused_act.mish [triton, cuda]",
+                                               "F.mish [torch, cuda]"}
+
+    blocks = {p["op"]: p["block"] for p in result["pipelines"]}
+    assert set(blocks) == set(table.OPS) & set(pipelines.BLOCKS)
+    assert blocks["mish"] == f"linear {pipelines.BLOCK_SHAPES['linear']['cpu']}"
+    assert blocks["acon_c"] == f"conv {pipelines.BLOCK_SHAPES['conv']['cpu']}"
+    assert blocks["swiglu"].startswith(f"mlp {pipelines.MLP_SIZES['cpu'][0]}")
+    assert set(result["compile_mode_choice"]) == set(blocks)
+
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "env" and {line["kind"] for line in lines[1:]} == {
+        "case", "pipeline"}
+    assert sum((line.get("rows", []) for line in lines), []) == rows
+    md = (out / "results.md").read_text()
+    assert f"# fused_act on {GPU_NAME}" in md and "compile pipelines" in md
+    assert (out / "bandwidth.png").exists()
+
+
+def test_stand_in_is_scoped():
+    """After a test with the stand-in, torch, Triton, fused_act and the benchmark are their own
+    again (run after it in this file)."""
+    import triton.testing
+
+    from bench import __main__ as cli
+    from bench import timing
+    assert timing.TENSOR_DEVICE == {} and cli.torch is torch
+    assert all(getattr(torch.cuda, name).__module__.startswith("torch.cuda") for name in (
+        "Stream", "CUDAGraph", "graph", "stream", "synchronize", "empty_cache"))
+    assert triton.testing.do_bench.__module__ == "triton.testing"
+    assert fused_act.backend.cuda_status.__module__ == "fused_act.backend"
+    assert not any(type(s).__module__ == __name__ for s in timing._side)
