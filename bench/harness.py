@@ -18,6 +18,7 @@ is appended to ``results.jsonl`` as soon as it is measured, and one that raises 
 recorded in ``errors`` and skipped: a crash or a timeout loses only the case it was in.
 """
 
+import contextlib
 import datetime
 import json
 import math
@@ -25,7 +26,7 @@ import platform
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -53,8 +54,10 @@ __all__ = ["CONTESTANTS", "MODES", "OPS", "bench_case", "env", "run"]
 
 
 def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: bool,
-               device: str = "cuda", compile_backend: str = "inductor") -> list[dict]:
-    """Every contestant and mode for one op, dtype and shape: result rows, copy row first."""
+               device: str = "cuda", compile_backend: str = "inductor",
+               only: Collection[str] | None = None) -> list[dict]:
+    """Every contestant (or those of them named in ``only``) and mode for one op, dtype and
+    shape: result rows, copy row first."""
     op = OPS[name]
     n = math.prod(shape)
     b = torch.finfo(dtype).bits // 8
@@ -66,6 +69,8 @@ def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: boo
     rows = [dict(base, mode="copy", contestant="torch", ms=copy_ms, gbps=copy_gbps,
                  frac_copy=1.0, peak_mb=None)]
     for cname, fn in contestants(name, compile_backend, device).items():
+        if only is not None and cname not in only:
+            continue
         with fused_act.use_backend(BACKEND_OF.get(cname, "triton")):
             check(name, fn, x, g, params)
             timed = _time_modes(fn, *copies(x, params), g, n, quick, device)
@@ -128,6 +133,13 @@ def run(ops: list[str], dtypes: list[str], sizes: list[int],
     shapes for the gated ops).  Each case and pipeline goes to ``out/results.jsonl`` as it is
     measured; one that raises is printed, recorded in the result's ``errors`` and skipped, so
     the caller decides what a failure means once everything else is written."""
+    with settings():
+        return _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipelines)
+
+
+@contextlib.contextmanager
+def settings() -> Iterator[None]:
+    """What every timed case runs under (``run``, and the lease's ``bench.gpu_run``)."""
     # the fused contestant is always the kernels; compiled backwards must allow retain_graph
     # (timing a backward repeats it), so buffer donation is off: compile's peak memory may read
     # a little high.  A compiled contestant keeps a graph per rank, static and dynamic sizes
@@ -139,7 +151,7 @@ def run(ops: list[str], dtypes: list[str], sizes: list[int],
 
     with fused_act.use_backend("triton"), functorch_config.patch(donated_buffer=False), \
             dynamo_config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True):
-        return _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipelines)
+        yield
 
 
 def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipelines):

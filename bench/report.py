@@ -27,6 +27,10 @@ def _shown(shape: list[int]) -> str:
     return "x".join(map(str, shape))
 
 
+def _ratio(other: dict, fused: dict) -> str:
+    return f"{other['ms'] / fused['ms']:.2f}x" if other else ""
+
+
 def markdown(result: dict) -> str:
     """The tables: per op, dtype, shape and mode, the compile pipelines, and the cases and
     pipelines that failed (``errors``), which have no rows above."""
@@ -54,17 +58,18 @@ def markdown(result: dict) -> str:
     for (op, dtype, shape, mode, c), r in by.items():
         if c != "fused":
             continue
-        e, k = by[(op, dtype, shape, mode, "eager")], by[(op, dtype, shape, mode, "compile")]
+        # a run may time some contestants only (a GPU lease's): those missing show blank
+        e, k = (by.get((op, dtype, shape, mode, c), {}) for c in ("eager", "compile"))
         cu = by.get((op, dtype, shape, mode, "fused_cuda"), {}).get("frac_copy")
         more = ", ".join(f"{m} {_fmt(by[op, dtype, shape, mode, m]['frac_copy'], '.2f')}"
                          for m in _MORE if (op, dtype, shape, mode, m) in by)
-        peaks = " / ".join(_fmt(x["peak_mb"], ".0f") for x in (r, e, k))
+        peaks = " / ".join(_fmt(x.get("peak_mb"), ".0f") for x in (r, e, k))
         shown = _size(r["n"]) if len(shape) == 1 else _shown(shape)
         lines.append(
             f"| {op} | {dtype} | {shown} | {mode} | {r['ms']:.4f} | {_fmt(r['frac_copy'], '.2f')} "
-            f"| {_fmt(cu, '.2f')} | {_fmt(e['frac_copy'], '.2f')} | "
-            f"{_fmt(k['frac_copy'], '.2f')} | {more} | "
-            f"{e['ms'] / r['ms']:.2f}x | {k['ms'] / r['ms']:.2f}x | "
+            f"| {_fmt(cu, '.2f')} | {_fmt(e.get('frac_copy'), '.2f')} | "
+            f"{_fmt(k.get('frac_copy'), '.2f')} | {more} | "
+            f"{_ratio(e, r)} | {_ratio(k, r)} | "
             f"{peaks if mode == 'fwd+bwd' else ''} |")
     if result.get("pipelines"):
         lines += ["", "## torch.compile pipelines (forward+backward of a block, ms)", "",

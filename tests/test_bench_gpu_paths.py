@@ -17,6 +17,8 @@ import contextlib
 import inspect
 import json
 import statistics
+import subprocess
+import sys
 import time
 import types
 
@@ -284,3 +286,50 @@ def test_stand_in_is_scoped():
     assert triton.testing.do_bench.__module__ == "triton.testing"
     assert fused_act.backend.cuda_status.__module__ == "fused_act.backend"
     assert not any(type(s).__module__ == __name__ for s in timing._side)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lease_command_dry_run(gpu, tmp_path, monkeypatch):
+    """``bench/gpu_run.py``, the one command of a GPU lease, end to end at tiny sizes: every
+    stage runs (the tests collected only, the extension not built), every planned case is
+    timed, and its files turn into results as they would after a lease."""
+    from bench import gpu_run, table
+    monkeypatch.setitem(gpu_run.DEADLINES, "measure", 10**6)  # the interpreter is slow
+    out = tmp_path / "out"
+    assert gpu_run.main(["--dry-run", "--out", str(out)]) == 0
+    log = (out / "run.log").read_text()
+    assert "FAILED" not in log, log
+
+    # the two test selections split the cuda-marked suite: each test in exactly one
+    collected = {}
+    for name in ("triton", "rest"):
+        last = (out / f"tests_{name}.log").read_text().strip().splitlines()[-1]
+        collected[name] = int(last.split("/")[0])
+    every = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--co", "-q",
+                            "-p", "no:cacheprovider"], capture_output=True, text=True,
+                           cwd=gpu_run.ROOT).stdout.strip().splitlines()[-1]
+    assert sum(collected.values()) == int(every.split("/")[0]) and min(collected.values()) > 0
+
+    # every planned case timed, every op in fp32 and bf16, the compiled rows; timed calls
+    plan = gpu_run.plan(dry=True)
+    assert {(op, d) for op, d, _, only in plan if only == gpu_run.MAIN} == {
+        (op, d) for op in table.OPS for d in ("fp32", "bf16")}
+    lines = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    cases = [ln for ln in lines if ln["kind"] == "case"]
+    assert len(cases) == len(plan) and not [ln for ln in lines if ln["kind"] == "error"]
+    rows = [r for c in cases for r in c["rows"]]
+    assert {r["contestant"] for r in rows} == {"torch", "fused", "eager", "compile"}
+    assert f"bench: {len(rows)} timed calls, 0 cases failed" in log
+
+    extra = [json.loads(ln) for ln in (out / "extra.jsonl").read_text().splitlines()]
+    ulp = [e for e in extra if e["kind"] == "ulp"]
+    assert {(u["op"], u["dtype"]) for u in ulp} == {
+        (op, d) for op, o in table.OPS.items() if o.traffic for d in ("fp16", "bf16")}
+    assert all(sum(u["output"]) == u["n_out"] and sum(u["grad"]) == u["n"] for u in ulp)
+    assert [e for e in extra if e["kind"] == "host_overhead"]
+
+    result = gpu_run.collect(out, tmp_path / "results")
+    assert len(result["rows"]) == len(rows)
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "| mish | float32 | 2^8 | forward |" in md and "ulps off" in md
+    assert (tmp_path / "results" / "bandwidth.png").exists()
