@@ -6,20 +6,25 @@ timeout still returns every stage that finished and the cases measured so far.  
 in priority order, each until its deadline (seconds from the start, ``DEADLINES``):
 
 1. the CUDA C++ extension, built for this GPU's architecture alone in the background from
-   the first second (parallel nvcc jobs), while the package installs without it;
+   the first second (parallel nvcc jobs; the package itself imports from the tree);
 2. the cuda-marked tests of the Triton kernels (``TRITON_TESTS``), in parallel processes: they
    also fill Triton's cache, so no later stage waits on a compile;
 3. the rest of the cuda-marked suite (backend "cuda", the reference, the models), once the
    extension is built;
-4. ``measure`` (a fresh interpreter, where the installed package imports): the ulp histograms
+4. ``measure`` (a fresh interpreter, whose deadline is enforced from outside): ``diagnose``
+   (the first lease's one failure, bisected), the ulp histograms
    of fp16/bf16 results against the fp32 result rounded by torch, the host overhead of an
    eager mish forward+backward, every op forward and backward in fp32 and bf16 at 2^26, at
-   one LLM shape for the gated ops, and at 2^20, for fused Triton / fused CUDA / eager / copy,
-   and last, a few ``torch.compile`` rows.
+   one LLM shape for the gated ops, a few ``torch.compile`` rows, then at 2^20, for fused
+   Triton / fused CUDA / eager / copy;
+5. ``bench.profile`` under Nsight Compute: the counters that say why a kernel misses the copy;
+6. ``bench.overhead``: the host time of an eager call, layer by layer;
+7. ``bench.tune``: Triton's block sizes and warps on this GPU.
 
 Files under ``--out`` (a lease returns at most 8): run.log (stages, times, summaries),
-build.log, tests_triton.log, tests_rest.log, results.jsonl (the cases, as ``bench.harness``
-writes them), extra.jsonl (ulp histograms, host overhead).  Back on a development machine,
+build.log, tests_triton.log, tests_rest.log, measure.log (tracebacks, the tuning table),
+results.jsonl (the cases, as ``bench.harness`` writes them), extra.jsonl (ulp histograms, host
+overhead), profile.log.  Back on a development machine,
 ``python -m bench.gpu_run --collect DIR --to bench/results/<gpu>`` turns them into
 results.json, results.md and the plot.  ``--dry-run`` (the test suite's, on the CPU through
 its stand-in GPU) runs the same stages at tiny sizes: the tests are only collected and the
@@ -28,6 +33,7 @@ extension not built.
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -42,7 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # seconds from the start by which each stage must end (the lease's command gets about 6 min)
-DEADLINES = {"tests_triton": 120, "build": 130, "tests_rest": 215, "measure": 345}
+DEADLINES = {"tests_triton": 110, "build": 120, "tests_rest": 200, "measure": 330,
+             "profile": 365, "overhead": 385, "tune": 425}
 # the cuda-marked tests that run the Triton kernels alone: no test in it needs the extension,
 # and its complement is the rest of the suite (one -k expression each way, so none is lost)
 TRITON_TESTS = "triton and not match_triton"
@@ -156,6 +163,27 @@ def tests(lease: Lease, name: str, expr: str, deadline: str, env: dict) -> None:
               f": {_last_line(log)}")
 
 
+def profile(lease: Lease) -> None:
+    """``bench.profile`` under Nsight Compute, its counters as CSV in profile.log; the dry run
+    makes the same calls unprofiled."""
+    from bench import profile as target
+    if lease.dry:
+        target.main(n=256)
+        return
+    found = [shutil.which("ncu")] + sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu")) \
+        + sorted(Path("/usr/local").glob("cuda*/bin/ncu"))
+    ncu = next((str(p) for p in found if p), None)
+    if ncu is None:
+        lease.log("profile: no ncu on this machine")
+        return
+    cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv",
+           "--page", "raw", "--metrics", ",".join(target.METRICS), sys.executable, "-m",
+           "bench.profile"]
+    lease.log(f"profile: {' '.join(cmd)}")
+    rc = _run_until(cmd, lease.out / "profile.log", lease.left("profile"))
+    lease.log(f"profile: exit {rc}")
+
+
 def gpu_arch() -> str:
     """This GPU's compute capability as TORCH_CUDA_ARCH_LIST spells it (9.0), read without
     creating a CUDA context in this process (the tests' processes need the memory)."""
@@ -175,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage 4 alone, in this process, the run having started SECONDS ago")
     p.add_argument("--collect", type=Path, help="a lease's --out folder, to turn into results")
     p.add_argument("--to", type=Path, help="with --collect: the results folder")
+    p.add_argument("--skip", nargs="*", default=[], choices=["tests_triton", "tests_rest"],
+                   help="test stages a rerun leaves out (those its lease already passed)")
     args = p.parse_args(argv)
     if args.collect:
         collect(args.collect, args.to)
@@ -195,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     with lease.stage("build start"):
         build = start_build(lease, gpu_arch())
     with lease.stage("tests_triton"):
-        tests(lease, "triton", TRITON_TESTS, "tests_triton", {"FUSED_ACT_BUILD_CUDA": "0"})
+        if "tests_triton" not in args.skip:
+            tests(lease, "triton", TRITON_TESTS, "tests_triton", {"FUSED_ACT_BUILD_CUDA": "0"})
     built = False
     with lease.stage("build"):
         built = finish_build(lease, build)
     with lease.stage("tests_rest"):
         # without the extension, backend "cuda" is skipped (said in the log), not built per test
-        tests(lease, "rest", f"not ({TRITON_TESTS})", "tests_rest",
-              {} if built else {"FUSED_ACT_BUILD_CUDA": "0"})
+        if "tests_rest" not in args.skip:
+            tests(lease, "rest", f"not ({TRITON_TESTS})", "tests_rest",
+                  {} if built else {"FUSED_ACT_BUILD_CUDA": "0"})
     with lease.stage("measure"):
         if lease.dry:
             measure(lease)
@@ -213,6 +245,26 @@ def main(argv: list[str] | None = None) -> int:
             rc = _run_until(cmd, lease.out / "measure.log", lease.left("measure") + 10,
                             {} if built else {"FUSED_ACT_BUILD_CUDA": "0"})
             lease.log(f"measure: exit {rc} (its tracebacks: measure.log)")
+    with lease.stage("profile"):
+        profile(lease)
+    with lease.stage("overhead"):
+        # where the host time of an eager call goes, layer by layer (bench.overhead)
+        if lease.dry:
+            from bench import overhead
+            overhead.main(iters=2)
+        else:
+            rc = _run_until([sys.executable, "-m", "bench.overhead"], lease.out / "measure.log",
+                            lease.left("overhead"))
+            lease.log(f"overhead: exit {rc} (its table: measure.log)")
+    with lease.stage("tune"):
+        # Triton's block size and warps for this GPU (bench.tune), printed as they are timed
+        if lease.dry:
+            from bench import tune
+            tune.main(n=4096, dtypes=(tune.torch.bfloat16,))
+        else:
+            rc = _run_until([sys.executable, "-m", "bench.tune"], lease.out / "measure.log",
+                            lease.left("tune"))
+            lease.log(f"tune: exit {rc} (its table: measure.log)")
     for name in ("triton", "rest"):
         log = lease.out / f"tests_{name}.log"
         if log.exists():
@@ -222,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan(dry: bool) -> list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]:
-    """(op, dtype, shape, contestants) of every timed case, in the order they are timed: each
-    size for every op and dtype, the largest first, then one LLM shape for the gated ops, then
-    the compiled rows."""
+    """(op, dtype, shape, contestants) of every timed case, in the order they are timed: every
+    op and dtype at the largest size, one LLM shape for the gated ops, the compiled rows, then
+    the smaller sizes."""
     from bench import table
     sizes = [256] if dry else SIZES
     cases = [(name, d, op.shape(n), MAIN) for n in sizes[:1] for name, op in table.OPS.items()
@@ -235,11 +287,11 @@ def plan(dry: bool) -> list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]:
 
     gated = [name for name, op in table.OPS.items() if op.compile_key]
     cases += [(name, d, llm(name), MAIN) for name in gated for d in ("fp32", "bf16")]
-    cases += [(name, d, op.shape(n), MAIN) for n in sizes[1:] for name, op in table.OPS.items()
-              for d in ("fp32", "bf16")]
     for name, d, n in COMPILED:
         shape = llm(name) if n is None else table.OPS[name].shape(256 if dry else n)
         cases.append((name, d, shape, ("compile",)))
+    cases += [(name, d, op.shape(n), MAIN) for n in sizes[1:] for name, op in table.OPS.items()
+              for d in ("fp32", "bf16")]
     return cases
 
 
@@ -252,6 +304,10 @@ def measure(lease: Lease) -> None:
     device = "cuda"
     dev = timing.tensor_device(device)
     extra = lease.out / "extra.jsonl"
+    with lease.stage("diagnose"):
+        for line in diagnose(lease.dry, dev):
+            harness._log(extra, kind="diagnose", **line)
+            lease.log(f"diagnose {line}")
     with lease.stage("ulp"):
         for line in ulp_histograms(2**8 if lease.dry else 2**20, dev):
             harness._log(extra, kind="ulp", **line)
@@ -299,10 +355,44 @@ def _fractions(rows: list[dict]) -> str:
     return ", ".join(parts)
 
 
+def diagnose(dry: bool, device: str) -> list[dict]:
+    """Meta-ACON's input gradient against the float64 reference, by batch, backend and whether
+    the parameters need gradients: the first lease's only failure (fp32 at (1024, 64, 32, 32),
+    Triton) bisected in one run."""
+    import torch
+
+    import fused_act
+    from bench import table
+    op = table.OPS["meta_acon"]
+    backends = ["triton"] + (["cuda"] if fused_act.backend.cuda_status()[0] else [])
+    found = []
+    for batch in (2,) if dry else (16, 512, 1024):
+        shape = (batch, 4, 4, 4) if dry else (batch, 64, 32, 32)
+        x, g, params = table.make_inputs(op, shape, torch.float32, device)
+        xr = x.double().requires_grad_()
+        pr = [q.detach().double() for q in params]
+        (exact,) = torch.autograd.grad(op.ref(xr, *pr), xr, g.double())
+        for backend_name, need in itertools.product(backends, (True, False)):
+            ps = [q.detach().clone().requires_grad_(need) for q in params]
+            xg = x.detach().clone().requires_grad_()
+            with fused_act.use_backend(backend_name):
+                (dx,) = torch.autograd.grad(op.fused(xg, *ps), xg, g)
+            err = (dx.double() - exact).abs() / (exact.abs() + 1e-4)
+            worst = int(err.flatten().argmax())
+            found.append(dict(shape=list(shape), backend=backend_name, param_grads=need,
+                              off=int((err > 1e-4).sum()), max_rel=float(err.max()),
+                              at=worst, got=float(dx.flatten()[worst]),
+                              want=float(exact.flatten()[worst]),
+                              x=float(x.flatten()[worst])))
+    return found
+
+
 def ulp_histograms(n: int, device: str) -> list[dict]:
     """For each memory-bound op, fp16 and bf16, and backend that runs here: how many elements
     of the output and of x's gradient lie 0, 1, 2 or more ulps from the same op run in fp32
-    and rounded by torch (the contract: computed in fp32, rounded once)."""
+    and rounded by torch (the contract: computed in fp32, rounded once: ``output``, ``grad``),
+    and from the float64 reference rounded by torch, the correctly rounded result
+    (``output_f64``, ``grad_f64``: what the fp32 math's own error costs)."""
 
     import fused_act
     from bench import table
@@ -320,20 +410,24 @@ def ulp_histograms(n: int, device: str) -> list[dict]:
                     low = _output_and_grad(op, x, g, params)
                     high = _output_and_grad(op, x.float(), g.float(),
                                             [q.detach().float() for q in params])
+                exact = _output_and_grad(op, x.double(), g.double(),
+                                         [q.detach().double() for q in params], op.ref)
                 line = dict(op=name, dtype=dname, backend=backend_name, n=x.numel(),
                             n_out=low[0].numel())
-                for what, a, b in zip(("output", "grad"), low, high, strict=True):
-                    d = ulp_distance(a, b.to(dtype))
-                    line[what] = [int((d == k).sum()) for k in (0, 1, 2)] + [int((d > 2).sum())]
+                for what, ref in (("", high), ("_f64", exact)):
+                    for part, a, b in zip(("output", "grad"), low, ref, strict=True):
+                        d = ulp_distance(a, b.to(dtype))
+                        line[part + what] = [int((d == k).sum()) for k in (0, 1, 2)] + [
+                            int((d > 2).sum())]
                 found.append(line)
     return found
 
 
-def _output_and_grad(op, x, g, params):
+def _output_and_grad(op, x, g, params, fn=None):
     import torch
     xg = x.detach().clone().requires_grad_()
     ps = [q.detach().clone().requires_grad_(q.requires_grad) for q in params]
-    y = op.fused(xg, *ps)
+    y = (fn or op.fused)(xg, *ps)
     (dx,) = torch.autograd.grad(y, xg, g)
     return y.detach(), dx
 
@@ -363,13 +457,17 @@ def collect(folder: Path, to: Path | None) -> dict:
 def _ulp_table(ulp: list[dict]) -> str:
     if not ulp:
         return ""
-    lines = ["", "## fp16/bf16 against the fp32 result rounded by torch (elements 0 / 1 / 2 / "
-             "more ulps off)", "", "| op | dtype | backend | n | output | x gradient |",
-             "|---|---|---|---|---|---|"]
+    lines = ["", "## fp16/bf16 results in ulps (elements 0 / 1 / 2 / more ulps off)", "",
+             "Against the same op run in fp32 and rounded by torch (computed in fp32, rounded "
+             "once), and against the float64 reference rounded by torch (the correctly rounded "
+             "result).", "",
+             "| op | dtype | backend | n | output vs fp32 | x gradient vs fp32 | output vs f64 "
+             "| x gradient vs f64 |", "|---|---|---|---|---|---|---|---|"]
     for u in ulp:
+        cells = " | ".join(" / ".join(map(str, u[k])) if k in u else ""
+                           for k in ("output", "grad", "output_f64", "grad_f64"))
         lines.append(f"| {u['op']} | {u['dtype']} | {u['backend']} | 2^{int(math.log2(u['n']))} "
-                     f"| {' / '.join(map(str, u['output']))} | "
-                     f"{' / '.join(map(str, u['grad']))} |")
+                     f"| {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_act
+from bench.timing import tensor_device
 from fused_act import ops, plan
 from fused_act.kernels import kernels
 from fused_act.registry import KERNEL_IDS
@@ -34,8 +35,9 @@ def per_call_us(fn: Callable, iters: int = 2000) -> float:
     return sorted(rounds)[2]
 
 
-def main() -> None:
-    x = torch.randn(2**10, device="cuda")
+def main(iters: int = 2000) -> None:
+    """Print each layer's host time per call (``iters`` calls a round)."""
+    x = torch.randn(2**10, device=tensor_device("cuda"))
     xg = x.clone().requires_grad_()
     y = torch.empty_like(x)
     g = torch.ones_like(x)
@@ -66,7 +68,7 @@ def main() -> None:
         rows["fused_act.mish fwd+bwd (cuda)"] = cuda_backend(
             lambda: torch.autograd.grad(fused_act.mish(xg), xg, g))
     for name, fn in rows.items():
-        print(f"{name:<28} {per_call_us(fn):8.1f} us")
+        print(f"{name:<28} {per_call_us(fn, iters):8.1f} us", flush=True)
 
 
 if __name__ == "__main__":

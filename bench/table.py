@@ -382,7 +382,25 @@ def check(name: str, fn: Callable, x: torch.Tensor, g: torch.Tensor,
     wants = torch.autograd.grad(want, data, g.to(dtype))
     labels = ["output", "input gradient"] + [f"gradient of input {i + 1}"
                                              for i in range(1, op.inputs)]
-    for what, got, ref in zip(labels, (y, *grads), (want, *wants), strict=True):
+    for i, (what, got, ref) in enumerate(zip(labels, (y, *grads), (want, *wants), strict=True)):
         if not _close(got, ref, x.dtype):
             raise AssertionError(f"{name} {x.dtype} {tuple(x.shape)}: {what} differs from the "
-                                 "reference")
+                                 f"reference: {_mismatch(op, x, g, params, got, ref, i)}")
+
+
+def _mismatch(op: Op, x: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor],
+              got: torch.Tensor, ref: torch.Tensor, which: int) -> str:
+    """Where ``got`` and the reference ``ref`` disagree, and what the float64 reference says
+    there: whether the op or the reference in its dtype is off (all a GPU run may leave)."""
+    tol = TOL[x.dtype]
+    bad = ~torch.isclose(got.double(), ref.double(), rtol=tol, atol=tol, equal_nan=True)
+    xr = x.detach().double().requires_grad_()
+    pr = [p.detach().double() for p in params]
+    data = [xr, *(p.requires_grad_() for p in pr[:op.inputs - 1])]
+    want = op.ref(xr, *pr)
+    exact = (want, *torch.autograd.grad(want, data, g.double()))[which]
+    flat = [t.detach().flatten() for t in (got, ref, exact, x)]
+    idx = bad.flatten().nonzero()[:4].flatten()
+    pairs = [(int(i), *(float(t[i]) for t in flat)) for i in idx]
+    return (f"{int(bad.sum())} of {bad.numel()} elements off; [index, got, reference, float64 "
+            f"reference, x]: {pairs}")

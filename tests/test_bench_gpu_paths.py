@@ -325,8 +325,13 @@ def test_lease_command_dry_run(gpu, tmp_path, monkeypatch):
     ulp = [e for e in extra if e["kind"] == "ulp"]
     assert {(u["op"], u["dtype"]) for u in ulp} == {
         (op, d) for op, o in table.OPS.items() if o.traffic for d in ("fp16", "bf16")}
-    assert all(sum(u["output"]) == u["n_out"] and sum(u["grad"]) == u["n"] for u in ulp)
+    assert all(sum(u["output"]) == sum(u["output_f64"]) == u["n_out"]
+               and sum(u["grad"]) == sum(u["grad_f64"]) == u["n"] for u in ulp)
     assert [e for e in extra if e["kind"] == "host_overhead"]
+    assert {(d["backend"], d["param_grads"]) for d in extra if d["kind"] == "diagnose"} == {
+        ("triton", True), ("triton", False)}
+    for stage in ("profile", "overhead", "tune"):
+        assert f"== {stage} done" in log
 
     result = gpu_run.collect(out, tmp_path / "results")
     assert len(result["rows"]) == len(rows)
