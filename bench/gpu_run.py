@@ -364,7 +364,8 @@ def diagnose(dry: bool, device: str) -> list[dict]:
     import fused_act
     from bench import table
     op = table.OPS["meta_acon"]
-    backends = ["triton"] + (["cuda"] if fused_act.backend.cuda_status()[0] else [])
+    # the reference in fp32 too: the check that failed compared against it
+    backends = ["triton", "reference"] + (["cuda"] if fused_act.backend.cuda_status()[0] else [])
     found = []
     for batch in (2,) if dry else (16, 512, 1024):
         shape = (batch, 4, 4, 4) if dry else (batch, 64, 32, 32)
@@ -372,11 +373,13 @@ def diagnose(dry: bool, device: str) -> list[dict]:
         xr = x.double().requires_grad_()
         pr = [q.detach().double() for q in params]
         (exact,) = torch.autograd.grad(op.ref(xr, *pr), xr, g.double())
-        for backend_name, need in itertools.product(backends, (True, False)):
+        # and autograd through the fp32 reference's forward, what the bench's check compares to
+        for backend_name, need in [*itertools.product(backends, (True, False)), ("ref", True)]:
             ps = [q.detach().clone().requires_grad_(need) for q in params]
             xg = x.detach().clone().requires_grad_()
-            with fused_act.use_backend(backend_name):
-                (dx,) = torch.autograd.grad(op.fused(xg, *ps), xg, g)
+            fn = op.ref if backend_name == "ref" else op.fused
+            with fused_act.use_backend("reference" if backend_name == "ref" else backend_name):
+                (dx,) = torch.autograd.grad(fn(xg, *ps), xg, g)
             err = (dx.double() - exact).abs() / (exact.abs() + 1e-4)
             worst = int(err.flatten().argmax())
             found.append(dict(shape=list(shape), backend=backend_name, param_grads=need,

@@ -329,7 +329,7 @@ def test_lease_command_dry_run(gpu, tmp_path, monkeypatch):
                and sum(u["grad"]) == sum(u["grad_f64"]) == u["n"] for u in ulp)
     assert [e for e in extra if e["kind"] == "host_overhead"]
     assert {(d["backend"], d["param_grads"]) for d in extra if d["kind"] == "diagnose"} == {
-        ("triton", True), ("triton", False)}
+        (b, need) for b in ("triton", "reference") for need in (True, False)} | {("ref", True)}
     for stage in ("profile", "overhead", "tune"):
         assert f"== {stage} done" in log
 
