@@ -61,11 +61,15 @@ def _grad_to(g: Tensor, p: Tensor) -> Tensor:
 
 
 def sigmoid_pair(z: Tensor) -> tuple[Tensor, Tensor]:
-    """sigma(z) and sigma(-z), both accurate in the tails, from one exp."""
-    e = torch.exp(-z.abs())
+    """sigma(z) and sigma(-z), both accurate in the tails, from one exp.
+
+    -|z| is spelled as a selection: autograd through abs takes slope 0 at z = 0, which would
+    make sigma'(0) = 0 instead of 1/4 for every path that differentiates this math (swish's
+    d/dbeta at beta = 0 under torch.func, compile mode "decompose")."""
+    pos = z >= 0
+    e = torch.exp(torch.where(pos, -z, z))
     r = 1.0 / (1.0 + e)
     p = e * r
-    pos = z >= 0
     return torch.where(pos, r, p), torch.where(pos, p, r)
 
 
@@ -100,9 +104,21 @@ def mish_backward(grad: Tensor, x: Tensor) -> Tensor:
 
 # ---- swish: x sigma(beta x); silu is beta = 1 ----------------------------------------------
 
+def _mul_or_zero(c: Tensor, x: Tensor) -> Tensor:
+    """c * x, taking the limit +0 where c == 0 (x may be infinite or NaN), as the kernels do.
+
+    A product in both branches, not a selection of a constant: autograd through it (torch.func,
+    forward AD, compile mode "decompose" differentiate this math) must see d/dc = x and d/dx = c
+    where c rounds to 0 at a finite x, which a constant branch would make 0.  The masked x keeps
+    an infinite or NaN x out of the product, so no 0 * inf reaches the values or the gradients.
+    """
+    prod = c * torch.where((c == 0.0) & ~torch.isfinite(x), 0.0, x)
+    return torch.where(c == 0.0, prod + 0.0, prod)  # + 0.0: the kernels' +0, not -0
+
+
 def _swish_z(xf: Tensor, b: Beta) -> Tensor:
     if isinstance(b, Tensor):
-        return torch.where(b == 0.0, 0.0, b * xf)
+        return _mul_or_zero(b, xf)
     return xf * b if b != 0.0 else torch.zeros_like(xf)
 
 
@@ -171,9 +187,6 @@ def gelu_backward(grad: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
 
 # ---- acon_c: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x ------------------------------------
 
-def _mul_or_zero(c: Tensor, x: Tensor) -> Tensor:
-    """c * x, taking the limit 0 where c == 0 (x may be infinite)."""
-    return torch.where(c == 0.0, 0.0, c * x)
 
 
 def _acon_parts(xf: Tensor, p1: Tensor, p2: Tensor, beta: Tensor):

@@ -92,6 +92,44 @@ def test_acon_c_vs_autograd(beta_shape, x_shape):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_autograd_through_the_math_where_a_factor_rounds_to_zero(dtype):
+    """torch.func, forward AD and compile mode "decompose" differentiate the reference math: its
+    zero-limit products must keep their derivatives where a factor rounds to exactly 0 at a
+    finite x (ACON-C's a sigma(z) + p2 at one element in 67M on a GPU; swish's beta at 0), as
+    the explicit backward (eager, kernels) has them; +-inf and NaN still give no NaN."""
+    import fused_act
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
+    s1 = reference.sigmoid_pair(torch.tensor(1.0, dtype=dtype))[0]
+    # a = p1 - p2 = 1, beta = 1, p2 = -sigma(1): a sigma(z) + p2 is exactly 0 at x = 1
+    p1, p2, beta = (torch.full((1, 3), v, dtype=dtype) for v in (1.0 - s1, -s1, 1.0))
+    g = torch.ones_like(x).reshape(1, 3)
+    xr = x.reshape(1, 3)
+    assert float(reference.acon_c(xr, p1, p2, beta)[0, 0]) == 0.0
+    with fused_act.use_backend("reference"):
+        by_func = torch.func.grad(lambda *a: fused_act.acon_c(*a).sum(), argnums=(0, 1, 2, 3))(
+            xr, p1, p2, beta)
+    explicit = reference.acon_c_backward(g, xr, p1, p2, beta)
+    assert float(explicit[0][0, 0]) != 0.0  # sigma'(1) = 0.197: the term a zero branch drops
+    for got, want in zip(by_func, explicit, strict=True):
+        torch.testing.assert_close(got, want.reshape(got.shape))
+
+    b0 = torch.zeros(1, dtype=dtype)
+    with fused_act.use_backend("reference"):
+        dx, db = torch.func.grad(lambda x, b: fused_act.swish(x, b).sum(), argnums=(0, 1))(x, b0)
+    rdx, rdb = reference.swish_backward(torch.ones_like(x), x, b0, need_dbeta=True)
+    assert float(rdb) == pytest.approx(float((x * x).sum()) / 4)  # x^2 sigma'(0) per element
+    torch.testing.assert_close((dx, db), (rdx, rdb))
+
+    edge = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0], dtype=dtype)
+    c = torch.tensor([0.0, 0.0, 0.0, 2.0], dtype=dtype, requires_grad=True)
+    e = edge.clone().requires_grad_()
+    y = reference._mul_or_zero(c, e)
+    assert y.tolist() == [0.0, 0.0, 0.0, 0.0] and not torch.signbit(y[:3]).any()
+    dc, de = torch.autograd.grad(y.sum(), (c, e))
+    assert not dc.isnan().any() and not de.isnan().any()
+
+
 def test_frelu_max_vs_torch_maximum():
     x = torch.tensor([1.0, 2.0, 3.0, float("nan"), 5.0, float("nan"), -0.0], dtype=torch.float64)
     t = torch.tensor([2.0, 2.0, 1.0, 1.0, float("nan"), float("nan"), 0.0], dtype=torch.float64)
