@@ -18,12 +18,10 @@ struct AconMath {
   bool per_sample;
 
   // tile.cuh min_blocks: the sums of three terms of the widest vectors need 128 registers (8
-  // elements) or 80 (4) not to spill, and 8 elements without sums just over 64
+  // elements) or 80 (4) not to spill
   template <int VEC, int SUMS>
   static constexpr int grad_blocks() {
-    if (VEC == 1) return MIN_BLOCKS;
-    if (SUMS == NO_SUMS) return VEC >= 8 ? 3 : MIN_BLOCKS;
-    return VEC >= 8 ? 2 : 3;
+    return SUMS == NO_SUMS || VEC == 1 ? MIN_BLOCKS : (VEC >= 8 ? 2 : 3);
   }
 
   // (a = p1 - p2, p2, beta) of element k of the vector at `at`

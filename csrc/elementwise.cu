@@ -87,11 +87,6 @@ struct GluOp {
   int64_t s_gate, s_up, s_out;
   F f;
 
-  __device__ __forceinline__ void prefetch(const At& a) const {
-    FA_PREFETCH(at_row(gate, a, s_gate));
-    FA_PREFETCH(at_row(up, a, s_up));
-  }
-
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
     M x[VEC], u[VEC];
@@ -119,12 +114,6 @@ struct GluGradOp {
 
   template <int VEC, int SUMS>
   static constexpr int min_blocks() { return F::template glu_blocks<VEC, SUMS>(); }
-
-  __device__ __forceinline__ void prefetch(const At& a) const {
-    FA_PREFETCH(at_row(g, a, s_g));
-    FA_PREFETCH(at_row(gate, a, s_gate));
-    FA_PREFETCH(at_row(up, a, s_up));
-  }
 
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {

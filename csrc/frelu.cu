@@ -16,11 +16,6 @@ struct MaxForward {
   T* y;
   uint8_t* code;  // null: not needed
 
-  __device__ __forceinline__ void prefetch(const At& a) const {
-    FA_PREFETCH(x + a.off);
-    FA_PREFETCH(t + a.off);
-  }
-
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
     M xv[VEC], tv[VEC];
@@ -46,11 +41,6 @@ struct MaxBackward {
   const uint8_t* code;
   T* dx;
   T* dt;
-
-  __device__ __forceinline__ void prefetch(const At& a) const {
-    FA_PREFETCH(g + a.off);
-    FA_PREFETCH(code + a.off);
-  }
 
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
@@ -80,11 +70,6 @@ struct MaxAffine {
   const M* b_;
   T* y;
   int layout;
-
-  __device__ __forceinline__ void prefetch(const At& a) const {
-    FA_PREFETCH(x + a.off);
-    FA_PREFETCH(t + a.off);
-  }
 
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {

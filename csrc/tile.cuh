@@ -31,11 +31,6 @@ namespace fused_act {
   kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
 #endif
 
-// Asks L2 for the line holding p ahead of its load; tests/cuda_emu.h replaces it with nothing.
-#ifndef FA_PREFETCH
-#define FA_PREFETCH(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))
-#endif
-
 constexpr int THREADS = 256;
 // 4 resident blocks (32 warps) an SM: registers capped at 64 a thread, enough bytes in flight
 constexpr int MIN_BLOCKS = 4;
@@ -224,46 +219,24 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
   static_assert(SUMS == NO_SUMS || Op::NP > 0, "sums of parameter-gradient terms need some");
   constexpr bool reduce = SUMS != NO_SUMS;
 
-  // a tile's column block, sample and row block within the sample
-  struct Pos {
-    int64_t pid_l, sample, pid_r;
-  };
-  auto pos_of = [&](int64_t tile) -> Pos {
-    const int64_t t = div64(tile, g.col_blocks);
-    return {mod64(tile, g.col_blocks), div64(t, g.row_blocks_per_sample),
-            mod64(t, g.row_blocks_per_sample)};
-  };
-  // where vector cv of row r of the tile at `p` lies; false past the tensor's edge
-  auto locate_in = [&](const Pos& p, int r, int cv, At& at) -> bool {
-    const int64_t r_in = p.pid_r * g.block_r + r;
-    const int64_t col = p.pid_l * g.block_l + int64_t(cv) * VEC;
-    if (r >= g.block_r || r_in >= g.rows_per_sample || cv >= per_row || col >= g.cols) {
-      return false;
-    }
-    at.row = p.sample * g.rows_per_sample + r_in;
-    at.col = col;
-    at.off = at.row * g.cols + col;
-    at.n = g.cols - col < VEC ? int(g.cols - col) : VEC;
-    return true;
-  };
-
   for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
-    const Pos here = pos_of(tile);
-    const int64_t pid_l = here.pid_l, sample = here.sample, pid_r = here.pid_r;
-    // A thread has one 16-byte access per tensor in flight in a vector's load-compute-store,
-    // too few bytes to cover DRAM's latency: its vectors of the block's next tile are asked of
-    // L2 first, so that their loads come from L2 (bench/NOTES.md, H200).  Up front, in a loop
-    // of its own, its registers are free again before the op's math.
-    if (const int64_t next = tile + gridDim.x; next < g.tiles) {
-      const Pos there = pos_of(next);
-      for (int r0 = 0; r0 < g.block_r; r0 += ty_n) {
-        for (int c0 = 0; c0 < per_row; c0 += tx_n) {
-          At later{};
-          if (locate_in(there, r0 + ty, c0 + tx, later)) op.prefetch(later);
-        }
+    const int64_t pid_l = mod64(tile, g.col_blocks);
+    const int64_t t = div64(tile, g.col_blocks);
+    const int64_t sample = div64(t, g.row_blocks_per_sample);
+    const int64_t pid_r = mod64(t, g.row_blocks_per_sample);
+
+    auto locate = [&](int r, int cv, At& at) -> bool {
+      const int64_t r_in = pid_r * g.block_r + r;
+      const int64_t col = pid_l * g.block_l + int64_t(cv) * VEC;
+      if (r >= g.block_r || r_in >= g.rows_per_sample || cv >= per_row || col >= g.cols) {
+        return false;
       }
-    }
-    auto locate = [&](int r, int cv, At& at) -> bool { return locate_in(here, r, cv, at); };
+      at.row = sample * g.rows_per_sample + r_in;
+      at.col = col;
+      at.off = at.row * g.cols + col;
+      at.n = g.cols - col < VEC ? int(g.cols - col) : VEC;
+      return true;
+    };
     auto place_row = [&](At& at) {
       at.chan = g.layout == FA_ROWS ? mod64(at.row, g.channels) : 0;
       at.sample = g.rows_per_batch_item > 0 ? div64(at.row, g.rows_per_batch_item) : sample;
@@ -406,8 +379,6 @@ struct MapOp {
   T* y;
   F f;
 
-  __device__ __forceinline__ void prefetch(const At& a) const { FA_PREFETCH(x + a.off); }
-
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&)[1][VEC]) const {
     M v[VEC];
@@ -431,11 +402,6 @@ struct GradOp {
 
   template <int VEC, int SUMS>
   static constexpr int min_blocks() { return F::template grad_blocks<VEC, SUMS>(); }
-
-  __device__ __forceinline__ void prefetch(const At& a) const {
-    FA_PREFETCH(g + a.off);
-    FA_PREFETCH(x + a.off);
-  }
 
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {

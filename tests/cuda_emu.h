@@ -95,7 +95,6 @@ T __shfl_xor_sync(unsigned, T v, int offset) {
   return r;
 }
 
-#define FA_PREFETCH(p) ((void)(p))  // a cache hint: nothing to emulate
 #define FA_LAUNCH(kernel, grid, nthreads_, stream, ...)                      \
   do {                                                                     \
     (void)(stream);                                                        \
