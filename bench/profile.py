@@ -4,8 +4,8 @@ Run under Nsight Compute (``bench/gpu_run.py`` does, where ``ncu`` is installed)
 warmed up outside the profiled region, then launched once inside it (``cudaProfilerStart`` /
 ``Stop``), in ``CASES`` order, so the profiler's rows follow that order.  The counters asked for
 (``METRICS``) say why a memory-bound kernel misses the copy: DRAM throughput, achieved
-occupancy, the registers that limit it, how busy the issue slots and the FMA, ALU and XU
-(transcendental) pipes are, and how long warps wait on memory.
+occupancy, the registers that limit it, how busy the issue slots and the FMA and ALU pipes are,
+and how long warps wait on memory.
 """
 
 import sys
@@ -27,7 +27,6 @@ METRICS = [
     "sm__inst_issued.avg.pct_of_peak_sustained_active",
     "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
     "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
-    "sm__pipe_xu_cycles_active.avg.pct_of_peak_sustained_active",
     "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
 ]
 N = 2**26

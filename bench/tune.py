@@ -38,8 +38,8 @@ def main(n: int = N, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.fl
                         nbytes = 2
                     else:
                         def run():
-                            elementwise.backward(g, x, y, KERNEL_IDS[act], None, 1.0, None,  # noqa: B023
-                                                 p)  # noqa: B023
+                            elementwise.backward(  # noqa: B023
+                                g, x, y, KERNEL_IDS[act], None, 1.0, None, p)  # noqa: B023
                         nbytes = 3
                     fracs.append(nbytes / 2 * copy_ms / time_ms(run, n, True))
                 print(f"{act:<10} {str(dtype)[6:]:<9} {kind:<4} "
