@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         collect(args.collect, args.to)
         return 0
+    if not args.dry_run and shutil.which("nvidia-smi") is None:
+        print("bench.gpu_run: no GPU here (no nvidia-smi); the test suite runs its stages on "
+              "the CPU through a stand-in GPU (tests/test_bench_gpu_paths.py)", file=sys.stderr)
+        return 2
     if args.measure is not None:
         measure(Lease(args.out, args.dry_run, args.measure))
         return 0

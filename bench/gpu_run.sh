@@ -10,5 +10,6 @@ out=${OUT:-/tmp/gpu_run}
 mkdir -p "$out"
 ln -sfn ../triton_kernels fused_act/triton_kernels
 ln -sfn ../csrc fused_act/csrc
+trap 'rm -f fused_act/triton_kernels fused_act/csrc' EXIT  # a checkout is left as it was
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-exec python3 -m bench.gpu_run --out "$out" "$@"
+python3 -m bench.gpu_run --out "$out" "$@"
