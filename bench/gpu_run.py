@@ -47,9 +47,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# seconds from the start by which each stage must end (the lease's command gets about 6 min)
-DEADLINES = {"tests_triton": 110, "build": 120, "tests_rest": 200, "measure": 330,
-             "profile": 365, "overhead": 385, "tune": 425}
+# seconds from the start by which each stage must end: the whole command within 6 minutes.
+# The H200 leases of 2026-12-04 took 295 s and 310 s; at these deadlines the measurement (147 s
+# and 133 s there) may lose its last cases, the 2^20 ones, which matter least
+DEADLINES = {"tests_triton": 100, "build": 110, "tests_rest": 180, "measure": 290,
+             "profile": 315, "overhead": 335, "tune": 360}
 # the cuda-marked tests that run the Triton kernels alone: no test in it needs the extension,
 # and its complement is the rest of the suite (one -k expression each way, so none is lost)
 TRITON_TESTS = "triton and not match_triton"
