@@ -11,8 +11,7 @@ in priority order, each until its deadline (seconds from the start, ``DEADLINES`
    also fill Triton's cache, so no later stage waits on a compile;
 3. the rest of the cuda-marked suite (backend "cuda", the reference, the models), once the
    extension is built;
-4. ``measure`` (a fresh interpreter, whose deadline is enforced from outside): ``diagnose``
-   (the first lease's one failure, bisected), the ulp histograms
+4. ``measure`` (a fresh interpreter, whose deadline is enforced from outside): the ulp histograms
    of fp16/bf16 results against the fp32 result rounded by torch, the host overhead of an
    eager mish forward+backward, every op forward and backward in fp32 and bf16 at 2^26, at
    one LLM shape for the gated ops, a few ``torch.compile`` rows, then at 2^20, for fused
@@ -33,7 +32,6 @@ extension not built.
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -205,8 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage 4 alone, in this process, the run having started SECONDS ago")
     p.add_argument("--collect", type=Path, help="a lease's --out folder, to turn into results")
     p.add_argument("--to", type=Path, help="with --collect: the results folder")
-    p.add_argument("--skip", nargs="*", default=[], choices=["tests_triton", "tests_rest"],
-                   help="test stages a rerun leaves out (those its lease already passed)")
     args = p.parse_args(argv)
     if args.collect:
         collect(args.collect, args.to)
@@ -231,16 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     with lease.stage("build start"):
         build = start_build(lease, gpu_arch())
     with lease.stage("tests_triton"):
-        if "tests_triton" not in args.skip:
-            tests(lease, "triton", TRITON_TESTS, "tests_triton", {"FUSED_ACT_BUILD_CUDA": "0"})
+        tests(lease, "triton", TRITON_TESTS, "tests_triton", {"FUSED_ACT_BUILD_CUDA": "0"})
     built = False
     with lease.stage("build"):
         built = finish_build(lease, build)
     with lease.stage("tests_rest"):
         # without the extension, backend "cuda" is skipped (said in the log), not built per test
-        if "tests_rest" not in args.skip:
-            tests(lease, "rest", f"not ({TRITON_TESTS})", "tests_rest",
-                  {} if built else {"FUSED_ACT_BUILD_CUDA": "0"})
+        tests(lease, "rest", f"not ({TRITON_TESTS})", "tests_rest",
+              {} if built else {"FUSED_ACT_BUILD_CUDA": "0"})
     with lease.stage("measure"):
         if lease.dry:
             measure(lease)
@@ -310,10 +304,6 @@ def measure(lease: Lease) -> None:
     device = "cuda"
     dev = timing.tensor_device(device)
     extra = lease.out / "extra.jsonl"
-    with lease.stage("diagnose"):
-        for line in diagnose(lease.dry, dev):
-            harness._log(extra, kind="diagnose", **line)
-            lease.log(f"diagnose {line}")
     with lease.stage("ulp"):
         for line in ulp_histograms(2**8 if lease.dry else 2**20, dev):
             harness._log(extra, kind="ulp", **line)
@@ -332,22 +322,11 @@ def measure(lease: Lease) -> None:
             if lease.left("measure") < 3:
                 lease.log(f"bench: deadline; {len(todo) - i} of {len(todo)} cases not timed")
                 break
-            where = dict(op=name, dtype=str(table.DTYPES[dname]).replace("torch.", ""))
             torch._dynamo.reset()
-            try:
-                found = harness.bench_case(name, table.DTYPES[dname], shape, True, device,
-                                           compile_backend, only=only)
-            except Exception as e:  # noqa: BLE001 - one case's failure must not end the run
-                errors.append(harness._failure(e, what="case", **where, shape=list(shape)))
-                harness._log(log, kind="error", **errors[-1])
-                lease.log(f"bench {name} {dname} {shape}: FAILED {errors[-1]['error']}")
-                continue
-            finally:
-                if device == "cuda" and dev == "cuda":
-                    torch.cuda.empty_cache()
-            rows.extend(found)
-            harness._log(log, kind="case", **where, shape=list(shape), rows=found)
-            lease.log(f"bench {name} {dname} {shape}: " + _fractions(found))
+            found = harness.record_case(log, rows, errors, name, table.DTYPES[dname], shape,
+                                        True, device, compile_backend, only)
+            lease.log(f"bench {name} {dname} {shape}: "
+                      + (f"FAILED {errors[-1]['error']}" if found is None else _fractions(found)))
     lease.log(f"bench: {len(rows)} timed calls, {len(errors)} cases failed")
 
 
@@ -359,41 +338,6 @@ def _fractions(rows: list[dict]) -> str:
         f, b = (by.get((c, m), {}).get("frac_copy") for m in ("forward", "backward"))
         parts.append(f"{c} " + "/".join("-" if v is None else f"{v:.2f}" for v in (f, b)))
     return ", ".join(parts)
-
-
-def diagnose(dry: bool, device: str) -> list[dict]:
-    """Meta-ACON's input gradient against the float64 reference, by batch, backend and whether
-    the parameters need gradients: the first lease's only failure (fp32 at (1024, 64, 32, 32),
-    Triton) bisected in one run."""
-    import torch
-
-    import fused_act
-    from bench import table
-    op = table.OPS["meta_acon"]
-    # the reference in fp32 too: the check that failed compared against it
-    backends = ["triton", "reference"] + (["cuda"] if fused_act.backend.cuda_status()[0] else [])
-    found = []
-    for batch in (2,) if dry else (16, 512, 1024):
-        shape = (batch, 4, 4, 4) if dry else (batch, 64, 32, 32)
-        x, g, params = table.make_inputs(op, shape, torch.float32, device)
-        xr = x.double().requires_grad_()
-        pr = [q.detach().double() for q in params]
-        (exact,) = torch.autograd.grad(op.ref(xr, *pr), xr, g.double())
-        # and autograd through the fp32 reference's forward, what the bench's check compares to
-        for backend_name, need in [*itertools.product(backends, (True, False)), ("ref", True)]:
-            ps = [q.detach().clone().requires_grad_(need) for q in params]
-            xg = x.detach().clone().requires_grad_()
-            fn = op.ref if backend_name == "ref" else op.fused
-            with fused_act.use_backend("reference" if backend_name == "ref" else backend_name):
-                (dx,) = torch.autograd.grad(fn(xg, *ps), xg, g)
-            err = (dx.double() - exact).abs() / (exact.abs() + 1e-4)
-            worst = int(err.flatten().argmax())
-            found.append(dict(shape=list(shape), backend=backend_name, param_grads=need,
-                              off=int((err > 1e-4).sum()), max_rel=float(err.max()),
-                              at=worst, got=float(dx.flatten()[worst]),
-                              want=float(exact.flatten()[worst]),
-                              x=float(x.flatten()[worst])))
-    return found
 
 
 def ulp_histograms(n: int, device: str) -> list[dict]:
@@ -434,9 +378,10 @@ def ulp_histograms(n: int, device: str) -> list[dict]:
 
 def _output_and_grad(op, x, g, params, fn=None):
     import torch
-    xg = x.detach().clone().requires_grad_()
-    ps = [q.detach().clone().requires_grad_(q.requires_grad) for q in params]
-    y = (fn or op.fused)(xg, *ps)
+
+    from bench.table import copies
+    xg, ps = copies(x, params)
+    y = (fn or op.fused)(xg.requires_grad_(), *ps)
     (dx,) = torch.autograd.grad(y, xg, g)
     return y.detach(), dx
 

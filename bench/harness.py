@@ -165,22 +165,12 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
     for name in ops:
         for dname in dtypes:
             dtype = DTYPES[dname]
-            where = dict(op=name, dtype=str(dtype).replace("torch.", ""))
             # the limit counts graphs per code object, which the gated rows' compiled
             # contestants share (one lambda each way): a fresh start per op and dtype
             torch._dynamo.reset()
             for shape in cases(name, sizes, shapes, quick):
-                try:
-                    found = bench_case(name, dtype, shape, quick, device, compile_backend)
-                except Exception as e:  # noqa: BLE001 - one case's failure must not end the run
-                    errors.append(_failure(e, what="case", **where, shape=list(shape)))
-                    _log(log, kind="error", **errors[-1])
-                else:
-                    rows.extend(found)
-                    _log(log, kind="case", **where, shape=list(shape), rows=found)
-                finally:
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
+                record_case(log, rows, errors, name, dtype, shape, quick, device,
+                            compile_backend)
     result = dict(env=info, peers=peers(device), rows=rows,
                   host_overhead_us=host_overhead(device), errors=errors)
     if pipelines:
@@ -201,6 +191,26 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
     (out / "results.md").write_text(markdown(result))
     plot(rows, out)
     return result
+
+
+def record_case(log: Path, rows: list[dict], errors: list[dict], name: str, dtype: torch.dtype,
+                shape: tuple[int, ...], quick: bool, device: str, compile_backend: str,
+                only: Collection[str] | None = None) -> list[dict] | None:
+    """``bench_case`` into ``rows`` and a "case" line of ``log``; a case that raises goes to
+    ``errors`` and an "error" line instead (None), and the run goes on."""
+    where = dict(op=name, dtype=str(dtype).replace("torch.", ""), shape=list(shape))
+    try:
+        found = bench_case(name, dtype, shape, quick, device, compile_backend, only)
+    except Exception as e:  # noqa: BLE001 - one case's failure must not end the run
+        errors.append(_failure(e, what="case", **where))
+        _log(log, kind="error", **errors[-1])
+        return None
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    rows.extend(found)
+    _log(log, kind="case", **where, rows=found)
+    return found
 
 
 def _log(path: Path, **line: object) -> None:

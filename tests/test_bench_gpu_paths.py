@@ -328,8 +328,6 @@ def test_lease_command_dry_run(gpu, tmp_path, monkeypatch):
     assert all(sum(u["output"]) == sum(u["output_f64"]) == u["n_out"]
                and sum(u["grad"]) == sum(u["grad_f64"]) == u["n"] for u in ulp)
     assert [e for e in extra if e["kind"] == "host_overhead"]
-    assert {(d["backend"], d["param_grads"]) for d in extra if d["kind"] == "diagnose"} == {
-        (b, need) for b in ("triton", "reference") for need in (True, False)} | {("ref", True)}
     for stage in ("profile", "overhead", "tune"):
         assert f"== {stage} done" in log
 
