@@ -1,7 +1,7 @@
 """``python -m bench.codegen_triton``: what the Triton compiler makes of every kernel
 specialization the host launches, compiled for sm_90 (H100) on any machine, GPU or not.
 
-The sweep drives the real host ops (``fused_act/ops.py``: their layouts and plans) on meta
+The sweep drives the real host ops (``fused_act/ops/``: their layouts and plans) on meta
 tensors over the families, dtypes, aligned and tail shapes and constexpr variants they launch,
 and records each launcher's arguments instead of running it.  Every distinct specialization (as
 Triton specializes: dtypes, 16-byte pointer alignment, integers that are 1 or multiples of 16,
@@ -223,11 +223,10 @@ def _record(only: list[str] | None) -> list[dict]:
     ``_describe`` gives them, constexprs and options, and the cases that launch it."""
     import triton
 
-    from fused_act import ops
-    from fused_act.kernels import kernels
+    from fused_act import kernels
 
-    ops.resolve = lambda device, name: "triton"  # meta tensors, launched by the Triton kernels
-    kernels("triton")
+    kernels.resolve = lambda device, name: "triton"  # meta tensors, launched by Triton's kernels
+    kernels.kernels("triton")
     package = sys.modules["fused_act.triton_kernels"]
     launches: dict[str, dict] = {}
     current = {}

@@ -4,15 +4,13 @@ Every check runs before any kernel launch and names the op and the argument.
 """
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from . import ops, reference
-from .registry import SPECS, Spec
-
-# the public functions, re-exported by fused_act/__init__.py
-__all__ = ["acon_c", "frelu_max", "geglu", "gelu", "glu", "mish", "silu", "swiglu", "swish"]
+from .registry import FUNCTIONS, SPECS, Spec
 
 # Every op computes in fp32 for the 16-bit types and fp32, in fp64 for fp64.  Anything else
 # (integers, bool, complex, float8) is refused: float8's few mantissa bits would need their own
@@ -63,26 +61,6 @@ def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
                          f"{tuple(x.shape)} (got shape {shape})")
 
 
-def mish(x: Tensor) -> Tensor:
-    """Mish, ``x * tanh(softplus(x))`` (Misra, 2019), fused forward and backward.
-
-    Same values as ``torch.nn.functional.mish`` for any shape and floating dtype (fp16/bf16/fp32
-    computed in fp32; fp64 in fp64), with the exact limits mish(+inf) = +inf, mish(-inf) = 0.
-    Backward saves only ``x``; a non-dense ``x`` is copied once to contiguous.
-    """
-    _check_x("mish", x)
-    return ops.apply("mish", x)
-
-
-def silu(x: Tensor) -> Tensor:
-    """SiLU, ``x * sigmoid(x)``: ``swish`` with beta = 1, as ``torch.nn.functional.silu``.
-
-    Any shape and floating dtype; silu(+inf) = +inf, silu(-inf) = 0.  Backward saves only ``x``.
-    """
-    _check_x("silu", x)
-    return ops.apply("silu", x)
-
-
 def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     """Swish, ``x * sigmoid(beta * x)`` (Ramachandran et al., 2017).
 
@@ -95,11 +73,11 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     _check_x("swish", x)
     if isinstance(beta, Tensor):
         _check_channel_param("swish", "beta", beta, x)
-        return ops.apply("swish", x, beta)
+        return ops.ACTIVATION(x, "swish", beta, 1.0, mode="swish")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    return ops.apply("swish", x, None, beta)  # ops rounds beta to fp32, on every path
+    return ops.ACTIVATION(x, "swish", None, beta, mode="swish")  # ops round beta to fp32
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -111,9 +89,9 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """
     _check_x("gelu", x)
     if approximate == "none":
-        return ops.apply("gelu", x)
+        return ops.ACTIVATION(x, "gelu", None, 1.0, mode="gelu")
     if approximate == "tanh":
-        return ops.apply("gelu_tanh", x)
+        return ops.ACTIVATION(x, "gelu_tanh", None, 1.0, mode="gelu_tanh")
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
 
 
@@ -134,7 +112,7 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     for name, p in (("p1", p1), ("p2", p2)):
         _check_channel_param("acon_c", name, p, x, allow_scalar=x.shape[1] == 1)
     _check_acon_beta(x, beta)
-    return ops.apply_acon(x, p1, p2, beta)
+    return ops.ACON_C(x, p1, p2, beta, mode="acon_c")
 
 
 def _check_acon_beta(x: Tensor, beta: Tensor) -> None:
@@ -173,7 +151,8 @@ def frelu_max(x: Tensor, t: Tensor) -> Tensor:
     won) instead of x and t; forward and backward are one pass each.
     """
     _check_frelu_pair("frelu_max", x, t)
-    return ops.apply_frelu_max(x, t)
+    need_code = torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)
+    return ops.FRELU_MAX(x, t, need_code, mode="frelu_max")
 
 
 # ---- gated activations: act(gate) * up ----------------------------------------------------
@@ -189,9 +168,9 @@ def _gated_activation(op: str, activation: str, kwargs: dict) -> tuple[Spec, obj
             raise ValueError(f"fused_act.{op}: activation {activation!r} is "
                              f"{alias.function} with {alias.kwargs} (got {clash})")
         activation, kwargs = alias.function, {**alias.kwargs, **kwargs}
-    specs = [s for s in SPECS.values() if (s.function or s.name) == activation]
+    specs = [s for s in SPECS.values() if s.public == activation]
     if not specs:
-        names = sorted({s.function or s.name for s in SPECS.values()} | set(SPECS))
+        names = sorted({s.public for s in SPECS.values()} | set(SPECS))
         raise ValueError(f"fused_act.{op}: unknown activation {activation!r}; choose one of "
                          f"{names}")
     defaults = dict(_ACTIVATION_ARGS[activation])
@@ -244,17 +223,17 @@ def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
     _check_gated(op, gate, up, dim)
     spec, beta = _gated_activation(op, activation, dict(kwargs))
     if not spec.beta:
-        return ops.apply_glu(gate, up, spec.name, dim=dim)
+        return ops.GATED(gate, up, spec.name, None, 1.0, dim, mode="glu")
     if isinstance(beta, Tensor):
         _check_param_type(op, "beta", beta, gate, "gate")
         if beta.numel() != 1:
             raise ValueError(f"fused_act.{op}: beta must be a float or a one-element tensor "
                              f"(got shape {tuple(beta.shape)})")
-        return ops.apply_glu(gate, up, spec.name, beta, dim=dim)
+        return ops.GATED(gate, up, spec.name, beta, 1.0, dim, mode="glu")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    return ops.apply_glu(gate, up, spec.name, None, beta, dim)  # ops rounds beta to fp32
+    return ops.GATED(gate, up, spec.name, None, beta, dim, mode="glu")  # rounded to fp32
 
 
 def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1,
@@ -288,9 +267,30 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
     return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
 
 
+def _plain(spec: Spec) -> Callable[[Tensor], Tensor]:
+    """The public function of an activation without arguments of its own (its spec's ``doc``)."""
+    name = spec.name
+
+    def function(x: Tensor) -> Tensor:
+        _check_x(name, x)
+        return ops.ACTIVATION(x, name, None, 1.0, mode=name)
+
+    function.__name__ = function.__qualname__ = name
+    function.__doc__ = spec.doc
+    return function
+
+
+# The public functions, re-exported by fused_act/__init__.py: those written above, and one
+# generated for every other activation of the registry (it takes x alone).
+FUNCTIONS.update({"acon_c": acon_c, "frelu_max": frelu_max, "geglu": geglu, "gelu": gelu,
+                  "glu": glu, "swiglu": swiglu, "swish": swish})
+FUNCTIONS.update({s.public: _plain(s) for s in SPECS.values() if s.public not in FUNCTIONS})
+globals().update(FUNCTIONS)
+__all__ = sorted(FUNCTIONS)
+
 # each public activation function's keyword arguments with their defaults, which a gated op's
 # activation arguments are checked against: read once here, as torch.compile traces a dict
 _ACTIVATION_ARGS = {
-    name: {p.name: p.default
-           for p in list(inspect.signature(globals()[name]).parameters.values())[1:]}
-    for name in {s.function or s.name for s in SPECS.values()}}
+    s.public: {p.name: p.default
+               for p in list(inspect.signature(FUNCTIONS[s.public]).parameters.values())[1:]}
+    for s in SPECS.values()}

@@ -1,6 +1,6 @@
 """The kernel boundary: what a kernel backend ("triton", "cuda") implements, and loading one.
 
-``Kernels`` is the whole interface between the host code (``ops.py``) and a backend.  The host
+``Kernels`` is the whole interface between the host code (``ops/``) and a backend.  The host
 lays every tensor out and chooses its tiling plan (``plan.py``); a backend only launches.  Every
 data tensor is dense with x's strides and preallocated; parameters (beta, p1, p2, a, b) are
 flat, contiguous and in opmath (fp32, fp64 for fp64 data); ``act`` is a kernel id of
@@ -14,8 +14,10 @@ and ``_cuda.CudaKernels`` implement it, the latter over the C interface of ``csr
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
+from .backend import resolve
 from .plan import Plan
 
 
@@ -79,3 +81,10 @@ def kernels(name: str) -> Kernels:
             raise ValueError(f"fused_act.kernels: no kernel backend {name!r} (kernel backends: "
                              f"'triton', 'cuda')")
     return _loaded[name]
+
+
+def launcher(device: torch.device, backend: str) -> Kernels | None:
+    """The kernels that ``backend`` (as ``set_backend`` takes it) runs a tensor on ``device``
+    with, or None where that is the reference math (``backend.resolve`` decides)."""
+    name = resolve(device, backend)
+    return None if name == "reference" else kernels(name)

@@ -210,7 +210,7 @@ class FReLU(FusedModule):
         b = -bn.running_mean.to(acc) * a
         if bn.bias is not None:
             b = b + bn.bias.to(acc)
-        return ops.apply_frelu_max_affine(x, t, a, b)
+        return ops.FRELU_MAX_AFFINE(x, t, a, b)
 
 
 class GLU(FusedModule):

@@ -183,13 +183,13 @@ def test_compiled_graph_follows_use_backend(monkeypatch):
     """The backend in force when a compiled function runs picks its graph: a block with another
     backend retraces rather than reusing the first graph's kernels."""
     ran = []
-    real = ops.kernels
+    real = fused_act.kernels.kernels
 
     def probe(name):
         ran.append(name)
         return real(name)
 
-    monkeypatch.setattr(ops, "kernels", probe)
+    monkeypatch.setattr(fused_act.kernels, "kernels", probe)
     f = torch.compile(lambda t: fused_act.mish(t), fullgraph=True, backend="eager")
     x = torch.randn(64)
     with fused_act.use_backend("reference"):

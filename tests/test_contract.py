@@ -398,7 +398,7 @@ def _backward_case(name):
 BACKWARD_OPS = [op.name for op in ELEMENTWISE] + [f"{s.name}_channel" for s in BETA_SPECS] + [
     "acon_c", "frelu_max"]
 # (backend of the forward, backend in force when .backward() is called); "cuda" is probed on
-# fused_act._cuda.CudaKernels, which ops.py reaches as ``kernels("cuda")``; on CPU the
+# fused_act._cuda.CudaKernels, which the ops reach as ``kernels("cuda")``; on CPU the
 # cuda_on_cpu fixture routes it to the emulated kernels
 BACKWARD_PAIRS = [("triton", "auto"), ("cuda", "auto"), ("triton", "reference"),
                   ("cuda", "triton"), ("reference", "triton"), ("reference", "cuda")]

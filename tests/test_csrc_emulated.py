@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fused_act
-from fused_act import _build, _cuda, kernels, ops
+from fused_act import _build, _cuda, kernels
 
 from . import test_acon as acon_tables
 from . import test_autograd as autograd_tables
@@ -129,7 +129,7 @@ def cuda_on_cpu(emulated, monkeypatch):
     """Backend "cuda" runs CPU tensors through the emulated kernels for this test."""
     monkeypatch.setattr(_cuda, "library", lambda: emulated)
     monkeypatch.setattr(fused_act.backend, "cuda_status", lambda: (True, "emulated on the CPU"))
-    monkeypatch.setattr(ops, "resolve",
+    monkeypatch.setattr(kernels, "resolve",
                         lambda device, name: "reference" if name == "auto" else name)
     kernels._loaded.pop("cuda", None)
     yield

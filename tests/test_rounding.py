@@ -124,8 +124,8 @@ def test_frelu_max_affine(dtype, backend, device):
     x, t = _normal(1.0, dtype, device, 0), _normal(1.0, dtype, device, 1)
     a, b = _uniform(0.5, 2, device, 2), _uniform(-1, 1, device, 3)
     with fused_act.use_backend(backend):
-        y = ops.apply_frelu_max_affine(x, t, a, b)
-        y32 = ops.apply_frelu_max_affine(x.float(), t.float(), a, b)
+        y = ops.FRELU_MAX_AFFINE(x, t, a, b)
+        y32 = ops.FRELU_MAX_AFFINE(x.float(), t.float(), a, b)
     assert y.dtype == dtype
     assert_rounded(y, y32, f"frelu_max_affine[{backend}, {dtype}, {device}]")
 

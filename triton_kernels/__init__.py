@@ -1,7 +1,7 @@
 """Triton kernels of fused_act, installed as ``fused_act.triton_kernels``.
 
 They import nothing from the host package: the host lays tensors out, chooses the plan and
-finishes partial sums (``fused_act/ops.py``, ``fused_act/plan.py``); ``TritonKernels`` is the
+finishes partial sums (``fused_act/ops/``, ``fused_act/plan.py``); ``TritonKernels`` is the
 launchers as ``fused_act.kernels.Kernels`` names them.
 """
 

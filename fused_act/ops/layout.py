@@ -1,0 +1,102 @@
+"""How the host lays tensors out for the kernels: dense tensors in place of their memory,
+parameters flat in opmath, scalars rounded once, and the rows a gated op walks."""
+
+import math
+import struct
+
+import torch
+from torch import Tensor
+
+from .. import plan
+
+
+def is_dense(x: Tensor) -> bool:
+    """True if ``x`` covers a gap-free, non-overlapping block of memory in some dim order."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return True  # the common layouts, answered in C++ (this runs on every call)
+    expected = 1
+    dims = sorted((st, s) for s, st in zip(x.shape, x.stride(), strict=True) if s != 1)
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense(x: Tensor) -> Tensor:
+    """``x`` itself when dense, else one contiguous copy."""
+    return x if is_dense(x) else x.contiguous()
+
+
+def like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with ``x``'s strides (``x`` dense): a copy only when they differ, e.g. an
+    expanded gradient from ``.sum()``."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+def flat_param(p: Tensor, x: Tensor) -> Tensor:
+    """A parameter as every kernel reads it: flat, contiguous (a strided view is copied: the
+    kernels index it with unit stride) and in x's opmath dtype (fp32, or fp64 for fp64 x)."""
+    return p.reshape(-1).to(plan.accumulator(x)).contiguous()
+
+
+def fp32(v: float, device: torch.device | None = None) -> float | Tensor:
+    """``v`` rounded to fp32, as every kernel takes a scalar: the one rounding of a float beta,
+    applied on every path (kernels, the reference backend, the decomposed and the reference
+    math), so that all agree bit for bit.  Under ``torch.compile`` ``v`` may be symbolic and
+    Python's rounding does not trace: there it is a 0-d fp32 tensor on ``device`` (the rounding
+    traced), which the reference math takes as its beta."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(v, dtype=torch.float32, device=device)
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+
+def row_stride(t: Tensor, k: int) -> int | None:
+    """The distance between rows of ``t`` walked as prod(shape[:k]) rows of the prod(shape[k:])
+    elements behind each, if those are contiguous and the rows evenly spaced; else None."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[k:]), reversed(t.stride()[k:]), strict=True):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    row = None
+    for size, stride in zip(reversed(t.shape[:k]), reversed(t.stride()[:k]), strict=True):
+        if size == 1:
+            continue
+        if row is None:
+            row = stride
+        elif stride != expected:
+            return None
+        expected = stride * size
+    return expected if row is None else row
+
+
+def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
+             ) -> tuple[int, int, tuple[Tensor, ...], tuple[int, ...]]:
+    """(rows, cols, reads, row strides of reads and writes): the split of the common shape into
+    rows of contiguous elements that fits every written tensor and the most read ones, which
+    are then used in place (the halves of a packed tensor: rows two halves apart); a read tensor
+    that does not fit is copied once to contiguous.  Rows evenly spaced in every tensor are one
+    flat row."""
+    shape = writes[0].shape
+    best = None
+    for k in range(len(shape) + 1):
+        w = [row_stride(t, k) for t in writes]
+        if None in w:
+            continue
+        r = [row_stride(t, k) for t in reads]
+        fits = sum(s is not None for s in r)
+        if best is None or fits > best[0]:
+            best = fits, k, r, w
+        if fits == len(reads):
+            break
+    _, k, r, w = best  # contiguous buffers fit every k
+    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
+    reads = tuple(t if s is not None else t.contiguous() for t, s in zip(reads, r, strict=True))
+    strides = tuple(cols if s is None else s for s in r) + tuple(w)
+    if all(s == cols for s in strides):
+        return 1, rows * cols, reads, strides
+    return rows, cols, reads, strides
