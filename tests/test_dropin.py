@@ -289,7 +289,7 @@ def test_every_lookalike_class_is_swapped_and_computes_the_same(module, cls, spe
 
 def test_lookalike_names_never_collide():
     """A class name the registry lists belongs to one module with one set of arguments."""
-    known = fused_act.nn._known()
+    known = fused_act.nn.swap._known()
     by_name = {}
     for qualified, hit in known.items():
         by_name.setdefault(qualified.rsplit(".", 1)[1], set()).add((hit[0], tuple(hit[1].items())))

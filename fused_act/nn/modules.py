@@ -1,0 +1,277 @@
+"""Drop-in ``nn.Module``s: same constructor arguments and state_dicts as the modules they replace.
+
+``AconC`` and ``MetaAconC`` match the ACON paper's published modules (and, with ``bn=True``, the
+authors' original Meta-ACON with BatchNorm).
+
+``Mish``, ``SiLU`` and ``GELU`` take torch.nn's arguments and have no state; ``Swish`` has a
+float beta or, when learnable, a ``beta`` parameter of ``num_parameters`` values (1, or C for a
+per-channel beta, as ``torch.nn.PReLU``).  ``inplace=True`` overwrites the input, as torch.nn's
+modules do: with the fused kernel writing into it when no gradient is needed, and when one is by
+writing the result of a copy back into it (the fused backward needs the input intact, as
+torch's own in-place backward does), so code that reads the input after the activation sees
+what torch.nn's module would leave there.  Every module's repr says "fused".
+"""
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional, ops
+
+
+class FusedModule(nn.Module):
+    """What every fused_act module shares: its repr says "fused" (a swapped model shows what
+    was swapped), and TorchScript is refused with a clear error.
+
+    Scripting compiles ``forward`` from its source, and ours calls the fused custom ops through
+    Python; ``torch.jit.trace`` records the reference math instead and works on every backend.
+    """
+
+    def extra_repr(self) -> str:
+        details = self._details()
+        return f"fused, {details}" if details else "fused"
+
+    def _details(self) -> str:
+        """The module's arguments in its repr, after "fused"."""
+        return ""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(f"fused_act.nn.{type(self).__name__} cannot be compiled by "
+                           "torch.jit.script; use torch.compile or torch.export (or "
+                           "torch.jit.trace, which records the reference math)")
+
+
+class _InplaceActivation(FusedModule):
+    """A stateless activation with torch.nn's ``inplace`` argument."""
+
+    op = ""  # the public function in fused_act.functional, a spec of fused_act/registry.py
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.inplace:
+            return getattr(functional, self.op)(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the backward reads the input, which the write would destroy: it reads a copy;
+            # copy_ raises torch's own error for a leaf that requires grad, as torch.nn's does
+            return x.copy_(getattr(functional, self.op)(x.clone()))
+        functional._check_x(self.op, x)
+        return ops.apply_(x, self.op)
+
+    def _details(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class Mish(_InplaceActivation):
+    """Mish, ``x * tanh(softplus(x))``; a drop-in for ``torch.nn.Mish``."""
+
+    op = "mish"
+
+
+class SiLU(_InplaceActivation):
+    """SiLU, ``x * sigmoid(x)``; a drop-in for ``torch.nn.SiLU``."""
+
+    op = "silu"
+
+
+class GELU(FusedModule):
+    """GELU with ``approximate="none"`` or ``"tanh"``; a drop-in for ``torch.nn.GELU``."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"fused_act.nn.GELU: approximate must be 'none' or 'tanh' "
+                             f"(got {approximate!r})")
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.gelu(x, self.approximate)
+
+    def _details(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class Swish(FusedModule):
+    """Swish, ``x * sigmoid(beta * x)`` with a fixed or learnable beta.
+
+    ``learnable=True`` makes ``beta`` a parameter of ``num_parameters`` values initialised to
+    ``beta``: 1 (shared) or C = ``x.shape[1]`` (per channel, as ``torch.nn.PReLU``).  Its gradient
+    is reduced inside the fused backward kernel.
+    """
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False, num_parameters: int = 1,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        if num_parameters < 1:
+            raise ValueError(f"fused_act.nn.Swish: num_parameters must be >= 1 "
+                             f"(got {num_parameters})")
+        if num_parameters != 1 and not learnable:
+            raise ValueError("fused_act.nn.Swish: num_parameters > 1 needs learnable=True")
+        self.learnable = learnable
+        self.num_parameters = num_parameters
+        if learnable:
+            self.beta = nn.Parameter(torch.full((num_parameters,), float(beta), device=device,
+                                                dtype=dtype))
+        else:
+            self.beta = float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.swish(x, self.beta)
+
+    def _details(self) -> str:
+        if self.learnable:
+            return f"learnable=True, num_parameters={self.num_parameters}"
+        return f"beta={self.beta}"
+
+
+class AconC(FusedModule):
+    """ACON-C (Ma et al., "Activate or Not", 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) +
+    p2 x`` with learnable per-channel ``p1``, ``p2``, ``beta`` of shape (1, C, 1, 1).
+
+    Parameter names, shapes and initialisation (randn, randn, ones) match the paper's published
+    module, so its state_dicts load as they are.  Takes (N, C, H, W) or (N, C) input.  Keep the
+    parameters out of weight decay.
+    """
+
+    def __init__(self, c1: int) -> None:
+        super().__init__()
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.acon_c(x, self.p1, self.p2, self.beta)
+
+
+class MetaAconC(FusedModule):
+    """Meta-ACON: ACON-C whose beta is computed per sample and channel by a small network,
+    ``beta = sigmoid(fc2(fc1(mean of x over H, W))))``, with 1x1 (``k``) convolutions through
+    ``c2 = max(r, c1 // r)`` channels.
+
+    ``bn=False`` (default) is the form most detection code ships; ``bn=True`` adds ``bn1`` after
+    ``fc1`` and ``bn2`` after ``fc2``, as in the ACON authors' original module.  Parameter and
+    buffer names, shapes and initialisation match both, so their checkpoints load as they are.
+    The beta network runs in PyTorch; the activation itself is the fused per-sample ACON-C.
+    """
+
+    def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16, bn: bool = False) -> None:
+        super().__init__()
+        c2 = max(r, c1 // r)
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.fc1 = nn.Conv2d(c1, c2, k, s, bias=True)
+        self.bn1 = nn.BatchNorm2d(c2) if bn else nn.Identity()
+        self.fc2 = nn.Conv2d(c2, c1, k, s, bias=True)
+        self.bn2 = nn.BatchNorm2d(c1) if bn else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)  # as the published module
+        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(y)))))
+        return functional.acon_c(x, self.p1, self.p2, beta)
+
+
+class FReLU(FusedModule):
+    """FReLU (Ma et al., "Funnel Activation for Visual Recognition", 2020):
+    ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution ``conv`` (padding k // 2,
+    no bias) and BatchNorm ``bn``, named and shaped as the paper's published module.
+
+    The convolution and, in training, BatchNorm run in PyTorch; the max step is fused and saves
+    one byte per element for backward.  In eval mode, when no gradient is needed, BatchNorm's
+    running statistics and affine parameters fold into a per-channel ``a t + b`` inside the max
+    kernel, so BatchNorm makes no pass of its own.
+    """
+
+    def __init__(self, c1: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.conv(x)
+        bn = self.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None or (
+                torch.is_grad_enabled() and (t.requires_grad or any(
+                    p.requires_grad for p in bn.parameters()))):
+            return functional.frelu_max(x, bn(t))
+        functional._check_frelu_pair("nn.FReLU", x, t)
+        acc = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32, or fp64
+        a = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            a = a * bn.weight.to(acc)
+        b = -bn.running_mean.to(acc) * a
+        if bn.bias is not None:
+            b = b + bn.bias.to(acc)
+        return ops.apply_frelu_max_affine(x, t, a, b)
+
+
+class GLU(FusedModule):
+    """A gated activation ``activation(gate) * up``, fused (``fused_act.glu``): ``forward(gate,
+    up)``, or ``forward(x)`` with ``x`` split in two halves along ``dim`` (gate first, as a
+    packed gate/up projection lays them out; note torch.nn.GLU gates the other way round, with
+    a sigmoid of the second half).  ``activation`` is "silu", "swish", "gelu" or "mish", with
+    that function's arguments (``approximate`` for gelu, ``beta`` for swish); ``learnable=True``
+    makes swish's ``beta`` a one-value parameter.
+    """
+
+    def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
+                 **activation_kwargs: object) -> None:
+        super().__init__()
+        if learnable and activation != "swish":
+            raise ValueError("fused_act.nn.GLU: learnable=True needs activation='swish'")
+        self.activation, self.dim, self.learnable = activation, dim, learnable
+        if learnable:
+            beta = float(activation_kwargs.pop("beta", 1.0))
+            self.beta = nn.Parameter(torch.full((1,), beta))
+        self.activation_kwargs = activation_kwargs
+        functional.glu(torch.zeros(2), None, activation, **self._kwargs())  # checks the args
+
+    def _kwargs(self) -> dict:
+        return {**self.activation_kwargs, **({"beta": self.beta} if self.learnable else {})}
+
+    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor:
+        return functional.glu(gate, up, self.activation, self.dim, **self._kwargs())
+
+    def _details(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
+        return f"activation={self.activation!r}{args}" + (
+            f", dim={self.dim}" if self.dim != -1 else "") + (
+            ", learnable=True" if self.learnable else "")
+
+
+class GatedMLP(FusedModule):
+    """``down_proj(activation(gate) * up)`` with the gated product fused, over a transformer MLP
+    block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj`` whose
+    output is gate then up): what ``patch_gated_mlps`` puts in place of such a block.  The
+    projections are the block's modules themselves, so parameters, optimizer state and
+    state_dict keys stay as they were.
+    """
+
+    def __init__(self, down_proj: nn.Module, activation: str, *,
+                 gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
+                 gate_up_proj: nn.Module | None = None, **activation_kwargs: object) -> None:
+        super().__init__()
+        if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
+                gate_up_proj is not None and (gate_proj or up_proj)):
+            raise ValueError("fused_act.nn.GatedMLP: give gate_proj and up_proj, or "
+                             "gate_up_proj")
+        for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj),
+                        ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            if m is not None:
+                self.add_module(name, m)
+        self.activation, self.activation_kwargs = activation, activation_kwargs
+        functional.glu(torch.zeros(2), None, activation, **activation_kwargs)  # checks the args
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "gate_up_proj" in self._modules:
+            h = functional.glu(self.gate_up_proj(x), None, self.activation,
+                               **self.activation_kwargs)
+        else:
+            h = functional.glu(self.gate_proj(x), self.up_proj(x), self.activation,
+                               **self.activation_kwargs)
+        return self.down_proj(h)
+
+    def _details(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
+        return f"activation={self.activation!r}{args}"
