@@ -275,3 +275,9 @@ class GatedMLP(FusedModule):
     def _details(self) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
         return f"activation={self.activation!r}{args}"
+
+
+# every module class by name: what a registry spec's ``module`` names, and what
+# replace_activations builds
+MODULES: dict[str, type[FusedModule]] = {c.__name__: c for c in (
+    Mish, SiLU, GELU, Swish, AconC, MetaAconC, FReLU, GLU, GatedMLP)}

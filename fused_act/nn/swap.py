@@ -11,8 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import SPECS
-from . import modules
-from .modules import GELU, AconC, FReLU, FusedModule, GatedMLP, MetaAconC, Swish, _InplaceActivation
+from .modules import (
+    GELU,
+    MODULES,
+    AconC,
+    FReLU,
+    FusedModule,
+    GatedMLP,
+    MetaAconC,
+    Swish,
+    _InplaceActivation,
+)
 
 # ---- replace_activations -------------------------------------------------------------------
 
@@ -150,7 +159,7 @@ def _plan(m: nn.Module) -> tuple[nn.Module | None, bool, str]:
     if hit is None:
         return None, False, ""
     module, kwargs = hit
-    ours = getattr(modules, module)
+    ours = MODULES[module]
     args = inspect.signature(ours).parameters
     carried = {a: getattr(m, a) for a in _CARRIED if a in args and hasattr(m, a)}
     try:
