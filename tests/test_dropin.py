@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -102,6 +103,54 @@ def test_every_spec_replaces_its_torch_module(spec):
     x = torch.randn(4, 33, dtype=torch.float64)
     torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
+
+@pytest.mark.parametrize("spec", [s for s in registry.SPECS.values() if s.module],
+                         ids=lambda s: s.name)
+def test_every_spec_has_its_module_and_plain_ones_are_generated(spec):
+    """Each spec's module is exported; a plain activation's is generated from the registry: its
+    public function with ``inplace``, picklable by name."""
+    cls = getattr(fused_act.nn, spec.module)
+    assert fused_act.nn.modules.MODULES[spec.module] is cls and spec.module in fused_act.nn.__all__
+    if spec.module in ("GELU", "Swish"):  # written by hand
+        return
+    assert (cls.__module__, cls.__qualname__, cls.op) == ("fused_act.nn.modules", spec.module,
+                                                          spec.name)
+    assert f"``fused_act.{spec.function or spec.name}(x" in cls.__doc__
+    model = pickle.loads(pickle.dumps(nn.Sequential(cls(inplace=True))))
+    x = torch.randn(4, 33, dtype=torch.float64)
+    want = spec.call(x)
+    assert type(model[0]) is cls and model[0](x) is x
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+
+def test_generated_module_of_an_aliased_spec_and_those_written_by_hand():
+    """A spec whose function takes arguments (``gelu_tanh``: gelu, approximate="tanh") gets a
+    module computing just that; a spec with a beta, or a module shared by two specs, needs one
+    written by hand."""
+    import dataclasses
+
+    from fused_act.nn import modules
+    cls = modules._activation_module(dataclasses.replace(registry.SPECS["gelu_tanh"],
+                                                         module="GELUTanh"))
+    x = torch.randn(4, 33, dtype=torch.float64)
+    torch.testing.assert_close(cls()(x), fused_act.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    assert "``fused_act.gelu(x, approximate='tanh')`` as a module" in cls.__doc__
+    with pytest.raises(RuntimeError, match="takes a beta"):
+        modules._activation_module(dataclasses.replace(registry.SPECS["swish"], module="Other"))
+
+
+def test_pickled_model_with_swapped_modules():
+    """A swapped model pickles with its originals, so the copy can be restored too."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Mish(), fused_act.nn.AconC(4),
+                          nn.SiLU(inplace=True), nn.GELU(approximate="tanh"))
+    fused_act.replace_activations(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    assert [type(m) for m in loaded] == [type(m) for m in model]
+    assert loaded[3].inplace and loaded[4].approximate == "tanh"
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert fused_act.restore_activations(loaded) == ["1", "3", "4"]
+    assert [type(m) for m in loaded] == [nn.Conv2d, nn.Mish, fused_act.nn.AconC, nn.SiLU, nn.GELU]
 
 def test_replace_activations_include_exclude():
     model = _zoo()

@@ -2,7 +2,8 @@
 other libraries' modules (``swap``: ``replace_activations``, ``patch_gated_mlps``,
 ``restore_activations``)."""
 
-from .modules import GELU, GLU, AconC, FReLU, FusedModule, GatedMLP, MetaAconC, Mish, SiLU, Swish
+from .modules import *  # noqa: F403  (its __all__: every module class, generated ones too)
+from .modules import __all__ as _modules
 from .swap import (
     Left,
     Replacement,
@@ -12,6 +13,5 @@ from .swap import (
     restore_activations,
 )
 
-__all__ = ["GELU", "GLU", "AconC", "FReLU", "FusedModule", "GatedMLP", "Left", "MetaAconC",
-           "Mish", "Replacement", "SiLU", "Swapped", "Swish", "patch_gated_mlps",
+__all__ = [*_modules, "Left", "Replacement", "Swapped", "patch_gated_mlps",
            "replace_activations", "restore_activations"]

@@ -12,10 +12,13 @@ torch's own in-place backward does), so code that reads the input after the acti
 what torch.nn's module would leave there.  Every module's repr says "fused".
 """
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 from .. import functional, ops
+from ..registry import SPECS, Spec
 
 
 class FusedModule(nn.Module):
@@ -41,38 +44,30 @@ class FusedModule(nn.Module):
 
 
 class _InplaceActivation(FusedModule):
-    """A stateless activation with torch.nn's ``inplace`` argument."""
+    """A stateless activation with torch.nn's ``inplace`` argument: the registry spec ``op``,
+    computed by its public function.  The modules of plain activations are generated from
+    the registry as subclasses (``_activation_module``)."""
 
-    op = ""  # the public function in fused_act.functional, a spec of fused_act/registry.py
+    op = ""  # a spec name of fused_act/registry.py
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:
+        spec = SPECS[self.op]
+        function = spec.function or spec.name
         if not self.inplace:
-            return getattr(functional, self.op)(x)
+            return getattr(functional, function)(x, **spec.kwargs)
         if torch.is_grad_enabled() and x.requires_grad:
             # the backward reads the input, which the write would destroy: it reads a copy;
             # copy_ raises torch's own error for a leaf that requires grad, as torch.nn's does
-            return x.copy_(getattr(functional, self.op)(x.clone()))
-        functional._check_x(self.op, x)
+            return x.copy_(getattr(functional, function)(x.clone(), **spec.kwargs))
+        functional._check_x(function, x)
         return ops.apply_(x, self.op)
 
     def _details(self) -> str:
         return "inplace=True" if self.inplace else ""
-
-
-class Mish(_InplaceActivation):
-    """Mish, ``x * tanh(softplus(x))``; a drop-in for ``torch.nn.Mish``."""
-
-    op = "mish"
-
-
-class SiLU(_InplaceActivation):
-    """SiLU, ``x * sigmoid(x)``; a drop-in for ``torch.nn.SiLU``."""
-
-    op = "silu"
 
 
 class GELU(FusedModule):
@@ -277,7 +272,34 @@ class GatedMLP(FusedModule):
         return f"activation={self.activation!r}{args}"
 
 
-# every module class by name: what a registry spec's ``module`` names, and what
-# replace_activations builds
+def _activation_module(spec: Spec) -> type[_InplaceActivation]:
+    """The module class ``spec.module`` of a plain activation: its public function with
+    torch.nn's ``inplace`` argument, documented by that function's summary."""
+    if spec.beta:
+        raise RuntimeError(f"fused_act.nn: activation {spec.name!r} takes a beta, so its module "
+                           f"{spec.module} is written by hand (as Swish)")
+    function = spec.function or spec.name
+    summary = inspect.cleandoc(getattr(functional, function).__doc__ or "").split("\n\n")[0]
+    call = f"fused_act.{function}(x{''.join(f', {k}={v!r}' for k, v in spec.kwargs.items())})"
+    drop_in = f"; a drop-in for ``torch.nn.{spec.replaces}``" if spec.replaces else ""
+    doc = f"{summary}\n\n``{call}`` as a module with torch.nn's ``inplace``{drop_in}."
+    return type(spec.module, (_InplaceActivation,), {
+        "__doc__": doc, "__module__": __name__, "__qualname__": spec.module, "op": spec.name})
+
+
+# every module class by name: those written here, and one generated for each other module that
+# a registry spec names (adding a plain activation needs no edit here)
 MODULES: dict[str, type[FusedModule]] = {c.__name__: c for c in (
-    Mish, SiLU, GELU, Swish, AconC, MetaAconC, FReLU, GLU, GatedMLP)}
+    GELU, Swish, AconC, MetaAconC, FReLU, GLU, GatedMLP)}
+_GENERATED: dict[str, type[_InplaceActivation]] = {}
+for _spec in SPECS.values():
+    if _spec.module in _GENERATED:
+        raise RuntimeError(f"fused_act.nn: specs {_GENERATED[_spec.module].op!r} and "
+                           f"{_spec.name!r} both name module {_spec.module}: a module for "
+                           "several specs is written by hand (as GELU)")
+    if _spec.module and _spec.module not in MODULES:
+        _GENERATED[_spec.module] = _activation_module(_spec)
+MODULES.update(_GENERATED)
+globals().update(_GENERATED)  # module attributes, as pickle finds a class by its module's
+
+__all__ = ["FusedModule", *sorted(MODULES)]
