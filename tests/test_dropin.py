@@ -603,6 +603,34 @@ def test_gated_modules_check_their_arguments_when_built():
         fused_act.nn.GatedMLP(nn.Linear(4, 2), "relu", gate_proj=nn.Linear(2, 4),
                               up_proj=nn.Linear(2, 4))
     assert repr(fused_act.nn.GLU(dim=0)) == "GLU(fused, activation='silu', dim=0)"
+    with pytest.raises(ValueError, match=r"fused_act\.nn\.GatedMLP: give gate_proj and up_proj"):
+        fused_act.nn.GatedMLP(nn.Linear(4, 2), "silu", gate_proj=nn.Sequential(),  # falsy
+                              gate_up_proj=nn.Linear(2, 8))
+    with pytest.raises(ValueError, match=r"fused_act\.nn\.GatedMLP: .*approximate"):
+        fused_act.nn.GatedMLP(nn.Linear(4, 2), "gelu", gate_up_proj=nn.Linear(2, 8),
+                              approximate="erf")
+    with pytest.raises(TypeError, match=r"fused_act\.nn\.GLU: dim must be an int"):
+        fused_act.nn.GLU(dim=1.0)
+    with pytest.raises(TypeError, match=r"fused_act\.nn\.GLU: beta must be a float or a tensor"):
+        fused_act.nn.GLU("swish", beta="2")
+    with pytest.raises(TypeError, match=r"fused_act\.nn\.GLU: beta must be a floating-point"):
+        fused_act.nn.GLU("swish", beta=torch.tensor(2))
+    with pytest.raises(ValueError, match=r"fused_act\.nn\.GLU: beta must be .* one-element"):
+        fused_act.nn.GLU("swish", beta=torch.ones(2))
+    # a tensor beta's device is the input's business, checked in forward
+    assert fused_act.nn.GLU("swish", beta=torch.tensor(2.0, device="meta")).activation == "swish"
+
+
+@pytest.mark.parametrize(("build", "kind", "match"), [
+    (lambda: fused_act.nn.AconC(0), ValueError, r"nn\.AconC: c1 must be >= 1 \(got 0\)"),
+    (lambda: fused_act.nn.MetaAconC(8, r=0), ValueError, r"nn\.MetaAconC: r must be >= 1"),
+    (lambda: fused_act.nn.FReLU(8, k=3.0), TypeError, r"nn\.FReLU: k must be an int"),
+    (lambda: fused_act.nn.Swish(learnable=True, num_parameters=True), TypeError,
+     r"nn\.Swish: num_parameters must be an int"),
+])
+def test_modules_check_their_arguments_when_built(build, kind, match):
+    with pytest.raises(kind, match=match):
+        build()
 
 
 class _Block(nn.Module):

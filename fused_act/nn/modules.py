@@ -43,6 +43,31 @@ class FusedModule(nn.Module):
                            "torch.jit.trace, which records the reference math)")
 
 
+def _check_counts(module: str, **counts: object) -> None:
+    """Each of ``counts`` (channels, kernel size, ...) is an integer >= 1."""
+    for arg, n in counts.items():
+        if isinstance(n, bool) or not hasattr(n, "__index__"):
+            raise TypeError(f"fused_act.nn.{module}: {arg} must be an int (got "
+                            f"{type(n).__name__})")
+        if n < 1:
+            raise ValueError(f"fused_act.nn.{module}: {arg} must be >= 1 (got {n})")
+
+
+def _check_gated_args(module: str, activation: str, kwargs: dict) -> None:
+    """What ``fused_act.glu`` checks of its activation arguments, naming the module (a tensor
+    beta's device is checked against the input, in forward)."""
+    op = f"nn.{module}"
+    _, beta = functional._gated_activation(op, activation, dict(kwargs))
+    if isinstance(beta, Tensor):
+        functional._check_dtype(op, "beta", beta)
+        if beta.numel() != 1:
+            raise ValueError(f"fused_act.{op}: beta must be a float or a one-element tensor "
+                             f"(got shape {tuple(beta.shape)})")
+    elif beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+        raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
+                        f"(got {type(beta).__name__})")
+
+
 class _InplaceActivation(FusedModule):
     """A stateless activation with torch.nn's ``inplace`` argument: the registry spec ``op``,
     computed by its public function.  The modules of plain activations are generated from
@@ -99,9 +124,7 @@ class Swish(FusedModule):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
                  ) -> None:
         super().__init__()
-        if num_parameters < 1:
-            raise ValueError(f"fused_act.nn.Swish: num_parameters must be >= 1 "
-                             f"(got {num_parameters})")
+        _check_counts("Swish", num_parameters=num_parameters)
         if num_parameters != 1 and not learnable:
             raise ValueError("fused_act.nn.Swish: num_parameters > 1 needs learnable=True")
         self.learnable = learnable
@@ -132,6 +155,7 @@ class AconC(FusedModule):
 
     def __init__(self, c1: int) -> None:
         super().__init__()
+        _check_counts("AconC", c1=c1)
         self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
         self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
         self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
@@ -153,6 +177,7 @@ class MetaAconC(FusedModule):
 
     def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16, bn: bool = False) -> None:
         super().__init__()
+        _check_counts("MetaAconC", c1=c1, k=k, s=s, r=r)
         c2 = max(r, c1 // r)
         self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
         self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
@@ -180,6 +205,7 @@ class FReLU(FusedModule):
 
     def __init__(self, c1: int, k: int = 3) -> None:
         super().__init__()
+        _check_counts("FReLU", c1=c1, k=k)
         self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
         self.bn = nn.BatchNorm2d(c1)
 
@@ -215,12 +241,14 @@ class GLU(FusedModule):
         super().__init__()
         if learnable and activation != "swish":
             raise ValueError("fused_act.nn.GLU: learnable=True needs activation='swish'")
+        _check_gated_args("GLU", activation, activation_kwargs)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"fused_act.nn.GLU: dim must be an int (got {type(dim).__name__})")
         self.activation, self.dim, self.learnable = activation, dim, learnable
         if learnable:
             beta = float(activation_kwargs.pop("beta", 1.0))
             self.beta = nn.Parameter(torch.full((1,), beta))
         self.activation_kwargs = activation_kwargs
-        functional.glu(torch.zeros(2), None, activation, **self._kwargs())  # checks the args
 
     def _kwargs(self) -> dict:
         return {**self.activation_kwargs, **({"beta": self.beta} if self.learnable else {})}
@@ -248,15 +276,15 @@ class GatedMLP(FusedModule):
                  gate_up_proj: nn.Module | None = None, **activation_kwargs: object) -> None:
         super().__init__()
         if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
-                gate_up_proj is not None and (gate_proj or up_proj)):
+                gate_up_proj is not None and (gate_proj is not None or up_proj is not None)):
             raise ValueError("fused_act.nn.GatedMLP: give gate_proj and up_proj, or "
                              "gate_up_proj")
+        _check_gated_args("GatedMLP", activation, activation_kwargs)
         for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj),
                         ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
             if m is not None:
                 self.add_module(name, m)
         self.activation, self.activation_kwargs = activation, activation_kwargs
-        functional.glu(torch.zeros(2), None, activation, **activation_kwargs)  # checks the args
 
     def forward(self, x: Tensor) -> Tensor:
         if "gate_up_proj" in self._modules:
