@@ -1,15 +1,8 @@
-"""Drop-in ``nn.Module``s: same constructor arguments and state_dicts as the modules they replace.
+"""fused_act's ``nn.Module``s: drop-ins with the constructor arguments and state_dicts of the
+modules they replace (torch.nn's, and the ACON and FReLU papers' published modules).
 
-``AconC`` and ``MetaAconC`` match the ACON paper's published modules (and, with ``bn=True``, the
-authors' original Meta-ACON with BatchNorm).
-
-``Mish``, ``SiLU`` and ``GELU`` take torch.nn's arguments and have no state; ``Swish`` has a
-float beta or, when learnable, a ``beta`` parameter of ``num_parameters`` values (1, or C for a
-per-channel beta, as ``torch.nn.PReLU``).  ``inplace=True`` overwrites the input, as torch.nn's
-modules do: with the fused kernel writing into it when no gradient is needed, and when one is by
-writing the result of a copy back into it (the fused backward needs the input intact, as
-torch's own in-place backward does), so code that reads the input after the activation sees
-what torch.nn's module would leave there.  Every module's repr says "fused".
+The modules of plain activations (``Mish``, ``SiLU``) are generated from the registry at the end
+of this file.  Every module's repr says "fused".
 """
 
 import inspect
@@ -22,12 +15,9 @@ from ..registry import SPECS, Spec
 
 
 class FusedModule(nn.Module):
-    """What every fused_act module shares: its repr says "fused" (a swapped model shows what
-    was swapped), and TorchScript is refused with a clear error.
-
-    Scripting compiles ``forward`` from its source, and ours calls the fused custom ops through
-    Python; ``torch.jit.trace`` records the reference math instead and works on every backend.
-    """
+    """The base of every fused_act module: its repr says "fused", and ``torch.jit.script`` is
+    refused with a clear error (``forward`` calls the fused ops through Python;
+    ``torch.jit.trace`` records the reference math and works)."""
 
     def extra_repr(self) -> str:
         details = self._details()
@@ -69,9 +59,8 @@ def _check_gated_args(module: str, activation: str, kwargs: dict) -> None:
 
 
 class _InplaceActivation(FusedModule):
-    """A stateless activation with torch.nn's ``inplace`` argument: the registry spec ``op``,
-    computed by its public function.  The modules of plain activations are generated from
-    the registry as subclasses (``_activation_module``)."""
+    """The registry spec ``op``, computed by its public function, with torch.nn's ``inplace``
+    (the input ends as torch.nn's module leaves it, also when a gradient is needed)."""
 
     op = ""  # a spec name of fused_act/registry.py
 
@@ -116,8 +105,7 @@ class Swish(FusedModule):
     """Swish, ``x * sigmoid(beta * x)`` with a fixed or learnable beta.
 
     ``learnable=True`` makes ``beta`` a parameter of ``num_parameters`` values initialised to
-    ``beta``: 1 (shared) or C = ``x.shape[1]`` (per channel, as ``torch.nn.PReLU``).  Its gradient
-    is reduced inside the fused backward kernel.
+    ``beta``: 1 (shared) or C = ``x.shape[1]`` (per channel, as ``torch.nn.PReLU``).
     """
 
     def __init__(self, beta: float = 1.0, learnable: bool = False, num_parameters: int = 1,
@@ -165,14 +153,12 @@ class AconC(FusedModule):
 
 
 class MetaAconC(FusedModule):
-    """Meta-ACON: ACON-C whose beta is computed per sample and channel by a small network,
-    ``beta = sigmoid(fc2(fc1(mean of x over H, W))))``, with 1x1 (``k``) convolutions through
-    ``c2 = max(r, c1 // r)`` channels.
+    """Meta-ACON: ACON-C with a per-sample, per-channel ``beta = sigmoid(fc2(fc1(mean of x
+    over H, W))))``, ``k`` x ``k`` convolutions through ``c2 = max(r, c1 // r)`` channels.
 
-    ``bn=False`` (default) is the form most detection code ships; ``bn=True`` adds ``bn1`` after
-    ``fc1`` and ``bn2`` after ``fc2``, as in the ACON authors' original module.  Parameter and
-    buffer names, shapes and initialisation match both, so their checkpoints load as they are.
-    The beta network runs in PyTorch; the activation itself is the fused per-sample ACON-C.
+    ``bn=False`` (default) is the form most detection code ships; ``bn=True`` adds ``bn1`` and
+    ``bn2``, as the ACON authors' original module.  Both forms' checkpoints load as they are.
+    The beta network runs in PyTorch; the activation is the fused per-sample ACON-C.
     """
 
     def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16, bn: bool = False) -> None:
@@ -194,13 +180,11 @@ class MetaAconC(FusedModule):
 
 class FReLU(FusedModule):
     """FReLU (Ma et al., "Funnel Activation for Visual Recognition", 2020):
-    ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution ``conv`` (padding k // 2,
-    no bias) and BatchNorm ``bn``, named and shaped as the paper's published module.
+    ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution, named and shaped as the
+    paper's published module.
 
-    The convolution and, in training, BatchNorm run in PyTorch; the max step is fused and saves
-    one byte per element for backward.  In eval mode, when no gradient is needed, BatchNorm's
-    running statistics and affine parameters fold into a per-channel ``a t + b`` inside the max
-    kernel, so BatchNorm makes no pass of its own.
+    The convolution runs in PyTorch and the max step is fused.  In eval mode without gradients
+    BatchNorm folds into the max kernel as a per-channel ``a t + b``, making no pass of its own.
     """
 
     def __init__(self, c1: int, k: int = 3) -> None:
@@ -228,12 +212,10 @@ class FReLU(FusedModule):
 
 
 class GLU(FusedModule):
-    """A gated activation ``activation(gate) * up``, fused (``fused_act.glu``): ``forward(gate,
-    up)``, or ``forward(x)`` with ``x`` split in two halves along ``dim`` (gate first, as a
-    packed gate/up projection lays them out; note torch.nn.GLU gates the other way round, with
-    a sigmoid of the second half).  ``activation`` is "silu", "swish", "gelu" or "mish", with
-    that function's arguments (``approximate`` for gelu, ``beta`` for swish); ``learnable=True``
-    makes swish's ``beta`` a one-value parameter.
+    """``activation(gate) * up``, fused (``fused_act.glu``): ``forward(gate, up)``, or
+    ``forward(x)`` with ``x`` split in halves along ``dim``, gate first (torch.nn.GLU gates the
+    other way round).  ``activation`` takes its function's arguments (``approximate`` for gelu,
+    ``beta`` for swish); ``learnable=True`` makes swish's ``beta`` a one-value parameter.
     """
 
     def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
@@ -265,10 +247,8 @@ class GLU(FusedModule):
 
 class GatedMLP(FusedModule):
     """``down_proj(activation(gate) * up)`` with the gated product fused, over a transformer MLP
-    block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj`` whose
-    output is gate then up): what ``patch_gated_mlps`` puts in place of such a block.  The
-    projections are the block's modules themselves, so parameters, optimizer state and
-    state_dict keys stay as they were.
+    block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj``, gate
+    then up): what ``patch_gated_mlps`` puts in place of a block, keeping its state_dict keys.
     """
 
     def __init__(self, down_proj: nn.Module, activation: str, *,

@@ -23,7 +23,7 @@ from .modules import (
     _InplaceActivation,
 )
 
-# ---- replace_activations -------------------------------------------------------------------
+# ---- the papers' modules, recognised by name and layout ---------------------------------------
 
 def _has(m: nn.Module, names: tuple[str, ...]) -> bool:
     return all(hasattr(m, n) for n in names)
@@ -316,25 +316,20 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
                         ) -> Replacement:
     """Swap, in place, the activations of ``model`` for fused_act's; return what was done.
 
-    Recognises by qualified class name (no package is imported to do so) the activation modules
-    of torch.nn (Mish, SiLU, GELU of either approximation), timm, transformers and
-    EfficientNet-PyTorch that compute Mish, SiLU, GELU, tanh-GELU or quick-GELU (a Swish with
-    beta 1.702), and modules shaped like the published ACON-C, Meta-ACON and FReLU modules (by
-    class name and parameter layout).  Anything but a known class itself with its own
-    ``forward`` (a subclass, a class of an unknown package that shares a known class's name, a
-    replaced ``forward``, an ACON/FReLU module) is swapped only if the replacement computes the
-    same function on a float64 probe, in eval and in train mode; a module with hooks, a
-    compiled module's wrapped module, or one whose parameters and buffers are not ours is left.
-    Arguments that matter (``inplace``, GELU's ``approximate``, BatchNorm's ``eps`` and
-    ``momentum``) carry over; each replacement holds the module's own parameter and buffer
-    objects (an optimizer built before still steps them, frozen ones stay frozen) and its
-    submodules' train/eval modes, and a module shared by several parents stays shared.
-    ``include`` and ``exclude`` hold class names (theirs or ours, e.g. "Mish",
-    "GELUActivation", "AconC") or module names (a name also covers everything below it); with
-    ``include`` only matches are swapped, and a shared module is swapped only if all its names
-    are.  Running it again swaps nothing; ``restore_activations`` undoes it.  Returns a
-    ``Replacement`` listing each module swapped and each candidate left with the reason;
-    ``verbose=True`` also prints it.
+    Recognises by qualified class name (importing nothing) the activation modules of torch.nn,
+    timm, transformers and EfficientNet-PyTorch that the registry lists, and modules shaped like
+    the published ACON-C, Meta-ACON and FReLU (by class name and parameter layout).  Anything
+    but a known class itself with its own ``forward`` (a subclass, a look-alike, a patched
+    ``forward``, a paper module) is swapped only if ours computes the same on a float64 probe,
+    in eval and in train mode.  Modules with hooks, inside ``torch.compile``, or with tensors
+    not shaped as ours are left.  A replacement keeps the module's arguments (``inplace``,
+    ``approximate``, BatchNorm's ``eps`` and ``momentum``), its parameter and buffer objects
+    (optimizers still step them) and modes; a shared module stays shared.
+
+    ``include`` / ``exclude`` hold class names (theirs or ours) or module names (covering what
+    is below them).  Running it again swaps nothing; ``restore_activations`` undoes it.  The
+    ``Replacement`` returned lists each swap and each candidate left, with why; ``verbose=True``
+    prints it.
     """
     def decide(child: nn.Module, names: list[str], compiled: bool
                ) -> tuple[nn.Module | None, str, bool]:
@@ -513,14 +508,11 @@ def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str, str]:
 
 
 def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
-    """'' if ``new`` may replace the block ``old``, else why not: it has nothing the patch would
-    drop (state or submodules beyond the projections and the activation, hooks) and computes
-    the same on probe inputs, in eval and in train mode, at two scales (the second, up to about
-    100, reaches clamps).  Nothing is copied but the buffers, as a block of a large model is
-    large: the block runs on its own parameters, in its dtype (a 16-bit block's own rounding
-    bounds what the probe resolves: ``_BLOCK_TOL``; its activation was checked in float64
-    already), fp32 matrix products in full precision, and its modes and the random state are
-    put back."""
+    """'' if ``new`` may replace the block ``old``, else why not: the patch would drop nothing
+    (state, submodules, hooks) and both compute the same on probes in eval and train mode, at
+    a second scale that reaches clamps.  Only buffers are copied, as a large model's block is
+    large: it runs on its own parameters in its dtype (hence ``_BLOCK_TOL``), and its modes,
+    the random state and matmul precision are put back."""
     extra = old._modules.keys() - new._modules.keys() - {act_name}
     if extra:
         return f"it has submodules the patch would drop ({', '.join(sorted(extra))})"
@@ -565,17 +557,13 @@ def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
     """Make the gated MLP blocks of ``model`` use the fused gated op, in place.
 
     A block is a module with ``down_proj``, an activation (``act_fn``, ``activation_fn`` or
-    ``act``: one that ``replace_activations`` knows, of silu, gelu, tanh-gelu, mish or a fixed
-    swish) and either ``gate_proj`` and ``up_proj`` or a packed ``gate_up_proj`` (gate then up
-    along the last dim) - the layout of Llama, Mistral, Qwen, Gemma and Phi-3 MLPs,
-    ``down(act(gate(x)) * up(x))``.  Each is replaced by a ``GatedMLP`` over the same projection
-    modules only if it has nothing else (no state or submodule of its own, no hooks in it), its
-    activation computes the same function (a float64 probe, as ``replace_activations``'), and
-    the block computes the same on probe inputs in its dtype and device, in eval and train mode
-    (dropout, clamps and scales in its forward are caught there, to a few of a 16-bit dtype's
-    ulps: a bf16 forward 5% off, an fp16 one 1% off).  ``restore_activations``
-    undoes it.  Returns a ``Replacement`` of the blocks patched and those left, with why;
-    ``verbose=True`` prints it.
+    ``act``, one ``replace_activations`` knows) and ``gate_proj`` and ``up_proj`` or a packed
+    ``gate_up_proj`` (gate then up): the layout of Llama, Mistral, Qwen, Gemma and Phi-3 MLPs,
+    ``down(act(gate(x)) * up(x))``.  It becomes a ``GatedMLP`` over the same projections only
+    if it holds nothing else (state, submodules, hooks) and computes the same on probes in its
+    dtype and device, in eval and train mode (a bf16 forward 5% off, an fp16 one 1% off, is
+    caught).  ``restore_activations`` undoes it.  Returns a ``Replacement``, as
+    ``replace_activations``; ``verbose=True`` prints it.
     """
     def decide(child: nn.Module, names: list[str], compiled: bool
                ) -> tuple[nn.Module | None, str, bool]:
