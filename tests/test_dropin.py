@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -102,6 +103,54 @@ def test_every_spec_replaces_its_torch_module(spec):
     x = torch.randn(4, 33, dtype=torch.float64)
     torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
+
+@pytest.mark.parametrize("spec", [s for s in registry.SPECS.values() if s.module],
+                         ids=lambda s: s.name)
+def test_every_spec_has_its_module_and_plain_ones_are_generated(spec):
+    """Each spec's module is exported; a plain activation's is generated from the registry: its
+    public function with ``inplace``, picklable by name."""
+    cls = getattr(fused_act.nn, spec.module)
+    assert fused_act.nn.modules.MODULES[spec.module] is cls and spec.module in fused_act.nn.__all__
+    if spec.module in ("GELU", "Swish"):  # written by hand
+        return
+    assert (cls.__module__, cls.__qualname__, cls.op) == ("fused_act.nn.modules", spec.module,
+                                                          spec.name)
+    assert f"``fused_act.{spec.function or spec.name}(x" in cls.__doc__
+    model = pickle.loads(pickle.dumps(nn.Sequential(cls(inplace=True))))
+    x = torch.randn(4, 33, dtype=torch.float64)
+    want = spec.call(x)
+    assert type(model[0]) is cls and model[0](x) is x
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+
+def test_generated_module_of_an_aliased_spec_and_those_written_by_hand():
+    """A spec whose function takes arguments (``gelu_tanh``: gelu, approximate="tanh") gets a
+    module computing just that; a spec with a beta, or a module shared by two specs, needs one
+    written by hand."""
+    import dataclasses
+
+    from fused_act.nn import modules
+    cls = modules._activation_module(dataclasses.replace(registry.SPECS["gelu_tanh"],
+                                                         module="GELUTanh"))
+    x = torch.randn(4, 33, dtype=torch.float64)
+    torch.testing.assert_close(cls()(x), fused_act.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    assert "``fused_act.gelu(x, approximate='tanh')`` as a module" in cls.__doc__
+    with pytest.raises(RuntimeError, match="takes a beta"):
+        modules._activation_module(dataclasses.replace(registry.SPECS["swish"], module="Other"))
+
+
+def test_pickled_model_with_swapped_modules():
+    """A swapped model pickles with its originals, so the copy can be restored too."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Mish(), fused_act.nn.AconC(4),
+                          nn.SiLU(inplace=True), nn.GELU(approximate="tanh"))
+    fused_act.replace_activations(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    assert [type(m) for m in loaded] == [type(m) for m in model]
+    assert loaded[3].inplace and loaded[4].approximate == "tanh"
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert fused_act.restore_activations(loaded) == ["1", "3", "4"]
+    assert [type(m) for m in loaded] == [nn.Conv2d, nn.Mish, fused_act.nn.AconC, nn.SiLU, nn.GELU]
 
 def test_replace_activations_include_exclude():
     model = _zoo()
@@ -289,7 +338,7 @@ def test_every_lookalike_class_is_swapped_and_computes_the_same(module, cls, spe
 
 def test_lookalike_names_never_collide():
     """A class name the registry lists belongs to one module with one set of arguments."""
-    known = fused_act.nn._known()
+    known = fused_act.nn.swap._known()
     by_name = {}
     for qualified, hit in known.items():
         by_name.setdefault(qualified.rsplit(".", 1)[1], set()).add((hit[0], tuple(hit[1].items())))
@@ -554,6 +603,34 @@ def test_gated_modules_check_their_arguments_when_built():
         fused_act.nn.GatedMLP(nn.Linear(4, 2), "relu", gate_proj=nn.Linear(2, 4),
                               up_proj=nn.Linear(2, 4))
     assert repr(fused_act.nn.GLU(dim=0)) == "GLU(fused, activation='silu', dim=0)"
+    with pytest.raises(ValueError, match=r"fused_act\.nn\.GatedMLP: give gate_proj and up_proj"):
+        fused_act.nn.GatedMLP(nn.Linear(4, 2), "silu", gate_proj=nn.Sequential(),  # falsy
+                              gate_up_proj=nn.Linear(2, 8))
+    with pytest.raises(ValueError, match=r"fused_act\.nn\.GatedMLP: .*approximate"):
+        fused_act.nn.GatedMLP(nn.Linear(4, 2), "gelu", gate_up_proj=nn.Linear(2, 8),
+                              approximate="erf")
+    with pytest.raises(TypeError, match=r"fused_act\.nn\.GLU: dim must be an int"):
+        fused_act.nn.GLU(dim=1.0)
+    with pytest.raises(TypeError, match=r"fused_act\.nn\.GLU: beta must be a float or a tensor"):
+        fused_act.nn.GLU("swish", beta="2")
+    with pytest.raises(TypeError, match=r"fused_act\.nn\.GLU: beta must be a floating-point"):
+        fused_act.nn.GLU("swish", beta=torch.tensor(2))
+    with pytest.raises(ValueError, match=r"fused_act\.nn\.GLU: beta must be .* one-element"):
+        fused_act.nn.GLU("swish", beta=torch.ones(2))
+    # a tensor beta's device is the input's business, checked in forward
+    assert fused_act.nn.GLU("swish", beta=torch.tensor(2.0, device="meta")).activation == "swish"
+
+
+@pytest.mark.parametrize(("build", "kind", "match"), [
+    (lambda: fused_act.nn.AconC(0), ValueError, r"nn\.AconC: c1 must be >= 1 \(got 0\)"),
+    (lambda: fused_act.nn.MetaAconC(8, r=0), ValueError, r"nn\.MetaAconC: r must be >= 1"),
+    (lambda: fused_act.nn.FReLU(8, k=3.0), TypeError, r"nn\.FReLU: k must be an int"),
+    (lambda: fused_act.nn.Swish(learnable=True, num_parameters=True), TypeError,
+     r"nn\.Swish: num_parameters must be an int"),
+])
+def test_modules_check_their_arguments_when_built(build, kind, match):
+    with pytest.raises(kind, match=match):
+        build()
 
 
 class _Block(nn.Module):

@@ -1,16 +1,5 @@
-"""Drop-in ``nn.Module``s: same constructor arguments and state_dicts as the modules they replace.
-
-``AconC`` and ``MetaAconC`` match the ACON paper's published modules (and, with ``bn=True``, the
-authors' original Meta-ACON with BatchNorm).
-
-``Mish``, ``SiLU`` and ``GELU`` take torch.nn's arguments and have no state; ``Swish`` has a
-float beta or, when learnable, a ``beta`` parameter of ``num_parameters`` values (1, or C for a
-per-channel beta, as ``torch.nn.PReLU``).  ``inplace=True`` overwrites the input, as torch.nn's
-modules do: with the fused kernel writing into it when no gradient is needed, and when one is by
-writing the result of a copy back into it (the fused backward needs the input intact, as
-torch's own in-place backward does), so code that reads the input after the activation sees
-what torch.nn's module would leave there.  Every module's repr says "fused".
-"""
+"""Model surgery: recognise other libraries' activation modules and gated MLP blocks, check
+that ours compute the same, swap them in place, and put them back."""
 
 import inspect
 import math
@@ -21,270 +10,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import functional, ops
-from .registry import SPECS
+from ..registry import SPECS
+from .modules import (
+    GELU,
+    MODULES,
+    AconC,
+    FReLU,
+    FusedModule,
+    GatedMLP,
+    MetaAconC,
+    Swish,
+    _InplaceActivation,
+)
 
-
-class FusedModule(nn.Module):
-    """What every fused_act module shares: its repr says "fused" (a swapped model shows what
-    was swapped), and TorchScript is refused with a clear error.
-
-    Scripting compiles ``forward`` from its source, and ours calls the fused custom ops through
-    Python; ``torch.jit.trace`` records the reference math instead and works on every backend.
-    """
-
-    def extra_repr(self) -> str:
-        details = self._details()
-        return f"fused, {details}" if details else "fused"
-
-    def _details(self) -> str:
-        """The module's arguments in its repr, after "fused"."""
-        return ""
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        raise RuntimeError(f"fused_act.nn.{type(self).__name__} cannot be compiled by "
-                           "torch.jit.script; use torch.compile or torch.export (or "
-                           "torch.jit.trace, which records the reference math)")
-
-
-class _InplaceActivation(FusedModule):
-    """A stateless activation with torch.nn's ``inplace`` argument."""
-
-    op = ""  # the public function in fused_act.functional, a spec of fused_act/registry.py
-
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.inplace:
-            return getattr(functional, self.op)(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            # the backward reads the input, which the write would destroy: it reads a copy;
-            # copy_ raises torch's own error for a leaf that requires grad, as torch.nn's does
-            return x.copy_(getattr(functional, self.op)(x.clone()))
-        functional._check_x(self.op, x)
-        return ops.apply_(x, self.op)
-
-    def _details(self) -> str:
-        return "inplace=True" if self.inplace else ""
-
-
-class Mish(_InplaceActivation):
-    """Mish, ``x * tanh(softplus(x))``; a drop-in for ``torch.nn.Mish``."""
-
-    op = "mish"
-
-
-class SiLU(_InplaceActivation):
-    """SiLU, ``x * sigmoid(x)``; a drop-in for ``torch.nn.SiLU``."""
-
-    op = "silu"
-
-
-class GELU(FusedModule):
-    """GELU with ``approximate="none"`` or ``"tanh"``; a drop-in for ``torch.nn.GELU``."""
-
-    def __init__(self, approximate: str = "none") -> None:
-        super().__init__()
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"fused_act.nn.GELU: approximate must be 'none' or 'tanh' "
-                             f"(got {approximate!r})")
-        self.approximate = approximate
-
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.gelu(x, self.approximate)
-
-    def _details(self) -> str:
-        return f"approximate={self.approximate!r}"
-
-
-class Swish(FusedModule):
-    """Swish, ``x * sigmoid(beta * x)`` with a fixed or learnable beta.
-
-    ``learnable=True`` makes ``beta`` a parameter of ``num_parameters`` values initialised to
-    ``beta``: 1 (shared) or C = ``x.shape[1]`` (per channel, as ``torch.nn.PReLU``).  Its gradient
-    is reduced inside the fused backward kernel.
-    """
-
-    def __init__(self, beta: float = 1.0, learnable: bool = False, num_parameters: int = 1,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
-                 ) -> None:
-        super().__init__()
-        if num_parameters < 1:
-            raise ValueError(f"fused_act.nn.Swish: num_parameters must be >= 1 "
-                             f"(got {num_parameters})")
-        if num_parameters != 1 and not learnable:
-            raise ValueError("fused_act.nn.Swish: num_parameters > 1 needs learnable=True")
-        self.learnable = learnable
-        self.num_parameters = num_parameters
-        if learnable:
-            self.beta = nn.Parameter(torch.full((num_parameters,), float(beta), device=device,
-                                                dtype=dtype))
-        else:
-            self.beta = float(beta)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.swish(x, self.beta)
-
-    def _details(self) -> str:
-        if self.learnable:
-            return f"learnable=True, num_parameters={self.num_parameters}"
-        return f"beta={self.beta}"
-
-
-class AconC(FusedModule):
-    """ACON-C (Ma et al., "Activate or Not", 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) +
-    p2 x`` with learnable per-channel ``p1``, ``p2``, ``beta`` of shape (1, C, 1, 1).
-
-    Parameter names, shapes and initialisation (randn, randn, ones) match the paper's published
-    module, so its state_dicts load as they are.  Takes (N, C, H, W) or (N, C) input.  Keep the
-    parameters out of weight decay.
-    """
-
-    def __init__(self, c1: int) -> None:
-        super().__init__()
-        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
-        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
-        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.acon_c(x, self.p1, self.p2, self.beta)
-
-
-class MetaAconC(FusedModule):
-    """Meta-ACON: ACON-C whose beta is computed per sample and channel by a small network,
-    ``beta = sigmoid(fc2(fc1(mean of x over H, W))))``, with 1x1 (``k``) convolutions through
-    ``c2 = max(r, c1 // r)`` channels.
-
-    ``bn=False`` (default) is the form most detection code ships; ``bn=True`` adds ``bn1`` after
-    ``fc1`` and ``bn2`` after ``fc2``, as in the ACON authors' original module.  Parameter and
-    buffer names, shapes and initialisation match both, so their checkpoints load as they are.
-    The beta network runs in PyTorch; the activation itself is the fused per-sample ACON-C.
-    """
-
-    def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16, bn: bool = False) -> None:
-        super().__init__()
-        c2 = max(r, c1 // r)
-        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
-        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
-        self.fc1 = nn.Conv2d(c1, c2, k, s, bias=True)
-        self.bn1 = nn.BatchNorm2d(c2) if bn else nn.Identity()
-        self.fc2 = nn.Conv2d(c2, c1, k, s, bias=True)
-        self.bn2 = nn.BatchNorm2d(c1) if bn else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)  # as the published module
-        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(y)))))
-        return functional.acon_c(x, self.p1, self.p2, beta)
-
-
-class FReLU(FusedModule):
-    """FReLU (Ma et al., "Funnel Activation for Visual Recognition", 2020):
-    ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution ``conv`` (padding k // 2,
-    no bias) and BatchNorm ``bn``, named and shaped as the paper's published module.
-
-    The convolution and, in training, BatchNorm run in PyTorch; the max step is fused and saves
-    one byte per element for backward.  In eval mode, when no gradient is needed, BatchNorm's
-    running statistics and affine parameters fold into a per-channel ``a t + b`` inside the max
-    kernel, so BatchNorm makes no pass of its own.
-    """
-
-    def __init__(self, c1: int, k: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
-        self.bn = nn.BatchNorm2d(c1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        t = self.conv(x)
-        bn = self.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None or (
-                torch.is_grad_enabled() and (t.requires_grad or any(
-                    p.requires_grad for p in bn.parameters()))):
-            return functional.frelu_max(x, bn(t))
-        functional._check_frelu_pair("nn.FReLU", x, t)
-        acc = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32, or fp64
-        a = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            a = a * bn.weight.to(acc)
-        b = -bn.running_mean.to(acc) * a
-        if bn.bias is not None:
-            b = b + bn.bias.to(acc)
-        return ops.FRELU_MAX_AFFINE(x, t, a, b)
-
-
-class GLU(FusedModule):
-    """A gated activation ``activation(gate) * up``, fused (``fused_act.glu``): ``forward(gate,
-    up)``, or ``forward(x)`` with ``x`` split in two halves along ``dim`` (gate first, as a
-    packed gate/up projection lays them out; note torch.nn.GLU gates the other way round, with
-    a sigmoid of the second half).  ``activation`` is "silu", "swish", "gelu" or "mish", with
-    that function's arguments (``approximate`` for gelu, ``beta`` for swish); ``learnable=True``
-    makes swish's ``beta`` a one-value parameter.
-    """
-
-    def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
-                 **activation_kwargs: object) -> None:
-        super().__init__()
-        if learnable and activation != "swish":
-            raise ValueError("fused_act.nn.GLU: learnable=True needs activation='swish'")
-        self.activation, self.dim, self.learnable = activation, dim, learnable
-        if learnable:
-            beta = float(activation_kwargs.pop("beta", 1.0))
-            self.beta = nn.Parameter(torch.full((1,), beta))
-        self.activation_kwargs = activation_kwargs
-        functional.glu(torch.zeros(2), None, activation, **self._kwargs())  # checks the args
-
-    def _kwargs(self) -> dict:
-        return {**self.activation_kwargs, **({"beta": self.beta} if self.learnable else {})}
-
-    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor:
-        return functional.glu(gate, up, self.activation, self.dim, **self._kwargs())
-
-    def _details(self) -> str:
-        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
-        return f"activation={self.activation!r}{args}" + (
-            f", dim={self.dim}" if self.dim != -1 else "") + (
-            ", learnable=True" if self.learnable else "")
-
-
-class GatedMLP(FusedModule):
-    """``down_proj(activation(gate) * up)`` with the gated product fused, over a transformer MLP
-    block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj`` whose
-    output is gate then up): what ``patch_gated_mlps`` puts in place of such a block.  The
-    projections are the block's modules themselves, so parameters, optimizer state and
-    state_dict keys stay as they were.
-    """
-
-    def __init__(self, down_proj: nn.Module, activation: str, *,
-                 gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
-                 gate_up_proj: nn.Module | None = None, **activation_kwargs: object) -> None:
-        super().__init__()
-        if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
-                gate_up_proj is not None and (gate_proj or up_proj)):
-            raise ValueError("fused_act.nn.GatedMLP: give gate_proj and up_proj, or "
-                             "gate_up_proj")
-        for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj),
-                        ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-            if m is not None:
-                self.add_module(name, m)
-        self.activation, self.activation_kwargs = activation, activation_kwargs
-        functional.glu(torch.zeros(2), None, activation, **activation_kwargs)  # checks the args
-
-    def forward(self, x: Tensor) -> Tensor:
-        if "gate_up_proj" in self._modules:
-            h = functional.glu(self.gate_up_proj(x), None, self.activation,
-                               **self.activation_kwargs)
-        else:
-            h = functional.glu(self.gate_proj(x), self.up_proj(x), self.activation,
-                               **self.activation_kwargs)
-        return self.down_proj(h)
-
-    def _details(self) -> str:
-        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
-        return f"activation={self.activation!r}{args}"
-
-
-# ---- replace_activations -------------------------------------------------------------------
+# ---- the papers' modules, recognised by name and layout ---------------------------------------
 
 def _has(m: nn.Module, names: tuple[str, ...]) -> bool:
     return all(hasattr(m, n) for n in names)
@@ -420,7 +159,7 @@ def _plan(m: nn.Module) -> tuple[nn.Module | None, bool, str]:
     if hit is None:
         return None, False, ""
     module, kwargs = hit
-    ours = globals()[module]
+    ours = MODULES[module]
     args = inspect.signature(ours).parameters
     carried = {a: getattr(m, a) for a in _CARRIED if a in args and hasattr(m, a)}
     try:
@@ -577,25 +316,20 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
                         ) -> Replacement:
     """Swap, in place, the activations of ``model`` for fused_act's; return what was done.
 
-    Recognises by qualified class name (no package is imported to do so) the activation modules
-    of torch.nn (Mish, SiLU, GELU of either approximation), timm, transformers and
-    EfficientNet-PyTorch that compute Mish, SiLU, GELU, tanh-GELU or quick-GELU (a Swish with
-    beta 1.702), and modules shaped like the published ACON-C, Meta-ACON and FReLU modules (by
-    class name and parameter layout).  Anything but a known class itself with its own
-    ``forward`` (a subclass, a class of an unknown package that shares a known class's name, a
-    replaced ``forward``, an ACON/FReLU module) is swapped only if the replacement computes the
-    same function on a float64 probe, in eval and in train mode; a module with hooks, a
-    compiled module's wrapped module, or one whose parameters and buffers are not ours is left.
-    Arguments that matter (``inplace``, GELU's ``approximate``, BatchNorm's ``eps`` and
-    ``momentum``) carry over; each replacement holds the module's own parameter and buffer
-    objects (an optimizer built before still steps them, frozen ones stay frozen) and its
-    submodules' train/eval modes, and a module shared by several parents stays shared.
-    ``include`` and ``exclude`` hold class names (theirs or ours, e.g. "Mish",
-    "GELUActivation", "AconC") or module names (a name also covers everything below it); with
-    ``include`` only matches are swapped, and a shared module is swapped only if all its names
-    are.  Running it again swaps nothing; ``restore_activations`` undoes it.  Returns a
-    ``Replacement`` listing each module swapped and each candidate left with the reason;
-    ``verbose=True`` also prints it.
+    Recognises by qualified class name (importing nothing) the activation modules of torch.nn,
+    timm, transformers and EfficientNet-PyTorch that the registry lists, and modules shaped like
+    the published ACON-C, Meta-ACON and FReLU (by class name and parameter layout).  Anything
+    but a known class itself with its own ``forward`` (a subclass, a look-alike, a patched
+    ``forward``, a paper module) is swapped only if ours computes the same on a float64 probe,
+    in eval and in train mode.  Modules with hooks, inside ``torch.compile``, or with tensors
+    not shaped as ours are left.  A replacement keeps the module's arguments (``inplace``,
+    ``approximate``, BatchNorm's ``eps`` and ``momentum``), its parameter and buffer objects
+    (optimizers still step them) and modes; a shared module stays shared.
+
+    ``include`` / ``exclude`` hold class names (theirs or ours) or module names (covering what
+    is below them).  Running it again swaps nothing; ``restore_activations`` undoes it.  The
+    ``Replacement`` returned lists each swap and each candidate left, with why; ``verbose=True``
+    prints it.
     """
     def decide(child: nn.Module, names: list[str], compiled: bool
                ) -> tuple[nn.Module | None, str, bool]:
@@ -774,14 +508,11 @@ def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str, str]:
 
 
 def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
-    """'' if ``new`` may replace the block ``old``, else why not: it has nothing the patch would
-    drop (state or submodules beyond the projections and the activation, hooks) and computes
-    the same on probe inputs, in eval and in train mode, at two scales (the second, up to about
-    100, reaches clamps).  Nothing is copied but the buffers, as a block of a large model is
-    large: the block runs on its own parameters, in its dtype (a 16-bit block's own rounding
-    bounds what the probe resolves: ``_BLOCK_TOL``; its activation was checked in float64
-    already), fp32 matrix products in full precision, and its modes and the random state are
-    put back."""
+    """'' if ``new`` may replace the block ``old``, else why not: the patch would drop nothing
+    (state, submodules, hooks) and both compute the same on probes in eval and train mode, at
+    a second scale that reaches clamps.  Only buffers are copied, as a large model's block is
+    large: it runs on its own parameters in its dtype (hence ``_BLOCK_TOL``), and its modes,
+    the random state and matmul precision are put back."""
     extra = old._modules.keys() - new._modules.keys() - {act_name}
     if extra:
         return f"it has submodules the patch would drop ({', '.join(sorted(extra))})"
@@ -826,17 +557,13 @@ def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
     """Make the gated MLP blocks of ``model`` use the fused gated op, in place.
 
     A block is a module with ``down_proj``, an activation (``act_fn``, ``activation_fn`` or
-    ``act``: one that ``replace_activations`` knows, of silu, gelu, tanh-gelu, mish or a fixed
-    swish) and either ``gate_proj`` and ``up_proj`` or a packed ``gate_up_proj`` (gate then up
-    along the last dim) - the layout of Llama, Mistral, Qwen, Gemma and Phi-3 MLPs,
-    ``down(act(gate(x)) * up(x))``.  Each is replaced by a ``GatedMLP`` over the same projection
-    modules only if it has nothing else (no state or submodule of its own, no hooks in it), its
-    activation computes the same function (a float64 probe, as ``replace_activations``'), and
-    the block computes the same on probe inputs in its dtype and device, in eval and train mode
-    (dropout, clamps and scales in its forward are caught there, to a few of a 16-bit dtype's
-    ulps: a bf16 forward 5% off, an fp16 one 1% off).  ``restore_activations``
-    undoes it.  Returns a ``Replacement`` of the blocks patched and those left, with why;
-    ``verbose=True`` prints it.
+    ``act``, one ``replace_activations`` knows) and ``gate_proj`` and ``up_proj`` or a packed
+    ``gate_up_proj`` (gate then up): the layout of Llama, Mistral, Qwen, Gemma and Phi-3 MLPs,
+    ``down(act(gate(x)) * up(x))``.  It becomes a ``GatedMLP`` over the same projections only
+    if it holds nothing else (state, submodules, hooks) and computes the same on probes in its
+    dtype and device, in eval and train mode (a bf16 forward 5% off, an fp16 one 1% off, is
+    caught).  ``restore_activations`` undoes it.  Returns a ``Replacement``, as
+    ``replace_activations``; ``verbose=True`` prints it.
     """
     def decide(child: nn.Module, names: list[str], compiled: bool
                ) -> tuple[nn.Module | None, str, bool]:

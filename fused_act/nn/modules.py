@@ -1,0 +1,312 @@
+"""fused_act's ``nn.Module``s: drop-ins with the constructor arguments and state_dicts of the
+modules they replace (torch.nn's, and the ACON and FReLU papers' published modules).
+
+The modules of plain activations (``Mish``, ``SiLU``) are generated from the registry at the end
+of this file.  Every module's repr says "fused".
+"""
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional, ops
+from ..registry import SPECS, Spec
+
+
+class FusedModule(nn.Module):
+    """The base of every fused_act module: its repr says "fused", and ``torch.jit.script`` is
+    refused with a clear error (``forward`` calls the fused ops through Python;
+    ``torch.jit.trace`` records the reference math and works)."""
+
+    def extra_repr(self) -> str:
+        details = self._details()
+        return f"fused, {details}" if details else "fused"
+
+    def _details(self) -> str:
+        """The module's arguments in its repr, after "fused"."""
+        return ""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(f"fused_act.nn.{type(self).__name__} cannot be compiled by "
+                           "torch.jit.script; use torch.compile or torch.export (or "
+                           "torch.jit.trace, which records the reference math)")
+
+
+def _check_counts(module: str, **counts: object) -> None:
+    """Each of ``counts`` (channels, kernel size, ...) is an integer >= 1."""
+    for arg, n in counts.items():
+        if isinstance(n, bool) or not hasattr(n, "__index__"):
+            raise TypeError(f"fused_act.nn.{module}: {arg} must be an int (got "
+                            f"{type(n).__name__})")
+        if n < 1:
+            raise ValueError(f"fused_act.nn.{module}: {arg} must be >= 1 (got {n})")
+
+
+def _check_gated_args(module: str, activation: str, kwargs: dict) -> None:
+    """What ``fused_act.glu`` checks of its activation arguments, naming the module (a tensor
+    beta's device is checked against the input, in forward)."""
+    op = f"nn.{module}"
+    _, beta = functional._gated_activation(op, activation, dict(kwargs))
+    if isinstance(beta, Tensor):
+        functional._check_dtype(op, "beta", beta)
+        if beta.numel() != 1:
+            raise ValueError(f"fused_act.{op}: beta must be a float or a one-element tensor "
+                             f"(got shape {tuple(beta.shape)})")
+    elif beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+        raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
+                        f"(got {type(beta).__name__})")
+
+
+class _InplaceActivation(FusedModule):
+    """The registry spec ``op``, computed by its public function, with torch.nn's ``inplace``
+    (the input ends as torch.nn's module leaves it, also when a gradient is needed)."""
+
+    op = ""  # a spec name of fused_act/registry.py
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = SPECS[self.op]
+        if not self.inplace:
+            return spec.call(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the backward reads the input, which the write would destroy: it reads a copy;
+            # copy_ raises torch's own error for a leaf that requires grad, as torch.nn's does
+            return x.copy_(spec.call(x.clone()))
+        functional._check_x(spec.public, x)
+        return ops.apply_(x, self.op)
+
+    def _details(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class GELU(FusedModule):
+    """GELU with ``approximate="none"`` or ``"tanh"``; a drop-in for ``torch.nn.GELU``."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"fused_act.nn.GELU: approximate must be 'none' or 'tanh' "
+                             f"(got {approximate!r})")
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.gelu(x, self.approximate)
+
+    def _details(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class Swish(FusedModule):
+    """Swish, ``x * sigmoid(beta * x)`` with a fixed or learnable beta.
+
+    ``learnable=True`` makes ``beta`` a parameter of ``num_parameters`` values initialised to
+    ``beta``: 1 (shared) or C = ``x.shape[1]`` (per channel, as ``torch.nn.PReLU``).
+    """
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False, num_parameters: int = 1,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        _check_counts("Swish", num_parameters=num_parameters)
+        if num_parameters != 1 and not learnable:
+            raise ValueError("fused_act.nn.Swish: num_parameters > 1 needs learnable=True")
+        self.learnable = learnable
+        self.num_parameters = num_parameters
+        if learnable:
+            self.beta = nn.Parameter(torch.full((num_parameters,), float(beta), device=device,
+                                                dtype=dtype))
+        else:
+            self.beta = float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.swish(x, self.beta)
+
+    def _details(self) -> str:
+        if self.learnable:
+            return f"learnable=True, num_parameters={self.num_parameters}"
+        return f"beta={self.beta}"
+
+
+class AconC(FusedModule):
+    """ACON-C (Ma et al., "Activate or Not", 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) +
+    p2 x`` with learnable per-channel ``p1``, ``p2``, ``beta`` of shape (1, C, 1, 1).
+
+    Parameter names, shapes and initialisation (randn, randn, ones) match the paper's published
+    module, so its state_dicts load as they are.  Takes (N, C, H, W) or (N, C) input.  Keep the
+    parameters out of weight decay.
+    """
+
+    def __init__(self, c1: int) -> None:
+        super().__init__()
+        _check_counts("AconC", c1=c1)
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, c1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.acon_c(x, self.p1, self.p2, self.beta)
+
+
+class MetaAconC(FusedModule):
+    """Meta-ACON: ACON-C with a per-sample, per-channel ``beta = sigmoid(fc2(fc1(mean of x
+    over H, W))))``, ``k`` x ``k`` convolutions through ``c2 = max(r, c1 // r)`` channels.
+
+    ``bn=False`` (default) is the form most detection code ships; ``bn=True`` adds ``bn1`` and
+    ``bn2``, as the ACON authors' original module.  Both forms' checkpoints load as they are.
+    The beta network runs in PyTorch; the activation is the fused per-sample ACON-C.
+    """
+
+    def __init__(self, c1: int, k: int = 1, s: int = 1, r: int = 16, bn: bool = False) -> None:
+        super().__init__()
+        _check_counts("MetaAconC", c1=c1, k=k, s=s, r=r)
+        c2 = max(r, c1 // r)
+        self.p1 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c1, 1, 1))
+        self.fc1 = nn.Conv2d(c1, c2, k, s, bias=True)
+        self.bn1 = nn.BatchNorm2d(c2) if bn else nn.Identity()
+        self.fc2 = nn.Conv2d(c2, c1, k, s, bias=True)
+        self.bn2 = nn.BatchNorm2d(c1) if bn else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)  # as the published module
+        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(y)))))
+        return functional.acon_c(x, self.p1, self.p2, beta)
+
+
+class FReLU(FusedModule):
+    """FReLU (Ma et al., "Funnel Activation for Visual Recognition", 2020):
+    ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution, named and shaped as the
+    paper's published module.
+
+    The convolution runs in PyTorch and the max step is fused.  In eval mode without gradients
+    BatchNorm folds into the max kernel as a per-channel ``a t + b``, making no pass of its own.
+    """
+
+    def __init__(self, c1: int, k: int = 3) -> None:
+        super().__init__()
+        _check_counts("FReLU", c1=c1, k=k)
+        self.conv = nn.Conv2d(c1, c1, k, 1, k // 2, groups=c1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.conv(x)
+        bn = self.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None or (
+                torch.is_grad_enabled() and (t.requires_grad or any(
+                    p.requires_grad for p in bn.parameters()))):
+            return functional.frelu_max(x, bn(t))
+        functional._check_frelu_pair("nn.FReLU", x, t)
+        acc = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32, or fp64
+        a = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            a = a * bn.weight.to(acc)
+        b = -bn.running_mean.to(acc) * a
+        if bn.bias is not None:
+            b = b + bn.bias.to(acc)
+        return ops.FRELU_MAX_AFFINE(x, t, a, b)
+
+
+class GLU(FusedModule):
+    """``activation(gate) * up``, fused (``fused_act.glu``): ``forward(gate, up)``, or
+    ``forward(x)`` with ``x`` split in halves along ``dim``, gate first (torch.nn.GLU gates the
+    other way round).  ``activation`` takes its function's arguments (``approximate`` for gelu,
+    ``beta`` for swish); ``learnable=True`` makes swish's ``beta`` a one-value parameter.
+    """
+
+    def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
+                 **activation_kwargs: object) -> None:
+        super().__init__()
+        if learnable and activation != "swish":
+            raise ValueError("fused_act.nn.GLU: learnable=True needs activation='swish'")
+        _check_gated_args("GLU", activation, activation_kwargs)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"fused_act.nn.GLU: dim must be an int (got {type(dim).__name__})")
+        self.activation, self.dim, self.learnable = activation, dim, learnable
+        if learnable:
+            beta = float(activation_kwargs.pop("beta", 1.0))
+            self.beta = nn.Parameter(torch.full((1,), beta))
+        self.activation_kwargs = activation_kwargs
+
+    def _kwargs(self) -> dict:
+        return {**self.activation_kwargs, **({"beta": self.beta} if self.learnable else {})}
+
+    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor:
+        return functional.glu(gate, up, self.activation, self.dim, **self._kwargs())
+
+    def _details(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
+        return f"activation={self.activation!r}{args}" + (
+            f", dim={self.dim}" if self.dim != -1 else "") + (
+            ", learnable=True" if self.learnable else "")
+
+
+class GatedMLP(FusedModule):
+    """``down_proj(activation(gate) * up)`` with the gated product fused, over a transformer MLP
+    block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj``, gate
+    then up): what ``patch_gated_mlps`` puts in place of a block, keeping its state_dict keys.
+    """
+
+    def __init__(self, down_proj: nn.Module, activation: str, *,
+                 gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
+                 gate_up_proj: nn.Module | None = None, **activation_kwargs: object) -> None:
+        super().__init__()
+        if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
+                gate_up_proj is not None and (gate_proj is not None or up_proj is not None)):
+            raise ValueError("fused_act.nn.GatedMLP: give gate_proj and up_proj, or "
+                             "gate_up_proj")
+        _check_gated_args("GatedMLP", activation, activation_kwargs)
+        for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj),
+                        ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            if m is not None:
+                self.add_module(name, m)
+        self.activation, self.activation_kwargs = activation, activation_kwargs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "gate_up_proj" in self._modules:
+            h = functional.glu(self.gate_up_proj(x), None, self.activation,
+                               **self.activation_kwargs)
+        else:
+            h = functional.glu(self.gate_proj(x), self.up_proj(x), self.activation,
+                               **self.activation_kwargs)
+        return self.down_proj(h)
+
+    def _details(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
+        return f"activation={self.activation!r}{args}"
+
+
+def _activation_module(spec: Spec) -> type[_InplaceActivation]:
+    """The module class ``spec.module`` of a plain activation: its public function with
+    torch.nn's ``inplace`` argument, documented by that function's summary."""
+    if spec.beta:
+        raise RuntimeError(f"fused_act.nn: activation {spec.name!r} takes a beta, so its module "
+                           f"{spec.module} is written by hand (as Swish)")
+    function = spec.public
+    summary = inspect.cleandoc(getattr(functional, function).__doc__ or "").split("\n\n")[0]
+    call = f"fused_act.{function}(x{''.join(f', {k}={v!r}' for k, v in spec.kwargs.items())})"
+    drop_in = f"; a drop-in for ``torch.nn.{spec.replaces}``" if spec.replaces else ""
+    doc = f"{summary}\n\n``{call}`` as a module with torch.nn's ``inplace``{drop_in}."
+    return type(spec.module, (_InplaceActivation,), {
+        "__doc__": doc, "__module__": __name__, "__qualname__": spec.module, "op": spec.name})
+
+
+# every module class by name: those written here, and one generated for each other module that
+# a registry spec names (adding a plain activation needs no edit here)
+MODULES: dict[str, type[FusedModule]] = {c.__name__: c for c in (
+    GELU, Swish, AconC, MetaAconC, FReLU, GLU, GatedMLP)}
+_GENERATED: dict[str, type[_InplaceActivation]] = {}
+for _spec in SPECS.values():
+    if _spec.module in _GENERATED:
+        raise RuntimeError(f"fused_act.nn: specs {_GENERATED[_spec.module].op!r} and "
+                           f"{_spec.name!r} both name module {_spec.module}: a module for "
+                           "several specs is written by hand (as GELU)")
+    if _spec.module and _spec.module not in MODULES:
+        _GENERATED[_spec.module] = _activation_module(_spec)
+MODULES.update(_GENERATED)
+globals().update(_GENERATED)  # module attributes, as pickle finds a class by its module's
+
+__all__ = ["FusedModule", *sorted(MODULES)]
