@@ -4,9 +4,11 @@ A block is Linear -> activation -> residual add for the elementwise activations,
 Conv -> BatchNorm -> activation -> residual add for ACON-C, Meta-ACON and FReLU, and for the
 gated ops a transformer's gated MLP (Linear gate and up -> gated activation -> Linear down) with
 a residual add, in bf16.  The plain block uses PyTorch's modules (or the published ACON/FReLU
-modules, written here in PyTorch); the fused block is the same model after
-``fused_act.replace_activations`` (the MLP: after ``fused_act.patch_gated_mlps``, a
-``GatedMLP``).  Timed: eager plain, compiled plain, eager fused, and compiled fused with the op
+modules, written here in PyTorch; an activation torch.nn has no class for: a module calling the
+spec's ``torch_fn``); the fused block is the same model after ``fused_act.replace_activations``
+(the MLP: after ``fused_act.patch_gated_mlps``, a ``GatedMLP``), or, where that does not know
+the activation (a learnable beta, no torch.nn class), with the fused activation put in its
+place.  Timed: eager plain, compiled plain, eager fused, and compiled fused with the op
 opaque and decomposed (``fused_act.config.compile_mode``), each first checked against the eager
 plain block.  The faster compiled-fused variant is the op's choice.
 """
@@ -36,6 +38,31 @@ class LearnableBeta(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.beta)
+
+
+class TorchFunction(nn.Module):
+    """An activation torch.nn has no class for, as users write it: the spec's ``torch_fn``."""
+
+    def __init__(self, spec: registry.Spec) -> None:
+        super().__init__()
+        self.fn = spec.torch_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class FusedFunction(nn.Module):
+    """The fused function of a spec (``fused_act.<function>``), with one learnable beta where
+    the spec has a beta: what replaces an activation ``replace_activations`` does not swap."""
+
+    def __init__(self, spec: registry.Spec) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.beta:
+            self.beta = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spec.call(x, *([self.beta] if self.spec.beta else []))
 
 
 class AconC(nn.Module):
@@ -116,32 +143,30 @@ def _conv_block(act: nn.Module, c: int) -> nn.Module:
     return Residual(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), act)
 
 
-def _cannot(spec: registry.Spec, why: str) -> Callable[..., nn.Module]:
-    """A factory that says why ``spec``'s block cannot be built, when it is asked for one."""
-    def build(*_: object) -> nn.Module:
-        raise ValueError(f"bench.pipelines: no block for {spec.name!r}: {why}")
-    return build
+def _torch_class(spec: registry.Spec) -> type[nn.Module] | None:
+    """torch.nn's class of an elementwise spec (``Spec.replaces``), if it has one."""
+    return getattr(nn, spec.replaces, None) if spec.replaces and not spec.beta else None
 
 
 def _torch_module(spec: registry.Spec) -> Callable[[int], nn.Module]:
     """The module users have for an elementwise spec: ``LearnableBeta`` above for a spec with a
-    beta, else torch.nn's class that the spec replaces, with its arguments (a factory that raises
-    where there is none)."""
+    beta, torch.nn's class that the spec replaces, with its arguments, or, where torch.nn has
+    none, ``TorchFunction`` over the spec's own function."""
     if spec.beta:
         return lambda c: LearnableBeta(spec)
-    cls = getattr(nn, spec.replaces, None) if spec.replaces else None
+    cls = _torch_class(spec)
     if cls is None:
-        return _cannot(spec, f"no torch.nn class to build its PyTorch block from (replaces="
-                             f"{spec.replaces!r}) and no beta")
+        return lambda c: TorchFunction(spec)
     return lambda c: cls(**spec.kwargs)
 
 
 def _fused_module(spec: registry.Spec) -> Callable[[], nn.Module]:
-    """The fused module of a spec with a beta, its beta learnable (``replace_activations``
-    leaves ``LearnableBeta`` alone; a factory that raises where the spec has no module)."""
-    if not spec.module:
-        return _cannot(spec, "a beta but no fused_act.nn module (Spec.module)")
-    return lambda: getattr(fused_act.nn, spec.module)(learnable=True)
+    """The fused activation of a spec that ``replace_activations`` does not put in itself: with
+    a beta, its fused module with the beta learnable (``LearnableBeta`` is left alone), else
+    (no torch.nn class) ``FusedFunction``; a spec with a beta but no module gets that too."""
+    if spec.beta and spec.module:
+        return lambda: getattr(fused_act.nn, spec.module)(learnable=True)
+    return lambda: FusedFunction(spec)
 
 
 # op -> (config key, block kind, activation factory taking the channel count)
@@ -155,9 +180,15 @@ BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
     # as patch_gated_mlps patches only activations of fixed arguments
     **{name: ("glu", "mlp", _torch_module(s)) for name, s in GATED.items() if not s.beta},
 }
-# op -> its fused activation, where replace_activations does not make it (a learnable beta)
+# op -> its fused activation, where replace_activations does not make it (a learnable beta, an
+# activation without a torch.nn class)
 FUSED: dict[str, Callable[[], nn.Module]] = {
-    bench_key(s): _fused_module(s) for s in registry.SPECS.values() if s.beta}
+    bench_key(s): _fused_module(s) for s in registry.SPECS.values() if _torch_class(s) is None}
+# gated op -> (glu's activation, its arguments), where patch_gated_mlps does not know the plain
+# MLP's activation (no torch.nn class): its GatedMLP is built over the block's projections
+FUSED_MLP: dict[str, tuple[str, dict]] = {
+    name: (s.function or s.name, s.kwargs) for name, s in GATED.items()
+    if not s.beta and _torch_class(s) is None}
 
 # the MLP block's x (batch, sequence, hidden) and intermediate width: a Llama-2-7B layer on 8192
 # tokens (its gate is table.LLM_SHAPES' first); with --quick half the tokens and widths
@@ -196,6 +227,13 @@ def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[
         width = _mlp_sizes(device, quick)[1]
         plain = Residual(MLP(shape[-1], width, act(width))).to(tensors, torch.bfloat16)
         fused = copy.deepcopy(plain)
+        if name in FUSED_MLP:
+            activation, kwargs = FUSED_MLP[name]
+            mlp = fused.body[0]
+            fused.body[0] = fused_act.nn.GatedMLP(mlp.down_proj, activation,
+                                                  gate_proj=mlp.gate_proj, up_proj=mlp.up_proj,
+                                                  **kwargs)
+            return plain, fused, f"mlp {tuple(shape)} -> {width} bf16"
         report = fused_act.patch_gated_mlps(fused)
         if not report.swapped:
             raise RuntimeError(f"{name}: patch_gated_mlps left the MLP block: {report}")

@@ -1,5 +1,7 @@
-"""The test tables: ops, dtypes, shapes and layouts, tolerances, and the comparison helper."""
+"""The test tables: ops, dtypes, shapes and layouts, edge values, tolerances, and the comparison
+helpers."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,10 @@ TOL = {
     torch.float16: (1e-3, 1e-5),
     torch.bfloat16: (8e-3, 1e-5),
 }
+# PyTorch's own functions are not the float64 reference: compared with them (``assert_near_torch``),
+# a result may be TORCH_RTOL_FACTOR times the table's relative tolerance off, TORCH_ATOL absolute
+TORCH_RTOL_FACTOR = 4
+TORCH_ATOL = 1e-5
 # parameter gradients are sums: |err| <= PARAM_RTOL * sum |terms| (fp32 accumulation)
 PARAM_RTOL = {torch.float64: 1e-10}
 PARAM_RTOL_DEFAULT = 2e-5
@@ -179,11 +185,62 @@ def make_x(shape_key: str, dtype: torch.dtype, device: str, scale: float = 8.0,
     return layout(x) if layout else x
 
 
+# The edge values of the elementwise and gated tables (test_kernels.py, test_gated.py, and the
+# host math of test_csrc.py): +-inf and NaN, mish's saturation point 20 and 45 past it (where
+# e^x (e^x + 2) overflows fp32), +-88 and -100 (exp at the end of fp32's range), 1e4 (finite in
+# every dtype; a function growing faster than x overflows fp16 there: x^2 from 256), signed
+# zeros, 3e-8 (below fp16's smallest subnormal), and +-1e20 (inf in fp16; x^2 overflows bf16
+# and fp32 there, not fp64).  Tests find a value's place with ``edge``.
+EDGES = [math.inf, -math.inf, math.nan, 20.0, -20.0, 88.0, -88.0, 1e4, -1e4, -0.0, 0.0, 3e-8,
+         -100.0, 45.0, 1e20, -1e20]
+
+
+def edge(value: float) -> int:
+    """The index of ``value`` in EDGES (a signed zero by its sign; NaN as NaN)."""
+    same = (lambda v: math.isnan(v)) if math.isnan(value) else (
+        lambda v: v == value and math.copysign(1.0, v) == math.copysign(1.0, value))
+    return next(i for i, v in enumerate(EDGES) if same(v))
+
+
+def expected(ref64: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float64 reference as a result in ``dtype`` is judged: +-inf where it rounds to an
+    infinity in ``dtype`` (the function itself overflows there, e.g. x^2 past 256 in fp16),
+    elsewhere as it is (the tolerances judge the rounding)."""
+    r = ref64.detach().double().cpu()
+    rounded = r.to(dtype).double()
+    return torch.where(rounded.isinf(), rounded, r)
+
+
+def assert_finite_as_reference(out: Tensor, ref64: Tensor, given: Tensor, dtype: torch.dtype,
+                               what: str) -> None:
+    """Where the inputs are finite (``given``), ``out`` is never NaN, and it is infinite exactly
+    where the float64 reference overflows ``dtype``, with the reference's sign: no finite input
+    gives NaN or inf spuriously, and none a finite value where the true result is not one."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref64.shape)}"
+    want = expected(ref64, dtype)
+    o = out.detach().double().cpu()
+    bad = given.cpu() & (o.isnan() | want.isnan() | (o.isinf() != want.isinf())
+                         | (o.isinf() & (o != want)))
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        pairs = [(i, o[tuple(i)].item(), ref64.reshape(o.shape)[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{what}: NaN or inf where the float64 reference rounded to {dtype} "
+                             f"is finite, or the other way round; [index, got, float64 "
+                             f"reference]: {pairs}")
+
+
+def assert_near_torch(out: Tensor, theirs: Tensor, dtype: torch.dtype) -> None:
+    """``out`` within the tolerance of a comparison with PyTorch's own function (TORCH_*)."""
+    torch.testing.assert_close(out.detach().double(), theirs.detach().double(),
+                               rtol=TOL[dtype][0] * TORCH_RTOL_FACTOR, atol=TORCH_ATOL)
+
+
 def assert_near(out: Tensor, ref64: Tensor, dtype: torch.dtype, what: str) -> None:
-    """Elementwise tolerance check with a message naming the first mismatches."""
+    """Elementwise tolerance check with a message naming the first mismatches; where the float64
+    reference overflows ``dtype``, ``out`` must be that infinity (``expected``)."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref64.shape)}"
     rtol, atol = TOL[dtype]
-    o, r = out.detach().double().cpu(), ref64.detach().double().cpu()
+    o, r = out.detach().double().cpu(), expected(ref64, dtype)
     bad = ~((o - r).abs() <= atol + rtol * r.abs()) & ~(o.isnan() & r.isnan()) & ~(o == r)
     if bad.any():
         idx = bad.nonzero()[:5].tolist()

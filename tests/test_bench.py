@@ -1,6 +1,7 @@
 """The benchmark harness end to end on the CPU: tiny sizes, every op, result files; every
 default case of the GPU run on meta tensors; a failing case recorded and skipped."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import fused_act
+from fused_act import registry
 
 from .cases import ROOT, need_device
 
@@ -184,3 +186,33 @@ def test_failing_pipeline_is_recorded_and_skipped(tmp_path, monkeypatch):
              for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert kinds == ["env", "case", "case", "error", "pipeline"]
     assert "| pipeline | mish |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_pipeline_without_a_torch_class(monkeypatch):
+    """An activation torch.nn has no class for (here mish and GELU-tanh with their class
+    forgotten) gets its blocks from its own function: the plain block calls its ``torch_fn``,
+    the fused one its fused function (the MLP: a ``GatedMLP`` over the block's projections),
+    each checked against the plain block and timed, never an error."""
+    need_device("cpu")
+    from bench import pipelines
+    names = []
+    for spec in (registry.SPECS["mish"], registry.SPECS["gelu_tanh"]):
+        spec = dataclasses.replace(spec, name=spec.name + "_no_class", replaces="",
+                                   function=spec.function or spec.name)
+        assert pipelines._torch_class(spec) is None
+        act = pipelines._torch_module(spec)
+        assert isinstance(act(8), pipelines.TorchFunction)
+        monkeypatch.setitem(pipelines.BLOCKS, spec.name, (spec.kernel, "linear", act))
+        monkeypatch.setitem(pipelines.FUSED, spec.name, pipelines._fused_module(spec))
+        monkeypatch.setitem(pipelines.BLOCKS, "glu_" + spec.name, ("glu", "mlp", act))
+        monkeypatch.setitem(pipelines.FUSED_MLP, "glu_" + spec.name, (spec.function, spec.kwargs))
+        names += [spec.name, "glu_" + spec.name]
+    found = pipelines.run(names, "cpu", True, "aot_eager")
+    assert [p["op"] for p in found] == names
+    assert all(ms > 0 for p in found for ms in p["ms"].values())
+    # the fused block is checked against the plain one: a wrong function would not pass
+    wrong = dataclasses.replace(registry.SPECS["silu"], name="mish_no_class", function="silu")
+    monkeypatch.setitem(pipelines.FUSED, "mish_no_class", pipelines._fused_module(wrong))
+    with pytest.raises(AssertionError, match="differs from the eager plain block"):
+        pipelines.run(["mish_no_class"], "cpu", True, "aot_eager")

@@ -203,11 +203,9 @@ def test_autocast_cpu_bf16():
     lin = nn.Linear(8, 8)
     with fused_act.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
         h = lin(torch.randn(4, 8))
-        for ours, theirs in ((fused_act.mish, nn.functional.mish),
-                             (fused_act.silu, nn.functional.silu),
-                             (fused_act.gelu, nn.functional.gelu)):
-            assert ours(h).dtype == theirs(h).dtype == torch.bfloat16
-            assert ours(x).dtype == theirs(x).dtype == torch.float32
+        for spec in registry.SPECS.values():  # each as users call it, and PyTorch's function
+            assert spec.call(h).dtype == spec.torch_fn(h).dtype == torch.bfloat16, spec.name
+            assert spec.call(x).dtype == spec.torch_fn(x).dtype == torch.float32, spec.name
         loss = model(x).float().logsumexp(1).mean()
     loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())

@@ -16,7 +16,18 @@ from fused_act import ops, reference, registry
 from fused_act.kernels import Kernels
 from fused_act.triton_kernels import TritonKernels
 
-from .cases import DTYPES, TOL, assert_near, assert_param_near, need_backend, saved_by
+from .cases import (
+    DTYPES,
+    EDGES,
+    assert_finite_as_reference,
+    assert_near,
+    assert_near_torch,
+    assert_param_near,
+    edge,
+    expected,
+    need_backend,
+    saved_by,
+)
 from .test_csrc_emulated import cuda_on_cpu, emulated  # noqa: F401
 
 BACKENDS = ["reference", "triton", "cuda"]
@@ -180,36 +191,42 @@ def test_reference_is_torch_formula(act):
     torch.testing.assert_close(got, list(want), rtol=1e-10, atol=1e-10)
 
 
-EDGES = [math.inf, -math.inf, math.nan, 20.0, -20.0, 88.0, -88.0, 1e4, -1e4, -0.0, 0.0, 3e-8,
-         -100.0, 45.0]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", [a for a in ACTS if a.beta != "tensor"], ids=lambda a: a.name)
 def test_edge_values(act, dtype, backend, request):
-    """Gate at +-inf gives the activation's limits times up (value and d/dgate), NaN in either
-    input gives NaN, no finite input gives NaN or inf spuriously; NaN in up gives NaN."""
+    """Gate at the edge values (``cases.EDGES``), up 1.5: gate at +-inf gives the activation's
+    limits times up (value and d/dgate), NaN in either input gives NaN, no finite input gives
+    NaN or inf spuriously (inf exactly where the float64 reference overflows the dtype); NaN in
+    up gives NaN."""
     _use(request, backend)
     n = len(EDGES)
     gate = torch.tensor(EDGES, dtype=dtype).requires_grad_()
     up = torch.full((n,), 1.5, dtype=dtype)
-    up[3] = math.nan
+    nan_up = edge(20.0)  # a finite gate whose up is NaN
+    up[nan_up] = math.nan
     up.requires_grad_()
     with fused_act.use_backend(backend):
         y = act.call(gate, up, -1, [])
         dg, du = torch.autograd.grad(y, [gate, up], torch.ones_like(y))
-    finite = gate.detach().isfinite() & up.detach().isfinite()
-    assert y[finite].isfinite().all() and dg[finite].isfinite().all(), (y, dg)
-    assert y[2].isnan() and dg[2].isnan() and y[3].isnan() and dg[3].isnan()
+    g64, u64 = gate.detach().double(), up.detach().double()
+    want_y, (want_dg, want_du), _, _ = _reference(act, g64, u64, -1, [], torch.ones_like(g64))
+    finite = g64.isfinite() & u64.isfinite()
+    what = f"glu[{act.name}, {backend}, {dtype}]"
+    for got, want, part in ((y, want_y, "forward"), (dg, want_dg, "dgate"),
+                            (du, want_du, "dup")):
+        assert_finite_as_reference(got, want, finite, dtype, f"{what} {part}")
+    nan = edge(math.nan)
+    assert y[nan].isnan() and dg[nan].isnan() and y[nan_up].isnan() and dg[nan_up].isnan()
     if act.beta is None:
         f_pos, f_neg, d_pos, d_neg = act.spec.limits
-        assert (y[0].item(), y[1].item()) == (f_pos * 1.5, f_neg * 1.5)
-        assert (dg[0].item(), dg[1].item()) == (d_pos * 1.5, d_neg * 1.5)
-        assert (du[0].item(), du[1].item()) == (f_pos, f_neg)
-    theirs = act.spec.torch_fn(gate.detach().double(), *([act.beta] if act.beta else [])) * 1.5
-    ok = finite & theirs.isfinite()
-    torch.testing.assert_close(y[ok].double(), theirs[ok], rtol=TOL[dtype][0] * 4, atol=1e-5)
+        pos, neg = edge(math.inf), edge(-math.inf)
+        assert (y[pos].item(), y[neg].item()) == (f_pos * 1.5, f_neg * 1.5)
+        assert (dg[pos].item(), dg[neg].item()) == (d_pos * 1.5, d_neg * 1.5)
+        assert (du[pos].item(), du[neg].item()) == (f_pos, f_neg)
+    theirs = act.spec.torch_fn(g64, *([act.beta] if act.beta else [])) * 1.5
+    ok = finite & theirs.isfinite() & expected(theirs, dtype).isfinite()
+    assert_near_torch(y[ok], theirs[ok], dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,8 @@
 """The oracle itself: reference math against PyTorch's own functions and autograd in float64,
 and its fp32 path against its float64 path."""
 
+import math
+
 import pytest
 import torch
 
@@ -142,10 +144,22 @@ def test_frelu_max_vs_torch_maximum():
 
 
 def test_limits_documented():
-    """At +-inf the reference returns the mathematical limits (PyTorch is not consistent)."""
+    """At +-inf the reference returns the mathematical limits its spec declares (PyTorch is not
+    consistent there), and the declared limits are those of PyTorch's own function: its value
+    and derivative at +-1e6 in float64 are the finite limits, or past +-1e5 toward an infinite
+    one."""
     x = torch.tensor([float("inf"), -float("inf")])
     g = torch.ones(2)
-    for fwd, bwd, _ in ELEMENTWISE.values():
-        assert fwd(x).tolist() == [float("inf"), 0.0]
-        assert bwd(g, x).tolist() == [1.0, 0.0]
+    big = torch.tensor([1e6, -1e6], dtype=torch.float64, requires_grad=True)
+    for name, (fwd, bwd, torch_fn) in ELEMENTWISE.items():
+        f_pos, f_neg, d_pos, d_neg = limits = registry.SPECS[name].limits
+        assert fwd(x).tolist() == [f_pos, f_neg], name
+        assert bwd(g, x).tolist() == [d_pos, d_neg], name
+        y = torch_fn(big)
+        (dy,) = torch.autograd.grad(y.sum(), big)
+        for got, lim in zip([*y.tolist(), *dy.tolist()], limits, strict=True):
+            if math.isinf(lim):
+                assert got * math.copysign(1.0, lim) > 1e5, (name, limits, got)
+            else:
+                assert got == pytest.approx(lim, abs=1e-6), (name, limits, got)
     assert TOL  # one tolerance table serves every file
