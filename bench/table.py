@@ -27,7 +27,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FULL_SIZES = [2**k for k in range(16, 29, 2)]
 QUICK_SIZES = [2**20, 2**24, 2**26]
 # conv layers' (N, C, H, W) and a linear layer's (batch, tokens, features); an op is timed only
-# on those its ``Op.takes`` accepts
+# on those its ``BenchOp.takes`` accepts
 LAYER_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (64, 512, 14, 14), (8, 4096, 4096)]
 # a gated MLP's gate (and up) as tokens x intermediate: Llama-2-7B's width on 8192 tokens, and
 # Llama-3-8B's / Mistral-7B's on 16384
@@ -80,7 +80,7 @@ def _packed_shape(shape: tuple[int, ...]) -> bool:
 
 
 @dataclass(frozen=True)
-class Op:
+class BenchOp:
     """One benchmarked op.
 
     ``fused``, ``eager`` and ``ref`` take ``(x, *params)``; ``params(x)`` makes the other
@@ -156,11 +156,11 @@ def bench_key(spec: registry.Spec) -> str:
     return spec.name + ("_beta" if spec.beta else "")
 
 
-def _elementwise(spec: registry.Spec) -> Op:
+def _elementwise(spec: registry.Spec) -> BenchOp:
     """A registry activation; one with a beta times its learnable one-element beta."""
     if spec.beta:
-        return Op(spec.call, spec.torch_fn, spec.forward, params=lambda x: [_scalar_beta(x)])
-    return Op(spec.call, spec.torch_fn, lambda x, s=spec: s.forward(x, 1.0))
+        return BenchOp(spec.call, spec.torch_fn, spec.forward, params=lambda x: [_scalar_beta(x)])
+    return BenchOp(spec.call, spec.torch_fn, lambda x, s=spec: s.forward(x, 1.0))
 
 
 # the gated rows by the names LLM code gives them; "geglu" is fused_act.geglu's default (erf),
@@ -170,7 +170,7 @@ GATED: dict[str, registry.Spec] = {
     _GATED_NAMES.get(s.name, "glu_" + bench_key(s)): s for s in registry.SPECS.values()}
 
 
-def _gated(spec: registry.Spec) -> Op:
+def _gated(spec: registry.Spec) -> BenchOp:
     """``act(gate) * up`` of a registry activation by ``fused_act.glu``: x is the gate, the
     first parameter up (then a learnable one-element beta where the spec has one); eager is the
     plain ``torch_fn(gate) * up``.  Forward reads gate and up and writes the output (3 tensors
@@ -179,11 +179,11 @@ def _gated(spec: registry.Spec) -> Op:
     common = dict(shape=_rows, traffic=(3, 5), inputs=2, layers=tuple(LLM_SHAPES),
                   takes=_matrix_rows, compile_key="glu")
     if spec.beta:
-        return Op(lambda g, u, b: fused_act.glu(g, u, act, beta=b),
+        return BenchOp(lambda g, u, b: fused_act.glu(g, u, act, beta=b),
                   lambda g, u, b: spec.torch_fn(g, b) * u,
                   lambda g, u, b: spec.forward(g, b) * u,
                   params=lambda x: [_up(x), _scalar_beta(x)], **common)
-    return Op(lambda g, u: fused_act.glu(g, u, act, **kwargs),
+    return BenchOp(lambda g, u: fused_act.glu(g, u, act, **kwargs),
               lambda g, u: spec.torch_fn(g) * u,
               lambda g, u: spec.forward(g, 1.0) * u, params=lambda x: [_up(x)], **common)
 
@@ -194,7 +194,7 @@ def _packed_rows(n: int) -> tuple[int, ...]:
     return (tokens, 2 * width)
 
 
-def _packed(spec: registry.Spec) -> Op:
+def _packed(spec: registry.Spec) -> BenchOp:
     """``act(gate) * up`` with gate and up the halves of one tensor x (``up=None``: a fused
     gate_up projection's output, read in place).  Forward reads x and writes half of it (1.5
     x-sized tensors), backward reads grad (half) and x and writes one packed gradient (2.5)."""
@@ -208,7 +208,7 @@ def _packed(spec: registry.Spec) -> Op:
         g, u = x.chunk(2, dim=-1)
         return spec.torch_fn(g) * u
 
-    return Op(lambda x: fused_act.glu(x, None, act, **kwargs), eager, ref, shape=_packed_rows,
+    return BenchOp(lambda x: fused_act.glu(x, None, act, **kwargs), eager, ref, shape=_packed_rows,
               traffic=(1.5, 2.5), layers=tuple((t, 2 * w) for t, w in LLM_SHAPES),
               takes=_packed_shape, compile_key="glu")
 
@@ -216,16 +216,16 @@ def _packed(spec: registry.Spec) -> Op:
 # the packed layout (up=None) is timed for SwiGLU alone: the other activations read it alike
 PACKED = {"swiglu_packed": registry.SPECS["silu"]}
 
-OPS: dict[str, Op] = {
+OPS: dict[str, BenchOp] = {
     **{bench_key(s): _elementwise(s) for s in registry.SPECS.values()},
-    "acon_c": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params,
+    "acon_c": BenchOp(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw, _acon_params,
                  takes=_image),
-    "meta_acon": Op(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
+    "meta_acon": BenchOp(fused_act.acon_c, _acon_eager, reference.acon_c, _nchw,
                     lambda x: _acon_params(x, per_sample=True), takes=_image),
     # forward reads x and t, writes y; backward reads grad (and a 1-byte code), writes dx and dt
-    "frelu_max": Op(fused_act.frelu_max, torch.maximum, reference.frelu_max, _nchw,
+    "frelu_max": BenchOp(fused_act.frelu_max, torch.maximum, reference.frelu_max, _nchw,
                     lambda x: [_leaf(torch.randn_like(x))], (3, 3), takes=_image),
-    "frelu_module": Op(lambda x, *p: fused_act.frelu_max(x, _frelu_t(x, *p)),
+    "frelu_module": BenchOp(lambda x, *p: fused_act.frelu_max(x, _frelu_t(x, *p)),
                        lambda x, *p: torch.max(x, _frelu_t(x, *p)),
                        lambda x, *p: reference.frelu_max(x, _frelu_t(x, *p)), _nchw,
                        _frelu_params, None, ref_fp32=False, takes=_image),
@@ -336,7 +336,7 @@ def contestants(name: str, compile_backend: str = "inductor", device: str = "cud
     return found
 
 
-def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, device: str
+def make_inputs(op: BenchOp, shape: tuple[int, ...], dtype: torch.dtype, device: str
                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(x, output gradient g, parameters) of one case: x normal times 4 and g normal, drawn
     from a seed of the shape, so every contestant and run sees the same values.  On device
@@ -388,7 +388,7 @@ def check(name: str, fn: Callable, x: torch.Tensor, g: torch.Tensor,
                                  f"reference: {_mismatch(op, x, g, params, got, ref, i)}")
 
 
-def _mismatch(op: Op, x: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor],
+def _mismatch(op: BenchOp, x: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor],
               got: torch.Tensor, ref: torch.Tensor, which: int) -> str:
     """Where ``got`` and the reference ``ref`` disagree, and what the float64 reference says
     there: whether the op or the reference in its dtype is off (all a GPU run may leave)."""

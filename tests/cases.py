@@ -71,7 +71,7 @@ def saved_by(fn: Callable[[], Tensor], backend_name: str) -> tuple[Tensor, list[
 
 
 @dataclass(frozen=True)
-class Op:
+class OpCase:
     """One activation variant: the public call, its reference, and what PyTorch users call.
     ``spec`` is its registry entry (None for the families outside the registry's table);
     ``beta_value`` the float beta it passes (swish's float variant)."""
@@ -106,18 +106,18 @@ def _param_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _plain(spec: registry.Spec, beta: float = 1.0, suffix: str = "") -> Op:
+def _plain(spec: registry.Spec, beta: float = 1.0, suffix: str = "") -> OpCase:
     """The spec called with no tensor parameter (a float beta for a spec with beta)."""
     args = (beta,) if spec.beta else ()
-    return Op(spec.name + suffix, lambda x, p: spec.call(x, *args),
+    return OpCase(spec.name + suffix, lambda x, p: spec.call(x, *args),
               lambda x, p: spec.forward(x, beta),
               lambda g, x, p: (spec.backward(g, x, beta, False)[0],),
               lambda x, p: spec.torch_fn(x, *args), scale=spec.scale, spec=spec, beta_value=beta)
 
 
-def _with_beta(spec: registry.Spec, suffix: str, params: Callable) -> Op:
+def _with_beta(spec: registry.Spec, suffix: str, params: Callable) -> OpCase:
     """The spec with a beta tensor (a learnable parameter), its gradient checked too."""
-    return Op(spec.name + suffix, lambda x, p: spec.call(x, p[0]),
+    return OpCase(spec.name + suffix, lambda x, p: spec.call(x, p[0]),
               lambda x, p: spec.forward(x, p[0]),
               lambda g, x, p: spec.backward(g, x, p[0], True),
               lambda x, p: spec.torch_fn(x, reference._param(p[0], x).to(x.dtype)), params,

@@ -27,7 +27,7 @@ from .cases import (
     CPU_BACKENDS,
     DTYPES,
     OPS,
-    Op,
+    OpCase,
     assert_near,
     assert_param_near,
     need_backend,
@@ -89,7 +89,7 @@ def _acon_params(per_sample):
 
 # ACON-C in the shape of the tables in cases.py (x of rank >= 2)
 ACON_OPS = [
-    Op(name, lambda x, p: fused_act.acon_c(x, *p), lambda x, p: reference.acon_c(x, *p),
+    OpCase(name, lambda x, p: fused_act.acon_c(x, *p), lambda x, p: reference.acon_c(x, *p),
        lambda g, x, p: reference.acon_c_backward(g, x, *p), lambda x, p: _acon_formula(x, *p),
        _acon_params(per_sample), scale=4.0)
     for name, per_sample in (("acon_c", False), ("acon_c_sample", True))]
