@@ -144,8 +144,14 @@ def _conv_block(act: nn.Module, c: int) -> nn.Module:
 
 
 def _torch_class(spec: registry.Spec) -> type[nn.Module] | None:
-    """torch.nn's class of an elementwise spec (``Spec.replaces``), if it has one."""
-    return getattr(nn, spec.replaces, None) if spec.replaces and not spec.beta else None
+    """torch.nn's class of an elementwise spec (``Spec.replaces``), if it has one; a name that
+    torch.nn lacks is a mistake in the spec, not an activation without a class."""
+    if not spec.replaces or spec.beta:
+        return None
+    if not hasattr(nn, spec.replaces):
+        raise ValueError(f"spec {spec.name!r} replaces torch.nn.{spec.replaces}, which torch.nn "
+                         "does not have")
+    return getattr(nn, spec.replaces)
 
 
 def _torch_module(spec: registry.Spec) -> Callable[[int], nn.Module]:

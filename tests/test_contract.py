@@ -872,8 +872,9 @@ def test_float_beta_rounded_alike_on_every_path(spec, monkeypatch):
 def test_bench_blocks_from_spec():
     """The benchmark's tables derive from a spec's properties (section 1): every op has a
     pipeline block (but a learnable gated one), another activation with a beta gets the
-    learnable block (its ``torch_fn``) and its fused module with a learnable beta, and a spec
-    whose block cannot be built is a ValueError naming it."""
+    learnable block (its ``torch_fn``) and its fused module with a learnable beta, one without
+    a torch.nn class blocks over its own function, and a spec naming a torch.nn class that does
+    not exist is a ValueError naming it."""
     import dataclasses
 
     from bench import pipelines, table
@@ -890,9 +891,9 @@ def test_bench_blocks_from_spec():
         assert isinstance(fused, getattr(fused_act.nn, s.module))
         assert [n for n, p in fused.named_parameters()] == ["beta"], "beta is not learnable"
     some = next(iter(registry.SPECS.values()))
-    for bare in (dataclasses.replace(some, name="bare", beta=False, replaces=""),
-                 dataclasses.replace(some, name="bare", beta=False, replaces="NoSuchModule")):
-        with pytest.raises(ValueError, match="'bare'"):
-            pipelines._torch_module(bare)(8)
-    with pytest.raises(ValueError, match="'bare'"):
-        pipelines._fused_module(dataclasses.replace(some, name="bare", beta=True, module=""))()
+    # no torch.nn class: both sides are blocks over the spec's own function
+    bare = dataclasses.replace(some, replaces="")
+    torch.testing.assert_close(pipelines._torch_module(bare)(8)(x), some.torch_fn(x), **TIGHT)
+    torch.testing.assert_close(pipelines._fused_module(bare)()(x), some.call(x), **TIGHT)
+    with pytest.raises(ValueError, match=f"'{some.name}'"):  # a class torch.nn lacks: a typo
+        pipelines._torch_module(dataclasses.replace(bare, replaces="NoSuchModule"))(8)
