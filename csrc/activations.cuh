@@ -160,13 +160,24 @@ FA_HD M gelu_tanh_bwd(M x) {
   return q == M(0) ? p.s : p.s + M(2) * x * q * du;
 }
 
+// ---- squared relu: relu(x)^2 ----------------------------------------------------------------
+
+// x * x for x > 0, else 0; NaN (neither test holds) stays NaN
+template <class M>
+FA_HD M squared_relu_fwd(M x) { return x > M(0) ? x * x : (x <= M(0) ? M(0) : x); }
+
+template <class M>
+FA_HD M squared_relu_bwd(M x) { return x > M(0) ? M(2) * x : (x <= M(0) ? M(0) : x); }
+
 // ---- the selectors the generic kernels use --------------------------------------------------
 
 // Each kernel activation's id, as fused_act/registry.py KERNEL_IDS assigns it (0, 1, ...; a test
 // checks these and N_ACT).  The C interface (fused_act.h) takes one as `int act`, and
 // elementwise.cu instantiates its kernels for every id below N_ACT, so an activation is an id
 // here and a branch in each selector.
-enum act_id : int { ACT_MISH = 0, ACT_SWISH = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, N_ACT };
+enum act_id : int {
+  ACT_MISH = 0, ACT_SWISH = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_SQUARED_RELU = 4, N_ACT
+};
 
 // Whether activation ACT reads its beta (the others ignore it: their d/dbeta is 0).  Its gated
 // backward needs more registers (elementwise.cu ActMath::glu_blocks).
@@ -183,6 +194,8 @@ FA_HD M act_fwd(M x, M beta) {
     return gelu_fwd(x);
   } else if constexpr (ACT == ACT_GELU_TANH) {
     return gelu_tanh_fwd(x);
+  } else if constexpr (ACT == ACT_SQUARED_RELU) {
+    return squared_relu_fwd(x);
   } else {
     static_assert(ACT != ACT, "act_fwd: unknown activation selector");
   }
@@ -199,6 +212,8 @@ FA_HD Grad2<M> act_bwd(M x, M beta) {
     return {gelu_bwd(x), M(0)};
   } else if constexpr (ACT == ACT_GELU_TANH) {
     return {gelu_tanh_bwd(x), M(0)};
+  } else if constexpr (ACT == ACT_SQUARED_RELU) {
+    return {squared_relu_bwd(x), M(0)};
   } else {
     static_assert(ACT != ACT, "act_bwd: unknown activation selector");
   }

@@ -185,6 +185,21 @@ def gelu_backward(grad: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
     return (_opmath(grad) * d).to(x.dtype)
 
 
+# ---- squared_relu: relu(x)^2 (So et al., Primer, 2021) -------------------------------------
+
+def squared_relu(x: Tensor) -> Tensor:
+    """Squared ReLU, relu(x)^2: x * x for x > 0, else 0; NaN in gives NaN out."""
+    xf = _opmath(x)
+    return torch.where(xf > 0.0, xf * xf, torch.where(xf <= 0.0, 0.0, xf)).to(x.dtype)
+
+
+def squared_relu_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """grad * 2x for x > 0, else 0 (NaN stays NaN)."""
+    xf = _opmath(x)
+    d = torch.where(xf > 0.0, 2.0 * xf, torch.where(xf <= 0.0, 0.0, xf))
+    return (_opmath(grad) * d).to(x.dtype)
+
+
 # ---- acon_c: (p1 - p2) x sigma(beta (p1 - p2) x) + p2 x ------------------------------------
 
 

@@ -25,7 +25,7 @@ INF = math.inf
 # The selector of each kernel activation: ``<NAME>`` in triton_kernels/math.py and ``ACT_<NAME>``
 # in csrc/activations.cuh (ids 0, 1, ...: the CUDA launchers dispatch over every id below its
 # ``N_ACT``), picking ``<name>_fwd`` / ``<name>_bwd`` in both.
-KERNEL_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3}
+KERNEL_IDS = {"mish": 0, "swish": 1, "gelu": 2, "gelu_tanh": 3, "squared_relu": 4}
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,15 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
                            approximate="tanh"),
          **_plain(lambda x: reference.gelu(x, "tanh"),
                   lambda g, x: reference.gelu_backward(g, x, "tanh"))),
+    Spec("squared_relu", "squared_relu", torch_fn=lambda x: F.relu(x).square(),
+         limits=(INF, 0.0, INF, 0.0), module="SquaredReLU",
+         lookalikes=_named(f"{_HF}.ReLUSquaredActivation"),
+         doc="""Squared ReLU, ``relu(x) ** 2`` (So et al., "Primer", 2021), fused.
+
+    Any shape and floating dtype (fp16/bf16/fp32 computed in fp32); NaN gives NaN, and the result
+    overflows to inf where x * x does in x's dtype.  Backward saves only ``x``.
+    """,
+         **_plain(reference.squared_relu, reference.squared_relu_backward)),
 )}
 
 # a spec of each kernel activation, for its reference math (what the ops run for "reference")

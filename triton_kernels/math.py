@@ -24,6 +24,7 @@ MISH = tl.constexpr(0)
 SWISH = tl.constexpr(1)
 GELU = tl.constexpr(2)
 GELU_TANH = tl.constexpr(3)
+SQUARED_RELU = tl.constexpr(4)
 
 # Module constants are constexpr; keep them right of a tensor operand (tensor * C): the
 # interpreter cannot take constexpr * tensor as a tensor.
@@ -199,6 +200,17 @@ def gelu_tanh_bwd(x):
 
 
 @triton.jit
+def squared_relu_fwd(x):
+    # x * x for x > 0, else 0; NaN (neither branch's test holds) stays NaN
+    return tl.where(x > 0.0, x * x, tl.where(x <= 0.0, 0.0, x))
+
+
+@triton.jit
+def squared_relu_bwd(x):
+    return tl.where(x > 0.0, 2.0 * x, tl.where(x <= 0.0, 0.0, x))
+
+
+@triton.jit
 def act_fwd(x, beta, ACT: tl.constexpr):
     """y = f(x) for the activation ACT; beta is used by SWISH only."""
     if ACT == MISH:
@@ -209,6 +221,8 @@ def act_fwd(x, beta, ACT: tl.constexpr):
         y = gelu_fwd(x)
     elif ACT == GELU_TANH:
         y = gelu_tanh_fwd(x)
+    elif ACT == SQUARED_RELU:
+        y = squared_relu_fwd(x)
     else:
         tl.static_assert(False, "act_fwd: unknown activation selector")
     return y
@@ -227,6 +241,9 @@ def act_bwd(x, beta, ACT: tl.constexpr):
         dbeta = 0.0 * x
     elif ACT == GELU_TANH:
         dx = gelu_tanh_bwd(x)
+        dbeta = 0.0 * x
+    elif ACT == SQUARED_RELU:
+        dx = squared_relu_bwd(x)
         dbeta = 0.0 * x
     else:
         tl.static_assert(False, "act_bwd: unknown activation selector")
