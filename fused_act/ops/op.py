@@ -196,10 +196,14 @@ class Op:
         self.forward_op.register_autograd(
             lambda ctx, grad, *_: self._grads(ctx, grad, self.backward_op),
             setup_context=self._save)
+        # where each argument goes, worked out once (these run on every call)
         self._tensor_at = [i for i, a in enumerate(schema.args) if a.tensor]
         self._param_at = [i for i, a in enumerate(schema.args) if a.kind == PARAM]
         self._saved_at = [i for i, a in enumerate(schema.args) if a.tensor and a.backward]
         self._attr_at = [i for i, a in enumerate(schema.args) if not a.tensor and a.backward]
+        self._companion_at = [schema.outputs.index(o) for o in schema.saved_outputs]
+        self._backward_reads = [a.tensor for a in schema.backward_args()
+                                if a.name != schema.flag]
         self.function = self._eager_function()
 
     def _eager_function(self) -> type[torch.autograd.Function]:
@@ -226,14 +230,13 @@ class Op:
         if len(outputs) > 1:
             ctx.mark_non_differentiable(*outputs[1:])
         ctx.attrs = tuple(args[i] for i in self._attr_at)
-        companions = [outputs[self.schema.outputs.index(o)] for o in self.schema.saved_outputs]
-        ctx.save_for_backward(*(args[i] for i in self._saved_at), *companions)
+        ctx.save_for_backward(*(args[i] for i in self._saved_at),
+                              *(outputs[i] for i in self._companion_at))
 
     def _grads(self, ctx, grad: Tensor, backward: Callable) -> tuple:
         needs = ctx.needs_input_grad
         saved, attrs = iter(ctx.saved_tensors), iter(ctx.attrs)
-        args = [next(saved) if a.tensor else next(attrs) for a in self.schema.backward_args()
-                if a.name != self.schema.flag]
+        args = [next(saved) if tensor else next(attrs) for tensor in self._backward_reads]
         if self.schema.flag:
             args.append(any(needs[i] for i in self._param_at))
         grads = [None] * len(needs)
