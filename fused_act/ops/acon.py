@@ -61,19 +61,13 @@ def acon_backward_impl(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Te
                                                                   strict=True)))
 
 
-def _acon_fake(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:
-    return torch.empty_like(acon_dense(x, reference.per_sample(beta, x)))
 
 
-def _acon_fake_backward(grad: Tensor, x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor,
-                        need_params: bool, backend: str) -> tuple[Tensor, ...]:
-    dx = torch.empty_like(acon_dense(x, reference.per_sample(beta, x)))
-    return dx, *(p.new_empty(p.shape) if need_params else x.new_empty(0) for p in (p1, p2, beta))
 
 
 ACON_C = Op(
     Schema("acon_c", (data("x"), param("p1"), param("p2"), param("beta")), flag="need_params"),
-    acon_forward_impl, _acon_fake, reference.acon_c, acon_backward_impl, _acon_fake_backward,
+    acon_forward_impl, reference.acon_c, acon_backward_impl,
     lambda grad, x, p1, p2, beta, need_params: reference.acon_c_backward(grad, x, p1, p2, beta),
     compile_mode=config.mode_for)
 acon_c_op, acon_c_backward_op = ACON_C.forward_op, ACON_C.backward_op

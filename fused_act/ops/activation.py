@@ -67,16 +67,8 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
     return dx, plan.channel_sums(partial, p).reshape(beta.shape).to(beta.dtype)
 
 
-def _act_fake(x: Tensor, act: str, beta: Tensor | None, beta_value: float,
-              backend: str) -> Tensor:
-    return torch.empty_like(dense(x))
 
 
-def _act_fake_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
-                       beta_value: float, need_dbeta: bool,
-                       backend: str) -> tuple[Tensor, Tensor]:
-    db = beta.new_empty(beta.shape) if need_dbeta else x.new_empty(0)
-    return torch.empty_like(dense(x)), db
 
 
 def _act_reference(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
@@ -92,7 +84,7 @@ def _act_reference_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | No
 ACTIVATION = Op(
     Schema("activation", (data("x"), attr("act", "str"), param("beta", optional=True),
                           attr("beta_value", "float")), flag="need_dbeta"),
-    forward_impl, _act_fake, _act_reference, backward_impl, _act_fake_backward,
+    forward_impl, _act_reference, backward_impl,
     _act_reference_backward, compile_mode=config.mode_for)
 activation_op, activation_backward_op = ACTIVATION.forward_op, ACTIVATION.backward_op
 

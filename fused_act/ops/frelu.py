@@ -45,22 +45,16 @@ def frelu_backward_impl(grad: Tensor, code: Tensor, backend: str) -> tuple[Tenso
     return dx, dt
 
 
-def _frelu_fake(x: Tensor, t: Tensor, need_code: bool, backend: str) -> tuple[Tensor, Tensor]:
-    xd = dense(x)
-    code = xd if need_code else x.new_empty(0)
-    return torch.empty_like(xd), torch.empty_like(code, dtype=torch.uint8)
 
 
-def _frelu_fake_backward(grad: Tensor, code: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(code, dtype=grad.dtype), torch.empty_like(code, dtype=grad.dtype)
 
 
 FRELU_MAX = Op(
     Schema("frelu_max", (data("x", saved=False), data("t", saved=False),
                          attr("need_code", "bool", backward=False)),
            outputs=("y", "code"), companions_if="need_code", saved_outputs=("code",)),
-    _frelu_forward, _frelu_fake, lambda x, t, need_code: reference.frelu_max(x, t),
-    frelu_backward_impl, _frelu_fake_backward, reference.frelu_max_backward_code,
+    _frelu_forward, lambda x, t, need_code: reference.frelu_max(x, t),
+    frelu_backward_impl, reference.frelu_max_backward_code,
     compile_mode=config.mode_for)
 frelu_max_op, frelu_max_backward_op = FRELU_MAX.forward_op, FRELU_MAX.backward_op
 
@@ -83,6 +77,5 @@ def frelu_max_affine_impl(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: s
 FRELU_MAX_AFFINE = Op(
     Schema("frelu_max_affine", (data("x"), data("t"), param("a"), param("b")),
            differentiable=False),
-    frelu_max_affine_impl, lambda x, t, a, b, backend: torch.empty_like(dense(x)),
-    reference.frelu_max_affine, compile_mode=config.mode_for)
+    frelu_max_affine_impl, reference.frelu_max_affine, compile_mode=config.mode_for)
 frelu_max_affine_op = FRELU_MAX_AFFINE.forward_op

@@ -100,24 +100,14 @@ def glu_backward_impl(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
     return *grads, plan.channel_sums(partial, p).reshape(beta.shape).to(beta.dtype)
 
 
-def _glu_fake(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
-              beta_value: float, dim: int, backend: str) -> Tensor:
-    g, _ = _glu_halves(gate, up, dim)
-    return gate.new_empty(g.shape)
 
 
-def _glu_fake_backward(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
-                       beta: Tensor | None, beta_value: float, dim: int, need_dbeta: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dup = gate.new_empty(0) if up is None else up.new_empty(up.shape)
-    db = beta.new_empty(beta.shape) if need_dbeta else gate.new_empty(0)
-    return gate.new_empty(gate.shape), dup, db
 
 
 GATED = Op(
     Schema("glu", (data("gate"), data("up", optional=True), attr("act", "str"),
                    param("beta", optional=True), attr("beta_value", "float"), attr("dim", "int")),
            flag="need_dbeta", split=("up", "dim")),
-    glu_forward_impl, _glu_fake, _glu_reference, glu_backward_impl, _glu_fake_backward,
+    glu_forward_impl, _glu_reference, glu_backward_impl,
     _glu_reference_backward, compile_mode=config.mode_for)
 glu_op, glu_backward_op = GATED.forward_op, GATED.backward_op

@@ -9,7 +9,8 @@ needs its gradient).  From it ``Op`` derives, the same way for every family:
 * the custom ops ``fused_act::<name>`` and ``fused_act::<name>_backward`` (their signatures:
   the forward's arguments and ``str backend``; the backward's ``grad``, the saved tensors and
   attributes in the forward's order, the flag, ``backend``; one gradient per tensor argument),
-  with the family's fake kernels and the autograd registration that joins them (what
+  with their fake kernels (the reference path of the implementations, run on fake tensors)
+  and the autograd registration that joins them (what
   ``torch.compile`` traces, opaque to Inductor);
 * an ``autograd.Function`` for eager calls, named after the op (``ActivationBackward``): the same
   implementations without the custom-op dispatch cost;
@@ -160,16 +161,14 @@ def _own(d: Tensor | None, grad: Tensor) -> Tensor:
 class Op:
     """A family's custom ops, eager Function and entry point (module docstring).
 
-    ``forward(*args, backend)`` and ``fake`` return the outputs; ``reference(*args)`` is the
-    composite math.  ``backward(grad, *backward_args, backend)`` returns one gradient per
-    tensor argument (None where the flag or an absent argument leaves it out),
-    ``reference_backward`` the same without ``backend`` in differentiable torch operations, and
-    ``fake_backward`` the backward's fake kernel.  ``compile_mode(mode)`` says "opaque" or
-    "decompose" for the ``mode`` a call names."""
+    ``forward(*args, backend)`` returns the outputs; ``reference(*args)`` is the composite
+    math.  ``backward(grad, *backward_args, backend)`` returns one gradient per tensor argument
+    (None where the flag or an absent argument leaves it out), and ``reference_backward`` the
+    same without ``backend`` in differentiable torch operations.  ``compile_mode(mode)`` says
+    "opaque" or "decompose" for the ``mode`` a call names."""
 
-    def __init__(self, schema: Schema, forward: Callable, fake: Callable, reference: Callable,
-                 backward: Callable | None = None, fake_backward: Callable | None = None,
-                 reference_backward: Callable | None = None,
+    def __init__(self, schema: Schema, forward: Callable, reference: Callable,
+                 backward: Callable | None = None, reference_backward: Callable | None = None,
                  compile_mode: Callable[[str], str] | None = None) -> None:
         self.schema, self.compile_mode = schema, compile_mode
         self.forward, self.reference = forward, reference
@@ -178,7 +177,9 @@ class Op:
         self.forward_op = torch.library.custom_op(
             f"fused_act::{schema.name}", forward, mutates_args=(),
             schema=schema.forward_signature())
-        self.forward_op.register_fake(fake)
+        # the fake kernels are the implementations' reference path on fake tensors: the same
+        # shapes, strides and dtypes as every backend's outputs (which the tests hold them to)
+        self.forward_op.register_fake(lambda *args: forward(*args[:-1], "reference"))
         self.backward_op = self.function = None
         if not schema.differentiable:
             return
@@ -192,7 +193,9 @@ class Op:
         self.backward_op = torch.library.custom_op(
             f"fused_act::{schema.name}_backward", run, mutates_args=(),
             schema=schema.backward_signature())
-        self.backward_op.register_fake(fake_backward)
+        self.backward_op.register_fake(lambda grad, *args: tuple(
+            grad.new_empty(0) if d is None else d
+            for d in backward(grad, *args[:-1], "reference")))
         self.forward_op.register_autograd(
             lambda ctx, grad, *_: self._grads(ctx, grad, self.backward_op),
             setup_context=self._save)
