@@ -88,3 +88,13 @@ def test_lower_layers_do_not_reach_up(lower, never):
             bad = sorted(d for d in deps if d in never or any(
                 d.startswith(f"{n}.") for n in never if n != "fused_act"))
             assert not bad, f"{name} imports {bad}"
+
+
+def test_every_package_ships():
+    """The wheel lists its packages by name (pyproject.toml): a new folder of the package that
+    is not listed installs in editable mode and is missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # python 3.11 on
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    found = {_module(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"
