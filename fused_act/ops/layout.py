@@ -45,10 +45,13 @@ def flat_param(p: Tensor, x: Tensor) -> Tensor:
 def fp32(v: float, device: torch.device | None = None) -> float | Tensor:
     """``v`` rounded to fp32, as every kernel takes a scalar: the one rounding of a float beta,
     applied on every path (kernels, the reference backend, the decomposed and the reference
-    math), so that all agree bit for bit.  Under ``torch.compile`` ``v`` may be symbolic and
+    math), so that all agree bit for bit.  Where Dynamo traces, ``v`` may be symbolic and
     Python's rounding does not trace: there it is a 0-d fp32 tensor on ``device`` (the rounding
-    traced), which the reference math takes as its beta."""
-    if torch.compiler.is_compiling():
+    traced), which the reference math takes as its beta.  Elsewhere (eager, and the fake kernels
+    and decompositions that export runs on concrete arguments) it stays a Python float: a
+    tensor made there would be a constant of the graph, which export's functional graphs
+    refuse."""
+    if torch.compiler.is_dynamo_compiling() or isinstance(v, torch.SymFloat):
         return torch.tensor(v, dtype=torch.float32, device=device)
     return struct.unpack("f", struct.pack("f", v))[0]
 

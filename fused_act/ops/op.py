@@ -104,7 +104,7 @@ class Schema:
     def forward_signature(self) -> str:
         outs = ", ".join(["Tensor"] * len(self.outputs))
         outs = outs if len(self.outputs) == 1 else f"({outs})"
-        return f"({_params(self.args)}, str backend) -> {outs}"
+        return f"({_params(self.args)}, str? backend=None) -> {outs}"
 
     def backward_signature(self) -> str:
         grads = ", ".join(["Tensor"] * len(self.tensors))
@@ -174,12 +174,19 @@ class Op:
         self.forward, self.reference = forward, reference
         names = [a.name for a in schema.args]
         _check_names(forward, [*names, "backend"], f"{schema.name}'s forward")
+
+        n = len(schema.args)
+
+        # backend None, or left out (the schema's default): the one in force where the op runs
+        def run_forward(*args: object) -> Tensor | tuple[Tensor, ...]:
+            return forward(*args[:n], (args[n:] or (None,))[0] or get_backend())
+
         self.forward_op = torch.library.custom_op(
-            f"fused_act::{schema.name}", forward, mutates_args=(),
+            f"fused_act::{schema.name}", run_forward, mutates_args=(),
             schema=schema.forward_signature())
         # the fake kernels are the implementations' reference path on fake tensors: the same
         # shapes, strides and dtypes as every backend's outputs (which the tests hold them to)
-        self.forward_op.register_fake(lambda *args: forward(*args[:-1], "reference"))
+        self.forward_op.register_fake(lambda *args: forward(*args[:n], "reference"))
         self.backward_op = self.function = None
         if not schema.differentiable:
             return
@@ -228,7 +235,8 @@ class Op:
             "__module__": __name__})
 
     def _save(self, ctx, inputs: tuple, output: Tensor | tuple[Tensor, ...]) -> None:
-        *args, ctx.backend = inputs
+        args, backend = inputs[:len(self.schema.args)], inputs[len(self.schema.args):]
+        ctx.backend = (backend or (None,))[0] or get_backend()
         outputs = output if isinstance(output, tuple) else (output,)
         if len(outputs) > 1:
             ctx.mark_non_differentiable(*outputs[1:])
@@ -258,7 +266,9 @@ class Op:
         if torch.compiler.is_compiling():
             if mode is not None and self.compile_mode(mode) == "decompose":
                 return self.reference(*args)
-            out = self.forward_op(*args, get_backend())
+            # an exported graph runs elsewhere: its ops take the backend in force where they run
+            out = (self.forward_op(*args) if torch.compiler.is_exporting()
+                   else self.forward_op(*args, get_backend()))
         elif dispatches_itself(args):
             for hook in SUBCLASS_HOOKS:
                 hook()
