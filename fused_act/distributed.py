@@ -23,10 +23,7 @@ Should the module load past the hook, the first tensor subclass reaching an op r
 ``register()`` does the registration itself, idempotently.
 """
 
-import contextlib
 import functools
-import importlib.abc
-import importlib.machinery
 import math
 import sys
 import warnings
@@ -36,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .after_import import when_imported
 from .ops import op
 from .ops.op import DATA, PARAM, Arg, Schema
 
@@ -215,38 +213,6 @@ def _register_or_warn() -> None:
                       "DTensor inputs to fused_act's ops will be refused", stacklevel=2)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """An import hook: lets ``torch.distributed.tensor`` load as usual, then registers the rules,
-    before the module is handed to whoever imported it.  It leaves ``sys.meta_path`` once the
-    module has run, not when asked for its spec: ``importlib.util.find_spec`` asks without
-    loading the module."""
-
-    def find_spec(self, name: str, path: object, target: object = None
-                  ) -> importlib.machinery.ModuleSpec | None:
-        if name != DTENSOR_MODULE:
-            return None
-        for finder in sys.meta_path:  # the spec the import would get without this hook
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
-        else:
-            return None
-        if spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module: object) -> None:
-            exec_module(module)
-            with contextlib.suppress(ValueError):  # another load of the module removed it
-                sys.meta_path.remove(self)
-            _register_or_warn()
-
-        # the loader is this spec's own instance; the module keeps it as its __loader__
-        spec.loader.exec_module = exec_then_register
-        return spec
-
-
 def register_if_imported() -> None:
     """``register`` where ``torch.distributed.tensor`` is imported and the rules are not yet in
     place: for a tensor subclass reaching an op, in case that module was loaded past the import
@@ -263,7 +229,4 @@ def install() -> None:
         return
     if register_if_imported not in op.SUBCLASS_HOOKS:
         op.SUBCLASS_HOOKS.append(register_if_imported)
-    if DTENSOR_MODULE in sys.modules:
-        _register_or_warn()
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport())
+    when_imported(DTENSOR_MODULE, _register_or_warn)

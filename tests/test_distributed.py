@@ -340,11 +340,13 @@ def test_rules_register_when_dtensor_is_first_imported(before):
     the rules are in place as soon as anything imports it, also after a look-up that finds the
     module without loading it (an availability check)."""
     code = ("import importlib.util, sys, fused_act, fused_act.distributed as d\n"
+            "from fused_act.after_import import AfterImport\n"
             f"{before}\n"
             "assert 'torch.distributed.tensor' not in sys.modules and not d._registered\n"
             "from torch.distributed.tensor import DTensor\n"
             "assert d._registered\n"
-            "assert not any(isinstance(f, d._AfterImport) for f in sys.meta_path)\n"
+            "assert not any(isinstance(f, AfterImport) and f.name == 'torch.distributed.tensor'\n"
+            "               for f in sys.meta_path)\n"
             "prop = DTensor._op_dispatcher.sharding_propagator\n"
             "assert torch.ops.fused_act.acon_c.default in prop.op_strategy_funcs\n")
     subprocess.run([sys.executable, "-c", "import torch\n" + code], check=True, timeout=120)
@@ -355,7 +357,8 @@ def test_rules_register_at_the_first_dtensor_call_where_the_import_hook_missed()
     ``sys.meta_path``): the first DTensor to reach an op registers the rules, and the op runs."""
     code = ("import sys, tempfile, torch, torch.distributed as dist\n"
             "import fused_act, fused_act.distributed as d\n"
-            "sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, d._AfterImport)]\n"
+            "from fused_act.after_import import AfterImport\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, AfterImport)]\n"
             "from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor\n"
             "assert not d._registered\n"
             "x = torch.randn(4, 3)\n"
