@@ -12,16 +12,17 @@
     fused_act.restore_activations(model)        # modules in place, and back
 """
 
-from . import config, distributed, nn, reference
+from . import config, deploy, distributed, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import *  # noqa: F403  (its __all__: every public function)
 from .functional import __all__ as _functions
 from .nn import patch_gated_mlps, replace_activations, restore_activations
 
 distributed.install()  # DTensor sharding rules, once torch.distributed.tensor is imported
+deploy.install()  # the ONNX exporter's forms of our ops
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "config", "get_backend", "nn", "patch_gated_mlps", "reference",
+__all__ = ["BACKENDS", "config", "deploy", "get_backend", "nn", "patch_gated_mlps", "reference",
            "replace_activations", "restore_activations", "set_backend", "use_backend",
            *_functions]

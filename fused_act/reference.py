@@ -259,8 +259,10 @@ X_WINS, T_WINS, TIE, NAN = 0, 1, 2, 3
 
 def frelu_max_code(x: Tensor, t: Tensor) -> Tensor:
     """The win code of max(x, t): X_WINS, T_WINS, TIE, or NAN where either is NaN (uint8)."""
-    code = torch.full_like(x, NAN, dtype=torch.uint8)  # in place below: keeps x's strides
-    return code.masked_fill_(x == t, TIE).masked_fill_(x < t, T_WINS).masked_fill_(x > t, X_WINS)
+    # full_like and masked_fill keep x's strides; out of place, so that exported graphs of it
+    # are functional (ONNX export requires it)
+    code = torch.full_like(x, NAN, dtype=torch.uint8)
+    return code.masked_fill(x == t, TIE).masked_fill(x < t, T_WINS).masked_fill(x > t, X_WINS)
 
 
 def frelu_max_backward_code(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from .math import acon_c_bwd, acon_c_fwd, opmath, settle_cache_keys
 from .tiling import (
     Plan,
     keep,
+    launch,
     load_channel,
     num_warps,
     store_partial,
@@ -116,8 +117,8 @@ def forward(x: torch.Tensor, y: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
             beta: torch.Tensor, per_sample: bool, p: Plan) -> None:
     """Write ACON-C of ``x`` into ``y`` (dense, same strides; N outermost if ``per_sample``).
     p1, p2 hold C values, beta C or N * C (sample-major)."""
-    acon_fwd_kernel[p.grid](x, y, p1, p2, beta, p.rows, p.cols, p1.numel(), x.shape[0],
-                            p.samples, **_launch_args(p, per_sample, x.dtype))
+    launch(acon_fwd_kernel)[p.grid](x, y, p1, p2, beta, p.rows, p.cols, p1.numel(), x.shape[0],
+                                    p.samples, **_launch_args(p, per_sample, x.dtype))
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tensor,
@@ -127,9 +128,9 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, p1: torch.Tenso
     into ``partial`` if given."""
     # without parameter gradients the partials are never touched: any valid pointer will do
     slots = (dx,) * 3 if partial is None else partial.view(3, p.partials).unbind()
-    acon_bwd_kernel[p.grid](g, x, dx, p1, p2, beta, *slots, p.rows, p.cols, p1.numel(),
-                            x.shape[0], p.samples,
-                            NEED_PARAMS=partial is not None, **_launch_args(p, per_sample, x.dtype))
+    launch(acon_bwd_kernel)[p.grid](g, x, dx, p1, p2, beta, *slots, p.rows, p.cols, p1.numel(),
+                                    x.shape[0], p.samples, NEED_PARAMS=partial is not None,
+                                    **_launch_args(p, per_sample, x.dtype))
 
 
 # kernel cache keys that do not depend on launch order (math.settle_cache_keys)

@@ -15,6 +15,7 @@ from .math import act_bwd, act_fwd, opmath, settle_cache_keys
 from .tiling import (
     Plan,
     keep,
+    launch,
     load_channel,
     num_warps,
     store_partial,
@@ -91,7 +92,7 @@ def act_bwd_kernel(g_ptr, x_ptr, dx_ptr, beta_ptr, beta_value, partial_ptr, R, L
 def forward(x: torch.Tensor, y: torch.Tensor, act: int, beta: torch.Tensor | None,
             beta_value: float, p: Plan) -> None:
     """Write f(x) into ``y``; both dense with identical strides, ``beta`` flat (1 or C values)."""
-    act_fwd_kernel[p.grid](
+    launch(act_fwd_kernel)[p.grid](
         x, y, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
         ACT=act, BETA_MODE=p.layout, BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat,
         INT64=p.int64, SPLIT=tail_apart(p), num_warps=num_warps(x.dtype))
@@ -102,7 +103,7 @@ def backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int,
              p: Plan) -> None:
     """Write grad * f'(x) into ``dx``, and grad * df/dbeta into ``partial`` if given."""
     # without d/dbeta the partials are never touched: any valid pointer will do
-    act_bwd_kernel[p.grid](
+    launch(act_bwd_kernel)[p.grid](
         g, x, dx, x if beta is None else beta, beta_value, dx if partial is None else partial,
         p.rows, p.cols, p.channels, ACT=act, BETA_MODE=p.layout, NEED_DBETA=partial is not None,
         BLOCK_R=p.block_r, BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64,

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .math import max_bits, max_bwd, max_fwd, opmath, settle_cache_keys
-from .tiling import Plan, load_channel, num_warps, store_rounded, tail_apart, tile, whole
+from .tiling import Plan, launch, load_channel, num_warps, store_rounded, tail_apart, tile, whole
 
 
 @triton.jit
@@ -82,22 +82,22 @@ def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, code: torch.Tenso
             p: Plan) -> None:
     """y = max(x, t), and the win code if ``code`` is given; all dense with x's strides; ``p``
     is flat."""
-    max_fwd_kernel[p.grid](x, t, y, y if code is None else code, p.cols,
-                           WRITE_CODE=code is not None, BLOCK=p.block_l, INT64=p.int64,
-                           SPLIT=tail_apart(p), num_warps=num_warps(x.dtype))
+    launch(max_fwd_kernel)[p.grid](x, t, y, y if code is None else code, p.cols,
+                                   WRITE_CODE=code is not None, BLOCK=p.block_l, INT64=p.int64,
+                                   SPLIT=tail_apart(p), num_warps=num_warps(x.dtype))
 
 
 def backward(g: torch.Tensor, code: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor,
              p: Plan) -> None:
     """dx, dt from the incoming gradient and the win code (all with the same strides)."""
-    max_bwd_kernel[p.grid](g, code, dx, dt, p.cols, BLOCK=p.block_l, INT64=p.int64,
-                           SPLIT=tail_apart(p), num_warps=num_warps(g.dtype))
+    launch(max_bwd_kernel)[p.grid](g, code, dx, dt, p.cols, BLOCK=p.block_l, INT64=p.int64,
+                                   SPLIT=tail_apart(p), num_warps=num_warps(g.dtype))
 
 
 def forward_affine(x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    y: torch.Tensor, p: Plan) -> None:
     """y = max(x, a t + b) with a, b per channel (C values, fp32)."""
-    max_affine_kernel[p.grid](
+    launch(max_affine_kernel)[p.grid](
         x, t, a, b, y, p.rows, p.cols, p.channels, LAYOUT=p.layout, BLOCK_R=p.block_r,
         BLOCK_L=p.block_l, FLAT=p.flat, INT64=p.int64, SPLIT=tail_apart(p),
         num_warps=num_warps(x.dtype))

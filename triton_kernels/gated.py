@@ -17,6 +17,7 @@ from .math import act_bwd, act_fwd, opmath, settle_cache_keys
 from .tiling import (
     Plan,
     keep,
+    launch,
     num_warps,
     store_partial,
     store_rounded,
@@ -111,8 +112,9 @@ def forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, strides: tu
             act: int, beta: torch.Tensor | None, beta_value: float,
             p: Plan) -> None:
     """Write act(gate) * up into ``out``; ``strides`` are the three tensors' row strides."""
-    glu_fwd_kernel[p.grid](gate, up, out, gate if beta is None else beta, beta_value, *strides,
-                           p.rows, p.cols, **_launch_args(act, p, strides, gate.dtype))
+    launch(glu_fwd_kernel)[p.grid](
+        gate, up, out, gate if beta is None else beta, beta_value, *strides, p.rows, p.cols,
+        **_launch_args(act, p, strides, gate.dtype))
 
 
 def backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
@@ -122,10 +124,10 @@ def backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch
     """Write g up act'(gate) into ``dgate`` and g act(gate) into ``dup`` (``strides``: the five
     tensors' row strides), and g up d act/d beta into ``partial`` if given."""
     # without d/dbeta the partials are never touched: any valid pointer will do
-    glu_bwd_kernel[p.grid](g, gate, up, dgate, dup, gate if beta is None else beta, beta_value,
-                           dgate if partial is None else partial, *strides, p.rows, p.cols,
-                           NEED_DBETA=partial is not None,
-                           **_launch_args(act, p, strides, gate.dtype))
+    launch(glu_bwd_kernel)[p.grid](
+        g, gate, up, dgate, dup, gate if beta is None else beta, beta_value,
+        dgate if partial is None else partial, *strides, p.rows, p.cols,
+        NEED_DBETA=partial is not None, **_launch_args(act, p, strides, gate.dtype))
 
 
 # kernel cache keys that do not depend on launch order (math.settle_cache_keys)

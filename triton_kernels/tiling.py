@@ -2,6 +2,9 @@
 their layouts and partial-sum slots): a program's tile, its partial sums, its parameters, and
 the store every kernel writes through."""
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 import triton
@@ -70,6 +73,34 @@ def tile(pid, R, L, S, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.co
     row_mask = r_in < rows_per_sample
     mask = row_mask[:, None] & (cols[None, :] < L)
     return sample, sample * n_r + pid_r, pid_l, rows, cols, offs, mask, row_mask
+
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced_launches() -> Iterator[None]:
+    """Within the block, every launcher's kernels are recorded into a graph being traced (as
+    ``torch.library.wrap_triton`` records them) instead of run: a traced program, such as an
+    AOTInductor package, then holds these kernels themselves (fused_act/deploy.py)."""
+    previous, _tracing.on = getattr(_tracing, "on", False), True
+    try:
+        yield
+    finally:
+        _tracing.on = previous
+
+
+def launch(kernel: triton.JITFunction) -> object:
+    """``kernel``, launchable as ``launch(kernel)[grid](...)``; a traceable launch within
+    ``traced_launches``."""
+    if not getattr(_tracing, "on", False):
+        return kernel
+    if INTERPRETED.value:
+        # the interpreter's kernels run on the host: a graph would hold no launch at all
+        raise RuntimeError("fused_act: Triton kernels run by the interpreter "
+                           "(TRITON_INTERPRET=1) cannot be traced into a graph")
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
 
 
 def tail_apart(p: Plan) -> bool:
