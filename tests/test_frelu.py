@@ -103,9 +103,68 @@ def test_opcheck(backend_name, device):
         code = reference.frelu_max_code(x, t)
         torch.library.opcheck(ops.frelu_max_backward_op,
                               (torch.randn_like(x.detach()), code, backend_name))
-        a, b = torch.randn(6, device=device), torch.randn(6, device=device)
-        torch.library.opcheck(ops.frelu_max_affine_op,
-                              (x.detach(), t.detach(), a, b, backend_name))
+        g = torch.randn_like(x.detach())
+        for need in (False, True):
+            a, b = (torch.randn(6, device=device).requires_grad_(need) for _ in range(2))
+            torch.library.opcheck(ops.frelu_max_affine_op, (x.detach().requires_grad_(),
+                                                            t.detach(), a, b, backend_name))
+            torch.library.opcheck(ops.frelu_max_affine_backward_op,
+                                  (g, x.detach(), t.detach(), a.detach(), b.detach(), need,
+                                   backend_name))
+
+
+def _affine_args(x, t, a=None, b=None):
+    """Per-channel a, b for x of shape (N, C, ...) (random unless given), as leaves."""
+    gen = torch.Generator().manual_seed(1)
+    c = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a = torch.randn(c, generator=gen, dtype=acc) if a is None else torch.full((c,), a, dtype=acc)
+    b = torch.randn(c, generator=gen, dtype=acc) if b is None else torch.full((c,), b, dtype=acc)
+    return x, t, a.to(x.device).requires_grad_(), b.to(x.device).requires_grad_()
+
+
+def _torch_affine(x, t, a, b):
+    """max(x, a t + b) in plain torch: what the unfused eval module computes."""
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    return torch.maximum(x, t * a.view(shape).to(t.dtype) + b.view(shape).to(t.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("key", ["nchw", "channels_last"])
+def test_affine_routes_as_torch_maximum(key, dtype, backend_name, device):
+    """With a = 1, b = 0 (z = t exactly) the affine op's gradients are torch.maximum's: ties
+    and signed zeros split half and half, NaN on either side sends the gradient to both."""
+    need_backend(backend_name, device)
+    args = _affine_args(*make(key, dtype, device), a=1.0, b=0.0)
+    g = torch.randn(args[0].shape, dtype=torch.float64).to(dtype).to(device)
+    with fused_act.use_backend(backend_name):
+        y = ops.FRELU_MAX_AFFINE(*args)
+        got = torch.autograd.grad(y, args, g)
+    want = _torch_affine(*args)
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+    wants = torch.autograd.grad(want, args, g)
+    for d, w in zip(got[:2], wants[:2], strict=True):
+        torch.testing.assert_close(d, w, rtol=0, atol=0)
+    for d, w in zip(got[2:], wants[2:], strict=True):  # sums over N, H, W: NaN where t is
+        torch.testing.assert_close(d, w, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_affine_gradcheck(backend_name, device):
+    """gradcheck and gradgradcheck of max(x, a t + b) in x, t, a and b, through the eager path
+    and through the custom op's autograd registration."""
+    need_backend(backend_name, device)
+    x, t = make("nchw", torch.float64, device, ties=False)
+    x, t = (v.detach()[:2, :3, :3, :4].clone().requires_grad_() for v in (x, t))
+    args = _affine_args(x, t)
+    with fused_act.use_backend(backend_name):
+        assert torch.autograd.gradcheck(ops.FRELU_MAX_AFFINE, args)
+        assert torch.autograd.gradgradcheck(ops.FRELU_MAX_AFFINE, args)
+        assert torch.autograd.gradcheck(
+            lambda *v: ops.frelu_max_affine_op(*v, backend_name), args)
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
