@@ -284,3 +284,41 @@ def test_saved_bytes_vs_plain_module():
     # both keep x (the convolution's input) and t (BatchNorm's input); the max keeps 1 byte
     # per element for ours, bn(t) for the plain module
     assert b_theirs - b_ours == n * (4 - 1), (b_ours / n, b_theirs / n)
+
+
+# ---- eval mode: the folded op whatever the grad mode, in eager, export and compile ----------
+
+def _fused_act_ops(graph):
+    """The names of the fused_act ops a traced graph calls."""
+    return {str(n.target).split(".")[1] for n in graph.nodes
+            if str(n.target).startswith("fused_act.")}
+
+
+def _eval_pair(dtype, device="cpu"):
+    """The plain module and ours in eval mode, with the same non-trivial weights and running
+    statistics (BatchNorm's weight of both signs)."""
+    torch.manual_seed(0)
+    theirs = PlainFReLU(6).to(device, dtype)
+    with torch.no_grad():
+        theirs.bn.weight.uniform_(-2.0, 2.0)
+        theirs.bn.bias.uniform_(-1.0, 1.0)
+        theirs.bn.running_mean.uniform_(-1.0, 1.0)
+        theirs.bn.running_var.uniform_(0.5, 2.0)
+    ours = fused_act.nn.FReLU(6).to(device, dtype)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("compile_mode", ["decompose", {"frelu_max": "decompose"}],
+                         ids=["all", "frelu_max"])
+def test_decompose_exports_no_fused_op(compile_mode, grad, monkeypatch):
+    """With compile mode "decompose" the exported eval module is plain torch operations (the
+    folded op's reference math) and computes the unfused module's values."""
+    monkeypatch.setattr(fused_act.config, "compile_mode", compile_mode)
+    theirs, ours = _eval_pair(torch.float32)
+    x = torch.randn(2, 6, 7, 8)
+    with torch.set_grad_enabled(grad):
+        exported = torch.export.export(ours, (x,))
+    assert _fused_act_ops(exported.graph) == set()
+    torch.testing.assert_close(exported.module()(x), theirs(x), rtol=1e-5, atol=1e-5)

@@ -184,6 +184,7 @@ class FReLU(FusedModule):
 
     The convolution runs in PyTorch and the max step is fused.  In eval mode without gradients
     BatchNorm folds into the max kernel as a per-channel ``a t + b``, making no pass of its own.
+    Both ops follow compile mode "frelu_max".
     """
 
     def __init__(self, c1: int, k: int = 3) -> None:
@@ -207,7 +208,7 @@ class FReLU(FusedModule):
         b = -bn.running_mean.to(acc) * a
         if bn.bias is not None:
             b = b + bn.bias.to(acc)
-        return ops.FRELU_MAX_AFFINE(x, t, a, b)
+        return ops.FRELU_MAX_AFFINE(x, t, a, b, mode="frelu_max")
 
 
 class GLU(FusedModule):
