@@ -282,6 +282,21 @@ def frelu_max_affine(x: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.maximum(xf, tf * _param(a, x) + _param(b, x)).to(x.dtype)
 
 
+def frelu_max_affine_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
+                              need_params: bool = True
+                              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(dx, dt, da, db) of ``frelu_max_affine``: ``frelu_max_backward``'s routing between x and
+    z = a t + b (ties half and half, NaN to both), then dt = a dz, da = sum t dz, db = sum dz
+    per channel (None unless ``need_params``); differentiable in every input."""
+    xf, tf, af = _opmath(x), _opmath(t), _param(a, x)
+    # z as the forward computes it, so the routing sees the forward's comparison
+    gx, gz = frelu_max_backward(_opmath(grad), xf, tf * af + _param(b, x))
+    dx, dt = gx.to(x.dtype), (gz * af).to(t.dtype)
+    if not need_params:
+        return dx, dt, None, None
+    return dx, dt, _grad_to(gz * tf, a), _grad_to(gz, b)
+
+
 # ---- gated: act(gate) * up (SwiGLU, GeGLU, ...) --------------------------------------------
 
 def halves(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:

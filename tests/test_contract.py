@@ -796,7 +796,8 @@ def _op_calls(name, x, params, backend):
         a, b = _rand(x.shape[1], gen=_gen(103)), _rand(x.shape[1], gen=_gen(107))
         return [(ops.frelu_max_op, (x, params[0], True, backend)),
                 (ops.frelu_max_backward_op, (g, code, backend)),
-                (ops.frelu_max_affine_op, (x, params[0], a, b, backend))]
+                (ops.frelu_max_affine_op, (x, params[0], a, b, backend)),
+                (ops.frelu_max_affine_backward_op, (g, x, params[0], a, b, True, backend))]
     spec = _beta_spec(name)
     return [(ops.activation_op, (x, spec.kernel, params[0], 1.0, backend)),
             (ops.activation_backward_op, (g, x, spec.kernel, params[0], 1.0, True, backend))]

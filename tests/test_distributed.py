@@ -171,9 +171,9 @@ CASES = {case.name: case for case in (
          (CHANNEL, CHANNEL, Param((N, C), {0: 0, 1: 1})), "acon_c"),
     Case("frelu_max", fused_act.frelu_max, (Param((N, C, L), {0: 0, 1: 1, 2: 2}),),
          "frelu_max"),
-    # FReLU's eval-mode step (inference only): max(x, a t + b), a and b per channel
+    # FReLU's eval-mode step: max(x, a t + b), a and b per channel
     Case("frelu_max_affine", ops.FRELU_MAX_AFFINE,
-         (Param((N, C, L), {0: 0, 1: 1, 2: 2}), CHANNEL, CHANNEL), "frelu_max_affine", False),
+         (Param((N, C, L), {0: 0, 1: 1, 2: 2}), CHANNEL, CHANNEL), "frelu_max_affine"),
     # the gated op: act(gate) * up with x the gate, and of x's halves (packed gate and up)
     *(Case(f"glu_{s.name}", lambda x, u, *b, s=s: fused_act.glu(
         x, u, s.function or s.name, **s.kwargs, **({"beta": b[0] if b else -0.75}

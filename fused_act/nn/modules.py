@@ -182,8 +182,11 @@ class FReLU(FusedModule):
     ``max(x, bn(conv(x)))`` with a depthwise ``k`` x ``k`` convolution, named and shaped as the
     paper's published module.
 
-    The convolution runs in PyTorch and the max step is fused.  In eval mode without gradients
-    BatchNorm folds into the max kernel as a per-channel ``a t + b``, making no pass of its own.
+    The convolution runs in PyTorch and the max step is fused.  In eval mode (BatchNorm on its
+    running statistics) BatchNorm folds into the max kernel as a per-channel ``a t + b``, making
+    no pass of its own, whatever the grad mode: a and b are computed from BatchNorm's parameters
+    by differentiable torch operations, so gradients reach its weight and bias, and an exported
+    or compiled eval model holds the folded op.  Both ops follow compile mode "frelu_max".
     """
 
     def __init__(self, c1: int, k: int = 3) -> None:
@@ -195,9 +198,8 @@ class FReLU(FusedModule):
     def forward(self, x: Tensor) -> Tensor:
         t = self.conv(x)
         bn = self.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None or (
-                torch.is_grad_enabled() and (t.requires_grad or any(
-                    p.requires_grad for p in bn.parameters()))):
+        # the fold needs both running statistics, which BatchNorm uses only outside training
+        if bn.training or bn.running_mean is None or bn.running_var is None:
             return functional.frelu_max(x, bn(t))
         functional._check_frelu_pair("nn.FReLU", x, t)
         acc = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32, or fp64
@@ -207,7 +209,7 @@ class FReLU(FusedModule):
         b = -bn.running_mean.to(acc) * a
         if bn.bias is not None:
             b = b + bn.bias.to(acc)
-        return ops.FRELU_MAX_AFFINE(x, t, a, b)
+        return ops.FRELU_MAX_AFFINE(x, t, a, b, mode="frelu_max")
 
 
 class GLU(FusedModule):

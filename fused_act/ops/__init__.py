@@ -34,6 +34,8 @@ from .frelu import (
     FRELU_MAX_AFFINE,
     frelu_backward_impl,
     frelu_forward_impl,
+    frelu_max_affine_backward_impl,
+    frelu_max_affine_backward_op,
     frelu_max_affine_impl,
     frelu_max_affine_op,
     frelu_max_backward_op,
@@ -50,6 +52,7 @@ __all__ = [
     "acon_backward_impl", "acon_c_backward_op", "acon_c_op", "acon_forward_impl",
     "activation_backward_op", "activation_op", "apply_", "backward_impl", "dense",
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
-    "frelu_max_affine_impl", "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",
+    "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
+    "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",
     "glu_backward_impl", "glu_backward_op", "glu_forward_impl", "glu_op", "is_dense", "like",
     "row_stride", "row_walk"]

@@ -1,6 +1,7 @@
 """FReLU's max step: ``fused_act::frelu_max``, which saves a one-byte code of the side that won
 instead of x and t, and the eval-mode ``fused_act::frelu_max_affine``, max(x, a t + b) with the
-BatchNorm folded into per-channel a, b (no autograd)."""
+BatchNorm folded into per-channel a, b (differentiable in all four, its backward the reference
+math).  Both follow the compile mode of "frelu_max"."""
 
 import torch
 from torch import Tensor
@@ -61,7 +62,7 @@ frelu_max_op, frelu_max_backward_op = FRELU_MAX.forward_op, FRELU_MAX.backward_o
 
 
 def frelu_max_affine_impl(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: str) -> Tensor:
-    """max(x, a t + b) with per-channel a, b: FReLU's eval-mode step (no autograd)."""
+    """max(x, a t + b) with per-channel a, b: FReLU's eval-mode step."""
     xd = dense(x)
     td = like(t, xd)
     k = launcher(x.device, backend)
@@ -74,8 +75,25 @@ def frelu_max_affine_impl(x: Tensor, t: Tensor, a: Tensor, b: Tensor, backend: s
     return y
 
 
+def frelu_max_affine_backward_impl(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
+                                   need_params: bool, backend: str
+                                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(dx, dt, da, db) of max(x, a t + b), da and db only if ``need_params`` (else None).
+
+    The reference math on every backend, ``backend`` unused: a gradient through the folded
+    BatchNorm is the rare eval-mode-with-grad path (an export or a compile of an eval model,
+    fine-tuning through a frozen BatchNorm), not worth kernels of its own.  The training path,
+    ``frelu_max``, keeps its fused backward."""
+    xd = dense(x)
+    dx, dt, da, db = reference.frelu_max_affine_backward(like(grad, xd), xd, like(t, xd), a, b,
+                                                         need_params)
+    return like(dx, xd), like(dt, xd), da, db
+
+
 FRELU_MAX_AFFINE = Op(
     Schema("frelu_max_affine", (data("x"), data("t"), param("a"), param("b")),
-           differentiable=False),
-    frelu_max_affine_impl, reference.frelu_max_affine, compile_mode=config.mode_for)
+           flag="need_params"),
+    frelu_max_affine_impl, reference.frelu_max_affine, frelu_max_affine_backward_impl,
+    reference.frelu_max_affine_backward, compile_mode=config.mode_for)
 frelu_max_affine_op = FRELU_MAX_AFFINE.forward_op
+frelu_max_affine_backward_op = FRELU_MAX_AFFINE.backward_op
