@@ -1,0 +1,270 @@
+"""Shipping a swapped model (fused_act/deploy.py): ``torch.export`` (the graph, ``ep.module()``, a
+dynamic batch, save and load), ``.pt2`` files and AOTInductor packages loaded in a fresh process
+that cannot import fused_act, and ONNX export run in onnxruntime; for every module and for
+three real models: a Sequential of every fused_act module, timm's resnet10t with mish and a tiny
+transformers Llama after ``patch_gated_mlps``.  On the CPU; the CUDA package (our Triton kernels
+inside) is a cuda-marked test.
+"""
+
+import importlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import fused_act
+from fused_act import deploy
+from fused_act import nn as fnn
+
+# the first statement of a serving process: fused_act cannot be imported there
+NO_FUSED_ACT = "import sys\nsys.modules['fused_act'] = None\nimport torch\n"
+BACKEND_NAMES = {"auto", "triton", "cuda", "reference"}
+
+
+def _need(package: str):
+    try:
+        return importlib.import_module(package)
+    except Exception as e:  # noqa: BLE001 - any import failure is the reason to skip
+        pytest.skip(f"{package} does not import beside torch {torch.__version__}: {e!r}")
+
+
+def _modules() -> dict[str, nn.Module]:
+    """Every fused_act module, on 8 channels of (2, 8, 6, 6) input."""
+    return {
+        "mish": fnn.Mish(), "mish_inplace": fnn.Mish(inplace=True), "silu": fnn.SiLU(),
+        "gelu": fnn.GELU(), "gelu_tanh": fnn.GELU(approximate="tanh"),
+        "swish": fnn.Swish(beta=1.5), "swish_learnable": fnn.Swish(learnable=True,
+                                                                   num_parameters=8),
+        "squared_relu": fnn.SquaredReLU(), "acon_c": fnn.AconC(8), "meta_acon_c": fnn.MetaAconC(8),
+        "frelu": fnn.FReLU(8), "glu_gelu": fnn.GLU("gelu", dim=1),
+        "glu_swish_learnable": fnn.GLU("swish", dim=1, learnable=True)}
+
+
+# what each module's ONNX graph must hold: ONNX's own operator where one computes the function
+ONNX_OPS = {"mish": {"Mish"}, "mish_inplace": {"Mish"}, "silu": {"Sigmoid", "Mul"},
+            "gelu": {"Gelu"}, "gelu_tanh": {"Gelu"}, "swish": {"Sigmoid", "Mul"},
+            "frelu": {"Max"}, "glu_gelu": {"Gelu", "Mul"}, "squared_relu": {"Relu"}}
+
+
+def _random_init(model: nn.Module) -> nn.Module:
+    """Parameters and BatchNorm statistics off their defaults (so that a fold or a missed
+    parameter shows), in eval mode."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith(
+                    ("running_var", "beta")) else torch.randn(t.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def _sequential() -> nn.Module:
+    torch.manual_seed(0)
+    modules = _modules()
+    gated = modules.pop("glu_gelu"), modules.pop("glu_swish_learnable")  # each halves C
+    return _random_init(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), *modules.values(),
+                                      gated[0], nn.Conv2d(4, 8, 1), gated[1]))
+
+
+class _Logits(nn.Module):
+    """A causal LM as export takes it: token ids in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def _resnet() -> nn.Module:
+    timm = _need("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5, act_layer="mish")
+    fused_act.replace_activations(model)
+    return _random_init(model)
+
+
+def _llama() -> nn.Module:
+    transformers = _need("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, num_hidden_layers=2, hidden_size=32,
+                                   intermediate_size=64, num_attention_heads=2,
+                                   num_key_value_heads=1, use_cache=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    fused_act.patch_gated_mlps(model)
+    return _Logits(model).eval()
+
+
+MODELS = {
+    "sequential": (_sequential, lambda: torch.randn(2, 4, 6, 6)),
+    "timm_resnet10t_mish": (_resnet, lambda: torch.randn(2, 3, 32, 32)),
+    "llama": (_llama, lambda: torch.randint(0, 64, (2, 7))),
+}
+
+
+def _ours(graph: torch.fx.Graph) -> set[str]:
+    return {str(n.target) for n in graph.nodes if str(n.target).startswith("fused_act.")}
+
+
+def _fresh(code: str, cwd: Path) -> str:
+    """Run ``code`` in a new interpreter that cannot import fused_act; its stdout."""
+    done = subprocess.run([sys.executable, "-c", NO_FUSED_ACT + code], capture_output=True,
+                          text=True, timeout=900, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_export_holds_our_ops_and_no_backend():
+    """``torch.export`` keeps our ops (and with them our kernels where the graph runs), with no
+    backend argument: the graph is the same whatever backend was in force at export.
+    ``ep.module()`` computes the model, with a dynamic batch too, and the program saves and
+    loads in a process that imported fused_act."""
+    model, x = _sequential(), torch.randn(2, 4, 6, 6)
+    want = model(x)
+    batch = torch.export.Dim("batch", min=1)
+    graphs = []
+    for backend in ("auto", "reference"):
+        with fused_act.use_backend(backend):
+            ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+        graphs.append(str(ep.graph))
+    assert graphs[0] == graphs[1]
+    assert _ours(ep.graph) == {"fused_act.activation.default", "fused_act.acon_c.default",
+                               "fused_act.frelu_max_affine.default", "fused_act.glu.default"}
+    for node in ep.graph.nodes:
+        assert not BACKEND_NAMES & {a for a in node.args if isinstance(a, str)}, node.format_node()
+    torch.testing.assert_close(ep.module()(x), want, rtol=0, atol=0)
+    x3 = torch.randn(3, 4, 6, 6)
+    torch.testing.assert_close(ep.module()(x3), model(x3), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.export.load(buffer).module()(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pt2_decomposed_runs_without_fused_act(name, tmp_path):
+    """``ep.run_decompositions(deploy.decompositions())`` leaves none of our ops, and its
+    ``.pt2`` file loads and runs in a process without fused_act, giving the model's values."""
+    build, inputs = MODELS[name]
+    model, x = build(), inputs()
+    ep = torch.export.export(model, (x,)).run_decompositions(deploy.decompositions())
+    assert not _ours(ep.graph)
+    torch.export.save(ep, tmp_path / "model.pt2")
+    torch.save((x, model(x)), tmp_path / "io.pt")
+    out = _fresh("x, want = torch.load('io.pt')\n"
+                 "got = torch.export.load('model.pt2').module()(x)\n"
+                 "torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)\n"
+                 "assert not [m for m in sys.modules if m.startswith('fused_act.')]\n"
+                 "print('ok')\n", tmp_path)
+    assert out.strip() == "ok"
+
+
+def test_pt2_with_our_ops_needs_import_fused_act(tmp_path):
+    """A ``.pt2`` that keeps our ops loads after ``import fused_act``; without it, torch's
+    error names our op (what torch allows: its loader resolves ops before any hook of ours)."""
+    model, x = _sequential(), torch.randn(2, 4, 6, 6)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
+    torch.save((x, model(x)), tmp_path / "io.pt")
+    done = subprocess.run([sys.executable, "-c", NO_FUSED_ACT + "torch.export.load('model.pt2')"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0 and "fused_act" in done.stderr, done.stderr[-2000:]
+    code = ("import torch, fused_act\nx, want = torch.load('io.pt')\n"
+            "got = torch.export.load('model.pt2').module()(x)\n"
+            "torch.testing.assert_close(got, want, rtol=0, atol=0)\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["sequential", "llama"])
+def test_aoti_package_runs_without_fused_act(name, tmp_path):
+    """An AOTInductor package of the program decomposed with ``kernels=True`` (on the CPU: the
+    reference math, which Inductor compiles to C++) loads and runs where fused_act cannot be
+    imported."""
+    build, inputs = MODELS[name]
+    model, x = build(), inputs()
+    ep = torch.export.export(model, (x,))
+    ep = ep.run_decompositions(deploy.decompositions(kernels=True))
+    assert not _ours(ep.graph)
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
+    torch.save((x, model(x)), tmp_path / "io.pt")
+    out = _fresh("x, want = torch.load('io.pt')\n"
+                 "got = torch._inductor.aoti_load_package('model.pt2')(x)\n"
+                 "torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)\nprint('ok')\n",
+                 tmp_path)
+    assert out.strip().endswith("ok")
+
+
+def test_kernels_refused_where_they_cannot_be_traced():
+    """``kernels=True`` with Triton's interpreter in force: its kernels run on the host, so a
+    graph would hold no launch; a clear error, never a program that computes nothing."""
+    x = torch.randn(2, 8, 6, 6)
+    ep = torch.export.export(fnn.Mish(), (x,))
+    with fused_act.use_backend("triton"), pytest.raises(RuntimeError, match="interpreter"):
+        ep.run_decompositions(deploy.decompositions(kernels=True))
+
+
+def _onnx_run(model: nn.Module, x: Tensor) -> tuple[set[str], Tensor]:
+    """(the ONNX operator types, onnxruntime's output) of ``torch.onnx.export(model, (x,),
+    dynamo=True)``."""
+    _need("onnxscript")
+    ort = _need("onnxruntime")
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    proto = program.model_proto
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    return {n.op_type for n in proto.graph.node}, torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("name", list(_modules()))
+def test_onnx_export_of_every_module(name):
+    """Each module exports to ONNX with no argument of ours, as ONNX's own operator where one
+    computes the function (``ONNX_OPS``) and primitive operations otherwise, and onnxruntime
+    gives the module's values."""
+    torch.manual_seed(0)
+    module = _random_init(_modules()[name])
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), module).eval()
+    x = torch.randn(2, 8, 6, 6)
+    want = model(x.clone())
+    kinds, got = _onnx_run(model, x)
+    assert ONNX_OPS.get(name, set()) <= kinds, kinds
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnx_export_of_models(name):
+    build, inputs = MODELS[name]
+    model, x = build(), inputs()
+    kinds, got = _onnx_run(model, x)
+    assert not any(k.startswith("fused_act") for k in kinds)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_aoti_package_on_cuda_holds_our_triton_kernels(tmp_path):
+    """On a GPU, ``decompositions(kernels=True)`` turns each op into the launches of our Triton
+    kernels, which AOTInductor compiles into its package: the package runs where fused_act
+    cannot be imported, with our kernels (their names in the generated code)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model, x = _sequential().cuda(), torch.randn(2, 4, 6, 6, device="cuda")
+    ep = torch.export.export(model, (x,))
+    ep = ep.run_decompositions(deploy.decompositions(kernels=True))
+    assert not _ours(ep.graph)
+    assert any("triton_kernel_wrapper" in str(n.target) for n in ep.graph.nodes)
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
+    torch.save((x.cpu(), model(x).cpu()), tmp_path / "io.pt")
+    out = _fresh("x, want = torch.load('io.pt')\n"
+                 "got = torch._inductor.aoti_load_package('m.pt2')(x.cuda()).cpu()\n"
+                 "torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)\nprint('ok')\n",
+                 tmp_path)
+    assert out.strip().endswith("ok")
+    import zipfile
+    names = " ".join(zipfile.ZipFile(path).namelist())
+    assert "act_fwd_kernel" in names or "act_fwd_kernel" in str(ep.graph), names[:2000]
