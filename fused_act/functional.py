@@ -273,16 +273,24 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
     return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
 
 
-def _plain(spec: Spec) -> Callable[[Tensor], Tensor]:
-    """The public function of an activation without arguments of its own (its spec's ``doc``)."""
+def _plain(spec: Spec) -> Callable[..., Tensor]:
+    """The public function of an activation without arguments of its own (its spec's ``doc``),
+    with torch.nn.functional's ``inplace``."""
     name = spec.name
 
-    def function(x: Tensor) -> Tensor:
+    def function(x: Tensor, inplace: bool = False) -> Tensor:
         _check_x(name, x)
-        return ops.ACTIVATION(x, name, None, 1.0, mode=name)
+        if not inplace:
+            return ops.ACTIVATION(x, name, None, 1.0, mode=name)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the backward reads the input, which the write would destroy: it reads a copy;
+            # copy_ raises torch's own error for a leaf that requires grad, as torch's does
+            return x.copy_(ops.ACTIVATION(x.clone(), name, None, 1.0, mode=name))
+        return ops.apply_(x, name)
 
     function.__name__ = function.__qualname__ = name
-    function.__doc__ = spec.doc
+    function.__doc__ = (f"{inspect.cleandoc(spec.doc)}\n\n``inplace=True`` writes the result into "
+                        "``x`` and returns ``x``, as torch.nn.functional's ``inplace``.")
     return function
 
 
@@ -319,8 +327,10 @@ globals().update(FUNCTIONS)
 __all__ = sorted(FUNCTIONS)
 
 # each public activation function's keyword arguments with their defaults, which a gated op's
-# activation arguments are checked against: read once here, as torch.compile traces a dict
+# activation arguments are checked against (``inplace`` is no argument of the activation): read
+# once here, as torch.compile traces a dict
 _ACTIVATION_ARGS = {
     s.public: {p.name: p.default
-               for p in list(inspect.signature(FUNCTIONS[s.public]).parameters.values())[1:]}
+               for p in list(inspect.signature(FUNCTIONS[s.public]).parameters.values())[1:]
+               if p.name != "inplace"}
     for s in SPECS.values()}

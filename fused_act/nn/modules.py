@@ -69,15 +69,9 @@ class _InplaceActivation(FusedModule):
         self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:
-        spec = SPECS[self.op]
-        if not self.inplace:
-            return spec.call(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            # the backward reads the input, which the write would destroy: it reads a copy;
-            # copy_ raises torch's own error for a leaf that requires grad, as torch.nn's does
-            return x.copy_(spec.call(x.clone()))
-        functional._check_x(spec.public, x)
-        return ops.apply_(x, self.op)
+        # one call, whatever x is: torch.fx traces it as one node (the function decides how to
+        # write in place, where a branch on x would stop the tracer)
+        return SPECS[self.op].call(x, inplace=self.inplace)
 
     def _details(self) -> str:
         return "inplace=True" if self.inplace else ""
