@@ -189,7 +189,10 @@ class FReLU(FusedModule):
     def forward(self, x: Tensor) -> Tensor:
         t = self.conv(x)
         bn = self.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None or (
+        # torch.fx cannot branch on t's requires_grad, and its graph may run in either mode:
+        # it records the form that is right in both (the fold is an eager saving)
+        traced = isinstance(t, torch.fx.Proxy)
+        if traced or bn.training or bn.running_mean is None or bn.running_var is None or (
                 torch.is_grad_enabled() and (t.requires_grad or any(
                     p.requires_grad for p in bn.parameters()))):
             return functional.frelu_max(x, bn(t))
