@@ -66,12 +66,18 @@ class _InplaceActivation(FusedModule):
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
+        public = SPECS[self.op].public
+        if inplace and "inplace" not in inspect.signature(getattr(functional, public)).parameters:
+            raise ValueError(f"fused_act.nn.{type(self).__name__}: inplace=True needs "
+                             f"fused_act.{public} to take inplace (it does not)")
         self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:
         # one call, whatever x is: torch.fx traces it as one node (the function decides how to
-        # write in place, where a branch on x would stop the tracer)
-        return SPECS[self.op].call(x, inplace=self.inplace)
+        # write in place, where a branch on x would stop the tracer); an aliased spec's function
+        # (gelu) takes no inplace
+        spec = SPECS[self.op]
+        return spec.call(x, inplace=True) if self.inplace else spec.call(x)
 
     def _details(self) -> str:
         return "inplace=True" if self.inplace else ""
