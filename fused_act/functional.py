@@ -1,13 +1,19 @@
 """The public functional API: argument checks, then one call into ``ops``.
 
-Every check runs before any kernel launch and names the op and the argument.
+Every check runs before any kernel launch and names the op and the argument.  Every public
+function takes part in torch's ``__torch_function__`` protocol as torch.nn.functional's do, so
+``torch.fx`` records it as one call (a leaf) and a tensor-like with a ``__torch_function__`` of
+its own sees the call.
 """
 
+import functools
 import inspect
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import ops, reference
 from .registry import FUNCTIONS, SPECS, Spec
@@ -267,30 +273,64 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
     return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
 
 
-def _plain(spec: Spec) -> Callable[[Tensor], Tensor]:
-    """The public function of an activation without arguments of its own (its spec's ``doc``)."""
+def _plain(spec: Spec) -> Callable[..., Tensor]:
+    """The public function of an activation without arguments of its own (its spec's ``doc``),
+    with torch.nn.functional's ``inplace``."""
     name = spec.name
 
-    def function(x: Tensor) -> Tensor:
+    def function(x: Tensor, inplace: bool = False) -> Tensor:
         _check_x(name, x)
-        return ops.ACTIVATION(x, name, None, 1.0, mode=name)
+        if not inplace:
+            return ops.ACTIVATION(x, name, None, 1.0, mode=name)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the backward reads the input, which the write would destroy: it reads a copy;
+            # copy_ raises torch's own error for a leaf that requires grad, as torch's does
+            return x.copy_(ops.ACTIVATION(x.clone(), name, None, 1.0, mode=name))
+        return ops.apply_(x, name)
 
     function.__name__ = function.__qualname__ = name
-    function.__doc__ = spec.doc
+    function.__doc__ = (f"{inspect.cleandoc(spec.doc)}\n\n``inplace=True`` writes the result into "
+                        "``x`` and returns ``x``, as torch.nn.functional's ``inplace``.")
     return function
 
 
+_F = TypeVar("_F", bound=Callable[..., Tensor])
+
+
+def _overridable(function: _F) -> _F:
+    """``function`` taking part in the ``__torch_function__`` protocol, as torch.nn.functional's
+    functions do: a call with any argument whose type overrides it (an FX ``Proxy``, a
+    tensor-like, a tensor subclass, or under a TorchFunctionMode) is handed to that override with
+    the public function itself as ``func``, so ``torch.fx`` records one node whose target is
+    the public function and a traced graph calls it back.  Plain tensors, ``nn.Parameter`` and
+    DTensor (whose ``__torch_function__`` is disabled) pass one C check and run ``function``."""
+
+    @functools.wraps(function)
+    def public(*args: object, **kwargs: object) -> Tensor:
+        relevant = (*args, *kwargs.values()) if kwargs else args
+        if has_torch_function(relevant):
+            return handle_torch_function(public, relevant, *args, **kwargs)
+        return function(*args, **kwargs)
+
+    return public  # type: ignore[return-value]
+
+
 # The public functions, re-exported by fused_act/__init__.py: those written above, and one
-# generated for every other activation of the registry (it takes x alone).
-FUNCTIONS.update({"acon_c": acon_c, "frelu_max": frelu_max, "geglu": geglu, "gelu": gelu,
-                  "glu": glu, "swiglu": swiglu, "swish": swish})
-FUNCTIONS.update({s.public: _plain(s) for s in SPECS.values() if s.public not in FUNCTIONS})
+# generated for every other activation of the registry (it takes x alone); each is registered
+# overridable, the one place the protocol is added.
+_WRITTEN = {"acon_c": acon_c, "frelu_max": frelu_max, "geglu": geglu, "gelu": gelu, "glu": glu,
+            "swiglu": swiglu, "swish": swish}
+FUNCTIONS.update({name: _overridable(f) for name, f in _WRITTEN.items()})
+FUNCTIONS.update({s.public: _overridable(_plain(s)) for s in SPECS.values()
+                  if s.public not in FUNCTIONS})
 globals().update(FUNCTIONS)
 __all__ = sorted(FUNCTIONS)
 
 # each public activation function's keyword arguments with their defaults, which a gated op's
-# activation arguments are checked against: read once here, as torch.compile traces a dict
+# activation arguments are checked against (``inplace`` is no argument of the activation): read
+# once here, as torch.compile traces a dict
 _ACTIVATION_ARGS = {
     s.public: {p.name: p.default
-               for p in list(inspect.signature(FUNCTIONS[s.public]).parameters.values())[1:]}
+               for p in list(inspect.signature(FUNCTIONS[s.public]).parameters.values())[1:]
+               if p.name != "inplace"}
     for s in SPECS.values()}

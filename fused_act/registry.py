@@ -71,9 +71,9 @@ class Spec:
         """The name of its public function (and of the gated ops' ``activation`` argument)."""
         return self.function or self.name
 
-    def call(self, x: Tensor, *args: object) -> Tensor:
-        """``fused_act.<function>(x, *args, **kwargs)``: what a user writes."""
-        return FUNCTIONS[self.public](x, *args, **self.kwargs)
+    def call(self, x: Tensor, *args: object, **options: object) -> Tensor:
+        """``fused_act.<function>(x, *args, **kwargs, **options)``: what a user writes."""
+        return FUNCTIONS[self.public](x, *args, **self.kwargs, **options)
 
 
 # the public function of each name, filled by fused_act.functional (the layer above): a spec

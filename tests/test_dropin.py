@@ -135,6 +135,8 @@ def test_generated_module_of_an_aliased_spec_and_those_written_by_hand():
     x = torch.randn(4, 33, dtype=torch.float64)
     torch.testing.assert_close(cls()(x), fused_act.gelu(x, approximate="tanh"), rtol=0, atol=0)
     assert "``fused_act.gelu(x, approximate='tanh')`` as a module" in cls.__doc__
+    with pytest.raises(ValueError, match="needs fused_act.gelu to take inplace"):
+        cls(inplace=True)
     with pytest.raises(RuntimeError, match="takes a beta"):
         modules._activation_module(dataclasses.replace(registry.SPECS["swish"], module="Other"))
 

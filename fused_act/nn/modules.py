@@ -66,18 +66,18 @@ class _InplaceActivation(FusedModule):
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
+        public = SPECS[self.op].public
+        if inplace and "inplace" not in inspect.signature(getattr(functional, public)).parameters:
+            raise ValueError(f"fused_act.nn.{type(self).__name__}: inplace=True needs "
+                             f"fused_act.{public} to take inplace (it does not)")
         self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:
+        # one call, whatever x is: torch.fx traces it as one node (the function decides how to
+        # write in place, where a branch on x would stop the tracer); an aliased spec's function
+        # (gelu) takes no inplace
         spec = SPECS[self.op]
-        if not self.inplace:
-            return spec.call(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            # the backward reads the input, which the write would destroy: it reads a copy;
-            # copy_ raises torch's own error for a leaf that requires grad, as torch.nn's does
-            return x.copy_(spec.call(x.clone()))
-        functional._check_x(spec.public, x)
-        return ops.apply_(x, self.op)
+        return spec.call(x, inplace=True) if self.inplace else spec.call(x)
 
     def _details(self) -> str:
         return "inplace=True" if self.inplace else ""
@@ -198,11 +198,14 @@ class FReLU(FusedModule):
     def forward(self, x: Tensor) -> Tensor:
         t = self.conv(x)
         bn = self.bn
-        # the fold needs both running statistics, which BatchNorm uses only outside training
-        if bn.training or bn.running_mean is None or bn.running_var is None:
+        # the fold needs both running statistics, which BatchNorm uses only outside training;
+        # torch.fx records the form right in either mode, as its graph may run in both
+        if (isinstance(t, torch.fx.Proxy) or bn.training or bn.running_mean is None
+                or bn.running_var is None):
             return functional.frelu_max(x, bn(t))
         functional._check_frelu_pair("nn.FReLU", x, t)
-        acc = torch.promote_types(bn.running_var.dtype, torch.float32)  # fp32, or fp64
+        # fp32, or fp64; chosen in Python, so that an exported graph holds no node for it
+        acc = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
         a = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
         if bn.weight is not None:
             a = a * bn.weight.to(acc)
