@@ -259,10 +259,12 @@ X_WINS, T_WINS, TIE, NAN = 0, 1, 2, 3
 
 def frelu_max_code(x: Tensor, t: Tensor) -> Tensor:
     """The win code of max(x, t): X_WINS, T_WINS, TIE, or NAN where either is NaN (uint8)."""
-    # full_like and masked_fill keep x's strides; out of place, so that exported graphs of it
-    # are functional (ONNX export requires it)
+    # selections, not in-place fills: exported graphs must be functional (ONNX export); their
+    # tensor operands all have x's strides, and so has the code
     code = torch.full_like(x, NAN, dtype=torch.uint8)
-    return code.masked_fill(x == t, TIE).masked_fill(x < t, T_WINS).masked_fill(x > t, X_WINS)
+    for wins, value in ((x == t, TIE), (x < t, T_WINS), (x > t, X_WINS)):
+        code = torch.where(wins, value, code)
+    return code
 
 
 def frelu_max_backward_code(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
