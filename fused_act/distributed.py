@@ -88,17 +88,16 @@ def _rules(schema: Schema) -> dict[str, Pointwise]:
         data=data, params=_positions(list(schema.args), PARAM),
         outputs=(data[0],) * len(schema.outputs),
         flag=schema.companions_if and names.index(schema.companions_if), split=split)}
-    if schema.differentiable:
-        args = [op.data("grad"), *schema.backward_args()]
-        names = [a.name for a in args]
-        grads = schema.tensors
-        rules[f"{schema.name}_backward"] = Pointwise(
-            data=_positions(args, DATA), params=_positions(args, PARAM),
-            # a gradient is shaped like its argument where backward takes it, else like grad
-            outputs=tuple(names.index(a.name) if a.name in names else 0 for a in grads),
-            flag=schema.flag and names.index(schema.flag),
-            emptied=tuple(i for i, a in enumerate(grads) if a.kind == PARAM),
-            split=schema.split and tuple(names.index(n) for n in schema.split))
+    args = [op.data("grad"), *schema.backward_args()]
+    names = [a.name for a in args]
+    grads = schema.tensors
+    rules[f"{schema.name}_backward"] = Pointwise(
+        data=_positions(args, DATA), params=_positions(args, PARAM),
+        # a gradient is shaped like its argument where backward takes it, else like grad
+        outputs=tuple(names.index(a.name) if a.name in names else 0 for a in grads),
+        flag=schema.flag and names.index(schema.flag),
+        emptied=tuple(i for i, a in enumerate(grads) if a.kind == PARAM),
+        split=schema.split and tuple(names.index(n) for n in schema.split))
     return rules
 
 

@@ -88,7 +88,6 @@ class Schema:
     saved_outputs: tuple[str, ...] = ()
     flag: str | None = None
     split: tuple[str, str] | None = None
-    differentiable: bool = True
 
     @property
     def tensors(self) -> tuple[Arg, ...]:
@@ -168,8 +167,8 @@ class Op:
     "opaque" or "decompose" for the ``mode`` a call names."""
 
     def __init__(self, schema: Schema, forward: Callable, reference: Callable,
-                 backward: Callable | None = None, reference_backward: Callable | None = None,
-                 compile_mode: Callable[[str], str] | None = None) -> None:
+                 backward: Callable, reference_backward: Callable,
+                 compile_mode: Callable[[str], str]) -> None:
         self.schema, self.compile_mode = schema, compile_mode
         self.forward, self.reference = forward, reference
         names = [a.name for a in schema.args]
@@ -187,9 +186,6 @@ class Op:
         # the fake kernels are the implementations' reference path on fake tensors: the same
         # shapes, strides and dtypes as every backend's outputs (which the tests hold them to)
         self.forward_op.register_fake(lambda *args: forward(*args[:n], "reference"))
-        self.backward_op = self.function = None
-        if not schema.differentiable:
-            return
         bnames = ["grad", *(a.name for a in schema.backward_args())]
         _check_names(backward, [*bnames, "backend"], f"{schema.name}'s backward")
         self.backward, self.reference_backward = backward, reference_backward
@@ -272,8 +268,6 @@ class Op:
         elif dispatches_itself(args):
             for hook in SUBCLASS_HOOKS:
                 hook()
-            out = self.forward_op(*args, get_backend())
-        elif self.function is None:
             out = self.forward_op(*args, get_backend())
         else:
             out = self.function.apply(*args, get_backend())
