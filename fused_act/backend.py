@@ -16,7 +16,8 @@ The backend in force when an op's forward runs is recorded with its autograd nod
 node's backward, wherever the backward is called (as torch does for autocast): with
 ``use_backend("triton"): y = model(x)`` then ``y.backward()`` outside the block, the backward is
 Triton's too.  Under ``torch.compile`` the backend in force when a graph is traced is part of the
-graph (changing it recompiles), as ``config.compile_mode`` is.
+graph (changing it recompiles), as ``config.compile_mode`` is.  A ``torch.export`` graph holds
+no backend: it runs each op with the backend in force where and when it runs.
 """
 
 import contextlib

@@ -7,8 +7,9 @@ outputs, what backward reads and the name of the backward's flag (True when some
 needs its gradient).  From it ``Op`` derives, the same way for every family:
 
 * the custom ops ``fused_act::<name>`` and ``fused_act::<name>_backward`` (their signatures:
-  the forward's arguments and ``str backend``; the backward's ``grad``, the saved tensors and
-  attributes in the forward's order, the flag, ``backend``; one gradient per tensor argument),
+  the forward's arguments and ``str? backend=None``; the backward's ``grad``, the saved tensors
+  and attributes in the forward's order, the flag, ``backend``; one gradient per tensor
+  argument),
   with their fake kernels (the reference path of the implementations, run on fake tensors)
   and the autograd registration that joins them (what
   ``torch.compile`` traces, opaque to Inductor);
@@ -22,7 +23,8 @@ needs its gradient).  From it ``Op`` derives, the same way for every family:
   explicit backward where a gradient needs a graph of its own or is batched.
 
 The backend in force at the forward is the last argument of every op, saved with the node, and
-runs its backward too.  This module knows nothing of fused_act's settings or of DTensor: the
+runs its backward too.  ``torch.export`` leaves it out of the forward ops: an exported graph
+runs each op with the backend in force where it runs (None: read when the op runs).  This module knows nothing of fused_act's settings or of DTensor: the
 compile mode comes in as a function (``backend.get_backend`` is read here: it is part of
 every op's arguments), and ``SUBCLASS_HOOKS`` lets ``distributed`` register its
 sharding rules before a tensor subclass first meets an op.
