@@ -2,7 +2,7 @@
 ``when_imported(name, callback)``.
 
 fused_act registers rules in parts of torch that are costly to import and that most users never
-load (DTensor's sharding propagation, Inductor's decompositions).  ``import fused_act`` must not
+load (DTensor's sharding propagation).  ``import fused_act`` must not
 pay for them, and a user who loads them later must still find the rules in place.
 """
 
@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 
 class AfterImport(importlib.abc.MetaPathFinder):
-    """An import hook: lets module ``name`` load as usual, then runs ``callback``, before the
-    module is handed to whoever imported it.  It leaves ``sys.meta_path`` once the module has
-    run, not when asked for its spec: ``importlib.util.find_spec`` asks without loading the
-    module."""
+    """An import hook: lets module ``name`` load as usual, then runs its ``callbacks`` in
+    order, before the module is handed to whoever imported it.  It leaves ``sys.meta_path``
+    once the module has run, not when asked for its spec: ``importlib.util.find_spec`` asks
+    without loading the module."""
 
-    def __init__(self, name: str, callback: Callable[[], None]) -> None:
-        self.name, self.callback = name, callback
+    def __init__(self, name: str) -> None:
+        self.name, self.callbacks = name, []
 
     def find_spec(self, name: str, path: object, target: object = None
                   ) -> importlib.machinery.ModuleSpec | None:
@@ -41,7 +41,8 @@ class AfterImport(importlib.abc.MetaPathFinder):
             exec_module(module)
             with contextlib.suppress(ValueError):  # another load of the module removed it
                 sys.meta_path.remove(self)
-            self.callback()
+            for callback in self.callbacks:
+                callback()
 
         # the loader is this spec's own instance; the module keeps it as its __loader__
         spec.loader.exec_module = exec_then_register
@@ -50,8 +51,13 @@ class AfterImport(importlib.abc.MetaPathFinder):
 
 def when_imported(name: str, callback: Callable[[], None]) -> None:
     """Run ``callback`` now if module ``name`` is imported, else right after its first import
-    (once: a second call for the same name while the hook waits adds nothing)."""
+    (once, however often it is asked for)."""
     if name in sys.modules:
         callback()
-    elif not any(isinstance(f, AfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, AfterImport(name, callback))
+        return
+    hook = next((f for f in sys.meta_path if isinstance(f, AfterImport) and f.name == name), None)
+    if hook is None:
+        hook = AfterImport(name)
+        sys.meta_path.insert(0, hook)
+    if callback not in hook.callbacks:
+        hook.callbacks.append(callback)

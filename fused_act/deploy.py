@@ -12,19 +12,21 @@ becomes its reference math (the exact limits at +-inf; Inductor and AOTInductor 
 loop per op).
 
 ONNX export (``torch.onnx.export(model, args, dynamo=True)``) needs no argument: ``install``
-registers each op's ONNX form as a decomposition that exporter applies (and nothing else in
-torch does: ``torch.export``'s default decompositions, ``torch.compile`` and Inductor leave our
-ops alone).  The ONNX form uses the operators ONNX has for these functions where the spec names
-a torch equivalent (Mish, Gelu with ``approximate``, x * Sigmoid(x)), and the reference's
-primitive operations otherwise (ACON-C, learnable Swish, FReLU's max); fp16 and bf16 are computed
-in fp32 and rounded once, as the kernels do.  ONNX's operators take their own values at +-inf
-(ONNX's Mish gives NaN at -inf where ours gives 0).
+registers each op's ONNX form as a decomposition that exporter applies (``torch.export``'s default
+decompositions, ``torch.compile`` and Inductor leave our ops alone).  The ONNX form uses the
+operators ONNX has for these functions where the spec names a torch equivalent (Mish, Gelu with
+``approximate``, x * Sigmoid(x)), and the reference's primitive operations otherwise (ACON-C,
+learnable Swish, FReLU's max); fp16 and bf16 are computed in fp32 and rounded once, as the kernels
+do.  ONNX's operators take their own values at +-inf: Mish, Gelu and x * Sigmoid(x) give NaN at -inf
+where ours give 0.  Torch's fake tensors read the same table under symbolic sizes; they get the ops'
+fake kernels (``_only_traced``).
 """
 
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from . import ops, reference
 from .backend import get_backend, resolve
@@ -127,12 +129,28 @@ def _onnx_glu(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
     return _in_opmath(lambda g: fn(g) * up.to(g.dtype), gate)
 
 
+def _only_traced(op: Op, form: Callable[..., object]) -> Callable[..., object]:
+    """``form`` where a graph is being built around the call (the ONNX exporter's decomposition
+    pass); otherwise the op's fake kernel path.  Torch's fake tensors also read the global table
+    an exporter reads, to find the shapes and strides of an op's outputs under symbolic sizes:
+    they must get exactly the fake kernel's (x's strides, or contiguous), which no other form
+    promises."""
+    n = len(op.schema.args)
+
+    def run(*args: object, **kwargs: object) -> object:
+        if get_proxy_mode() is None:
+            return op.forward(*args[:n], "reference")
+        return form(*args, **kwargs)
+    return run
+
+
 def onnx_forms() -> dict[torch._ops.OpOverload, Callable[..., object]]:
     """Each forward op to the form ONNX export writes (module docstring)."""
     forms = _forms()
     forms[ops.ACTIVATION.forward_op._opoverload] = _onnx_activation
     forms[ops.GATED.forward_op._opoverload] = _onnx_glu
-    return forms
+    return {o.forward_op._opoverload: _only_traced(o, forms[o.forward_op._opoverload])
+            for o in ops.FAMILIES}
 
 
 def install() -> None:

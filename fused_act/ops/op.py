@@ -22,12 +22,12 @@ needs its gradient).  From it ``Op`` derives, the same way for every family:
   dispatch of its own (DTensor); else the eager Function, whose backward runs the reference's
   explicit backward where a gradient needs a graph of its own or is batched.
 
-The backend in force at the forward is the last argument of every op, saved with the node, and
-runs its backward too.  ``torch.export`` leaves it out of the forward ops: an exported graph
-runs each op with the backend in force where it runs (None: read when the op runs).  This module knows nothing of fused_act's settings or of DTensor: the
-compile mode comes in as a function (``backend.get_backend`` is read here: it is part of
-every op's arguments), and ``SUBCLASS_HOOKS`` lets ``distributed`` register its
-sharding rules before a tensor subclass first meets an op.
+The backend in force at the forward is the last argument of every op, saved with the node, and runs
+its backward too.  ``torch.export`` leaves it out of the forward ops: an exported graph runs each op
+with the backend in force where it runs (None: read when the op runs).  This module knows nothing of
+fused_act's settings or of DTensor: the compile mode comes in as a function (``backend.get_backend``
+is read here: it is part of every op's arguments), and ``SUBCLASS_HOOKS`` lets ``distributed``
+register its sharding rules before a tensor subclass first meets an op.
 """
 
 import inspect
@@ -130,6 +130,13 @@ def reference_math() -> bool:
     not kernel launches)."""
     return (torch._C._are_functorch_transforms_active()
             or torch.autograd.forward_ad._current_level >= 0 or torch.jit.is_tracing())
+
+
+def exporting() -> bool:
+    """True under ``torch.export`` (strict or not), not under ``torch.compile``.  It reads the
+    flag export sets, which Dynamo reads as it is: torch 2.11's Dynamo folds
+    ``torch.compiler.is_exporting()`` to True under ``torch.compile`` as well."""
+    return torch.compiler._is_exporting_flag
 
 
 def dispatches_itself(args: tuple) -> bool:
@@ -265,7 +272,7 @@ class Op:
             if mode is not None and self.compile_mode(mode) == "decompose":
                 return self.reference(*args)
             # an exported graph runs elsewhere: its ops take the backend in force where they run
-            out = (self.forward_op(*args) if torch.compiler.is_exporting()
+            out = (self.forward_op(*args) if exporting()
                    else self.forward_op(*args, get_backend()))
         elif dispatches_itself(args):
             for hook in SUBCLASS_HOOKS:
