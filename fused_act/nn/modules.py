@@ -333,6 +333,8 @@ class GatedMLP(FusedModule):
     recompute.
     """
 
+    recompute = True  # the default, also for a module pickled before the option existed
+
     def __init__(self, down_proj: nn.Module, activation: str, *,
                  gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
                  gate_up_proj: nn.Module | None = None, recompute: bool = True,
