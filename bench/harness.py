@@ -187,6 +187,13 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
                     _log(log, kind="pipeline", op=name, pipelines=found)
         result["pipelines"] = measured
         result["compile_mode_choice"] = pipes.choose(measured)
+        try:
+            result["mlp_recompute"] = pipes.mlp_recompute(device, quick)
+        except Exception as e:  # noqa: BLE001 - as for a case
+            errors.append(_failure(e, what="mlp recompute", op="swiglu"))
+            _log(log, kind="error", **errors[-1])
+        else:
+            _log(log, kind="mlp_recompute", rows=result["mlp_recompute"])
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
     plot(rows, out)

@@ -22,7 +22,7 @@ from torch import nn
 
 import fused_act
 from bench.table import GATED, bench_key
-from bench.timing import build_on_stream, compile_mode, tensor_device, time_ms
+from bench.timing import build_on_stream, compile_mode, peak_mb, tensor_device, time_ms
 from fused_act import registry
 
 
@@ -310,6 +310,57 @@ def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, d
             _check_block(fn, x, *check)  # also compiles, outside the timed region
             step()
         return time_ms(step, x.numel(), quick, device)
+
+
+def mlp_recompute(device: str, quick: bool) -> list[dict]:
+    """The swiglu MLP block (bf16, ``MLP_SIZES``) forward+backward in eager mode three ways:
+    PyTorch's, fused keeping h = silu(gate) * up for down_proj (``recompute=False``) and fused
+    recomputing it (the default), each first checked against PyTorch's.  Per way: ms (host
+    timers on the CPU, as ``time_ms``), the MiB autograd keeps (``saved_mib``) and the step's
+    peak MiB on a GPU.  Compiled blocks take the plain path (AOTAutograd decides), so only
+    eager is measured."""
+    shape, width = _mlp_sizes(device, quick)
+    torch.manual_seed(0)
+    plain = Residual(MLP(shape[-1], width, nn.SiLU())).to(tensor_device(device), torch.bfloat16)
+    x = torch.randn(shape, device=tensor_device(device), dtype=torch.bfloat16,
+                    requires_grad=True)
+    want = _output_and_grad(plain, x)
+    rows = []
+    for variant, recompute in (("eager torch", None), ("fused, h kept", False),
+                               ("fused, h recomputed", True)):
+        model = plain
+        if recompute is not None:
+            model = copy.deepcopy(plain)
+            if not fused_act.patch_gated_mlps(model, recompute=recompute).swapped:
+                raise RuntimeError("patch_gated_mlps left the MLP block")
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step(model: nn.Module = model, params: list = params) -> tuple[torch.Tensor, ...]:
+            return torch.autograd.grad(model(x).square().mean(), [x, *params])
+
+        with build_on_stream(device):
+            _check_block(model, x, f"mlp {variant}", want)
+            step()
+        rows.append(dict(variant=variant, block=f"mlp {tuple(shape)} -> {width} bf16",
+                         ms=time_ms(step, x.numel(), quick, device),
+                         saved_mib=saved_mib(model, x), peak_mb=peak_mb(step, device)))
+    return rows
+
+
+def saved_mib(model: nn.Module, x: torch.Tensor) -> float:
+    """The MiB autograd keeps for ``model(x)``'s backward, each storage once, the parameters
+    left out (the same in every way of running a block)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(saved.values()) / 2**20
 
 
 def choose(pipelines: list[dict]) -> dict[str, str]:

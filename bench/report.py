@@ -79,6 +79,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {p['op']} | {p['block']} | "
                          + " | ".join(f"{v:.4f}" for v in p["ms"].values())
                          + f" | {result['compile_mode_choice'][p['op']]} |")
+    if result.get("mlp_recompute"):
+        host = "" if result["env"]["device"] == "cuda" else " (CPU host time)"
+        lines += ["", "## Gated MLP block: h kept or recomputed (eager forward+backward)", "",
+                  f"| way | block | ms{host} | saved MiB | peak MiB |", "|---|---|---|---|---|"]
+        for r in result["mlp_recompute"]:
+            lines.append(f"| {r['variant']} | {r['block']} | {r['ms']:.4f} | "
+                         f"{r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} |")
     if result.get("errors"):
         lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json's errors)",
                   "", "| what | op | dtype | shape | error |", "|---|---|---|---|---|"]

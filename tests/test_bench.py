@@ -58,6 +58,11 @@ def test_harness_end_to_end(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| acon_c | float32 |" in md and "compile pipelines" in md
     assert "| swiglu | bfloat16 |" in md and "decompose " in md and "| mlp " in md
+    # the MLP block's saved bytes: x, gate, up, silu(gate), h; without silu(gate); without h
+    (b, s, hidden), width = pipelines.MLP_SIZES["cpu"]
+    mib = [r["saved_mib"] * 2**20 / (2 * b * s) for r in result["mlp_recompute"]]
+    assert mib == [hidden + 4 * width, hidden + 3 * width, hidden + 2 * width]
+    assert "h recomputed" in md and "(CPU host time)" in md
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
 
 

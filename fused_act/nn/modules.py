@@ -249,15 +249,96 @@ class GLU(FusedModule):
             ", learnable=True" if self.learnable else "")
 
 
+class _SavedH:
+    """Where ``down_proj`` saved h, or a view of it: what ``as_strided`` on the recomputed h
+    gives back."""
+
+    __slots__ = ("offset", "size", "stride")
+
+    def __init__(self, t: Tensor) -> None:
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+
+class _RecomputeH:
+    """The saved-tensor hooks of one ``GatedMLP`` forward that recomputes h: ``down_proj``'s
+    saved tensors that are h (its storage, unmodified) become a ``_SavedH``, and come back as
+    ``ops.GATED.rerun`` of glu's inputs; every other tensor goes through the hooks in force
+    outside (only the innermost pair runs, so ours hand theirs what they do not keep).
+
+    glu's inputs are kept as those outer hooks pack them, once, at the first save of h: an
+    offloading hook moves them too, and reading them takes nothing from glu's backward (its
+    own saved copies are not unpacked twice, which checkpointing forbids).  Not h: its memory
+    goes with the forward.  One rerun serves all the views of h a backward pass unpacks (a LoRA
+    wrapper saves h twice); it is dropped once each has been unpacked.
+    """
+
+    def __init__(self, h: Tensor, node: torch.autograd.graph.Node,
+                 inputs: tuple[Tensor | None, ...]) -> None:
+        self.node, self.raw = node, inputs  # raw: until the forward ends, or h is saved
+        self.ptr, self.device, self.dtype = h.untyped_storage().data_ptr(), h.device, h.dtype
+        self.version = h._version  # a tensor written in place after glu is not glu's result
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.inputs: tuple[object, ...] | None = None  # raw, packed by the outer hooks
+        self.saved = 0  # how many of down_proj's saved tensors are h
+        self.unpacked = 0  # in the backward pass under way
+        self.h: Tensor | None = None
+
+    def pack(self, t: Tensor) -> object:
+        if (type(t) is Tensor and t.layout == torch.strided and t.dtype == self.dtype
+                and t.device == self.device and t._version == self.version
+                and t.untyped_storage().data_ptr() == self.ptr):
+            if self.inputs is None:
+                self.inputs = tuple(self._outer_pack(i) for i in self.raw)
+            self.saved += 1
+            return _SavedH(t)
+        return self._outer_pack(t)
+
+    def _outer_pack(self, t: Tensor | None) -> object:
+        return t if self.outer is None or t is None else self.outer[0](t)
+
+    def _outer_unpack(self, packed: object) -> Tensor | None:
+        return packed if self.outer is None or packed is None else self.outer[1](packed)
+
+    def unpack(self, packed: object) -> Tensor:
+        if not isinstance(packed, _SavedH):
+            return self._outer_unpack(packed)
+        h = self.h
+        if h is None:
+            h = ops.GATED.rerun(self.node, *map(self._outer_unpack, self.inputs))
+        self.unpacked += 1
+        # kept for the other saved views of h until the last of them is unpacked
+        self.h, self.unpacked = (None, 0) if self.unpacked >= self.saved else (h, self.unpacked)
+        return h.as_strided(packed.size, packed.stride, packed.offset)
+
+
 class GatedMLP(FusedModule):
     """``down_proj(activation(gate) * up)`` with the gated product fused, over a transformer MLP
     block's own projections (``gate_proj`` and ``up_proj``, or a packed ``gate_up_proj``, gate
     then up): what ``patch_gated_mlps`` puts in place of a block, keeping its state_dict keys.
+
+    ``recompute=True`` (the default) keeps h = activation(gate) * up out of autograd's memory:
+    ``down_proj`` (any module: a Linear, a LoRA wrapper, frozen or not) runs under saved-tensor
+    hooks that replace each tensor it saves that is h by a note, and its backward computes h
+    again, by one fused glu pass (the forward's backend) from gate and up, which glu's own
+    backward keeps anyway; the views of h one backward pass reads share that pass.  Where
+    nothing in ``down_proj`` saves h (frozen weights) nothing is recomputed.  The gradients are
+    those of ``recompute=False``, which keeps h, bit for bit.
+
+    Saved-tensor hooks of the caller (a saved-bytes counter, CPU offload, non-reentrant
+    ``torch.utils.checkpoint``) still get every tensor ``down_proj`` saves but h, and in h's
+    place gate and up a second time (an offloading hook copies them twice; a counter that
+    goes by storage counts nothing more).  Under ``torch.compile`` and export the plain forward
+    is traced and AOTAutograd decides what to save; under no_grad, FX tracing, torch.func
+    transforms, DTensor, or where saved-tensor hooks are disabled, h is kept as without
+    recompute.
     """
+
+    recompute = True  # the default, also for a module pickled before the option existed
 
     def __init__(self, down_proj: nn.Module, activation: str, *,
                  gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
-                 gate_up_proj: nn.Module | None = None, **activation_kwargs: object) -> None:
+                 gate_up_proj: nn.Module | None = None, recompute: bool = True,
+                 **activation_kwargs: object) -> None:
         super().__init__()
         if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
                 gate_up_proj is not None and (gate_proj is not None or up_proj is not None)):
@@ -269,19 +350,38 @@ class GatedMLP(FusedModule):
             if m is not None:
                 self.add_module(name, m)
         self.activation, self.activation_kwargs = activation, activation_kwargs
+        self.recompute = bool(recompute)
 
     def forward(self, x: Tensor) -> Tensor:
         if "gate_up_proj" in self._modules:
-            h = functional.glu(self.gate_up_proj(x), None, self.activation,
-                               **self.activation_kwargs)
+            gate, up = self.gate_up_proj(x), None
         else:
-            h = functional.glu(self.gate_proj(x), self.up_proj(x), self.activation,
-                               **self.activation_kwargs)
-        return self.down_proj(h)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        h = functional.glu(gate, up, self.activation, **self.activation_kwargs)
+        node = self._glu_node(h)
+        if node is None:
+            return self.down_proj(h)
+        beta = self.activation_kwargs.get("beta")
+        hooks = _RecomputeH(h, node, (gate, up, beta if isinstance(beta, Tensor) else None))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+                return self.down_proj(h)
+        finally:
+            hooks.raw = ()  # what outlives the forward holds glu's inputs only as packed
+
+    def _glu_node(self, h: Tensor) -> torch.autograd.graph.Node | None:
+        """glu's eager node, where h is to be recomputed from it."""
+        if (not self.recompute or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+                or not torch._C._autograd._saved_tensors_hooks_is_enabled()):
+            return None
+        node = ops.GATED.node_of(h)
+        # an empty h shares its null data pointer with every other empty tensor
+        return node if node is not None and h.numel() else None
 
     def _details(self) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
-        return f"activation={self.activation!r}{args}"
+        return f"activation={self.activation!r}{args}" + (
+            "" if self.recompute else ", recompute=False")
 
 
 def _activation_module(spec: Spec) -> type[_InplaceActivation]:

@@ -488,7 +488,7 @@ def _gated_form(act: nn.Module) -> tuple[str, dict] | None:
     return None if unfamiliar and _probe(act, ours, None) else form
 
 
-def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str, str]:
+def _as_gated(m: nn.Module, recompute: bool = True) -> tuple[GatedMLP | None, str, str]:
     """(a ``GatedMLP`` over ``m``'s projections, the name of ``m``'s activation) if ``m`` has
     the layout of a gated MLP block, with why not when it has the projections but not an
     activation the fused op computes."""
@@ -504,7 +504,8 @@ def _as_gated(m: nn.Module) -> tuple[GatedMLP | None, str, str]:
     projections = {n: names[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in names}
     if "gate_up_proj" in projections and len(projections) > 1:
         return None, "it has both gate_up_proj and gate_proj/up_proj", act_name
-    return GatedMLP(names["down_proj"], form[0], **projections, **form[1]), "", act_name
+    return GatedMLP(names["down_proj"], form[0], **projections, recompute=recompute,
+                    **form[1]), "", act_name
 
 
 def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
@@ -553,7 +554,8 @@ def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
     return ""
 
 
-def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
+def patch_gated_mlps(model: nn.Module, *, recompute: bool = True, verbose: bool = False
+                     ) -> Replacement:
     """Make the gated MLP blocks of ``model`` use the fused gated op, in place.
 
     A block is a module with ``down_proj``, an activation (``act_fn``, ``activation_fn`` or
@@ -562,12 +564,14 @@ def patch_gated_mlps(model: nn.Module, *, verbose: bool = False) -> Replacement:
     ``down(act(gate(x)) * up(x))``.  It becomes a ``GatedMLP`` over the same projections only
     if it holds nothing else (state, submodules, hooks) and computes the same on probes in its
     dtype and device, in eval and train mode (a bf16 forward 5% off, an fp16 one 1% off, is
-    caught).  ``restore_activations`` undoes it.  Returns a ``Replacement``, as
-    ``replace_activations``; ``verbose=True`` prints it.
+    caught).  ``recompute`` is each ``GatedMLP``'s: True (the default) recomputes h =
+    act(gate) * up in ``down_proj``'s backward rather than keeping it for it, False keeps it.
+    ``restore_activations`` undoes it.  Returns a ``Replacement``, as ``replace_activations``;
+    ``verbose=True`` prints it.
     """
     def decide(child: nn.Module, names: list[str], compiled: bool
                ) -> tuple[nn.Module | None, str, bool]:
-        new, why, act_name = _as_gated(child)
+        new, why, act_name = _as_gated(child, recompute)
         if new is None or why:
             return new, why, True
         new.training = child.training  # its projections keep their own modes

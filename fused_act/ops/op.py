@@ -22,14 +22,17 @@ needs its gradient).  From it ``Op`` derives, the same way for every family:
   dispatch of its own (DTensor); else the eager Function, whose backward runs the reference's
   explicit backward where a gradient needs a graph of its own or is batched.
 
-The backend in force at the forward is the last argument of every op, saved with the node, and runs
-its backward too.  ``torch.export`` leaves it out of the forward ops: an exported graph runs each op
-with the backend in force where it runs (None: read when the op runs).  This module knows nothing of
-fused_act's settings or of DTensor: the compile mode comes in as a function (``backend.get_backend``
-is read here: it is part of every op's arguments), and ``SUBCLASS_HOOKS`` lets ``distributed``
-register its sharding rules before a tensor subclass first meets an op.
+The backend in force at the forward is the last argument of every op, saved with the node, and
+runs its backward too.  ``torch.export`` leaves it out of the forward ops: an exported graph
+runs each op with the backend in force where it runs (None: read when the op runs).  This
+module knows nothing of fused_act's settings or of DTensor: the compile mode comes in as a
+function (``backend.get_backend`` is read here: it is part of every op's arguments), and
+``SUBCLASS_HOOKS`` lets ``distributed`` register its sharding rules before a tensor subclass
+first meets an op.  ``Op.rerun`` computes a forward again from a node's record (what
+``fused_act.nn.GatedMLP`` recomputes instead of keeping).
 """
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,6 +222,8 @@ class Op:
         self._companion_at = [schema.outputs.index(o) for o in schema.saved_outputs]
         self._backward_reads = [a.tensor for a in schema.backward_args()
                                 if a.name != schema.flag]
+        # a node holds the attributes of the whole forward call only where backward reads all
+        self._rerunnable = all(a.backward for a in schema.args if not a.tensor)
         self.function = self._eager_function()
 
     def _eager_function(self) -> type[torch.autograd.Function]:
@@ -259,6 +264,31 @@ class Op:
         for i, d in zip(self._tensor_at, backward(grad, *args, ctx.backend), strict=True):
             grads[i] = d if needs[i] else None
         return tuple(grads)
+
+    def node_of(self, out: object) -> torch.autograd.graph.Node | None:
+        """The autograd node of ``out`` where this op's eager Function made it; None where
+        ``out`` needs no gradient or came from another path (compiled, traced, transformed, a
+        tensor subclass) or from another op."""
+        node = out.grad_fn if isinstance(out, Tensor) else None
+        return node if type(node) is self.function._backward_cls else None
+
+    def rerun(self, node: torch.autograd.graph.Node, *tensors: Tensor | None) -> Tensor:
+        """The forward's result computed again from its tensor arguments ``tensors`` (in the
+        schema's order, as the forward got them) and the attributes and backend ``node`` (of
+        ``node_of``) recorded.  No graph is recorded and autocast is off (the tensors are in the
+        dtypes the forward ran in), so a deterministic backend gives the forward's result bit
+        for bit."""
+        if not self._rerunnable:
+            raise TypeError(f"fused_act: {self.schema.name}'s node does not keep every "
+                            "attribute of its forward")
+        given, attrs = iter(tensors), iter(node.attrs)
+        args = [next(given) if a.tensor else next(attrs) for a in self.schema.args]
+        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        autocast_off = (torch.autocast(device, enabled=False)
+                        if torch.amp.is_autocast_available(device) else contextlib.nullcontext())
+        with torch.no_grad(), autocast_off:
+            out = self.forward(*args, node.backend)
+        return out[0] if isinstance(out, tuple) else out
 
     def _reference_backward(self, grad: Tensor, *args: object) -> tuple:
         return self.reference_backward(grad, *args[:-1])
