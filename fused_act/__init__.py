@@ -19,7 +19,7 @@ from .functional import __all__ as _functions
 from .nn import patch_gated_mlps, replace_activations, restore_activations
 
 distributed.install()  # DTensor sharding rules, once torch.distributed.tensor is imported
-deploy.install()  # the ONNX exporter's forms of our ops
+deploy.install()  # the ops' forms in an ONNX export
 
 __version__ = "0.1.0"
 

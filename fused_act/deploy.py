@@ -11,22 +11,21 @@ without fused_act: ``ep.run_decompositions(fused_act.deploy.decompositions())``.
 becomes its reference math (the exact limits at +-inf; Inductor and AOTInductor fuse it into one
 loop per op).
 
-ONNX export (``torch.onnx.export(model, args, dynamo=True)``) needs no argument: ``install``
-registers each op's ONNX form as a decomposition that exporter applies (``torch.export``'s default
-decompositions, ``torch.compile`` and Inductor leave our ops alone).  The ONNX form uses the
-operators ONNX has for these functions where the spec names a torch equivalent (Mish, Gelu with
-``approximate``, x * Sigmoid(x)), and the reference's primitive operations otherwise (ACON-C,
-learnable Swish, FReLU's max); fp16 and bf16 are computed in fp32 and rounded once, as the kernels
-do.  ONNX's operators take their own values at +-inf: Mish, Gelu and x * Sigmoid(x) give NaN at -inf
-where ours give 0.  Torch's fake tensors read the same table under symbolic sizes; they get the ops'
-fake kernels (``_only_traced``).
+ONNX export (``torch.onnx.export(model, args, dynamo=True)``) needs no argument: while it runs
+(``torch.onnx.is_in_onnx_export()``), each op traces its ONNX form instead of itself (``install``
+gives the ops these forms).  The form uses the operators ONNX has for these functions where the
+spec names a torch equivalent (Mish, Gelu with ``approximate``, x * Sigmoid(x)), and the
+reference's primitive operations otherwise (ACON-C, learnable Swish, FReLU's max); fp16 and bf16
+are computed in fp32 and rounded once, as the kernels do.  ONNX's operators take their own values
+at +-inf: Mish, Gelu and x * Sigmoid(x) give NaN at -inf where ours give 0.  Nothing is
+registered in torch's global tables: Inductor, fake tensors and ``torch.export`` see our ops as
+they are.
 """
 
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from . import ops, reference
 from .backend import get_backend, resolve
@@ -129,32 +128,7 @@ def _onnx_glu(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
     return _in_opmath(lambda g: fn(g) * up.to(g.dtype), gate)
 
 
-def _only_traced(op: Op, form: Callable[..., object]) -> Callable[..., object]:
-    """``form`` where a graph is being built around the call (the ONNX exporter's decomposition
-    pass); otherwise the op's fake kernel path.  Torch's fake tensors also read the global table
-    an exporter reads, to find the shapes and strides of an op's outputs under symbolic sizes:
-    they must get exactly the fake kernel's (x's strides, or contiguous), which no other form
-    promises."""
-    n = len(op.schema.args)
-
-    def run(*args: object, **kwargs: object) -> object:
-        if get_proxy_mode() is None:
-            return op.forward(*args[:n], "reference")
-        return form(*args, **kwargs)
-    return run
-
-
-def onnx_forms() -> dict[torch._ops.OpOverload, Callable[..., object]]:
-    """Each forward op to the form ONNX export writes (module docstring)."""
-    forms = _forms()
-    forms[ops.ACTIVATION.forward_op._opoverload] = _onnx_activation
-    forms[ops.GATED.forward_op._opoverload] = _onnx_glu
-    return {o.forward_op._opoverload: _only_traced(o, forms[o.forward_op._opoverload])
-            for o in ops.FAMILIES}
-
-
 def install() -> None:
-    """Register ``onnx_forms`` where torch's ONNX exporter looks for decompositions (torch's
-    global table; idempotent)."""
-    from torch._decomp import decomposition_table
-    decomposition_table.update(onnx_forms())
+    """Give the ops their ONNX forms (module docstring); idempotent."""
+    ops.ACTIVATION.onnx_form = _onnx_activation
+    ops.GATED.onnx_form = _onnx_glu

@@ -189,7 +189,7 @@ def test_failing_pipeline_is_recorded_and_skipped(tmp_path, monkeypatch):
     assert set(result["compile_mode_choice"]) == {"silu"}
     kinds = [json.loads(line)["kind"]
              for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert kinds == ["env", "case", "case", "error", "pipeline"]
+    assert kinds == ["env", "case", "case", "error", "pipeline", "mlp_recompute"]
     assert "| pipeline | mish |" in (tmp_path / "results.md").read_text()
 
 

@@ -266,8 +266,10 @@ def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
 
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "env" and {line["kind"] for line in lines[1:]} == {
-        "case", "pipeline"}
-    assert sum((line.get("rows", []) for line in lines), []) == rows
+        "case", "pipeline", "mlp_recompute"}
+    assert [r["variant"] for r in result["mlp_recompute"]] == [
+        "eager torch", "fused, h kept", "fused, h recomputed"]
+    assert sum((line.get("rows", []) for line in lines if line["kind"] == "case"), []) == rows
     md = (out / "results.md").read_text()
     assert f"# fused_act on {GPU_NAME}" in md and "compile pipelines" in md
     assert (out / "bandwidth.png").exists()

@@ -258,6 +258,16 @@ def test_kernels_traced_on_cuda_tensors(tmp_path):
                         "frelu_max": "max_fwd_kernel", "frelu_max_affine": "max_affine_kernel"}
 
 
+def test_no_global_registration():
+    """ONNX export needs no table of torch's: our ops are in none of its decomposition tables,
+    which fake tensors (under symbolic sizes) and Inductor (whose fallback for an op with a
+    decomposition is an error where the environment sets CI) also read."""
+    import torch._decomp
+    ours = {o.forward_op._opoverload for o in fused_act.ops.FAMILIES}
+    for table in torch._decomp.global_decomposition_table.values():
+        assert not ours & set(table)
+
+
 def _onnx_run(model: nn.Module, x: Tensor) -> tuple[set[str], Tensor]:
     """(the ONNX operator types, onnxruntime's output) of ``torch.onnx.export(model, (x,),
     dynamo=True)``."""

@@ -17,8 +17,9 @@ needs its gradient).  From it ``Op`` derives, the same way for every family:
   implementations without the custom-op dispatch cost;
 * ``Op.__call__``, which picks the path: under torch.func transforms, forward-mode AD and
   ``torch.jit.trace`` the reference math (plain torch operations, which every transform
-  differentiates and batches); under ``torch.compile`` the custom op, or the reference math
-  where the op's compile mode says "decompose"; the custom op where a tensor argument has a
+  differentiates and batches); under ``torch.onnx.export`` its ONNX form (``Op.onnx_form``);
+  under ``torch.compile`` and ``torch.export`` the custom op, or the reference math where the
+  op's compile mode says "decompose"; the custom op where a tensor argument has a
   dispatch of its own (DTensor); else the eager Function, whose backward runs the reference's
   explicit backward where a gradient needs a graph of its own or is batched.
 
@@ -34,6 +35,7 @@ first meets an op.  ``Op.rerun`` computes a forward again from a node's record (
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,6 +144,13 @@ def exporting() -> bool:
     return torch.compiler._is_exporting_flag
 
 
+def onnx_exporting() -> bool:
+    """True while ``torch.onnx.export`` runs (an export underway imported ``torch.onnx``; it is
+    not imported here otherwise)."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def dispatches_itself(args: tuple) -> bool:
     """True where a tensor among ``args`` is of a subclass with a ``__torch_dispatch__`` of its
     own (DTensor, TwoTensor): an op called on it must reach that dispatch.  ``nn.Parameter`` and
@@ -177,6 +186,10 @@ class Op:
     (None where the flag or an absent argument leaves it out), and ``reference_backward`` the
     same without ``backend`` in differentiable torch operations.  ``compile_mode(mode)`` says
     "opaque" or "decompose" for the ``mode`` a call names."""
+
+    # the op in an ONNX export's graph (``deploy`` sets ONNX's own operators where they compute
+    # it); None: its reference math
+    onnx_form: Callable | None = None
 
     def __init__(self, schema: Schema, forward: Callable, reference: Callable,
                  backward: Callable, reference_backward: Callable,
@@ -299,6 +312,8 @@ class Op:
         if reference_math():  # first: a transform or dual tensors under compile need it too
             return self.reference(*args)
         if torch.compiler.is_compiling():
+            if exporting() and onnx_exporting():
+                return (self.onnx_form or self.reference)(*args)
             if mode is not None and self.compile_mode(mode) == "decompose":
                 return self.reference(*args)
             # an exported graph runs elsewhere: its ops take the backend in force where they run
