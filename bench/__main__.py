@@ -7,7 +7,8 @@ writes both gradients: 5nb) and as a fraction of a device-to-device copy of the 
 timed in the same run.  Each contestant's
 output is checked against the reference before it is timed.  Without a GPU the harness checks
 every kernel through Triton's interpreter against the reference, reports eager host overhead,
-and says that GPU timings need a GPU.
+and says that GPU timings need a GPU.  ``--cpu`` times every op on CPU tensors instead,
+fused_act vs PyTorch, and writes a table of its own (``bench.cpu``).
 """
 
 import argparse
@@ -21,6 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
 
 from bench import harness, report, table, timing  # noqa: E402
+
+DEFAULT_DTYPES = ["fp32", "fp16", "bf16"]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -53,6 +56,8 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     print("\nhost time per eager mish forward+backward on 2^10 CPU elements, no interpreter "
           "(backend 'auto' runs the reference on CPU tensors): "
           + ", ".join(f"{k} {v:.1f} us" for k, v in us.items()))
+    print("For a table of CPU times (every op, fused_act vs PyTorch, and two models): "
+          "python -m bench --cpu")
     return 0 if ok_all else 1
 
 
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few sizes, fewer repetitions")
     p.add_argument("--ops", nargs="+", default=list(table.OPS), choices=list(table.OPS))
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"],
+    p.add_argument("--dtypes", nargs="+", default=DEFAULT_DTYPES,
                    choices=list(table.DTYPES))
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="numbers of elements (default: 2^16 .. 2^28, or a few with --quick)")
@@ -69,7 +74,21 @@ def main(argv: list[str] | None = None) -> int:
                         "op; LLM MLP shapes such as 8192x11008 for the gated ops)")
     p.add_argument("--no-pipelines", action="store_true", help="skip the compile pipelines")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<gpu>)")
+    p.add_argument("--cpu", action="store_true",
+                   help="the CPU table instead: every op on CPU tensors, fused_act (backend "
+                        "'auto') vs PyTorch, at 2^16 and 2^22 elements (or --sizes), fp32 and "
+                        "bf16 (or --dtypes), 1 and 2 threads, and two models; writes "
+                        "bench/results/cpu-<cpu model>/ (minutes)")
+    p.add_argument("--threads", nargs="+", type=int, default=None,
+                   help="with --cpu: torch.set_num_threads values (default 1 2)")
     args = p.parse_args(argv)
+    if args.cpu:
+        from bench import cpu
+        dtypes = None if args.dtypes == DEFAULT_DTYPES else args.dtypes  # default fp32, bf16
+        result = cpu.run(Path(args.out) if args.out else None, args.ops, dtypes, args.sizes,
+                         args.threads, reps=3 if args.quick else cpu.REPS)
+        print(report.cpu_markdown(result))
+        return 1 if result["errors"] else 0
     if not torch.cuda.is_available():
         return run_without_gpu(args.ops, args.dtypes)
     sizes = args.sizes or (table.QUICK_SIZES if args.quick else table.FULL_SIZES)

@@ -140,3 +140,52 @@ def plot(rows: list[dict], folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "bandwidth.png", dpi=90)
     plt.close(fig)
+
+
+def cpu_markdown(result: dict) -> str:
+    """The CPU table (``bench.cpu``): per op, dtype, size and thread count the ratio fused_act
+    / torch of each mode, then the model rows and the failures."""
+    info = result["env"]
+    lines = [
+        f"# fused_act on {info['label']}: {info['cpu']}", "",
+        f"torch {info['torch']}, commit {info['commit']}, {info['date']}, {info['cores']} "
+        f"cores, threads {', '.join(map(str, info['threads']))} (torch.set_num_threads). "
+        f"fused: fused_act with backend \"{info['backend']}\" on CPU tensors (what users get "
+        "there); torch: PyTorch's function where it has one, else the eager expression a user "
+        f"would write. Medians of {info['reps']} repetitions interleaved between the two, each "
+        "contestant checked against the reference first. Ratios are fused / torch time: below "
+        "1 fused_act is faster.", "",
+    ]
+    if info.get("note"):
+        lines += [f"**{info['note']}**", ""]
+    lines += ["| op | torch | dtype | elements | threads | forward | backward | fwd+bwd "
+              "| fwd+bwd ms fused / torch |", "|---|---|---|---|---|---|---|---|---|"]
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in result["rows"]:
+        by.setdefault((r["op"], r["torch"], r["dtype"], r["n"], r["threads"]), {})[r["mode"]] = r
+    for (op, label, dtype, n, threads), modes in by.items():
+        ratios = " | ".join(_fmt(modes[m]["ratio"], ".2f") if m in modes else ""
+                            for m in MODES)
+        both = modes.get("fwd+bwd")
+        ms = f"{both['fused_ms']:.3f} / {both['torch_ms']:.3f}" if both else ""
+        lines.append(f"| {op} | {label} | {dtype} | {_size(n)} | {threads} | {ratios} | {ms} |")
+    if result.get("models"):
+        lines += ["", "## Models (fused_act swapped in vs the original, same weights)", "",
+                  "| model | threads | what | modules swapped | fused ms | original ms "
+                  "| fused / original |", "|---|---|---|---|---|---|---|"]
+        for r in result["models"]:
+            if r.get("fused_ms") is None:
+                lines.append(f"| {r['model']} | {r.get('threads', '')} | {r.get('what', '')} "
+                             f"| {r.get('swapped', '')} | | | skipped: {r['skipped']} |")
+                continue
+            lines.append(f"| {r['model']} | {r['threads']} | {r['what']} | {r['swapped']} "
+                         f"| {r['fused_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
+    if result.get("errors"):
+        lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json)", "",
+                  "| what | op | dtype | elements | threads | error |", "|---|---|---|---|---|---|"]
+        for e in result["errors"]:
+            error = e["error"].splitlines()[0].replace("|", "/")[:300]
+            lines.append(f"| {e['what']} | {e['op']} | {e.get('dtype', '')} | "
+                         f"{_size(e['n']) if e.get('n') else ''} | {e.get('threads', '')} "
+                         f"| {error} |")
+    return "\n".join(lines) + "\n"

@@ -221,3 +221,37 @@ def test_pipeline_without_a_torch_class(monkeypatch):
     monkeypatch.setitem(pipelines.FUSED, "mish_no_class", pipelines._fused_module(wrong))
     with pytest.raises(AssertionError, match="differs from the eager plain block"):
         pipelines.run(["mish_no_class"], "cpu", True, "aot_eager")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cpu_table(tmp_path):
+    """The CPU table's code path end to end at tiny sizes: every op, both thread counts, the
+    model rows (each run or skipped with its reason), the files it writes.  Times are not
+    asserted, only that they were measured."""
+    need_device("cpu")
+    from bench import cpu, table
+    result = cpu.run(tmp_path, sizes=[2**10], threads=[1, 2], reps=1,
+                     resnet_input=(2, 3, 32, 32), mlp_size=(8, 32, 48),
+                     compile_backend="aot_eager", verbose=False)
+    assert result["errors"] == [], [e["traceback"] for e in result["errors"]]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    info = saved["env"]
+    assert info["cpu"] == cpu.cpu_model() and info["cpu"]
+    assert info["threads"] == [1, 2] and info["torch"] == torch.__version__
+    assert "commit" in info and info["label"] == "CPU"
+    rows = saved["rows"]
+    assert {(r["op"], r["dtype"], r["threads"], r["mode"]) for r in rows} == {
+        (op, d, t, m) for op in table.OPS for d in ("float32", "bfloat16") for t in (1, 2)
+        for m in table.MODES}
+    assert all(r["fused_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0 for r in rows)
+    assert {r["torch"] for r in rows if r["op"] in ("mish", "silu", "gelu", "gelu_tanh")} == {
+        "F.mish", "F.silu", "F.gelu", "F.gelu(tanh)"}
+    models = saved["models"]
+    assert {r["model"] for r in models} >= {"timm resnet10t (mish)", "Llama MLP block"} or \
+        any("skipped" in r for r in models)
+    for r in models:
+        assert r.get("skipped") or (r["swapped"] >= 1 and r["ratio"] > 0), r
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith(f"# fused_act on CPU: {info['cpu']}")
+    assert "| mish | F.mish | float32 | 2^10 | 2 |" in md and "## Models" in md
+    assert cpu.results_dir().name == "cpu-" + cpu.slug(info["cpu"])
