@@ -7,11 +7,19 @@
 // * tanh(softplus(x)) = n / (n + 2), n = e^x (e^x + 2); 1 beyond x = 20.
 // * 1 + tanh(u) = 2 sigma(2u): GELU-tanh needs no tanh.
 // * Infinite inputs give the mathematical limits, never 0 * inf = NaN.
+//
+// M is a scalar here, and a vector of lanes in the CPU kernels (cpu.cpp), which declare ex,
+// erf_, abs_ and pick for their vector type before including this file: so the activations
+// choose with FA_SEL and combine conditions with & (no ?: and no && on M).
 #pragma once
 
 #include <math.h>
 
+#ifdef __CUDACC__
 #define FA_HD __host__ __device__ __forceinline__
+#else
+#define FA_HD inline
+#endif
 
 namespace fused_act {
 
@@ -21,6 +29,14 @@ FA_HD float erf_(float v) { return erff(v); }
 FA_HD double erf_(double v) { return erf(v); }
 FA_HD float abs_(float v) { return fabsf(v); }
 FA_HD double abs_(double v) { return fabs(v); }
+
+// FA_SEL(c, a, b): a where c holds, else b.  For a scalar it is ?: (only the chosen side runs,
+// and nvcc may branch around the other); the CPU kernels' `pick` for vectors computes both and
+// blends them lane by lane.
+#define FA_SEL(c, a, b) ::fused_act::pick((c), [&] { return (a); }, [&] { return (b); })
+
+template <class A, class B>
+FA_HD auto pick(bool c, A a, B b) { return c ? a() : b(); }
 
 template <class M>
 struct Sig {
@@ -32,15 +48,17 @@ FA_HD Sig<M> sigmoid_pair(M z) {
   const M e = ex(-abs_(z));
   const M r = M(1) / (M(1) + e);
   const M p = e * r;
-  return z >= M(0) ? Sig<M>{r, p} : Sig<M>{p, r};
+  const auto pos = z >= M(0);
+  return {FA_SEL(pos, r, p), FA_SEL(pos, p, r)};
 }
 
-// c * x, taking the limit 0 where c == 0 (x may be infinite).
 template <class M>
-FA_HD M mul_or_zero(M c, M x) { return c == M(0) ? M(0) : c * x; }
+FA_HD auto is_inf(M v) { return abs_(v) == M(INFINITY); }
 
+// c * x, taking the limit 0 where c == 0 (x may be infinite).  (The CPU kernels' vectors have
+// their own overload, declared before this file: the same values, computed without comparing c.)
 template <class M>
-FA_HD bool is_inf(M v) { return abs_(v) == M(INFINITY); }
+FA_HD M mul_or_zero(M c, M x) { return FA_SEL(c == M(0), M(0), c * x); }
 
 // ---- mish ----------------------------------------------------------------------------------
 
@@ -50,8 +68,8 @@ template <class M>
 FA_HD M mish_fwd(M x) {
   const M e = ex(x);
   const M n = e * (e + M(2));
-  const M t = x > M(MISH_SATURATION) ? M(1) : n / (n + M(2));
-  return x == -M(INFINITY) ? M(0) : x * t;
+  const M t = FA_SEL(x > M(MISH_SATURATION), M(1), n / (n + M(2)));
+  return FA_SEL(x == M(-INFINITY), M(0), x * t);
 }
 
 template <class M>
@@ -59,10 +77,10 @@ FA_HD M mish_bwd(M x) {
   // t + x sigma(x) (1 - t^2), with 1 - t = 2 / (n + 2) kept exact
   const M e = ex(x);
   const M n = e * (e + M(2));
-  const M t = x > M(MISH_SATURATION) ? M(1) : n / (n + M(2));
+  const M t = FA_SEL(x > M(MISH_SATURATION), M(1), n / (n + M(2)));
   const M one_minus_t2 = (M(2) / (n + M(2))) * (M(1) + t);
   const M d = t + x * sigmoid_pair(x).s * one_minus_t2;
-  return x > M(MISH_SATURATION) ? M(1) : (x == -M(INFINITY) ? M(0) : d);
+  return FA_SEL(x > M(MISH_SATURATION), M(1), FA_SEL(x == M(-INFINITY), M(0), d));
 }
 
 // ---- swish (and ACON-C, which is swish of d = (p1 - p2) x plus p2 x) -----------------------
@@ -79,11 +97,15 @@ FA_HD SwishParts<M> swish_parts(M x, M beta) {
   return {z, p.s, p.sn, p.s * p.sn};
 }
 
+// x sigma(z), with the limit 0 where sigma(z) = 0 and x is infinite
 template <class M>
-FA_HD M swish_fwd(M x, M beta) {
-  const M s = swish_parts(x, beta).s;
-  return s == M(0) && is_inf(x) ? M(0) : x * s;
+FA_HD M x_sigmoid(M x, M z) {
+  const M s = sigmoid_pair(z).s;
+  return FA_SEL((s == M(0)) & is_inf(x), M(0), x * s);
 }
+
+template <class M>
+FA_HD M swish_fwd(M x, M beta) { return x_sigmoid(x, mul_or_zero(beta, x)); }
 
 template <class M>
 struct Grad2 {
@@ -94,7 +116,8 @@ template <class M>
 FA_HD Grad2<M> swish_bwd(M x, M beta) {
   // d/dx = s + z q; d/dbeta = x^2 q
   const SwishParts<M> p = swish_parts(x, beta);
-  return {p.s + (p.q == M(0) ? M(0) : p.z * p.q), p.q == M(0) ? M(0) : x * x * p.q};
+  const auto flat = p.q == M(0);
+  return {p.s + FA_SEL(flat, M(0), p.z * p.q), FA_SEL(flat, M(0), x * x * p.q)};
 }
 
 // ACON-C with a = p1 - p2: (a sigma(beta a x) + p2) x, the product form giving the limits at
@@ -116,10 +139,11 @@ template <class M>
 FA_HD AconGrad<M> acon_c_bwd(M x, M a, M p2, M beta) {
   const M d = mul_or_zero(a, x);
   const SwishParts<M> p = swish_parts(d, beta);
-  const M zq = p.q == M(0) ? M(0) : p.z * p.q;
+  const auto flat = p.q == M(0);
+  const M zq = FA_SEL(flat, M(0), p.z * p.q);
   const M big_s = p.s + zq;
   return {a * big_s + p2, mul_or_zero(big_s, x), mul_or_zero(p.sn - zq, x),
-          p.q == M(0) ? M(0) : d * d * p.q};
+          FA_SEL(flat, M(0), d * d * p.q)};
 }
 
 // ---- gelu ----------------------------------------------------------------------------------
@@ -133,23 +157,20 @@ template <class M>
 FA_HD M gelu_cdf(M x) { return M(0.5) * (M(1) + erf_(x * M(SQRT1_2))); }
 
 template <class M>
-FA_HD M gelu_fwd(M x) { return x == -M(INFINITY) ? M(0) : x * gelu_cdf(x); }
+FA_HD M gelu_fwd(M x) { return FA_SEL(x == M(-INFINITY), M(0), x * gelu_cdf(x)); }
 
 template <class M>
 FA_HD M gelu_bwd(M x) {
   const M cdf = gelu_cdf(x);
   const M pdf = ex(M(-0.5) * x * x) * M(INV_SQRT_2PI);
-  return pdf == M(0) ? cdf : cdf + x * pdf;
+  return FA_SEL(pdf == M(0), cdf, cdf + x * pdf);
 }
 
 template <class M>
 FA_HD M gelu_tanh_u(M x) { return (x + x * x * x * M(GELU_TANH_C)) * M(SQRT_2_OVER_PI); }
 
 template <class M>
-FA_HD M gelu_tanh_fwd(M x) {
-  const M s = sigmoid_pair(M(2) * gelu_tanh_u(x)).s;
-  return s == M(0) && is_inf(x) ? M(0) : x * s;
-}
+FA_HD M gelu_tanh_fwd(M x) { return x_sigmoid(x, M(2) * gelu_tanh_u(x)); }
 
 template <class M>
 FA_HD M gelu_tanh_bwd(M x) {
@@ -157,17 +178,17 @@ FA_HD M gelu_tanh_bwd(M x) {
   const Sig<M> p = sigmoid_pair(M(2) * gelu_tanh_u(x));
   const M q = p.s * p.sn;
   const M du = (M(1) + x * x * M(3 * GELU_TANH_C)) * M(SQRT_2_OVER_PI);
-  return q == M(0) ? p.s : p.s + M(2) * x * q * du;
+  return FA_SEL(q == M(0), p.s, p.s + M(2) * x * q * du);
 }
 
 // ---- squared relu: relu(x)^2 ----------------------------------------------------------------
 
 // x * x for x > 0, else 0; NaN (neither test holds) stays NaN
 template <class M>
-FA_HD M squared_relu_fwd(M x) { return x > M(0) ? x * x : (x <= M(0) ? M(0) : x); }
+FA_HD M squared_relu_fwd(M x) { return FA_SEL(x > M(0), x * x, FA_SEL(x <= M(0), M(0), x)); }
 
 template <class M>
-FA_HD M squared_relu_bwd(M x) { return x > M(0) ? M(2) * x : (x <= M(0) ? M(0) : x); }
+FA_HD M squared_relu_bwd(M x) { return FA_SEL(x > M(0), M(2) * x, FA_SEL(x <= M(0), M(0), x)); }
 
 // ---- the selectors the generic kernels use --------------------------------------------------
 

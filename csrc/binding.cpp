@@ -1,15 +1,37 @@
-// The torch side of the CUDA kernels: checks what reaches them, runs them on the tensors' device
-// and current stream, and turns a launch error into a Python exception.  fused_act/_cuda.py
+// The torch side of the kernels: checks what reaches them, runs them on the tensors' device
+// (and current stream), and turns a launch error into a Python exception.  fused_act/_cuda.py
 // lays the tensors out (fused_act/plan.py) and allocates the outputs; the kernels see raw
-// pointers only (fused_act.h).
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// pointers only (fused_act.h).  Built with the CUDA kernels into fused_act._C, and with FA_CPU
+// beside cpu.cpp into the CPU kernels' extension (fused_act/_cpu.py), which need no device guard
+// and no stream.
 #include <torch/extension.h>
 
 #include <optional>
 #include <vector>
 
 #include "fused_act.h"
+
+#ifdef FA_CPU
+namespace {
+constexpr const char* KIND = "CPU";
+constexpr auto DEVICE = at::kCPU;
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+void* stream_of(const at::Tensor&) { return nullptr; }
+}  // namespace
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+namespace {
+constexpr const char* KIND = "CUDA";
+constexpr auto DEVICE = at::kCUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
+void* stream_of(const at::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+}  // namespace
+#endif
 
 namespace {
 
@@ -27,40 +49,38 @@ int dtype_code(const Tensor& t) {
     case at::kDouble:
       return FA_F64;
     default:
-      TORCH_CHECK(false, "fused_act CUDA kernels: unsupported dtype ", t.scalar_type());
+      TORCH_CHECK(false, "fused_act ", KIND, " kernels: unsupported dtype ", t.scalar_type());
   }
 }
 
-// Every tensor on x's CUDA device; data in x's dtype, parameters in its opmath dtype.
+// Every tensor on x's device (CUDA, or CPU for FA_CPU); data in x's dtype, parameters in its
+// opmath dtype.
 void check(const Tensor& x, std::initializer_list<const Tensor*> data,
            std::initializer_list<const Tensor*> params) {
-  TORCH_CHECK(x.is_cuda(), "fused_act CUDA kernels need CUDA tensors, got ", x.device());
+  TORCH_CHECK(x.device().type() == DEVICE, "fused_act ", KIND, " kernels need ", KIND,
+              " tensors, got ", x.device());
   const auto op = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const Tensor* t : data) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(),
-                "fused_act CUDA kernels: a tensor on ", t->device(), " of ", t->scalar_type(),
+                "fused_act ", KIND, " kernels: a tensor on ", t->device(), " of ", t->scalar_type(),
                 " beside x on ", x.device(), " of ", x.scalar_type());
   }
   for (const Tensor* t : params) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == op && t->is_contiguous(),
-                "fused_act CUDA kernels: parameters must be contiguous ", op, " on ", x.device());
+                "fused_act ", KIND, " kernels: parameters must be contiguous ", op, " on ", x.device());
   }
 }
 
 // fused_act/plan.py Plan.fields(), in fa_plan's order (a member missing here is a
 // -Wmissing-field-initializers error, one too many a compile error).
 fa_plan to_plan(const std::vector<int64_t>& p) {
-  TORCH_CHECK(p.size() == FA_PLAN_FIELDS, "fused_act CUDA kernels: a plan has ", FA_PLAN_FIELDS,
+  TORCH_CHECK(p.size() == FA_PLAN_FIELDS, "fused_act ", KIND, " kernels: a plan has ", FA_PLAN_FIELDS,
               " fields, got ", p.size());
   return fa_plan{p[0], p[1], p[2], int32_t(p[3]), int32_t(p[4]), int32_t(p[5]), p[6], p[7]};
 }
 
-void* stream_of(const Tensor& x) {
-  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-}
-
 void raise_if(int err, const char* what) {
-  TORCH_CHECK(err == 0, "fused_act CUDA kernel ", what, " failed: ", fa_error_string(err));
+  TORCH_CHECK(err == 0, "fused_act ", KIND, " kernel ", what, " failed: ", fa_error_string(err));
 }
 
 const void* ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
@@ -69,7 +89,7 @@ void act_forward(const Tensor& x, Tensor& y, int64_t act, const OptTensor& beta,
                  double beta_value, const std::vector<int64_t>& plan) {
   check(x, {&y}, {});
   if (beta) check(x, {}, {&*beta});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   raise_if(fa_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(act), ptr(beta),
                           float(beta_value), to_plan(plan), stream_of(x)),
            "act_forward");
@@ -81,7 +101,7 @@ void act_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t act,
   check(x, {&g, &dx}, {});
   if (beta) check(x, {}, {&*beta});
   if (partial) check(x, {}, {&*partial});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   raise_if(fa_act_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x), int(act),
                            ptr(beta), float(beta_value), partial ? partial->data_ptr() : nullptr,
                            to_plan(plan), stream_of(x)),
@@ -90,7 +110,7 @@ void act_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t act,
 
 // The gated ops' row strides: one per tensor, as fused_act.h's fa_glu_* read them.
 const int64_t* row_strides(const std::vector<int64_t>& strides, size_t n) {
-  TORCH_CHECK(strides.size() == n, "fused_act CUDA kernels: ", n, " row strides expected, got ",
+  TORCH_CHECK(strides.size() == n, "fused_act ", KIND, " kernels: ", n, " row strides expected, got ",
               strides.size());
   return strides.data();
 }
@@ -100,7 +120,7 @@ void glu_forward(const Tensor& gate, const Tensor& up, Tensor& out,
                  double beta_value, const std::vector<int64_t>& plan) {
   check(gate, {&up, &out}, {});
   if (beta) check(gate, {}, {&*beta});
-  const c10::cuda::CUDAGuard guard(gate.device());
+  const DeviceGuard guard(gate.device());
   raise_if(fa_glu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), row_strides(strides, 3),
                           dtype_code(gate), int(act), ptr(beta), float(beta_value), to_plan(plan),
                           stream_of(gate)),
@@ -114,7 +134,7 @@ void glu_backward(const Tensor& g, const Tensor& gate, const Tensor& up, Tensor&
   check(gate, {&g, &up, &dgate, &dup}, {});
   if (beta) check(gate, {}, {&*beta});
   if (partial) check(gate, {}, {&*partial});
-  const c10::cuda::CUDAGuard guard(gate.device());
+  const DeviceGuard guard(gate.device());
   raise_if(fa_glu_backward(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(),
                            dup.data_ptr(), row_strides(strides, 5), dtype_code(gate), int(act),
                            ptr(beta), float(beta_value), partial ? partial->data_ptr() : nullptr,
@@ -125,7 +145,7 @@ void glu_backward(const Tensor& g, const Tensor& gate, const Tensor& up, Tensor&
 void acon_forward(const Tensor& x, Tensor& y, const Tensor& p1, const Tensor& p2,
                   const Tensor& beta, bool per_sample, const std::vector<int64_t>& plan) {
   check(x, {&y}, {&p1, &p2, &beta});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   raise_if(fa_acon_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), p1.data_ptr(),
                            p2.data_ptr(), beta.data_ptr(), per_sample, to_plan(plan),
                            stream_of(x)),
@@ -141,7 +161,7 @@ void acon_backward(const Tensor& g, const Tensor& x, Tensor& dx, const Tensor& p
     check(x, {}, {&*partial});
     TORCH_CHECK(partial->numel() >= 3 * n_partial, "fused_act: partial buffer too small");
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   raise_if(fa_acon_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
                             p1.data_ptr(), p2.data_ptr(), beta.data_ptr(), per_sample,
                             partial ? partial->data_ptr() : nullptr, n_partial, to_plan(plan),
@@ -152,14 +172,14 @@ void acon_backward(const Tensor& g, const Tensor& x, Tensor& dx, const Tensor& p
 void check_code(const Tensor& x, const Tensor& code) {
   TORCH_CHECK(code.device() == x.device() && code.scalar_type() == at::kByte &&
                   code.numel() == x.numel(),
-              "fused_act CUDA kernels: the win code must be uint8 beside x");
+              "fused_act ", KIND, " kernels: the win code must be uint8 beside x");
 }
 
 void max_forward(const Tensor& x, const Tensor& t, Tensor& y, const OptTensor& code,
                  const std::vector<int64_t>& plan) {
   check(x, {&t, &y}, {});
   if (code) check_code(x, *code);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   raise_if(fa_max_forward(x.data_ptr(), t.data_ptr(), y.data_ptr(),
                           code ? code->data_ptr() : nullptr, dtype_code(x), to_plan(plan),
                           stream_of(x)),
@@ -170,7 +190,7 @@ void max_backward(const Tensor& g, const Tensor& code, Tensor& dx, Tensor& dt,
                   const std::vector<int64_t>& plan) {
   check(g, {&dx, &dt}, {});
   check_code(g, code);
-  const c10::cuda::CUDAGuard guard(g.device());
+  const DeviceGuard guard(g.device());
   raise_if(fa_max_backward(g.data_ptr(), code.data_ptr(), dx.data_ptr(), dt.data_ptr(),
                            dtype_code(g), to_plan(plan), stream_of(g)),
            "max_backward");
@@ -179,7 +199,7 @@ void max_backward(const Tensor& g, const Tensor& code, Tensor& dx, Tensor& dt,
 void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor& b, Tensor& y,
                 const std::vector<int64_t>& plan) {
   check(x, {&t, &y}, {&a, &b});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   raise_if(fa_max_affine(x.data_ptr(), t.data_ptr(), a.data_ptr(), b.data_ptr(), y.data_ptr(),
                          dtype_code(x), to_plan(plan), stream_of(x)),
            "max_affine");
@@ -188,14 +208,17 @@ void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor&
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fused_act's CUDA C++ kernels (called by fused_act/_cuda.py)";
-  m.def("act_forward", &act_forward);
-  m.def("act_backward", &act_backward);
-  m.def("acon_forward", &acon_forward);
-  m.def("acon_backward", &acon_backward);
-  m.def("max_forward", &max_forward);
-  m.def("max_backward", &max_backward);
-  m.def("max_affine", &max_affine);
-  m.def("glu_forward", &glu_forward);
-  m.def("glu_backward", &glu_backward);
+  m.doc() = "fused_act's C++ kernels (called by fused_act/_cuda.py and _cpu.py)";
+  // without the GIL, as torch's own ops run: the CPU kernels compute in the call, and other
+  // Python threads go on meanwhile
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("act_forward", &act_forward, no_gil());
+  m.def("act_backward", &act_backward, no_gil());
+  m.def("acon_forward", &acon_forward, no_gil());
+  m.def("acon_backward", &acon_backward, no_gil());
+  m.def("max_forward", &max_forward, no_gil());
+  m.def("max_backward", &max_backward, no_gil());
+  m.def("max_affine", &max_affine, no_gil());
+  m.def("glu_forward", &glu_forward, no_gil());
+  m.def("glu_backward", &glu_backward, no_gil());
 }

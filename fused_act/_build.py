@@ -1,5 +1,6 @@
-"""How the CUDA C++ kernels (``csrc/``) are built, in one place: ``setup.py`` (at install),
-``_cuda.py`` (first use) and the tests (compile checks, CPU emulation) all read it.
+"""How the C++ kernels (``csrc/``) are built, in one place: ``setup.py`` (the CUDA kernels, at
+install), ``_cuda.py`` and ``_cpu.py`` (first use) and the tests (compile checks, CPU emulation)
+all read it.
 
 fused_act adds only optimisation flags.  The C++ standard, the half/bfloat16 defines and the
 architecture flags are those of torch's own extension builder, which adds them when the caller
@@ -16,6 +17,29 @@ from pathlib import Path
 SOURCES = ("binding.cpp", "elementwise.cu", "acon.cu", "frelu.cu")
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3"]
+CPU_SOURCES = ("binding.cpp", "cpu.cpp")
+
+# The instruction set of torch's SIMD vectors (at::vec) for each CPU capability torch reports:
+# the flags and defines torch compiles its own kernels of that capability with.  Any other
+# capability builds torch's portable vectors (NEON on aarch64).
+CPU_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def cpu_flags(capability: str, openmp: bool = True) -> list[str]:
+    """The compiler flags of the CPU kernels for ``torch.backends.cpu.get_cpu_capability()``;
+    ``openmp``: torch's threads are OpenMP's (``torch.backends.openmp.is_available()``)."""
+    # hidden: the C interface's symbols stay inside the library, apart from the CUDA kernels'
+    # (fused_act._C exports the same names) in a process that loads both.  -fopenmp: at::
+    # parallel_for is OpenMP code in torch's headers, serial without it; its runtime calls
+    # resolve to the OpenMP library torch itself loaded (none is linked here).
+    common = [*CXX_FLAGS, "-fvisibility=hidden", "-DFA_CPU", *(["-fopenmp"] if openmp else [])]
+    arch = CPU_CAPABILITY_FLAGS.get(capability)
+    if arch is None:
+        return [*common, "-DCPU_CAPABILITY=DEFAULT"]
+    return [*common, *arch, f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 
 
 def torch_cxx_standard() -> str:

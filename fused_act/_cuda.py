@@ -3,7 +3,8 @@
 ``setup.py`` builds ``fused_act._C`` when a CUDA build of torch and nvcc are present.  Without
 it, the first use of backend "cuda" on a GPU machine compiles ``csrc/`` (shipped with the
 package) with ``torch.utils.cpp_extension.load`` and ninja, once, into torch's extension cache,
-and says so in one log line.  ``CudaKernels`` implements ``kernels.Kernels`` over it.
+and says so in one log line.  ``ExtensionKernels`` implements ``kernels.Kernels`` over it (and
+over the CPU kernels, ``_cpu.py``, which share its C interface and binding).
 """
 
 import functools
@@ -78,9 +79,9 @@ def library() -> ModuleType:
         extra_include_paths=[str(src)], extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS)
 
 
-class CudaKernels:
-    """``kernels.Kernels`` over ``fused_act._C`` (csrc/binding.cpp, which checks the tensors and
-    passes raw pointers and the plan's fields to csrc/fused_act.h)."""
+class ExtensionKernels:
+    """``kernels.Kernels`` over ``fused_act._C`` or the CPU kernels' extension (csrc/binding.cpp,
+    which checks the tensors and passes raw pointers and the plan's fields to csrc/fused_act.h)."""
 
     def __init__(self, lib: ModuleType) -> None:
         self.lib = lib

@@ -1,12 +1,13 @@
-"""Which implementation runs an op: "auto" | "triton" | "cuda" | "reference".
+"""Which implementation runs an op: "auto" | "triton" | "cuda" | "cpu" | "reference".
 
 The default comes from ``FUSED_ACT_BACKEND`` (else "auto").  "auto" sends CUDA tensors to the
-Triton kernels (to the CUDA C++ kernels where Triton is missing and those are built or
-buildable) and everything else to the reference.  "triton" also runs CPU tensors, through
+Triton kernels (to the CUDA C++ kernels where Triton is missing and those are built or buildable),
+CPU tensors to the CPU C++ kernels (``csrc/cpu.cpp``, built on first use; the reference where they
+cannot be built), and everything else to the reference.  "triton" also runs CPU tensors, through
 Triton's interpreter, when ``TRITON_INTERPRET=1`` was set before the kernels were first used; a CPU
 tensor without it is a clear error.  "cuda" names the CUDA C++ kernels (``csrc/``, ``_cuda.py``):
-CUDA tensors only, and asking for it where they cannot run says why.  Availability is probed
-once and explained by ``python -m fused_act.info``.
+CUDA tensors only, and asking for it where they cannot run says why; "cpu" names the CPU kernels,
+CPU tensors only.  Availability is probed once and explained by ``python -m fused_act.info``.
 
 ``set_backend`` sets the process-wide default; ``use_backend`` overrides it for its block in the
 current thread only, so threads serving different models do not see each other's blocks.  A
@@ -28,16 +29,16 @@ from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
 
 def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"fused_act: unknown backend {name!r}; choose one of {BACKENDS}")
-    if name == "cuda":
-        ok, why = cuda_status()
+    if name in ("cuda", "cpu"):
+        ok, why = cuda_status() if name == "cuda" else cpu_status()
         if not ok:
-            raise RuntimeError(f"fused_act: backend 'cuda' is not available: {why}")
+            raise RuntimeError(f"fused_act: backend {name!r} is not available: {why}")
     return name
 
 
@@ -48,8 +49,8 @@ _scoped = threading.local()
 
 
 def set_backend(name: str) -> None:
-    """Select the process-wide default implementation for later calls: "auto", "triton", "cuda"
-    or "reference".  A ``use_backend`` block in force keeps its own choice until it ends."""
+    """Select the process-wide default implementation for later calls: "auto", "triton", "cuda",
+    "cpu" or "reference".  A ``use_backend`` block in force keeps its own choice until it ends."""
     global _default
     _default = _check(name)
 
@@ -96,13 +97,21 @@ def cuda_status() -> tuple[bool, str]:
     return _cuda.status()
 
 
+def cpu_status() -> tuple[bool, str]:
+    """(available, why) for the CPU C++ kernels: built, or buildable on first use."""
+    from . import _cpu
+    return _cpu.status()
+
+
 def resolve(device: torch.device, name: str) -> str:
     """The implementation that backend ``name`` (as ``set_backend`` takes it; an op records the
-    one in force at its forward) runs a tensor on ``device`` with: "triton", "cuda" or
+    one in force at its forward) runs a tensor on ``device`` with: "triton", "cuda", "cpu" or
     "reference"."""
     if name == "reference":
         return name
     if name == "auto":
+        if device.type == "cpu":
+            return "cpu" if cpu_status()[0] else "reference"
         if device.type != "cuda":
             return "reference"
         if triton_status()[0]:
@@ -112,6 +121,12 @@ def resolve(device: torch.device, name: str) -> str:
         if device.type != "cuda":
             raise RuntimeError(
                 f"fused_act: backend 'cuda' cannot run a {device.type} tensor; use backend "
+                "'auto' or 'reference' for it")
+        return name
+    if name == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"fused_act: backend 'cpu' cannot run a {device.type} tensor; use backend "
                 "'auto' or 'reference' for it")
         return name
     if device.type == "cuda" or (device.type == "cpu" and interpreting()):

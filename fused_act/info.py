@@ -23,6 +23,7 @@ def report() -> str:
     ]
     for name, (ok, why) in (("triton", backend.triton_status()),
                             ("cuda", backend.cuda_status()),
+                            ("cpu", backend.cpu_status()),
                             ("reference", (True, "pure PyTorch, any device"))):
         lines.append(f"  {name:<9} {'yes' if ok else 'no ':<3}  {why}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The kernel boundary: what a kernel backend ("triton", "cuda") implements, and loading one.
+"""The kernel boundary: what a kernel backend ("triton", "cuda", "cpu") implements, and loading
+one.
 
 ``Kernels`` is the whole interface between the host code (``ops/``) and a backend.  The host
 lays every tensor out and chooses its tiling plan (``plan.py``); a backend only launches.  Every
@@ -9,9 +10,11 @@ gradients that the host finishes (``plan.channel_sums``, ``plan.acon_sums``), or
 parameter gradient is needed.  The gated ops (``glu_*``) walk their tensors as the rows of a
 ``plan.row_plan``, each tensor with its own row stride (``strides``, in argument order), so the
 halves of a packed tensor are read and written in place.  ``triton_kernels.TritonKernels``
-and ``_cuda.CudaKernels`` implement it, the latter over the C interface of ``csrc/fused_act.h``.
+and ``_cuda.ExtensionKernels`` implement it, the latter over the C interface of
+``csrc/fused_act.h`` (the CUDA kernels, and the CPU kernels of ``csrc/cpu.cpp``).
 """
 
+import logging
 from typing import Protocol
 
 import torch
@@ -19,6 +22,8 @@ from torch import Tensor
 
 from .backend import resolve
 from .plan import Plan
+
+log = logging.getLogger("fused_act")
 
 
 class Kernels(Protocol):
@@ -67,19 +72,23 @@ _loaded: dict[str, Kernels] = {}
 
 
 def kernels(name: str) -> Kernels:
-    """The kernels of backend ``name`` ("triton" or "cuda"), loaded on first use: defining the
-    Triton kernels reads TRITON_INTERPRET, loading the CUDA ones may build them, and CPU-only
-    users of the reference pay for neither."""
+    """The kernels of backend ``name`` ("triton", "cuda" or "cpu"), loaded on first use: defining
+    the Triton kernels reads TRITON_INTERPRET, loading the C++ ones may build them, and users of
+    the reference pay for none."""
     if name not in _loaded:
         if name == "cuda":
-            from ._cuda import CudaKernels, library
-            _loaded[name] = CudaKernels(library())
+            from ._cuda import ExtensionKernels, library
+            _loaded[name] = ExtensionKernels(library())
+        elif name == "cpu":
+            from . import _cpu
+            from ._cuda import ExtensionKernels
+            _loaded[name] = ExtensionKernels(_cpu.library())
         elif name == "triton":
             from .triton_kernels import TritonKernels
             _loaded[name] = TritonKernels()
         else:
             raise ValueError(f"fused_act.kernels: no kernel backend {name!r} (kernel backends: "
-                             f"'triton', 'cuda')")
+                             f"'triton', 'cuda', 'cpu')")
     return _loaded[name]
 
 
@@ -87,4 +96,14 @@ def launcher(device: torch.device, backend: str) -> Kernels | None:
     """The kernels that ``backend`` (as ``set_backend`` takes it) runs a tensor on ``device``
     with, or None where that is the reference math (``backend.resolve`` decides)."""
     name = resolve(device, backend)
-    return None if name == "reference" else kernels(name)
+    if name == "reference":
+        return None
+    try:
+        return kernels(name)
+    except RuntimeError as e:
+        if backend != "auto" or name != "cpu":
+            raise
+        # "auto" is the fastest implementation that runs here: the reference, when the CPU
+        # kernels could not be built (resolve says "reference" from now on)
+        log.warning("%s; backend 'auto' runs CPU tensors with the reference", e)
+        return None

@@ -1,0 +1,575 @@
+// The CPU kernels: fused_act.h's interface for CPU tensors (binding.cpp built with FA_CPU wraps
+// it), so the host code lays out and plans CPU tensors exactly as CUDA ones.  The math is
+// activations.cuh's, instantiated for torch's SIMD vectors (at::vec::Vectorized, whose exp and
+// erf are torch's own vector math), one vector of lanes at a time: one pass over memory per op,
+// fp16/bf16 computed in fp32 and rounded once.  Tiles and partial-sum slots are tile.cuh's
+// (fused_act/plan.py), each tile summed by one thread in a fixed order: parameter gradients are
+// deterministic whatever the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "fused_act.h"
+
+namespace fused_act {
+
+template <class M>
+using Vec = at::vec::Vectorized<M>;
+
+// activations.cuh's primitives for vectors, declared before it so that its templates find them
+template <class M>
+Vec<M> ex(const Vec<M>& v) { return v.exp(); }
+template <class M>
+Vec<M> erf_(const Vec<M>& v) { return v.erf(); }
+template <class M>
+Vec<M> abs_(const Vec<M>& v) { return v.abs(); }
+// activations.cuh's mul_or_zero for vectors: c * x, and 0 where c == 0 whatever x.  Written so
+// that no comparison reads c alone: c is often one value for the whole tensor (a scalar beta),
+// and a comparison of a loop-invariant vector made these loops several times slower (the mask
+// is hoisted and rebuilt from a general register every iteration).  Where the product is NaN,
+// q is c itself (times 1), so its test is c == 0; elsewhere the product stands.
+template <class M>
+Vec<M> mul_or_zero(const Vec<M>& c, const Vec<M>& x) {
+  const Vec<M> z = c * x;
+  const Vec<M> bad = z != z;
+  const Vec<M> q = c * Vec<M>::blendv(x, Vec<M>(M(1)), bad);
+  return Vec<M>::blendv(z, Vec<M>(M(0)), bad & (q == Vec<M>(M(0))));
+}
+
+// FA_SEL on vectors: both sides, blended by the mask c
+template <class M, class A, class B>
+Vec<M> pick(const Vec<M>& c, A a, B b) { return Vec<M>::blendv(b(), a(), c); }
+
+}  // namespace fused_act
+
+#include "activations.cuh"
+
+namespace fused_act {
+namespace {
+
+enum cpu_error : int { OK = 0, BAD_ACT = 1, BAD_DTYPE = 2 };
+
+template <class T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// `n` elements of storage T at p as one vector of opmath lanes; lanes past n are 0.
+template <class T, class M = opmath_t<T>>
+Vec<M> load(const T* p, int64_t n) {
+  constexpr int64_t W = Vec<M>::size();
+  if constexpr (std::is_same_v<T, M>) {
+    return n == W ? Vec<M>::loadu(p) : Vec<M>::loadu(p, n);
+  } else {
+    if (n == W) {
+      Vec<M> v;
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    }
+    alignas(64) M buf[W] = {};
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<M>(p[k]);
+    return Vec<M>::loadu(buf);
+  }
+}
+
+// The first n lanes of v to p, rounded once to storage T (to nearest even).
+template <class T, class M>
+void store(T* p, const Vec<M>& v, int64_t n) {
+  constexpr int64_t W = Vec<M>::size();
+  if constexpr (std::is_same_v<T, M>) {
+    n == W ? v.store(p) : v.store(p, n);
+  } else if (n == W) {
+    at::vec::convert_from_float<T>(v, v).store(p, W);  // the first W of its 2 W lanes
+  } else {
+    alignas(64) M buf[W];
+    v.store(buf);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(buf[k]);
+  }
+}
+
+// Where a vector lies: its row, first column, the row's channel (ROWS: row % channels) and
+// sample (per-sample parameters), as tile.cuh's At.
+struct At {
+  int64_t row, col, chan, sample;
+};
+
+// A per-channel parameter for the lanes at `at`: one value per row (ROWS), or the columns'
+// values (COLS; p + offset holds the row's channels).
+template <class M>
+Vec<M> channel_param(const M* p, const At& at, int64_t n, int layout, int64_t offset = 0) {
+  return layout == FA_COLS ? Vec<M>::loadu(p + offset + at.col, n) : Vec<M>(p[offset + at.chan]);
+}
+
+// Runs `op` over every tile of plan `p` in parallel.  Op names its opmath M and its number of
+// parameter-gradient terms NP, and `op.apply(at, n, d)` handles the n (<= lanes) elements at
+// `at`, writing the NP terms of each lane to d.  With `partial`, every slot of tile.cuh's
+// layout is written: ROWS (and one-channel plans) one per (column block, row), COLS one per
+// (row block, column), term q at q * n_partial.
+template <class Op>
+void run(const Op& op, const fa_plan& p, typename Op::M* partial, int64_t n_partial) {
+  using M = typename Op::M;
+  constexpr int NP = Op::NP > 0 ? Op::NP : 1;
+  constexpr int64_t W = Vec<M>::size();
+  const int64_t rows_per_sample = p.rows / p.samples;
+  const int64_t rows_per_item = p.batch > 0 ? p.rows / p.batch : 0;
+  const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
+  const int64_t row_blocks = (rows_per_sample + p.block_r - 1) / p.block_r;
+  const int64_t tiles = p.samples * row_blocks * col_blocks;
+  const bool sums = Op::NP > 0 && partial != nullptr;
+  const bool col_sums = sums && p.layout == FA_COLS;
+  // about 32K elements per task: enough work to pay for a thread, tiles enough to share
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (int64_t(p.block_r) * p.block_l));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<M> col_acc(col_sums ? size_t(NP) * p.block_l : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t pid_l = tile % col_blocks;
+      const int64_t sample = tile / col_blocks / row_blocks;
+      const int64_t pid_r = tile / col_blocks % row_blocks;
+      const int64_t r_end = std::min<int64_t>((pid_r + 1) * p.block_r, rows_per_sample);
+      const int64_t c0 = pid_l * p.block_l;
+      const int64_t c_end = std::min<int64_t>(c0 + p.block_l, p.cols);
+      std::fill(col_acc.begin(), col_acc.end(), M(0));
+      for (int64_t r_in = pid_r * p.block_r; r_in < r_end; ++r_in) {
+        At at{sample * rows_per_sample + r_in, 0, 0, sample};
+        at.chan = p.layout == FA_ROWS ? at.row % p.channels : 0;
+        if (rows_per_item > 0) at.sample = at.row / rows_per_item;
+        Vec<M> acc[NP];
+        for (auto& a : acc) a = Vec<M>(M(0));
+        for (at.col = c0; at.col < c_end; at.col += W) {
+          const int64_t n = std::min(W, c_end - at.col);
+          Vec<M> d[NP];
+          op.apply(at, n, d);
+          if (!sums) continue;
+          for (int q = 0; q < NP; ++q) {
+            if (n < W) d[q] = Vec<M>::set(Vec<M>(M(0)), d[q], n);  // lanes past n add nothing
+            if (col_sums) {
+              M* c = col_acc.data() + q * p.block_l + (at.col - c0);
+              (Vec<M>::loadu(c, n) + d[q]).store(c, n);
+            } else {
+              acc[q] = acc[q] + d[q];
+            }
+          }
+        }
+        if (sums && !col_sums) {
+          for (int q = 0; q < NP; ++q) {
+            alignas(64) M lanes[W];
+            acc[q].store(lanes);
+            M s = M(0);
+            for (int64_t k = 0; k < W; ++k) s += lanes[k];
+            partial[q * n_partial + pid_l * p.rows + at.row] = s;
+          }
+        }
+      }
+      if (col_sums) {
+        const int64_t slot = (sample * row_blocks + pid_r) * p.cols + c0;
+        for (int q = 0; q < NP; ++q) {
+          std::copy(col_acc.begin() + q * p.block_l, col_acc.begin() + q * p.block_l + (c_end - c0),
+                    partial + q * n_partial + slot);
+        }
+      }
+    }
+  });
+}
+
+// ---- the activations' math, as the ops below take it (elementwise.cu and acon.cu's ActMath and
+// AconMath, for vectors): `value(x, at, n)` is f(x) for the lanes at `at`; `grad(x, at, n, terms)`
+// returns df/dx and writes the NP parameter derivatives to `terms` -----------------------------
+
+template <class M>
+struct Beta {
+  const M* ptr;  // null: the scalar `value`
+  M value;
+  int layout;
+
+  Vec<M> at(const At& a, int64_t n) const {
+    return ptr == nullptr ? Vec<M>(value) : channel_param(ptr, a, n, layout);
+  }
+};
+
+// activation ACT with its beta (swish only)
+template <int ACT, class M>
+struct ActMath {
+  static constexpr int NP = 1;  // d/dbeta
+  Beta<M> beta;
+
+  Vec<M> value(const Vec<M>& x, const At& a, int64_t n) const {
+    return act_fwd<ACT>(x, beta.at(a, n));
+  }
+  Vec<M> grad(const Vec<M>& x, const At& a, int64_t n, Vec<M>* terms) const {
+    const Grad2<Vec<M>> r = act_bwd<ACT>(x, beta.at(a, n));
+    terms[0] = r.dparam;
+    return r.dx;
+  }
+};
+
+// ACON-C with its per-channel p1, p2 and per-channel or per-sample beta
+template <class M>
+struct AconMath {
+  static constexpr int NP = 3;  // dp1, dp2, dbeta
+  const M* p1;
+  const M* p2;
+  const M* beta;
+  int64_t channels;
+  int layout;
+  bool per_sample;
+
+  // (a = p1 - p2, p2, beta) for the lanes at `at`
+  void params(const At& a, int64_t n, Vec<M>& diff, Vec<M>& q2, Vec<M>& b) const {
+    q2 = channel_param(p2, a, n, layout);
+    diff = channel_param(p1, a, n, layout) - q2;
+    b = channel_param(beta, a, n, layout, per_sample ? a.sample * channels : 0);
+  }
+  Vec<M> value(const Vec<M>& x, const At& a, int64_t n) const {
+    Vec<M> diff, q2, b;
+    params(a, n, diff, q2, b);
+    return acon_c_fwd(x, diff, q2, b);
+  }
+  Vec<M> grad(const Vec<M>& x, const At& a, int64_t n, Vec<M>* terms) const {
+    Vec<M> diff, q2, b;
+    params(a, n, diff, q2, b);
+    const AconGrad<Vec<M>> r = acon_c_bwd(x, diff, q2, b);
+    terms[0] = r.dp1;
+    terms[1] = r.dp2;
+    terms[2] = r.dbeta;
+    return r.dx;
+  }
+};
+
+// ---- the op shapes (tile.cuh's MapOp, GradOp; elementwise.cu's GluOp, GluGradOp) -------------
+
+// y = f(x)
+template <class T, class F>
+struct MapOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* x;
+  T* y;
+  int64_t cols;
+  F f;
+
+  void apply(const At& a, int64_t n, Vec<M>*) const {
+    const int64_t off = a.row * cols + a.col;
+    store(y + off, f.value(load(x + off, n), a, n), n);
+  }
+};
+
+// dx = g f'(x), and the terms g df/dp of the parameter gradients
+template <class T, class F>
+struct GradOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = F::NP;
+  const T* g;
+  const T* x;
+  T* dx;
+  int64_t cols;
+  F f;
+
+  void apply(const At& a, int64_t n, Vec<M>* d) const {
+    const int64_t off = a.row * cols + a.col;
+    const Vec<M> gv = load(g + off, n);
+    Vec<M> terms[NP];
+    store(dx + off, gv * f.grad(load(x + off, n), a, n, terms), n);
+    for (int q = 0; q < NP; ++q) d[q] = gv * terms[q];
+  }
+};
+
+// out = f(gate) * up, every tensor walked as rows `s_*` elements apart
+template <class T, class F>
+struct GluOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* gate;
+  const T* up;
+  T* out;
+  int64_t s_gate, s_up, s_out;
+  F f;
+
+  void apply(const At& a, int64_t n, Vec<M>*) const {
+    const Vec<M> v = f.value(load(gate + a.row * s_gate + a.col, n), a, n);
+    store(out + a.row * s_out + a.col, v * load(up + a.row * s_up + a.col, n), n);
+  }
+};
+
+// dgate = g up f'(gate), dup = g f(gate), and the terms g up df/dp
+template <class T, class F>
+struct GluGradOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = F::NP;
+  const T* g;
+  const T* gate;
+  const T* up;
+  T* dgate;
+  T* dup;
+  int64_t s_g, s_gate, s_up, s_dgate, s_dup;
+  F f;
+
+  void apply(const At& a, int64_t n, Vec<M>* d) const {
+    const Vec<M> gv = load(g + a.row * s_g + a.col, n);
+    const Vec<M> x = load(gate + a.row * s_gate + a.col, n);
+    const Vec<M> gu = gv * load(up + a.row * s_up + a.col, n);
+    Vec<M> terms[NP];
+    store(dgate + a.row * s_dgate + a.col, gu * f.grad(x, a, n, terms), n);
+    store(dup + a.row * s_dup + a.col, gv * f.value(x, a, n), n);
+    for (int q = 0; q < NP; ++q) d[q] = gu * terms[q];
+  }
+};
+
+// ---- FReLU's max step: no transcendental, so plain loops over each vector's elements, on
+// activations.cuh's scalar max_value / max_code / max_bwd ----------------------------------
+
+template <class T>
+struct MaxForward {
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* x;
+  const T* t;
+  T* y;
+  uint8_t* code;  // null: not needed
+  int64_t cols;
+
+  void apply(const At& a, int64_t n, Vec<M>*) const {
+    const int64_t off = a.row * cols + a.col;
+    for (int64_t k = off; k < off + n; ++k) {
+      const M xv = static_cast<M>(x[k]);
+      const M tv = static_cast<M>(t[k]);
+      if (code != nullptr) code[k] = max_code(xv, tv);
+      y[k] = static_cast<T>(max_value(xv, tv));
+    }
+  }
+};
+
+template <class T>
+struct MaxBackward {
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* g;
+  const uint8_t* code;
+  T* dx;
+  T* dt;
+  int64_t cols;
+
+  void apply(const At& a, int64_t n, Vec<M>*) const {
+    const int64_t off = a.row * cols + a.col;
+    for (int64_t k = off; k < off + n; ++k) {
+      const Grad2<M> d = max_bwd(static_cast<M>(g[k]), code[k]);
+      dx[k] = static_cast<T>(d.dx);
+      dt[k] = static_cast<T>(d.dparam);
+    }
+  }
+};
+
+template <class T>
+struct MaxAffine {
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const T* x;
+  const T* t;
+  const M* a_;
+  const M* b_;
+  T* y;
+  int64_t cols;
+  int layout;
+
+  void apply(const At& a, int64_t n, Vec<M>*) const {
+    const int64_t off = a.row * cols + a.col;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t c = layout == FA_COLS ? a.col + k : a.chan;
+      const M u = static_cast<M>(t[off + k]) * a_[c] + b_[c];
+      y[off + k] = static_cast<T>(max_value(static_cast<M>(x[off + k]), u));
+    }
+  }
+};
+
+// ---- dispatch --------------------------------------------------------------------------------
+
+// f(T{}) for the storage type of dtype code `dtype`
+template <class F>
+int dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case FA_F32:
+      return f(float{});
+    case FA_F16:
+      return f(c10::Half{});
+    case FA_BF16:
+      return f(c10::BFloat16{});
+    case FA_F64:
+      return f(double{});
+    default:
+      return BAD_DTYPE;
+  }
+}
+
+// f(std::integral_constant<int, ACT>{}, T{}) for a run-time activation id and dtype: every id
+// of activations.cuh is instantiated, any other is BAD_ACT.
+template <class F, int... IDS>
+int dispatch_act(int act, int dtype, F&& f, std::integer_sequence<int, IDS...>) {
+  int err = BAD_ACT;
+  static_cast<void>(((act == IDS && (err = dispatch_dtype(dtype, [&](auto t) {
+                                       return f(std::integral_constant<int, IDS>{}, t);
+                                     }), true)) || ...));
+  return err;
+}
+
+template <class F>
+int dispatch_act(int act, int dtype, F&& f) {
+  return dispatch_act(act, dtype, f, std::make_integer_sequence<int, N_ACT>{});
+}
+
+template <class M>
+Beta<M> beta_of(const void* beta, float beta_value, const fa_plan& p) {
+  return {static_cast<const M*>(beta), M(beta_value), p.layout};
+}
+
+template <class T>
+AconMath<opmath_t<T>> acon_math(const void* p1, const void* p2, const void* beta, int per_sample,
+                                const fa_plan& p) {
+  using M = opmath_t<T>;
+  return {static_cast<const M*>(p1), static_cast<const M*>(p2), static_cast<const M*>(beta),
+          p.channels, p.layout, per_sample != 0};
+}
+
+template <class Op>
+int launch(const Op& op, const fa_plan& p, void* partial = nullptr, int64_t n_partial = 0) {
+  run(op, p, static_cast<typename Op::M*>(partial), n_partial > 0 ? n_partial : 0);
+  return OK;
+}
+
+int64_t slots(const fa_plan& p) {
+  const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
+  if (p.layout != FA_COLS) return col_blocks * p.rows;
+  const int64_t rows_per_sample = p.rows / p.samples;
+  return p.samples * ((rows_per_sample + p.block_r - 1) / p.block_r) * p.cols;
+}
+
+}  // namespace
+}  // namespace fused_act
+
+using namespace fused_act;
+
+// The C interface (fused_act.h) on CPU memory; `stream` is ignored.
+
+extern "C" int fa_act_forward(const void* x, void* y, int dtype, int act, const void* beta,
+                              float beta_value, fa_plan plan, void*) {
+  return dispatch_act(act, dtype, [&](auto a, auto t) {
+    using T = decltype(t);
+    using F = ActMath<decltype(a)::value, opmath_t<T>>;
+    return launch(MapOp<T, F>{static_cast<const T*>(x), static_cast<T*>(y), plan.cols,
+                              {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
+                  plan);
+  });
+}
+
+extern "C" int fa_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                               const void* beta, float beta_value, void* partial, fa_plan plan,
+                               void*) {
+  return dispatch_act(act, dtype, [&](auto a, auto t) {
+    using T = decltype(t);
+    using F = ActMath<decltype(a)::value, opmath_t<T>>;
+    return launch(GradOp<T, F>{static_cast<const T*>(g), static_cast<const T*>(x),
+                               static_cast<T*>(dx), plan.cols,
+                               {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
+                  plan, partial, slots(plan));
+  });
+}
+
+extern "C" int fa_glu_forward(const void* gate, const void* up, void* out, const int64_t* s,
+                              int dtype, int act, const void* beta, float beta_value,
+                              fa_plan plan, void*) {
+  return dispatch_act(act, dtype, [&](auto a, auto t) {
+    using T = decltype(t);
+    using F = ActMath<decltype(a)::value, opmath_t<T>>;
+    return launch(GluOp<T, F>{static_cast<const T*>(gate), static_cast<const T*>(up),
+                              static_cast<T*>(out), s[0], s[1], s[2],
+                              {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
+                  plan);
+  });
+}
+
+extern "C" int fa_glu_backward(const void* g, const void* gate, const void* up, void* dgate,
+                               void* dup, const int64_t* s, int dtype, int act, const void* beta,
+                               float beta_value, void* partial, fa_plan plan, void*) {
+  return dispatch_act(act, dtype, [&](auto a, auto t) {
+    using T = decltype(t);
+    using F = ActMath<decltype(a)::value, opmath_t<T>>;
+    return launch(GluGradOp<T, F>{static_cast<const T*>(g), static_cast<const T*>(gate),
+                                  static_cast<const T*>(up), static_cast<T*>(dgate),
+                                  static_cast<T*>(dup), s[0], s[1], s[2], s[3], s[4],
+                                  {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
+                  plan, partial, slots(plan));
+  });
+}
+
+extern "C" int fa_acon_forward(const void* x, void* y, int dtype, const void* p1, const void* p2,
+                               const void* beta, int per_sample, fa_plan plan, void*) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return launch(MapOp<T, AconMath<opmath_t<T>>>{static_cast<const T*>(x), static_cast<T*>(y),
+                                                  plan.cols, acon_math<T>(p1, p2, beta,
+                                                                          per_sample, plan)},
+                  plan);
+  });
+}
+
+extern "C" int fa_acon_backward(const void* g, const void* x, void* dx, int dtype, const void* p1,
+                                const void* p2, const void* beta, int per_sample, void* partial,
+                                int64_t n_partial, fa_plan plan, void*) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return launch(GradOp<T, AconMath<opmath_t<T>>>{static_cast<const T*>(g),
+                                                   static_cast<const T*>(x), static_cast<T*>(dx),
+                                                   plan.cols, acon_math<T>(p1, p2, beta,
+                                                                           per_sample, plan)},
+                  plan, partial, n_partial);
+  });
+}
+
+extern "C" int fa_max_forward(const void* x, const void* t, void* y, void* code, int dtype,
+                              fa_plan plan, void*) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return launch(MaxForward<T>{static_cast<const T*>(x), static_cast<const T*>(t),
+                                static_cast<T*>(y), static_cast<uint8_t*>(code), plan.cols},
+                  plan);
+  });
+}
+
+extern "C" int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dtype,
+                               fa_plan plan, void*) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return launch(MaxBackward<T>{static_cast<const T*>(g), static_cast<const uint8_t*>(code),
+                                 static_cast<T*>(dx), static_cast<T*>(dt), plan.cols},
+                  plan);
+  });
+}
+
+extern "C" int fa_max_affine(const void* x, const void* t, const void* a, const void* b, void* y,
+                             int dtype, fa_plan plan, void*) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = opmath_t<T>;
+    return launch(MaxAffine<T>{static_cast<const T*>(x), static_cast<const T*>(t),
+                               static_cast<const M*>(a), static_cast<const M*>(b),
+                               static_cast<T*>(y), plan.cols, plan.layout},
+                  plan);
+  });
+}
+
+extern "C" const char* fa_error_string(int err) {
+  switch (err) {
+    case OK:
+      return "no error";
+    case BAD_ACT:
+      return "unknown activation id";
+    case BAD_DTYPE:
+      return "unsupported dtype";
+    default:
+      return "unknown error";
+  }
+}
