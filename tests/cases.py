@@ -2,6 +2,7 @@
 helpers."""
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,10 @@ PARAM_RTOL = {torch.float64: 1e-10}
 PARAM_RTOL_DEFAULT = 2e-5
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-# "cuda" (the CUDA C++ kernels) runs CUDA tensors only; conftest.py drops its CPU combinations
-BACKENDS = ["triton", "cuda", "reference"]
-CPU_BACKENDS = ["triton", "reference"]
+# "cuda" (the CUDA C++ kernels) runs CUDA tensors only and "cpu" (the CPU C++ kernels) CPU
+# tensors only; conftest.py drops their combinations with the other device
+BACKENDS = ["triton", "cuda", "cpu", "reference"]
+CPU_BACKENDS = ["triton", "cpu", "reference"]
 
 
 def need_device(device: str) -> None:
@@ -55,6 +57,11 @@ def need_backend(backend_name: str, device: str) -> None:
         ok, why = backend.cuda_status()
         if not ok:
             pytest.skip(f"backend 'cuda': {why}")
+    if backend_name == "cpu":
+        ok, why = backend.cpu_status()
+        if not ok:
+            # CI has a compiler: there, a CPU kernel that cannot be built fails its tests
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(f"backend 'cpu': {why}")
 
 
 def saved_by(fn: Callable[[], Tensor], backend_name: str) -> tuple[Tensor, list[Tensor]]:

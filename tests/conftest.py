@@ -14,13 +14,14 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Backend "cuda" runs CUDA tensors only: its CPU-device combinations are not tests."""
+    """Backend "cuda" runs CUDA tensors only and backend "cpu" CPU tensors only: their
+    combinations with the other device are not tests."""
     keep, drop = [], []
     for item in items:
         params = getattr(item, "callspec", None) and item.callspec.params
-        cpu_cuda = bool(params) and params.get("backend_name") == "cuda" and \
-            params.get("device") == "cpu"
-        (drop if cpu_cuda else keep).append(item)
+        other = bool(params) and (params.get("backend_name"), params.get("device")) in (
+            ("cuda", "cpu"), ("cpu", "cuda"))
+        (drop if other else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

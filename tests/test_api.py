@@ -343,7 +343,7 @@ def test_backends_implement_the_kernel_interface():
     a type checker verifies, checked here without one)."""
     import inspect
 
-    from fused_act._cuda import CudaKernels
+    from fused_act._cuda import ExtensionKernels
     from fused_act.kernels import Kernels
     from fused_act.triton_kernels import TritonKernels
 
@@ -353,7 +353,7 @@ def test_backends_implement_the_kernel_interface():
     launchers = [n for n, v in vars(Kernels).items()
                  if inspect.isfunction(v) and not n.startswith("_")]
     assert len(launchers) == 9
-    for cls in (TritonKernels, CudaKernels):
+    for cls in (TritonKernels, ExtensionKernels):
         for name in launchers:
             assert params(getattr(cls, name)) == params(getattr(Kernels, name)), (cls, name)
 

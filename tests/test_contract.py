@@ -289,18 +289,22 @@ def _names(msg, arg):
 def _kernel_probe(monkeypatch, attr):
     """Record every call of a ``Kernels`` launcher whose name ends in ``attr`` ("forward" or
     "backward") on each backend; yields the list of (backend, launcher) called."""
-    from fused_act._cuda import CudaKernels
+    from fused_act import kernels
+    from fused_act._cuda import ExtensionKernels
     calls = []
     names = [n for n in vars(Kernels) if n.endswith(attr)]
-    for backend, cls in (("triton", TritonKernels), ("cuda", CudaKernels)):
+    for cls in (TritonKernels, ExtensionKernels):
         for name in names:
             original = getattr(cls, name)
 
-            def wrapper(*args, _orig=original, _tag=(backend, name), **kwargs):
-                calls.append(_tag)
+            def wrapper(*args, _orig=original, _name=name, _cls=cls, **kwargs):
+                # the C++ kernels share one class: the CPU ones are the instance loaded as "cpu"
+                backend = "triton" if _cls is TritonKernels else (
+                    "cpu" if args[0] is kernels._loaded.get("cpu") else "cuda")
+                calls.append((backend, _name))
                 return _orig(*args, **kwargs)
 
-            monkeypatch.setattr(cls, name, wrapper if backend == "cuda" else
+            monkeypatch.setattr(cls, name, wrapper if cls is ExtensionKernels else
                                 staticmethod(wrapper))
     yield calls
 
@@ -398,10 +402,12 @@ def _backward_case(name):
 BACKWARD_OPS = [op.name for op in ELEMENTWISE] + [f"{s.name}_channel" for s in BETA_SPECS] + [
     "acon_c", "frelu_max"]
 # (backend of the forward, backend in force when .backward() is called); "cuda" is probed on
-# fused_act._cuda.CudaKernels, which the ops reach as ``kernels("cuda")``; on CPU the
+# fused_act._cuda.ExtensionKernels, which the ops reach as ``kernels("cuda")``; on CPU the
 # cuda_on_cpu fixture routes it to the emulated kernels
 BACKWARD_PAIRS = [("triton", "auto"), ("cuda", "auto"), ("triton", "reference"),
-                  ("cuda", "triton"), ("reference", "triton"), ("reference", "cuda")]
+                  ("cuda", "triton"), ("reference", "triton"), ("reference", "cuda"),
+                  ("cpu", "reference"), ("reference", "cpu"), ("cpu", "triton"),
+                  ("auto", "reference")]
 
 
 @pytest.mark.parametrize("fwd, bwd", BACKWARD_PAIRS, ids=lambda s: s)
@@ -417,7 +423,9 @@ def test_backward_runs_on_forward_backend(name, fwd, bwd, request, monkeypatch):
     with _kernel_probe(monkeypatch, "backward") as called, fused_act.use_backend(bwd):
         y.sum().backward()
     backends = {b for b, _ in called}
-    want = set() if fwd == "reference" else {fwd}
+    # "auto" runs CPU tensors with the CPU kernels, or the reference where they cannot be built
+    ran = fused_act.backend.resolve(x.device, fwd) if fwd == "auto" else fwd
+    want = set() if ran == "reference" else {ran}
     assert backends == want, (f"{name}: forward under {fwd!r}, backward called under {bwd!r} "
                               f"ran the kernels of {sorted(backends) or 'none'} (want "
                               f"{sorted(want) or 'none: the reference'})")

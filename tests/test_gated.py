@@ -381,9 +381,9 @@ def test_beta_grad_deterministic(backend, request):
 @pytest.fixture
 def launches(monkeypatch):
     """Every glu launcher call on either kernel backend, with its tensor arguments."""
-    from fused_act._cuda import CudaKernels
+    from fused_act._cuda import ExtensionKernels
     calls = []
-    for cls in (TritonKernels, CudaKernels):
+    for cls in (TritonKernels, ExtensionKernels):
         for name in ("glu_forward", "glu_backward"):
             original = getattr(cls, name)
 
@@ -391,7 +391,7 @@ def launches(monkeypatch):
                 calls.append((_name, [a for a in args if isinstance(a, torch.Tensor)]))
                 return _orig(*args, **kwargs)
 
-            monkeypatch.setattr(cls, name, wrapper if cls is CudaKernels else
+            monkeypatch.setattr(cls, name, wrapper if cls is ExtensionKernels else
                                 staticmethod(wrapper))
     return calls
 
@@ -486,8 +486,8 @@ def test_errors(case, backend, request, monkeypatch):
     _use(request, backend)
     call, kind, match = ERRORS[case]
     launched = []
-    from fused_act._cuda import CudaKernels
-    for cls in (TritonKernels, CudaKernels):
+    from fused_act._cuda import ExtensionKernels
+    for cls in (TritonKernels, ExtensionKernels):
         for name in [n for n in vars(Kernels) if n.startswith("glu")]:
             monkeypatch.setattr(cls, name, lambda *a, **k: launched.append(a))
     with fused_act.use_backend(backend), pytest.raises(kind, match=match):

@@ -1,0 +1,162 @@
+"""What the test tables do not show of the CPU kernels (backend "cpu", what "auto" runs CPU
+tensors with): the build for each instruction set torch may report, the choice of "auto" where
+they cannot be built, and parameter gradients that do not depend on the thread count.  Values,
+gradients, dtypes, layouts and limits are in the tables (tests/cases.py: backend "cpu")."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_act
+from fused_act import backend
+
+from .cases import need_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every op family once, forward and backward, fp32 and bf16, against the reference: run in a
+# fresh process whose environment chose the build.
+CHECK_EVERY_OP = textwrap.dedent("""
+    import torch, fused_act
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 10) * 4
+    x.view(-1)[:3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    beta = torch.rand(5) + 0.5
+    p1, p2, t = torch.randn(5), torch.randn(5), torch.randn(3, 5, 7, 10)
+    calls = {
+        "mish": lambda x: fused_act.mish(x),
+        "silu": lambda x: fused_act.silu(x),
+        "gelu": lambda x: fused_act.gelu(x),
+        "gelu_tanh": lambda x: fused_act.gelu(x, approximate="tanh"),
+        "squared_relu": lambda x: fused_act.squared_relu(x),
+        "swish_beta": lambda x: fused_act.swish(x, beta.to(x.dtype)),
+        "acon_c": lambda x: fused_act.acon_c(x, p1, p2, beta),
+        "frelu_max": lambda x: fused_act.frelu_max(x, t.to(x.dtype)),
+        "swiglu": lambda x: fused_act.swiglu(x),
+        "geglu": lambda x: fused_act.geglu(x),
+    }
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, call in calls.items():
+            out = {}
+            for b in ("cpu", "reference"):
+                xb = x.to(dtype).requires_grad_()
+                with fused_act.use_backend(b):
+                    y = call(xb)
+                    y.backward(torch.ones_like(y))
+                out[b] = (y, xb.grad)
+            for got, want in zip(out["cpu"], out["reference"]):
+                rtol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=rtol, equal_nan=True,
+                                           msg=lambda m: name + ": " + m)
+    print(fused_act.backend.resolve(x.device, "auto"), torch.backends.cpu.get_cpu_capability())
+""")
+
+
+def _python(script: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **env})
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_every_instruction_set_builds_and_computes(capability):
+    """The kernels built for AVX2 and for torch's portable vectors (what a CPU without AVX-512,
+    or another architecture, gets) compile, load and match the reference: ATEN_CPU_CAPABILITY
+    makes torch report that capability in a fresh process, as it would on such a machine.  This
+    machine's own (AVX-512 here) runs the whole test tables."""
+    need_backend("cpu", "cpu")
+    if platform.machine() not in ("x86_64", "AMD64") or " avx2 " not in _cpu_flags():
+        pytest.skip("ATEN_CPU_CAPABILITY selects x86 instruction sets: this CPU lacks AVX2")
+    run = _python(CHECK_EVERY_OP, ATEN_CPU_CAPABILITY=capability.lower())
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.split()[-2:] == ["cpu", capability], run.stdout
+
+
+def test_auto_runs_the_reference_where_the_kernels_may_not_be_built():
+    """FUSED_ACT_BUILD_CPU=0: "auto" runs CPU tensors with the reference, "cpu" is refused
+    naming the reason, and ``python -m fused_act.info`` says why."""
+    run = _python(textwrap.dedent("""
+        import torch, fused_act, pytest
+        from fused_act import backend, info
+        x = torch.randn(100)
+        assert backend.resolve(x.device, "auto") == "reference"
+        torch.testing.assert_close(fused_act.mish(x), torch.nn.functional.mish(x))
+        with pytest.raises(RuntimeError, match="FUSED_ACT_BUILD_CPU=0"):
+            fused_act.set_backend("cpu")
+        print(info.report())
+    """), FUSED_ACT_BUILD_CPU="0")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "cpu       no" in run.stdout and "FUSED_ACT_BUILD_CPU=0" in run.stdout, run.stdout
+
+
+def test_a_failed_build_leaves_auto_on_the_reference():
+    """A build that fails (no working compiler, say) is one warning: "auto" computes with the
+    reference from then on, and backend "cpu" is refused with the build's error."""
+    run = _python(textwrap.dedent("""
+        import torch, fused_act, pytest
+        from torch.utils import cpp_extension
+        def broken(*args, **kwargs):
+            raise RuntimeError("c++: command not found")
+        cpp_extension.load = broken
+        x = torch.randn(100, requires_grad=True)
+        y = fused_act.silu(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, torch.nn.functional.silu(x))
+        assert fused_act.backend.resolve(x.device, "auto") == "reference"
+        with pytest.raises(RuntimeError, match="command not found"):
+            fused_act.set_backend("cpu")
+    """))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stderr.count("c++: command not found") == 1, run.stderr
+
+
+def test_backend_cpu_refuses_other_devices():
+    need_backend("cpu", "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run a cuda tensor"):
+        backend.resolve(torch.device("cuda"), "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run a meta tensor"):
+        backend.resolve(torch.device("meta"), "cpu")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "per_sample"])
+def test_parameter_gradients_do_not_depend_on_threads(layout):
+    """Each tile's partial sums are added by one thread in a fixed order, and the partials in a
+    fixed order after: the parameter gradients are bit for bit the same for any thread count."""
+    need_backend("cpu", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 16, 24, 24, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    p1, p2 = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    beta = torch.rand(8, 16, generator=gen) if layout == "per_sample" else torch.rand(16,
+                                                                                     generator=gen)
+    g = torch.randn(x.shape, generator=gen)
+    grads = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            params = [p.clone().requires_grad_() for p in (p1, p2, beta)]
+            xs = x.clone().requires_grad_()
+            with fused_act.use_backend("cpu"):
+                fused_act.acon_c(xs, *params).backward(g)
+                sb = beta.reshape(-1)[:16].clone().requires_grad_()
+                fused_act.swish(xs.detach(), sb).backward(g)
+            grads.append([xs.grad, *(p.grad for p in params), sb.grad])
+    finally:
+        torch.set_num_threads(previous)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            assert torch.equal(a, b)
