@@ -32,7 +32,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     """Check every op through the interpreter against the reference; print host overhead of
-    what "auto" runs on CPU tensors (the reference, not the interpreter)."""
+    what "auto" runs on CPU tensors (the CPU kernels, not the interpreter)."""
     print("No CUDA device: GPU timings need a GPU. Checking every Triton kernel on the CPU, "
           "through Triton's interpreter, against the reference instead.\n")
     width = max(map(len, ops)) + 1
@@ -53,8 +53,9 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
                 verdict, ok_all = f"FAIL: {type(e).__name__}: {e}", False
             print(f"{name:<{width}} {dname:<5} {verdict}")
     us = timing.host_overhead("cpu")
+    runs = fused_act.backend.resolve(torch.device("cpu"), "auto")
     print("\nhost time per eager mish forward+backward on 2^10 CPU elements, no interpreter "
-          "(backend 'auto' runs the reference on CPU tensors): "
+          f"(backend 'auto' runs CPU tensors with {runs!r}): "
           + ", ".join(f"{k} {v:.1f} us" for k, v in us.items()))
     print("For a table of CPU times (every op, fused_act vs PyTorch, and two models): "
           "python -m bench --cpu")

@@ -1,17 +1,17 @@
 """``python -m bench --cpu``: every op on CPU tensors, fused_act vs PyTorch, and two models.
 
-What users get on a machine without a GPU: fused_act with backend "auto" on CPU tensors (the
-reference implementation) against PyTorch's own function where one exists (``F.mish``,
-``F.silu``, ``F.gelu`` both forms) or else the eager expression a user would write (the
-table's eager contestant), for every op of ``bench.table.OPS``, forward, backward and both, at
-each size, dtype and thread count (``torch.set_num_threads``).  Each contestant is checked
-against the reference first (``table.check``); times are medians of repetitions interleaved
-between the two contestants, so that a change of load on a shared machine hits both alike, and
-each row gives the ratio fused / torch.  Two model rows: timm's resnet10t with Mish, one SGD
-step, swapped by ``fused_act.replace_activations`` vs the original with the same weights; and a
-Llama-style MLP block, forward+backward, patched by ``fused_act.patch_gated_mlps`` vs the
-original, eager and under ``torch.compile``.  A model whose package is missing is skipped with
-the reason.  Writes ``results.json`` and ``results.md`` to ``bench/results/cpu-<model>/``.
+What users get on a machine without a GPU: fused_act with backend "auto" on CPU tensors (the CPU
+kernels, ``csrc/cpu.cpp``; the reference where they cannot be built) against PyTorch's own function
+where one exists (``F.mish``, ``F.silu``, ``F.gelu`` both forms) or else the eager expression a
+user would write (the table's eager contestant), for every op of ``bench.table.OPS``, forward,
+backward and both, at each size, dtype and thread count (``torch.set_num_threads``).  Each
+contestant is checked against the reference first (``table.check``); times are medians of
+repetitions interleaved between the two contestants, so that a change of load on a shared machine
+hits both alike, and each row gives the ratio fused / torch.  Two model rows: timm's resnet10t with
+Mish, one SGD step, swapped by ``fused_act.replace_activations`` vs the original with the same
+weights; and a Llama-style MLP block, forward+backward, patched by ``fused_act.patch_gated_mlps``
+vs the original, eager and under ``torch.compile``.  A model whose package is missing is skipped
+with the reason.  Writes ``results.json`` and ``results.md`` to ``bench/results/cpu-<model>/``.
 """
 
 import copy
@@ -32,6 +32,14 @@ import fused_act
 from bench.harness import env
 from bench.table import DTYPES, MODES, OPS, check, copies, make_inputs
 
+
+def _implementation() -> str:
+    """What backend "auto" ran CPU tensors with, as the table's header names it."""
+    if fused_act.backend.resolve(torch.device("cpu"), "auto") == "cpu":
+        return "the CPU kernels (csrc/cpu.cpp)"
+    return f"the reference (CPU kernels: {fused_act.backend.cpu_status()[1]})"
+
+
 SIZES = [2**16, 2**22]
 THREADS = [1, 2]
 REPS = 5
@@ -39,8 +47,8 @@ REPS = 5
 RESNET_INPUT = (2, 3, 64, 64)
 MLP_SIZE = (512, 256, 688)
 COMPILE_LIMIT_S = 60.0
-NOTE = ("Times are from a 2-core machine whose other core ran a CI job: absolute times are "
-        "noisy, read the ratios (each row's contestants were interleaved, so load hits both).")
+NOTE = ("Absolute times depend on what else the machine runs: read the ratios (each row's "
+        "contestants were interleaved, so load hits both).")
 
 
 def cpu_model() -> str:
@@ -292,6 +300,7 @@ def run(out: Path | None = None, ops: list[str] | None = None, dtypes: list[str]
                                           for r in found), flush=True)
     finally:
         torch.set_num_threads(previous)
+    info["implementation"] = _implementation()  # after the runs: a failed build shows here
     result = dict(env=info, rows=rows, models=model_rows, errors=errors)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -151,8 +151,9 @@ def cpu_markdown(result: dict) -> str:
         f"torch {info['torch']}, commit {info['commit']}, {info['date']}, {info['cores']} "
         f"cores, threads {', '.join(map(str, info['threads']))} (torch.set_num_threads). "
         f"fused: fused_act with backend \"{info['backend']}\" on CPU tensors (what users get "
-        "there); torch: PyTorch's function where it has one, else the eager expression a user "
-        f"would write. Medians of {info['reps']} repetitions interleaved between the two, each "
+        f"there), which ran {info.get('implementation', 'the reference')}; torch: PyTorch's "
+        "function where it has one, else the eager expression a user would write. Medians "
+        f"of {info['reps']} repetitions interleaved between the two, each "
         "contestant checked against the reference first. Ratios are fused / torch time: below "
         "1 fused_act is faster.", "",
     ]

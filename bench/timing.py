@@ -103,7 +103,8 @@ def host_overhead(device: str, n: int = 2**10, iters: int = 300) -> dict[str, fl
     """Microseconds per eager forward+backward call on a tiny tensor, fused_act vs PyTorch.
 
     fused_act is timed under each backend that really runs ``device`` tensors: on a GPU the
-    Triton and (where built) CUDA kernels, elsewhere what "auto" runs there, the reference.
+    Triton and (where built) CUDA kernels, elsewhere what "auto" runs there (on a CPU its
+    kernels, or the reference where they cannot be built).
     Never the Triton interpreter: its figures say nothing of a GPU.  Each label names the
     implementation and the device."""
     x = torch.randn(n, device=tensor_device(device), requires_grad=True)
