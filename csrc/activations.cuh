@@ -1,5 +1,6 @@
 // Scalar math of every activation, once, for the CUDA kernels: the same forms as
-// triton_kernels/math.py (see there for why each is written as it is), in opmath M (float for
+// triton_kernels/math.py (see there for why each is written as it is; swish's forward here is
+// the cheaper quotient form, which the CPU kernels need), in opmath M (float for
 // fp32/fp16/bf16 data, double for fp64).  Host and device functions, so a host program can check
 // them against the reference without a GPU.
 //
@@ -56,7 +57,8 @@ template <class M>
 FA_HD auto is_inf(M v) { return abs_(v) == M(INFINITY); }
 
 // c * x, taking the limit 0 where c == 0 (x may be infinite).  (The CPU kernels' vectors have
-// their own overload, declared before this file: the same values, computed without comparing c.)
+// their own overloads, declared before this file: the same values, computed without comparing c,
+// and a plain product for a beta that their host knows is one nonzero value.)
 template <class M>
 FA_HD M mul_or_zero(M c, M x) { return FA_SEL(c == M(0), M(0), c * x); }
 
@@ -84,14 +86,15 @@ FA_HD M mish_bwd(M x) {
 }
 
 // ---- swish (and ACON-C, which is swish of d = (p1 - p2) x plus p2 x) -----------------------
+// beta's type B is M, or whatever type the caller gives mul_or_zero(B, M) for.
 
 template <class M>
 struct SwishParts {
   M z, s, sn, q;  // z = beta x, sigma(+-z), q = s (1 - s)
 };
 
-template <class M>
-FA_HD SwishParts<M> swish_parts(M x, M beta) {
+template <class M, class B>
+FA_HD SwishParts<M> swish_parts(M x, B beta) {
   const M z = mul_or_zero(beta, x);
   const Sig<M> p = sigmoid_pair(z);
   return {z, p.s, p.sn, p.s * p.sn};
@@ -104,16 +107,21 @@ FA_HD M x_sigmoid(M x, M z) {
   return FA_SEL((s == M(0)) & is_inf(x), M(0), x * s);
 }
 
-template <class M>
-FA_HD M swish_fwd(M x, M beta) { return x_sigmoid(x, mul_or_zero(beta, x)); }
+// x / (1 + e^-z), fewer operations than x sigma(z): NaN only where z = -inf (then x is infinite
+// and the limit is 0); where e^-z overflows, x / inf is the limit's signed 0
+template <class M, class B>
+FA_HD M swish_fwd(M x, B beta) {
+  const M z = mul_or_zero(beta, x);
+  return FA_SEL(z == M(-INFINITY), M(0), x / (M(1) + ex(-z)));
+}
 
 template <class M>
 struct Grad2 {
   M dx, dparam;
 };
 
-template <class M>
-FA_HD Grad2<M> swish_bwd(M x, M beta) {
+template <class M, class B>
+FA_HD Grad2<M> swish_bwd(M x, B beta) {
   // d/dx = s + z q; d/dbeta = x^2 q
   const SwishParts<M> p = swish_parts(x, beta);
   const auto flat = p.q == M(0);
@@ -205,8 +213,8 @@ enum act_id : int {
 template <int ACT>
 constexpr bool act_reads_beta = ACT == ACT_SWISH;
 
-template <int ACT, class M>
-FA_HD M act_fwd(M x, M beta) {
+template <int ACT, class M, class B>
+FA_HD M act_fwd(M x, B beta) {
   if constexpr (ACT == ACT_MISH) {
     return mish_fwd(x);
   } else if constexpr (ACT == ACT_SWISH) {
@@ -223,8 +231,8 @@ FA_HD M act_fwd(M x, M beta) {
 }
 
 // (df/dx, df/dbeta); df/dbeta is 0 for all but swish.
-template <int ACT, class M>
-FA_HD Grad2<M> act_bwd(M x, M beta) {
+template <int ACT, class M, class B>
+FA_HD Grad2<M> act_bwd(M x, B beta) {
   if constexpr (ACT == ACT_MISH) {
     return {mish_bwd(x), M(0)};
   } else if constexpr (ACT == ACT_SWISH) {

@@ -44,6 +44,16 @@ Vec<M> mul_or_zero(const Vec<M>& c, const Vec<M>& x) {
   return Vec<M>::blendv(z, Vec<M>(M(0)), bad & (q == Vec<M>(M(0))));
 }
 
+// A scalar beta that the host knows is nonzero (silu's 1, a number passed as beta): its
+// mul_or_zero is the plain product, which the general one above costs about as much as the rest
+// of silu's forward.
+template <class M>
+struct Nonzero {
+  Vec<M> v;
+};
+template <class M>
+Vec<M> mul_or_zero(const Nonzero<M>& c, const Vec<M>& x) { return c.v * x; }
+
 // FA_SEL on vectors: both sides, blended by the mask c
 template <class M, class A, class B>
 Vec<M> pick(const Vec<M>& c, A a, B b) { return Vec<M>::blendv(b(), a(), c); }
@@ -123,6 +133,16 @@ void run(const Op& op, const fa_plan& p, typename Op::M* partial, int64_t n_part
   const int64_t tiles = p.samples * row_blocks * col_blocks;
   const bool sums = Op::NP > 0 && partial != nullptr;
   const bool col_sums = sums && p.layout == FA_COLS;
+  if (p.rows == 1 && !sums) {
+    // one row and no sums: full vectors straight through, the lane count known to the compiler
+    at::parallel_for(0, p.cols, int64_t(1) << 15, [&](int64_t begin, int64_t end) {
+      At at{0, begin, 0, 0};
+      Vec<M> d[NP];
+      for (; at.col + W <= end; at.col += W) op.apply(at, W, d);
+      if (at.col < end) op.apply(at, end - at.col, d);
+    });
+    return;
+  }
   // about 32K elements per task: enough work to pay for a thread, tiles enough to share
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (int64_t(p.block_r) * p.block_l));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
@@ -192,17 +212,24 @@ struct Beta {
   }
 };
 
-// activation ACT with its beta (swish only)
-template <int ACT, class M>
+// activation ACT with its beta (swish only); NONZERO: beta is the scalar `beta.value`, not 0
+template <int ACT, class M, bool NONZERO>
 struct ActMath {
   static constexpr int NP = 1;  // d/dbeta
   Beta<M> beta;
 
+  auto beta_at(const At& a, int64_t n) const {
+    if constexpr (NONZERO) {
+      return Nonzero<M>{Vec<M>(beta.value)};
+    } else {
+      return beta.at(a, n);
+    }
+  }
   Vec<M> value(const Vec<M>& x, const At& a, int64_t n) const {
-    return act_fwd<ACT>(x, beta.at(a, n));
+    return act_fwd<ACT>(x, beta_at(a, n));
   }
   Vec<M> grad(const Vec<M>& x, const At& a, int64_t n, Vec<M>* terms) const {
-    const Grad2<Vec<M>> r = act_bwd<ACT>(x, beta.at(a, n));
+    const Grad2<Vec<M>> r = act_bwd<ACT>(x, beta_at(a, n));
     terms[0] = r.dparam;
     return r.dx;
   }
@@ -421,9 +448,15 @@ int dispatch_act(int act, int dtype, F&& f) {
   return dispatch_act(act, dtype, f, std::make_integer_sequence<int, N_ACT>{});
 }
 
-template <class M>
-Beta<M> beta_of(const void* beta, float beta_value, const fa_plan& p) {
-  return {static_cast<const M*>(beta), M(beta_value), p.layout};
+// f(ActMath of activation ACT in opmath M with this beta): its NONZERO form where beta is one
+// nonzero value
+template <int ACT, class M, class F>
+int with_math(const void* beta, float beta_value, const fa_plan& p, F&& f) {
+  const Beta<M> b{static_cast<const M*>(beta), M(beta_value), p.layout};
+  if constexpr (act_reads_beta<ACT>) {
+    if (beta == nullptr && beta_value != 0.f) return f(ActMath<ACT, M, true>{b});
+  }
+  return f(ActMath<ACT, M, false>{b});
 }
 
 template <class T>
@@ -458,10 +491,11 @@ extern "C" int fa_act_forward(const void* x, void* y, int dtype, int act, const 
                               float beta_value, fa_plan plan, void*) {
   return dispatch_act(act, dtype, [&](auto a, auto t) {
     using T = decltype(t);
-    using F = ActMath<decltype(a)::value, opmath_t<T>>;
-    return launch(MapOp<T, F>{static_cast<const T*>(x), static_cast<T*>(y), plan.cols,
-                              {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
-                  plan);
+    return with_math<decltype(a)::value, opmath_t<T>>(beta, beta_value, plan, [&](auto f) {
+      return launch(MapOp<T, decltype(f)>{static_cast<const T*>(x), static_cast<T*>(y),
+                                          plan.cols, f},
+                    plan);
+    });
   });
 }
 
@@ -470,11 +504,11 @@ extern "C" int fa_act_backward(const void* g, const void* x, void* dx, int dtype
                                void*) {
   return dispatch_act(act, dtype, [&](auto a, auto t) {
     using T = decltype(t);
-    using F = ActMath<decltype(a)::value, opmath_t<T>>;
-    return launch(GradOp<T, F>{static_cast<const T*>(g), static_cast<const T*>(x),
-                               static_cast<T*>(dx), plan.cols,
-                               {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
-                  plan, partial, slots(plan));
+    return with_math<decltype(a)::value, opmath_t<T>>(beta, beta_value, plan, [&](auto f) {
+      return launch(GradOp<T, decltype(f)>{static_cast<const T*>(g), static_cast<const T*>(x),
+                                           static_cast<T*>(dx), plan.cols, f},
+                    plan, partial, slots(plan));
+    });
   });
 }
 
@@ -483,11 +517,11 @@ extern "C" int fa_glu_forward(const void* gate, const void* up, void* out, const
                               fa_plan plan, void*) {
   return dispatch_act(act, dtype, [&](auto a, auto t) {
     using T = decltype(t);
-    using F = ActMath<decltype(a)::value, opmath_t<T>>;
-    return launch(GluOp<T, F>{static_cast<const T*>(gate), static_cast<const T*>(up),
-                              static_cast<T*>(out), s[0], s[1], s[2],
-                              {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
-                  plan);
+    return with_math<decltype(a)::value, opmath_t<T>>(beta, beta_value, plan, [&](auto f) {
+      return launch(GluOp<T, decltype(f)>{static_cast<const T*>(gate), static_cast<const T*>(up),
+                                          static_cast<T*>(out), s[0], s[1], s[2], f},
+                    plan);
+    });
   });
 }
 
@@ -496,12 +530,14 @@ extern "C" int fa_glu_backward(const void* g, const void* gate, const void* up, 
                                float beta_value, void* partial, fa_plan plan, void*) {
   return dispatch_act(act, dtype, [&](auto a, auto t) {
     using T = decltype(t);
-    using F = ActMath<decltype(a)::value, opmath_t<T>>;
-    return launch(GluGradOp<T, F>{static_cast<const T*>(g), static_cast<const T*>(gate),
-                                  static_cast<const T*>(up), static_cast<T*>(dgate),
-                                  static_cast<T*>(dup), s[0], s[1], s[2], s[3], s[4],
-                                  {beta_of<opmath_t<T>>(beta, beta_value, plan)}},
-                  plan, partial, slots(plan));
+    return with_math<decltype(a)::value, opmath_t<T>>(beta, beta_value, plan, [&](auto f) {
+      return launch(GluGradOp<T, decltype(f)>{static_cast<const T*>(g),
+                                              static_cast<const T*>(gate),
+                                              static_cast<const T*>(up), static_cast<T*>(dgate),
+                                              static_cast<T*>(dup), s[0], s[1], s[2], s[3], s[4],
+                                              f},
+                    plan, partial, slots(plan));
+    });
   });
 }
 
