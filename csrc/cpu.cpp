@@ -29,6 +29,21 @@ template <class M>
 Vec<M> ex(const Vec<M>& v) { return v.exp(); }
 template <class M>
 Vec<M> erf_(const Vec<M>& v) { return v.erf(); }
+// erf of float lanes by Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7), the formula of torch's
+// vector erf, with torch's faster exp_u20 inline where that erf calls its exact exp out of line
+// for every vector: gelu's loops ~15% faster, well inside the float32 tolerance.  (exp_u20 maps
+// NaN to a number; t carries a NaN x to the result.)
+inline Vec<float> erf_(const Vec<float>& v) {
+  using V = Vec<float>;
+  const V a = v.abs();
+  const V t = V(1.f) / at::vec::fmadd(V(0.3275911f), a, V(1.f));
+  V p = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
+  p = at::vec::fmadd(p, t, V(1.421413741f));
+  p = at::vec::fmadd(p, t, V(-0.284496736f));
+  p = at::vec::fmadd(p, t, V(0.254829592f));
+  const V r = V(1.f) - p * t * (V(0.f) - a * a).exp_u20();
+  return V::blendv(r, V(0.f) - r, v < V(0.f));
+}
 template <class M>
 Vec<M> abs_(const Vec<M>& v) { return v.abs(); }
 // activations.cuh's mul_or_zero for vectors: c * x, and 0 where c == 0 whatever x.  Written so

@@ -21,7 +21,8 @@ needs its gradient).  From it ``Op`` derives, the same way for every family:
   under ``torch.compile`` and ``torch.export`` the custom op, or the reference math where the
   op's compile mode says "decompose"; the custom op where a tensor argument has a
   dispatch of its own (DTensor); else the eager Function, whose backward runs the reference's
-  explicit backward where a gradient needs a graph of its own or is batched.
+  explicit backward where a gradient needs a graph of its own or is batched, or, where no
+  gradient is recorded, the implementations directly.
 
 The backend in force at the forward is the last argument of every op, saved with the node, and
 runs its backward too.  ``torch.export`` leaves it out of the forward ops: an exported graph
@@ -323,6 +324,9 @@ class Op:
             for hook in SUBCLASS_HOOKS:
                 hook()
             out = self.forward_op(*args, get_backend())
-        else:
+        elif torch.is_grad_enabled() and any(
+                args[i] is not None and args[i].requires_grad for i in self._tensor_at):
             out = self.function.apply(*args, get_backend())
+        else:  # no graph to record: the Function's bookkeeping costs more than a small op
+            out = self.forward(*args, get_backend())
         return out[0] if isinstance(out, tuple) else out
