@@ -44,14 +44,17 @@ struct Sig {
   M s, sn;  // sigma(z), sigma(-z)
 };
 
+// from e = e^-|z|
 template <class M>
-FA_HD Sig<M> sigmoid_pair(M z) {
-  const M e = ex(-abs_(z));
+FA_HD Sig<M> sigmoid_from(M z, M e) {
   const M r = M(1) / (M(1) + e);
   const M p = e * r;
   const auto pos = z >= M(0);
   return {FA_SEL(pos, r, p), FA_SEL(pos, p, r)};
 }
+
+template <class M>
+FA_HD Sig<M> sigmoid_pair(M z) { return sigmoid_from(z, ex(-abs_(z))); }
 
 template <class M>
 FA_HD auto is_inf(M v) { return abs_(v) == M(INFINITY); }
@@ -93,10 +96,16 @@ struct SwishParts {
   M z, s, sn, q;  // z = beta x, sigma(+-z), q = s (1 - s)
 };
 
+// e^-z for swish, by beta's type: ex here; the CPU kernels give their scalar beta (finite,
+// nonzero: z is NaN only where x is) a faster exp of their own, which need not keep a NaN: the
+// forward's quotient keeps x's, and the backward's z q is NaN where z is, whatever q is
+template <class M, class B>
+FA_HD M swish_exp(const B&, M z) { return ex(-z); }
+
 template <class M, class B>
 FA_HD SwishParts<M> swish_parts(M x, B beta) {
   const M z = mul_or_zero(beta, x);
-  const Sig<M> p = sigmoid_pair(z);
+  const Sig<M> p = sigmoid_from(z, swish_exp(beta, abs_(z)));
   return {z, p.s, p.sn, p.s * p.sn};
 }
 
@@ -112,7 +121,7 @@ FA_HD M x_sigmoid(M x, M z) {
 template <class M, class B>
 FA_HD M swish_fwd(M x, B beta) {
   const M z = mul_or_zero(beta, x);
-  return FA_SEL(z == M(-INFINITY), M(0), x / (M(1) + ex(-z)));
+  return FA_SEL(z == M(-INFINITY), M(0), x / (M(1) + swish_exp(beta, z)));
 }
 
 template <class M>
@@ -122,10 +131,9 @@ struct Grad2 {
 
 template <class M, class B>
 FA_HD Grad2<M> swish_bwd(M x, B beta) {
-  // d/dx = s + z q; d/dbeta = x^2 q
+  // d/dx = s + z q, where z q is 0 for an infinite z (q = 0) and NaN for a NaN z; d/dbeta = x^2 q
   const SwishParts<M> p = swish_parts(x, beta);
-  const auto flat = p.q == M(0);
-  return {p.s + FA_SEL(flat, M(0), p.z * p.q), FA_SEL(flat, M(0), x * x * p.q)};
+  return {p.s + FA_SEL(is_inf(p.z), M(0), p.z * p.q), FA_SEL(p.q == M(0), M(0), x * x * p.q)};
 }
 
 // ACON-C with a = p1 - p2: (a sigma(beta a x) + p2) x, the product form giving the limits at

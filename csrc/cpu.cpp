@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -59,15 +60,20 @@ Vec<M> mul_or_zero(const Vec<M>& c, const Vec<M>& x) {
   return Vec<M>::blendv(z, Vec<M>(M(0)), bad & (q == Vec<M>(M(0))));
 }
 
-// A scalar beta that the host knows is nonzero (silu's 1, a number passed as beta): its
-// mul_or_zero is the plain product, which the general one above costs about as much as the rest
-// of silu's forward.
+// A scalar beta that the host knows is finite and nonzero (silu's 1, a number passed as beta):
+// its mul_or_zero is the plain product, which the general one above costs about as much as the
+// rest of silu's forward.  And z = beta x is NaN only where x is, so swish's quotient may take
+// torch's faster exp_u20 (which maps NaN to a number; x keeps the NaN), inline where the exact
+// exp is a call for every vector: silu's forward then runs at F.silu's speed.
 template <class M>
 struct Nonzero {
   Vec<M> v;
 };
 template <class M>
 Vec<M> mul_or_zero(const Nonzero<M>& c, const Vec<M>& x) { return c.v * x; }
+inline Vec<float> swish_exp(const Nonzero<float>&, const Vec<float>& z) {
+  return (Vec<float>(0.f) - z).exp_u20();
+}
 
 // FA_SEL on vectors: both sides, blended by the mask c
 template <class M, class A, class B>
@@ -227,7 +233,8 @@ struct Beta {
   }
 };
 
-// activation ACT with its beta (swish only); NONZERO: beta is the scalar `beta.value`, not 0
+// activation ACT with its beta (swish only); NONZERO: beta is the scalar `beta.value`, finite
+// and not 0
 template <int ACT, class M, bool NONZERO>
 struct ActMath {
   static constexpr int NP = 1;  // d/dbeta
@@ -464,12 +471,14 @@ int dispatch_act(int act, int dtype, F&& f) {
 }
 
 // f(ActMath of activation ACT in opmath M with this beta): its NONZERO form where beta is one
-// nonzero value
+// finite nonzero value
 template <int ACT, class M, class F>
 int with_math(const void* beta, float beta_value, const fa_plan& p, F&& f) {
   const Beta<M> b{static_cast<const M*>(beta), M(beta_value), p.layout};
   if constexpr (act_reads_beta<ACT>) {
-    if (beta == nullptr && beta_value != 0.f) return f(ActMath<ACT, M, true>{b});
+    if (beta == nullptr && beta_value != 0.f && std::isfinite(beta_value)) {
+      return f(ActMath<ACT, M, true>{b});
+    }
   }
   return f(ActMath<ACT, M, false>{b});
 }

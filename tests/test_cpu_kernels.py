@@ -160,3 +160,26 @@ def test_parameter_gradients_do_not_depend_on_threads(layout):
     for other in grads[1:]:
         for a, b in zip(grads[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("beta", [1.0, -0.75, 3.0, 1e-30, 0.0, -0.0, float("inf"),
+                                  -float("inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_float_beta_of_every_kind_on_edge_values(beta, dtype):
+    """A float beta that is finite and nonzero runs its own instantiation (a plain product and a
+    faster exp, silu's path); 0, the infinities and NaN run the general one.  Each gives the
+    reference's values and gradients on the edge values, NaN where the reference's is."""
+    need_backend("cpu", "cpu")
+    edges = [-float("inf"), -1e30, -150.0, -88.5, -20.0, -1.0, -0.0, 0.0, 1e-30, 1.0, 20.0, 88.5,
+             150.0, 1e30, float("inf"), float("nan")]
+    x = torch.tensor(edges + torch.randn(40).mul(6).tolist(), dtype=dtype)
+    g = torch.randn(x.shape, dtype=dtype)
+    out = {}
+    for b in ("cpu", "reference"):
+        xb = x.clone().requires_grad_()
+        with fused_act.use_backend(b):
+            y = fused_act.swish(xb, beta)
+            y.backward(g)
+        out[b] = (y.detach(), xb.grad)
+    for got, want in zip(out["cpu"], out["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
