@@ -116,7 +116,7 @@ void store(T* p, const Vec<M>& v, int64_t n) {
   if constexpr (std::is_same_v<T, M>) {
     n == W ? v.store(p) : v.store(p, n);
   } else if (n == W) {
-    at::vec::convert_from_float<T>(v, v).store(p, W);  // the first W of its 2 W lanes
+    at::vec::convert<T>(v).store(p, W);  // its first W lanes hold the W values
   } else {
     alignas(64) M buf[W];
     v.store(buf);
