@@ -369,8 +369,14 @@ struct GluGradOp {
   }
 };
 
-// ---- FReLU's max step: no transcendental, so plain loops over each vector's elements, on
-// activations.cuh's scalar max_value / max_code / max_bwd ----------------------------------
+// ---- FReLU's max step: activations.cuh's max_value / max_code / max_bwd, the forwards on
+// vectors (a blend by the same comparisons), the backward on each element of a vector ---------
+
+// max_value for vectors: x where x > t or x is NaN, else t (ties and a NaN t: t)
+template <class M>
+Vec<M> max_of(const Vec<M>& x, const Vec<M>& t) {
+  return Vec<M>::blendv(t, x, (x > t) | (x != x));
+}
 
 template <class T>
 struct MaxForward {
@@ -384,12 +390,18 @@ struct MaxForward {
 
   void apply(const At& a, int64_t n, Vec<M>*) const {
     const int64_t off = a.row * cols + a.col;
-    for (int64_t k = off; k < off + n; ++k) {
-      const M xv = static_cast<M>(x[k]);
-      const M tv = static_cast<M>(t[k]);
-      if (code != nullptr) code[k] = max_code(xv, tv);
-      y[k] = static_cast<T>(max_value(xv, tv));
-    }
+    const Vec<M> xv = load(x + off, n);
+    const Vec<M> tv = load(t + off, n);
+    store(y + off, max_of(xv, tv), n);
+    if (code == nullptr) return;
+    // max_code's order of tests: x wins, t wins, a tie, else a NaN
+    using V = Vec<M>;
+    const V c = V::blendv(V::blendv(V::blendv(V(M(NAN_SEEN)), V(M(TIE)), xv == tv),
+                                    V(M(T_WINS)), xv < tv),
+                          V(M(X_WINS)), xv > tv);
+    alignas(64) M lanes[Vec<M>::size()];
+    c.store(lanes);
+    for (int64_t k = 0; k < n; ++k) code[off + k] = static_cast<uint8_t>(lanes[k]);
   }
 };
 
@@ -427,11 +439,9 @@ struct MaxAffine {
 
   void apply(const At& a, int64_t n, Vec<M>*) const {
     const int64_t off = a.row * cols + a.col;
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t c = layout == FA_COLS ? a.col + k : a.chan;
-      const M u = static_cast<M>(t[off + k]) * a_[c] + b_[c];
-      y[off + k] = static_cast<T>(max_value(static_cast<M>(x[off + k]), u));
-    }
+    const Vec<M> u = load(t + off, n) * channel_param(a_, a, n, layout) +
+                     channel_param(b_, a, n, layout);
+    store(y + off, max_of(load(x + off, n), u), n);
   }
 };
 
