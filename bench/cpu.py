@@ -43,6 +43,9 @@ def _implementation() -> str:
 SIZES = [2**16, 2**22]
 THREADS = [1, 2]
 REPS = 5
+# a model's step varies more between repetitions than one op (allocations, many kernels on a
+# shared machine): its rows take this many times the ops' repetitions
+MODEL_REPS_FACTOR = 4
 # the models' sizes: resnet10t's batch (N, 3, H, W); the MLP's (tokens, hidden, intermediate)
 RESNET_INPUT = (2, 3, 64, 64)
 MLP_SIZE = (512, 256, 688)
@@ -256,8 +259,9 @@ def run(out: Path | None = None, ops: list[str] | None = None, dtypes: list[str]
     dtypes = dtypes or ["fp32", "bf16"]
     sizes = sizes or SIZES
     threads = threads or THREADS
+    model_reps = MODEL_REPS_FACTOR * reps
     info = dict(env("cpu"), cpu=cpu_model(), label=label, cores=os.cpu_count(),
-                threads=threads, reps=reps, backend="auto", note=note)
+                threads=threads, reps=reps, model_reps=model_reps, backend="auto", note=note)
     rows: list[dict] = []
     model_rows: list[dict] = []
     errors: list[dict] = []
@@ -281,8 +285,9 @@ def run(out: Path | None = None, ops: list[str] | None = None, dtypes: list[str]
                                     f"{r['mode']} {r['ratio']:.2f}" for r in found), flush=True)
                 if not models:
                     continue
-                for what, make in (("resnet10t", lambda: [resnet_row(reps, resnet_input)]),
-                                   ("llama mlp", lambda: mlp_rows(reps, mlp_size,
+                for what, make in (("resnet10t", lambda: [resnet_row(model_reps,
+                                                                      resnet_input)]),
+                                   ("llama mlp", lambda: mlp_rows(model_reps, mlp_size,
                                                                   compile_backend))):
                     try:
                         found = make()

@@ -171,7 +171,9 @@ def cpu_markdown(result: dict) -> str:
         ms = f"{both['fused_ms']:.3f} / {both['torch_ms']:.3f}" if both else ""
         lines.append(f"| {op} | {label} | {dtype} | {_size(n)} | {threads} | {ratios} | {ms} |")
     if result.get("models"):
+        reps = info.get("model_reps", info["reps"])
         lines += ["", "## Models (fused_act swapped in vs the original, same weights)", "",
+                  f"Medians of {reps} repetitions interleaved between the two.", "",
                   "| model | threads | what | modules swapped | fused ms | original ms "
                   "| fused / original |", "|---|---|---|---|---|---|---|"]
         for r in result["models"]:
