@@ -1,6 +1,6 @@
 // Scalar math of every activation, once, for the CUDA kernels: the same forms as
 // triton_kernels/math.py (see there for why each is written as it is; swish's forward here is
-// the cheaper quotient form, which the CPU kernels need), in opmath M (float for
+// the quotient form, fewer operations on a CPU's vectors), in opmath M (float for
 // fp32/fp16/bf16 data, double for fp64).  Host and device functions, so a host program can check
 // them against the reference without a GPU.
 //
@@ -116,12 +116,13 @@ FA_HD M x_sigmoid(M x, M z) {
   return FA_SEL((s == M(0)) & is_inf(x), M(0), x * s);
 }
 
-// x / (1 + e^-z), fewer operations than x sigma(z): NaN only where z = -inf (then x is infinite
-// and the limit is 0); where e^-z overflows, x / inf is the limit's signed 0
+// x / (1 + e^-z), fewer operations than x sigma(z).  Where e^-z overflows (z below about -88.7
+// in float, z = -inf included) the true value underflows and x / inf is the 0 of x's sign, as
+// x sigma(z) gives; only an infinite x there makes NaN, whose limit is 0.
 template <class M, class B>
 FA_HD M swish_fwd(M x, B beta) {
   const M z = mul_or_zero(beta, x);
-  return FA_SEL(z == M(-INFINITY), M(0), x / (M(1) + swish_exp(beta, z)));
+  return FA_SEL((z == M(-INFINITY)) & is_inf(x), M(0), x / (M(1) + swish_exp(beta, z)));
 }
 
 template <class M>
