@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import _cpu, _cuda
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
 
@@ -43,9 +45,19 @@ def _check(name: str) -> str:
 
 
 _default = _check(os.environ.get("FUSED_ACT_BACKEND", "auto"))
-# a thread-local, not a context variable: torch.compile traces (and guards on) attribute reads
-# of a threading.local on every supported torch, but not ContextVar.get before 2.15
-_scoped = threading.local()
+
+
+class _Scoped(threading.local):
+    """The innermost ``use_backend`` block of each thread (None outside one).  A thread-local,
+    not a context variable: torch.compile traces (and guards on) attribute reads of a
+    threading.local on every supported torch, but not ContextVar.get before 2.15.  The class
+    default makes the read outside a block a plain attribute read, not a caught
+    AttributeError (every op reads it)."""
+
+    name: str | None = None
+
+
+_scoped = _Scoped()
 
 
 def set_backend(name: str) -> None:
@@ -58,14 +70,14 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """The backend in force here: the innermost ``use_backend`` block of this thread, else the
     default that ``set_backend`` or ``FUSED_ACT_BACKEND`` chose."""
-    return getattr(_scoped, "name", None) or _default
+    return _scoped.name or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the block with ``name`` as the backend in this thread, then restore the previous one.
     Backward passes of ops run in the block use ``name`` too, even when called after it."""
-    previous, _scoped.name = getattr(_scoped, "name", None), _check(name)
+    previous, _scoped.name = _scoped.name, _check(name)
     try:
         yield
     finally:
@@ -93,13 +105,11 @@ def triton_status() -> tuple[bool, str]:
 
 def cuda_status() -> tuple[bool, str]:
     """(available, why) for the CUDA C++ kernels: built, or buildable on first use."""
-    from . import _cuda
     return _cuda.status()
 
 
 def cpu_status() -> tuple[bool, str]:
     """(available, why) for the CPU C++ kernels: built, or buildable on first use."""
-    from . import _cpu
     return _cpu.status()
 
 

@@ -20,6 +20,7 @@ share these tiles and slots.
 """
 
 import dataclasses
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -98,6 +99,7 @@ C_TYPES = {"rows": "int64", "cols": "int64", "channels": "int64", "layout": "int
 _FIELD_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Plan)))
 
 
+@functools.lru_cache(maxsize=256)  # a frozen Plan is a value; building one costs a microsecond
 def flat(n: int, layout: int = ROWS) -> Plan:
     """One row of ``n`` elements (``layout`` SCALAR when no parameter tensor is read)."""
     return Plan(1, n, 1, layout, 1, BLOCK)

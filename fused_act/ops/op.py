@@ -264,9 +264,10 @@ class Op:
         outputs = output if isinstance(output, tuple) else (output,)
         if len(outputs) > 1:
             ctx.mark_non_differentiable(*outputs[1:])
-        ctx.attrs = tuple(args[i] for i in self._attr_at)
-        ctx.save_for_backward(*(args[i] for i in self._saved_at),
-                              *(outputs[i] for i in self._companion_at))
+        # list comprehensions, not generators: this runs on every eager call
+        ctx.attrs = tuple([args[i] for i in self._attr_at])
+        ctx.save_for_backward(*[args[i] for i in self._saved_at],
+                              *[outputs[i] for i in self._companion_at])
 
     def _grads(self, ctx, grad: Tensor, backward: Callable) -> tuple:
         needs = ctx.needs_input_grad
@@ -324,8 +325,8 @@ class Op:
             for hook in SUBCLASS_HOOKS:
                 hook()
             out = self.forward_op(*args, get_backend())
-        elif torch.is_grad_enabled() and any(
-                args[i] is not None and args[i].requires_grad for i in self._tensor_at):
+        elif torch.is_grad_enabled() and any([
+                args[i] is not None and args[i].requires_grad for i in self._tensor_at]):
             out = self.function.apply(*args, get_backend())
         else:  # no graph to record: the Function's bookkeeping costs more than a small op
             out = self.forward(*args, get_backend())
