@@ -87,17 +87,28 @@ def torch_label(name: str) -> str:
     return "eager expression"
 
 
+# a timed sample runs a call this long at least (repeated in a loop): one call of a small op
+# takes tens of microseconds, near the timer's and the scheduler's noise
+MIN_SAMPLE_MS = 2.0
+
+
 def interleaved(calls: dict[str, Callable], reps: int) -> dict[str, float]:
-    """Median ms of each call over ``reps`` rounds, each round calling every one in turn (after
-    one warm-up call each)."""
-    for fn in calls.values():
+    """Median ms of each call over ``reps`` rounds, each round timing every one in turn (after
+    two warm-up calls each, the second of which sets how many calls one sample loops over: as
+    many as take ``MIN_SAMPLE_MS``)."""
+    loops = {}
+    for k, fn in calls.items():
         fn()
+        t0 = time.perf_counter()
+        fn()
+        loops[k] = max(1, round(MIN_SAMPLE_MS / ((time.perf_counter() - t0) * 1e3)))
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(reps):
         for k, fn in calls.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(loops[k]):
+                fn()
+            times[k].append((time.perf_counter() - t0) * 1e3 / loops[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -261,7 +272,8 @@ def run(out: Path | None = None, ops: list[str] | None = None, dtypes: list[str]
     threads = threads or THREADS
     model_reps = MODEL_REPS_FACTOR * reps
     info = dict(env("cpu"), cpu=cpu_model(), label=label, cores=os.cpu_count(),
-                threads=threads, reps=reps, model_reps=model_reps, backend="auto", note=note)
+                threads=threads, reps=reps, model_reps=model_reps, min_sample_ms=MIN_SAMPLE_MS,
+                backend="auto", note=note)
     rows: list[dict] = []
     model_rows: list[dict] = []
     errors: list[dict] = []

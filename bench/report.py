@@ -153,7 +153,8 @@ def cpu_markdown(result: dict) -> str:
         f"fused: fused_act with backend \"{info['backend']}\" on CPU tensors (what users get "
         f"there), which ran {info.get('implementation', 'the reference')}; torch: PyTorch's "
         "function where it has one, else the eager expression a user would write. Medians "
-        f"of {info['reps']} repetitions interleaved between the two, each "
+        f"of {info['reps']} repetitions interleaved between the two (a repetition: as many "
+        f"calls in a row as take {info.get('min_sample_ms', 0)} ms, at least one), each "
         "contestant checked against the reference first. Ratios are fused / torch time: below "
         "1 fused_act is faster.", "",
     ]
