@@ -50,11 +50,14 @@ _default = _check(os.environ.get("FUSED_ACT_BACKEND", "auto"))
 class _Scoped(threading.local):
     """The innermost ``use_backend`` block of each thread (None outside one).  A thread-local,
     not a context variable: torch.compile traces (and guards on) attribute reads of a
-    threading.local on every supported torch, but not ContextVar.get before 2.15.  The class
-    default makes the read outside a block a plain attribute read, not a caught
-    AttributeError (every op reads it)."""
+    threading.local on every supported torch, but not ContextVar.get before 2.15.  Every
+    thread's storage holds ``name`` from its start (``__init__`` runs once per thread), so the
+    read is a plain attribute read (getattr with a default pays a caught AttributeError on
+    every op) and Dynamo guards on the thread's own value: a class default would be guarded as
+    the class's, and a compiled graph would not follow a later ``use_backend``."""
 
-    name: str | None = None
+    def __init__(self) -> None:
+        self.name: str | None = None
 
 
 _scoped = _Scoped()

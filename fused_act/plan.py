@@ -99,9 +99,15 @@ C_TYPES = {"rows": "int64", "cols": "int64", "channels": "int64", "layout": "int
 _FIELD_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Plan)))
 
 
-@functools.lru_cache(maxsize=256)  # a frozen Plan is a value; building one costs a microsecond
 def flat(n: int, layout: int = ROWS) -> Plan:
     """One row of ``n`` elements (``layout`` SCALAR when no parameter tensor is read)."""
+    # a frozen Plan is a value, and building one costs a microsecond of every launch; a
+    # symbolic n (a trace with dynamic shapes) has no hash
+    return _flat(n, layout) if type(n) is int else Plan(1, n, 1, layout, 1, BLOCK)
+
+
+@functools.lru_cache(maxsize=256)
+def _flat(n: int, layout: int) -> Plan:
     return Plan(1, n, 1, layout, 1, BLOCK)
 
 

@@ -200,6 +200,36 @@ def test_compiled_graph_follows_use_backend(monkeypatch):
     assert ran and set(ran) == {"triton"}
 
 
+def test_compiled_graph_follows_use_backend_in_a_new_thread(monkeypatch):
+    """The same, first traced outside any block in a thread that never entered one (its
+    backend read then finds no value of the thread's own)."""
+    import threading
+    ran, seen = [], {}
+    real = fused_act.kernels.kernels
+
+    def probe(name):
+        ran.append(name)
+        return real(name)
+
+    monkeypatch.setattr(fused_act.kernels, "kernels", probe)
+
+    def body():
+        f = torch.compile(lambda t: fused_act.mish(t), fullgraph=True, backend="eager")
+        seen["x"] = x = torch.randn(64)
+        f(x)
+        seen["outside"] = list(ran)
+        ran.clear()
+        with fused_act.use_backend("reference"):
+            seen["value"] = f(x)
+        seen["inside"] = list(ran)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen["outside"] and seen["inside"] == [], seen
+    torch.testing.assert_close(seen["value"], reference.mish(seen["x"]))
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with fused_act.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
