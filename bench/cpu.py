@@ -15,6 +15,7 @@ with the reason.  Writes ``results.json`` and ``results.md`` to ``bench/results/
 """
 
 import copy
+import math
 import os
 import platform
 import re
@@ -101,7 +102,8 @@ def interleaved(calls: dict[str, Callable], reps: int) -> dict[str, float]:
         fn()
         t0 = time.perf_counter()
         fn()
-        loops[k] = max(1, round(MIN_SAMPLE_MS / ((time.perf_counter() - t0) * 1e3)))
+        loops[k] = max(1, math.ceil(MIN_SAMPLE_MS / max((time.perf_counter() - t0) * 1e3,
+                                                        1e-6)))
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(reps):
         for k, fn in calls.items():

@@ -146,6 +146,8 @@ def cpu_markdown(result: dict) -> str:
     """The CPU table (``bench.cpu``): per op, dtype, size and thread count the ratio fused_act
     / torch of each mode, then the model rows and the failures."""
     info = result["env"]
+    loop = (f" (a repetition: as many calls in a row as take {info['min_sample_ms']} ms or more)"
+            if info.get("min_sample_ms") else "")
     lines = [
         f"# fused_act on {info['label']}: {info['cpu']}", "",
         f"torch {info['torch']}, commit {info['commit']}, {info['date']}, {info['cores']} "
@@ -153,8 +155,7 @@ def cpu_markdown(result: dict) -> str:
         f"fused: fused_act with backend \"{info['backend']}\" on CPU tensors (what users get "
         f"there), which ran {info.get('implementation', 'the reference')}; torch: PyTorch's "
         "function where it has one, else the eager expression a user would write. Medians "
-        f"of {info['reps']} repetitions interleaved between the two (a repetition: as many "
-        f"calls in a row as take {info.get('min_sample_ms', 0)} ms, at least one), each "
+        f"of {info['reps']} repetitions interleaved between the two{loop}, each "
         "contestant checked against the reference first. Ratios are fused / torch time: below "
         "1 fused_act is faster.", "",
     ]
