@@ -43,7 +43,7 @@ def _implementation() -> str:
 
 SIZES = [2**16, 2**22]
 THREADS = [1, 2]
-REPS = 5
+REPS = 9
 # a model's step varies more between repetitions than one op (allocations, many kernels on a
 # shared machine): its rows take this many times the ops' repetitions
 MODEL_REPS_FACTOR = 4
