@@ -164,23 +164,32 @@ def test_parameter_gradients_do_not_depend_on_threads(layout):
 
 @pytest.mark.parametrize("beta", [1.0, -0.75, 3.0, 1e-30, 0.0, -0.0, float("inf"),
                                   -float("inf"), float("nan")])
+@pytest.mark.parametrize("form", ["float", "tensor", "channels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_float_beta_of_every_kind_on_edge_values(beta, dtype):
-    """A float beta that is finite and nonzero runs its own instantiation (a plain product and a
-    faster exp, silu's path); 0, the infinities and NaN run the general one.  Each gives the
-    reference's values and gradients on the edge values, NaN where the reference's is."""
+def test_a_beta_of_every_kind_on_edge_values(beta, form, dtype):
+    """A beta whose values are all finite and nonzero runs its own instantiation (a plain
+    product and a faster exp, silu's path); a 0, an infinity or a NaN among them runs the
+    general one.  As a float, a one-element tensor, or the first of 4 per-channel values (the
+    others finite: one such channel decides for the whole call), each gives the reference's
+    values and gradients (beta's too) on the edge values, NaN where the reference's is, and
+    each 0 with the reference's sign."""
     need_backend("cpu", "cpu")
     edges = [-float("inf"), -3e38, -1e30, -150.0, -88.5, -20.0, -1.0, -0.0, 0.0, 1e-30, 1.0, 20.0,
              88.5, 150.0, 1e30, 3e38, float("inf"), float("nan")]
     x = torch.tensor(edges + torch.randn(40).mul(6).tolist(), dtype=dtype)
+    if form == "channels":
+        x = x.expand(2, 4, -1).contiguous()
     g = torch.randn(x.shape, dtype=dtype)
+    values = {"float": beta, "tensor": torch.tensor([beta], dtype=dtype),
+              "channels": torch.tensor([beta, 1.0, -2.0, 0.5], dtype=dtype)}[form]
     out = {}
     for b in ("cpu", "reference"):
         xb = x.clone().requires_grad_()
+        bb = values if form == "float" else values.clone().requires_grad_()
         with fused_act.use_backend(b):
-            y = fused_act.swish(xb, beta)
+            y = fused_act.swish(xb, bb)
             y.backward(g)
-        out[b] = (y.detach(), xb.grad)
+        out[b] = (y.detach(), xb.grad) + (() if form == "float" else (bb.grad,))
     for got, want in zip(out["cpu"], out["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
         zeros = (got == 0) & (want == 0)  # a 0 has the reference's sign (x = -1, beta = inf: -0)
