@@ -85,6 +85,10 @@ def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
     that does not fit is copied once to contiguous.  Rows evenly spaced in every tensor are one
     flat row."""
     shape = writes[0].shape
+    tensors = (*reads, *writes)
+    if all(t.is_contiguous() and t.shape == shape for t in tensors):
+        n = writes[0].numel()  # the common case, answered without the search below
+        return 1, n, reads, (n,) * len(tensors)
     best = None
     for k in range(len(shape) + 1):
         w = [row_stride(t, k) for t in writes]
