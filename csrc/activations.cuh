@@ -138,11 +138,12 @@ FA_HD Grad2<M> swish_bwd(M x, B beta) {
 }
 
 // ACON-C with a = p1 - p2: (a sigma(beta a x) + p2) x, the product form giving the limits at
-// x = +-inf directly.
-template <class M>
-FA_HD M acon_c_fwd(M x, M a, M p2, M beta) {
+// x = +-inf directly.  a's type A and beta's type B are M, or the types the caller gives
+// mul_or_zero(A, M) and swish_parts for (M(a) is a's value).
+template <class M, class A, class B>
+FA_HD M acon_c_fwd(M x, A a, M p2, B beta) {
   const M s = swish_parts(mul_or_zero(a, x), beta).s;
-  return mul_or_zero(a * s + p2, x);
+  return mul_or_zero(M(a) * s + p2, x);
 }
 
 template <class M>
@@ -152,14 +153,14 @@ struct AconGrad {
 
 // With d = a x and S = s + z q: dy/dx = a S + p2, dy/dp1 = x S, dy/dp2 = x (1 - S) where
 // 1 - S = sigma(-z) - z q stays exact, dy/dbeta = d^2 q.
-template <class M>
-FA_HD AconGrad<M> acon_c_bwd(M x, M a, M p2, M beta) {
+template <class M, class A, class B>
+FA_HD AconGrad<M> acon_c_bwd(M x, A a, M p2, B beta) {
   const M d = mul_or_zero(a, x);
   const SwishParts<M> p = swish_parts(d, beta);
   const auto flat = p.q == M(0);
   const M zq = FA_SEL(flat, M(0), p.z * p.q);
   const M big_s = p.s + zq;
-  return {a * big_s + p2, mul_or_zero(big_s, x), mul_or_zero(p.sn - zq, x),
+  return {M(a) * big_s + p2, mul_or_zero(big_s, x), mul_or_zero(p.sn - zq, x),
           FA_SEL(flat, M(0), d * d * p.q)};
 }
 

@@ -60,9 +60,9 @@ Vec<M> mul_or_zero(const Vec<M>& c, const Vec<M>& x) {
   return Vec<M>::blendv(z, Vec<M>(M(0)), bad & (q == Vec<M>(M(0))));
 }
 
-// A beta whose values are all finite and nonzero (silu's 1, a number passed as beta, a beta
-// tensor checked before the launch): its mul_or_zero is the plain product (the general one
-// above took as long as the rest of silu's forward).  And z = beta x is NaN only where x is, so
+// A factor whose values are all finite and nonzero (silu's 1, a number passed as beta, a beta
+// tensor checked before the launch, ACON-C's p1 - p2 and beta): its mul_or_zero is the plain
+// product (the general one above took as long as the rest of silu's forward).  And z = beta x is NaN only where x is, so
 // swish may take torch's exp_u20, inline where the exact exp is a call for every vector: silu's
 // forward then runs at F.silu's speed, and a learnable beta's twice as fast as with the general
 // form.  exp_u20 maps NaN to a number (x and z carry the NaN), gives inf above about 88.7 on
@@ -72,6 +72,7 @@ Vec<M> mul_or_zero(const Vec<M>& c, const Vec<M>& x) {
 template <class M>
 struct Nonzero {
   Vec<M> v;
+  explicit operator Vec<M>() const { return v; }
 };
 template <class M>
 Vec<M> mul_or_zero(const Nonzero<M>& c, const Vec<M>& x) { return c.v * x; }
@@ -260,8 +261,9 @@ struct ActMath {
   }
 };
 
-// ACON-C with its per-channel p1, p2 and per-channel or per-sample beta
-template <class M>
+// ACON-C with its per-channel p1, p2 and per-channel or per-sample beta; NONZERO: every
+// p1 - p2 and every beta is finite and not 0 (then a x and beta a x are plain products)
+template <class M, bool NONZERO>
 struct AconMath {
   static constexpr int NP = 3;  // dp1, dp2, dbeta
   const M* p1;
@@ -277,15 +279,25 @@ struct AconMath {
     diff = channel_param(p1, a, n, layout) - q2;
     b = channel_param(beta, a, n, layout, per_sample ? a.sample * channels : 0);
   }
-  Vec<M> value(const Vec<M>& x, const At& a, int64_t n) const {
+  template <class F>
+  auto with_params(const At& a, int64_t n, F&& f) const {
     Vec<M> diff, q2, b;
     params(a, n, diff, q2, b);
-    return acon_c_fwd(x, diff, q2, b);
+    if constexpr (NONZERO) {
+      return f(Nonzero<M>{diff}, q2, Nonzero<M>{b});
+    } else {
+      return f(diff, q2, b);
+    }
+  }
+  Vec<M> value(const Vec<M>& x, const At& a, int64_t n) const {
+    return with_params(a, n, [&](auto diff, const Vec<M>& q2, auto b) {
+      return acon_c_fwd(x, diff, q2, b);
+    });
   }
   Vec<M> grad(const Vec<M>& x, const At& a, int64_t n, Vec<M>* terms) const {
-    Vec<M> diff, q2, b;
-    params(a, n, diff, q2, b);
-    const AconGrad<Vec<M>> r = acon_c_bwd(x, diff, q2, b);
+    const AconGrad<Vec<M>> r = with_params(a, n, [&](auto diff, const Vec<M>& q2, auto b) {
+      return acon_c_bwd(x, diff, q2, b);
+    });
     terms[0] = r.dp1;
     terms[1] = r.dp2;
     terms[2] = r.dbeta;
@@ -500,12 +512,23 @@ int with_math(const void* beta, float beta_value, const fa_plan& p, F&& f) {
   return f(ActMath<ACT, M, false>{b});
 }
 
-template <class T>
-AconMath<opmath_t<T>> acon_math(const void* p1, const void* p2, const void* beta, int per_sample,
-                                const fa_plan& p) {
+// f(AconMath of storage T with these parameters): its NONZERO form where every p1 - p2 (in
+// opmath, as the kernel takes it) and every beta is finite and not 0 (C values each, beta
+// N C per sample: a pass over them is nothing beside the tensor's)
+template <class T, class F>
+int with_acon(const void* p1, const void* p2, const void* beta, int per_sample, const fa_plan& p,
+              F&& f) {
   using M = opmath_t<T>;
-  return {static_cast<const M*>(p1), static_cast<const M*>(p2), static_cast<const M*>(beta),
-          p.channels, p.layout, per_sample != 0};
+  const M* q1 = static_cast<const M*>(p1);
+  const M* q2 = static_cast<const M*>(p2);
+  const M* b = static_cast<const M*>(beta);
+  const int64_t samples = per_sample == 0 ? 1 : p.layout == FA_COLS ? p.samples : p.batch;
+  bool nonzero = std::all_of(b, b + samples * p.channels, [](M v) { return finite_nonzero(v); });
+  for (int64_t c = 0; nonzero && c < p.channels; ++c) nonzero = finite_nonzero(q1[c] - q2[c]);
+  if (nonzero) {
+    return f(AconMath<M, true>{q1, q2, b, p.channels, p.layout, per_sample != 0});
+  }
+  return f(AconMath<M, false>{q1, q2, b, p.channels, p.layout, per_sample != 0});
 }
 
 template <class Op>
@@ -586,10 +609,11 @@ extern "C" int fa_acon_forward(const void* x, void* y, int dtype, const void* p1
                                const void* beta, int per_sample, fa_plan plan, void*) {
   return dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    return launch(MapOp<T, AconMath<opmath_t<T>>>{static_cast<const T*>(x), static_cast<T*>(y),
-                                                  plan.cols, acon_math<T>(p1, p2, beta,
-                                                                          per_sample, plan)},
-                  plan);
+    return with_acon<T>(p1, p2, beta, per_sample, plan, [&](auto f) {
+      return launch(MapOp<T, decltype(f)>{static_cast<const T*>(x), static_cast<T*>(y),
+                                          plan.cols, f},
+                    plan);
+    });
   });
 }
 
@@ -598,11 +622,11 @@ extern "C" int fa_acon_backward(const void* g, const void* x, void* dx, int dtyp
                                 int64_t n_partial, fa_plan plan, void*) {
   return dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    return launch(GradOp<T, AconMath<opmath_t<T>>>{static_cast<const T*>(g),
-                                                   static_cast<const T*>(x), static_cast<T*>(dx),
-                                                   plan.cols, acon_math<T>(p1, p2, beta,
-                                                                           per_sample, plan)},
-                  plan, partial, n_partial);
+    return with_acon<T>(p1, p2, beta, per_sample, plan, [&](auto f) {
+      return launch(GradOp<T, decltype(f)>{static_cast<const T*>(g), static_cast<const T*>(x),
+                                           static_cast<T*>(dx), plan.cols, f},
+                    plan, partial, n_partial);
+    });
   });
 }
 

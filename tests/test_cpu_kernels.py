@@ -3,6 +3,7 @@ tensors with): the build for each instruction set torch may report, the choice o
 they cannot be built, and parameter gradients that do not depend on the thread count.  Values,
 gradients, dtypes, layouts and limits are in the tables (tests/cases.py: backend "cpu")."""
 
+import math
 import os
 import platform
 import subprocess
@@ -194,3 +195,53 @@ def test_a_beta_of_every_kind_on_edge_values(beta, form, dtype):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
         zeros = (got == 0) & (want == 0)  # a 0 has the reference's sign (x = -1, beta = inf: -0)
         assert torch.equal(got[zeros].signbit(), want[zeros].signbit())
+
+
+@pytest.mark.parametrize("bad", ["none", "p1 = p2", "beta = 0", "beta = inf", "beta = nan",
+                                 "p1 = inf"])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+def test_acon_parameters_of_every_kind_on_edge_values(bad, per_sample, layout):
+    """ACON-C whose p1 - p2 and beta are all finite and nonzero runs its own instantiation (plain
+    products and a faster exp); one zero, infinite or NaN value among them (put in the last
+    channel, and the last sample of a per-sample beta, so that a check that stops short misses
+    it) runs the general one.  Each gives the reference's y, dx and parameter gradients, NaN
+    where the reference's is, and each 0 with the reference's sign."""
+    need_backend("cpu", "cpu")
+    edges = [-float("inf"), -3e38, -1e30, -150.0, -88.5, -20.0, -1.0, -0.0, 0.0, 1e-30, 1.0,
+             20.0, 88.5, 150.0, 1e30, 3e38, float("inf"), float("nan")]
+    shape = (12, 4) if layout == "nc" else (3, 4, 6, 10)
+    gen = torch.Generator().manual_seed(0)
+    # random values, then the edge values repeated over the whole tensor, at every shift (so
+    # that each (sample, channel) meets each edge value, with 1 element per (n, c) as well)
+    tiled = torch.tensor(edges).repeat(-(-math.prod(shape) // len(edges)) + 1)
+    xs = [torch.randn(shape, generator=gen).mul(6)] + [
+        tiled[k:k + math.prod(shape)].view(shape) for k in range(len(edges))]
+    p1, p2 = torch.tensor([1.5, -1.0, 0.7, 2.0]), torch.tensor([0.5, 0.25, -0.3, -1.0])
+    beta = torch.rand((shape[0], 4) if per_sample else (4,), generator=gen) + 0.5
+    last = (-1, -1) if per_sample else (-1,)
+    if bad == "p1 = p2":
+        p1[-1] = p2[-1]
+    elif bad == "p1 = inf":
+        p1[-1] = float("inf")
+    elif bad != "none":
+        beta[last] = float(bad.split(" = ")[1])
+    view = (1, 4) + (1,) * (len(shape) - 2)
+    params = (p1.view(view), p2.view(view),
+              beta.view(beta.shape + (1,) * (len(shape) - 2)) if per_sample else beta.view(view))
+    for x in xs:
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        g = torch.randn(x.shape, generator=gen)
+        out = {}
+        for b in ("cpu", "reference"):
+            xb = x.clone().requires_grad_()
+            pb = [p.clone().requires_grad_() for p in params]
+            with fused_act.use_backend(b):
+                y = fused_act.acon_c(xb, *pb)
+                y.backward(g)
+            out[b] = (y.detach(), xb.grad, *(p.grad for p in pb))
+        for got, want in zip(out["cpu"], out["reference"], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
+            zeros = (got == 0) & (want == 0)
+            assert torch.equal(got[zeros].signbit(), want[zeros].signbit())
