@@ -22,6 +22,7 @@ share these tiles and slots.
 import dataclasses
 import functools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,15 +100,24 @@ C_TYPES = {"rows": "int64", "cols": "int64", "channels": "int64", "layout": "int
 _FIELD_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Plan)))
 
 
+def _memo(fn: Callable[..., Plan]) -> Callable[..., Plan]:
+    """``fn`` cached on its arguments: a frozen Plan is a value, and building one costs a
+    microsecond of every launch.  A symbolic size (a trace with dynamic shapes) has no hash:
+    its plan is built each time."""
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def plan_of(*args: int) -> Plan:
+        try:
+            return cached(*args)
+        except TypeError:
+            return fn(*args)
+    return plan_of
+
+
+@_memo
 def flat(n: int, layout: int = ROWS) -> Plan:
     """One row of ``n`` elements (``layout`` SCALAR when no parameter tensor is read)."""
-    # a frozen Plan is a value, and building one costs a microsecond of every launch; a
-    # symbolic n (a trace with dynamic shapes) has no hash
-    return _flat(n, layout) if type(n) is int else Plan(1, n, 1, layout, 1, BLOCK)
-
-
-@functools.lru_cache(maxsize=256)
-def _flat(n: int, layout: int) -> Plan:
     return Plan(1, n, 1, layout, 1, BLOCK)
 
 
@@ -137,6 +147,7 @@ def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Pl
     return Plan(n // inner, inner, channels, ROWS, BLOCK // block_l, block_l, batch=batch)
 
 
+@_memo
 def row_plan(rows: int, cols: int, layout: int) -> Plan:
     """``rows`` rows of ``cols`` contiguous elements whose row strides the kernel takes per
     tensor (the gated ops: the halves of a packed tensor are such rows); one row is flat.

@@ -141,3 +141,13 @@ def test_a_wrapping_offset_is_caught():
                 _sparse(launch, 1024)
         else:
             _sparse(launch, 1024)
+
+
+def test_plans_of_symbolic_sizes():
+    """Plans are cached by size, and a symbolic size (a trace with dynamic shapes) has no hash:
+    its plan is built uncached, not refused."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    n = ShapeEnv().create_unbacked_symint()
+    p = plan.flat(n, plan.SCALAR)
+    assert p.cols is n and p.rows == 1 and p.layout == plan.SCALAR
+    assert plan.flat(64, plan.SCALAR) is plan.flat(64, plan.SCALAR)

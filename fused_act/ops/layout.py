@@ -1,6 +1,7 @@
 """How the host lays tensors out for the kernels: dense tensors in place of their memory,
 parameters flat in opmath, scalars rounded once, and the rows a gated op walks."""
 
+import functools
 import math
 import struct
 
@@ -60,13 +61,17 @@ def fp32(v: float, device: torch.device | None = None) -> float | Tensor:
 def row_stride(t: Tensor, k: int) -> int | None:
     """The distance between rows of ``t`` walked as prod(shape[:k]) rows of the prod(shape[k:])
     elements behind each, if those are contiguous and the rows evenly spaced; else None."""
+    return _row_stride(tuple(t.shape), t.stride(), k)
+
+
+def _row_stride(shape: tuple[int, ...], strides: tuple[int, ...], k: int) -> int | None:
     expected = 1
-    for size, stride in zip(reversed(t.shape[k:]), reversed(t.stride()[k:]), strict=True):
+    for size, stride in zip(reversed(shape[k:]), reversed(strides[k:]), strict=True):
         if size != 1 and stride != expected:
             return None
         expected *= size
     row = None
-    for size, stride in zip(reversed(t.shape[:k]), reversed(t.stride()[:k]), strict=True):
+    for size, stride in zip(reversed(shape[:k]), reversed(strides[:k]), strict=True):
         if size == 1:
             continue
         if row is None:
@@ -89,12 +94,29 @@ def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
     if all(t.is_contiguous() and t.shape == shape for t in tensors):
         n = writes[0].numel()  # the common case, answered without the search below
         return 1, n, reads, (n,) * len(tensors)
+    dims = (tuple((tuple(t.shape), t.stride()) for t in reads),
+            tuple((tuple(t.shape), t.stride()) for t in writes))
+    try:  # the split depends on sizes and strides alone: searched once per layout
+        rows, cols, fits, strides = _cached_split(*dims)
+    except TypeError:  # symbolic sizes (a trace with dynamic shapes) have no hash
+        rows, cols, fits, strides = _split(*dims)
+    return rows, cols, tuple(t if f else t.contiguous() for t, f in zip(reads, fits,
+                                                                        strict=True)), strides
+
+
+Dims = tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+
+def _split(reads: Dims, writes: Dims) -> tuple[int, int, tuple[bool, ...], tuple[int, ...]]:
+    """row_walk's search on (sizes, strides) pairs: (rows, cols, which reads are used in place,
+    row strides)."""
+    shape = writes[0][0]
     best = None
     for k in range(len(shape) + 1):
-        w = [row_stride(t, k) for t in writes]
+        w = [_row_stride(*d, k) for d in writes]
         if None in w:
             continue
-        r = [row_stride(t, k) for t in reads]
+        r = [_row_stride(*d, k) for d in reads]
         fits = sum(s is not None for s in r)
         if best is None or fits > best[0]:
             best = fits, k, r, w
@@ -102,8 +124,11 @@ def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
             break
     _, k, r, w = best  # contiguous buffers fit every k
     rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
-    reads = tuple(t if s is not None else t.contiguous() for t, s in zip(reads, r, strict=True))
+    fit = tuple(s is not None for s in r)
     strides = tuple(cols if s is None else s for s in r) + tuple(w)
     if all(s == cols for s in strides):
-        return 1, rows * cols, reads, strides
-    return rows, cols, reads, strides
+        return 1, rows * cols, fit, strides
+    return rows, cols, fit, strides
+
+
+_cached_split = functools.lru_cache(maxsize=256)(_split)
