@@ -61,7 +61,7 @@ FA_HD auto is_inf(M v) { return abs_(v) == M(INFINITY); }
 
 // c * x, taking the limit 0 where c == 0 (x may be infinite).  (The CPU kernels' vectors have
 // their own overloads, declared before this file: the same values, computed without comparing c,
-// and a plain product for a beta that their host knows is one nonzero value.)
+// and a plain product for a factor whose values their host knows are finite and not 0.)
 template <class M>
 FA_HD M mul_or_zero(M c, M x) { return FA_SEL(c == M(0), M(0), c * x); }
 
@@ -96,9 +96,9 @@ struct SwishParts {
   M z, s, sn, q;  // z = beta x, sigma(+-z), q = s (1 - s)
 };
 
-// e^-z for swish, by beta's type: ex here; the CPU kernels give their scalar beta (finite,
-// nonzero: z is NaN only where x is) a faster exp of their own, which need not keep a NaN: the
-// forward's quotient keeps x's, and the backward's z q is NaN where z is, whatever q is
+// e^-z for swish, by beta's type: ex here; the CPU kernels give a beta whose values are all
+// finite and nonzero (z is NaN only where x is) a faster exp of their own, which need not keep a
+// NaN: the forward's quotient keeps x's, and the backward's z q is NaN where z is, whatever q is
 template <class M, class B>
 FA_HD M swish_exp(const B&, M z) { return ex(-z); }
 

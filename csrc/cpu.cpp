@@ -60,15 +60,19 @@ Vec<M> mul_or_zero(const Vec<M>& c, const Vec<M>& x) {
   return Vec<M>::blendv(z, Vec<M>(M(0)), bad & (q == Vec<M>(M(0))));
 }
 
-// A factor whose values are all finite and nonzero (silu's 1, a number passed as beta, a beta
-// tensor checked before the launch, ACON-C's p1 - p2 and beta): its mul_or_zero is the plain
-// product (the general one above took as long as the rest of silu's forward).  And z = beta x is NaN only where x is, so
-// swish may take torch's exp_u20, inline where the exact exp is a call for every vector: silu's
-// forward then runs at F.silu's speed, and a learnable beta's twice as fast as with the general
-// form.  exp_u20 maps NaN to a number (x and z carry the NaN), gives inf above about 88.7 on
-// x86 (the quotient's x / inf; elsewhere it is the exact exp) and 0 below about -87.3: sigmoid
-// tails of |z| > 87.3 become 0 instead of a float under 1e-37, in y, in dx and in the terms
-// x^2 sigma'(z) of a beta tensor's gradient.
+// A factor whose values are all finite and at least FAST_FACTOR in magnitude (silu's 1, a
+// number passed as beta, a beta tensor checked before the launch, ACON-C's p1 - p2 and beta):
+// its mul_or_zero is the plain product (the general one above took as long as the rest of
+// silu's forward).  And z = beta x is NaN only where x is, so swish may take torch's exp_u20,
+// inline where the exact exp is a call for every vector: silu's forward then runs at F.silu's
+// speed, and a learnable beta's twice as fast as with the general form.  exp_u20 maps NaN to a
+// number (x and z carry the NaN), gives inf above about 88.7 on x86 (the quotient's x / inf),
+// and 0 below about -87 where the exact exp still gives a subnormal: sigmoid tails of |z| > 87
+// become 0 instead of a float under 1e-37 in y and dx.  In a parameter's gradient such a tail
+// is scaled by 1 / factor (x = z / beta: the term x^2 sigma'(z) is 0.066 at beta = 1e-17,
+// x = 9e18); from FAST_FACTOR = 1e-6 on, a lost term is under 1e-22 an element.  (Testing each
+// vector for such lanes instead cost silu's forward a third of its time.)
+constexpr double FAST_FACTOR = 1e-6;
 template <class M>
 struct Nonzero {
   Vec<M> v;
@@ -238,7 +242,7 @@ struct Beta {
   }
 };
 
-// activation ACT with its beta (swish only); NONZERO: every value of beta is finite and not 0
+// activation ACT with its beta (swish only); NONZERO: every value of beta is a fast_factor
 template <int ACT, class M, bool NONZERO>
 struct ActMath {
   static constexpr int NP = 1;  // d/dbeta
@@ -262,7 +266,7 @@ struct ActMath {
 };
 
 // ACON-C with its per-channel p1, p2 and per-channel or per-sample beta; NONZERO: every
-// p1 - p2 and every beta is finite and not 0 (then a x and beta a x are plain products)
+// p1 - p2 and every beta is a fast_factor (then a x and beta a x are plain products)
 template <class M, bool NONZERO>
 struct AconMath {
   static constexpr int NP = 3;  // dp1, dp2, dbeta
@@ -495,25 +499,26 @@ int dispatch_act(int act, int dtype, F&& f) {
   return dispatch_act(act, dtype, f, std::make_integer_sequence<int, N_ACT>{});
 }
 
-bool finite_nonzero(double v) { return v != 0.0 && std::isfinite(v); }
+// finite, and at least FAST_FACTOR in magnitude (Nonzero's comment says why)
+bool fast_factor(double v) { return std::isfinite(v) && std::abs(v) >= FAST_FACTOR; }
 
 // f(ActMath of activation ACT in opmath M with this beta): its NONZERO form where every value of
-// beta is finite and not 0 (the scalar, or the p.channels values of a beta tensor: a learnable
+// beta is a fast_factor (the scalar, or the p.channels values of a beta tensor: a learnable
 // beta is one value or one per channel, and a pass over them is nothing beside the tensor's)
 template <int ACT, class M, class F>
 int with_math(const void* beta, float beta_value, const fa_plan& p, F&& f) {
   const Beta<M> b{static_cast<const M*>(beta), M(beta_value), p.layout};
   if constexpr (act_reads_beta<ACT>) {
-    const bool nonzero = b.ptr == nullptr
-        ? finite_nonzero(b.value)
-        : std::all_of(b.ptr, b.ptr + p.channels, [](M v) { return finite_nonzero(v); });
-    if (nonzero) return f(ActMath<ACT, M, true>{b});
+    const bool fast = b.ptr == nullptr
+        ? fast_factor(b.value)
+        : std::all_of(b.ptr, b.ptr + p.channels, [](M v) { return fast_factor(v); });
+    if (fast) return f(ActMath<ACT, M, true>{b});
   }
   return f(ActMath<ACT, M, false>{b});
 }
 
 // f(AconMath of storage T with these parameters): its NONZERO form where every p1 - p2 (in
-// opmath, as the kernel takes it) and every beta is finite and not 0 (C values each, beta
+// opmath, as the kernel takes it) and every beta is a fast_factor (C values each, beta
 // N C per sample: a pass over them is nothing beside the tensor's)
 template <class T, class F>
 int with_acon(const void* p1, const void* p2, const void* beta, int per_sample, const fa_plan& p,
@@ -523,9 +528,9 @@ int with_acon(const void* p1, const void* p2, const void* beta, int per_sample, 
   const M* q2 = static_cast<const M*>(p2);
   const M* b = static_cast<const M*>(beta);
   const int64_t samples = per_sample == 0 ? 1 : p.layout == FA_COLS ? p.samples : p.batch;
-  bool nonzero = std::all_of(b, b + samples * p.channels, [](M v) { return finite_nonzero(v); });
-  for (int64_t c = 0; nonzero && c < p.channels; ++c) nonzero = finite_nonzero(q1[c] - q2[c]);
-  if (nonzero) {
+  bool fast = std::all_of(b, b + samples * p.channels, [](M v) { return fast_factor(v); });
+  for (int64_t c = 0; fast && c < p.channels; ++c) fast = fast_factor(q1[c] - q2[c]);
+  if (fast) {
     return f(AconMath<M, true>{q1, q2, b, p.channels, p.layout, per_sample != 0});
   }
   return f(AconMath<M, false>{q1, q2, b, p.channels, p.layout, per_sample != 0});

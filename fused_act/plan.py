@@ -109,9 +109,10 @@ def _memo(fn: Callable[..., Plan]) -> Callable[..., Plan]:
     @functools.wraps(fn)
     def plan_of(*args: int) -> Plan:
         try:
-            return cached(*args)
+            hash(args)
         except TypeError:
             return fn(*args)
+        return cached(*args)
     return plan_of
 
 

@@ -163,26 +163,29 @@ def test_parameter_gradients_do_not_depend_on_threads(layout):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("beta", [1.0, -0.75, 3.0, 1e-30, 0.0, -0.0, float("inf"),
+@pytest.mark.parametrize("beta", [1.0, -0.75, 3.0, 2e-6, 1e-30, 0.0, -0.0, float("inf"),
                                   -float("inf"), float("nan")])
-@pytest.mark.parametrize("form", ["float", "tensor", "channels"])
+@pytest.mark.parametrize("form", ["float", "tensor", "channels", "channels last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_beta_of_every_kind_on_edge_values(beta, form, dtype):
-    """A beta whose values are all finite and nonzero runs its own instantiation (a plain
-    product and a faster exp, silu's path); a 0, an infinity or a NaN among them runs the
-    general one.  As a float, a one-element tensor, or the first of 4 per-channel values (the
-    others finite: one such channel decides for the whole call), each gives the reference's
-    values and gradients (beta's too) on the edge values, NaN where the reference's is, and
-    each 0 with the reference's sign."""
+    """A beta whose values are all finite and at least 1e-6 in magnitude runs its own
+    instantiation (a plain product and a faster exp, silu's path); a 0, a tinier value, an
+    infinity or a NaN among them runs the general one.  As a float, a one-element tensor, or
+    the last of 4 per-channel values (the others finite: one such channel decides for the whole
+    call; channels outer or innermost in memory), each gives the reference's values and
+    gradients (beta's too) on the edge values, NaN where the reference's is, and each 0 with
+    the reference's sign."""
     need_backend("cpu", "cpu")
     edges = [-float("inf"), -3e38, -1e30, -150.0, -88.5, -20.0, -1.0, -0.0, 0.0, 1e-30, 1.0, 20.0,
              88.5, 150.0, 1e30, 3e38, float("inf"), float("nan")]
     x = torch.tensor(edges + torch.randn(40).mul(6).tolist(), dtype=dtype)
     if form == "channels":
         x = x.expand(2, 4, -1).contiguous()
+    elif form == "channels last":
+        x = x.expand(4, -1).t().contiguous()  # (N, C): a row holds the C channels
     g = torch.randn(x.shape, dtype=dtype)
-    values = {"float": beta, "tensor": torch.tensor([beta], dtype=dtype),
-              "channels": torch.tensor([beta, 1.0, -2.0, 0.5], dtype=dtype)}[form]
+    values = {"float": beta, "tensor": torch.tensor([beta], dtype=dtype)}.get(
+        form, torch.tensor([1.0, -2.0, 0.5, beta], dtype=dtype))
     out = {}
     for b in ("cpu", "reference"):
         xb = x.clone().requires_grad_()
@@ -202,11 +205,12 @@ def test_a_beta_of_every_kind_on_edge_values(beta, form, dtype):
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
 def test_acon_parameters_of_every_kind_on_edge_values(bad, per_sample, layout):
-    """ACON-C whose p1 - p2 and beta are all finite and nonzero runs its own instantiation (plain
-    products and a faster exp); one zero, infinite or NaN value among them (put in the last
-    channel, and the last sample of a per-sample beta, so that a check that stops short misses
-    it) runs the general one.  Each gives the reference's y, dx and parameter gradients, NaN
-    where the reference's is, and each 0 with the reference's sign."""
+    """ACON-C whose p1 - p2 and beta are all finite and at least 1e-6 in magnitude runs its own
+    instantiation (plain products and a faster exp); one zero, infinite or NaN value among them
+    (put in the last channel, and the last sample of a per-sample beta, so that a check that
+    stops short misses it) runs the general one.  Each gives the reference's y, dx and
+    parameter gradients, NaN where the reference's is, and each 0 with the reference's
+    sign."""
     need_backend("cpu", "cpu")
     edges = [-float("inf"), -3e38, -1e30, -150.0, -88.5, -20.0, -1.0, -0.0, 0.0, 1e-30, 1.0,
              20.0, 88.5, 150.0, 1e30, 3e38, float("inf"), float("nan")]
@@ -245,3 +249,25 @@ def test_acon_parameters_of_every_kind_on_edge_values(bad, per_sample, layout):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
             zeros = (got == 0) & (want == 0)
             assert torch.equal(got[zeros].signbit(), want[zeros].signbit())
+
+
+def test_a_tiny_beta_keeps_the_sigmoid_tails_of_its_gradient():
+    """With beta = 1e-17 and x = 9e18, z = beta x = 90 lies where torch's fast exp gives 0 and
+    the exact one a subnormal; the term x^2 sigma'(z) of beta's gradient is then 0.066, not 0
+    (swish and ACON-C's beta, and ACON-C's p1 and p2 through a beta (p1 - p2) x of 90): a beta
+    under 1e-6 runs the exact exp."""
+    need_backend("cpu", "cpu")
+    x = torch.tensor([9e18, -9e18, 8.8e18, -8.8e18, 1.0, 95e17] * 3)
+    out = {}
+    for b in ("cpu", "reference"):
+        beta = torch.tensor([1e-17], requires_grad=True)
+        xa = x.view(-1, 2).clone()
+        p = [torch.tensor([2.0, 1.5]), torch.tensor([1.0, 0.5]), torch.tensor([1e-17, 1e-17])]
+        p = [t.requires_grad_() for t in p]
+        with fused_act.use_backend(b):
+            fused_act.swish(x, beta).sum().backward()
+            fused_act.acon_c(xa, *p).sum().backward()
+        out[b] = [beta.grad, *(t.grad for t in p)]
+    assert out["reference"][0].abs().item() > 0.1  # the case is what it says
+    for got, want in zip(out["cpu"], out["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)

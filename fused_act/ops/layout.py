@@ -97,9 +97,11 @@ def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
     dims = (tuple((tuple(t.shape), t.stride()) for t in reads),
             tuple((tuple(t.shape), t.stride()) for t in writes))
     try:  # the split depends on sizes and strides alone: searched once per layout
-        rows, cols, fits, strides = _cached_split(*dims)
+        hash(dims)
+        split = _cached_split
     except TypeError:  # symbolic sizes (a trace with dynamic shapes) have no hash
-        rows, cols, fits, strides = _split(*dims)
+        split = _split
+    rows, cols, fits, strides = split(*dims)
     return rows, cols, tuple(t if f else t.contiguous() for t, f in zip(reads, fits,
                                                                         strict=True)), strides
 
