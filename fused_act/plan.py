@@ -24,6 +24,7 @@ import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -100,23 +101,26 @@ C_TYPES = {"rows": "int64", "cols": "int64", "channels": "int64", "layout": "int
 _FIELD_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Plan)))
 
 
-def _memo(fn: Callable[..., Plan]) -> Callable[..., Plan]:
-    """``fn`` cached on its arguments: a frozen Plan is a value, and building one costs a
-    microsecond of every launch.  A symbolic size (a trace with dynamic shapes) has no hash:
-    its plan is built each time."""
+_R = TypeVar("_R")
+
+
+def memo(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """``fn`` cached on its arguments, for the layout decisions every launch makes (a frozen
+    Plan is a value, and building one costs a microsecond).  Arguments holding a symbolic size
+    (a trace with dynamic shapes) have no hash: there ``fn`` runs uncached."""
     cached = functools.lru_cache(maxsize=256)(fn)
 
     @functools.wraps(fn)
-    def plan_of(*args: int) -> Plan:
+    def lookup(*args: object) -> _R:
         try:
             hash(args)
         except TypeError:
             return fn(*args)
         return cached(*args)
-    return plan_of
+    return lookup
 
 
-@_memo
+@memo
 def flat(n: int, layout: int = ROWS) -> Plan:
     """One row of ``n`` elements (``layout`` SCALAR when no parameter tensor is read)."""
     return Plan(1, n, 1, layout, 1, BLOCK)
@@ -148,7 +152,7 @@ def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Pl
     return Plan(n // inner, inner, channels, ROWS, BLOCK // block_l, block_l, batch=batch)
 
 
-@_memo
+@memo
 def row_plan(rows: int, cols: int, layout: int) -> Plan:
     """``rows`` rows of ``cols`` contiguous elements whose row strides the kernel takes per
     tensor (the gated ops: the halves of a packed tensor are such rows); one row is flat.

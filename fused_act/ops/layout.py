@@ -1,7 +1,6 @@
 """How the host lays tensors out for the kernels: dense tensors in place of their memory,
 parameters flat in opmath, scalars rounded once, and the rows a gated op walks."""
 
-import functools
 import math
 import struct
 
@@ -96,12 +95,7 @@ def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
         return 1, n, reads, (n,) * len(tensors)
     dims = (tuple((tuple(t.shape), t.stride()) for t in reads),
             tuple((tuple(t.shape), t.stride()) for t in writes))
-    try:  # the split depends on sizes and strides alone: searched once per layout
-        hash(dims)
-        split = _cached_split
-    except TypeError:  # symbolic sizes (a trace with dynamic shapes) have no hash
-        split = _split
-    rows, cols, fits, strides = split(*dims)
+    rows, cols, fits, strides = _split(*dims)
     return rows, cols, tuple(t if f else t.contiguous() for t, f in zip(reads, fits,
                                                                         strict=True)), strides
 
@@ -109,6 +103,7 @@ def row_walk(reads: tuple[Tensor, ...], writes: tuple[Tensor, ...]
 Dims = tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
 
 
+@plan.memo  # the split depends on sizes and strides alone: searched once per layout
 def _split(reads: Dims, writes: Dims) -> tuple[int, int, tuple[bool, ...], tuple[int, ...]]:
     """row_walk's search on (sizes, strides) pairs: (rows, cols, which reads are used in place,
     row strides)."""
@@ -131,6 +126,3 @@ def _split(reads: Dims, writes: Dims) -> tuple[int, int, tuple[bool, ...], tuple
     if all(s == cols for s in strides):
         return 1, rows * cols, fit, strides
     return rows, cols, fit, strides
-
-
-_cached_split = functools.lru_cache(maxsize=256)(_split)
