@@ -67,6 +67,22 @@ class Kernels(Protocol):
         """dgate = g up f'(gate), dup = g f(gate), and g up df/dbeta into ``partial``;
         ``strides``: the row strides of g, gate, up, dgate, dup."""
 
+    def stats(self, x: Tensor, shift: Tensor, partial: Tensor, p: Plan) -> None:
+        """The partials of sum(x - shift) and sum((x - shift)^2) per channel (2 x
+        ``p.partials`` slots); ``shift`` holds C values."""
+
+    def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
+                           b: Tensor, beta: Tensor | None, beta_value: float, p: Plan) -> None:
+        """y = f((x - c) a + b) with c, a, b (and a tensor beta) C values each."""
+
+    def affine_act_backward(self, g: Tensor, x: Tensor, dx: Tensor | None, act: int, c: Tensor,
+                            a: Tensor, b: Tensor, beta: Tensor | None, beta_value: float,
+                            k: tuple[Tensor, Tensor] | None, partial: Tensor | None,
+                            p: Plan) -> None:
+        """With ``dx``: dx = a g f'(z) (+ k1 (x - c) + k0 per channel, ``k`` = (k1, k0)); with
+        ``partial``: the partials of g f'(z), g f'(z) (x - c) and, in a third row, g df/dbeta
+        (2 or 3 x ``p.partials`` slots)."""
+
 
 _loaded: dict[str, Kernels] = {}
 

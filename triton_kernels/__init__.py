@@ -5,7 +5,7 @@ finishes partial sums (``fused_act/ops/``, ``fused_act/plan.py``); ``TritonKerne
 launchers as ``fused_act.kernels.Kernels`` names them.
 """
 
-from . import acon, elementwise, frelu, gated
+from . import acon, batchnorm, elementwise, frelu, gated
 
 
 class TritonKernels:
@@ -20,3 +20,6 @@ class TritonKernels:
     max_affine = staticmethod(frelu.forward_affine)
     glu_forward = staticmethod(gated.forward)
     glu_backward = staticmethod(gated.backward)
+    stats = staticmethod(batchnorm.stats)
+    affine_act_forward = staticmethod(batchnorm.affine_act_forward)
+    affine_act_backward = staticmethod(batchnorm.affine_act_backward)

@@ -3,10 +3,12 @@
 ``op.py`` is the builder (schemas, custom ops, autograd, the path of each call); ``layout.py``
 how tensors reach the kernels; one file per family: ``activation.py`` (mish, swish/silu, gelu,
 ... as ``fused_act::activation``), ``glu.py`` (their gated forms act(gate) * up), ``acon.py``
-(ACON-C, Meta-ACON), ``frelu.py`` (FReLU's max step and its BatchNorm-folded eval form).
+(ACON-C, Meta-ACON), ``frelu.py`` (FReLU's max step and its BatchNorm-folded eval form),
+``batchnorm.py`` (BatchNorm + activation, training and eval).
 
 Backward saves only the inputs (x and the parameters), except frelu_max, which saves a one-byte
-code of which side won instead of x and t.  Double backward (``create_graph=True``) runs the
+code of which side won instead of x and t, and batch_norm_act, which saves its C-sized batch
+statistics too.  Double backward (``create_graph=True``) runs the
 reference's explicit backward math in eager mode; under ``torch.compile`` the opaque backward
 ops have no derivative and say so.  Dense inputs of any strides (channels_last, permuted) run in
 place of their memory with outputs of the same strides (the gated ops: any rows of contiguous
@@ -29,6 +31,14 @@ from .activation import (
     backward_impl,
     forward_impl,
 )
+from .batchnorm import (
+    AFFINE_ACT,
+    BATCH_NORM_ACT,
+    affine_act_backward_op,
+    affine_act_op,
+    batch_norm_act_backward_op,
+    batch_norm_act_op,
+)
 from .frelu import (
     FRELU_MAX,
     FRELU_MAX_AFFINE,
@@ -45,11 +55,14 @@ from .glu import GATED, glu_backward_impl, glu_backward_op, glu_forward_impl, gl
 from .layout import dense, flat_param, is_dense, like, row_stride, row_walk
 from .op import Op, Schema
 
-FAMILIES: tuple[Op, ...] = (ACTIVATION, GATED, ACON_C, FRELU_MAX, FRELU_MAX_AFFINE)
+FAMILIES: tuple[Op, ...] = (ACTIVATION, GATED, ACON_C, FRELU_MAX, FRELU_MAX_AFFINE, AFFINE_ACT,
+                            BATCH_NORM_ACT)
 
 __all__ = [
-    "ACON_C", "ACTIVATION", "FAMILIES", "FRELU_MAX", "FRELU_MAX_AFFINE", "GATED", "Op", "Schema",
+    "ACON_C", "ACTIVATION", "AFFINE_ACT", "BATCH_NORM_ACT", "FAMILIES", "FRELU_MAX",
+    "FRELU_MAX_AFFINE", "GATED", "Op", "Schema",
     "acon_backward_impl", "acon_c_backward_op", "acon_c_op", "acon_forward_impl",
+    "affine_act_backward_op", "affine_act_op", "batch_norm_act_backward_op", "batch_norm_act_op",
     "activation_backward_op", "activation_op", "apply_", "backward_impl", "dense",
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",

@@ -87,7 +87,10 @@ class Schema:
     bool argument ``companions_if`` is true (else empty tensors); ``saved_outputs``: companions
     backward reads instead of the inputs; ``flag``: the backward's bool argument, true when a
     parameter needs its gradient; ``split``: (an absent-able data argument, an int argument):
-    without the first, the op takes both halves of its first data tensor along that dim."""
+    without the first, the op takes both halves of its first data tensor along that dim;
+    ``returned``: how many outputs a call (``Op.__call__``) returns: the result alone (1, not
+    in a tuple), or the first ``returned`` (BatchNorm's batch statistics, of which its module
+    keeps running averages).  Outputs after the result are never differentiable."""
 
     name: str
     args: tuple[Arg, ...]
@@ -96,6 +99,7 @@ class Schema:
     saved_outputs: tuple[str, ...] = ()
     flag: str | None = None
     split: tuple[str, str] | None = None
+    returned: int = 1
 
     @property
     def tensors(self) -> tuple[Arg, ...]:
@@ -308,7 +312,7 @@ class Op:
     def _reference_backward(self, grad: Tensor, *args: object) -> tuple:
         return self.reference_backward(grad, *args[:-1])
 
-    def __call__(self, *args: object, mode: str | None = None) -> Tensor:
+    def __call__(self, *args: object, mode: str | None = None) -> Tensor | tuple[Tensor, ...]:
         """The op on validated arguments and the backend in force, by the path this call needs
         (module docstring); ``mode`` names the compile mode that applies (None: opaque)."""
         if reference_math():  # first: a transform or dual tensors under compile need it too
@@ -330,4 +334,6 @@ class Op:
             out = self.function.apply(*args, get_backend())
         else:  # no graph to record: the Function's bookkeeping costs more than a small op
             out = self.forward(*args, get_backend())
-        return out[0] if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            return out
+        return out[0] if self.schema.returned == 1 else out[:self.schema.returned]
