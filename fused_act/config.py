@@ -5,8 +5,9 @@ fused kernel runs, and saves only its input for backward), "decompose" traces th
 so Inductor can fuse the activation with its neighbours (bias add, BatchNorm, residual add).  It
 is one string for every op, or a dict from op name (an elementwise activation of
 ``registry.SPECS``, "acon_c", "frelu_max" for both of FReLU's max ops, the training one and the
-eval-mode one with BatchNorm folded in, or "glu", the gated activations) to a string, ops
-left out taking their default (``Spec.compile_mode``; "opaque" for acon_c, frelu_max and glu).
+eval-mode one with BatchNorm folded in, "glu", the gated activations, or "batch_norm_act",
+BatchNorm + activation in training and eval) to a string, ops left out taking their default
+(``Spec.compile_mode``; "opaque" for acon_c, frelu_max, glu and batch_norm_act).
 The defaults are to be set per op from the compile-pipeline benchmark (bench/NOTES.md).
 Changing it recompiles graphs that use the op.
 """

@@ -273,6 +273,82 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
     return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
 
 
+# ---- BatchNorm + activation ------------------------------------------------------------------
+
+def _check_bn_tensor(arg: str, t: object, x: Tensor) -> None:
+    """A BatchNorm tensor of C = x.shape[1] values (a running statistic, weight or bias)."""
+    _check_param_type("batch_norm_act", arg, t, x)
+    if t.numel() != x.shape[1]:
+        raise ValueError(f"fused_act.batch_norm_act: {arg} must have C={x.shape[1]} elements "
+                         f"for x of shape {tuple(x.shape)} (got shape {tuple(t.shape)})")
+
+
+def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                   weight: Tensor | None = None, bias: Tensor | None = None,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                   activation: str = "silu", **activation_kwargs: object) -> Tensor:
+    """``activation(torch.nn.functional.batch_norm(x, ...))``, fused: the same arguments and
+    running-statistics updates as torch's, then any elementwise activation here with its
+    keyword arguments (``approximate`` for gelu; ``beta`` for swish, a float or a tensor of 1 or
+    C values whose gradient is reduced inside the backward).
+
+    ``x`` is (N, C, *).  In training (or without running statistics) the batch statistics are
+    computed in fp32 (fp64 for fp64) in one read of x, then y = f((x - mean) a + b) in a second;
+    the backward reads x and the gradient twice (per-channel sums, then dx) and saves only x,
+    the parameters and the C-sized statistics, never the normalised value.  ``running_mean`` and
+    ``running_var`` are updated in place with ``momentum`` (the unbiased variance, as torch).
+    In eval the running statistics fold into per-channel a, b: one pass each way, gradients
+    reaching weight and bias.  fp16/bf16 results are rounded once, from fp32.  A DTensor is
+    refused: statistics across shards are SyncBatchNorm's job.
+    """
+    _check_x("batch_norm_act", x)
+    if x.dim() < 2:
+        raise ValueError(f"fused_act.batch_norm_act: x must have shape (N, C, *), got rank "
+                         f"{x.dim()} (shape {tuple(x.shape)})")
+    for arg, t in (("running_mean", running_mean), ("running_var", running_var),
+                   ("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_bn_tensor(arg, t, x)
+    spec, beta = _gated_activation("batch_norm_act", activation, dict(activation_kwargs))
+    beta_t, beta_v = None, 1.0
+    if isinstance(beta, Tensor):
+        _check_channel_param("batch_norm_act", "beta", beta, x)
+        beta_t = beta
+    elif beta is not None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"fused_act.batch_norm_act: beta must be a float or a tensor "
+                            f"(got {type(beta).__name__})")
+        beta_v = beta
+    if ops.op.dispatches_itself((x, running_mean, running_var, weight, bias, beta_t)):
+        raise TypeError("fused_act.batch_norm_act: a tensor subclass with a dispatch of its own "
+                        f"({type(x).__name__}) cannot be normalised by per-shard statistics; "
+                        "use torch.nn.SyncBatchNorm and the activation apart")
+    if not training and (running_mean is None) != (running_var is None):
+        raise ValueError("fused_act.batch_norm_act: running_mean and running_var must both be "
+                         "given, or both None")
+    if training or running_mean is None:
+        m = x.numel() // x.shape[1] if x.shape[1] else 0
+        if m == 1:
+            raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "
+                             f"when training, got input size {tuple(x.shape)}")
+        y, mean, var = ops.BATCH_NORM_ACT(x, weight, bias, eps, spec.name, beta_t, beta_v,
+                                          mode="batch_norm_act")
+        if training and running_mean is not None and m > 0:
+            with torch.no_grad():
+                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype),
+                                                        alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(
+                    running_var.dtype), alpha=momentum)
+        return y
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a = torch.rsqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        a = a * weight.to(acc)
+    b = torch.zeros_like(a) if bias is None else bias.to(acc)
+    return ops.AFFINE_ACT(x, running_mean.to(acc), a, b, spec.name, beta_t, beta_v,
+                          mode="batch_norm_act")
+
+
 def _plain(spec: Spec) -> Callable[..., Tensor]:
     """The public function of an activation without arguments of its own (its spec's ``doc``),
     with torch.nn.functional's ``inplace``."""
@@ -318,8 +394,8 @@ def _overridable(function: _F) -> _F:
 # The public functions, re-exported by fused_act/__init__.py: those written above, and one
 # generated for every other activation of the registry (it takes x alone); each is registered
 # overridable, the one place the protocol is added.
-_WRITTEN = {"acon_c": acon_c, "frelu_max": frelu_max, "geglu": geglu, "gelu": gelu, "glu": glu,
-            "swiglu": swiglu, "swish": swish}
+_WRITTEN = {"acon_c": acon_c, "batch_norm_act": batch_norm_act, "frelu_max": frelu_max,
+            "geglu": geglu, "gelu": gelu, "glu": glu, "swiglu": swiglu, "swish": swish}
 FUNCTIONS.update({name: _overridable(f) for name, f in _WRITTEN.items()})
 FUNCTIONS.update({s.public: _overridable(_plain(s)) for s in SPECS.values()
                   if s.public not in FUNCTIONS})

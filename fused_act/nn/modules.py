@@ -384,6 +384,72 @@ class GatedMLP(FusedModule):
             "" if self.recompute else ", recompute=False")
 
 
+def activation_form(act: nn.Module) -> tuple[str, dict] | None:
+    """(the public activation, its arguments) that one of our activation modules computes, as
+    ``fused_act.glu`` and ``fused_act.batch_norm_act`` take them; None for a module that is
+    not an elementwise activation of ours (ACON-C, FReLU, ...)."""
+    if isinstance(act, GELU):
+        return "gelu", {"approximate": act.approximate}
+    if isinstance(act, Swish):
+        return "swish", {"beta": act.beta}
+    if isinstance(act, _InplaceActivation):
+        return act.op, {}
+    return None
+
+
+class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
+    """``torch.nn.BatchNorm2d`` followed by an activation, fused (``fused_act.batch_norm_act``):
+    BatchNorm2d's arguments, parameters and buffers, and the activation module ``act``.
+
+    ``act`` is one of our elementwise activation modules (``Mish()``, ``SiLU()``,
+    ``GELU(approximate=...)``, ``Swish(...)`` with a fixed or learnable beta), or the name of one
+    (``"mish"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ...); its parameters are this
+    module's ``act.*``, as in timm's BatchNormAct2d, whose state_dict it shares.  In training
+    the batch statistics take one read of x and the normalised activation one more, and the
+    backward saves only x (never BatchNorm's output); the running statistics update as
+    BatchNorm2d's (``momentum=None``: a cumulative average).  In eval the running statistics
+    fold into one pass.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 act: nn.Module | str = "silu", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        nn.BatchNorm2d.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                                device=device, dtype=dtype)
+        if isinstance(act, str):
+            if act not in SPECS or not SPECS[act].module or SPECS[act].beta:
+                names = sorted(n for n, s in SPECS.items() if s.module and not s.beta)
+                raise ValueError(f"fused_act.nn.BatchNormAct2d: act {act!r} is not one of "
+                                 f"{names} (or an activation module)")
+            spec = SPECS[act]
+            act = MODULES[spec.module](**spec.kwargs)
+        if activation_form(act) is None:
+            raise TypeError(f"fused_act.nn.BatchNormAct2d: act must be one of fused_act.nn's "
+                            f"elementwise activation modules (got {type(act).__name__})")
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        tracked = not self.training or self.track_running_stats
+        activation, kwargs = activation_form(self.act)
+        return functional.batch_norm_act(
+            x, self.running_mean if tracked else None, self.running_var if tracked else None,
+            self.weight, self.bias,
+            self.training or (self.running_mean is None and self.running_var is None),
+            factor, self.eps, activation, **kwargs)
+
+    extra_repr = FusedModule.extra_repr  # "fused", ahead of BatchNorm's in the MRO
+
+    def _details(self) -> str:
+        return nn.BatchNorm2d.extra_repr(self)
+
+
 def _activation_module(spec: Spec) -> type[_InplaceActivation]:
     """The module class ``spec.module`` of a plain activation: its public function with
     torch.nn's ``inplace`` argument, documented by that function's summary."""
@@ -402,7 +468,7 @@ def _activation_module(spec: Spec) -> type[_InplaceActivation]:
 # every module class by name: those written here, and one generated for each other module that
 # a registry spec names (adding a plain activation needs no edit here)
 MODULES: dict[str, type[FusedModule]] = {c.__name__: c for c in (
-    GELU, Swish, AconC, MetaAconC, FReLU, GLU, GatedMLP)}
+    GELU, Swish, AconC, MetaAconC, FReLU, GLU, GatedMLP, BatchNormAct2d)}
 _GENERATED: dict[str, type[_InplaceActivation]] = {}
 for _spec in SPECS.values():
     if _spec.module in _GENERATED:

@@ -1,0 +1,303 @@
+"""BatchNorm + activation (``fused_act.batch_norm_act``, ``fused_act.nn.BatchNormAct2d``): every
+backend against the eager pair BatchNorm -> activation in float64 (values, input, weight, bias
+and beta gradients, running statistics over several steps, eval after training), gradcheck,
+opcheck, compile, the bytes autograd saves, and bad input."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_act
+from fused_act import ops
+
+from .cases import BACKENDS, DEVICES, DTYPES, PARAM_RTOL, PARAM_RTOL_DEFAULT, TOL, need_backend
+
+# (shape, layout): NCHW tiles by rows, channels_last and (N, C) by columns, C = 1 flat; the
+# larger ones cross tile boundaries with tails
+SHAPES = {
+    "nchw": ((4, 3, 5, 7), None),
+    "channels_last": ((4, 6, 5, 7), torch.channels_last),
+    "nc": ((16, 5), None),
+    "one_channel": ((2, 1, 3001), None),
+    "long_rows": ((3, 4, 2100), None),
+    "wide_cl": ((2, 80, 3, 3), torch.channels_last),
+    "strided": ((4, 3, 5, 14), "strided"),
+}
+_BETA32 = torch.tensor(1.702, dtype=torch.float32).item()
+# (activation, its arguments, the torch function of the eager pair)
+ACTS = {
+    "mish": ("mish", {}, F.mish),
+    "silu": ("silu", {}, F.silu),
+    "gelu": ("gelu", {}, F.gelu),
+    "gelu_tanh": ("gelu", {"approximate": "tanh"}, lambda z: F.gelu(z, approximate="tanh")),
+    # a float beta reaches every path rounded to fp32
+    "swish": ("swish", {"beta": 1.702}, lambda z: z * torch.sigmoid(_BETA32 * z)),
+}
+
+
+def _x(key, dtype, device, seed=0):
+    shape, layout = SHAPES[key]
+    gen = torch.Generator().manual_seed(seed)
+    # an offset mean: the statistics must not cancel
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2.0 + 3.0).to(dtype)
+    if layout == "strided":
+        x = x[..., ::2]
+    elif layout is not None:
+        x = x.contiguous(memory_format=layout)
+    return x.to(device).requires_grad_()
+
+
+def _params(c, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).float().to(device)
+    b = torch.randn(c, generator=gen, dtype=torch.float64).float().to(device)
+    return w.requires_grad_(), b.requires_grad_()
+
+
+def _eager64(x, w, b, torch_fn, rm=None, rv=None, training=True, beta=None):
+    """The eager pair in float64, with dz = d(loss)/d(BatchNorm output) for the tolerances."""
+    z = F.batch_norm(x.double(), rm, rv, w.double(), b.double(), training, 0.1, 1e-5)
+    zd = z.detach().requires_grad_()
+    y = torch_fn(zd) if beta is None else zd * torch.sigmoid(beta.double().view(1, -1, *(
+        [1] * (x.dim() - 2))) * zd)
+    return z, zd, y
+
+
+def _check_grads(got, want, terms, dtype, what):
+    """Each gradient within the dtype's tolerance of float64, scaled by the sum of the absolute
+    terms it is made of (its own magnitude for dx, whose terms cancel)."""
+    for name, g, r, t in zip(("dx", "dweight", "dbias"), got, want, terms, strict=True):
+        rtol = TOL[dtype][0] if name == "dx" else PARAM_RTOL.get(dtype, PARAM_RTOL_DEFAULT)
+        err = (g.detach().double().cpu() - r.detach().double().cpu()).abs()
+        lim = rtol * t.double().cpu() + TOL[dtype][1] + (
+            torch.finfo(g.dtype).eps * r.detach().double().cpu().abs())
+        assert bool((err <= lim).all()), f"{what} {name}: error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("key", list(SHAPES))
+@pytest.mark.parametrize("act", list(ACTS))
+def test_training_matches_the_eager_pair(act, key, dtype, backend_name, device):
+    """Training forward and backward against BatchNorm -> activation in float64."""
+    need_backend(backend_name, device)
+    name, kwargs, torch_fn = ACTS[act]
+    x = _x(key, dtype, device)
+    c = x.shape[1]
+    w, b = _params(c, device)
+    with fused_act.use_backend(backend_name):
+        y = fused_act.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, name, **kwargs)
+    z, zd, want = _eager64(x, w, b, torch_fn)
+    assert y.dtype == dtype and y.shape == x.shape
+    if ops.is_dense(x):
+        assert y.stride() == x.stride()
+    what = f"{act}[{key}, {dtype}, {backend_name}]"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double().cpu(), want.detach().cpu(), rtol=rtol,
+                               atol=atol + rtol * want.abs().max().item(), msg=what)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64).to(dtype).to(device)
+    with fused_act.use_backend(backend_name):
+        got = torch.autograd.grad(y, (x, w, b), g)
+    (dz,) = torch.autograd.grad(want, zd, g.double())
+    want_grads = torch.autograd.grad(z, (x, w, b), dz)
+    dims = [d for d in range(x.dim()) if d != 1]
+    xhat = (z.detach() - b.double().view(1, -1, *([1] * (x.dim() - 2)))) / w.double().view(
+        1, -1, *([1] * (x.dim() - 2)))
+    terms = (want_grads[0].abs() + dz.abs().amax() * 4, (dz * xhat).abs().sum(dims),
+             dz.abs().sum(dims))
+    _check_grads(got, want_grads, terms, dtype, what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("key", ["nchw", "channels_last", "one_channel"])
+def test_learnable_beta(key, backend_name, device):
+    """A swish beta per channel and a one-element one: values and every gradient, training and
+    eval, in float64 against the eager pair."""
+    need_backend(backend_name, device)
+    x = _x(key, torch.float64, device)
+    c = x.shape[1]
+    for beta in (torch.linspace(0.5, 2.0, c, dtype=torch.float64),
+                 torch.tensor([1.3], dtype=torch.float64)):
+        beta = beta.to(device).requires_grad_()
+        w, b = (t.double().detach().requires_grad_() for t in _params(c, device))
+        rm, rv = torch.randn(c, dtype=torch.float64).to(device), torch.rand(
+            c, dtype=torch.float64).to(device) + 0.5
+        for training in (True, False):
+            with fused_act.use_backend(backend_name):
+                y = fused_act.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1,
+                                             1e-5, "swish", beta=beta)
+            bx = beta.expand(c) if beta.numel() == 1 else beta
+            want = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+            want = want * torch.sigmoid(bx.view(1, -1, *([1] * (x.dim() - 2))) * want)
+            torch.testing.assert_close(y, want)
+            g = torch.randn_like(y)
+            with fused_act.use_backend(backend_name):
+                got = torch.autograd.grad(y, (x, w, b, beta), g)
+            for d, e in zip(got, torch.autograd.grad(want, (x, w, b, beta), g), strict=True):
+                torch.testing.assert_close(d, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_module_follows_batchnorm_over_steps(backend_name, device):
+    """BatchNormAct2d next to BatchNorm2d -> Mish: three training steps of SGD (outputs,
+    gradients, running statistics, num_batches_tracked), then eval; also momentum=None,
+    affine=False and track_running_stats=False."""
+    need_backend(backend_name, device)
+    for options in ({}, {"momentum": None}, {"affine": False},
+                    {"track_running_stats": False}):
+        ours = fused_act.nn.BatchNormAct2d(6, act="mish", **options).to(device)
+        theirs = nn.Sequential(nn.BatchNorm2d(6, **options), nn.Mish()).to(device)
+        theirs[0].load_state_dict(ours.state_dict())
+        ours.double(), theirs.double()
+        sgd = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)
+               if options.get("affine", True)]
+        for step in range(3):
+            x = _x("channels_last", torch.float64, device, seed=step)
+            with fused_act.use_backend(backend_name):
+                y = ours(x)
+                (y * y).sum().backward()
+            want = theirs(x)
+            torch.testing.assert_close(y, want, msg=f"{options} step {step}")
+            (want * want).sum().backward()
+            for opt in sgd:
+                opt.step()
+                opt.zero_grad()
+        for k, v in theirs[0].state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v, msg=f"{options} {k}")
+        ours.eval(), theirs.eval()
+        x = _x("nchw", torch.float64, device, seed=9)[:, :1].expand(4, 6, 5, 7)
+        with fused_act.use_backend(backend_name):
+            y = ours(x)
+        torch.testing.assert_close(y, theirs(x), msg=str(options))
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(training, backend_name):
+    need_backend(backend_name, "cpu")
+    x = _x("channels_last", torch.float64, "cpu")[:2, :3, :3, :4].detach().requires_grad_()
+    w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def f(x, w, b, beta):
+        return fused_act.batch_norm_act(x, None if training else rm, None if training else rv,
+                                        w, b, training, 0.1, 1e-5, "swish", beta=beta)
+
+    with fused_act.use_backend(backend_name):
+        assert torch.autograd.gradcheck(f, (x, w, b, beta))
+        assert torch.autograd.gradgradcheck(f, (x, w, b, beta))
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cpu", "reference"])
+def test_opcheck(backend_name):
+    need_backend(backend_name, "cpu")
+    x = _x("nchw", torch.float32, "cpu").detach().requires_grad_()
+    w, b = _params(3, "cpu")
+    c, a = torch.randn(3), torch.rand(3).requires_grad_()
+    cases = [(ops.batch_norm_act_op, (x, w, b, 1e-5, "mish", None, 1.0, backend_name)),
+             (ops.affine_act_op, (x, c, a, b, "gelu", None, 1.0, backend_name))]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("mode", ["opaque", "decompose"])
+def test_compile_fullgraph(mode, monkeypatch):
+    """The module compiled with fullgraph in training and eval: the eager module's values,
+    gradients and running statistics; the opaque graph holds the fused ops."""
+    monkeypatch.setattr(fused_act.config, "compile_mode", {"batch_norm_act": mode})
+    torch._dynamo.reset()
+    ours = fused_act.nn.BatchNormAct2d(6, act="silu")
+    eager = copy.deepcopy(ours)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for training in (True, False):
+        ours.train(training), eager.train(training)
+        x = _x("channels_last", torch.float32, "cpu")
+        y = compiled(x)
+        want = eager(x)
+        torch.testing.assert_close(y, want)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, (x, ours.weight), g),
+                                   torch.autograd.grad(want, (x, eager.weight), g))
+        for k, v in eager.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v)
+
+
+def _conv_bn_act(fused: bool) -> nn.Module:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    if fused:
+        return nn.Sequential(conv, fused_act.nn.BatchNormAct2d(64, act="mish"))
+    return nn.Sequential(conv, nn.BatchNorm2d(64), nn.Mish())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_saved_bytes(dtype):
+    """conv -> BatchNorm -> Mish (8x64x32x32): the fused block saves at most 0.70x the eager
+    block's bytes (the conv's input and the BatchNorm input; never BatchNorm's output)."""
+    x = torch.randn(8, 64, 32, 32, dtype=dtype).requires_grad_()
+
+    def saved(m):
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.to(dtype)(x)
+        return sum(seen.values())
+
+    eager, fused = saved(_conv_bn_act(False)), saved(_conv_bn_act(True))
+    assert fused <= 0.70 * eager, (fused, eager)
+
+
+def test_edge_values():
+    """inf and NaN in a channel make that channel's statistics NaN, as torch's do; the other
+    channels are untouched, and no finite channel gets a NaN."""
+    x = _x("nchw", torch.float32, "cpu").detach()
+    x[0, 1, 0, 0] = float("inf")
+    x[1, 2, 3, 3] = float("nan")
+    for backend_name in ("triton", "cpu", "reference"):
+        need_backend(backend_name, "cpu")
+        with fused_act.use_backend(backend_name):
+            y = fused_act.batch_norm_act(x, None, None, training=True, activation="mish")
+        want = F.mish(F.batch_norm(x, None, None, training=True))
+        torch.testing.assert_close(y, want, equal_nan=True)
+        assert y[:, 0].isfinite().all() and y[:, 1:].isnan().all()
+
+
+def test_bad_input():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused_act.batch_norm_act(torch.randn(1, 3, 1), None, None, training=True)
+    with pytest.raises(ValueError, match="weight must have C=3"):
+        fused_act.batch_norm_act(x, None, None, torch.ones(4), training=True)
+    with pytest.raises(TypeError, match="x must be"):
+        fused_act.batch_norm_act(x.int(), None, None, training=True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        fused_act.batch_norm_act(x, None, None, training=True, activation="relu6")
+    with pytest.raises(ValueError, match="both be given"):
+        fused_act.batch_norm_act(x, torch.zeros(3), None)
+    with pytest.raises(TypeError, match="act must be"):
+        fused_act.nn.BatchNormAct2d(3, act=nn.ReLU())
+    with pytest.raises(ValueError, match="act 'relu'"):
+        fused_act.nn.BatchNormAct2d(3, act="relu")
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fused_act.nn.BatchNormAct2d(3)(x)
+
+
+def test_empty_batch():
+    """An empty batch gives an empty result and leaves the running statistics, as torch's."""
+    m = fused_act.nn.BatchNormAct2d(3, act="gelu")
+    x = torch.empty(0, 3, 4, 4)
+    assert m(x).shape == x.shape
+    assert m.running_mean.eq(0).all() and m.running_var.eq(1).all()
