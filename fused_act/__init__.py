@@ -8,6 +8,7 @@
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)
+    fused_act.patch_batchnorm_acts(model)       # BatchNorm2d -> activation as one module
     fused_act.replace_activations(model)        # swap torch.nn / timm / transformers / paper
     fused_act.restore_activations(model)        # modules in place, and back
 """
@@ -16,13 +17,19 @@ from . import config, deploy, distributed, nn, reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .functional import *  # noqa: F403  (its __all__: every public function)
 from .functional import __all__ as _functions
-from .nn import patch_gated_mlps, replace_activations, restore_activations
+from .nn import (
+    patch_batchnorm_acts,
+    patch_gated_mlps,
+    replace_activations,
+    restore_activations,
+)
 
 distributed.install()  # DTensor sharding rules, once torch.distributed.tensor is imported
 deploy.install()  # the ops' forms in an ONNX export
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "config", "deploy", "get_backend", "nn", "patch_gated_mlps", "reference",
+__all__ = ["BACKENDS", "config", "deploy", "get_backend", "nn", "patch_batchnorm_acts",
+           "patch_gated_mlps", "reference",
            "replace_activations", "restore_activations", "set_backend", "use_backend",
            *_functions]

@@ -295,9 +295,103 @@ def test_bad_input():
         fused_act.nn.BatchNormAct2d(3)(x)
 
 
+def test_a_tensor_subclass_with_its_own_dispatch_is_refused():
+    """A DTensor (here its stand-in, a subclass with a dispatch of its own) would be normalised
+    by each shard's statistics: refused, naming SyncBatchNorm."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(TypeError, match="SyncBatchNorm"):
+        fused_act.batch_norm_act(TwoTensor(x, x.clone()), None, None, training=True)
+
+
 def test_empty_batch():
     """An empty batch gives an empty result and leaves the running statistics, as torch's."""
     m = fused_act.nn.BatchNormAct2d(3, act="gelu")
     x = torch.empty(0, 3, 4, 4)
     assert m(x).shape == x.shape
     assert m.running_mean.eq(0).all() and m.running_var.eq(1).all()
+
+
+# ---- patch_batchnorm_acts ---------------------------------------------------------------------
+
+def _train_step_matches(model, ref, x):
+    """One training forward+backward and an eval forward of ``model`` and ``ref`` (float64)
+    agree: outputs, every parameter gradient, the state_dicts (keys and running statistics)."""
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        y, want = model(x), ref(x)
+        torch.testing.assert_close(y, want)
+        if training:
+            y.square().sum().backward()
+            want.square().sum().backward()
+            ours = dict(model.named_parameters())
+            # a gradient that is 0 but for rounding (a bias before another BatchNorm) is judged
+            # against the model's largest
+            scale = max(p.grad.abs().max().item() for p in ref.parameters())
+            for k, p in ref.named_parameters():
+                torch.testing.assert_close(ours[k].grad, p.grad, rtol=1e-7, atol=1e-10 * scale)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("name,kwargs,swaps", [
+    ("efficientnet_b0", {}, 33),  # BatchNormAct2d with SiLU throughout
+    ("resnet10t", {"act_layer": "mish"}, 2),  # the deep stem's Sequential pairs
+    ("regnetx_002", {}, 0),  # ReLU: nothing fused_act computes
+])
+def test_timm_models(name, kwargs, swaps):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).double()
+    ref = copy.deepcopy(model)
+    report = fused_act.patch_batchnorm_acts(model)
+    assert len(report.swapped) == swaps, report
+    assert sum(isinstance(m, fused_act.nn.BatchNormAct2d) for m in model.modules()) == swaps
+    _train_step_matches(model, ref, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    assert fused_act.patch_batchnorm_acts(model).swapped == []  # again: nothing more
+    restored = fused_act.restore_activations(model)
+    assert len(restored) == swaps * (2 if "act_layer" in kwargs else 1)
+    assert not any(isinstance(m, fused_act.nn.FusedModule) for m in model.modules())
+    _train_step_matches(model, ref, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_torchvision_conv_norm_activation():
+    """torchvision's Conv2dNormActivation (a Sequential) with SiLU: conv, fused pair, Identity;
+    EfficientNet's blocks, swapped and restored."""
+    ops_ = pytest.importorskip("torchvision.ops")
+    torch.manual_seed(0)
+    model = nn.Sequential(ops_.Conv2dNormActivation(3, 8, activation_layer=nn.SiLU),
+                          ops_.Conv2dNormActivation(8, 8, activation_layer=nn.Mish),
+                          ops_.Conv2dNormActivation(8, 8, activation_layer=nn.ReLU)).double()
+    ref = copy.deepcopy(model)
+    report = fused_act.patch_batchnorm_acts(model)
+    assert [s.name for s in report.swapped] == ["0.1", "1.1"]
+    assert isinstance(model[0][2], nn.Identity) and isinstance(model[2][2], nn.ReLU)
+    _train_step_matches(model, ref, torch.randn(2, 3, 9, 9, dtype=torch.float64))
+    assert sorted(fused_act.restore_activations(model)) == ["0.1", "0.2", "1.1", "1.2"]
+    assert isinstance(model[0][1], nn.BatchNorm2d) and isinstance(model[0][2], nn.SiLU)
+
+
+def test_pairs_left_with_a_reason():
+    """A shared activation, one with parameters, hooks, a drop layer in timm's module, and an
+    already fused activation after BatchNorm (fused into the pair, not run twice)."""
+    shared = nn.SiLU()
+    hooked = nn.BatchNorm2d(4)
+    hooked.register_forward_hook(lambda *a: None)
+    model = nn.Sequential(nn.BatchNorm2d(4), shared, nn.BatchNorm2d(4), shared,
+                          nn.BatchNorm2d(4), fused_act.nn.Swish(learnable=True),
+                          hooked, nn.Mish(), nn.BatchNorm2d(4), fused_act.nn.Mish()).double()
+    ref = copy.deepcopy(model)
+    report = fused_act.patch_batchnorm_acts(model)
+    reasons = {x.name: x.reason for x in report.left}
+    assert "shared" in reasons["0"] and "shared" in reasons["2"]
+    assert "tensors of its own" in reasons["4"]
+    assert "hooks" in reasons["6"]
+    assert [s.name for s in report.swapped] == ["8"] and isinstance(model[9], nn.Identity)
+    _train_step_matches(model, ref, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    timm = pytest.importorskip("timm")
+    block = timm.layers.BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)
+    report = fused_act.patch_batchnorm_acts(nn.Sequential(block))
+    assert "drop layer" in report.left[0].reason

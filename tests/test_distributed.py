@@ -318,12 +318,13 @@ def test_dtensor_sharded_matches_single_process(run, name, where):
 def test_every_op_has_a_sharding_rule():
     """Every custom op of fused_act has a rule in distributed.RULES (a new op needs its line),
     and the rule's positions fit the op's schema: tensors where it names tensors, a bool flag,
-    one entry per output."""
+    one entry per output.  batch_norm_act has none: its statistics reduce over the batch, so a
+    pointwise rule would normalise each shard by its own (``test_batchnorm``: refused)."""
     from fused_act import distributed
 
     ours = {name for name in dir(torch.ops.fused_act)
             if isinstance(getattr(torch.ops.fused_act, name), torch._ops.OpOverloadPacket)}
-    assert ours == set(distributed.RULES)
+    assert ours - {"batch_norm_act", "batch_norm_act_backward"} == set(distributed.RULES)
     for name, rule in distributed.RULES.items():
         schema = getattr(torch.ops.fused_act, name).default._schema
         types = [str(a.type) for a in schema.arguments]

@@ -1,6 +1,7 @@
 """Model surgery: recognise other libraries' activation modules and gated MLP blocks, check
 that ours compute the same, swap them in place, and put them back."""
 
+import copy
 import inspect
 import math
 from collections.abc import Callable
@@ -15,12 +16,14 @@ from .modules import (
     GELU,
     MODULES,
     AconC,
+    BatchNormAct2d,
     FReLU,
     FusedModule,
     GatedMLP,
     MetaAconC,
     Swish,
     _InplaceActivation,
+    activation_form,
 )
 
 # ---- the papers' modules, recognised by name and layout ---------------------------------------
@@ -578,3 +581,95 @@ def patch_gated_mlps(model: nn.Module, *, recompute: bool = True, verbose: bool 
         return new, _COMPILED if compiled else _block_check(child, new, act_name), True
 
     return _swap_all(model, Replacement(by="patch_gated_mlps"), decide, verbose)
+
+
+# ---- patch_batchnorm_acts ---------------------------------------------------------------------
+
+_TIMM_BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
+
+
+def _fusable_act(act: nn.Module) -> tuple[nn.Module | None, bool]:
+    """(our elementwise activation module computing what ``act`` does, whether ``act`` must be
+    checked on a probe first), or (None, False) where there is none."""
+    if isinstance(act, FusedModule):
+        return (act if activation_form(act) else None), False
+    ours, unfamiliar, why = _plan(act)
+    if ours is None or why or activation_form(ours) is None:
+        return None, False
+    return ours, unfamiliar
+
+
+def _bn_act(bn: nn.modules.batchnorm._BatchNorm, act: nn.Module) -> BatchNormAct2d:
+    """A ``BatchNormAct2d`` with ``bn``'s arguments over ``act`` (on the meta device: it takes
+    its tensors from the module it replaces)."""
+    with torch.device("meta"):
+        return BatchNormAct2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                              bn.track_running_stats, act=act)
+
+
+def _pairs(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """id of each ``nn.BatchNorm2d`` directly followed by another module in an ``nn.Sequential``
+    (or a subclass that runs its children in order, as torchvision's Conv2dNormActivation) ->
+    (that Sequential, the follower's attribute)."""
+    pairs = {}
+    for m in model.modules():
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+            items = [(k, c) for k, c in m._modules.items() if c is not None]
+            for (_, first), (attr, _) in zip(items[:-1], items[1:], strict=True):
+                if type(first) is nn.BatchNorm2d:
+                    pairs[id(first)] = (m, attr)
+    return pairs
+
+
+def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacement:
+    """Fuse BatchNorm with the activation after it, in place: each ``nn.BatchNorm2d`` followed
+    in an ``nn.Sequential`` by an activation ``replace_activations`` knows (without parameters
+    of its own) becomes a ``BatchNormAct2d`` over it, and the activation's slot an
+    ``nn.Identity``; each timm ``BatchNormAct2d`` with such an activation and no drop layer
+    becomes ours.  Tensors (parameters, running statistics) are the originals' objects, modes
+    and ``eps``/``momentum`` carry over; unfamiliar classes are checked on the usual float64
+    probe; a module with hooks, a shared module, SyncBatchNorm and anything inside
+    ``torch.compile`` are left, with why.  ``restore_activations`` undoes it.  Returns a
+    ``Replacement``; ``verbose=True`` prints it."""
+    pairs = _pairs(model)
+    names = _names_by_module(_slots(model))
+
+    def decide(child: nn.Module, child_names: list[str], compiled: bool
+               ) -> tuple[nn.Module | None, str, bool]:
+        if _qualname(type(child)) == _TIMM_BN_ACT:
+            ours, unfamiliar = _fusable_act(child.act)
+            if ours is None:
+                return None, "", False
+            if not isinstance(child.drop, nn.Identity):
+                return None, "it has a drop layer between BatchNorm and the activation", False
+            new = _bn_act(child, ours if ours is not child.act else copy.deepcopy(ours))
+            unfamiliar = unfamiliar or "forward" in vars(child)
+            return new, _COMPILED if compiled else _swap_check(child, new, unfamiliar), unfamiliar
+        if id(child) not in pairs:
+            return None, "", False
+        seq, attr = pairs[id(child)]
+        act = seq._modules[attr]
+        ours, unfamiliar = _fusable_act(act)
+        if ours is None:
+            return None, "", False
+        if compiled:
+            return None, _COMPILED, False
+        if len(child_names) > 1 or len(names[id(act)]) > 1:
+            return None, "it or the activation after it is shared by several slots", False
+        if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
+            return None, "the activation after it has tensors of its own", False
+        if _hooked(child) or _hooked(act):
+            return None, "it or the activation after it has hooks, which a swap would drop", False
+        if unfamiliar and (why := _probe(act, ours, None)):
+            return None, f"the activation after it {why}", True
+        new = _bn_act(child, ours if ours is not act else copy.deepcopy(ours))
+        _adopt(new, child)
+        new.act.training = act.training
+        # the activation's slot runs nothing now, whatever it held (one of ours too, which the
+        # walk would skip); restore_activations puts it back
+        identity = nn.Identity()
+        identity.__dict__["_replaced"] = act
+        setattr(seq, attr, identity)
+        return new, "", unfamiliar
+
+    return _swap_all(model, Replacement(by="patch_batchnorm_acts"), decide, verbose)
