@@ -8,6 +8,7 @@ its own sees the call.
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -319,10 +320,12 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
             raise TypeError(f"fused_act.batch_norm_act: beta must be a float or a tensor "
                             f"(got {type(beta).__name__})")
         beta_v = beta
-    if ops.op.dispatches_itself((x, running_mean, running_var, weight, bias, beta_t)):
-        raise TypeError("fused_act.batch_norm_act: a tensor subclass with a dispatch of its own "
-                        f"({type(x).__name__}) cannot be normalised by per-shard statistics; "
-                        "use torch.nn.SyncBatchNorm and the activation apart")
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported by whoever made one
+    if dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (
+            x, running_mean, running_var, weight, bias, beta_t)):
+        raise TypeError("fused_act.batch_norm_act: DTensor inputs would be normalised by each "
+                        "shard's own statistics; use torch.nn.SyncBatchNorm and the activation "
+                        "apart")
     if not training and (running_mean is None) != (running_var is None):
         raise ValueError("fused_act.batch_norm_act: running_mean and running_var must both be "
                          "given, or both None")

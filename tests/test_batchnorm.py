@@ -295,14 +295,20 @@ def test_bad_input():
         fused_act.nn.BatchNormAct2d(3)(x)
 
 
-def test_a_tensor_subclass_with_its_own_dispatch_is_refused():
-    """A DTensor (here its stand-in, a subclass with a dispatch of its own) would be normalised
-    by each shard's statistics: refused, naming SyncBatchNorm."""
-    from torch.testing._internal.two_tensor import TwoTensor
+def test_dtensor_is_refused():
+    """A DTensor would be normalised by each shard's statistics: refused, naming SyncBatchNorm
+    (a fake process group of two: nothing runs across processes)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    x = torch.randn(4, 3, 5)
-    with pytest.raises(TypeError, match="SyncBatchNorm"):
-        fused_act.batch_norm_act(TwoTensor(x, x.clone()), None, None, training=True)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        x = distribute_tensor(torch.randn(4, 3, 5), DeviceMesh("cpu", [0, 1]), [Shard(0)])
+        with pytest.raises(TypeError, match="SyncBatchNorm"):
+            fused_act.batch_norm_act(x, None, None, training=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_empty_batch():
@@ -395,3 +401,22 @@ def test_pairs_left_with_a_reason():
     block = timm.layers.BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)
     report = fused_act.patch_batchnorm_acts(nn.Sequential(block))
     assert "drop layer" in report.left[0].reason
+
+
+def test_export_and_fx():
+    """torch.export holds affine_act in eval and batch_norm_act in training (running statistics
+    updated by the exported program); torch.fx records one call of the public function."""
+    for training in (False, True):
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), fused_act.nn.BatchNormAct2d(4, act="mish"))
+        m.train(training)
+        twin = copy.deepcopy(m)
+        x = torch.randn(2, 3, 8, 8)
+        ep = torch.export.export(twin, (x,))
+        targets = {str(n.target) for n in ep.graph.nodes if "fused_act" in str(n.target)}
+        assert targets == {f"fused_act.{'batch_norm_act' if training else 'affine_act'}.default"}
+        gm = torch.fx.symbolic_trace(copy.deepcopy(m))
+        assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
+            fused_act.batch_norm_act]
+        want = m(x)
+        torch.testing.assert_close(gm(x), want)
+        torch.testing.assert_close(ep.module()(x), want)

@@ -430,7 +430,8 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
+        if not isinstance(x, torch.fx.Proxy):  # a traced graph holds the one functional call
+            self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
