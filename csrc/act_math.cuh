@@ -1,6 +1,6 @@
 // An activation with its beta as tile.cuh's ops take it (ActMath), and the dispatch over the
-// run-time activation id: for the plain and gated activations (elementwise.cu), and any other
-// source whose op ends in an activation.
+// run-time activation id: shared by the plain and gated activations (elementwise.cu) and the
+// activation after a per-channel affine (batchnorm.cu).
 #pragma once
 
 #include <utility>
