@@ -40,6 +40,9 @@ CHECK_EVERY_OP = textwrap.dedent("""
         "frelu_max": lambda x: fused_act.frelu_max(x, t.to(x.dtype)),
         "swiglu": lambda x: fused_act.swiglu(x),
         "geglu": lambda x: fused_act.geglu(x),
+        "batch_norm_act": lambda x: fused_act.ops.BATCH_NORM_ACT(x, p1, p2, 1e-5, "swish", beta,
+                                                                 1.0)[0],
+        "affine_act": lambda x: fused_act.ops.AFFINE_ACT(x, p1, beta, p2, "gelu", None, 1.0),
     }
     for dtype in (torch.float32, torch.bfloat16):
         for name, call in calls.items():
