@@ -84,9 +84,8 @@ struct AffineGradOp {
   const M* k0;
   F f;
 
-  // tile.cuh min_blocks: 16-bit vectors (g, x and, per channel in COLS, c, a, b, k1 and k0 of 8
-  // elements) spill at 80 registers (GELU), and the sums of fp32's at 80: they get 128; fp64
-  // with sums spills at 64
+  // tile.cuh min_blocks (bench/codegen_cuda.py): 16-bit vectors spill at 80 registers (GELU's
+  // dx pass) and fp32's sums at 80, so they get 128; fp64 with sums spills at 64
   template <int VEC, int SUMS>
   static constexpr int min_blocks() {
     if (VEC >= 8 || (SUMS != NO_SUMS && VEC >= 4)) return 2;
@@ -102,7 +101,7 @@ struct AffineGradOp {
     for (int k = 0; k < VEC; ++k) {
       M xc, av, terms[F::NP];
       const M dz = gv[k] * f.grad(affine.z(xv[k], a, k, xc, av), a, k, terms);
-      // past n, g reads as 0 but z is the affine of 0, whose f' need not be finite
+      // past n, g reads as 0, but 0 f'(z) is NaN where z, the affine of 0, is not finite
       if (k < a.n) {
         d[0][k] = dz;
         d[1][k] = dz * xc;
