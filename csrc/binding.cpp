@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fused_act.h"
@@ -169,6 +170,64 @@ void acon_backward(const Tensor& g, const Tensor& x, Tensor& dx, const Tensor& p
            "acon_backward");
 }
 
+// A buffer of partial sums (fused_act/ops/batchnorm.py): one row of n_partial slots a quantity,
+// min_rows to max_rows of them
+void check_partial(const Tensor& x, const Tensor& partial, int64_t min_rows, int64_t max_rows,
+                   int64_t n_partial) {
+  check(x, {}, {&partial});
+  TORCH_CHECK(partial.dim() == 2 && partial.size(0) >= min_rows && partial.size(0) <= max_rows &&
+                  partial.size(1) == n_partial,
+              "fused_act ", KIND, " kernels: a partial-sum buffer of ", min_rows,
+              min_rows == max_rows ? "" : " to " + std::to_string(max_rows), " rows of ", n_partial,
+              " slots expected, got ", partial.sizes());
+}
+
+void stats(const Tensor& x, const Tensor& shift, Tensor& partial, int64_t n_partial,
+           const std::vector<int64_t>& plan) {
+  check(x, {}, {&shift});
+  check_partial(x, partial, 2, 2, n_partial);
+  const DeviceGuard guard(x.device());
+  raise_if(fa_stats(x.data_ptr(), shift.data_ptr(), partial.data_ptr(), n_partial,
+                    dtype_code(x), to_plan(plan), stream_of(x)),
+           "stats");
+}
+
+void affine_act_forward(const Tensor& x, Tensor& y, int64_t act, const Tensor& c,
+                        const Tensor& a, const Tensor& b, const OptTensor& beta,
+                        double beta_value, const std::vector<int64_t>& plan) {
+  check(x, {&y}, {&c, &a, &b});
+  if (beta) check(x, {}, {&*beta});
+  const DeviceGuard guard(x.device());
+  raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(act),
+                                 c.data_ptr(), a.data_ptr(), b.data_ptr(), ptr(beta),
+                                 float(beta_value), to_plan(plan), stream_of(x)),
+           "affine_act_forward");
+}
+
+// dx, k (k1 and k0 together) and partial each optional, as fused_act/kernels.py's
+// affine_act_backward takes them
+void affine_act_backward(const Tensor& g, const Tensor& x, const OptTensor& dx, int64_t act,
+                         const Tensor& c, const Tensor& a, const Tensor& b,
+                         const OptTensor& beta, double beta_value, const OptTensor& k1,
+                         const OptTensor& k0, const OptTensor& partial, int64_t n_partial,
+                         const std::vector<int64_t>& plan) {
+  check(x, {&g}, {&c, &a, &b});
+  if (dx) check(x, {&*dx}, {});
+  if (beta) check(x, {}, {&*beta});
+  TORCH_CHECK(k1.has_value() == k0.has_value(), "fused_act ", KIND,
+              " kernels: the correction needs both k1 and k0");
+  if (k1) check(x, {}, {&*k1, &*k0});
+  if (partial) check_partial(x, *partial, 2, 3, n_partial);
+  const DeviceGuard guard(x.device());
+  raise_if(fa_affine_act_backward(g.data_ptr(), x.data_ptr(), dx ? dx->data_ptr() : nullptr,
+                                  dtype_code(x), int(act), c.data_ptr(), a.data_ptr(),
+                                  b.data_ptr(), ptr(beta), float(beta_value), ptr(k1), ptr(k0),
+                                  partial ? partial->data_ptr() : nullptr,
+                                  partial ? int(partial->size(0)) : 0, n_partial, to_plan(plan),
+                                  stream_of(x)),
+           "affine_act_backward");
+}
+
 void check_code(const Tensor& x, const Tensor& code) {
   TORCH_CHECK(code.device() == x.device() && code.scalar_type() == at::kByte &&
                   code.numel() == x.numel(),
@@ -221,4 +280,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_affine", &max_affine, no_gil());
   m.def("glu_forward", &glu_forward, no_gil());
   m.def("glu_backward", &glu_backward, no_gil());
+  m.def("stats", &stats, no_gil());
+  m.def("affine_act_forward", &affine_act_forward, no_gil());
+  m.def("affine_act_backward", &affine_act_backward, no_gil());
 }

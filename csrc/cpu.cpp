@@ -95,7 +95,7 @@ Vec<M> pick(const Vec<M>& c, A a, B b) { return Vec<M>::blendv(b(), a(), c); }
 namespace fused_act {
 namespace {
 
-enum cpu_error : int { OK = 0, BAD_ACT = 1, BAD_DTYPE = 2 };
+enum cpu_error : int { OK = 0, BAD_ACT = 1, BAD_DTYPE = 2, BAD_VALUE = 3 };
 
 template <class T>
 using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -388,6 +388,83 @@ struct GluGradOp {
   }
 };
 
+// ---- BatchNorm + activation (batchnorm.cu's ops, for vectors) ------------------------------
+
+// The per-channel affine in front of the activation: z = (x - c) a + b, with x - c and a for
+// the backward.
+template <class M>
+struct Affine {
+  const M* c;
+  const M* a;
+  const M* b;
+  int layout;
+
+  Vec<M> z(const Vec<M>& x, const At& at, int64_t n, Vec<M>& xc, Vec<M>& av) const {
+    xc = x - channel_param(c, at, n, layout);
+    av = channel_param(a, at, n, layout);
+    return xc * av + channel_param(b, at, n, layout);
+  }
+};
+
+// f((x - c) a + b), as MapOp takes it; F is ActMath
+template <class M, class F>
+struct AffineMath {
+  Affine<M> affine;
+  F f;
+
+  Vec<M> value(const Vec<M>& x, const At& a, int64_t n) const {
+    Vec<M> xc, av;
+    return f.value(affine.z(x, a, n, xc, av), a, n);
+  }
+};
+
+// the partials of d = x - shift and d^2 (run adds nothing of the lanes past n)
+template <class T>
+struct StatsOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = 2;
+  const T* x;
+  const M* shift;
+  int64_t cols;
+  int layout;
+
+  void apply(const At& a, int64_t n, Vec<M>* d) const {
+    d[0] = load(x + a.row * cols + a.col, n) - channel_param(shift, a, n, layout);
+    d[1] = d[0] * d[0];
+  }
+};
+
+// dz = g f'(z): dx = a dz (+ k1 (x - c) + k0) where dx is not null, and the terms dz, dz (x - c)
+// and (NP = 3) g df/dbeta
+template <class T, class F, int NP_>
+struct AffineGradOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = NP_;
+  const T* g;
+  const T* x;
+  T* dx;  // null: the sums only
+  int64_t cols;
+  Affine<M> affine;
+  const M* k1;  // null: no correction (then k0 is unread)
+  const M* k0;
+  F f;
+
+  void apply(const At& a, int64_t n, Vec<M>* d) const {
+    const int64_t off = a.row * cols + a.col;
+    const Vec<M> gv = load(g + off, n);
+    Vec<M> xc, av, terms[F::NP];
+    d[0] = gv * f.grad(affine.z(load(x + off, n), a, n, xc, av), a, n, terms);
+    d[1] = d[0] * xc;
+    if constexpr (NP == 3) d[2] = gv * terms[0];
+    if (dx == nullptr) return;
+    Vec<M> v = d[0] * av;
+    if (k1 != nullptr) {
+      v = v + xc * channel_param(k1, a, n, affine.layout) + channel_param(k0, a, n, affine.layout);
+    }
+    store(dx + off, v, n);
+  }
+};
+
 // ---- FReLU's max step: activations.cuh's max_value / max_code / max_bwd, the forwards on
 // vectors (a blend by the same comparisons), the backward on each element of a vector ---------
 
@@ -667,6 +744,59 @@ extern "C" int fa_max_affine(const void* x, const void* t, const void* a, const 
   });
 }
 
+extern "C" int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial,
+                        int dtype, fa_plan plan, void*) {
+  if (partial == nullptr) return BAD_VALUE;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = opmath_t<T>;
+    return launch(StatsOp<T>{static_cast<const T*>(x), static_cast<const M*>(shift), plan.cols,
+                             plan.layout},
+                  plan, partial, n_partial);
+  });
+}
+
+extern "C" int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c,
+                                     const void* a, const void* b, const void* beta,
+                                     float beta_value, fa_plan plan, void*) {
+  return dispatch_act(act, dtype, [&](auto id, auto t) {
+    using T = decltype(t);
+    using M = opmath_t<T>;
+    return with_math<decltype(id)::value, M>(beta, beta_value, plan, [&](auto f) {
+      using F = AffineMath<M, decltype(f)>;
+      return launch(MapOp<T, F>{static_cast<const T*>(x), static_cast<T*>(y), plan.cols,
+                                F{{static_cast<const M*>(c), static_cast<const M*>(a),
+                                   static_cast<const M*>(b), plan.layout}, f}},
+                    plan);
+    });
+  });
+}
+
+extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                                      const void* c, const void* a, const void* b,
+                                      const void* beta, float beta_value, const void* k1,
+                                      const void* k0, void* partial, int sums, int64_t n_partial,
+                                      fa_plan plan, void*) {
+  if (partial != nullptr && sums != 2 && sums != 3) return BAD_VALUE;
+  return dispatch_act(act, dtype, [&](auto id, auto t) {
+    using T = decltype(t);
+    using M = opmath_t<T>;
+    return with_math<decltype(id)::value, M>(beta, beta_value, plan, [&](auto f) {
+      auto go = [&](auto np) {
+        return launch(AffineGradOp<T, decltype(f), decltype(np)::value>{
+                          static_cast<const T*>(g), static_cast<const T*>(x),
+                          static_cast<T*>(dx), plan.cols,
+                          {static_cast<const M*>(c), static_cast<const M*>(a),
+                           static_cast<const M*>(b), plan.layout},
+                          static_cast<const M*>(k1), static_cast<const M*>(k0), f},
+                      plan, partial, n_partial);
+      };
+      return partial != nullptr && sums == 3 ? go(std::integral_constant<int, 3>{})
+                                             : go(std::integral_constant<int, 2>{});
+    });
+  });
+}
+
 extern "C" const char* fa_error_string(int err) {
   switch (err) {
     case OK:
@@ -675,6 +805,8 @@ extern "C" const char* fa_error_string(int err) {
       return "unknown activation id";
     case BAD_DTYPE:
       return "unsupported dtype";
+    case BAD_VALUE:
+      return "invalid argument";
     default:
       return "unknown error";
   }

@@ -3,10 +3,11 @@
 //
 // Every tensor is dense and shares x's strides; it is walked in memory order as a matrix of
 // `rows` x `cols` in tiles of `block_r` x `block_l` (fused_act/plan.py describes the layouts).
-// Parameters (beta, p1, p2, a, b) hold opmath values: float for fp32/fp16/bf16 data, double for
-// fp64.  Partial sums of parameter gradients go to one slot per (column block, row) for ROWS
-// and per (row block, column) for COLS, the same slots the Triton kernels write; the caller
-// finishes them with one small sum.  Each launcher returns a cudaError_t as int (0 = success).
+// Parameters (beta, p1, p2, a, b, c, ...) hold opmath values: float for fp32/fp16/bf16 data,
+// double for fp64.  Partial sums (parameter gradients, statistics) go to one slot per (column
+// block, row) for ROWS and per (row block, column) for COLS, the same slots the Triton kernels
+// write; the caller finishes them with one small sum.  Each launcher returns a cudaError_t as
+// int (0 = success).
 #pragma once
 
 #include <stdint.h>
@@ -63,6 +64,23 @@ int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dty
                     fa_plan plan, void* stream);
 int fa_max_affine(const void* x, const void* t, const void* a, const void* b, void* y, int dtype,
                   fa_plan plan, void* stream);
+
+// BatchNorm + activation (fused_act/ops/batchnorm.py): c, a, b, shift, k1, k0 and a beta tensor
+// hold one opmath value per channel (plan.channels); a plan of one channel is flat.
+// fa_stats: the partials of sum(x - shift) and sum((x - shift)^2) into partial's 2 * n_partial
+// slots.  fa_affine_act_forward: y = f((x - c) a + b).  fa_affine_act_backward: with dz =
+// g f'(z), dx = a dz (+ k1 (x - c) + k0 where k1 is not null) where dx is not null, and where
+// partial is not null the partials of dz, dz (x - c) and, for sums = 3, g df/dbeta into its
+// sums * n_partial slots (sums: 2 or 3).
+int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial, int dtype,
+             fa_plan plan, void* stream);
+int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c, const void* a,
+                          const void* b, const void* beta, float beta_value, fa_plan plan,
+                          void* stream);
+int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                           const void* c, const void* a, const void* b, const void* beta,
+                           float beta_value, const void* k1, const void* k0, void* partial,
+                           int sums, int64_t n_partial, fa_plan plan, void* stream);
 
 const char* fa_error_string(int err);
 

@@ -57,6 +57,14 @@ struct BlocksOf<Op, VEC, SUMS, std::void_t<decltype(Op::template min_blocks<VEC,
 template <class Op, int VEC, int SUMS>
 constexpr int min_blocks() { return BlocksOf<Op, VEC, SUMS>::value; }
 
+// An op that stores nothing but its sums (`static constexpr bool SUMS_ONLY = true`, as the batch
+// statistics) has no kernel without them: none is instantiated, and a launch without `partial`
+// is an error.
+template <class Op, class = void>
+struct SumsOnly : std::false_type {};
+template <class Op>
+struct SumsOnly<Op, std::void_t<decltype(Op::SUMS_ONLY)>> : std::bool_constant<Op::SUMS_ONLY> {};
+
 // ---- storage <-> opmath --------------------------------------------------------------------
 
 template <class T>
@@ -137,9 +145,9 @@ __device__ __forceinline__ void store(T* p, int n, const M (&in)[VEC]) {
   store_raw<VEC>(p, n, raw);
 }
 
-// An op (elementwise.cu, acon.cu, frelu.cu) names its storage type `Storage`, opmath type `M`
-// and number of parameter-gradient partials `NP`, holds its pointers, and has
-// `template <int VEC> apply(const At&, M (&)[max(NP, 1)][VEC])`.
+// An op (elementwise.cu, acon.cu, frelu.cu, batchnorm.cu) names its storage type `Storage`,
+// opmath type `M` and number of partials `NP` (parameter-gradient terms, or statistics), holds
+// its pointers, and has `template <int VEC> apply(const At&, M (&)[max(NP, 1)][VEC])`.
 
 // ---- geometry ------------------------------------------------------------------------------
 
@@ -472,7 +480,11 @@ int launch(const Op& op, const fa_plan& plan, typename Op::M* partial, int64_t n
                                     : go(tile_kernel<Op, VEC, ROW_SUMS>);
     }
   }
-  return go(tile_kernel<Op, VEC, NO_SUMS>);
+  if constexpr (SumsOnly<Op>::value) {
+    return int(cudaErrorInvalidValue);
+  } else {
+    return go(tile_kernel<Op, VEC, NO_SUMS>);
+  }
 }
 
 // The widest vector for T: 16 bytes (fp64 is for gradcheck, run it scalar).

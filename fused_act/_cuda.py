@@ -123,3 +123,19 @@ class ExtensionKernels:
                      partial: Tensor | None, p: Plan) -> None:
         self.lib.glu_backward(g, gate, up, dgate, dup, strides, act, beta, beta_value, partial,
                               p.fields())
+
+    def stats(self, x: Tensor, shift: Tensor, partial: Tensor, p: Plan) -> None:
+        self.lib.stats(x, shift, partial.view(2, p.partials), p.partials, p.fields())
+
+    def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
+                           b: Tensor, beta: Tensor | None, beta_value: float, p: Plan) -> None:
+        self.lib.affine_act_forward(x, y, act, c, a, b, beta, beta_value, p.fields())
+
+    def affine_act_backward(self, g: Tensor, x: Tensor, dx: Tensor | None, act: int, c: Tensor,
+                            a: Tensor, b: Tensor, beta: Tensor | None, beta_value: float,
+                            k: tuple[Tensor, Tensor] | None, partial: Tensor | None,
+                            p: Plan) -> None:
+        k1, k0 = (None, None) if k is None else k
+        rows = None if partial is None else partial.view(-1, p.partials)
+        self.lib.affine_act_backward(g, x, dx, act, c, a, b, beta, beta_value, k1, k0, rows,
+                                     p.partials, p.fields())

@@ -46,7 +46,7 @@ def test_every_activation_in_every_math_site():
     assert {k.removeprefix("ACT_").lower(): v for k, v in ids.items()} == registry.KERNEL_IDS
     assert all(k.startswith("ACT_") for k in ids), ids
     assert sorted(registry.KERNEL_IDS.values()) == list(range(n_act))
-    dispatch = (ROOT / "csrc" / "elementwise.cu").read_text()
+    dispatch = (ROOT / "csrc" / "act_math.cuh").read_text()
     assert "std::make_integer_sequence<int, N_ACT>" in dispatch
     others = {p.name: p.read_text() for p in (ROOT / "csrc").iterdir()
               if p.name != "activations.cuh"}

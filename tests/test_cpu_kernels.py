@@ -40,6 +40,9 @@ CHECK_EVERY_OP = textwrap.dedent("""
         "frelu_max": lambda x: fused_act.frelu_max(x, t.to(x.dtype)),
         "swiglu": lambda x: fused_act.swiglu(x),
         "geglu": lambda x: fused_act.geglu(x),
+        "batch_norm_act": lambda x: fused_act.ops.BATCH_NORM_ACT(x, p1, p2, 1e-5, "swish", beta,
+                                                                 1.0)[0],
+        "affine_act": lambda x: fused_act.ops.AFFINE_ACT(x, p1, beta, p2, "gelu", None, 1.0),
     }
     for dtype in (torch.float32, torch.bfloat16):
         for name, call in calls.items():
@@ -271,3 +274,180 @@ def test_a_tiny_beta_keeps_the_sigmoid_tails_of_its_gradient():
     assert out["reference"][0].abs().item() > 0.1  # the case is what it says
     for got, want in zip(out["cpu"], out["reference"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+# ---- BatchNorm + activation (fused_act/ops/batchnorm.py) on the kernels: the statistics, the
+# affine forward and its backward, here with backend "cpu" and in test_csrc_emulated.py with the
+# CUDA kernels run on the CPU ---------------------------------------------------------------------
+
+# (shape, channels last): a plan of every kind.  ROWS with row tails and rows not a whole number
+# of vectors (the scalar path), ROWS of whole vectors, ROWS of two column blocks, COLS
+# (channels_last; (N, C) rows) of a few channels, of whole vectors and several row blocks, of a
+# column tail in two row blocks, and one channel (a flat plan).
+BN_SHAPES = {
+    "nchw": ((3, 4, 5, 7), False),
+    "nchw_vec": ((2, 3, 8, 16), False),
+    "nchw_wide": ((2, 3, 48, 50), False),
+    "channels_last": ((3, 6, 5, 7), True),
+    "channels_last_c16": ((4, 16, 9, 10), True),
+    "nc": ((300, 5), False),
+    "c1": ((4, 1, 9, 11), False),
+}
+# (op, shape, activation, beta: None (the float beta_value), "channels" (C values) or "one" (a
+# one-element tensor), parameter gradients): every activation, each beta with an activation
+# that reads it and one that does not (its gradient 0: the third row of partials), the backward
+# with and without parameter gradients, and BatchNorm without weight and bias ("bn_plain").
+BN_CASES = [
+    ("bn", "nchw", "mish", None, True),
+    ("bn", "nchw_vec", "swish", "channels", True),
+    ("bn", "nchw_wide", "gelu", None, False),
+    ("bn", "channels_last", "swish", "one", True),
+    ("bn", "channels_last_c16", "gelu_tanh", "channels", True),
+    ("bn", "nc", "squared_relu", None, True),
+    ("bn", "c1", "swish", "channels", True),
+    ("bn_plain", "nchw_vec", "silu", None, True),
+    ("bn_plain", "channels_last_c16", "swish", "channels", False),
+    ("affine", "nchw", "mish", None, True),
+    ("affine", "channels_last_c16", "swish", "channels", True),
+    ("affine", "nc", "gelu", "one", False),
+    ("affine", "c1", "squared_relu", None, True),
+    ("affine", "nchw_wide", "swish", "one", True),
+    ("affine", "channels_last", "gelu_tanh", "channels", True),
+]
+# infinities, NaN, signed zeros and saturating values in the first elements of channel 0 (the
+# rest of that channel's batch statistics are NaN then; the other channels must not see them)
+BN_EDGES = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 30.0, -30.0, 100.0]
+# max |got - want| <= BN_TOL max |want| over the finite values, want in float64 on the same
+# (rounded) inputs: BatchNorm's dx is a difference of per-channel sums, so its error follows
+# the size of the terms, not of each element
+BN_TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def bn_inputs(op: str, key: str, act: str, beta_kind: str | None, dtype: torch.dtype,
+              edges: bool, seed: int = 0) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """(x, the op's other arguments after x, grad) of one case; x and the parameters float64,
+    x already rounded through ``dtype``."""
+    shape, last = BN_SHAPES[key]
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(dtype).double()
+    if edges:
+        x[0, 0].view(-1)[:len(BN_EDGES)] = torch.tensor(BN_EDGES)
+    if last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    beta = {None: None, "one": torch.tensor([0.8], dtype=torch.float64),
+            "channels": torch.linspace(-1.5, 2.0, c, dtype=torch.float64)}[beta_kind]
+    p = lambda: torch.randn(c, generator=gen, dtype=torch.float64)  # noqa: E731
+    if op == "affine":
+        args = [p(), p().abs() + 0.5, p(), act, beta, -0.75]
+    elif op == "bn":
+        args = [p(), p(), 1e-5, act, beta, -0.75]
+    else:
+        args = [None, None, 1e-3, act, beta, -0.75]
+    return x, args, torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def bn_run(op: str, x: torch.Tensor, args: list, grad: torch.Tensor, dtype: torch.dtype,
+           grads: bool, backend_name: str) -> list[torch.Tensor | None]:
+    """The op's outputs and the gradients of x and (with ``grads``) of every tensor argument,
+    under ``backend_name``, with x in ``dtype`` and the parameters in its opmath dtype."""
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    xs = x.to(dtype).requires_grad_()
+    ps = [a.to(pdtype).requires_grad_(grads) if isinstance(a, torch.Tensor) else a for a in args]
+    with fused_act.use_backend(backend_name):
+        if op == "affine":
+            outs = [fused_act.ops.AFFINE_ACT(xs, *ps)]
+        else:
+            outs = list(fused_act.ops.BATCH_NORM_ACT(xs, *ps))
+    wrt = [xs, *(a for a in ps if isinstance(a, torch.Tensor) and a.requires_grad)]
+    # the reference leaves the gradient of a beta that the activation does not read undefined
+    got = torch.autograd.grad(outs[0], wrt, grad.to(dtype), allow_unused=True,
+                              materialize_grads=True)
+    return [o.detach() for o in outs] + list(got)
+
+
+def check_bn(op: str, key: str, act: str, beta_kind: str | None, grads: bool,
+             dtype: torch.dtype, backend_name: str, edges: bool = False) -> None:
+    """Backend ``backend_name`` against the reference in float64: outputs (y; mean and var of
+    BatchNorm), dx and the parameter gradients, NaN and infinities where the reference's are."""
+    x, args, grad = bn_inputs(op, key, act, beta_kind, dtype, edges)
+    got = bn_run(op, x, args, grad, dtype, grads, backend_name)
+    want = bn_run(op, x, args, grad, torch.float64, grads, "reference")
+    assert len(got) == len(want)
+    for i, (o, w) in enumerate(zip(got, want, strict=True)):
+        what = f"{op}[{key}, {act}, {beta_kind}, {dtype}, {backend_name}] output {i}"
+        o = o.double()
+        assert torch.equal(o.isnan(), w.isnan()), what
+        inf = w.isinf()
+        assert torch.equal(o[inf], w[inf]) and not o[~inf].isinf().any(), what
+        finite = w.isfinite()
+        if finite.any():
+            err = (o[finite] - w[finite]).abs().max().item()
+            assert err <= BN_TOL[dtype] * max(w[finite].abs().max().item(), 1e-6), (what, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("op, key, act, beta_kind, grads", BN_CASES)
+def test_batch_norm_act(op, key, act, beta_kind, grads, dtype):
+    need_backend("cpu", "cpu")
+    check_bn(op, key, act, beta_kind, grads, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("op, key", [("affine", "nchw"), ("affine", "channels_last"),
+                                     ("bn", "nchw"), ("bn", "channels_last"), ("bn", "c1")])
+def test_batch_norm_act_edges(op, key, dtype):
+    need_backend("cpu", "cpu")
+    check_bn(op, key, "swish", "channels", True, dtype, "cpu", edges=True)
+    check_bn(op, key, "mish", None, True, dtype, "cpu", edges=True)
+
+
+def test_batch_norm_act_matches_torch():
+    """BatchNorm in training and eval followed by an activation, as torch computes them."""
+    need_backend("cpu", "cpu")
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 3, 5, 7, generator=gen, dtype=torch.float64) * 2 + 3).requires_grad_()
+    w = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    with fused_act.use_backend("cpu"):
+        y, mean, var = fused_act.ops.BATCH_NORM_ACT(x, w, b, 1e-5, "mish", None, 1.0)
+        got = torch.autograd.grad(y, (x, w, b), g)
+    ref = F.mish(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, x.var((0, 2, 3), correction=0), rtol=1e-10, atol=1e-12)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+    rm, rv = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    invstd = (rv + 1e-5).rsqrt()
+    with fused_act.use_backend("cpu"):
+        y = fused_act.ops.AFFINE_ACT(x, rm, invstd * w, b, "silu", None, 1.0)
+        got = torch.autograd.grad(y, (x, w, b), g)
+    ref = F.silu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+
+
+def test_batch_norm_statistics_do_not_depend_on_threads():
+    """The statistics and parameter gradients are sums of per-tile partials in a fixed order:
+    the same bits for any thread count."""
+    need_backend("cpu", "cpu")
+    out = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for key in ("nchw_wide", "channels_last_c16"):
+                x, args, grad = bn_inputs("bn", key, "swish", "channels", torch.float32, False)
+                out.append(bn_run("bn", x, args, grad, torch.float32, True, "cpu"))
+    finally:
+        torch.set_num_threads(previous)
+    for k in range(2, len(out)):
+        for a, b in zip(out[k % 2], out[k], strict=True):
+            assert torch.equal(a, b)

@@ -18,6 +18,7 @@ from fused_act import _build, _cuda, kernels
 
 from . import test_acon as acon_tables
 from . import test_autograd as autograd_tables
+from . import test_cpu_kernels as cpu_tables
 from . import test_frelu as frelu_tables
 from . import test_kernels as kernel_tables
 from .cases import ROOT, make_x
@@ -48,7 +49,8 @@ class Emulated:
         self.lib = ctypes.CDLL(path)
         for name in ("fa_act_forward", "fa_act_backward", "fa_acon_forward", "fa_acon_backward",
                      "fa_max_forward", "fa_max_backward", "fa_max_affine", "fa_glu_forward",
-                     "fa_glu_backward"):
+                     "fa_glu_backward", "fa_stats", "fa_affine_act_forward",
+                     "fa_affine_act_backward"):
             getattr(self.lib, name).restype = ctypes.c_int
         self.lib.fa_error_string.restype = ctypes.c_char_p
 
@@ -96,6 +98,23 @@ class Emulated:
                                           _strides(strides), CODES[gate.dtype], act, _p(beta),
                                           ctypes.c_float(beta_value), _p(partial), Plan(*plan),
                                           None))
+
+    def stats(self, x, shift, partial, n_partial, plan):
+        self._ok(self.lib.fa_stats(_p(x), _p(shift), _p(partial), ctypes.c_int64(n_partial),
+                                   CODES[x.dtype], Plan(*plan), None))
+
+    def affine_act_forward(self, x, y, act, c, a, b, beta, beta_value, plan):
+        self._ok(self.lib.fa_affine_act_forward(_p(x), _p(y), CODES[x.dtype], act, _p(c), _p(a),
+                                                _p(b), _p(beta), ctypes.c_float(beta_value),
+                                                Plan(*plan), None))
+
+    def affine_act_backward(self, g, x, dx, act, c, a, b, beta, beta_value, k1, k0, partial,
+                            n_partial, plan):
+        self._ok(self.lib.fa_affine_act_backward(
+            _p(g), _p(x), _p(dx), CODES[x.dtype], act, _p(c), _p(a), _p(b), _p(beta),
+            ctypes.c_float(beta_value), _p(k1), _p(k0), _p(partial),
+            0 if partial is None else partial.shape[0], ctypes.c_int64(n_partial), Plan(*plan),
+            None))
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +206,42 @@ def test_frelu_eval_fold_channels_last(cuda_on_cpu):
     x = torch.randn(2, 6, 9, 13).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), fused_act.use_backend("cuda"):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op, key, act, beta_kind, grads", cpu_tables.BN_CASES)
+def test_batch_norm_act(op, key, act, beta_kind, grads, dtype, cuda_on_cpu):
+    """BatchNorm + activation and its eval form on every plan of test_cpu_kernels's table: the
+    statistics, the forward, and the backward with and without dx, correction, parameter
+    sums and a third row of them (d/dbeta)."""
+    cpu_tables.check_bn(op, key, act, beta_kind, grads, dtype, "cuda")
+
+
+@pytest.mark.parametrize("op, key", [("affine", "nchw"), ("bn", "channels_last"), ("bn", "c1")])
+def test_batch_norm_act_edges(op, key, cuda_on_cpu):
+    cpu_tables.check_bn(op, key, "swish", "channels", True, torch.float32, "cuda", edges=True)
+
+
+def test_batch_norm_act_misaligned(cuda_on_cpu):
+    """x and the gradient one element into their storage: the scalar path of every kernel."""
+    x, args, grad = cpu_tables.bn_inputs("bn", "nchw_vec", "swish", "channels", torch.float32,
+                                         False)
+
+    def shifted(t):
+        return torch.empty(t.numel() + 1)[1:].view(t.shape).copy_(t)
+
+    out = {}
+    for name, xs, gs in (("cuda", shifted(x), shifted(grad)),
+                         ("reference", x.float(), grad.float())):
+        assert (xs.data_ptr() % 16 != 0) == (name == "cuda")
+        xs.requires_grad_()
+        ps = [a.float().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        with fused_act.use_backend(name):
+            y, mean, var = fused_act.ops.BATCH_NORM_ACT(xs, *ps)
+        wrt = [xs, *(a for a in ps if isinstance(a, torch.Tensor))]
+        out[name] = [y, mean, var, *torch.autograd.grad(y, wrt, gs)]
+    for got, want in zip(out["cuda"], out["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(autograd_tables.MODELS))

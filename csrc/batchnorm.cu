@@ -1,0 +1,181 @@
+// BatchNorm + activation, the kernels fused_act/ops/batchnorm.py composes (as
+// triton_kernels/batchnorm.py, slot for slot): per-tile partial sums of d = x - shift and d^2
+// (the batch statistics); y = f(z), z = (x - c) a + b with per-channel c, a, b; and its backward,
+// writing dx = a dz (+ k1 (x - c) + k0) and/or per-tile partial sums of dz = g f'(z), dz (x - c)
+// and g df/dbeta.
+#include "act_math.cuh"
+
+namespace fused_act {
+
+// The per-channel affine in front of the activation.
+template <class M>
+struct Affine {
+  const M* c;
+  const M* a;
+  const M* b;
+  int layout;
+
+  // z = (x - c) a + b of element k at `at`, with x - c and a for the backward
+  __device__ __forceinline__ M z(M x, const At& at, int k, M& xc, M& av) const {
+    xc = x - channel_param(c, at, k, layout);
+    av = channel_param(a, at, k, layout);
+    return xc * av + channel_param(b, at, k, layout);
+  }
+};
+
+template <class M>
+Affine<M> affine_of(const void* c, const void* a, const void* b, const fa_plan& p) {
+  return {static_cast<const M*>(c), static_cast<const M*>(a), static_cast<const M*>(b),
+          p.layout};
+}
+
+// The partials of d = x - shift and d^2; shift is a value of each channel, so that the variance
+// E[d^2] - E[d]^2 does not cancel.  Reads x only.
+template <class T>
+struct StatsOp {
+  using Storage = T;
+  using M = opmath_t<T>;
+  static constexpr int NP = 2;
+  static constexpr bool SUMS_ONLY = true;
+  const T* x;
+  const M* shift;
+  int layout;
+
+  template <int VEC>
+  __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {
+    M v[VEC];
+    load<VEC>(x + a.off, a.n, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      // past n, x reads as 0 but x - shift does not: those lanes must add nothing
+      if (k < a.n) {
+        const M dv = v[k] - channel_param(shift, a, k, layout);
+        d[0][k] = dv;
+        d[1][k] = dv * dv;
+      }
+    }
+  }
+};
+
+// f((x - c) a + b), as tile.cuh's MapOp takes it; F is ActMath
+template <class M, class F>
+struct AffineMath {
+  Affine<M> affine;
+  F f;
+
+  __device__ __forceinline__ M value(M x, const At& a, int k) const {
+    M xc, av;
+    return f.value(affine.z(x, a, k, xc, av), a, k);
+  }
+};
+
+// dz = g f'(z): dx = a dz (+ k1 (x - c) + k0 per channel) where dx is not null, and the terms
+// dz, dz (x - c) and (NP = 3) g df/dbeta of the tile's reduction
+template <class T, class F, int NP_>
+struct AffineGradOp {
+  using Storage = T;
+  using M = opmath_t<T>;
+  static constexpr int NP = NP_;
+  const T* g;
+  const T* x;
+  T* dx;        // null: the sums only
+  Affine<M> affine;
+  const M* k1;  // null: no correction (then k0 is unread)
+  const M* k0;
+  F f;
+
+  // tile.cuh min_blocks (bench/codegen_cuda.py): 16-bit vectors spill at 80 registers (GELU's
+  // dx pass) and fp32's sums at 80, so they get 128; fp64 with sums spills at 64
+  template <int VEC, int SUMS>
+  static constexpr int min_blocks() {
+    if (VEC >= 8 || (SUMS != NO_SUMS && VEC >= 4)) return 2;
+    return SUMS != NO_SUMS && sizeof(M) == 8 ? 3 : MIN_BLOCKS;
+  }
+
+  template <int VEC>
+  __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {
+    M gv[VEC], xv[VEC];
+    load<VEC>(g + a.off, a.n, gv);
+    load<VEC>(x + a.off, a.n, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      M xc, av, terms[F::NP];
+      const M dz = gv[k] * f.grad(affine.z(xv[k], a, k, xc, av), a, k, terms);
+      // past n, g reads as 0, but 0 f'(z) is NaN where z, the affine of 0, is not finite
+      if (k < a.n) {
+        d[0][k] = dz;
+        d[1][k] = dz * xc;
+        if constexpr (NP == 3) d[2][k] = gv[k] * terms[0];
+      }
+      xv[k] = dz * av;
+      if (k1 != nullptr) {
+        xv[k] = xv[k] + xc * channel_param(k1, a, k, affine.layout) +
+                channel_param(k0, a, k, affine.layout);
+      }
+    }
+    if (dx != nullptr) store<VEC>(dx + a.off, a.n, xv);
+  }
+};
+
+template <int ACT, class T>
+int affine_act_forward(const void* x, void* y, const void* c, const void* a, const void* b,
+                       const void* beta, float beta_value, const fa_plan& p, void* stream) {
+  using M = opmath_t<T>;
+  using F = AffineMath<M, ActMath<ACT, M>>;
+  const MapOp<T, F> op{static_cast<const T*>(x), static_cast<T*>(y),
+                       F{affine_of<M>(c, a, b, p), {beta_of<M>(beta, beta_value, p)}}};
+  return run(op, p, stream, {{x, sizeof(T)}, {y, sizeof(T)}});
+}
+
+template <int ACT, class T>
+int affine_act_backward(const void* g, const void* x, void* dx, const void* c, const void* a,
+                        const void* b, const void* beta, float beta_value, const void* k1,
+                        const void* k0, void* partial, int sums, int64_t n_partial,
+                        const fa_plan& p, void* stream) {
+  using M = opmath_t<T>;
+  auto go = [&](auto np) {
+    const AffineGradOp<T, ActMath<ACT, M>, decltype(np)::value> op{
+        static_cast<const T*>(g), static_cast<const T*>(x), static_cast<T*>(dx),
+        affine_of<M>(c, a, b, p), static_cast<const M*>(k1), static_cast<const M*>(k0),
+        {beta_of<M>(beta, beta_value, p)}};
+    return run(op, p, stream, {{g, sizeof(T)}, {x, sizeof(T)}, {dx, sizeof(T)}},
+               static_cast<M*>(partial), n_partial);
+  };
+  if (partial != nullptr && sums == 3) return go(std::integral_constant<int, 3>{});
+  if (partial != nullptr && sums != 2) return int(cudaErrorInvalidValue);
+  return go(std::integral_constant<int, 2>{});
+}
+
+}  // namespace fused_act
+
+using namespace fused_act;
+
+extern "C" int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial,
+                        int dtype, fa_plan plan, void* stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = opmath_t<T>;
+    const StatsOp<T> op{static_cast<const T*>(x), static_cast<const M*>(shift), plan.layout};
+    return run(op, plan, stream, {{x, sizeof(T)}}, static_cast<M*>(partial), n_partial);
+  });
+}
+
+extern "C" int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c,
+                                     const void* a, const void* b, const void* beta,
+                                     float beta_value, fa_plan plan, void* stream) {
+  return dispatch_act_dtype(act, dtype, [&](auto id, auto t) {
+    return affine_act_forward<decltype(id)::value, decltype(t)>(x, y, c, a, b, beta, beta_value,
+                                                                plan, stream);
+  });
+}
+
+extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                                      const void* c, const void* a, const void* b,
+                                      const void* beta, float beta_value, const void* k1,
+                                      const void* k0, void* partial, int sums, int64_t n_partial,
+                                      fa_plan plan, void* stream) {
+  return dispatch_act_dtype(act, dtype, [&](auto id, auto t) {
+    return affine_act_backward<decltype(id)::value, decltype(t)>(
+        g, x, dx, c, a, b, beta, beta_value, k1, k0, partial, sums, n_partial, plan, stream);
+  });
+}
