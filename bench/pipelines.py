@@ -182,6 +182,8 @@ BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
     "meta_acon": ("acon_c", "conv", MetaAconC),
     "frelu_max": ("frelu_max", "conv", FReLU),
     "frelu_module": ("frelu_max", "conv", FReLU),
+    # its fused block is patch_batchnorm_acts' (BatchNorm and SiLU as one module)
+    "bn_silu_train": ("batch_norm_act", "conv", lambda c: nn.SiLU()),
     # the activation factory takes the intermediate width; a learnable beta has no MLP block,
     # as patch_gated_mlps patches only activations of fixed arguments
     **{name: ("glu", "mlp", _torch_module(s)) for name, s in GATED.items() if not s.beta},
@@ -249,6 +251,8 @@ def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[
     plain = make(act(width), width).to(tensors)
     fused = copy.deepcopy(plain)
     fused_act.replace_activations(fused)
+    if BLOCKS[name][0] == "batch_norm_act" and not fused_act.patch_batchnorm_acts(fused).swapped:
+        raise RuntimeError(f"{name}: patch_batchnorm_acts left the block")
     if name in FUSED:
         fused.body[1] = FUSED[name]().to(tensors)
     return plain, fused, f"{kind} {tuple(shape)}"
@@ -345,6 +349,73 @@ def mlp_recompute(device: str, quick: bool) -> list[dict]:
                          ms=time_ms(step, x.numel(), quick, device),
                          saved_mib=saved_mib(model, x), peak_mb=peak_mb(step, device)))
     return rows
+
+
+# whole timm models, one SGD training step each: (timm name, its arguments); their batch by run
+MODELS = {"resnet10t (mish)": ("resnet10t", {"act_layer": "mish"}),
+          "efficientnet_b0": ("efficientnet_b0", {})}
+MODEL_INPUT = {"full": (64, 3, 224, 224), "quick": (32, 3, 160, 160), "cpu": (2, 3, 64, 64)}
+
+
+def model_steps(device: str, quick: bool) -> list[dict]:
+    """Each of ``MODELS`` (random weights, 10 classes): one SGD step (forward, cross entropy,
+    backward, step) original vs fused (``replace_activations`` then ``patch_batchnorm_acts``,
+    from the same weights), the fused logits first checked against the original's.  On a GPU
+    channels_last under bf16 autocast, as such models train; on the CPU fp32.  Per way: ms, the
+    MiB autograd keeps and peak MiB (GPU).  A model whose package is missing raises."""
+    import timm
+
+    gpu = device == "cuda"
+    tensors = tensor_device(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(MODEL_INPUT[_size(device, quick)], generator=gen).to(tensors)
+    x = x.contiguous(memory_format=torch.channels_last) if gpu else x
+    target = torch.randint(0, 10, (x.shape[0],), generator=gen).to(tensors)
+    tol = BLOCK_TOL[torch.bfloat16 if gpu else torch.float32]
+    rows = []
+    for label, (name, kwargs) in MODELS.items():
+        torch.manual_seed(0)
+        original = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).to(
+            tensors, memory_format=torch.channels_last if gpu else torch.preserve_format)
+        fused = copy.deepcopy(original)
+        swapped = (len(fused_act.replace_activations(fused).swapped)
+                   + len(fused_act.patch_batchnorm_acts(fused).swapped))
+        logits = []
+        for way, model in (("original", original), ("fused", fused)):
+            row, out = _model_step(model, x, target, device, quick)
+            logits.append(out)
+            rows.append(dict(model=label, way=way, swapped=swapped, **row))
+        err = (logits[1] - logits[0]).abs().max().item()
+        if not err <= tol * max(logits[0].abs().max().item(), 1.0):
+            raise AssertionError(f"{label}: the fused model's logits differ from the original's "
+                                 f"by {err:.3g}")
+    return rows
+
+
+def _model_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, device: str,
+                quick: bool) -> tuple[dict, torch.Tensor]:
+    """(batch, ms, saved MiB and peak MiB of one SGD step of ``model``; its logits on ``x`` in
+    train mode, from a copy so that its running statistics do not move)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def amp() -> contextlib.AbstractContextManager:
+        return torch.autocast(x.device.type, torch.bfloat16, enabled=device == "cuda")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+
+    with amp(), torch.no_grad():
+        logits = copy.deepcopy(model)(x).float()
+    with build_on_stream(device):
+        step()
+    with amp():
+        saved = saved_mib(model, x)
+    return dict(batch=list(x.shape), ms=time_ms(step, x.numel(), quick, device),
+                saved_mib=saved, peak_mb=peak_mb(step, device)), logits
 
 
 def saved_mib(model: nn.Module, x: torch.Tensor) -> float:

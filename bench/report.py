@@ -86,6 +86,15 @@ def markdown(result: dict) -> str:
         for r in result["mlp_recompute"]:
             lines.append(f"| {r['variant']} | {r['block']} | {r['ms']:.4f} | "
                          f"{r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} |")
+    if result.get("models"):
+        host = "" if result["env"]["device"] == "cuda" else " (CPU host time)"
+        lines += ["", "## Whole models: one SGD training step, original vs fused "
+                  "(replace_activations + patch_batchnorm_acts)", "",
+                  f"| model | batch | way | modules swapped | ms{host} | saved MiB | peak MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["models"]:
+            lines.append(f"| {r['model']} | {_shown(r['batch'])} | {r['way']} | {r['swapped']} "
+                         f"| {r['ms']:.4f} | {r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} |")
     if result.get("errors"):
         lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json's errors)",
                   "", "| what | op | dtype | shape | error |", "|---|---|---|---|---|"]
@@ -185,6 +194,15 @@ def cpu_markdown(result: dict) -> str:
                 continue
             lines.append(f"| {r['model']} | {r['threads']} | {r['what']} | {r['swapped']} "
                          f"| {r['fused_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
+    if result.get("models"):
+        host = "" if result["env"]["device"] == "cuda" else " (CPU host time)"
+        lines += ["", "## Whole models: one SGD training step, original vs fused "
+                  "(replace_activations + patch_batchnorm_acts)", "",
+                  f"| model | batch | way | modules swapped | ms{host} | saved MiB | peak MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["models"]:
+            lines.append(f"| {r['model']} | {_shown(r['batch'])} | {r['way']} | {r['swapped']} "
+                         f"| {r['ms']:.4f} | {r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} |")
     if result.get("errors"):
         lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json)", "",
                   "| what | op | dtype | elements | threads | error |", "|---|---|---|---|---|---|"]

@@ -93,6 +93,7 @@ class BenchOp:
     run's).  ``takes(shape)``: whether the op can be timed on a layer shape (a layer shape it
     does not take is skipped, whether it is the default or the run's).  ``compile_key``: its
     ``fused_act.config.compile_mode`` key, which adds the contestant "decompose".
+    ``channels_last``: x and the output gradient are drawn channels_last (a 4-d x).
     """
 
     fused: Callable
@@ -106,6 +107,7 @@ class BenchOp:
     layers: tuple[tuple[int, ...], ...] = ()
     takes: Callable[[tuple[int, ...]], bool] = _any_shape
     compile_key: str | None = None
+    channels_last: bool = False
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -213,6 +215,50 @@ def _packed(spec: registry.Spec) -> BenchOp:
               takes=_packed_shape, compile_key="glu")
 
 
+# running statistics of each channel count and device, for the eval rows (fixed values: the
+# training rows update them in place as a model's BatchNorm would)
+_RUNNING: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _running(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = x.shape[1]
+    key = (c, x.device)
+    if key not in _RUNNING:
+        _RUNNING[key] = (torch.linspace(-1.0, 1.0, c, device=x.device),
+                         torch.linspace(0.5, 2.0, c, device=x.device))
+    return _RUNNING[key]
+
+
+def _bn_params(x: torch.Tensor) -> list[torch.Tensor]:
+    """BatchNorm's weight and bias, fp32 as a model's under autocast keeps them."""
+    c = x.shape[1]
+    return [_leaf(torch.empty(c, device=x.device).uniform_(0.5, 1.5)),
+            _leaf(torch.randn(c, device=x.device))]
+
+
+def _bn_act(training: bool, channels_last: bool = False) -> BenchOp:
+    """BatchNorm2d -> SiLU: ``fused_act.batch_norm_act`` vs ``F.silu(F.batch_norm(...))``, with
+    running statistics (updated in training, folded in eval).  Training reads x twice forward
+    (statistics, then y) and grad and x twice backward (sums, then dx): 3 and 5 x-sized tensors,
+    against eager's 5 and 8 (BatchNorm 3 + 5, SiLU 2 + 3); eval is one pass each way."""
+    def fused(x, w, b):
+        return fused_act.batch_norm_act(x, *_running(x), w, b, training, 0.1, 1e-5, "silu")
+
+    def eager(x, w, b):
+        return F.silu(F.batch_norm(x, *_running(x), w, b, training, 0.1, 1e-5))
+
+    def ref(x, w, b):
+        if training:
+            return reference.batch_norm_act(x, w, b, 1e-5, registry.SPECS["silu"].forward,
+                                            1.0)[0]
+        rm, rv = _running(x)
+        a = w * torch.rsqrt(rv + 1e-5)
+        return reference.affine_act(x, rm, a, b, registry.SPECS["silu"].forward, 1.0)
+
+    return BenchOp(fused, eager, ref, _nchw, _bn_params, (3, 5) if training else (2, 3),
+                   takes=_image, compile_key="batch_norm_act", channels_last=channels_last)
+
+
 # the packed layout (up=None) is timed for SwiGLU alone: the other activations read it alike
 PACKED = {"swiglu_packed": registry.SPECS["silu"]}
 
@@ -231,6 +277,9 @@ OPS: dict[str, BenchOp] = {
                        _frelu_params, None, ref_fp32=False, takes=_image),
     **{name: _gated(s) for name, s in GATED.items()},
     **{name: _packed(s) for name, s in PACKED.items()},
+    "bn_silu_train": _bn_act(True),
+    "bn_silu_train_cl": _bn_act(True, channels_last=True),
+    "bn_silu_eval": _bn_act(False),
 }
 
 # peer libraries' kernels of a row's function, timed beside ours where importable and never a
@@ -354,6 +403,8 @@ def make_inputs(op: BenchOp, shape: tuple[int, ...], dtype: torch.dtype, device:
     # the output's shape (a packed gated op's is half of x's), from a run on meta tensors
     out = op.eager(x.to("meta"), *(p.detach().to("meta") for p in params)).shape
     g = draw(out, 1)
+    if op.channels_last:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
     return x, g, params
 
 

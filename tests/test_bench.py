@@ -31,7 +31,7 @@ def test_harness_end_to_end(tmp_path):
         # the contestants the table gives this op on CPU tensors (no CUDA kernels, no peers)
         names = set(table.contestants(op, "aot_eager", "cpu"))
         assert names >= {"fused", "eager", "compile"}
-        assert ("decompose" in names) == (op in table.GATED or op in table.PACKED), op
+        assert ("decompose" in names) == (table.OPS[op].compile_key is not None), op
         for c in names:
             for mode in harness.MODES:
                 found = [r for r in rows if (r["op"], r["contestant"], r["mode"]) == (op, c, mode)]

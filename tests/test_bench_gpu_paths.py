@@ -246,7 +246,7 @@ def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
         # what the GPU path picks for this op: the CUDA C++ kernels asked for and refused
         names = set(table.contestants(op, COMPILE_BACKEND, "cuda"))
         assert names >= {"fused", "eager", "compile"} and "fused_cuda" not in names, op
-        assert ("decompose" in names) == (op in table.GATED or op in table.PACKED), op
+        assert ("decompose" in names) == (table.OPS[op].compile_key is not None), op
         shapes = table.cases(op, [256], [(2, 4, 4, 4)], False)
         for c in names:
             for mode in harness.MODES:
