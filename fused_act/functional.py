@@ -284,6 +284,27 @@ def _check_bn_tensor(arg: str, t: object, x: Tensor) -> None:
                          f"for x of shape {tuple(x.shape)} (got shape {tuple(t.shape)})")
 
 
+def _bn_activation(x: Tensor, activation: str, kwargs: dict
+                   ) -> tuple[str, Tensor | None, float, Tensor | None, Tensor | None]:
+    """(the ops' act, tensor beta, float beta, p1, p2) of ``batch_norm_act``'s activation."""
+    op = "batch_norm_act"
+    if activation == "acon_c":
+        if set(kwargs) != {"p1", "p2", "beta"}:
+            raise TypeError(f"fused_act.{op}: activation 'acon_c' takes p1, p2 and beta (got "
+                            f"{sorted(kwargs)})")
+        for name in ("p1", "p2", "beta"):
+            _check_channel_param(op, name, kwargs[name], x, allow_scalar=x.shape[1] == 1)
+        return "acon_c", kwargs["beta"], 1.0, kwargs["p1"], kwargs["p2"]
+    spec, beta = _gated_activation(op, activation, dict(kwargs))
+    if isinstance(beta, Tensor):
+        _check_channel_param(op, "beta", beta, x)
+        return spec.name, beta, 1.0, None, None
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+        raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
+                        f"(got {type(beta).__name__})")
+    return spec.name, None, 1.0 if beta is None else beta, None, None
+
+
 def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None,
                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
@@ -291,7 +312,8 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     """``activation(torch.nn.functional.batch_norm(x, ...))``, fused: the same arguments and
     running-statistics updates as torch's, then any elementwise activation here with its
     keyword arguments (``approximate`` for gelu; ``beta`` for swish, a float or a tensor of 1 or
-    C values whose gradient is reduced inside the backward).
+    C values whose gradient is reduced inside the backward), or ``"acon_c"`` with per-channel
+    ``p1``, ``p2`` and ``beta`` (ACON-C; their gradients reduced in the backward too).
 
     ``x`` is (N, C, *).  In training (or without running statistics) the batch statistics are
     computed in fp32 (fp64 for fp64) in one read of x, then y = f((x - mean) a + b) in a second;
@@ -310,16 +332,7 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
                    ("weight", weight), ("bias", bias)):
         if t is not None:
             _check_bn_tensor(arg, t, x)
-    spec, beta = _gated_activation("batch_norm_act", activation, dict(activation_kwargs))
-    beta_t, beta_v = None, 1.0
-    if isinstance(beta, Tensor):
-        _check_channel_param("batch_norm_act", "beta", beta, x)
-        beta_t = beta
-    elif beta is not None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"fused_act.batch_norm_act: beta must be a float or a tensor "
-                            f"(got {type(beta).__name__})")
-        beta_v = beta
+    act, beta_t, beta_v, p1, p2 = _bn_activation(x, activation, activation_kwargs)
     dtensor = sys.modules.get("torch.distributed.tensor")  # imported by whoever made one
     if dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (
             x, running_mean, running_var, weight, bias, beta_t)):
@@ -334,7 +347,7 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m == 1:
             raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "
                              f"when training, got input size {tuple(x.shape)}")
-        y, mean, var = ops.BATCH_NORM_ACT(x, weight, bias, eps, spec.name, beta_t, beta_v,
+        y, mean, var = ops.BATCH_NORM_ACT(x, weight, bias, eps, act, beta_t, beta_v, p1, p2,
                                           mode="batch_norm_act")
         if training and running_mean is not None and m > 0:
             with torch.no_grad():
@@ -348,7 +361,7 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if weight is not None:
         a = a * weight.to(acc)
     b = torch.zeros_like(a) if bias is None else bias.to(acc)
-    return ops.AFFINE_ACT(x, running_mean.to(acc), a, b, spec.name, beta_t, beta_v,
+    return ops.AFFINE_ACT(x, running_mean.to(acc), a, b, act, beta_t, beta_v, p1, p2,
                           mode="batch_norm_act")
 
 

@@ -72,16 +72,19 @@ class Kernels(Protocol):
         ``p.partials`` slots); ``shift`` holds C values."""
 
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
-                           b: Tensor, beta: Tensor | None, beta_value: float, p: Plan) -> None:
-        """y = f((x - c) a + b) with c, a, b (and a tensor beta) C values each."""
+                           b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,
+                           acon: tuple[Tensor, Tensor] | None = None) -> None:
+        """y = f((x - c) a + b) with c, a, b (and a tensor beta) C values each; with ``acon``
+        = (p1, p2), f is ACON-C of p1, p2 and beta (C values each; ``act`` unused)."""
 
     def affine_act_backward(self, g: Tensor, x: Tensor, dx: Tensor | None, act: int, c: Tensor,
                             a: Tensor, b: Tensor, beta: Tensor | None, beta_value: float,
                             k: tuple[Tensor, Tensor] | None, partial: Tensor | None,
-                            p: Plan) -> None:
+                            p: Plan, acon: tuple[Tensor, Tensor] | None = None) -> None:
         """With ``dx``: dx = a g f'(z) (+ k1 (x - c) + k0 per channel, ``k`` = (k1, k0)); with
-        ``partial``: the partials of g f'(z), g f'(z) (x - c) and, in a third row, g df/dbeta
-        (2 or 3 x ``p.partials`` slots)."""
+        ``partial``: the partials of g f'(z), g f'(z) (x - c), then of the activation's
+        parameter gradients: g df/dbeta (3 rows), or with ``acon`` g df/dp1, g df/dp2,
+        g df/dbeta (5 rows); ``p.partials`` slots a row."""
 
 
 _loaded: dict[str, Kernels] = {}

@@ -301,38 +301,37 @@ def frelu_max_affine_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: 
 
 # ---- BatchNorm + activation: f((x - c) a + b) per channel -----------------------------------
 
-Act = Callable[[Tensor, Beta], Tensor]
-ActBackward = Callable[[Tensor, Tensor, Beta, bool], tuple[Tensor, Tensor | None]]
+# an activation as the BatchNorm functions take it: its reference forward z -> f(z) in opmath,
+# and its backward (grad, z, need_params) -> (grad f'(z), its parameters' gradients in their
+# shapes, None where not needed)
+Act = Callable[[Tensor], Tensor]
+ActBackward = Callable[[Tensor, Tensor, bool], tuple[Tensor, tuple[Tensor | None, ...]]]
 
 
 def _channel_dims(x: Tensor) -> list[int]:
     return [d for d in range(x.dim()) if d != 1]
 
 
-def affine_act(x: Tensor, c: Tensor, a: Tensor, b: Tensor, act: Act, beta: Beta) -> Tensor:
-    """f((x - c) a + b) with per-channel c, a, b (C values), ``act(z, beta)`` an activation's
-    reference forward: an activation after a BatchNorm whose statistics and affine are folded
-    into c (the mean), a (weight / std) and b (bias)."""
+def affine_act(x: Tensor, c: Tensor, a: Tensor, b: Tensor, act: Act) -> Tensor:
+    """f((x - c) a + b) with per-channel c, a, b (C values): an activation after a BatchNorm
+    whose statistics and affine are folded into c (the mean), a (weight / std) and b (bias)."""
     z = (_opmath(x) - _param(c, x)) * _param(a, x) + _param(b, x)
-    return act(z, _param(beta, x)).to(x.dtype)
+    return act(z).to(x.dtype)
 
 
 def affine_act_backward(grad: Tensor, x: Tensor, c: Tensor, a: Tensor, b: Tensor,
-                        act_backward: ActBackward, beta: Beta, need_params: bool
-                        ) -> tuple[Tensor, ...]:
-    """(dx, dc, da, db, dbeta) of ``affine_act``: dz = grad f'(z), dx = a dz, and per channel
-    dc = -a sum dz, da = sum dz (x - c), db = sum dz, dbeta (a tensor beta) from the
-    activation's backward; all but dx None unless ``need_params``."""
+                        act_backward: ActBackward, need_params: bool) -> tuple[Tensor, ...]:
+    """(dx, dc, da, db, *the activation's parameter gradients) of ``affine_act``: dz = grad
+    f'(z), dx = a dz, and per channel dc = -a sum dz, da = sum dz (x - c), db = sum dz; all but
+    dx None unless ``need_params``."""
     xc = _opmath(x) - _param(c, x)
     af = _param(a, x)
-    dz, dbeta = act_backward(_opmath(grad), xc * af + _param(b, x), _param(beta, x),
-                             need_params and isinstance(beta, Tensor))
+    dz, grads = act_backward(_opmath(grad), xc * af + _param(b, x), need_params)
     dx = (dz * af).to(x.dtype)
     if not need_params:
-        return dx, None, None, None, None
-    db = _grad_to(dz, b)
-    dbeta = None if dbeta is None else dbeta.reshape(beta.shape).to(beta.dtype)
-    return dx, (-_grad_to(dz, a) * _opmath(a)).to(c.dtype), _grad_to(dz * xc, a), db, dbeta
+        return dx, None, None, None, *grads
+    return (dx, (-_grad_to(dz, a) * _opmath(a)).to(c.dtype), _grad_to(dz * xc, a),
+            _grad_to(dz, b), *grads)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -341,48 +340,46 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor
-            ) -> tuple[Tensor, Tensor]:
+def bn_affine(weight: Tensor | None, bias: Tensor | None, invstd: Tensor
+              ) -> tuple[Tensor, Tensor]:
     """(a, b) of a BatchNorm's weight and bias (None: 1 and 0) over 1 / std, in opmath."""
     a = invstd if weight is None else invstd * weight.to(invstd.dtype)
     return a, torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
 
 
-def batch_norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Act,
-                   beta: Beta) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   act: Act) -> tuple[Tensor, Tensor, Tensor]:
     """(f(batch_norm(x)), mean, var): BatchNorm on the batch statistics of ``x`` (N, C, *), as
     torch's in training, then the activation, computed in opmath and rounded once; mean and the
     biased variance come back in opmath for the running statistics."""
     mean, var = batch_stats(x)
-    a, b = _affine(weight, bias, torch.rsqrt(var + eps))
-    return affine_act(x, mean, a, b, act, beta), mean, var
+    a, b = bn_affine(weight, bias, torch.rsqrt(var + eps))
+    return affine_act(x, mean, a, b, act), mean, var
 
 
 def batch_norm_act_backward(grad: Tensor, x: Tensor, weight: Tensor | None,
                             bias: Tensor | None, eps: float, act_backward: ActBackward,
-                            beta: Beta, mean: Tensor, var: Tensor, need_params: bool
+                            mean: Tensor, var: Tensor, need_params: bool
                             ) -> tuple[Tensor, ...]:
-    """(dx, dweight, dbias, dbeta) of ``batch_norm_act`` from its saved ``mean`` and ``var``:
-    with dz = grad f'(z), S1 = sum dz and S2 = sum dz (x - mean) per channel over its M
-    elements, dbias = S1, dweight = S2 / std and dx = a (dz - S1 / M - (x - mean) S2 / (M var'))
-    with a = weight / std, var' = var + eps (torch's training BatchNorm backward); all but dx
-    None unless ``need_params``."""
+    """(dx, dweight, dbias, *the activation's parameter gradients) of ``batch_norm_act`` from
+    its ``mean`` and ``var``: with dz = grad f'(z), S1 = sum dz and S2 = sum dz (x - mean) per
+    channel over its M elements, dbias = S1, dweight = S2 / std and dx = a (dz - S1 / M -
+    (x - mean) S2 / (M var')) with a = weight / std, var' = var + eps (torch's training
+    BatchNorm backward); all but dx None unless ``need_params``."""
     invstd = torch.rsqrt(var + eps)
-    a, b = _affine(weight, bias, invstd)
+    a, b = bn_affine(weight, bias, invstd)
     xc = _opmath(x) - _param(mean, x)
     af = _param(a, x)
-    dz, dbeta = act_backward(_opmath(grad), xc * af + _param(b, x), _param(beta, x),
-                             need_params and isinstance(beta, Tensor))
+    dz, grads = act_backward(_opmath(grad), xc * af + _param(b, x), need_params)
     dims = _channel_dims(x)
     m = x.numel() // x.shape[1]
     s1, s2 = dz.sum(dims), (dz * xc).sum(dims)
     dx = af * (dz - _param(s1 / m, x) - xc * _param(s2 * invstd * invstd / m, x))
     if not need_params:
-        return dx.to(x.dtype), None, None, None
+        return dx.to(x.dtype), None, None, *grads
     dweight = None if weight is None else (s2 * invstd).to(weight.dtype)
     dbias = None if bias is None else s1.to(bias.dtype)
-    dbeta = None if dbeta is None else dbeta.reshape(beta.shape).to(beta.dtype)
-    return dx.to(x.dtype), dweight, dbias, dbeta
+    return dx.to(x.dtype), dweight, dbias, *grads
 
 
 # ---- gated: act(gate) * up (SwiGLU, GeGLU, ...) --------------------------------------------

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .elementwise import beta_at
-from .math import act_bwd, act_fwd, opmath, settle_cache_keys
+from .math import acon_c_bwd, acon_c_fwd, act_bwd, act_fwd, opmath, settle_cache_keys
 from .tiling import (
     Plan,
     keep,
@@ -52,23 +52,52 @@ def _z(x_ptr, c_ptr, a_ptr, b_ptr, rows, cols, offs, C, mask, LAYOUT: tl.constex
 
 
 @triton.jit
-def affine_act_fwd_kernel(x_ptr, y_ptr, c_ptr, a_ptr, b_ptr, beta_ptr, beta_value, R, L, C,
-                          ACT: tl.constexpr, LAYOUT: tl.constexpr, BETA_MODE: tl.constexpr,
+def _act(z, beta, p1_ptr, p2_ptr, rows, cols, C, ACT: tl.constexpr, LAYOUT: tl.constexpr,
+         ACON: tl.constexpr):
+    """f(z): the activation ACT, or with ACON ACON-C of per-channel p1, p2 and beta."""
+    if ACON:
+        p2 = load_channel(p2_ptr, rows, cols, C, LAYOUT)
+        y = acon_c_fwd(z, load_channel(p1_ptr, rows, cols, C, LAYOUT) - p2, p2, beta)
+    else:
+        y = act_fwd(z, beta, ACT)
+    return y
+
+
+@triton.jit
+def _act_grads(z, beta, p1_ptr, p2_ptr, rows, cols, C, ACT: tl.constexpr,
+               LAYOUT: tl.constexpr, ACON: tl.constexpr):
+    """(f'(z), then df/dbeta, or with ACON df/dp1, df/dp2, df/dbeta)."""
+    if ACON:
+        p2 = load_channel(p2_ptr, rows, cols, C, LAYOUT)
+        dydz, d1, d2, d3 = acon_c_bwd(z, load_channel(p1_ptr, rows, cols, C, LAYOUT) - p2, p2,
+                                      beta)
+    else:
+        dydz, d1 = act_bwd(z, beta, ACT)
+        d2, d3 = d1, d1
+    return dydz, d1, d2, d3
+
+
+@triton.jit
+def affine_act_fwd_kernel(x_ptr, y_ptr, c_ptr, a_ptr, b_ptr, beta_ptr, beta_value, p1_ptr,
+                          p2_ptr, R, L, C, ACT: tl.constexpr, ACON: tl.constexpr,
+                          LAYOUT: tl.constexpr, BETA_MODE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
                           INT64: tl.constexpr):
     pid = tl.program_id(0)
     _, _, _, rows, cols, offs, mask, _ = tile(pid, R, L, 1, BLOCK_R, BLOCK_L, FLAT, INT64)
     _, _, z = _z(x_ptr, c_ptr, a_ptr, b_ptr, rows, cols, offs, C, mask, LAYOUT)
     beta = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
-    store_rounded(y_ptr + offs, act_fwd(z, beta, ACT), mask)
+    store_rounded(y_ptr + offs, _act(z, beta, p1_ptr, p2_ptr, rows, cols, C, ACT, LAYOUT, ACON),
+                  mask)
 
 
 @triton.jit
 def affine_act_bwd_kernel(g_ptr, x_ptr, dx_ptr, c_ptr, a_ptr, b_ptr, beta_ptr, beta_value,
-                          k1_ptr, k0_ptr, s1_ptr, s2_ptr, sb_ptr, R, L, C, ACT: tl.constexpr,
+                          p1_ptr, p2_ptr, k1_ptr, k0_ptr, s1_ptr, s2_ptr, r3_ptr, r4_ptr,
+                          r5_ptr, R, L, C, ACT: tl.constexpr, ACON: tl.constexpr,
                           LAYOUT: tl.constexpr, BETA_MODE: tl.constexpr,
                           WRITE_DX: tl.constexpr, CORRECT: tl.constexpr,
-                          NEED_SUMS: tl.constexpr, NEED_DBETA: tl.constexpr,
+                          NEED_SUMS: tl.constexpr, EXTRA: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
                           INT64: tl.constexpr):
     pid = tl.program_id(0)
@@ -77,7 +106,7 @@ def affine_act_bwd_kernel(g_ptr, x_ptr, dx_ptr, c_ptr, a_ptr, b_ptr, beta_ptr, b
     xc, a, z = _z(x_ptr, c_ptr, a_ptr, b_ptr, rows, cols, offs, C, mask, LAYOUT)
     g = opmath(tl.load(g_ptr + offs, mask=mask))
     beta = beta_at(beta_ptr, beta_value, rows, cols, C, BETA_MODE)
-    dydz, dydb = act_bwd(z, beta, ACT)
+    dydz, d1, d2, d3 = _act_grads(z, beta, p1_ptr, p2_ptr, rows, cols, C, ACT, LAYOUT, ACON)
     dz = g * dydz
     if WRITE_DX:
         dx = dz * a
@@ -89,9 +118,12 @@ def affine_act_bwd_kernel(g_ptr, x_ptr, dx_ptr, c_ptr, a_ptr, b_ptr, beta_ptr, b
         store_partial(s1_ptr, keep(dz, mask), rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
         store_partial(s2_ptr, keep(dz * xc, mask), rb, pid_l, rows, cols, row_mask, R, L,
                       LAYOUT)
-    if NEED_DBETA:
-        store_partial(sb_ptr, keep(g * dydb, mask), rb, pid_l, rows, cols, row_mask, R, L,
-                      LAYOUT)
+    # the activation's own parameters: beta (EXTRA 1), or ACON-C's p1, p2, beta (EXTRA 3)
+    if EXTRA >= 1:
+        store_partial(r3_ptr, keep(g * d1, mask), rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
+    if EXTRA == 3:
+        store_partial(r4_ptr, keep(g * d2, mask), rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
+        store_partial(r5_ptr, keep(g * d3, mask), rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
 
 
 def _tiling(p: Plan, dtype: torch.dtype) -> dict:
@@ -109,31 +141,37 @@ def stats(x: torch.Tensor, shift: torch.Tensor, partial: torch.Tensor, p: Plan) 
 
 def affine_act_forward(x: torch.Tensor, y: torch.Tensor, act: int, c: torch.Tensor,
                        a: torch.Tensor, b: torch.Tensor, beta: torch.Tensor | None,
-                       beta_value: float, p: Plan) -> None:
-    """Write f((x - c) a + b) into ``y``; c, a, b (and a tensor beta) hold C values."""
+                       beta_value: float, p: Plan,
+                       acon: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Write f((x - c) a + b) into ``y``; c, a, b (and a tensor beta) hold C values.  With
+    ``acon`` = (p1, p2) of C values, f is ACON-C of p1, p2 and beta (``act`` unused)."""
+    p1, p2 = (x, x) if acon is None else acon
     launch(affine_act_fwd_kernel)[p.grid](
-        x, y, c, a, b, x if beta is None else beta, beta_value, p.rows, p.cols, p.channels,
-        ACT=act, BETA_MODE=0 if beta is None else p.layout, **_tiling(p, x.dtype))
+        x, y, c, a, b, x if beta is None else beta, beta_value, p1, p2, p.rows, p.cols,
+        p.channels, ACT=act, ACON=acon is not None, BETA_MODE=0 if beta is None else p.layout,
+        **_tiling(p, x.dtype))
 
 
 def affine_act_backward(g: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None, act: int,
                         c: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                         beta: torch.Tensor | None, beta_value: float,
                         k: tuple[torch.Tensor, torch.Tensor] | None,
-                        partial: torch.Tensor | None, p: Plan) -> None:
+                        partial: torch.Tensor | None, p: Plan,
+                        acon: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """With ``dx``: write dx = a g f'(z) (+ k1 (x - c) + k0 where ``k`` = (k1, k0)); with
-    ``partial``: store the partials of g f'(z) and g f'(z) (x - c), and of g df/dbeta where
-    ``partial`` has a third row (2 or 3 x ``p.partials`` slots)."""
+    ``partial``: store the partials of g f'(z) and g f'(z) (x - c), then of the activation's
+    parameter gradients in the rows after them: g df/dbeta (3 rows), or with ``acon`` g df/dp1,
+    g df/dp2, g df/dbeta (5 rows)."""
     # rows of partials not asked for are never touched: any valid pointer will do
     rows = () if partial is None else partial.view(-1, p.partials).unbind()
-    slots = (*rows, x, x, x)[:3]
     k1, k0 = (x, x) if k is None else k
+    p1, p2 = (x, x) if acon is None else acon
     launch(affine_act_bwd_kernel)[p.grid](
-        g, x, x if dx is None else dx, c, a, b, x if beta is None else beta, beta_value, k1, k0,
-        *slots, p.rows, p.cols, p.channels, ACT=act,
-        BETA_MODE=0 if beta is None else p.layout, WRITE_DX=dx is not None,
-        CORRECT=k is not None, NEED_SUMS=partial is not None,
-        NEED_DBETA=len(rows) == 3, **_tiling(p, x.dtype))
+        g, x, x if dx is None else dx, c, a, b, x if beta is None else beta, beta_value, p1, p2,
+        k1, k0, *(*rows, x, x, x, x, x)[:5], p.rows, p.cols, p.channels, ACT=act,
+        ACON=acon is not None, BETA_MODE=0 if beta is None else p.layout,
+        WRITE_DX=dx is not None, CORRECT=k is not None, NEED_SUMS=partial is not None,
+        EXTRA=max(len(rows) - 2, 0), **_tiling(p, x.dtype))
 
 
 # kernel cache keys that do not depend on launch order (math.settle_cache_keys)

@@ -394,6 +394,8 @@ def activation_form(act: nn.Module) -> tuple[str, dict] | None:
         return "swish", {"beta": act.beta}
     if isinstance(act, _InplaceActivation):
         return act.op, {}
+    if type(act) is AconC:  # Meta-ACON's beta depends on the activation's input: not fused
+        return "acon_c", {"p1": act.p1, "p2": act.p2, "beta": act.beta}
     return None
 
 
@@ -402,7 +404,8 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
     BatchNorm2d's arguments, parameters and buffers, and the activation module ``act``.
 
     ``act`` is one of our elementwise activation modules (``Mish()``, ``SiLU()``,
-    ``GELU(approximate=...)``, ``Swish(...)`` with a fixed or learnable beta), or the name of one
+    ``GELU(approximate=...)``, ``Swish(...)`` with a fixed or learnable beta, ``AconC(C)``;
+    not ``MetaAconC``, whose beta is computed from BatchNorm's output), or the name of one
     (``"mish"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ...); its parameters are this
     module's ``act.*``, as in timm's BatchNormAct2d, whose state_dict it shares.  In training
     the batch statistics take one read of x and the normalised activation one more, and the

@@ -2,10 +2,12 @@
 ``fused_act::affine_act`` (eval: the running statistics folded into per-channel c, a, b).
 
 Both compute y = f((x - c) a + b), f an elementwise activation of ``registry.SPECS`` (``act``,
-with swish's beta).  Training reads x twice in the forward (statistics, then y) and x and the
-gradient twice in the backward (the per-channel sums of dz and dz (x - mean), then dx), and saves
-only x, the parameters and the C-sized mean and variance: the normalised value is recomputed,
-never stored.  Eval is one pass forward and one backward.
+with swish's beta) or ACON-C (``act`` "acon_c": per-channel p1, p2 and beta).  Training reads
+x twice in the forward (statistics, then y) and x and the gradient twice in the backward (the
+per-channel sums of dz and dz (x - mean), then dx), and saves only x, the parameters and the
+C-sized mean and variance: the normalised value is recomputed, never stored.  Eval is one pass
+forward and one backward.  The activation's parameter gradients are reduced in the backward
+pass that sums, in the order beta, p1, p2.
 """
 
 import torch
@@ -17,26 +19,27 @@ from ..registry import SPECS
 from .layout import dense, flat_param, fp32, like
 from .op import Op, Schema, attr, data, param
 
-
-def _beta(beta: Tensor | None, beta_value: float, x: Tensor) -> reference.Beta:
-    return fp32(beta_value, x.device) if beta is None else beta
+ACON = "acon_c"  # the ``act`` of ACON-C, whose parameters are p1, p2 and beta
 
 
-def _channel_beta(beta: Tensor | None, x: Tensor) -> Tensor | None:
-    """A tensor beta as the kernels read it: C values (a one-element beta repeated)."""
-    if beta is None:
-        return None
-    return flat_param(beta, x).expand(x.shape[1]).contiguous()
+def _math(act: str, beta: Tensor | None, beta_value: float, p1: Tensor | None,
+          p2: Tensor | None, x: Tensor) -> tuple[reference.Act, reference.ActBackward]:
+    """The activation's reference forward and backward as ``reference``'s BatchNorm functions
+    take them; its parameter gradients come back as (beta, p1, p2)."""
+    if act == ACON:
+        def acon_backward(g: Tensor, z: Tensor, need: bool) -> tuple:
+            dz, dp1, dp2, dbeta = reference.acon_c_backward(g, z, p1, p2, beta)
+            return dz, (dbeta, dp1, dp2) if need else (None, None, None)
 
+        return lambda z: reference.acon_c(z, p1, p2, beta), acon_backward
+    spec = SPECS[act]
+    b = fp32(beta_value, x.device) if beta is None else beta
 
-def _finish(partial: Tensor, p: plan.Plan) -> Tensor:
-    """The per-channel totals of k quantities' partials: (k, C)."""
-    return partial.view(partial.shape[0], -1, p.channels).sum(1)
+    def backward(g: Tensor, z: Tensor, need: bool) -> tuple:
+        dz, dbeta = spec.backward(g, z, b, need and beta is not None)
+        return dz, (dbeta, None, None)
 
-
-def _beta_grad(total: Tensor, beta: Tensor) -> Tensor:
-    """d/dbeta from its per-channel totals, summed to a one-element beta."""
-    return (total.sum() if beta.numel() == 1 else total).reshape(beta.shape).to(beta.dtype)
+    return lambda z: spec.forward(z, b), backward
 
 
 def _kernels(x: Tensor, backend: str) -> object | None:
@@ -44,64 +47,106 @@ def _kernels(x: Tensor, backend: str) -> object | None:
     return k if k is not None and hasattr(k, "affine_act_forward") else None
 
 
+def _flat(p: Tensor | None, x: Tensor) -> Tensor | None:
+    """A parameter of 1 or C values as the kernels read it: C values, flat, in opmath."""
+    return None if p is None else flat_param(p, x).expand(x.shape[1]).contiguous()
+
+
+def _kernel_act(act: str, beta: Tensor | None, p1: Tensor | None, p2: Tensor | None,
+                x: Tensor) -> dict:
+    """The activation's arguments of the launchers: its kernel id, beta, and ACON-C's (p1, p2)."""
+    if act == ACON:
+        return dict(act=0, beta=_flat(beta, x), acon=(_flat(p1, x), _flat(p2, x)))
+    return dict(act=SPECS[act].kernel_id, beta=_flat(beta, x), acon=None)
+
+
+def _finish(partial: Tensor, p: plan.Plan) -> Tensor:
+    """The per-channel totals of k quantities' partials: (k, C)."""
+    return partial.view(partial.shape[0], -1, p.channels).sum(1)
+
+
+def _param_grads(sums: Tensor, act: str, beta: Tensor | None, p1: Tensor | None,
+                 p2: Tensor | None) -> tuple[Tensor | None, ...]:
+    """(dbeta, dp1, dp2) from the per-channel totals after the first two, each summed to a
+    one-element parameter and in its parameter's shape and dtype."""
+    def to(total: Tensor, t: Tensor) -> Tensor:
+        return (total.sum() if t.numel() == 1 else total).reshape(t.shape).to(t.dtype)
+
+    if act == ACON:
+        return to(sums[4], beta), to(sums[2], p1), to(sums[3], p2)
+    return (None if beta is None else to(sums[2], beta)), None, None
+
+
+def _extra_rows(act: str, beta: Tensor | None) -> int:
+    """Partial rows of the activation's parameter gradients."""
+    return 3 if act == ACON else int(beta is not None)
+
+
 def affine_act_impl(x: Tensor, c: Tensor, a: Tensor, b: Tensor, act: str, beta: Tensor | None,
-                    beta_value: float, backend: str) -> Tensor:
+                    beta_value: float, p1: Tensor | None, p2: Tensor | None,
+                    backend: str) -> Tensor:
     """f((x - c) a + b) for per-channel c, a, b by ``backend``."""
     xd = dense(x)
     beta_value = fp32(beta_value)
     k = _kernels(x, backend)
     if k is None or x.numel() == 0:
-        return like(reference.affine_act(xd, c, a, b, SPECS[act].forward,
-                                         _beta(beta, beta_value, x)), xd)
+        return like(reference.affine_act(xd, c, a, b, _math(act, beta, beta_value, p1, p2,
+                                                              x)[0]), xd)
     y = torch.empty_like(xd)
-    k.affine_act_forward(xd, y, SPECS[act].kernel_id, flat_param(c, x), flat_param(a, x),
-                         flat_param(b, x), _channel_beta(beta, x), beta_value,
-                         plan.channel_plan(xd, x.shape[1]))
+    k.affine_act_forward(xd, y, c=flat_param(c, x), a=flat_param(a, x), b=flat_param(b, x),
+                         beta_value=beta_value, p=plan.channel_plan(xd, x.shape[1]),
+                         **_kernel_act(act, beta, p1, p2, x))
     return y
 
 
 def affine_act_backward_impl(grad: Tensor, x: Tensor, c: Tensor, a: Tensor, b: Tensor, act: str,
-                             beta: Tensor | None, beta_value: float, need_params: bool,
+                             beta: Tensor | None, beta_value: float, p1: Tensor | None,
+                             p2: Tensor | None, need_params: bool,
                              backend: str) -> tuple[Tensor | None, ...]:
-    """(dx, dc, da, db, dbeta) of ``affine_act``, all but dx only if ``need_params``."""
+    """(dx, dc, da, db, dbeta, dp1, dp2) of ``affine_act``, all but dx only if
+    ``need_params``."""
     xd = dense(x)
     g = like(grad, xd)
     beta_value = fp32(beta_value)
     k = _kernels(x, backend)
     if k is None or x.numel() == 0:
-        dx, *rest = reference.affine_act_backward(g, xd, c, a, b, SPECS[act].backward,
-                                                  _beta(beta, beta_value, x), need_params)
+        dx, *rest = reference.affine_act_backward(
+            g, xd, c, a, b, _math(act, beta, beta_value, p1, p2, x)[1], need_params)
         return (like(dx, xd), *rest)
     dx = torch.empty_like(xd)
     p = plan.channel_plan(xd, x.shape[1])
     af = flat_param(a, x)
-    partial = torch.empty(2 + (beta is not None), p.partials, dtype=plan.accumulator(x),
+    partial = torch.empty(2 + _extra_rows(act, beta), p.partials, dtype=plan.accumulator(x),
                           device=x.device) if need_params else None
-    k.affine_act_backward(g, xd, dx, SPECS[act].kernel_id, flat_param(c, x), af,
-                          flat_param(b, x), _channel_beta(beta, x), beta_value, None, partial, p)
+    k.affine_act_backward(g, xd, dx, c=flat_param(c, x), a=af, b=flat_param(b, x),
+                          beta_value=beta_value, k=None, partial=partial, p=p,
+                          **_kernel_act(act, beta, p1, p2, x))
     if partial is None:
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None, None
     sums = _finish(partial, p)
-    dbeta = None if beta is None else _beta_grad(sums[2], beta)
     return (dx, (-sums[0] * af).reshape(c.shape).to(c.dtype), sums[1].reshape(a.shape).to(a.dtype),
-            sums[0].reshape(b.shape).to(b.dtype), dbeta)
+            sums[0].reshape(b.shape).to(b.dtype), *_param_grads(sums, act, beta, p1, p2))
 
 
 def _affine_reference(x: Tensor, c: Tensor, a: Tensor, b: Tensor, act: str, beta: Tensor | None,
-                      beta_value: float) -> Tensor:
-    return reference.affine_act(x, c, a, b, SPECS[act].forward, _beta(beta, beta_value, x))
+                      beta_value: float, p1: Tensor | None, p2: Tensor | None) -> Tensor:
+    return reference.affine_act(x, c, a, b, _math(act, beta, beta_value, p1, p2, x)[0])
 
 
 def _affine_reference_backward(grad: Tensor, x: Tensor, c: Tensor, a: Tensor, b: Tensor,
                                act: str, beta: Tensor | None, beta_value: float,
-                               need_params: bool) -> tuple[Tensor | None, ...]:
-    return reference.affine_act_backward(grad, x, c, a, b, SPECS[act].backward,
-                                         _beta(beta, beta_value, x), need_params)
+                               p1: Tensor | None, p2: Tensor | None, need_params: bool
+                               ) -> tuple[Tensor | None, ...]:
+    return reference.affine_act_backward(grad, x, c, a, b,
+                                         _math(act, beta, beta_value, p1, p2, x)[1], need_params)
 
+
+# the activation's arguments, after the tensors the BatchNorm takes
+_ACT_ARGS = (attr("act", "str"), param("beta", optional=True), attr("beta_value", "float"),
+             param("p1", optional=True), param("p2", optional=True))
 
 AFFINE_ACT = Op(
-    Schema("affine_act", (data("x"), param("c"), param("a"), param("b"), attr("act", "str"),
-                          param("beta", optional=True), attr("beta_value", "float")),
+    Schema("affine_act", (data("x"), param("c"), param("a"), param("b"), *_ACT_ARGS),
            flag="need_params"),
     affine_act_impl, _affine_reference, affine_act_backward_impl, _affine_reference_backward,
     compile_mode=config.mode_for)
@@ -114,15 +159,15 @@ def _shift(x: Tensor) -> Tensor:
 
 
 def batch_norm_act_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                        act: str, beta: Tensor | None, beta_value: float,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                        act: str, beta: Tensor | None, beta_value: float, p1: Tensor | None,
+                        p2: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(f(batch_norm(x)), mean, biased variance) on x's batch statistics by ``backend``."""
     xd = dense(x)
     beta_value = fp32(beta_value)
     k = _kernels(x, backend)
     if k is None or x.numel() == 0:
-        y, mean, var = reference.batch_norm_act(xd, weight, bias, eps, SPECS[act].forward,
-                                                _beta(beta, beta_value, x))
+        y, mean, var = reference.batch_norm_act(xd, weight, bias, eps,
+                                                _math(act, beta, beta_value, p1, p2, x)[0])
         return like(y, xd), mean, var
     p = plan.channel_plan(xd, x.shape[1])
     m = x.numel() // x.shape[1]
@@ -132,72 +177,71 @@ def batch_norm_act_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     s1, s2 = _finish(partial, p) / m
     mean = shift + s1
     var = (s2 - s1 * s1).clamp_min(0.0)
-    a, b = reference._affine(weight, bias, torch.rsqrt(var + eps))
+    a, b = reference.bn_affine(weight, bias, torch.rsqrt(var + eps))
     y = torch.empty_like(xd)
-    k.affine_act_forward(xd, y, SPECS[act].kernel_id, mean, a.contiguous(), b.contiguous(),
-                         _channel_beta(beta, x), beta_value, p)
+    k.affine_act_forward(xd, y, c=mean, a=a.contiguous(), b=b.contiguous(),
+                         beta_value=beta_value, p=p, **_kernel_act(act, beta, p1, p2, x))
     return y, mean, var
 
 
 def batch_norm_act_backward_impl(grad: Tensor, x: Tensor, weight: Tensor | None,
                                  bias: Tensor | None, eps: float, act: str, beta: Tensor | None,
-                                 beta_value: float, mean: Tensor, var: Tensor, need_params: bool,
+                                 beta_value: float, p1: Tensor | None, p2: Tensor | None,
+                                 mean: Tensor, var: Tensor, need_params: bool,
                                  backend: str) -> tuple[Tensor | None, ...]:
-    """(dx, dweight, dbias, dbeta) of ``batch_norm_act``, all but dx only if ``need_params``."""
+    """(dx, dweight, dbias, dbeta, dp1, dp2) of ``batch_norm_act``, all but dx only if
+    ``need_params``."""
     xd = dense(x)
     g = like(grad, xd)
     beta_value = fp32(beta_value)
     k = _kernels(x, backend)
     if k is None or x.numel() == 0:
         dx, *rest = reference.batch_norm_act_backward(
-            g, xd, weight, bias, eps, SPECS[act].backward, _beta(beta, beta_value, x), mean, var,
+            g, xd, weight, bias, eps, _math(act, beta, beta_value, p1, p2, x)[1], mean, var,
             need_params)
         return (like(dx, xd), *rest)
     p = plan.channel_plan(xd, x.shape[1])
     m = x.numel() // x.shape[1]
     invstd = torch.rsqrt(var + eps)
-    a, b = reference._affine(weight, bias, invstd)
-    a, b = a.contiguous(), b.contiguous()
-    kb = _channel_beta(beta, x)
-    act_id = SPECS[act].kernel_id
-    partial = torch.empty(2 + (need_params and beta is not None), p.partials,
+    a, b = reference.bn_affine(weight, bias, invstd)
+    common = dict(c=mean, a=a.contiguous(), b=b.contiguous(), beta_value=beta_value, p=p,
+                  **_kernel_act(act, beta, p1, p2, x))
+    partial = torch.empty(2 + (_extra_rows(act, beta) if need_params else 0), p.partials,
                           dtype=plan.accumulator(x), device=x.device)
-    k.affine_act_backward(g, xd, None, act_id, mean, a, b, kb, beta_value, None, partial, p)
+    k.affine_act_backward(g, xd, None, k=None, partial=partial, **common)
     sums = _finish(partial, p)
     k1, k0 = -a * invstd * invstd * sums[1] / m, -a * sums[0] / m
     dx = torch.empty_like(xd)
-    k.affine_act_backward(g, xd, dx, act_id, mean, a, b, kb, beta_value, (k1, k0), None, p)
+    k.affine_act_backward(g, xd, dx, k=(k1, k0), partial=None, **common)
     if not need_params:
-        return dx, None, None, None
+        return dx, None, None, None, None, None
     dweight = None if weight is None else (sums[1] * invstd).reshape(weight.shape).to(
         weight.dtype)
     dbias = None if bias is None else sums[0].reshape(bias.shape).to(bias.dtype)
-    dbeta = None if beta is None else _beta_grad(sums[2], beta)
-    return dx, dweight, dbias, dbeta
+    return dx, dweight, dbias, *_param_grads(sums, act, beta, p1, p2)
 
 
 def _bn_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str,
-                  beta: Tensor | None, beta_value: float) -> tuple[Tensor, Tensor, Tensor]:
-    return reference.batch_norm_act(x, weight, bias, eps, SPECS[act].forward,
-                                    _beta(beta, beta_value, x))
+                  beta: Tensor | None, beta_value: float, p1: Tensor | None,
+                  p2: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.batch_norm_act(x, weight, bias, eps,
+                                    _math(act, beta, beta_value, p1, p2, x)[0])
 
 
 def _bn_reference_backward(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                            eps: float, act: str, beta: Tensor | None, beta_value: float,
-                           mean: Tensor, var: Tensor, need_params: bool
-                           ) -> tuple[Tensor | None, ...]:
+                           p1: Tensor | None, p2: Tensor | None, mean: Tensor, var: Tensor,
+                           need_params: bool) -> tuple[Tensor | None, ...]:
     # the statistics again from x, not the saved ones: a graph of this backward (double
     # backward) must see how they depend on x
-    return reference.batch_norm_act_backward(grad, x, weight, bias, eps, SPECS[act].backward,
-                                             _beta(beta, beta_value, x),
+    return reference.batch_norm_act_backward(grad, x, weight, bias, eps,
+                                             _math(act, beta, beta_value, p1, p2, x)[1],
                                              *reference.batch_stats(x), need_params)
 
 
 BATCH_NORM_ACT = Op(
     Schema("batch_norm_act", (data("x"), param("weight", optional=True),
-                              param("bias", optional=True), attr("eps", "float"),
-                              attr("act", "str"), param("beta", optional=True),
-                              attr("beta_value", "float")),
+                              param("bias", optional=True), attr("eps", "float"), *_ACT_ARGS),
            outputs=("y", "mean", "var"), saved_outputs=("mean", "var"), flag="need_params",
            returned=3),
     batch_norm_act_impl, _bn_reference, batch_norm_act_backward_impl, _bn_reference_backward,
