@@ -315,13 +315,14 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     C values whose gradient is reduced inside the backward), or ``"acon_c"`` with per-channel
     ``p1``, ``p2`` and ``beta`` (ACON-C; their gradients reduced in the backward too).
 
-    ``x`` is (N, C, *).  In training (or without running statistics) the batch statistics are
+    ``x`` is (N, C, *).  In training the batch statistics are
     computed in fp32 (fp64 for fp64) in one read of x, then y = f((x - mean) a + b) in a second;
     the backward reads x and the gradient twice (per-channel sums, then dx) and saves only x,
     the parameters and the C-sized statistics, never the normalised value.  ``running_mean`` and
-    ``running_var`` are updated in place with ``momentum`` (the unbiased variance, as torch).
-    In eval the running statistics fold into per-channel a, b: one pass each way, gradients
-    reaching weight and bias.  fp16/bf16 results are rounded once, from fp32.  A DTensor is
+    ``running_var`` (both, or neither) are updated in place with ``momentum`` (the unbiased
+    variance, as torch).  In eval (``training=False``, which needs the running statistics, as
+    torch's) they fold into per-channel a, b: one pass each way, gradients reaching weight and
+    bias.  fp16/bf16 results are rounded once, from fp32.  A DTensor is
     refused: statistics across shards are SyncBatchNorm's job.
     """
     _check_x("batch_norm_act", x)
@@ -339,10 +340,13 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise TypeError("fused_act.batch_norm_act: DTensor inputs would be normalised by each "
                         "shard's own statistics; use torch.nn.SyncBatchNorm and the activation "
                         "apart")
-    if not training and (running_mean is None) != (running_var is None):
-        raise ValueError("fused_act.batch_norm_act: running_mean and running_var must both be "
-                         "given, or both None")
-    if training or running_mean is None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fused_act.batch_norm_act: running_mean and running_var must either "
+                         "both be None or neither be None")
+    if not training and running_mean is None:
+        raise ValueError("fused_act.batch_norm_act: running_mean and running_var must be "
+                         "defined in evaluation mode (training=False)")
+    if training:
         m = x.numel() // x.shape[1] if x.shape[1] else 0
         if m == 1:
             raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "

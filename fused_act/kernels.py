@@ -67,9 +67,9 @@ class Kernels(Protocol):
         """dgate = g up f'(gate), dup = g f(gate), and g up df/dbeta into ``partial``;
         ``strides``: the row strides of g, gate, up, dgate, dup."""
 
-    def stats(self, x: Tensor, shift: Tensor, partial: Tensor, p: Plan) -> None:
-        """The partials of sum(x - shift) and sum((x - shift)^2) per channel (2 x
-        ``p.partials`` slots); ``shift`` holds C values."""
+    def stats(self, x: Tensor, partial: Tensor, p: Plan) -> None:
+        """Per tile and channel: the count of x's values, their sum, and the sum of their
+        squared distances from the tile's mean of them (3 x ``p.partials`` slots)."""
 
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
                            b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,

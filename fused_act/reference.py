@@ -372,7 +372,7 @@ def batch_norm_act_backward(grad: Tensor, x: Tensor, weight: Tensor | None,
     af = _param(a, x)
     dz, grads = act_backward(_opmath(grad), xc * af + _param(b, x), need_params)
     dims = _channel_dims(x)
-    m = x.numel() // x.shape[1]
+    m = x.numel() // max(x.shape[1], 1)  # C = 0: nothing to normalise, and no division
     s1, s2 = dz.sum(dims), (dz * xc).sum(dims)
     dx = af * (dz - _param(s1 / m, x) - xc * _param(s2 * invstd * invstd / m, x))
     if not need_params:

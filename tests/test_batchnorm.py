@@ -35,6 +35,7 @@ ACTS = {
     "gelu_tanh": ("gelu", {"approximate": "tanh"}, lambda z: F.gelu(z, approximate="tanh")),
     # a float beta reaches every path rounded to fp32
     "swish": ("swish", {"beta": 1.702}, lambda z: z * torch.sigmoid(_BETA32 * z)),
+    "squared_relu": ("squared_relu", {}, lambda z: F.relu(z).square()),
 }
 
 
@@ -141,6 +142,59 @@ def test_learnable_beta(key, backend_name, device):
                 got = torch.autograd.grad(y, (x, w, b, beta), g)
             for d, e in zip(got, torch.autograd.grad(want, (x, w, b, beta), g), strict=True):
                 torch.testing.assert_close(d, e)
+
+
+def _acon(z, p1, p2, beta):
+    v = [t.view(1, -1, *([1] * (z.dim() - 2))) for t in (p1, p2, beta)]
+    d = (v[0] - v[1]) * z
+    return d * torch.sigmoid(v[2] * d) + v[1] * z
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("key", ["nchw", "channels_last", "nc", "one_channel"])
+def test_acon_c(key, backend_name, device):
+    """ACON-C after BatchNorm, training and eval, in float64: values and the gradients of x,
+    weight, bias, p1, p2 and beta; one channel has p1 = p2 and another beta = 0 (the sigmoid
+    of 0 everywhere)."""
+    need_backend(backend_name, device)
+    x = _x(key, torch.float64, device)
+    c = x.shape[1]
+    gen = torch.Generator().manual_seed(3)
+    w, b, p1, p2, beta = (torch.randn(c, generator=gen, dtype=torch.float64) for _ in range(5))
+    if c > 2:
+        p2[1], beta[2] = p1[1], 0.0
+    params = [t.to(device).requires_grad_() for t in (w, b, p1, p2, beta)]
+    w, b, p1, p2, beta = params
+    rm = torch.randn(c, generator=gen, dtype=torch.float64).to(device)
+    rv = torch.rand(c, generator=gen, dtype=torch.float64).to(device) + 0.5
+    for training in (True, False):
+        with fused_act.use_backend(backend_name):
+            y = fused_act.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training,
+                                         activation="acon_c", p1=p1, p2=p2, beta=beta)
+        want = _acon(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training), p1, p2, beta)
+        torch.testing.assert_close(y, want)
+        g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device)
+        with fused_act.use_backend(backend_name):
+            got = torch.autograd.grad(y, (x, *params), g)
+        for d, e in zip(got, torch.autograd.grad(want, (x, *params), g), strict=True):
+            torch.testing.assert_close(d, e)
+
+
+def test_acon_c_module_and_checks():
+    """BatchNormAct2d over AconC: the state_dict of BatchNorm2d plus act.p1, act.p2, act.beta;
+    Meta-ACON is refused (its beta is computed from BatchNorm's output); missing ACON
+    arguments are named."""
+    m = fused_act.nn.BatchNormAct2d(3, act=fused_act.nn.AconC(3))
+    assert {"act.p1", "act.p2", "act.beta", "weight", "running_var"} <= set(m.state_dict())
+    y = m(torch.randn(2, 3, 4, 4))
+    y.sum().backward()
+    assert m.act.p1.grad is not None and m.act.beta.grad is not None
+    with pytest.raises(TypeError, match="act must be"):
+        fused_act.nn.BatchNormAct2d(3, act=fused_act.nn.MetaAconC(3))
+    with pytest.raises(TypeError, match="takes p1, p2 and beta"):
+        fused_act.batch_norm_act(torch.randn(2, 3, 4), None, None, training=True,
+                                 activation="acon_c", p1=torch.ones(3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -260,6 +314,27 @@ def test_saved_bytes(dtype):
     assert fused <= 0.70 * eager, (fused, eager)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("layout", [None, torch.channels_last])
+def test_statistics_do_not_cancel(layout, backend_name, device):
+    """fp32 statistics of channels far from 0 (mean 1e3) with an outlier first (-1e3): the mean,
+    the running variance and y as accurate as fp32 allows, against float64."""
+    need_backend(backend_name, device)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 3, 32, 32, generator=gen, dtype=torch.float64) + 1e3
+    x[0, :, 0, 0] = -1e3
+    x = x.contiguous(memory_format=layout or torch.contiguous_format)
+    stats = [torch.zeros(3, device=device), torch.ones(3, device=device)]
+    with fused_act.use_backend(backend_name):
+        y = fused_act.batch_norm_act(x.float().to(device), *stats, None, None, True, 1.0)
+    want_stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    want = F.silu(F.batch_norm(x, *want_stats, None, None, True, 1.0))
+    torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    for got, exact in zip(stats, want_stats, strict=True):
+        torch.testing.assert_close(got.double().cpu(), exact, rtol=1e-5, atol=0)
+
+
 def test_edge_values():
     """inf and NaN in a channel make that channel's statistics NaN, as torch's do; the other
     channels are untouched, and no finite channel gets a NaN."""
@@ -285,8 +360,10 @@ def test_bad_input():
         fused_act.batch_norm_act(x.int(), None, None, training=True)
     with pytest.raises(ValueError, match="unknown activation"):
         fused_act.batch_norm_act(x, None, None, training=True, activation="relu6")
-    with pytest.raises(ValueError, match="both be given"):
-        fused_act.batch_norm_act(x, torch.zeros(3), None)
+    with pytest.raises(ValueError, match="both be None or neither"):
+        fused_act.batch_norm_act(x, torch.zeros(3), None, training=True)
+    with pytest.raises(ValueError, match="defined in evaluation mode"):
+        fused_act.batch_norm_act(x, None, None)
     with pytest.raises(TypeError, match="act must be"):
         fused_act.nn.BatchNormAct2d(3, act=nn.ReLU())
     with pytest.raises(ValueError, match="act 'relu'"):
@@ -312,11 +389,15 @@ def test_dtensor_is_refused():
 
 
 def test_empty_batch():
-    """An empty batch gives an empty result and leaves the running statistics, as torch's."""
+    """An empty batch gives an empty result and leaves the running statistics, as torch's;
+    no channels at all runs forward and backward."""
     m = fused_act.nn.BatchNormAct2d(3, act="gelu")
     x = torch.empty(0, 3, 4, 4)
     assert m(x).shape == x.shape
     assert m.running_mean.eq(0).all() and m.running_var.eq(1).all()
+    x = torch.randn(2, 0, 4, 4, requires_grad=True)
+    fused_act.batch_norm_act(x, torch.zeros(0), torch.ones(0), training=True).sum().backward()
+    assert x.grad.shape == x.shape
 
 
 # ---- patch_batchnorm_acts ---------------------------------------------------------------------
@@ -397,6 +478,8 @@ def test_pairs_left_with_a_reason():
     assert "hooks" in reasons["6"]
     assert [s.name for s in report.swapped] == ["8"] and isinstance(model[9], nn.Identity)
     _train_step_matches(model, ref, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    sync = nn.Sequential(nn.SyncBatchNorm(4), nn.SiLU())  # statistics across processes
+    assert fused_act.patch_batchnorm_acts(sync).swapped == []
     timm = pytest.importorskip("timm")
     block = timm.layers.BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)
     report = fused_act.patch_batchnorm_acts(nn.Sequential(block))
@@ -414,9 +497,28 @@ def test_export_and_fx():
         ep = torch.export.export(twin, (x,))
         targets = {str(n.target) for n in ep.graph.nodes if "fused_act" in str(n.target)}
         assert targets == {f"fused_act.{'batch_norm_act' if training else 'affine_act'}.default"}
-        gm = torch.fx.symbolic_trace(copy.deepcopy(m))
-        assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
-            fused_act.batch_norm_act]
         want = m(x)
-        torch.testing.assert_close(gm(x), want)
         torch.testing.assert_close(ep.module()(x), want)
+
+
+def test_fx_records_the_module():
+    """torch.fx records BatchNormAct2d as one module call, as BatchNorm2d: the traced graph
+    follows train/eval and counts batches (momentum None: a cumulative average), as torch's
+    pair does."""
+    def pair(fused):
+        torch.manual_seed(0)
+        bn = fused_act.nn.BatchNormAct2d(3, act="mish", momentum=None) if fused else \
+            nn.Sequential(nn.BatchNorm2d(3, momentum=None), nn.Mish())
+        return torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 3, 1), bn))
+
+    ours, theirs = pair(True), pair(False)
+    assert [n.op for n in ours.graph.nodes].count("call_module") == 2
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(step)) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.get_submodule("1").num_batches_tracked.item() == 3
+    torch.testing.assert_close(ours.get_submodule("1").running_var,
+                               theirs.get_submodule("1.0").running_var)
+    ours.eval(), theirs.eval()
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))

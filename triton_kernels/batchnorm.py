@@ -2,8 +2,9 @@
 
 Three kernels serve training and eval (``fused_act/ops/batchnorm.py`` composes them):
 
-* ``stats``: per tile, the partial sums of d and d^2 with d = x - shift (a value of the same
-  channel, so that the variance E[d^2] - E[d]^2 does not cancel), one read of x;
+* ``stats``: per tile and channel, the count, the sum and the sum of squared distances from the
+  tile's own mean, which the host merges into the mean and variance (Chan et al.'s pairwise
+  update: nothing cancels), one read of x;
 * ``affine_act_fwd``: y = f(z), z = (x - c) a + b with per-channel c, a, b (training: the batch
   mean, weight / std, bias; eval: the running statistics folded the same way);
 * ``affine_act_bwd``: dz = g f'(z); writes dx = a dz (+ k1 (x - c) + k0 per channel: the
@@ -31,16 +32,26 @@ from .tiling import (
 
 
 @triton.jit
-def stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, R, L, C, LAYOUT: tl.constexpr,
+def stats_kernel(x_ptr, n_ptr, s_ptr, m2_ptr, R, L, C, LAYOUT: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, FLAT: tl.constexpr,
                  INT64: tl.constexpr):
     pid = tl.program_id(0)
     _, rb, pid_l, rows, cols, offs, mask, row_mask = tile(pid, R, L, 1, BLOCK_R, BLOCK_L, FLAT,
                                                           INT64)
-    x = opmath(tl.load(x_ptr + offs, mask=mask))
-    d = keep(x - load_channel(shift_ptr, rows, cols, C, LAYOUT), mask)
-    store_partial(s1_ptr, d, rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
-    store_partial(s2_ptr, d * d, rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
+    x = keep(opmath(tl.load(x_ptr + offs, mask=mask)), mask)
+    ones = keep(x * 0.0 + 1.0, mask)
+    # the tile's own mean of each channel, from the values it holds: the squares are summed
+    # about it, so nothing cancels however far the channel's values lie from 0
+    if LAYOUT == 1:
+        n = tl.sum(ones, axis=1)[:, None]
+        mean = tl.sum(x, axis=1)[:, None] / tl.maximum(n, 1.0)
+    else:
+        n = tl.sum(ones, axis=0)[None, :]
+        mean = tl.sum(x, axis=0)[None, :] / tl.maximum(n, 1.0)
+    d = keep(x - mean, mask)
+    store_partial(n_ptr, ones, rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
+    store_partial(s_ptr, x, rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
+    store_partial(m2_ptr, d * d, rb, pid_l, rows, cols, row_mask, R, L, LAYOUT)
 
 
 @triton.jit
@@ -131,12 +142,12 @@ def _tiling(p: Plan, dtype: torch.dtype) -> dict:
                 INT64=p.int64, num_warps=num_warps(dtype))
 
 
-def stats(x: torch.Tensor, shift: torch.Tensor, partial: torch.Tensor, p: Plan) -> None:
-    """Store the partials of sum(x - shift) and sum((x - shift)^2) per channel into
-    ``partial`` (2 x ``p.partials`` slots); ``shift`` holds C values."""
-    s1, s2 = partial.view(2, p.partials).unbind()
-    launch(stats_kernel)[p.grid](x, shift, s1, s2, p.rows, p.cols, p.channels,
-                                 **_tiling(p, x.dtype))
+def stats(x: torch.Tensor, partial: torch.Tensor, p: Plan) -> None:
+    """Store, per tile and channel, the count of x's values, their sum, and the sum of their
+    squared distances from the tile's own mean of them (3 x ``p.partials`` slots), which
+    the host merges (``fused_act/ops/batchnorm.py``)."""
+    n, s, m2 = partial.view(3, p.partials).unbind()
+    launch(stats_kernel)[p.grid](x, n, s, m2, p.rows, p.cols, p.channels, **_tiling(p, x.dtype))
 
 
 def affine_act_forward(x: torch.Tensor, y: torch.Tensor, act: int, c: torch.Tensor,

@@ -433,8 +433,11 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, torch.fx.Proxy):  # a traced graph holds the one functional call
-            self._check_input_dim(x)
+        if isinstance(x, torch.fx.Proxy):
+            # torch.fx records the module as one call, as it does BatchNorm2d (a leaf there):
+            # the graph then reads the mode and counts batches each time it runs
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
+        self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

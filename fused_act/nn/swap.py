@@ -629,8 +629,10 @@ def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacem
     becomes ours.  Tensors (parameters, running statistics) are the originals' objects, modes
     and ``eps``/``momentum`` carry over; unfamiliar classes are checked on the usual float64
     probe; a module with hooks, a shared module, SyncBatchNorm and anything inside
-    ``torch.compile`` are left, with why.  ``restore_activations`` undoes it.  Returns a
-    ``Replacement``; ``verbose=True`` prints it."""
+    ``torch.compile`` are left, with why.  The BatchNorm's slot then returns the activated
+    value: code that slices such a Sequential between the two, or hooks the new module, sees
+    the activation's output where BatchNorm's was.  ``restore_activations`` undoes it.
+    Returns a ``Replacement``; ``verbose=True`` prints it."""
     pairs = _pairs(model)
     names = _names_by_module(_slots(model))
 

@@ -153,9 +153,17 @@ AFFINE_ACT = Op(
 affine_act_op, affine_act_backward_op = AFFINE_ACT.forward_op, AFFINE_ACT.backward_op
 
 
-def _shift(x: Tensor) -> Tensor:
-    """One value of each channel of a non-empty ``x`` (its first), to sum x - shift from."""
-    return flat_param(x[(0, slice(None), *([0] * (x.dim() - 2)))], x)
+def merge_stats(partial: Tensor, p: plan.Plan) -> tuple[Tensor, Tensor]:
+    """(mean, biased variance) of each channel from the stats kernel's per-tile counts, sums and
+    sums of squared distances from the tile's mean (3 x ``p.partials``): the tiles' M2 plus
+    each tile's count times its mean's squared distance from the channel's (Chan et al.), a sum
+    of non-negative terms in a fixed order: deterministic, and no cancellation."""
+    n, s, m2 = partial.view(3, -1, p.channels)
+    total = n.sum(0)
+    mean = s.sum(0) / total
+    tile_mean = s / n.clamp_min(1.0)
+    spread = torch.where(n > 0, n * (tile_mean - mean).square(), 0.0)
+    return mean, (m2.sum(0) + spread.sum(0)) / total
 
 
 def batch_norm_act_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -170,13 +178,9 @@ def batch_norm_act_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, e
                                                 _math(act, beta, beta_value, p1, p2, x)[0])
         return like(y, xd), mean, var
     p = plan.channel_plan(xd, x.shape[1])
-    m = x.numel() // x.shape[1]
-    shift = _shift(xd)
-    partial = torch.empty(2, p.partials, dtype=plan.accumulator(x), device=x.device)
-    k.stats(xd, shift, partial, p)
-    s1, s2 = _finish(partial, p) / m
-    mean = shift + s1
-    var = (s2 - s1 * s1).clamp_min(0.0)
+    partial = torch.empty(3, p.partials, dtype=plan.accumulator(x), device=x.device)
+    k.stats(xd, partial, p)
+    mean, var = merge_stats(partial, p)
     a, b = reference.bn_affine(weight, bias, torch.rsqrt(var + eps))
     y = torch.empty_like(xd)
     k.affine_act_forward(xd, y, c=mean, a=a.contiguous(), b=b.contiguous(),
