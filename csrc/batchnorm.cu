@@ -2,7 +2,8 @@
 // triton_kernels/batchnorm.py, slot for slot): per-tile partial sums of d = x - shift and d^2
 // (the batch statistics); y = f(z), z = (x - c) a + b with per-channel c, a, b; and its backward,
 // writing dx = a dz (+ k1 (x - c) + k0) and/or per-tile partial sums of dz = g f'(z), dz (x - c)
-// and g df/dbeta.
+// and the activation's parameter gradients: g df/dbeta, or for ACON-C (f of per-channel p1, p2
+// and beta) g df/dp1, g df/dp2, g df/dbeta.
 #include "act_math.cuh"
 
 namespace fused_act {
@@ -57,7 +58,7 @@ struct StatsOp {
   }
 };
 
-// f((x - c) a + b), as tile.cuh's MapOp takes it; F is ActMath
+// f((x - c) a + b), as tile.cuh's MapOp takes it; F is ActMath or AconMath
 template <class M, class F>
 struct AffineMath {
   Affine<M> affine;
@@ -70,12 +71,14 @@ struct AffineMath {
 };
 
 // dz = g f'(z): dx = a dz (+ k1 (x - c) + k0 per channel) where dx is not null, and the terms
-// dz, dz (x - c) and (NP = 3) g df/dbeta of the tile's reduction
+// dz, dz (x - c) and (NP = 2 + F::NP) the F::NP terms g df/dp of f's parameters (ActMath: beta;
+// AconMath: p1, p2, beta) of the tile's reduction
 template <class T, class F, int NP_>
 struct AffineGradOp {
   using Storage = T;
   using M = opmath_t<T>;
   static constexpr int NP = NP_;
+  static_assert(NP == 2 || NP == 2 + F::NP, "AffineGradOp: 2 sums, or 2 and f's parameters'");
   const T* g;
   const T* x;
   T* dx;        // null: the sums only
@@ -85,10 +88,13 @@ struct AffineGradOp {
   F f;
 
   // tile.cuh min_blocks (bench/codegen_cuda.py): 16-bit vectors spill at 80 registers (GELU's
-  // dx pass) and fp32's sums at 80, so they get 128; fp64 with sums spills at 64
+  // dx pass) and fp32's sums at 80, so they get 128; fp64 with sums spills at 64.  ACON-C
+  // (F::NP = 3): fp32 vectors spill at 64 in the dx pass too, and 16-bit vectors with all five
+  // column sums at 128, so those get 255 (measured: 128 + 64 B of spill)
   template <int VEC, int SUMS>
   static constexpr int min_blocks() {
-    if (VEC >= 8 || (SUMS != NO_SUMS && VEC >= 4)) return 2;
+    if (NP == 5 && VEC >= 8 && SUMS == COLUMN_SUMS) return 1;
+    if (VEC >= 8 || (VEC >= 4 && (SUMS != NO_SUMS || F::NP == 3))) return 2;
     return SUMS != NO_SUMS && sizeof(M) == 8 ? 3 : MIN_BLOCKS;
   }
 
@@ -105,7 +111,8 @@ struct AffineGradOp {
       if (k < a.n) {
         d[0][k] = dz;
         d[1][k] = dz * xc;
-        if constexpr (NP == 3) d[2][k] = gv[k] * terms[0];
+#pragma unroll
+        for (int q = 2; q < NP; ++q) d[q][k] = gv[k] * terms[q - 2];
       }
       xv[k] = dz * av;
       if (k1 != nullptr) {
@@ -117,33 +124,49 @@ struct AffineGradOp {
   }
 };
 
-template <int ACT, class T>
+// F: f's math (ActMath or AconMath) for storage T
+template <class T, class F>
 int affine_act_forward(const void* x, void* y, const void* c, const void* a, const void* b,
-                       const void* beta, float beta_value, const fa_plan& p, void* stream) {
+                       const F& f, const fa_plan& p, void* stream) {
   using M = opmath_t<T>;
-  using F = AffineMath<M, ActMath<ACT, M>>;
-  const MapOp<T, F> op{static_cast<const T*>(x), static_cast<T*>(y),
-                       F{affine_of<M>(c, a, b, p), {beta_of<M>(beta, beta_value, p)}}};
+  const MapOp<T, AffineMath<M, F>> op{static_cast<const T*>(x), static_cast<T*>(y),
+                                      {affine_of<M>(c, a, b, p), f}};
   return run(op, p, stream, {{x, sizeof(T)}, {y, sizeof(T)}});
 }
 
-template <int ACT, class T>
+// sums: 2, or 2 + F::NP with f's parameter gradients
+template <class T, class F>
 int affine_act_backward(const void* g, const void* x, void* dx, const void* c, const void* a,
-                        const void* b, const void* beta, float beta_value, const void* k1,
-                        const void* k0, void* partial, int sums, int64_t n_partial,
-                        const fa_plan& p, void* stream) {
+                        const void* b, const F& f, const void* k1, const void* k0, void* partial,
+                        int sums, int64_t n_partial, const fa_plan& p, void* stream) {
   using M = opmath_t<T>;
   auto go = [&](auto np) {
-    const AffineGradOp<T, ActMath<ACT, M>, decltype(np)::value> op{
+    const AffineGradOp<T, F, decltype(np)::value> op{
         static_cast<const T*>(g), static_cast<const T*>(x), static_cast<T*>(dx),
-        affine_of<M>(c, a, b, p), static_cast<const M*>(k1), static_cast<const M*>(k0),
-        {beta_of<M>(beta, beta_value, p)}};
+        affine_of<M>(c, a, b, p), static_cast<const M*>(k1), static_cast<const M*>(k0), f};
     return run(op, p, stream, {{g, sizeof(T)}, {x, sizeof(T)}, {dx, sizeof(T)}},
                static_cast<M*>(partial), n_partial);
   };
-  if (partial != nullptr && sums == 3) return go(std::integral_constant<int, 3>{});
+  if (partial != nullptr && sums == 2 + F::NP) return go(std::integral_constant<int, 2 + F::NP>{});
   if (partial != nullptr && sums != 2) return int(cudaErrorInvalidValue);
   return go(std::integral_constant<int, 2>{});
+}
+
+// f(F{}, T{}) for f's math: ACON-C where p1 is not null (then p2 and beta are needed, act is
+// unread), else activation `act` with its beta; and the dtype
+template <class F>
+int dispatch_f(int act, int dtype, const void* beta, float beta_value, const void* p1,
+               const void* p2, const fa_plan& p, F&& f) {
+  if (p1 != nullptr) {
+    if (p2 == nullptr || beta == nullptr) return int(cudaErrorInvalidValue);
+    return dispatch_dtype(dtype, [&](auto t) {
+      return f(acon_math<decltype(t)>(p1, p2, beta, 0, p), t);
+    });
+  }
+  return dispatch_act_dtype(act, dtype, [&](auto id, auto t) {
+    using M = opmath_t<decltype(t)>;
+    return f(ActMath<decltype(id)::value, M>{beta_of<M>(beta, beta_value, p)}, t);
+  });
 }
 
 }  // namespace fused_act
@@ -162,20 +185,21 @@ extern "C" int fa_stats(const void* x, const void* shift, void* partial, int64_t
 
 extern "C" int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c,
                                      const void* a, const void* b, const void* beta,
-                                     float beta_value, fa_plan plan, void* stream) {
-  return dispatch_act_dtype(act, dtype, [&](auto id, auto t) {
-    return affine_act_forward<decltype(id)::value, decltype(t)>(x, y, c, a, b, beta, beta_value,
-                                                                plan, stream);
+                                     float beta_value, const void* p1, const void* p2,
+                                     fa_plan plan, void* stream) {
+  return dispatch_f(act, dtype, beta, beta_value, p1, p2, plan, [&](const auto& f, auto t) {
+    return affine_act_forward<decltype(t)>(x, y, c, a, b, f, plan, stream);
   });
 }
 
 extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
                                       const void* c, const void* a, const void* b,
-                                      const void* beta, float beta_value, const void* k1,
-                                      const void* k0, void* partial, int sums, int64_t n_partial,
-                                      fa_plan plan, void* stream) {
-  return dispatch_act_dtype(act, dtype, [&](auto id, auto t) {
-    return affine_act_backward<decltype(id)::value, decltype(t)>(
-        g, x, dx, c, a, b, beta, beta_value, k1, k0, partial, sums, n_partial, plan, stream);
+                                      const void* beta, float beta_value, const void* p1,
+                                      const void* p2, const void* k1, const void* k0,
+                                      void* partial, int sums, int64_t n_partial, fa_plan plan,
+                                      void* stream) {
+  return dispatch_f(act, dtype, beta, beta_value, p1, p2, plan, [&](const auto& f, auto t) {
+    return affine_act_backward<decltype(t)>(g, x, dx, c, a, b, f, k1, k0, partial, sums,
+                                            n_partial, plan, stream);
   });
 }

@@ -192,23 +192,39 @@ void stats(const Tensor& x, const Tensor& shift, Tensor& partial, int64_t n_part
            "stats");
 }
 
+// ACON-C's p1 and p2 (both or neither; with them, beta too): the rows of parameter gradients
+// after dz and dz (x - c) are then 3, else 1 (beta's)
+int64_t check_acon(const Tensor& x, const OptTensor& beta, const OptTensor& p1,
+                   const OptTensor& p2) {
+  TORCH_CHECK(p1.has_value() == p2.has_value(), "fused_act ", KIND,
+              " kernels: ACON-C needs both p1 and p2");
+  if (!p1) return 1;
+  TORCH_CHECK(beta.has_value(), "fused_act ", KIND, " kernels: ACON-C needs a beta tensor");
+  check(x, {}, {&*p1, &*p2});
+  return 3;
+}
+
 void affine_act_forward(const Tensor& x, Tensor& y, int64_t act, const Tensor& c,
                         const Tensor& a, const Tensor& b, const OptTensor& beta,
-                        double beta_value, const std::vector<int64_t>& plan) {
+                        double beta_value, const OptTensor& p1, const OptTensor& p2,
+                        const std::vector<int64_t>& plan) {
   check(x, {&y}, {&c, &a, &b});
   if (beta) check(x, {}, {&*beta});
+  check_acon(x, beta, p1, p2);
   const DeviceGuard guard(x.device());
   raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(act),
                                  c.data_ptr(), a.data_ptr(), b.data_ptr(), ptr(beta),
-                                 float(beta_value), to_plan(plan), stream_of(x)),
+                                 float(beta_value), ptr(p1), ptr(p2), to_plan(plan),
+                                 stream_of(x)),
            "affine_act_forward");
 }
 
-// dx, k (k1 and k0 together) and partial each optional, as fused_act/kernels.py's
-// affine_act_backward takes them
+// dx, k (k1 and k0 together), partial and ACON-C's (p1, p2) each optional, as
+// fused_act/kernels.py's affine_act_backward takes them
 void affine_act_backward(const Tensor& g, const Tensor& x, const OptTensor& dx, int64_t act,
                          const Tensor& c, const Tensor& a, const Tensor& b,
-                         const OptTensor& beta, double beta_value, const OptTensor& k1,
+                         const OptTensor& beta, double beta_value, const OptTensor& p1,
+                         const OptTensor& p2, const OptTensor& k1,
                          const OptTensor& k0, const OptTensor& partial, int64_t n_partial,
                          const std::vector<int64_t>& plan) {
   check(x, {&g}, {&c, &a, &b});
@@ -217,11 +233,18 @@ void affine_act_backward(const Tensor& g, const Tensor& x, const OptTensor& dx, 
   TORCH_CHECK(k1.has_value() == k0.has_value(), "fused_act ", KIND,
               " kernels: the correction needs both k1 and k0");
   if (k1) check(x, {}, {&*k1, &*k0});
-  if (partial) check_partial(x, *partial, 2, 3, n_partial);
+  const int64_t extra = check_acon(x, beta, p1, p2);
+  if (partial) {
+    check_partial(x, *partial, 2, 2 + extra, n_partial);
+    TORCH_CHECK(partial->size(0) == 2 || partial->size(0) == 2 + extra, "fused_act ", KIND,
+                " kernels: a partial-sum buffer of 2 or ", 2 + extra, " rows expected, got ",
+                partial->sizes());
+  }
   const DeviceGuard guard(x.device());
   raise_if(fa_affine_act_backward(g.data_ptr(), x.data_ptr(), dx ? dx->data_ptr() : nullptr,
                                   dtype_code(x), int(act), c.data_ptr(), a.data_ptr(),
-                                  b.data_ptr(), ptr(beta), float(beta_value), ptr(k1), ptr(k0),
+                                  b.data_ptr(), ptr(beta), float(beta_value), ptr(p1), ptr(p2),
+                                  ptr(k1), ptr(k0),
                                   partial ? partial->data_ptr() : nullptr,
                                   partial ? int(partial->size(0)) : 0, n_partial, to_plan(plan),
                                   stream_of(x)),

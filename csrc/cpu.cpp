@@ -406,7 +406,7 @@ struct Affine {
   }
 };
 
-// f((x - c) a + b), as MapOp takes it; F is ActMath
+// f((x - c) a + b), as MapOp takes it; F is ActMath or AconMath
 template <class M, class F>
 struct AffineMath {
   Affine<M> affine;
@@ -435,11 +435,13 @@ struct StatsOp {
 };
 
 // dz = g f'(z): dx = a dz (+ k1 (x - c) + k0) where dx is not null, and the terms dz, dz (x - c)
-// and (NP = 3) g df/dbeta
+// and (NP = 2 + F::NP) the terms g df/dp of f's parameters (ActMath: beta; AconMath: p1, p2,
+// beta)
 template <class T, class F, int NP_>
 struct AffineGradOp {
   using M = opmath_t<T>;
   static constexpr int NP = NP_;
+  static_assert(NP == 2 || NP == 2 + F::NP, "AffineGradOp: 2 sums, or 2 and f's parameters'");
   const T* g;
   const T* x;
   T* dx;  // null: the sums only
@@ -455,7 +457,7 @@ struct AffineGradOp {
     Vec<M> xc, av, terms[F::NP];
     d[0] = gv * f.grad(affine.z(load(x + off, n), a, n, xc, av), a, n, terms);
     d[1] = d[0] * xc;
-    if constexpr (NP == 3) d[2] = gv * terms[0];
+    for (int q = 2; q < NP; ++q) d[q] = gv * terms[q - 2];
     if (dx == nullptr) return;
     Vec<M> v = d[0] * av;
     if (k1 != nullptr) {
@@ -756,44 +758,61 @@ extern "C" int fa_stats(const void* x, const void* shift, void* partial, int64_t
   });
 }
 
-extern "C" int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c,
-                                     const void* a, const void* b, const void* beta,
-                                     float beta_value, fa_plan plan, void*) {
-  return dispatch_act(act, dtype, [&](auto id, auto t) {
-    using T = decltype(t);
-    using M = opmath_t<T>;
-    return with_math<decltype(id)::value, M>(beta, beta_value, plan, [&](auto f) {
-      using F = AffineMath<M, decltype(f)>;
-      return launch(MapOp<T, F>{static_cast<const T*>(x), static_cast<T*>(y), plan.cols,
-                                F{{static_cast<const M*>(c), static_cast<const M*>(a),
-                                   static_cast<const M*>(b), plan.layout}, f}},
-                    plan);
+// f(math, T{}) for f's math in storage T: ACON-C (with_acon) where p1 is not null (then p2 and
+// beta are needed, act is unread), else activation `act` with its beta (with_math)
+template <class F>
+int with_affine_math(int act, int dtype, const void* beta, float beta_value, const void* p1,
+                     const void* p2, const fa_plan& p, F&& f) {
+  if (p1 != nullptr) {
+    if (p2 == nullptr || beta == nullptr) return BAD_VALUE;
+    return dispatch_dtype(dtype, [&](auto t) {
+      return with_acon<decltype(t)>(p1, p2, beta, 0, p, [&](auto m) { return f(m, t); });
     });
+  }
+  return dispatch_act(act, dtype, [&](auto id, auto t) {
+    return with_math<decltype(id)::value, opmath_t<decltype(t)>>(
+        beta, beta_value, p, [&](auto m) { return f(m, t); });
   });
 }
 
-extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
-                                      const void* c, const void* a, const void* b,
-                                      const void* beta, float beta_value, const void* k1,
-                                      const void* k0, void* partial, int sums, int64_t n_partial,
-                                      fa_plan plan, void*) {
-  if (partial != nullptr && sums != 2 && sums != 3) return BAD_VALUE;
-  return dispatch_act(act, dtype, [&](auto id, auto t) {
+extern "C" int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c,
+                                     const void* a, const void* b, const void* beta,
+                                     float beta_value, const void* p1, const void* p2,
+                                     fa_plan plan, void*) {
+  return with_affine_math(act, dtype, beta, beta_value, p1, p2, plan, [&](auto f, auto t) {
     using T = decltype(t);
     using M = opmath_t<T>;
-    return with_math<decltype(id)::value, M>(beta, beta_value, plan, [&](auto f) {
-      auto go = [&](auto np) {
-        return launch(AffineGradOp<T, decltype(f), decltype(np)::value>{
-                          static_cast<const T*>(g), static_cast<const T*>(x),
-                          static_cast<T*>(dx), plan.cols,
-                          {static_cast<const M*>(c), static_cast<const M*>(a),
-                           static_cast<const M*>(b), plan.layout},
-                          static_cast<const M*>(k1), static_cast<const M*>(k0), f},
-                      plan, partial, n_partial);
-      };
-      return partial != nullptr && sums == 3 ? go(std::integral_constant<int, 3>{})
+    using F = AffineMath<M, decltype(f)>;
+    return launch(MapOp<T, F>{static_cast<const T*>(x), static_cast<T*>(y), plan.cols,
+                              F{{static_cast<const M*>(c), static_cast<const M*>(a),
+                                 static_cast<const M*>(b), plan.layout}, f}},
+                  plan);
+  });
+}
+
+// sums: 2, or 2 and f's parameter gradients (3 with an activation's beta, 5 with ACON-C's)
+extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                                      const void* c, const void* a, const void* b,
+                                      const void* beta, float beta_value, const void* p1,
+                                      const void* p2, const void* k1, const void* k0,
+                                      void* partial, int sums, int64_t n_partial, fa_plan plan,
+                                      void*) {
+  return with_affine_math(act, dtype, beta, beta_value, p1, p2, plan, [&](auto f, auto t) {
+    using T = decltype(t);
+    using M = opmath_t<T>;
+    constexpr int ALL = 2 + decltype(f)::NP;
+    if (partial != nullptr && sums != 2 && sums != ALL) return int(BAD_VALUE);
+    auto go = [&](auto np) {
+      return launch(AffineGradOp<T, decltype(f), decltype(np)::value>{
+                        static_cast<const T*>(g), static_cast<const T*>(x), static_cast<T*>(dx),
+                        plan.cols,
+                        {static_cast<const M*>(c), static_cast<const M*>(a),
+                         static_cast<const M*>(b), plan.layout},
+                        static_cast<const M*>(k1), static_cast<const M*>(k0), f},
+                    plan, partial, n_partial);
+    };
+    return partial != nullptr && sums == ALL ? go(std::integral_constant<int, ALL>{})
                                              : go(std::integral_constant<int, 2>{});
-    });
   });
 }
 

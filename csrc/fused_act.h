@@ -66,21 +66,25 @@ int fa_max_affine(const void* x, const void* t, const void* a, const void* b, vo
                   fa_plan plan, void* stream);
 
 // BatchNorm + activation (fused_act/ops/batchnorm.py): c, a, b, shift, k1, k0 and a beta tensor
-// hold one opmath value per channel (plan.channels); a plan of one channel is flat.
+// hold one opmath value per channel (plan.channels); a plan of one channel is flat.  f is
+// activation `act` with its beta, or where p1 is not null ACON-C of per-channel p1, p2 and beta
+// (C values each, all three needed; act and beta_value unread).
 // fa_stats: the partials of sum(x - shift) and sum((x - shift)^2) into partial's 2 * n_partial
 // slots.  fa_affine_act_forward: y = f((x - c) a + b).  fa_affine_act_backward: with dz =
 // g f'(z), dx = a dz (+ k1 (x - c) + k0 where k1 is not null) where dx is not null, and where
-// partial is not null the partials of dz, dz (x - c) and, for sums = 3, g df/dbeta into its
-// sums * n_partial slots (sums: 2 or 3).
+// partial is not null the partials of dz, dz (x - c) and then of f's parameter gradients into
+// its sums * n_partial slots: sums 2 (none), 3 (g df/dbeta) or with ACON-C 5 (g df/dp1,
+// g df/dp2, g df/dbeta).
 int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial, int dtype,
              fa_plan plan, void* stream);
 int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c, const void* a,
-                          const void* b, const void* beta, float beta_value, fa_plan plan,
-                          void* stream);
+                          const void* b, const void* beta, float beta_value, const void* p1,
+                          const void* p2, fa_plan plan, void* stream);
 int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, int act,
                            const void* c, const void* a, const void* b, const void* beta,
-                           float beta_value, const void* k1, const void* k0, void* partial,
-                           int sums, int64_t n_partial, fa_plan plan, void* stream);
+                           float beta_value, const void* p1, const void* p2, const void* k1,
+                           const void* k0, void* partial, int sums, int64_t n_partial,
+                           fa_plan plan, void* stream);
 
 const char* fa_error_string(int err);
 

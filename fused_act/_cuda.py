@@ -128,14 +128,28 @@ class ExtensionKernels:
         self.lib.stats(x, shift, partial.view(2, p.partials), p.partials, p.fields())
 
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
-                           b: Tensor, beta: Tensor | None, beta_value: float, p: Plan) -> None:
-        self.lib.affine_act_forward(x, y, act, c, a, b, beta, beta_value, p.fields())
+                           b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,
+                           acon: tuple[Tensor, Tensor] | None = None) -> None:
+        p1, p2 = (None, None) if acon is None else acon
+        self.lib.affine_act_forward(x, y, act, c, a, b, _acon_beta(beta, beta_value, acon, p),
+                                    beta_value, p1, p2, p.fields())
 
     def affine_act_backward(self, g: Tensor, x: Tensor, dx: Tensor | None, act: int, c: Tensor,
                             a: Tensor, b: Tensor, beta: Tensor | None, beta_value: float,
                             k: tuple[Tensor, Tensor] | None, partial: Tensor | None,
-                            p: Plan) -> None:
+                            p: Plan, acon: tuple[Tensor, Tensor] | None = None) -> None:
         k1, k0 = (None, None) if k is None else k
+        p1, p2 = (None, None) if acon is None else acon
         rows = None if partial is None else partial.view(-1, p.partials)
-        self.lib.affine_act_backward(g, x, dx, act, c, a, b, beta, beta_value, k1, k0, rows,
-                                     p.partials, p.fields())
+        self.lib.affine_act_backward(g, x, dx, act, c, a, b,
+                                     _acon_beta(beta, beta_value, acon, p), beta_value, p1, p2,
+                                     k1, k0, rows, p.partials, p.fields())
+
+
+def _acon_beta(beta: Tensor | None, beta_value: float, acon: tuple[Tensor, Tensor] | None,
+               p: Plan) -> Tensor | None:
+    """beta as the kernels read it: ACON-C's is a tensor of C values, beta_value repeated where
+    none is given (as the Triton kernels read beta_value)."""
+    if acon is None or beta is not None:
+        return beta
+    return acon[0].new_full((p.channels,), beta_value)

@@ -41,8 +41,11 @@ CHECK_EVERY_OP = textwrap.dedent("""
         "swiglu": lambda x: fused_act.swiglu(x),
         "geglu": lambda x: fused_act.geglu(x),
         "batch_norm_act": lambda x: fused_act.ops.BATCH_NORM_ACT(x, p1, p2, 1e-5, "swish", beta,
-                                                                 1.0)[0],
-        "affine_act": lambda x: fused_act.ops.AFFINE_ACT(x, p1, beta, p2, "gelu", None, 1.0),
+                                                                 1.0, None, None)[0],
+        "affine_act": lambda x: fused_act.ops.AFFINE_ACT(x, p1, beta, p2, "gelu", None, 1.0,
+                                                         None, None),
+        "batch_norm_acon_c": lambda x: fused_act.ops.BATCH_NORM_ACT(x, p2, p1, 1e-5, "acon_c",
+                                                                    beta, 1.0, p1, p2)[0],
     }
     for dtype in (torch.float32, torch.bfloat16):
         for name, call in calls.items():
@@ -297,6 +300,9 @@ BN_SHAPES = {
 # one-element tensor), parameter gradients): every activation, each beta with an activation
 # that reads it and one that does not (its gradient 0: the third row of partials), the backward
 # with and without parameter gradients, and BatchNorm without weight and bias ("bn_plain").
+# ACON-C ("acon_c": per-channel p1, p2 and beta; 5 rows of partials with parameter gradients)
+# on both layouts and one channel, its beta also "zeros": C values with a zero beta in channel 0
+# and p1 = p2 in the last channel (the CPU kernels' general form, not the fast one).
 BN_CASES = [
     ("bn", "nchw", "mish", None, True),
     ("bn", "nchw_vec", "swish", "channels", True),
@@ -313,6 +319,15 @@ BN_CASES = [
     ("affine", "c1", "squared_relu", None, True),
     ("affine", "nchw_wide", "swish", "one", True),
     ("affine", "channels_last", "gelu_tanh", "channels", True),
+    ("bn", "nchw", "acon_c", "channels", True),
+    ("bn", "nchw_vec", "acon_c", "one", False),
+    ("bn", "channels_last_c16", "acon_c", "zeros", True),
+    ("bn", "c1", "acon_c", "zeros", True),
+    ("bn_plain", "channels_last", "acon_c", "channels", True),
+    ("affine", "nchw_wide", "acon_c", "zeros", True),
+    ("affine", "channels_last", "acon_c", "channels", False),
+    ("affine", "c1", "acon_c", "channels", True),
+    ("affine", "nc", "acon_c", "zeros", True),
 ]
 # infinities, NaN, signed zeros and saturating values in the first elements of channel 0 (the
 # rest of that channel's batch statistics are NaN then; the other channels must not see them)
@@ -336,7 +351,8 @@ def bn_inputs(op: str, key: str, act: str, beta_kind: str | None, dtype: torch.d
     if last:
         x = x.contiguous(memory_format=torch.channels_last)
     beta = {None: None, "one": torch.tensor([0.8], dtype=torch.float64),
-            "channels": torch.linspace(-1.5, 2.0, c, dtype=torch.float64)}[beta_kind]
+            "channels": torch.linspace(-1.5, 2.0, c, dtype=torch.float64),
+            "zeros": torch.linspace(-1.5, 2.0, c, dtype=torch.float64)}[beta_kind]
     p = lambda: torch.randn(c, generator=gen, dtype=torch.float64)  # noqa: E731
     if op == "affine":
         args = [p(), p().abs() + 0.5, p(), act, beta, -0.75]
@@ -344,6 +360,14 @@ def bn_inputs(op: str, key: str, act: str, beta_kind: str | None, dtype: torch.d
         args = [p(), p(), 1e-5, act, beta, -0.75]
     else:
         args = [None, None, 1e-3, act, beta, -0.75]
+    if act == "acon_c":
+        p1, p2 = p(), p()
+        if beta_kind == "zeros":
+            beta[0] = 0.0
+            p1[-1] = p2[-1]
+        args[-1:] = [1.0, p1, p2]
+    else:
+        args += [None, None]
     return x, args, torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
@@ -401,6 +425,8 @@ def test_batch_norm_act_edges(op, key, dtype):
     need_backend("cpu", "cpu")
     check_bn(op, key, "swish", "channels", True, dtype, "cpu", edges=True)
     check_bn(op, key, "mish", None, True, dtype, "cpu", edges=True)
+    check_bn(op, key, "acon_c", "channels", True, dtype, "cpu", edges=True)
+    check_bn(op, key, "acon_c", "zeros", True, dtype, "cpu", edges=True)
 
 
 def test_batch_norm_act_matches_torch():
@@ -413,7 +439,7 @@ def test_batch_norm_act_matches_torch():
     b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     with fused_act.use_backend("cpu"):
-        y, mean, var = fused_act.ops.BATCH_NORM_ACT(x, w, b, 1e-5, "mish", None, 1.0)
+        y, mean, var = fused_act.ops.BATCH_NORM_ACT(x, w, b, 1e-5, "mish", None, 1.0, None, None)
         got = torch.autograd.grad(y, (x, w, b), g)
     ref = F.mish(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))
     want = torch.autograd.grad(ref, (x, w, b), g)
@@ -425,10 +451,58 @@ def test_batch_norm_act_matches_torch():
     rm, rv = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     invstd = (rv + 1e-5).rsqrt()
     with fused_act.use_backend("cpu"):
-        y = fused_act.ops.AFFINE_ACT(x, rm, invstd * w, b, "silu", None, 1.0)
+        y = fused_act.ops.AFFINE_ACT(x, rm, invstd * w, b, "silu", None, 1.0, None, None)
         got = torch.autograd.grad(y, (x, w, b), g)
     ref = F.silu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
     want = torch.autograd.grad(ref, (x, w, b), g)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+
+
+def acon_c_formula(z: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                   beta: torch.Tensor) -> torch.Tensor:
+    """ACON-C of per-channel parameters as its paper writes it: d sigma(beta d) + p2 z,
+    d = (p1 - p2) z."""
+    def ch(t):
+        return t.view(1, -1, *([1] * (z.dim() - 2)))
+
+    d = ch(p1 - p2) * z
+    return d * torch.sigmoid(ch(beta) * d) + ch(p2) * z
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["nchw", "channels_last"])
+def test_batch_norm_acon_c_matches_torch(last):
+    """BatchNorm in training and eval followed by ACON-C, as torch computes them: values and
+    the gradients of x, weight, bias, p1, p2 and beta."""
+    need_backend("cpu", "cpu")
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, 7, generator=gen, dtype=torch.float64) * 2 + 3
+    if last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b, p1, p2 = (torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
+                    for _ in range(4))
+    beta = torch.tensor([0.7, 0.0, -1.3], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    wrt = (x, w, b, p1, p2, beta)
+    with fused_act.use_backend("cpu"):
+        y, mean, var = fused_act.ops.BATCH_NORM_ACT(x, w, b, 1e-5, "acon_c", beta, 1.0, p1, p2)
+        got = torch.autograd.grad(y, wrt, g)
+    ref = acon_c_formula(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5), p1, p2, beta)
+    want = torch.autograd.grad(ref, wrt, g)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+    rm, rv = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    invstd = (rv + 1e-5).rsqrt()
+    with fused_act.use_backend("cpu"):
+        y = fused_act.ops.AFFINE_ACT(x, rm, invstd * w, b, "acon_c", beta, 1.0, p1, p2)
+        got = torch.autograd.grad(y, wrt, g)
+    ref = acon_c_formula(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5), p1, p2, beta)
+    want = torch.autograd.grad(ref, wrt, g)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
     for a, r in zip(got, want, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)

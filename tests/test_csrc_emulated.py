@@ -103,16 +103,16 @@ class Emulated:
         self._ok(self.lib.fa_stats(_p(x), _p(shift), _p(partial), ctypes.c_int64(n_partial),
                                    CODES[x.dtype], Plan(*plan), None))
 
-    def affine_act_forward(self, x, y, act, c, a, b, beta, beta_value, plan):
+    def affine_act_forward(self, x, y, act, c, a, b, beta, beta_value, p1, p2, plan):
         self._ok(self.lib.fa_affine_act_forward(_p(x), _p(y), CODES[x.dtype], act, _p(c), _p(a),
                                                 _p(b), _p(beta), ctypes.c_float(beta_value),
-                                                Plan(*plan), None))
+                                                _p(p1), _p(p2), Plan(*plan), None))
 
-    def affine_act_backward(self, g, x, dx, act, c, a, b, beta, beta_value, k1, k0, partial,
-                            n_partial, plan):
+    def affine_act_backward(self, g, x, dx, act, c, a, b, beta, beta_value, p1, p2, k1, k0,
+                            partial, n_partial, plan):
         self._ok(self.lib.fa_affine_act_backward(
             _p(g), _p(x), _p(dx), CODES[x.dtype], act, _p(c), _p(a), _p(b), _p(beta),
-            ctypes.c_float(beta_value), _p(k1), _p(k0), _p(partial),
+            ctypes.c_float(beta_value), _p(p1), _p(p2), _p(k1), _p(k0), _p(partial),
             0 if partial is None else partial.shape[0], ctypes.c_int64(n_partial), Plan(*plan),
             None))
 
@@ -213,13 +213,14 @@ def test_frelu_eval_fold_channels_last(cuda_on_cpu):
 def test_batch_norm_act(op, key, act, beta_kind, grads, dtype, cuda_on_cpu):
     """BatchNorm + activation and its eval form on every plan of test_cpu_kernels's table: the
     statistics, the forward, and the backward with and without dx, correction, parameter
-    sums and a third row of them (d/dbeta)."""
+    sums and their rows after the first two (d/dbeta, or ACON-C's d/dp1, d/dp2, d/dbeta)."""
     cpu_tables.check_bn(op, key, act, beta_kind, grads, dtype, "cuda")
 
 
 @pytest.mark.parametrize("op, key", [("affine", "nchw"), ("bn", "channels_last"), ("bn", "c1")])
 def test_batch_norm_act_edges(op, key, cuda_on_cpu):
     cpu_tables.check_bn(op, key, "swish", "channels", True, torch.float32, "cuda", edges=True)
+    cpu_tables.check_bn(op, key, "acon_c", "zeros", True, torch.float32, "cuda", edges=True)
 
 
 def test_batch_norm_act_misaligned(cuda_on_cpu):
