@@ -257,8 +257,12 @@ def test_opcheck(backend_name):
     x = _x("nchw", torch.float32, "cpu").detach().requires_grad_()
     w, b = _params(3, "cpu")
     c, a = torch.randn(3), torch.rand(3).requires_grad_()
-    cases = [(ops.batch_norm_act_op, (x, w, b, 1e-5, "mish", None, 1.0, backend_name)),
-             (ops.affine_act_op, (x, c, a, b, "gelu", None, 1.0, backend_name))]
+    p1, p2, beta = (torch.rand(3).requires_grad_() for _ in range(3))
+    cases = [(ops.batch_norm_act_op, (x, w, b, 1e-5, "mish", None, 1.0, None, None,
+                                      backend_name)),
+             (ops.affine_act_op, (x, c, a, b, "gelu", None, 1.0, None, None, backend_name)),
+             (ops.batch_norm_act_op, (x, w, b, 1e-5, "acon_c", beta, 1.0, p1, p2,
+                                      backend_name))]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
