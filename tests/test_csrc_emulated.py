@@ -99,8 +99,8 @@ class Emulated:
                                           ctypes.c_float(beta_value), _p(partial), Plan(*plan),
                                           None))
 
-    def stats(self, x, shift, partial, n_partial, plan):
-        self._ok(self.lib.fa_stats(_p(x), _p(shift), _p(partial), ctypes.c_int64(n_partial),
+    def stats(self, x, partial, n_partial, plan):
+        self._ok(self.lib.fa_stats(_p(x), _p(partial), ctypes.c_int64(n_partial),
                                    CODES[x.dtype], Plan(*plan), None))
 
     def affine_act_forward(self, x, y, act, c, a, b, beta, beta_value, p1, p2, plan):
