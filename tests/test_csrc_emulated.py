@@ -223,6 +223,13 @@ def test_batch_norm_act_edges(op, key, cuda_on_cpu):
     cpu_tables.check_bn(op, key, "acon_c", "zeros", True, torch.float32, "cuda", edges=True)
 
 
+@pytest.mark.parametrize("key, first", cpu_tables.BN_FAR)
+def test_batch_norm_statistics_far_from_zero(key, first, cuda_on_cpu):
+    """fp32 statistics of channels at 1e3 with a value at -1e3: the slots' counts, sums and
+    squared distances from their own means (merged in the kernel by Chan et al.'s formula)."""
+    cpu_tables.check_bn_far(key, first, "cuda")
+
+
 def test_batch_norm_act_misaligned(cuda_on_cpu):
     """x and the gradient one element into their storage: the scalar path of every kernel."""
     x, args, grad = cpu_tables.bn_inputs("bn", "nchw_vec", "swish", "channels", torch.float32,
