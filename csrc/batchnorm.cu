@@ -1,9 +1,9 @@
 // BatchNorm + activation, the kernels fused_act/ops/batchnorm.py composes (as
-// triton_kernels/batchnorm.py, slot for slot): per-tile partial sums of d = x - shift and d^2
-// (the batch statistics); y = f(z), z = (x - c) a + b with per-channel c, a, b; and its backward,
-// writing dx = a dz (+ k1 (x - c) + k0) and/or per-tile partial sums of dz = g f'(z), dz (x - c)
-// and the activation's parameter gradients: g df/dbeta, or for ACON-C (f of per-channel p1, p2
-// and beta) g df/dp1, g df/dp2, g df/dbeta.
+// triton_kernels/batchnorm.py, slot for slot): per slot the count, sum and squared distances
+// from the slot's mean of x (the batch statistics); y = f(z), z = (x - c) a + b with
+// per-channel c, a, b; and its backward, writing dx = a dz (+ k1 (x - c) + k0) and/or per-tile
+// partial sums of dz = g f'(z), dz (x - c) and the activation's parameter gradients:
+// g df/dbeta, or for ACON-C (f of per-channel p1, p2 and beta) g df/dp1, g df/dp2, g df/dbeta.
 #include "act_math.cuh"
 
 namespace fused_act {
@@ -30,17 +30,21 @@ Affine<M> affine_of(const void* c, const void* a, const void* b, const fa_plan& 
           p.layout};
 }
 
-// The partials of d = x - shift and d^2; shift is a value of each channel, so that the variance
-// E[d^2] - E[d]^2 does not cancel.  Reads x only.
+// The batch statistics: per slot, the count of x's values, their sum and the sum of their
+// squared distances from their own mean (a centered op: tile.cuh merges the lanes by Chan et
+// al.'s formula, so nothing cancels however far the values lie from 0).  Reads x only.
 template <class T>
 struct StatsOp {
   using Storage = T;
   using M = opmath_t<T>;
-  static constexpr int NP = 2;
+  static constexpr int NP = 3;
   static constexpr bool SUMS_ONLY = true;
+  static constexpr bool CENTERED = true;
   const T* x;
-  const M* shift;
-  int layout;
+
+  // fp64's merges spill at 64 registers (bench/codegen_cuda.py): 80
+  template <int VEC, int SUMS>
+  static constexpr int min_blocks() { return sizeof(M) == 8 ? 3 : MIN_BLOCKS; }
 
   template <int VEC>
   __device__ __forceinline__ void apply(const At& a, M (&d)[NP][VEC]) const {
@@ -48,11 +52,10 @@ struct StatsOp {
     load<VEC>(x + a.off, a.n, v);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      // past n, x reads as 0 but x - shift does not: those lanes must add nothing
+      // the lanes past n stay (0, 0, 0): no value
       if (k < a.n) {
-        const M dv = v[k] - channel_param(shift, a, k, layout);
-        d[0][k] = dv;
-        d[1][k] = dv * dv;
+        d[0][k] = M(1);
+        d[1][k] = v[k];
       }
     }
   }
@@ -173,13 +176,13 @@ int dispatch_f(int act, int dtype, const void* beta, float beta_value, const voi
 
 using namespace fused_act;
 
-extern "C" int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial,
-                        int dtype, fa_plan plan, void* stream) {
+extern "C" int fa_stats(const void* x, void* partial, int64_t n_partial, int dtype,
+                        fa_plan plan, void* stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using M = opmath_t<T>;
-    const StatsOp<T> op{static_cast<const T*>(x), static_cast<const M*>(shift), plan.layout};
-    return run(op, plan, stream, {{x, sizeof(T)}}, static_cast<M*>(partial), n_partial);
+    const StatsOp<T> op{static_cast<const T*>(x)};
+    return run(op, plan, stream, {{x, sizeof(T)}}, static_cast<opmath_t<T>*>(partial),
+               n_partial);
   });
 }
 

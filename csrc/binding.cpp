@@ -182,13 +182,12 @@ void check_partial(const Tensor& x, const Tensor& partial, int64_t min_rows, int
               " slots expected, got ", partial.sizes());
 }
 
-void stats(const Tensor& x, const Tensor& shift, Tensor& partial, int64_t n_partial,
+void stats(const Tensor& x, Tensor& partial, int64_t n_partial,
            const std::vector<int64_t>& plan) {
-  check(x, {}, {&shift});
-  check_partial(x, partial, 2, 2, n_partial);
+  check_partial(x, partial, 3, 3, n_partial);
   const DeviceGuard guard(x.device());
-  raise_if(fa_stats(x.data_ptr(), shift.data_ptr(), partial.data_ptr(), n_partial,
-                    dtype_code(x), to_plan(plan), stream_of(x)),
+  raise_if(fa_stats(x.data_ptr(), partial.data_ptr(), n_partial, dtype_code(x), to_plan(plan),
+                    stream_of(x)),
            "stats");
 }
 

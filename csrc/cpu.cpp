@@ -418,21 +418,93 @@ struct AffineMath {
   }
 };
 
-// the partials of d = x - shift and d^2 (run adds nothing of the lanes past n)
+// The batch statistics (fused_act.h fa_stats): for every slot of tile.cuh's layout, the count
+// of its values, their sum, and the sum of their squared distances from their own mean, which
+// the host merges (Chan et al.).  Two passes over the slot's values while its tile is in cache:
+// the sum, then the distances from sum / count.  Each tile is one task's, summed in a fixed
+// order: deterministic whatever the thread count.
 template <class T>
-struct StatsOp {
+void stats(const T* x, opmath_t<T>* partial, int64_t n_partial, const fa_plan& p) {
   using M = opmath_t<T>;
-  static constexpr int NP = 2;
-  const T* x;
-  const M* shift;
-  int64_t cols;
-  int layout;
-
-  void apply(const At& a, int64_t n, Vec<M>* d) const {
-    d[0] = load(x + a.row * cols + a.col, n) - channel_param(shift, a, n, layout);
-    d[1] = d[0] * d[0];
-  }
-};
+  constexpr int64_t W = Vec<M>::size();
+  const int64_t rows_per_sample = p.rows / p.samples;
+  const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
+  const int64_t row_blocks = (rows_per_sample + p.block_r - 1) / p.block_r;
+  const int64_t tiles = p.samples * row_blocks * col_blocks;
+  const bool col_sums = p.layout == FA_COLS;
+  // the sum of v's lanes (those past n are 0)
+  auto total = [](const Vec<M>& v) {
+    alignas(64) M lanes[W];
+    v.store(lanes);
+    M s = M(0);
+    for (int64_t k = 0; k < W; ++k) s += lanes[k];
+    return s;
+  };
+  // the squares of v - mean, 0 in the lanes past n
+  auto square = [](const Vec<M>& v, const Vec<M>& mean, int64_t n) {
+    const Vec<M> e = v - mean;
+    return n < W ? Vec<M>::set(Vec<M>(M(0)), e * e, n) : e * e;
+  };
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (int64_t(p.block_r) * p.block_l));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<M> col_acc(col_sums ? size_t(2) * p.block_l : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t pid_l = tile % col_blocks;
+      const int64_t sample = tile / col_blocks / row_blocks;
+      const int64_t pid_r = tile / col_blocks % row_blocks;
+      const int64_t r0 = sample * rows_per_sample + pid_r * p.block_r;
+      const int64_t r_end = sample * rows_per_sample +
+                            std::min<int64_t>((pid_r + 1) * p.block_r, rows_per_sample);
+      const int64_t c0 = pid_l * p.block_l;
+      const int64_t c_end = std::min<int64_t>(c0 + p.block_l, p.cols);
+      if (!col_sums) {
+        // a slot per row of the tile: its c_end - c0 values
+        const M count = M(c_end - c0);
+        for (int64_t row = r0; row < r_end; ++row) {
+          const T* xr = x + row * p.cols;
+          Vec<M> acc(M(0));
+          for (int64_t c = c0; c < c_end; c += W) acc = acc + load(xr + c, std::min(W, c_end - c));
+          const M sum = total(acc);
+          const Vec<M> mean(sum / count);
+          acc = Vec<M>(M(0));
+          for (int64_t c = c0; c < c_end; c += W) {
+            const int64_t n = std::min(W, c_end - c);
+            acc = acc + square(load(xr + c, n), mean, n);
+          }
+          const int64_t slot = pid_l * p.rows + row;
+          partial[slot] = count;
+          partial[n_partial + slot] = sum;
+          partial[2 * n_partial + slot] = total(acc);
+        }
+        continue;
+      }
+      // a slot per column of the tile: its r_end - r0 values
+      const M count = M(r_end - r0);
+      M* sums = col_acc.data();
+      M* m2 = sums + p.block_l;
+      std::fill(col_acc.begin(), col_acc.end(), M(0));
+      for (int64_t row = r0; row < r_end; ++row) {
+        for (int64_t c = c0; c < c_end; c += W) {
+          const int64_t n = std::min(W, c_end - c);
+          (Vec<M>::loadu(sums + (c - c0), n) + load(x + row * p.cols + c, n))
+              .store(sums + (c - c0), n);
+        }
+      }
+      for (int64_t row = r0; row < r_end; ++row) {
+        for (int64_t c = c0; c < c_end; c += W) {
+          const int64_t n = std::min(W, c_end - c);
+          const Vec<M> mean = Vec<M>::loadu(sums + (c - c0), n) / Vec<M>(count);
+          (Vec<M>::loadu(m2 + (c - c0), n) + square(load(x + row * p.cols + c, n), mean, n))
+              .store(m2 + (c - c0), n);
+        }
+      }
+      const int64_t slot = (sample * row_blocks + pid_r) * p.cols + c0;
+      std::fill(partial + slot, partial + slot + (c_end - c0), count);
+      std::copy(sums, sums + (c_end - c0), partial + n_partial + slot);
+      std::copy(m2, m2 + (c_end - c0), partial + 2 * n_partial + slot);
+    }
+  });
+}
 
 // dz = g f'(z): dx = a dz (+ k1 (x - c) + k0) where dx is not null, and the terms dz, dz (x - c)
 // and (NP = 2 + F::NP) the terms g df/dp of f's parameters (ActMath: beta; AconMath: p1, p2,
@@ -746,15 +818,13 @@ extern "C" int fa_max_affine(const void* x, const void* t, const void* a, const 
   });
 }
 
-extern "C" int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial,
-                        int dtype, fa_plan plan, void*) {
+extern "C" int fa_stats(const void* x, void* partial, int64_t n_partial, int dtype,
+                        fa_plan plan, void*) {
   if (partial == nullptr) return BAD_VALUE;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using M = opmath_t<T>;
-    return launch(StatsOp<T>{static_cast<const T*>(x), static_cast<const M*>(shift), plan.cols,
-                             plan.layout},
-                  plan, partial, n_partial);
+    stats(static_cast<const T*>(x), static_cast<opmath_t<T>*>(partial), n_partial, plan);
+    return int(OK);
   });
 }
 

@@ -65,18 +65,19 @@ int fa_max_backward(const void* g, const void* code, void* dx, void* dt, int dty
 int fa_max_affine(const void* x, const void* t, const void* a, const void* b, void* y, int dtype,
                   fa_plan plan, void* stream);
 
-// BatchNorm + activation (fused_act/ops/batchnorm.py): c, a, b, shift, k1, k0 and a beta tensor
+// BatchNorm + activation (fused_act/ops/batchnorm.py): c, a, b, k1, k0 and a beta tensor
 // hold one opmath value per channel (plan.channels); a plan of one channel is flat.  f is
 // activation `act` with its beta, or where p1 is not null ACON-C of per-channel p1, p2 and beta
 // (C values each, all three needed; act and beta_value unread).
-// fa_stats: the partials of sum(x - shift) and sum((x - shift)^2) into partial's 2 * n_partial
-// slots.  fa_affine_act_forward: y = f((x - c) a + b).  fa_affine_act_backward: with dz =
+// fa_stats: per slot, the count of x's values, their sum and the sum of their squared distances
+// from their own mean (sum / count) into partial's 3 * n_partial slots, which the caller merges
+// (Chan et al.).  fa_affine_act_forward: y = f((x - c) a + b).  fa_affine_act_backward: with dz =
 // g f'(z), dx = a dz (+ k1 (x - c) + k0 where k1 is not null) where dx is not null, and where
 // partial is not null the partials of dz, dz (x - c) and then of f's parameter gradients into
 // its sums * n_partial slots: sums 2 (none), 3 (g df/dbeta) or with ACON-C 5 (g df/dp1,
 // g df/dp2, g df/dbeta).
-int fa_stats(const void* x, const void* shift, void* partial, int64_t n_partial, int dtype,
-             fa_plan plan, void* stream);
+int fa_stats(const void* x, void* partial, int64_t n_partial, int dtype, fa_plan plan,
+             void* stream);
 int fa_affine_act_forward(const void* x, void* y, int dtype, int act, const void* c, const void* a,
                           const void* b, const void* beta, float beta_value, const void* p1,
                           const void* p2, fa_plan plan, void* stream);

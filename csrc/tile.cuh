@@ -65,6 +65,16 @@ struct SumsOnly : std::false_type {};
 template <class Op>
 struct SumsOnly<Op, std::void_t<decltype(Op::SUMS_ONLY)>> : std::bool_constant<Op::SUMS_ONLY> {};
 
+// A centered op (`static constexpr bool CENTERED = true`, NP = 3: the batch statistics) gives
+// each lane's count (1, or 0 for no value) and value; the kernel reduces them to each slot's
+// count, sum, and sum of squared distances from the slot's own mean (its sum / count), merging
+// partial results by Chan et al.'s formula instead of adding them: nothing cancels however far
+// the values lie from 0.
+template <class Op, class = void>
+struct Centered : std::false_type {};
+template <class Op>
+struct Centered<Op, std::void_t<decltype(Op::CENTERED)>> : std::bool_constant<Op::CENTERED> {};
+
 // ---- storage <-> opmath --------------------------------------------------------------------
 
 template <class T>
@@ -212,6 +222,24 @@ __device__ __forceinline__ M sample_param(const M* p, const At& at, int k, int l
 template <class M>
 __device__ __forceinline__ M shfl_xor(M v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 
+// (count, sum, M2: squared distances from the mean) b merged into a (Chan et al.): the counts
+// and sums add, and M2 gains na nb / (na + nb) times the squared distance between the means.
+// An empty side (count 0) leaves the other as it is.  Symmetric in a and b, bit for bit.
+template <class M>
+__device__ __forceinline__ void chan_merge(M& na, M& sa, M& ma, M nb, M sb, M mb) {
+  const M n = na + nb;
+  const M d = sb / (nb > M(0) ? nb : M(1)) - sa / (na > M(0) ? na : M(1));
+  const M m = ma + mb + d * d * (na * nb / (n > M(0) ? n : M(1)));
+  ma = na == M(0) ? mb : nb == M(0) ? ma : m;
+  na = n;
+  sa = sa + sb;
+}
+
+template <class M>
+__device__ __forceinline__ void chan_merge(M (&a)[3], const M (&b)[3]) {
+  chan_merge(a[0], a[1], a[2], b[0], b[1], b[2]);
+}
+
 // ---- the kernel ----------------------------------------------------------------------------
 
 template <class Op, int VEC, int SUMS>
@@ -226,6 +254,8 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
   const int ty = threadIdx.x / tx_n;
   static_assert(SUMS == NO_SUMS || Op::NP > 0, "sums of parameter-gradient terms need some");
   constexpr bool reduce = SUMS != NO_SUMS;
+  constexpr bool centered = Centered<Op>::value;
+  static_assert(!centered || NP == 3, "a centered op's partials: count, sum, M2");
 
   for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
     const int64_t pid_l = mod64(tile, g.col_blocks);
@@ -262,10 +292,28 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
           row_ok = true;
           M d[NP][VEC] = {};
           op.template apply<VEC>(at, d);
+          if constexpr (centered) {
+            // the vector's lanes are one row's, one slot's: their count, sum and squared
+            // distances from their mean, merged into the thread's
+            M v[NP] = {};
 #pragma unroll
-          for (int p = 0; p < NP; ++p) {
+            for (int k = 0; k < VEC; ++k) {
+              v[0] += d[0][k];
+              v[1] += d[1][k];
+            }
+            const M mean = v[1] / (v[0] > M(0) ? v[0] : M(1));
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) acc[p] += d[p][k];
+            for (int k = 0; k < VEC; ++k) {
+              const M e = d[1][k] - mean;
+              v[2] += d[0][k] > M(0) ? e * e : M(0);
+            }
+            chan_merge(acc, v);
+          } else {
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) acc[p] += d[p][k];
+            }
           }
         }
         if constexpr (reduce) {
@@ -273,9 +321,18 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
           const int warp = threadIdx.x / 32;
           // the tx_n threads of a tile row are consecutive: lanes of one warp, or whole warps
           const int in_warp = tx_n < 32 ? tx_n : 32;
+          if constexpr (centered) {
+            for (int o = in_warp / 2; o >= 1; o /= 2) {
+              M other[NP];
 #pragma unroll
-          for (int p = 0; p < NP; ++p) {
-            for (int o = in_warp / 2; o >= 1; o /= 2) acc[p] += shfl_xor(acc[p], o);
+              for (int p = 0; p < NP; ++p) other[p] = shfl_xor(acc[p], o);
+              chan_merge(acc, other);
+            }
+          } else {
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+              for (int o = in_warp / 2; o >= 1; o /= 2) acc[p] += shfl_xor(acc[p], o);
+            }
           }
           const int64_t slot = pid_l * g.rows + at.row;
           if (tx_n <= 32) {
@@ -290,10 +347,21 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
             __syncthreads();
             if (tx == 0 && row_ok) {
               const int warps = tx_n / 32;
-              for (int p = 0; p < NP; ++p) {
-                M s = M(0);
-                for (int w = 0; w < warps; ++w) s += warp_sums[p][ty * warps + w];
-                partial[p * n_partial + slot] = s;
+              if constexpr (centered) {
+                M s[NP] = {};
+                for (int w = 0; w < warps; ++w) {
+                  M v[NP];
+#pragma unroll
+                  for (int p = 0; p < NP; ++p) v[p] = warp_sums[p][ty * warps + w];
+                  chan_merge(s, v);
+                }
+                for (int p = 0; p < NP; ++p) partial[p * n_partial + slot] = s[p];
+              } else {
+                for (int p = 0; p < NP; ++p) {
+                  M s = M(0);
+                  for (int w = 0; w < warps; ++w) s += warp_sums[p][ty * warps + w];
+                  partial[p * n_partial + slot] = s;
+                }
               }
             }
             __syncthreads();
@@ -320,10 +388,19 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
           col_ok = true;
           M d[NP][VEC] = {};
           op.template apply<VEC>(at, d);
+          if constexpr (centered) {
+            // each lane is its own column's: one value merged into that column's (Welford)
 #pragma unroll
-          for (int p = 0; p < NP; ++p) {
+            for (int k = 0; k < VEC; ++k) {
+              chan_merge(col_sums[0][me + k], col_sums[1][me + k], col_sums[2][me + k], d[0][k],
+                         d[1][k], M(0));
+            }
+          } else {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) col_sums[p][me + k] += d[p][k];
+            for (int p = 0; p < NP; ++p) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) col_sums[p][me + k] += d[p][k];
+            }
           }
         }
         M acc[NP][VEC];
@@ -335,10 +412,25 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
         // threads of one column: lanes tx, tx + tx_n, ... of a warp, then one group per warp
         // (tx_n < 32) or per tile row (tx_n >= 32)
         for (int o = tx_n; o < 32; o *= 2) {
+          if constexpr (centered) {
 #pragma unroll
-          for (int p = 0; p < NP; ++p) {
+            for (int k = 0; k < VEC; ++k) {
+              M mine[NP], other[NP];
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) acc[p][k] += shfl_xor(acc[p][k], o);
+              for (int p = 0; p < NP; ++p) {
+                mine[p] = acc[p][k];
+                other[p] = shfl_xor(acc[p][k], o);
+              }
+              chan_merge(mine, other);
+#pragma unroll
+              for (int p = 0; p < NP; ++p) acc[p][k] = mine[p];
+            }
+          } else {
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) acc[p][k] += shfl_xor(acc[p][k], o);
+            }
           }
         }
         const int lane = threadIdx.x % 32;
@@ -359,11 +451,24 @@ __global__ void __launch_bounds__(THREADS, (min_blocks<Op, VEC, SUMS>()))
           const int n = g.cols - col < VEC ? int(g.cols - col) : VEC;
           const int64_t row_block = sample * g.row_blocks_per_sample + pid_r;
           const int64_t slot = row_block * g.cols + col;
-          for (int p = 0; p < NP; ++p) {
+          if constexpr (centered) {
             for (int k = 0; k < n; ++k) {
-              M s = M(0);
-              for (int w = 0; w < groups; ++w) s += col_sums[p][(w * tx_n + tx) * VEC + k];
-              partial[p * n_partial + slot + k] = s;
+              M s[NP] = {};
+              for (int w = 0; w < groups; ++w) {
+                M v[NP];
+#pragma unroll
+                for (int p = 0; p < NP; ++p) v[p] = col_sums[p][(w * tx_n + tx) * VEC + k];
+                chan_merge(s, v);
+              }
+              for (int p = 0; p < NP; ++p) partial[p * n_partial + slot + k] = s[p];
+            }
+          } else {
+            for (int p = 0; p < NP; ++p) {
+              for (int k = 0; k < n; ++k) {
+                M s = M(0);
+                for (int w = 0; w < groups; ++w) s += col_sums[p][(w * tx_n + tx) * VEC + k];
+                partial[p * n_partial + slot + k] = s;
+              }
             }
           }
         }

@@ -124,8 +124,8 @@ class ExtensionKernels:
         self.lib.glu_backward(g, gate, up, dgate, dup, strides, act, beta, beta_value, partial,
                               p.fields())
 
-    def stats(self, x: Tensor, shift: Tensor, partial: Tensor, p: Plan) -> None:
-        self.lib.stats(x, shift, partial.view(2, p.partials), p.partials, p.fields())
+    def stats(self, x: Tensor, partial: Tensor, p: Plan) -> None:
+        self.lib.stats(x, partial.view(3, p.partials), p.partials, p.fields())
 
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
                            b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,

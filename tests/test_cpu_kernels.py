@@ -410,6 +410,37 @@ def check_bn(op: str, key: str, act: str, beta_kind: str | None, grads: bool,
             assert err <= BN_TOL[dtype] * max(w[finite].abs().max().item(), 1e-6), (what, err)
 
 
+# Channels far from 0 (1e3 + N(0, 1)) with one value at -1e3, inside the channel or its first
+# value, in both layouts: sums of x and x^2 about one value of the channel cancel in fp32 there,
+# per-slot counts, sums and squared distances from the slot's own mean do not.
+BN_FAR = [(key, first) for key in ("nchw", "channels_last") for first in (False, True)]
+
+
+def check_bn_far(key: str, first: bool, backend_name: str) -> None:
+    """fp32 mean and biased variance of BN_FAR's channels within 1e-6 of float64's."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, 24, 24, generator=gen, dtype=torch.float64) + 1e3
+    if first:
+        x[0, :, 0, 0] = -1e3
+    else:
+        x[3, :, 7, 11] = -1e3
+    x = x.float()
+    if key == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with fused_act.use_backend(backend_name):
+        _, mean, var = fused_act.ops.BATCH_NORM_ACT(x, None, None, 1e-5, "silu", None, 1.0, None,
+                                                    None)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), xd.var((0, 2, 3), correction=0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("key, first", BN_FAR)
+def test_batch_norm_statistics_far_from_zero(key, first):
+    need_backend("cpu", "cpu")
+    check_bn_far(key, first, "cpu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=str)
 @pytest.mark.parametrize("op, key, act, beta_kind, grads", BN_CASES)

@@ -99,8 +99,8 @@ class Emulated:
                                           ctypes.c_float(beta_value), _p(partial), Plan(*plan),
                                           None))
 
-    def stats(self, x, shift, partial, n_partial, plan):
-        self._ok(self.lib.fa_stats(_p(x), _p(shift), _p(partial), ctypes.c_int64(n_partial),
+    def stats(self, x, partial, n_partial, plan):
+        self._ok(self.lib.fa_stats(_p(x), _p(partial), ctypes.c_int64(n_partial),
                                    CODES[x.dtype], Plan(*plan), None))
 
     def affine_act_forward(self, x, y, act, c, a, b, beta, beta_value, p1, p2, plan):
@@ -221,6 +221,13 @@ def test_batch_norm_act(op, key, act, beta_kind, grads, dtype, cuda_on_cpu):
 def test_batch_norm_act_edges(op, key, cuda_on_cpu):
     cpu_tables.check_bn(op, key, "swish", "channels", True, torch.float32, "cuda", edges=True)
     cpu_tables.check_bn(op, key, "acon_c", "zeros", True, torch.float32, "cuda", edges=True)
+
+
+@pytest.mark.parametrize("key, first", cpu_tables.BN_FAR)
+def test_batch_norm_statistics_far_from_zero(key, first, cuda_on_cpu):
+    """fp32 statistics of channels at 1e3 with a value at -1e3: the slots' counts, sums and
+    squared distances from their own means (merged in the kernel by Chan et al.'s formula)."""
+    cpu_tables.check_bn_far(key, first, "cuda")
 
 
 def test_batch_norm_act_misaligned(cuda_on_cpu):
