@@ -247,13 +247,14 @@ def _bn_act(training: bool, channels_last: bool = False) -> BenchOp:
     def eager(x, w, b):
         return F.silu(F.batch_norm(x, *_running(x), w, b, training, 0.1, 1e-5))
 
+    def silu(z):
+        return registry.SPECS["silu"].forward(z, 1.0)
+
     def ref(x, w, b):
         if training:
-            return reference.batch_norm_act(x, w, b, 1e-5, registry.SPECS["silu"].forward,
-                                            1.0)[0]
+            return reference.batch_norm_act(x, w, b, 1e-5, silu)[0]
         rm, rv = _running(x)
-        a = w * torch.rsqrt(rv + 1e-5)
-        return reference.affine_act(x, rm, a, b, registry.SPECS["silu"].forward, 1.0)
+        return reference.affine_act(x, rm, w * torch.rsqrt(rv + 1e-5), b, silu)
 
     return BenchOp(fused, eager, ref, _nchw, _bn_params, (3, 5) if training else (2, 3),
                    takes=_image, compile_key="batch_norm_act", channels_last=channels_last)
