@@ -194,13 +194,7 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
             _log(log, kind="error", **errors[-1])
         else:
             _log(log, kind="mlp_recompute", rows=result["mlp_recompute"])
-        try:
-            result["models"] = pipes.model_steps(device, quick)
-        except Exception as e:  # noqa: BLE001 - as for a case
-            errors.append(_failure(e, what="models", op="models"))
-            _log(log, kind="error", **errors[-1])
-        else:
-            _log(log, kind="models", rows=result["models"])
+
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
     plot(rows, out)

@@ -194,15 +194,6 @@ def cpu_markdown(result: dict) -> str:
                 continue
             lines.append(f"| {r['model']} | {r['threads']} | {r['what']} | {r['swapped']} "
                          f"| {r['fused_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
-    if result.get("models"):
-        host = "" if result["env"]["device"] == "cuda" else " (CPU host time)"
-        lines += ["", "## Whole models: one SGD training step, original vs fused "
-                  "(replace_activations + patch_batchnorm_acts)", "",
-                  f"| model | batch | way | modules swapped | ms{host} | saved MiB | peak MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in result["models"]:
-            lines.append(f"| {r['model']} | {_shown(r['batch'])} | {r['way']} | {r['swapped']} "
-                         f"| {r['ms']:.4f} | {r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} |")
     if result.get("errors"):
         lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json)", "",
                   "| what | op | dtype | elements | threads | error |", "|---|---|---|---|---|---|"]
