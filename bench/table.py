@@ -215,8 +215,7 @@ def _packed(spec: registry.Spec) -> BenchOp:
               takes=_packed_shape, compile_key="glu")
 
 
-# running statistics of each channel count and device, for the eval rows (fixed values: the
-# training rows update them in place as a model's BatchNorm would)
+# running statistics of each channel count and device, for the eval rows (fixed values)
 _RUNNING: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -237,15 +236,21 @@ def _bn_params(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _bn_act(training: bool, channels_last: bool = False) -> BenchOp:
-    """BatchNorm2d -> SiLU: ``fused_act.batch_norm_act`` vs ``F.silu(F.batch_norm(...))``, with
-    running statistics (updated in training, folded in eval).  Training reads x twice forward
-    (statistics, then y) and grad and x twice backward (sums, then dx): 3 and 5 x-sized tensors,
-    against eager's 5 and 8 (BatchNorm 3 + 5, SiLU 2 + 3); eval is one pass each way."""
+    """BatchNorm2d -> SiLU: ``fused_act.batch_norm_act`` vs ``F.silu(F.batch_norm(...))``, on
+    the batch statistics in training and folded running statistics in eval.  Training reads x
+    twice forward (statistics, then y) and grad and x twice backward (sums, then dx): 3 and 5
+    x-sized tensors, against eager's 5 and 8 (BatchNorm 3 + 5, SiLU 2 + 3); eval is one pass
+    each way."""
+    # training on batch statistics alone: a running statistic updated in place by every timed
+    # forward would be one that torch's BatchNorm saves for the backward timed after them
+    def running(x):
+        return (None, None) if training else _running(x)
+
     def fused(x, w, b):
-        return fused_act.batch_norm_act(x, *_running(x), w, b, training, 0.1, 1e-5, "silu")
+        return fused_act.batch_norm_act(x, *running(x), w, b, training, 0.1, 1e-5, "silu")
 
     def eager(x, w, b):
-        return F.silu(F.batch_norm(x, *_running(x), w, b, training, 0.1, 1e-5))
+        return F.silu(F.batch_norm(x, *running(x), w, b, training, 0.1, 1e-5))
 
     def silu(z):
         return registry.SPECS["silu"].forward(z, 1.0)
