@@ -12,8 +12,18 @@ from torch import nn
 
 import fused_act
 from fused_act import ops
+from fused_act.nn.modules import CPU_FUSED_MIN
 
-from .cases import BACKENDS, DEVICES, DTYPES, PARAM_RTOL, PARAM_RTOL_DEFAULT, TOL, need_backend
+from .cases import (
+    BACKENDS,
+    CPU_BACKENDS,
+    DEVICES,
+    DTYPES,
+    PARAM_RTOL,
+    PARAM_RTOL_DEFAULT,
+    TOL,
+    need_backend,
+)
 
 # (shape, layout): NCHW tiles by rows, channels_last and (N, C) by columns, C = 1 flat; the
 # larger ones cross tile boundaries with tails
@@ -289,12 +299,78 @@ def test_compile_fullgraph(mode, monkeypatch):
             torch.testing.assert_close(ours.state_dict()[k], v)
 
 
-def _conv_bn_act(fused: bool) -> nn.Module:
+def test_cpu_auto_takes_torch_pair_where_faster():
+    """Eager CPU calls with backend "auto" run torch's BatchNorm2d then the activation in eval
+    and in training below ``CPU_FUSED_MIN`` elements, the fused op from there; backend "cpu"
+    always the fused op (compiled graphs: test_compile_fullgraph).  Each as the eager pair:
+    values, gradients, running statistics."""
+    need_backend("cpu", "cpu")
+    small, large = (2, 4, 8, 8), (CPU_FUSED_MIN // 16, 4, 2, 2)
+    for backend_name, shape, training, fused in (
+            ("auto", small, True, False), ("auto", large, True, True),
+            ("auto", small, False, False), ("auto", large, False, False),
+            ("cpu", small, True, True), ("cpu", small, False, True)):
+        torch.manual_seed(0)
+        ours = fused_act.nn.BatchNormAct2d(4, act="mish", momentum=None).double()
+        theirs = nn.Sequential(nn.BatchNorm2d(4, momentum=None), nn.Mish()).double()
+        ours.train(training), theirs.train(training)
+        theirs[0].load_state_dict(ours.state_dict())
+        x = torch.randn(shape, dtype=torch.float64).mul(3).add(1).requires_grad_()
+        with fused_act.use_backend(backend_name):
+            y = ours(x)
+        what = f"{backend_name} {shape} training={training}"
+        name = type(y.grad_fn).__name__
+        assert (name in ("BatchNormActBackward", "AffineActBackward")) == fused, (what, name)
+        want = theirs(x)
+        torch.testing.assert_close(y, want, msg=what)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, (x, ours.weight), g),
+                                   torch.autograd.grad(want, (x, theirs[0].weight), g),
+                                   msg=what)
+        for k, v in theirs[0].state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v, msg=f"{what} {k}")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_bf16_autocast_is_as_close_as_torch(backend_name):
+    """conv -> BatchNormAct2d under CPU bf16 autocast, training: the output and the gradients
+    of x, the conv weight and BatchNorm's weight and bias are as close to float64's as torch's
+    conv -> BatchNorm2d -> Mish under the same autocast (mean error within 1.25x of torch's)."""
+    need_backend(backend_name, "cpu")
     torch.manual_seed(0)
-    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(4, 8, 16, 16).mul(2).add(0.5).requires_grad_()
+    ref = _conv_bn_act(False, 8)
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5), ref[1].bias.uniform_(-0.5, 0.5)
+    fused = nn.Sequential(ref[0], fused_act.nn.BatchNormAct2d(8, act="mish"))
+    fused[1].load_state_dict(ref[1].state_dict())
+    truth = copy.deepcopy(ref).double()
+
+    def run(model, dtype, autocast):
+        model = copy.deepcopy(model).to(dtype)
+        xi = x.detach().to(dtype).requires_grad_()
+        with fused_act.use_backend(backend_name), torch.autocast("cpu", torch.bfloat16,
+                                                                  enabled=autocast):
+            y = model(xi)
+            y.float().square().mean().backward()
+        bn = model[1]
+        return [t.double() for t in (y, xi.grad, model[0].weight.grad, bn.weight.grad,
+                                     bn.bias.grad)]
+
+    want = run(truth, torch.float64, False)
+    ours, theirs = run(fused, torch.float32, True), run(ref, torch.float32, True)
+    for what, o, t, w in zip(("y", "dx", "dconv", "dweight", "dbias"), ours, theirs, want,
+                             strict=True):
+        err, torch_err = (o - w).abs().mean().item(), (t - w).abs().mean().item()
+        assert err <= 1.25 * torch_err, (what, err, torch_err)
+
+
+def _conv_bn_act(fused: bool, channels: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     if fused:
-        return nn.Sequential(conv, fused_act.nn.BatchNormAct2d(64, act="mish"))
-    return nn.Sequential(conv, nn.BatchNorm2d(64), nn.Mish())
+        return nn.Sequential(conv, fused_act.nn.BatchNormAct2d(channels, act="mish"))
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.Mish())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -409,9 +485,12 @@ def test_empty_batch():
 def _train_step_matches(model, ref, x):
     """One training forward+backward and an eval forward of ``model`` and ``ref`` (float64)
     agree: outputs, every parameter gradient, the state_dicts (keys and running statistics)."""
+    need_backend("cpu", "cpu")
     for training in (True, False):
         model.train(training), ref.train(training)
-        y, want = model(x), ref(x)
+        with fused_act.use_backend("cpu"):  # the fused kernels ("auto" may run torch's pair)
+            y = model(x)
+        want = ref(x)
         torch.testing.assert_close(y, want)
         if training:
             y.square().sum().backward()
@@ -433,24 +512,26 @@ def _train_step_matches(model, ref, x):
     ("regnetx_002", {}, 0),  # ReLU: nothing fused_act computes
 ])
 def test_timm_models(name, kwargs, swaps):
+    """replace_activations fuses timm's BatchNormAct2d and its Sequential pairs, and back."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).double()
     ref = copy.deepcopy(model)
-    report = fused_act.patch_batchnorm_acts(model)
-    assert len(report.swapped) == swaps, report
+    report = fused_act.replace_activations(model)
+    fused = [s for s in report.swapped if s.new.startswith("fused_act.nn.BatchNormAct2d")]
+    assert len(fused) == swaps, report
     assert sum(isinstance(m, fused_act.nn.BatchNormAct2d) for m in model.modules()) == swaps
     _train_step_matches(model, ref, torch.randn(2, 3, 64, 64, dtype=torch.float64))
-    assert fused_act.patch_batchnorm_acts(model).swapped == []  # again: nothing more
-    restored = fused_act.restore_activations(model)
-    assert len(restored) == swaps * (2 if "act_layer" in kwargs else 1)
-    assert not any(isinstance(m, fused_act.nn.FusedModule) for m in model.modules())
+    assert fused_act.replace_activations(model).swapped == []  # again: nothing more
+    fused_act.restore_activations(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
     _train_step_matches(model, ref, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_torchvision_conv_norm_activation():
     """torchvision's Conv2dNormActivation (a Sequential) with SiLU: conv, fused pair, Identity;
-    EfficientNet's blocks, swapped and restored."""
+    EfficientNet's blocks, swapped and restored, by patch_batchnorm_acts and by
+    replace_activations (following include / exclude)."""
     ops_ = pytest.importorskip("torchvision.ops")
     torch.manual_seed(0)
     model = nn.Sequential(ops_.Conv2dNormActivation(3, 8, activation_layer=nn.SiLU),
@@ -463,6 +544,17 @@ def test_torchvision_conv_norm_activation():
     _train_step_matches(model, ref, torch.randn(2, 3, 9, 9, dtype=torch.float64))
     assert sorted(fused_act.restore_activations(model)) == ["0.1", "0.2", "1.1", "1.2"]
     assert isinstance(model[0][1], nn.BatchNorm2d) and isinstance(model[0][2], nn.SiLU)
+    # replace_activations fuses the same pairs, unless BatchNorm or the activation is excluded
+    # or not included
+    for options, pairs in (({}, ["0.1", "1.1"]), ({"exclude": ["BatchNorm2d"]}, []),
+                           ({"exclude": ["1.2"]}, ["0.1"]), ({"include": ["SiLU"]}, []),
+                           ({"include": ["BatchNorm2d", "Mish"]}, ["1.1"])):
+        report = fused_act.replace_activations(model, **options)
+        got = [s.name for s in report.swapped if "BatchNormAct2d" in s.new]
+        assert got == pairs, (options, report)
+        _train_step_matches(model, ref, torch.randn(2, 3, 9, 9, dtype=torch.float64))
+        fused_act.restore_activations(model)
+        assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
 
 
 def test_pairs_left_with_a_reason():

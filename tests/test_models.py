@@ -153,15 +153,23 @@ def _close(got: Tensor, want: Tensor, what: str, rtol: float) -> float:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_swapped_model_matches(case):
-    """Every activation the model is built with is swapped (none left), and the swapped model
-    gives the original's outputs, input gradients and parameter gradients in fp32."""
+    """Every activation the model is built with is swapped (none left; one after BatchNorm with
+    its BatchNorm), and the swapped model gives the original's outputs, input gradients and
+    parameter gradients in fp32."""
     original = _build(case)
     found = _activations(original)
     assert found and set(found.values()) == set(case.classes), found
     model = copy.deepcopy(original)
     report = fused_act.replace_activations(model)
-    assert {s.name for s in report.swapped} == set(found) and report.left == [], str(report)
-    assert all("(fused" in repr(dict(model.named_modules())[n]) for n in found)
+    now = dict(model.named_modules())
+    # a BatchNorm -> activation pair is swapped as one module at BatchNorm's name: the
+    # activation's slot is an Identity (a Sequential pair) or the fused module's act (timm's)
+    fused = {n for n, m in now.items() if isinstance(m, fused_act.nn.BatchNormAct2d)}
+    paired = {n for n in found if isinstance(now[n], nn.Identity)
+              or n.rpartition(".")[0] in fused}
+    assert {s.name for s in report.swapped} == set(found) - paired | fused \
+        and report.left == [], str(report)
+    assert all("(fused" in repr(now[n]) for n in set(found) - paired | fused)
     inputs = case.inputs()
     for m in (original, model):
         _train(m, case)
@@ -192,7 +200,12 @@ def test_bf16_autocast_training_step(case):
     """One SGD step under CPU bf16 autocast: the same loss and the same updated parameters."""
     original = _build(case)
     model = copy.deepcopy(original)
-    fused_act.replace_activations(model)
+    # BatchNorm pairs kept apart: fused, they round once in bf16 where the original rounds
+    # BatchNorm's output and then the activation's, and this random-init network in train mode
+    # turns any such difference into 8% of the loss and whole gradients (its own bf16 gradients
+    # are that far from fp32's; torch's BatchNorm computed in fp32 moves them as much).  The
+    # fused pair under autocast is checked layer by layer against float64 (test_batchnorm.py)
+    fused_act.replace_activations(model, exclude=["BatchNorm2d"])
     inputs = case.inputs()
     losses, after = [], []
     with fused_act.use_backend("triton"):

@@ -324,7 +324,10 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
     the published ACON-C, Meta-ACON and FReLU (by class name and parameter layout).  Anything
     but a known class itself with its own ``forward`` (a subclass, a look-alike, a patched
     ``forward``, a paper module) is swapped only if ours computes the same on a float64 probe,
-    in eval and in train mode.  Modules with hooks, inside ``torch.compile``, or with tensors
+    in eval and in train mode.  BatchNorm followed by such an activation (timm's
+    ``BatchNormAct2d``, ``nn.BatchNorm2d`` then the activation in an ``nn.Sequential``) becomes
+    one ``BatchNormAct2d``, as ``patch_batchnorm_acts`` says; exclude ``"BatchNorm2d"`` to keep
+    them apart.  Modules with hooks, inside ``torch.compile``, or with tensors
     not shaped as ours are left.  A replacement keeps the module's arguments (``inplace``,
     ``approximate``, BatchNorm's ``eps`` and ``momentum``), its parameter and buffer objects
     (optimizers still step them) and modes; a shared module stays shared.
@@ -349,6 +352,8 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
     if _plan(model)[0] is not None:
         report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: "
                                 "swap it where it is used"))
+    # BatchNorm -> activation pairs first, while the activations are still the model's own
+    _swap_all(model, report, _batchnorm_decider(model, include, exclude), verbose=False)
     return _swap_all(model, report, decide, verbose)
 
 
@@ -440,12 +445,13 @@ def _swap_check(old: nn.Module, new: nn.Module, unfamiliar: bool) -> str:
 
 
 def restore_activations(model: nn.Module) -> list[str]:
-    """Undo ``replace_activations`` and ``patch_gated_mlps``: put back each swapped module, in
-    place, holding the tensors its replacement holds now (trained parameters, running
-    statistics, as they are) and its modes; modules inside a restored one are restored too.
-    Returns the names of the modules restored.  Where a replacement's tensors no longer match
-    its original's (a parameter replaced by one of another shape, a submodule wrapped), it raises
-    ValueError naming the module before anything is restored in that pass."""
+    """Undo ``replace_activations``, ``patch_gated_mlps`` and ``patch_batchnorm_acts``: put
+    back each swapped module, in place, holding the tensors its replacement holds now (trained
+    parameters, running statistics, as they are) and its modes; modules inside a restored one
+    are restored too.  Returns the names of the modules restored.  Where a replacement's
+    tensors no longer match its original's (a parameter replaced by one of another shape, a
+    submodule wrapped), it raises ValueError naming the module before anything is restored in
+    that pass."""
     restored: list[str] = []
     # id of a replacement put back already -> (it, its original): a replacement also seen
     # again inside a restored module (a shared activation) goes back to the same original
@@ -622,19 +628,36 @@ def _pairs(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
 
 
 def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacement:
-    """Fuse BatchNorm with the activation after it, in place: each ``nn.BatchNorm2d`` followed
-    in an ``nn.Sequential`` by an activation ``replace_activations`` knows (without parameters
-    of its own) becomes a ``BatchNormAct2d`` over it, and the activation's slot an
-    ``nn.Identity``; each timm ``BatchNormAct2d`` with such an activation and no drop layer
-    becomes ours.  Tensors (parameters, running statistics) are the originals' objects, modes
-    and ``eps``/``momentum`` carry over; unfamiliar classes are checked on the usual float64
-    probe; a module with hooks, a shared module, SyncBatchNorm and anything inside
-    ``torch.compile`` are left, with why.  The BatchNorm's slot then returns the activated
-    value: code that slices such a Sequential between the two, or hooks the new module, sees
-    the activation's output where BatchNorm's was.  ``restore_activations`` undoes it.
-    Returns a ``Replacement``; ``verbose=True`` prints it."""
+    """Fuse BatchNorm with the activation after it, in place (``replace_activations`` does this
+    too, with the activations): each ``nn.BatchNorm2d`` followed in an ``nn.Sequential`` by an
+    activation ``replace_activations`` knows (without parameters of its own) becomes a
+    ``BatchNormAct2d`` over it, and the activation's slot an ``nn.Identity``; each timm
+    ``BatchNormAct2d`` with such an activation and no drop layer becomes ours.  Tensors
+    (parameters, running statistics) are the originals' objects, modes and ``eps``/``momentum``
+    carry over; unfamiliar classes are checked on the usual float64 probe; a module with hooks,
+    a shared module, SyncBatchNorm and anything inside ``torch.compile`` are left, with why.
+    The BatchNorm's slot then returns the activated value: code that slices such a Sequential
+    between the two, or hooks the new module, sees the activation's output where BatchNorm's
+    was.  ``restore_activations`` undoes it.  Returns a ``Replacement``; ``verbose=True``
+    prints it."""
+    return _swap_all(model, Replacement(by="patch_batchnorm_acts"), _batchnorm_decider(model),
+                     verbose)
+
+
+def _batchnorm_decider(model: nn.Module, include: list[str] | None = None,
+                       exclude: list[str] | None = None
+                       ) -> Callable[[nn.Module, list[str], bool],
+                                     tuple[nn.Module | None, str, bool]]:
+    """``_swap_all``'s ``decide`` for ``patch_batchnorm_acts``: a pair is fused where its
+    BatchNorm and its activation are both selected by ``include`` / ``exclude`` (as
+    ``replace_activations`` takes them; None: everything)."""
     pairs = _pairs(model)
     names = _names_by_module(_slots(model))
+
+    def chosen(name: str, m: nn.Module, new: nn.Module) -> bool:
+        kinds = _named_patterns(name, type(m), new)
+        return (include is None or _selected(name, kinds, include)) and not _selected(
+            name, kinds, exclude)
 
     def decide(child: nn.Module, child_names: list[str], compiled: bool
                ) -> tuple[nn.Module | None, str, bool]:
@@ -642,9 +665,12 @@ def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacem
             ours, unfamiliar = _fusable_act(child.act)
             if ours is None:
                 return None, "", False
+            new = _bn_act(child, ours if ours is not child.act else copy.deepcopy(ours))
+            if not all(chosen(n, child, new) and chosen(f"{n}.act", child.act, ours)
+                       for n in child_names):
+                return None, "", False
             if not isinstance(child.drop, nn.Identity):
                 return None, "it has a drop layer between BatchNorm and the activation", False
-            new = _bn_act(child, ours if ours is not child.act else copy.deepcopy(ours))
             unfamiliar = unfamiliar or "forward" in vars(child)
             return new, _COMPILED if compiled else _swap_check(child, new, unfamiliar), unfamiliar
         if id(child) not in pairs:
@@ -653,6 +679,10 @@ def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacem
         act = seq._modules[attr]
         ours, unfamiliar = _fusable_act(act)
         if ours is None:
+            return None, "", False
+        new = _bn_act(child, ours if ours is not act else copy.deepcopy(ours))
+        if not all(chosen(n, child, new) for n in child_names) or not all(
+                chosen(n, act, ours) for n in names[id(act)]):
             return None, "", False
         if compiled:
             return None, _COMPILED, False
@@ -664,7 +694,6 @@ def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacem
             return None, "it or the activation after it has hooks, which a swap would drop", False
         if unfamiliar and (why := _probe(act, ours, None)):
             return None, f"the activation after it {why}", True
-        new = _bn_act(child, ours if ours is not act else copy.deepcopy(ours))
         _adopt(new, child)
         new.act.training = act.training
         # the activation's slot runs nothing now, whatever it held (one of ours too, which the
@@ -674,4 +703,4 @@ def patch_batchnorm_acts(model: nn.Module, *, verbose: bool = False) -> Replacem
         setattr(seq, attr, identity)
         return new, "", unfamiliar
 
-    return _swap_all(model, Replacement(by="patch_batchnorm_acts"), decide, verbose)
+    return decide
