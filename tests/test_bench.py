@@ -193,6 +193,30 @@ def test_failing_pipeline_is_recorded_and_skipped(tmp_path, monkeypatch):
     assert "| pipeline | mish |" in (tmp_path / "results.md").read_text()
 
 
+def test_model_check_catches_a_wrong_fused_model():
+    """The whole-model rows' check passes a fused model that computes the original's logits,
+    in fp32 and under bf16 autocast, and stops one with a wrong activation."""
+    need_device("cpu")
+    import copy
+
+    import timm
+
+    from bench import pipelines
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    original = timm.create_model("resnet10t", pretrained=False, num_classes=10,
+                                 act_layer="mish")
+    fused = copy.deepcopy(original)
+    assert fused_act.replace_activations(fused).swapped
+    assert fused_act.patch_batchnorm_acts(fused).swapped
+    with fused_act.use_backend("triton"):
+        for autocast in (False, True):
+            pipelines._check_model("resnet10t", original, fused, x, autocast=autocast)
+        fused.act1 = fused_act.nn.SiLU(inplace=True)  # mish there in the original
+        with pytest.raises(AssertionError, match="resnet10t: the fused model's fp32 logits"):
+            pipelines._check_model("resnet10t", original, fused, x, autocast=False)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_pipeline_without_a_torch_class(monkeypatch):
     """An activation torch.nn has no class for (here mish and GELU-tanh with their class
