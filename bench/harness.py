@@ -126,7 +126,9 @@ def env(device: str) -> dict:
 def run(ops: list[str], dtypes: list[str], sizes: list[int],
         shapes: list[tuple[int, ...]] | None, quick: bool, out: Path, device: str = "cuda",
         compile_backend: str = "inductor", pipelines: bool = True) -> dict:
-    """Time every case and the compile pipelines; write results.json, results.md and plots.
+    """Time every case and, with ``pipelines``, the compile pipelines, the gated MLP block's
+    ways (``pipelines.mlp_recompute``) and the whole models (``pipelines.model_steps``); write
+    results.json, results.md and plots.
 
     Each op runs on ``table.cases``: ``sizes`` (its ``shape`` of that many elements) and the
     layer shapes ``shapes`` it takes, or where None its own (``table.layer_shapes``: LLM MLP
@@ -194,6 +196,13 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
             _log(log, kind="error", **errors[-1])
         else:
             _log(log, kind="mlp_recompute", rows=result["mlp_recompute"])
+        try:
+            result["models"] = pipes.model_steps(device, quick)
+        except Exception as e:  # noqa: BLE001 - as for a case
+            errors.append(_failure(e, what="models", op="models"))
+            _log(log, kind="error", **errors[-1])
+        else:
+            _log(log, kind="models", rows=result["models"])
 
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))

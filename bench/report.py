@@ -31,6 +31,11 @@ def _ratio(other: dict, fused: dict) -> str:
     return f"{other['ms'] / fused['ms']:.2f}x" if other else ""
 
 
+def _per(row: dict, other: dict, key: str) -> str:
+    """``row[key] / other[key]``, blank where ``other`` is missing or its value 0."""
+    return f"{row[key] / other[key]:.2f}" if other.get(key) else ""
+
+
 def markdown(result: dict) -> str:
     """The tables: per op, dtype, shape and mode, the compile pipelines, and the cases and
     pipelines that failed (``errors``), which have no rows above."""
@@ -90,11 +95,16 @@ def markdown(result: dict) -> str:
         host = "" if result["env"]["device"] == "cuda" else " (CPU host time)"
         lines += ["", "## Whole models: one SGD training step, original vs fused "
                   "(replace_activations + patch_batchnorm_acts)", "",
-                  f"| model | batch | way | modules swapped | ms{host} | saved MiB | peak MiB |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"| model | batch | way | modules swapped | ms{host} | saved MiB | peak MiB "
+                  "| ms fused / original | saved MiB fused / original |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        original = {r["model"]: r for r in result["models"] if r["way"] == "original"}
         for r in result["models"]:
+            # the ratios on the fused row, against the original's row of the same model
+            o = original.get(r["model"], {}) if r["way"] == "fused" else {}
             lines.append(f"| {r['model']} | {_shown(r['batch'])} | {r['way']} | {r['swapped']} "
-                         f"| {r['ms']:.4f} | {r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} |")
+                         f"| {r['ms']:.4f} | {r['saved_mib']:.2f} | {_fmt(r['peak_mb'], '.0f')} "
+                         f"| {_per(r, o, 'ms')} | {_per(r, o, 'saved_mib')} |")
     if result.get("errors"):
         lines += ["", f"## Failed ({len(result['errors'])}: skipped, see results.json's errors)",
                   "", "| what | op | dtype | shape | error |", "|---|---|---|---|---|"]

@@ -63,6 +63,15 @@ def test_harness_end_to_end(tmp_path):
     mib = [r["saved_mib"] * 2**20 / (2 * b * s) for r in result["mlp_recompute"]]
     assert mib == [hidden + 4 * width, hidden + 3 * width, hidden + 2 * width]
     assert "h recomputed" in md and "(CPU host time)" in md
+    # whole models: each original and fused (fp32 on the CPU), host times, no peak memory
+    models = result["models"]
+    assert [(r["model"], r["way"]) for r in models] == [
+        (m, w) for m in pipelines.MODELS for w in ("original", "fused")]
+    assert all(r["swapped"] > 0 and r["ms"] > 0 and r["saved_mib"] > 0 for r in models)
+    assert all(r["batch"] == list(pipelines.MODEL_INPUT["cpu"]) and r["peak_mb"] is None
+               for r in models)
+    batch = "x".join(map(str, pipelines.MODEL_INPUT["cpu"]))
+    assert "## Whole models" in md and f"| efficientnet_b0 | {batch} | fused |" in md
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
 
 
@@ -181,6 +190,8 @@ def test_failing_pipeline_is_recorded_and_skipped(tmp_path, monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(pipelines, "_blocks", blocks)
+    # one whole model is enough here (test_harness_end_to_end runs them all)
+    monkeypatch.setattr(pipelines, "MODELS", dict(list(pipelines.MODELS.items())[:1]))
     result = harness.run(["mish", "silu"], ["fp32"], [2**10], [], quick=True, out=tmp_path,
                          device="cpu", compile_backend="aot_eager")
     assert [(e["what"], e["op"], e["error"]) for e in result["errors"]] == [
@@ -189,8 +200,32 @@ def test_failing_pipeline_is_recorded_and_skipped(tmp_path, monkeypatch):
     assert set(result["compile_mode_choice"]) == {"silu"}
     kinds = [json.loads(line)["kind"]
              for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert kinds == ["env", "case", "case", "error", "pipeline", "mlp_recompute"]
+    assert kinds == ["env", "case", "case", "error", "pipeline", "mlp_recompute", "models"]
     assert "| pipeline | mish |" in (tmp_path / "results.md").read_text()
+
+
+def test_model_check_catches_a_wrong_fused_model():
+    """The whole-model rows' check passes a fused model that computes the original's logits,
+    in fp32 and under bf16 autocast, and stops one with a wrong activation."""
+    need_device("cpu")
+    import copy
+
+    import timm
+
+    from bench import pipelines
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    original = timm.create_model("resnet10t", pretrained=False, num_classes=10,
+                                 act_layer="mish")
+    fused = copy.deepcopy(original)
+    assert fused_act.replace_activations(fused).swapped
+    assert fused_act.patch_batchnorm_acts(fused).swapped
+    with fused_act.use_backend("triton"):
+        for autocast in (False, True):
+            pipelines._check_model("resnet10t", original, fused, x, autocast=autocast)
+        fused.act1 = fused_act.nn.SiLU(inplace=True)  # mish there in the original
+        with pytest.raises(AssertionError, match="resnet10t: the fused model's fp32 logits"):
+            pipelines._check_model("resnet10t", original, fused, x, autocast=False)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -210,6 +210,7 @@ def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
     from bench import harness, pipelines, table
     # the GPU's block sizes shrunk to the CPU's: the code that picks them still runs
     monkeypatch.setitem(pipelines.MLP_SIZES, "full", pipelines.MLP_SIZES["cpu"])
+    monkeypatch.setitem(pipelines.MODEL_INPUT, "full", pipelines.MODEL_INPUT["cpu"])
     for kind in pipelines.BLOCK_SHAPES:
         monkeypatch.setitem(pipelines.BLOCK_SHAPES[kind], "full",
                             pipelines.BLOCK_SHAPES[kind]["cpu"])
@@ -266,12 +267,30 @@ def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
 
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "env" and {line["kind"] for line in lines[1:]} == {
-        "case", "pipeline", "mlp_recompute"}
+        "case", "pipeline", "mlp_recompute", "models"}
     assert [r["variant"] for r in result["mlp_recompute"]] == [
         "eager torch", "fused, h kept", "fused, h recomputed"]
     assert sum((line.get("rows", []) for line in lines if line["kind"] == "case"), []) == rows
+    # whole models: each model original and fused, one SGD step on the GPU path (bf16 autocast,
+    # channels_last), each fused model checked against its original first
+    models = result["models"]
+    assert [(r["model"], r["way"]) for r in models] == [
+        (m, w) for m in pipelines.MODELS for w in ("original", "fused")]
+    assert all(r["swapped"] > 0 and r["ms"] > 0 and r["saved_mib"] > 0 for r in models)
+    assert all(r["batch"] == list(pipelines.MODEL_INPUT["cpu"]) for r in models)
+    assert all(isinstance(r["peak_mb"], float) for r in models)
+    assert [line["rows"] for line in lines if line["kind"] == "models"] == [models]
     md = (out / "results.md").read_text()
     assert f"# fused_act on {GPU_NAME}" in md and "compile pipelines" in md
+    fused_b0 = next(r for r in models if (r["model"], r["way"]) == ("efficientnet_b0", "fused"))
+    original_b0 = next(r for r in models
+                       if (r["model"], r["way"]) == ("efficientnet_b0", "original"))
+    batch = "x".join(map(str, pipelines.MODEL_INPUT["cpu"]))
+    assert "## Whole models" in md and (
+        f"| efficientnet_b0 | {batch} | fused | {fused_b0['swapped']} | {fused_b0['ms']:.4f} "
+        f"| {fused_b0['saved_mib']:.2f} | {fused_b0['peak_mb']:.0f} "
+        f"| {fused_b0['ms'] / original_b0['ms']:.2f} "
+        f"| {fused_b0['saved_mib'] / original_b0['saved_mib']:.2f} |") in md
     assert (out / "bandwidth.png").exists()
 
 
