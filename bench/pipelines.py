@@ -182,7 +182,7 @@ BLOCKS: dict[str, tuple[str, str, Callable[[int], nn.Module]]] = {
     "meta_acon": ("acon_c", "conv", MetaAconC),
     "frelu_max": ("frelu_max", "conv", FReLU),
     "frelu_module": ("frelu_max", "conv", FReLU),
-    # its fused block is patch_batchnorm_acts' (BatchNorm and SiLU as one module)
+    # its fused block is replace_activations' (BatchNorm and SiLU as one module)
     "bn_silu_train": ("batch_norm_act", "conv", lambda c: nn.SiLU()),
     # the activation factory takes the intermediate width; a learnable beta has no MLP block,
     # as patch_gated_mlps patches only activations of fixed arguments
@@ -250,9 +250,12 @@ def _blocks(name: str, kind: str, act: Callable[[int], nn.Module], shape: tuple[
     make = _linear_block if kind == "linear" else _conv_block
     plain = make(act(width), width).to(tensors)
     fused = copy.deepcopy(plain)
-    fused_act.replace_activations(fused)
-    if BLOCKS[name][0] == "batch_norm_act" and not fused_act.patch_batchnorm_acts(fused).swapped:
-        raise RuntimeError(f"{name}: patch_batchnorm_acts left the block")
+    # the op's own block: BatchNorm fused with the activation only in the BatchNorm block
+    fused_act.replace_activations(
+        fused, exclude=[] if BLOCKS[name][0] == "batch_norm_act" else ["BatchNorm2d"])
+    if BLOCKS[name][0] == "batch_norm_act" and not any(
+            isinstance(m, fused_act.nn.BatchNormAct2d) for m in fused.modules()):
+        raise RuntimeError(f"{name}: replace_activations left BatchNorm and the activation apart")
     if name in FUSED:
         fused.body[1] = FUSED[name]().to(tensors)
     return plain, fused, f"{kind} {tuple(shape)}"
@@ -359,8 +362,8 @@ MODEL_INPUT = {"full": (64, 3, 224, 224), "quick": (32, 3, 160, 160), "cpu": (2,
 
 def model_steps(device: str, quick: bool) -> list[dict]:
     """Each of ``MODELS`` (random weights, 10 classes): one SGD step (forward, cross entropy,
-    backward, step) original vs fused (``replace_activations`` then ``patch_batchnorm_acts``,
-    from the same weights), the fused model first checked against the original
+    backward, step) original vs fused (``replace_activations``, BatchNorm pairs included, from
+    the same weights), the fused model first checked against the original
     (``_check_model``).  On a GPU channels_last under bf16 autocast, as such models train; on
     the CPU fp32.  Per way: ms, the MiB autograd keeps and peak MiB (GPU).  A model whose
     package is missing raises."""
@@ -378,8 +381,7 @@ def model_steps(device: str, quick: bool) -> list[dict]:
         original = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).to(
             tensors, memory_format=torch.channels_last if gpu else torch.preserve_format)
         fused = copy.deepcopy(original)
-        swapped = (len(fused_act.replace_activations(fused).swapped)
-                   + len(fused_act.patch_batchnorm_acts(fused).swapped))
+        swapped = len(fused_act.replace_activations(fused).swapped)
         _check_model(label, original, fused, x, autocast=gpu)
         for way, model in (("original", original), ("fused", fused)):
             rows.append(dict(model=label, way=way, swapped=swapped,

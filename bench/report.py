@@ -94,7 +94,7 @@ def markdown(result: dict) -> str:
     if result.get("models"):
         host = "" if result["env"]["device"] == "cuda" else " (CPU host time)"
         lines += ["", "## Whole models: one SGD training step, original vs fused "
-                  "(replace_activations + patch_batchnorm_acts)", "",
+                  "(replace_activations, BatchNorm pairs fused)", "",
                   f"| model | batch | way | modules swapped | ms{host} | saved MiB | peak MiB "
                   "| ms fused / original | saved MiB fused / original |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -219,7 +219,7 @@ def test_model_check_catches_a_wrong_fused_model():
                                  act_layer="mish")
     fused = copy.deepcopy(original)
     assert fused_act.replace_activations(fused).swapped
-    assert fused_act.patch_batchnorm_acts(fused).swapped
+    assert any(isinstance(m, fused_act.nn.BatchNormAct2d) for m in fused.modules())
     with fused_act.use_backend("triton"):
         for autocast in (False, True):
             pipelines._check_model("resnet10t", original, fused, x, autocast=autocast)
