@@ -8,9 +8,9 @@
     fused_act.set_backend("reference")          # or "auto", "triton"; FUSED_ACT_BACKEND
     with fused_act.use_backend("triton"): ...
     model = nn.Sequential(..., fused_act.nn.Mish(), ...)
-    fused_act.patch_batchnorm_acts(model)       # BatchNorm2d -> activation as one module
     fused_act.replace_activations(model)        # swap torch.nn / timm / transformers / paper
-    fused_act.restore_activations(model)        # modules in place, and back
+    fused_act.restore_activations(model)        # modules in place (BatchNorm2d -> activation
+                                                # as one module), and back
 """
 
 from . import config, deploy, distributed, nn, reference

@@ -12,7 +12,6 @@ from torch import nn
 
 import fused_act
 from fused_act import ops
-from fused_act.nn.modules import CPU_FUSED_MIN
 
 from .cases import (
     BACKENDS,
@@ -299,36 +298,65 @@ def test_compile_fullgraph(mode, monkeypatch):
             torch.testing.assert_close(ours.state_dict()[k], v)
 
 
-def test_cpu_auto_takes_torch_pair_where_faster():
-    """Eager CPU calls with backend "auto" run torch's BatchNorm2d then the activation in eval
-    and in training below ``CPU_FUSED_MIN`` elements, the fused op from there; backend "cpu"
-    always the fused op (compiled graphs: test_compile_fullgraph).  Each as the eager pair:
-    values, gradients, running statistics."""
+def test_cpu_auto_takes_torch_pair_only_without_a_graph(monkeypatch):
+    """Eager CPU calls with backend "auto" that record no graph (no_grad, nothing requiring
+    grad) run torch's BatchNorm2d then the activation's function (the activation module's
+    hooks do not run, as on the fused path); every call that records a graph runs the fused op
+    whatever the backend, so activation checkpointing may recompute under another backend.
+    Each as the eager pair: values, gradients, running statistics (momentum=None)."""
     need_backend("cpu", "cpu")
-    small, large = (2, 4, 8, 8), (CPU_FUSED_MIN // 16, 4, 2, 2)
-    for backend_name, shape, training, fused in (
-            ("auto", small, True, False), ("auto", large, True, True),
-            ("auto", small, False, False), ("auto", large, False, False),
-            ("cpu", small, True, True), ("cpu", small, False, True)):
+    calls = []
+    real = fused_act.functional.batch_norm_act
+    monkeypatch.setattr(fused_act.functional, "batch_norm_act",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for backend_name, training, grad, fused in (
+            ("auto", True, True, True), ("auto", False, True, True),
+            ("auto", True, False, False), ("auto", False, False, False),
+            ("cpu", True, False, True), ("reference", False, False, True)):
         torch.manual_seed(0)
         ours = fused_act.nn.BatchNormAct2d(4, act="mish", momentum=None).double()
         theirs = nn.Sequential(nn.BatchNorm2d(4, momentum=None), nn.Mish()).double()
         ours.train(training), theirs.train(training)
         theirs[0].load_state_dict(ours.state_dict())
-        x = torch.randn(shape, dtype=torch.float64).mul(3).add(1).requires_grad_()
-        with fused_act.use_backend(backend_name):
+        hooked, calls[:] = [], []
+        ours.act.register_forward_hook(lambda *a, hooked=hooked: hooked.append(1))
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64).mul(3).add(1).requires_grad_(grad)
+        what = f"{backend_name} training={training} grad={grad}"
+        with fused_act.use_backend(backend_name), torch.set_grad_enabled(grad):
             y = ours(x)
-        what = f"{backend_name} {shape} training={training}"
-        name = type(y.grad_fn).__name__
-        assert (name in ("BatchNormActBackward", "AffineActBackward")) == fused, (what, name)
         want = theirs(x)
+        assert not hooked and bool(calls) == fused, what
+        if grad:
+            name = type(y.grad_fn).__name__
+            assert name in ("BatchNormActBackward", "AffineActBackward"), (what, name)
+            g = torch.randn_like(y)
+            torch.testing.assert_close(torch.autograd.grad(y, (x, ours.weight), g),
+                                       torch.autograd.grad(want, (x, theirs[0].weight), g),
+                                       msg=what)
+        else:
+            assert y.grad_fn is None
         torch.testing.assert_close(y, want, msg=what)
-        g = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, (x, ours.weight), g),
-                                   torch.autograd.grad(want, (x, theirs[0].weight), g),
-                                   msg=what)
         for k, v in theirs[0].state_dict().items():
             torch.testing.assert_close(ours.state_dict()[k], v, msg=f"{what} {k}")
+
+
+def test_checkpoint_recomputes_under_another_backend():
+    """Non-reentrant activation checkpointing of BatchNormAct2d with the forward under one
+    backend and the backward (which recomputes the forward) under another: the gradients of
+    the unsplit run."""
+    need_backend("cpu", "cpu")
+    from torch.utils.checkpoint import checkpoint
+    for first, second in (("cpu", "auto"), ("auto", "cpu"), ("auto", "reference")):
+        torch.manual_seed(0)
+        m = fused_act.nn.BatchNormAct2d(4, act="mish").double()
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        ref = copy.deepcopy(m)
+        want = torch.autograd.grad(ref(x).square().sum(), (x, ref.weight))
+        with fused_act.use_backend(first):
+            y = checkpoint(m, x, use_reentrant=False)
+        with fused_act.use_backend(second):
+            got = torch.autograd.grad(y.square().sum(), (x, m.weight))
+        torch.testing.assert_close(got, want, msg=f"{first} then {second}")
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
@@ -485,12 +513,9 @@ def test_empty_batch():
 def _train_step_matches(model, ref, x):
     """One training forward+backward and an eval forward of ``model`` and ``ref`` (float64)
     agree: outputs, every parameter gradient, the state_dicts (keys and running statistics)."""
-    need_backend("cpu", "cpu")
     for training in (True, False):
         model.train(training), ref.train(training)
-        with fused_act.use_backend("cpu"):  # the fused kernels ("auto" may run torch's pair)
-            y = model(x)
-        want = ref(x)
+        y, want = model(x), ref(x)
         torch.testing.assert_close(y, want)
         if training:
             y.square().sum().backward()
@@ -580,6 +605,19 @@ def test_pairs_left_with_a_reason():
     block = timm.layers.BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)
     report = fused_act.patch_batchnorm_acts(nn.Sequential(block))
     assert "drop layer" in report.left[0].reason
+    # timm's module is a BatchNorm2d: excluding that keeps it apart
+    block = nn.Sequential(timm.layers.BatchNormAct2d(4, act_layer=nn.SiLU))
+    fused_act.replace_activations(block, exclude=["BatchNorm2d"])
+    assert not any(isinstance(m, fused_act.nn.BatchNormAct2d) for m in block.modules())
+
+    class MySiLU(nn.SiLU):  # an unfamiliar class: fused after the probe on (N, C, H, W)
+        pass
+
+    block = nn.Sequential(timm.layers.BatchNormAct2d(4, act_layer=MySiLU)).double()
+    ref = copy.deepcopy(block)
+    report = fused_act.replace_activations(block)
+    assert [(s.name, s.probed) for s in report.swapped] == [("0", True)], report
+    _train_step_matches(block, ref, torch.randn(2, 4, 5, 5, dtype=torch.float64))
 
 
 def test_export_and_fx():

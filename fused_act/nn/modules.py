@@ -400,11 +400,6 @@ def activation_form(act: nn.Module) -> tuple[str, dict] | None:
     return None
 
 
-# from this many elements a CPU trains BatchNorm + activation faster fused (measured on 2 cores:
-# the fused pair takes 0.6-0.7x torch's time at 2^18 to 2^22 elements, 1.7x at 2^16)
-CPU_FUSED_MIN = 2**18
-
-
 class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
     """``torch.nn.BatchNorm2d`` followed by an activation, fused (``fused_act.batch_norm_act``):
     BatchNorm2d's arguments, parameters and buffers, and the activation module ``act``.
@@ -419,11 +414,13 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
     BatchNorm2d's (``momentum=None``: a cumulative average).  In eval the running statistics
     fold into one pass.
 
-    Eager calls on CPU tensors with backend "auto" run torch's BatchNorm2d then ``act``
-    instead, except in training from ``CPU_FUSED_MIN`` elements: below that the fused op's
-    per-channel host work costs a CPU more than the pass it saves, and in eval torch's CPU
-    batch norm is as fast (``python -m bench --cpu``'s BatchNorm rows).  Backend "cpu" names
-    the fused CPU kernels; torch.compile and torch.export always hold the fused op.
+    Eager calls on CPU tensors with backend "auto" that record no autograd graph (no_grad,
+    inference_mode, nothing requiring grad) run torch's BatchNorm2d then ``act``'s function
+    instead: CPU inference of small layers pays the fused op's per-channel host work (1.1-3.4x
+    torch's time at 2^13 to 2^16 elements) for a pass that saves nothing there.  Calls that
+    record a graph always run the fused op, so the graph's nodes and saved tensors never depend
+    on the backend (activation checkpointing recomputes the forward under whatever backend is
+    in force then); so do torch.compile and torch.export, and backend "cpu".
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -451,7 +448,9 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
             return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         self._check_input_dim(x)
         if self._torch_pair(x):
-            return self.act(nn.BatchNorm2d.forward(self, x))
+            # the activation's forward, not a module call: its hooks never run on the fused
+            # path either
+            return self.act.forward(nn.BatchNorm2d.forward(self, x))
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -467,9 +466,10 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
 
     def _torch_pair(self, x: Tensor) -> bool:
         """Whether this call runs torch's BatchNorm2d then ``act`` (the class docstring)."""
-        return (x.device.type == "cpu" and type(x) is Tensor and get_backend() == "auto"
-                and not torch.compiler.is_compiling()
-                and not (self.training and x.numel() >= CPU_FUSED_MIN))
+        recording = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return (not recording and x.device.type == "cpu" and type(x) is Tensor
+                and get_backend() == "auto" and not torch.compiler.is_compiling())
 
     extra_repr = FusedModule.extra_repr  # "fused", ahead of BatchNorm's in the MRO
 

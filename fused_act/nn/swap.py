@@ -247,7 +247,10 @@ def _probe(old: nn.Module, new: nn.Module, channels: int | None) -> str:
 
 
 def _channels(m: nn.Module) -> int | None:
-    """C of a channel-wise module (ACON-C, Meta-ACON, FReLU), whose probe is (N, C, H, W)."""
+    """C of a channel-wise module (ACON-C, Meta-ACON, FReLU, BatchNorm), whose probe is
+    (N, C, H, W)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.num_features
     p1, conv = getattr(m, "p1", None), getattr(m, "conv", None)
     return p1.shape[1] if p1 is not None else conv.in_channels if conv is not None else None
 
@@ -326,8 +329,9 @@ def replace_activations(model: nn.Module, *, include: list[str] | None = None,
     ``forward``, a paper module) is swapped only if ours computes the same on a float64 probe,
     in eval and in train mode.  BatchNorm followed by such an activation (timm's
     ``BatchNormAct2d``, ``nn.BatchNorm2d`` then the activation in an ``nn.Sequential``) becomes
-    one ``BatchNormAct2d``, as ``patch_batchnorm_acts`` says; exclude ``"BatchNorm2d"`` to keep
-    them apart.  Modules with hooks, inside ``torch.compile``, or with tensors
+    one ``BatchNormAct2d``, as ``patch_batchnorm_acts`` says, where both the BatchNorm and the
+    activation are selected by ``include`` / ``exclude``; exclude ``"BatchNorm2d"`` to keep
+    them all apart.  Modules with hooks, inside ``torch.compile``, or with tensors
     not shaped as ours are left.  A replacement keeps the module's arguments (``inplace``,
     ``approximate``, BatchNorm's ``eps`` and ``momentum``), its parameter and buffer objects
     (optimizers still step them) and modes; a shared module stays shared.
@@ -648,14 +652,17 @@ def _batchnorm_decider(model: nn.Module, include: list[str] | None = None,
                        exclude: list[str] | None = None
                        ) -> Callable[[nn.Module, list[str], bool],
                                      tuple[nn.Module | None, str, bool]]:
-    """``_swap_all``'s ``decide`` for ``patch_batchnorm_acts``: a pair is fused where its
+    """``_swap_all``'s ``decide`` for BatchNorm pairs (``patch_batchnorm_acts``, and
+    ``replace_activations``' first pass): a pair is fused where its
     BatchNorm and its activation are both selected by ``include`` / ``exclude`` (as
     ``replace_activations`` takes them; None: everything)."""
     pairs = _pairs(model)
     names = _names_by_module(_slots(model))
 
     def chosen(name: str, m: nn.Module, new: nn.Module) -> bool:
-        kinds = _named_patterns(name, type(m), new)
+        # timm's BatchNormAct2d is a BatchNorm2d: excluding "BatchNorm2d" keeps it apart too
+        kinds = _named_patterns(name, type(m), new) + (
+            ("BatchNorm2d",) if isinstance(m, nn.BatchNorm2d) else ())
         return (include is None or _selected(name, kinds, include)) and not _selected(
             name, kinds, exclude)
 
