@@ -189,20 +189,17 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
                     _log(log, kind="pipeline", op=name, pipelines=found)
         result["pipelines"] = measured
         result["compile_mode_choice"] = pipes.choose(measured)
-        try:
-            result["mlp_recompute"] = pipes.mlp_recompute(device, quick)
-        except Exception as e:  # noqa: BLE001 - as for a case
-            errors.append(_failure(e, what="mlp recompute", op="swiglu"))
-            _log(log, kind="error", **errors[-1])
-        else:
-            _log(log, kind="mlp_recompute", rows=result["mlp_recompute"])
-        try:
-            result["models"] = pipes.model_steps(device, quick)
-        except Exception as e:  # noqa: BLE001 - as for a case
-            errors.append(_failure(e, what="models", op="models"))
-            _log(log, kind="error", **errors[-1])
-        else:
-            _log(log, kind="models", rows=result["models"])
+        # the MLP block's ways, then the whole models: each recorded or failed as a case
+        for key, measure, what, op in (("mlp_recompute", pipes.mlp_recompute, "mlp recompute",
+                                        "swiglu"),
+                                       ("models", pipes.model_steps, "models", "models")):
+            try:
+                result[key] = measure(device, quick)
+            except Exception as e:  # noqa: BLE001 - as for a case
+                errors.append(_failure(e, what=what, op=op))
+                _log(log, kind="error", **errors[-1])
+            else:
+                _log(log, kind=key, rows=result[key])
 
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
