@@ -298,21 +298,22 @@ def test_compile_fullgraph(mode, monkeypatch):
             torch.testing.assert_close(ours.state_dict()[k], v)
 
 
-def test_cpu_auto_takes_torch_pair_only_without_a_graph(monkeypatch):
-    """Eager CPU calls with backend "auto" that record no graph (no_grad, nothing requiring
-    grad) run torch's BatchNorm2d then the activation's function (the activation module's
-    hooks do not run, as on the fused path); every call that records a graph runs the fused op
-    whatever the backend, so activation checkpointing may recompute under another backend.
-    Each as the eager pair: values, gradients, running statistics (momentum=None)."""
+def test_cpu_takes_torch_pair(monkeypatch):
+    """Eager CPU calls run torch's BatchNorm2d then the activation's function (the activation
+    module's hooks do not run, as on the fused path), in training and eval, with and without
+    a graph, under every backend but "triton", which runs the fused op on CPU tensors (the
+    interpreter).  Each as the eager pair: values, gradients, running statistics
+    (momentum=None)."""
     need_backend("cpu", "cpu")
     calls = []
     real = fused_act.functional.batch_norm_act
     monkeypatch.setattr(fused_act.functional, "batch_norm_act",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    for backend_name, training, grad, fused in (
-            ("auto", True, True, True), ("auto", False, True, True),
-            ("auto", True, False, False), ("auto", False, False, False),
-            ("cpu", True, False, True), ("reference", False, False, True)):
+    cases = [(b, training, grad, False) for b in ("auto", "cpu", "reference")
+             for training in (True, False) for grad in (True, False)]
+    if fused_act.backend.interpreting():
+        cases += [("triton", True, True, True), ("triton", False, False, True)]
+    for backend_name, training, grad, fused in cases:
         torch.manual_seed(0)
         ours = fused_act.nn.BatchNormAct2d(4, act="mish", momentum=None).double()
         theirs = nn.Sequential(nn.BatchNorm2d(4, momentum=None), nn.Mish()).double()
@@ -328,7 +329,7 @@ def test_cpu_auto_takes_torch_pair_only_without_a_graph(monkeypatch):
         assert not hooked and bool(calls) == fused, what
         if grad:
             name = type(y.grad_fn).__name__
-            assert name in ("BatchNormActBackward", "AffineActBackward"), (what, name)
+            assert (name in ("BatchNormActBackward", "AffineActBackward")) == fused, (what, name)
             g = torch.randn_like(y)
             torch.testing.assert_close(torch.autograd.grad(y, (x, ours.weight), g),
                                        torch.autograd.grad(want, (x, theirs[0].weight), g),
@@ -401,11 +402,14 @@ def _conv_bn_act(fused: bool, channels: int = 64) -> nn.Module:
     return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.Mish())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_saved_bytes(dtype):
+def test_saved_bytes(dtype, device):
     """conv -> BatchNorm -> Mish (8x64x32x32): the fused block saves at most 0.70x the eager
-    block's bytes (the conv's input and the BatchNorm input; never BatchNorm's output)."""
-    x = torch.randn(8, 64, 32, 32, dtype=dtype).requires_grad_()
+    block's bytes (the conv's input and the BatchNorm input; never BatchNorm's output).  On
+    CPU tensors the module fuses under backend "triton" only (the interpreter)."""
+    need_backend("triton", device)
+    x = torch.randn(8, 64, 32, 32, dtype=dtype, device=device).requires_grad_()
 
     def saved(m):
         seen: dict[int, int] = {}
@@ -414,8 +418,9 @@ def test_saved_bytes(dtype):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m.to(dtype)(x)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                fused_act.use_backend("triton"):
+            m.to(device, dtype)(x)
         return sum(seen.values())
 
     eager, fused = saved(_conv_bn_act(False)), saved(_conv_bn_act(True))

@@ -414,13 +414,14 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
     BatchNorm2d's (``momentum=None``: a cumulative average).  In eval the running statistics
     fold into one pass.
 
-    Eager calls on CPU tensors with backend "auto" that record no autograd graph (no_grad,
-    inference_mode, nothing requiring grad) run torch's BatchNorm2d then ``act``'s function
-    instead: CPU inference of small layers pays the fused op's per-channel host work (1.1-3.4x
-    torch's time at 2^13 to 2^16 elements) for a pass that saves nothing there.  Calls that
-    record a graph always run the fused op, so the graph's nodes and saved tensors never depend
-    on the backend (activation checkpointing recomputes the forward under whatever backend is
-    in force then); so do torch.compile and torch.export, and backend "cpu".
+    Eager calls on CPU tensors run torch's BatchNorm2d then ``act``'s function (our op, under
+    the backend in force) instead, in training and eval alike, whatever the backend but
+    "triton": torch's CPU BatchNorm is the faster one there (the fused op's per-channel host
+    work made small CPU layers 1.8-4x slower in training), and CPU memory is rarely what limits
+    training.  The choice rests on the device alone, so activation checkpointing, which
+    recomputes the forward under whatever backend is in force at backward time, meets the same
+    graph (the Triton interpreter, backend "triton" on CPU tensors, is the one exception).
+    torch.compile, torch.export and CUDA tensors run the fused op.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -466,10 +467,8 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
 
     def _torch_pair(self, x: Tensor) -> bool:
         """Whether this call runs torch's BatchNorm2d then ``act`` (the class docstring)."""
-        recording = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (not recording and x.device.type == "cpu" and type(x) is Tensor
-                and get_backend() == "auto" and not torch.compiler.is_compiling())
+        return (x.device.type == "cpu" and type(x) is Tensor and get_backend() != "triton"
+                and not torch.compiler.is_compiling())
 
     extra_repr = FusedModule.extra_repr  # "fused", ahead of BatchNorm's in the MRO
 
