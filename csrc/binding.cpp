@@ -286,6 +286,74 @@ void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor&
            "max_affine");
 }
 
+#ifdef FA_CPU
+// The eager path of an activation without a beta tensor on CPU tensors
+// (fused_act/ops/activation.py, eager_activation): a C++ autograd node, as torch's own ops have,
+// in place of the Python Function's bookkeeping, which cost more than the kernels on small
+// tensors.  The same kernels and flat plan as the op's "cpu" backend (plan.flat, SCALAR), so
+// the results are the op's bit for bit; it saves x only.  A backward that needs a graph of its
+// own (create_graph) or gets a gradient autograd cannot hand a kernel (batched, a subclass)
+// calls the Python side's differentiable backward instead.
+pybind11::object* differentiable_backward = nullptr;  // kept to the end: no destructor at exit
+
+fa_plan flat_plan(int64_t n, int64_t block) { return fa_plan{1, n, 1, 0, 1, int32_t(block), 1, 0}; }
+
+struct EagerActivation : public torch::autograd::Function<EagerActivation> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                        const std::string& name, int64_t act, double beta_value, int64_t block) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["name"] = name;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["beta_value"] = beta_value;
+    ctx->saved_data["block"] = block;
+    Tensor y = at::empty_like(x);
+    raise_if(fa_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(act), nullptr,
+                            float(beta_value), flat_plan(x.numel(), block), nullptr),
+             "act_forward");
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const Tensor x = ctx->get_saved_variables()[0];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const double beta_value = ctx->saved_data["beta_value"].toDouble();
+    Tensor g = grads[0];
+    constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Batched,
+                                                  c10::DispatchKey::FuncTorchBatched,
+                                                  c10::DispatchKey::FuncTorchGradWrapper,
+                                                  c10::DispatchKey::Python});
+    if (at::GradMode::is_enabled() || g.key_set().has_any(wrapped) ||
+        g.scalar_type() != x.scalar_type() || g.device() != x.device()) {
+      pybind11::gil_scoped_acquire gil;
+      Tensor dx = (*differentiable_backward)(g, x, ctx->saved_data["name"].toStringRef(),
+                                             beta_value).cast<Tensor>();
+      return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    if (g.strides() != x.strides()) {  // e.g. the expanded gradient of a sum
+      g = at::empty_like(x).copy_(g);
+    }
+    Tensor dx = at::empty_like(x);
+    raise_if(fa_act_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x), int(act),
+                             nullptr, float(beta_value), nullptr,
+                             flat_plan(x.numel(), ctx->saved_data["block"].toInt()), nullptr),
+             "act_backward");
+    return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor eager_activation(const Tensor& x, const std::string& name, int64_t act,
+                        double beta_value, int64_t block) {
+  check(x, {}, {});
+  return EagerActivation::apply(x, name, act, beta_value, block);
+}
+
+void set_differentiable_backward(pybind11::object fn) {
+  delete differentiable_backward;
+  differentiable_backward = new pybind11::object(std::move(fn));
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -305,4 +373,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats", &stats, no_gil());
   m.def("affine_act_forward", &affine_act_forward, no_gil());
   m.def("affine_act_backward", &affine_act_backward, no_gil());
+#ifdef FA_CPU
+  m.def("eager_activation", &eager_activation, no_gil());
+  m.def("set_differentiable_backward", &set_differentiable_backward);
+#endif
 }

@@ -193,3 +193,57 @@ def test_gradients_never_written_into_inputs():
         y = fused_act.mish(x)
         y.backward(g)
     assert torch.equal(x.detach(), x0) and torch.equal(g, g0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
+def test_cpu_eager_node(op, dtype):
+    """An eager call on a plain, dense CPU tensor under "auto" or "cpu" records the CPU
+    kernels' C++ node: values and gradients bit for bit the op's own (its Python Function, by
+    the same kernels), x alone saved, in any dense layout and for an expanded gradient; a
+    batched gradient and create_graph take the reference math; an in-place write to x after
+    the forward is torch's error; other backends, strided x, a beta tensor and inference mode
+    keep the op."""
+    need_backend("cpu", "cpu")
+    base = make_x("nchw_c3", torch.float64, "cpu", 4.0, CHANNEL_SHAPES).to(dtype)
+    params = op.params(base)
+    if params:  # a beta tensor: the op's own path
+        y = op.call(base.clone().requires_grad_(), params)
+        assert type(y.grad_fn).__name__ == "ActivationBackward"
+        return
+    for x0 in (base, base.contiguous(memory_format=torch.channels_last)):
+        x = x0.clone().requires_grad_()
+        for backend_name in ("auto", "cpu"):
+            y, saved = saved_by(lambda x=x: op.call(x, params), backend_name)
+            assert "EagerActivation" in y.grad_fn.name(), y.grad_fn.name()
+            assert [t.data_ptr() for t in saved] == [x.data_ptr()]
+            with fused_act.use_backend("cpu"):
+                want = ops.ACTIVATION(x, op.spec.kernel, None, op.beta_value)
+            assert type(want.grad_fn).__name__ == "ActivationBackward"
+            assert torch.equal(y, want) and y.stride() == x.stride()
+            g = torch.randn(y.shape, dtype=dtype)
+            for grad in (g, torch.ones((), dtype=dtype).expand(y.shape)):
+                got, ref = (torch.autograd.grad(t, x, grad, retain_graph=True)[0]
+                            for t in (y, want))
+                assert torch.equal(got, ref)
+            batched = torch.stack([g, 2 * g])
+            got, ref = (torch.autograd.grad(t, x, batched, retain_graph=True,
+                                            is_grads_batched=True)[0] for t in (y, want))
+            torch.testing.assert_close(got, ref)
+    x = base.clone().requires_grad_()
+    y = op.call(x, params)
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert dx.requires_grad and dx.grad_fn is not None
+    with torch.no_grad():
+        x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    x = base.clone().requires_grad_()
+    others = ["reference"] + (["triton"] if fused_act.backend.interpreting() else [])
+    for backend_name, xi in [(b, x) for b in others] + [("cpu", x[..., ::2])]:
+        with fused_act.use_backend(backend_name):
+            y = op.call(xi, params)
+        assert type(y.grad_fn).__name__ == "ActivationBackward", backend_name
+    with torch.inference_mode():
+        y = op.call(base.clone(), params)
+    assert y.grad_fn is None
