@@ -288,7 +288,7 @@ void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor&
 
 #ifdef FA_CPU
 // The eager path of an activation without a beta tensor on CPU tensors
-// (fused_act/ops/activation.py, eager_activation): a C++ autograd node, as torch's own ops have,
+// (fused_act/ops/activation.py, run_activation): a C++ autograd node, as torch's own ops have,
 // in place of the Python Function's bookkeeping, which cost more than the kernels on small
 // tensors.  The same kernels and flat plan as the op's "cpu" backend (plan.flat, SCALAR), so
 // the results are the op's bit for bit; it saves x only.  A backward that needs a graph of its
@@ -315,7 +315,7 @@ struct EagerActivation : public torch::autograd::Function<EagerActivation> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const Tensor x = ctx->get_saved_variables()[0];
+    Tensor x = ctx->get_saved_variables()[0];
     const int64_t act = ctx->saved_data["act"].toInt();
     const double beta_value = ctx->saved_data["beta_value"].toDouble();
     Tensor g = grads[0];
@@ -323,12 +323,21 @@ struct EagerActivation : public torch::autograd::Function<EagerActivation> {
                                                   c10::DispatchKey::FuncTorchBatched,
                                                   c10::DispatchKey::FuncTorchGradWrapper,
                                                   c10::DispatchKey::Python});
-    if (at::GradMode::is_enabled() || g.key_set().has_any(wrapped) ||
-        g.scalar_type() != x.scalar_type() || g.device() != x.device()) {
+    // a torch.func transform over the backward (as _are_functorch_transforms_active): what
+    // empty_like makes there has no storage for a kernel
+    const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+    const bool transformed = included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+                             included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+    if (at::GradMode::is_enabled() || transformed || g.key_set().has_any(wrapped) ||
+        x.key_set().has_any(wrapped) || g.scalar_type() != x.scalar_type() ||
+        g.device() != x.device() || !x.is_cpu()) {
       pybind11::gil_scoped_acquire gil;
       Tensor dx = (*differentiable_backward)(g, x, ctx->saved_data["name"].toStringRef(),
                                              beta_value).cast<Tensor>();
       return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    if (!x.is_non_overlapping_and_dense()) {  // a saved-tensor hook's unpack gave a view
+      x = x.contiguous();
     }
     if (g.strides() != x.strides()) {  // e.g. the expanded gradient of a sum
       g = at::empty_like(x).copy_(g);

@@ -84,7 +84,7 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
-    return ops.activation(x, "swish", None, beta)  # ops round beta to fp32
+    return ops.run_activation(x, "swish", None, beta)  # ops round beta to fp32
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -96,9 +96,9 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """
     _check_x("gelu", x)
     if approximate == "none":
-        return ops.activation(x, "gelu", None, 1.0)
+        return ops.run_activation(x, "gelu", None, 1.0)
     if approximate == "tanh":
-        return ops.activation(x, "gelu_tanh", None, 1.0)
+        return ops.run_activation(x, "gelu_tanh", None, 1.0)
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
 
 
@@ -377,11 +377,11 @@ def _plain(spec: Spec) -> Callable[..., Tensor]:
     def function(x: Tensor, inplace: bool = False) -> Tensor:
         _check_x(name, x)
         if not inplace:
-            return ops.activation(x, name, None, 1.0)
+            return ops.run_activation(x, name, None, 1.0)
         if torch.is_grad_enabled() and x.requires_grad:
             # the backward reads the input, which the write would destroy: it reads a copy;
             # copy_ raises torch's own error for a leaf that requires grad, as torch's does
-            return x.copy_(ops.activation(x.clone(), name, None, 1.0))
+            return x.copy_(ops.run_activation(x.clone(), name, None, 1.0))
         return ops.apply_(x, name)
 
     function.__name__ = function.__qualname__ = name

@@ -232,6 +232,26 @@ def test_cpu_eager_node(op, dtype):
             torch.testing.assert_close(got, ref)
     x = base.clone().requires_grad_()
     y = op.call(x, params)
+    with fused_act.use_backend("reference"):
+        want = op.call(x, params)
+    g = torch.randn(y.shape, dtype=dtype)
+
+    def backward_under_transform(s):  # torch.func over the backward: the reference math
+        return (s * torch.autograd.grad(y, x, g, retain_graph=True)[0].sum()).sum()
+
+    torch.testing.assert_close(
+        torch.func.grad(backward_under_transform)(torch.ones(2, dtype=dtype)),
+        torch.autograd.grad(want, x, g, retain_graph=True)[0].sum().expand(2))
+
+    def strided(t):  # an unpack hook that gives x back as a strided view
+        buf = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+        buf[..., ::2] = t
+        return buf[..., ::2]
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), strided):
+        y2 = op.call(x, params)
+    assert torch.equal(torch.autograd.grad(y2, x, g)[0], torch.autograd.grad(y, x, g,
+                                                                             retain_graph=True)[0])
     (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     assert dx.requires_grad and dx.grad_fn is not None
     with torch.no_grad():

@@ -409,8 +409,8 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
     not ``MetaAconC``, whose beta is computed from BatchNorm's output), or the name of one
     (``"mish"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ...); its parameters are this
     module's ``act.*``, as in timm's BatchNormAct2d, whose state_dict it shares.  In training
-    the batch statistics take one read of x and the normalised activation one more, and the
-    backward saves only x (never BatchNorm's output); the running statistics update as
+    the fused op's batch statistics take one read of x and the normalised activation one more,
+    and its backward saves only x (never BatchNorm's output); the running statistics update as
     BatchNorm2d's (``momentum=None``: a cumulative average).  In eval the running statistics
     fold into one pass.
 

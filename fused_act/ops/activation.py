@@ -88,7 +88,7 @@ ACTIVATION = Op(
 activation_op, activation_backward_op = ACTIVATION.forward_op, ACTIVATION.backward_op
 
 
-def activation(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
+def run_activation(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
     """``ACTIVATION`` on validated arguments.  An eager call on a plain, dense CPU tensor
     without a beta tensor that backend "cpu" runs (also as "auto") takes the CPU kernels' C++
     autograd node (csrc/binding.cpp, EagerActivation): the same kernels, plan and saved tensor
