@@ -404,3 +404,149 @@ def glu_backward(grad: Tensor, gate: Tensor, up: Tensor, act: Callable[[Tensor],
     gf, xf = _opmath(grad), _opmath(gate)
     dgate, dparam = act_backward(gf * _opmath(up), xf)
     return dgate.to(gate.dtype), (gf * act(xf)).to(up.dtype), dparam
+
+
+# ---- FP8 quantisation: the oracle of fused quantising epilogues ----------------------------
+
+# largest finite value of each FP8 format, and its exponent (floor(log2)) for the MX shared scale
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+FP8_EMAX = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}
+# the least amax a tensor or row scale is computed from: an all-zero tensor then gets the finite
+# scale AMAX_FLOOR / FMAX (its q all 0) instead of 0 / 0
+AMAX_FLOOR = 1e-12
+SCALINGS = ("tensor", "row", "block")
+MX_BLOCK = 32
+E8M0_NAN = 0xFF
+FP8_NAN = 0x7F  # the one code every quantised NaN gets, so that q is the same on every device
+
+
+def _amax(yf: Tensor, dim: int | None = None) -> Tensor:
+    """max |yf| (NaN if any element is NaN: torch's max reductions propagate it), 0 over none."""
+    a = yf.abs()
+    if dim is None:
+        return a.amax() if a.numel() else a.new_zeros(())
+    return a.amax(dim, keepdim=True) if a.shape[dim] else a.sum(dim, keepdim=True)
+
+
+def _to_fp8(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """Saturating round-to-nearest-even cast of fp32 ``v``: the clamp makes torch's cast
+    saturate on every version (its e5m2 cast overflows to inf), and NaN gets one code whatever
+    its sign, which the cast keeps and devices choose differently (x86 makes inf / inf a
+    negative NaN, CUDA a positive one)."""
+    fmax = FP8_MAX[dtype]
+    q = v.clamp(-fmax, fmax).to(dtype).view(torch.uint8)
+    return torch.where(v.isnan(), FP8_NAN, q).view(dtype)
+
+
+def _check_quantize(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | None,
+                    block: int) -> None:
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        raise TypeError(f"quantize_fp8: y must be a floating-point tensor, got "
+                        f"{getattr(y, 'dtype', type(y).__name__)}")
+    if dtype not in FP8_MAX:
+        raise ValueError(f"quantize_fp8: dtype must be torch.float8_e4m3fn or "
+                         f"torch.float8_e5m2, got {dtype}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"quantize_fp8: scaling must be one of {SCALINGS}, got {scaling!r}")
+    if scaling != "tensor" and y.dim() == 0:
+        raise ValueError(f"quantize_fp8: y must have a last dimension for scaling={scaling!r}")
+    if scale is not None:
+        if scaling != "tensor":
+            raise ValueError(f"quantize_fp8: a caller's scale is for scaling='tensor' only, "
+                             f"got scaling={scaling!r}")
+        if not isinstance(scale, Tensor):
+            raise TypeError(f"quantize_fp8: scale must be a tensor, got {type(scale).__name__}")
+        ok = scale.numel() == 1 and scale.dtype == torch.float32
+        value = scale.reshape(-1)[0].item() if scale.numel() == 1 else None
+        if not (ok and math.isfinite(value) and value > 0.0):
+            raise ValueError(f"quantize_fp8: scale must be one finite fp32 value > 0, got shape "
+                             f"{tuple(scale.shape)}, dtype {scale.dtype}, value {value}")
+    if scaling == "block":
+        _check_block(block, y.shape[-1])
+
+
+def _check_block(block: int, k: int) -> None:
+    pow2 = isinstance(block, int) and block >= 2 and block & (block - 1) == 0
+    if not pow2 or k % block:
+        raise ValueError(f"block must be a power of two >= 2 (the MX layout's is {MX_BLOCK}) "
+                         f"dividing the last dimension, got block={block!r} for a last "
+                         f"dimension of {k}")
+
+
+def _e8m0_exponent(amax: Tensor, emax: int) -> tuple[Tensor, Tensor]:
+    """(E8M0 byte, 2^-e as fp32) of the MX FLOOR rule e = floor(log2 amax) - emax, read off
+    amax's exponent field: no log2 to round, and amax == 0 or subnormal lands on byte 0."""
+    biased = (amax.view(torch.int32) >> 23) & 0xFF  # amax >= 0, or a NaN of either sign
+    byte = (biased - emax).clamp(0, 254)  # e + 127 with e clamped to [-127, 127]
+    # 2^-e = 2^(127 - byte), built from its exponent field 254 - byte >= emax - 1 > 0 (byte <=
+    # 255 - emax): always a normal fp32, so exact
+    mult = ((254 - byte) << 23).view(torch.float32)
+    return torch.where(biased == 0xFF, E8M0_NAN, byte).to(torch.uint8), mult
+
+
+def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | None = None,
+                 block: int = MX_BLOCK) -> tuple[Tensor, Tensor]:
+    """(q, scales): ``y`` quantised to ``dtype`` (float8_e4m3fn or float8_e5m2) by one fp32
+    scale ("tensor", or the caller's ``scale``: delayed scaling), one per row of the last
+    dimension ("row") or one E8M0 power of two per ``block`` elements of it ("block", MX);
+    the bit-exact oracle for fused quantising kernels, so every step is one fp32 IEEE operation
+    on ``y.float()`` (fp64 input as its fp32 value) and a saturating round-to-nearest-even cast
+    (the hardware's ``satfinite`` conversion, NaN's sign aside).  Tensor and row scales are the
+    dequantisation multipliers max(amax, AMAX_FLOOR) / FMAX, fp32 of shape () or
+    ``y.shape[:-1] + (1,)`` (``torch._scaled_mm``'s tensorwise and rowwise ``scale_a``), and
+    q = sat(y / scale); block scales are E8M0 bytes (``float8_e8m0fnu``, shape ``y.shape[:-1] +
+    (K // block,)``) of the OCP MX FLOOR rule 2^(floor(log2 amax) - emax), and q = sat(y * 2^-e),
+    which equals the division since the factor is an exact power of two.  A poisoned group stays
+    visibly poisoned rather than quietly finite: an amax of inf gives scale inf (finite values
+    then quantise to 0, infinities to NaN), an amax of NaN a NaN scale and NaN q, and a block
+    with an inf or NaN the E8M0 NaN byte 0xFF and all-NaN q."""
+    _check_quantize(y, dtype, scaling, scale, block)
+    yf = y.float()
+    fmax = FP8_MAX[dtype]
+    if scaling == "block":
+        k = y.shape[-1]
+        blocks = yf.unflatten(-1, (k // block, block))
+        byte, mult = _e8m0_exponent(_amax(blocks, -1), FP8_EMAX[dtype])
+        v = torch.where(byte == E8M0_NAN, math.nan, blocks * mult)
+        return _to_fp8(v, dtype).flatten(-2), byte.squeeze(-1).view(torch.float8_e8m0fnu)
+    if scale is None:
+        amax = _amax(yf, None if scaling == "tensor" else -1)
+        # divisors are tensors on y's device: with a CPU scalar divisor torch's CUDA division
+        # multiplies by its reciprocal, which is not the IEEE quotient
+        scale = torch.clamp_min(amax, AMAX_FLOOR) / torch.full((), fmax, device=yf.device)
+    else:
+        scale = scale.to(yf.device).reshape(())
+    return _to_fp8(yf / scale, dtype), scale
+
+
+def dequantize_fp8(q: Tensor, scales: Tensor, scaling: str, block: int = MX_BLOCK) -> Tensor:
+    """q * scale in fp32, broadcast per tensor, row or block as ``quantize_fp8`` made the
+    scales: the inverse the tests and module probes check quantisation against; an E8M0 byte
+    decodes exactly to 2^(byte - 127) and 0xFF to NaN."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"dequantize_fp8: scaling must be one of {SCALINGS}, got {scaling!r}")
+    qf = q.float()
+    if scaling != "block":
+        return qf * scales.float()
+    _check_block(block, q.shape[-1])
+    mult = scales.view(torch.uint8).view(torch.float8_e8m0fnu).float().unsqueeze(-1)
+    return (qf.unflatten(-1, (q.shape[-1] // block, block)) * mult).flatten(-2)
+
+
+def blocked_scales(scales: Tensor) -> Tensor:
+    """The (M, K // 32) MX scales of ``quantize_fp8`` in the swizzled order cuBLAS reads
+    block-scaled operands in (VEC32_UE8M0), flat: rows zero-padded to a multiple of 128 and
+    columns to a multiple of 4, each 128 x 4 tile stored contiguously (tiles row-major) with its
+    row r, column c at offset (r % 32) * 16 + (r // 32) * 4 + c.  ``torch._scaled_mm`` (torch
+    2.14) checks only the element count, round_up(M, 128) * round_up(K / 32, 4), so row-major
+    scales of that size would pass unnoticed and scale the wrong blocks; its MX path needs a
+    Blackwell-class GPU."""
+    if scales.dim() != 2 or scales.element_size() != 1:
+        raise ValueError(f"blocked_scales: scales must be a 2-D tensor of one-byte values, got "
+                         f"shape {tuple(scales.shape)} and dtype {scales.dtype}")
+    m, k = scales.shape
+    nr, nc = -(-m // 128), -(-k // 4)
+    u = torch.nn.functional.pad(scales.view(torch.uint8), (0, nc * 4 - k, 0, nr * 128 - m))
+    tiles = u.view(nr, 128, nc, 4).permute(0, 2, 1, 3)
+    out = tiles.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten()
+    return out.view(scales.dtype)

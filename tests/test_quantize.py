@@ -1,0 +1,365 @@
+"""The FP8 quantisation reference against an oracle that gets there another way.
+
+Casts: the nearest of the 256 codes' decoded values (torch's fp8 -> fp32 cast is exact), ties to
+the even code, after saturating at the largest finite value, searched in float64.  Tensor and
+row scales: numpy float32 arithmetic on the amax.  E8M0 exponents: ``math.frexp``.  Everything is
+compared bit for bit (codes as uint8, scales with ``torch.equal``).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fused_act import reference
+from fused_act.reference import blocked_scales, dequantize_fp8, quantize_fp8
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+F8 = [E4M3, E5M2]
+# the formats' facts, written out here rather than taken from the module
+FMAX = {E4M3: 448.0, E5M2: 57344.0}
+EMAX = {E4M3: 8, E5M2: 15}  # floor(log2(FMAX))
+MANT = {E4M3: 3, E5M2: 2}  # mantissa bits
+MIN_EXP = {E4M3: -6, E5M2: -14}  # exponent of the least normal
+NAN_CODE = 0x7F
+F32 = np.float32
+INF, NAN = math.inf, math.nan
+SHAPES = [(7, 64), (2, 3, 96), (1, 32)]
+YDTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def decode_table(dtype):
+    return torch.arange(256, dtype=torch.uint8).view(dtype).double().numpy()
+
+
+def oracle_codes(values, dtype):
+    """The code of each float64 value: saturate, then round to nearest, ties to the even code."""
+    shape, values = np.shape(values), np.ravel(values)
+    table = decode_table(dtype)
+    codes = np.arange(128)[np.isfinite(table[:128])]
+    mags = table[codes]
+    a = np.minimum(np.abs(values), FMAX[dtype])
+    d = np.abs(mags[None, :] - a[:, None])
+    tie = d == d.min(1, keepdims=True)
+    even = tie & (codes % 2 == 0)[None, :]
+    pick = np.where(even.any(1), even.argmax(1), tie.argmax(1))
+    out = codes[pick] | np.where(np.signbit(values), 0x80, 0)
+    return np.where(np.isnan(values), NAN_CODE, out).astype(np.uint8).reshape(shape)
+
+
+def oracle_tensor_scale(vals, dtype):
+    """(float32 scale, codes) of one group of float32 values, in numpy float32 arithmetic."""
+    a = np.abs(vals)
+    amax = F32(NAN) if np.isnan(a).any() else (a.max() if a.size else F32(0))
+    if not np.isnan(amax):
+        amax = max(amax, F32(1e-12))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = F32(amax) / F32(FMAX[dtype])
+        q = vals / scale
+    assert scale.dtype == np.float32 and q.dtype == np.float32
+    return scale, oracle_codes(q.astype(np.float64), dtype)
+
+
+def oracle_block(vals, dtype):
+    """(E8M0 byte, codes) of one block of float32 values, the exponent from math.frexp."""
+    v = vals.astype(np.float64)
+    amax = float(np.abs(v).max())
+    if not math.isfinite(amax):
+        return 0xFF, np.full(v.shape, NAN_CODE, np.uint8)
+    e = -127 if amax == 0 else min(127, max(-127, math.frexp(amax)[1] - 1 - EMAX[dtype]))
+    return e + 127, oracle_codes(np.ldexp(v, -e), dtype)
+
+
+def oracle(y, dtype, scaling, block=32):
+    yf = y.float().numpy()
+    k = yf.shape[-1] if yf.ndim else 1
+    rows = yf.reshape(-1, k)
+    if scaling == "tensor":
+        scale, q = oracle_tensor_scale(yf.reshape(-1), dtype)
+        return q.reshape(yf.shape), torch.tensor(scale)
+    if scaling == "row":
+        pairs = [oracle_tensor_scale(r, dtype) for r in rows]
+        scales = np.array([s for s, _ in pairs], np.float32).reshape(*yf.shape[:-1], 1)
+        return np.stack([q for _, q in pairs]).reshape(yf.shape), torch.from_numpy(scales)
+    pairs = [oracle_block(b, dtype) for b in rows.reshape(-1, block)]
+    scales = np.array([s for s, _ in pairs], np.uint8).reshape(*yf.shape[:-1], k // block)
+    q = np.stack([q for _, q in pairs]).reshape(yf.shape)
+    return q, torch.from_numpy(scales).view(torch.float8_e8m0fnu)
+
+
+def check(y, dtype, scaling, block=32):
+    q, s = quantize_fp8(y, dtype, scaling, block=block)
+    want_q, want_s = oracle(y, dtype, scaling, block)
+    assert q.dtype == dtype and q.shape == y.shape
+    assert torch.equal(q.view(torch.uint8), torch.from_numpy(want_q))
+    assert s.dtype == want_s.dtype and s.shape == want_s.shape
+    if scaling == "block":
+        assert torch.equal(s.view(torch.uint8), want_s.view(torch.uint8))
+    else:
+        assert torch.equal(s.view(torch.int32), want_s.view(torch.int32))  # NaN bits too
+    return q, s
+
+
+def make(shape, ydtype, specials, seed=0):
+    """Normal values over several binades; with specials, row 0 all zero, an inf in row 1, a NaN
+    in row 2, row 3 tiny (an fp32-subnormal amax; fp16 has none: its own subnormals) and row 4
+    far beyond FP8's range."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 7, shape, generator=g))
+    rows = y.view(-1, shape[-1])
+    if specials:
+        tiny = 2.0**-20 if ydtype == torch.float16 else 2.0**-136
+        fills = [lambda r: r.zero_(), lambda r: r.index_fill_(0, torch.tensor([3]), INF),
+                 lambda r: r.index_fill_(0, torch.tensor([5]), NAN), lambda r: r.mul_(tiny),
+                 lambda r: r.mul_(100.0 if ydtype == torch.float16 else 1e30)]
+        for r, fill in zip(rows, fills, strict=False):
+            fill(r)
+    y = y.to(ydtype)
+    if specials and rows.shape[0] > 3 and ydtype != torch.float16:
+        assert 0 < y.view(-1, shape[-1])[3].float().abs().amax() < 2.0**-126
+    return y
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row", "block"])
+@pytest.mark.parametrize("specials", [False, True], ids=["finite", "specials"])
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("ydtype", YDTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_quantize_matches_oracle(shape, ydtype, dtype, specials, scaling):
+    check(make(shape, ydtype, specials), dtype, scaling)
+
+
+def cast_values(dtype):
+    """Every finite code's value, the midpoints between neighbours (ties) and one fp32 ulp either
+    side, the band between FMAX and FMAX + half an ulp, subnormal outputs, random magnitudes,
+    and the specials; both signs."""
+    table = decode_table(dtype)
+    mags = np.unique(np.abs(table[np.isfinite(table)]))
+    mids = ((mags[1:] + mags[:-1]) / 2).astype(np.float32)
+    near = np.concatenate([np.nextafter(mids, F32(0)), np.nextafter(mids, F32(INF))])
+    fmax, half_ulp = FMAX[dtype], 2.0 ** (EMAX[dtype] - MANT[dtype] - 1)
+    sub = 2.0 ** (MIN_EXP[dtype] - MANT[dtype])
+    edge = [fmax + 1, fmax + half_ulp, np.nextafter(F32(fmax + half_ulp), F32(0)),
+            np.nextafter(F32(fmax + half_ulp), F32(INF)), 2 * fmax, 1e30, 3.4028235e38, INF,
+            sub / 2, np.nextafter(F32(sub / 2), F32(1)), sub * 1.5, sub * 2.5, 2.0**-149, 1e-30]
+    rng = np.random.default_rng(0)
+    rand = np.exp2(rng.uniform(MIN_EXP[dtype] - 5, EMAX[dtype] + 3, 2000))
+    pos = np.concatenate([mags, mids, near, np.array(edge), rand]).astype(np.float32)
+    return np.concatenate([pos, -pos, np.array([NAN, -NAN], np.float32)])
+
+
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+def test_cast_is_saturate_then_round_to_nearest_even(dtype):
+    v = cast_values(dtype)
+    assert v.size > 2000
+    y = torch.from_numpy(v)
+    assert torch.signbit(y[-1]) and torch.isnan(y[-1])  # a negative NaN gets the one NaN code
+    q, s = quantize_fp8(y, dtype, "tensor", scale=torch.tensor([1.0]))
+    assert s.shape == () and s.item() == 1.0
+    assert torch.equal(q.view(torch.uint8), torch.from_numpy(oracle_codes(v.astype(float), dtype)))
+
+
+def test_torch_amax_propagates_nan():
+    # the tensor and row scales rely on it
+    y = torch.tensor([[1.0, NAN, 3.0], [NAN, -INF, 2.0]])
+    assert y.abs().amax().isnan()
+    assert y.abs().amax(-1).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("case", ["zeros", "inf", "neg_inf", "nan", "subnormal", "empty"])
+def test_tensor_scale_specials(dtype, case):
+    y = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    if case == "zeros":
+        y.zero_()[0, 0] = -0.0
+    elif case in ("inf", "neg_inf"):
+        y[1, 2] = INF if case == "inf" else -INF
+    elif case == "nan":
+        y[3, 31] = NAN
+    elif case == "subnormal":
+        y *= 1e-40
+    else:
+        y = y[:0]
+    q, s = check(y, dtype, "tensor")
+    if case in ("zeros", "subnormal", "empty"):
+        assert s.item() == F32(F32(1e-12) / F32(FMAX[dtype]))
+        assert not q.float().abs().gt(0).any()
+    elif case == "nan":
+        assert s.isnan() and q.float().isnan().all()
+    else:
+        assert s.item() == INF
+        assert q.float().isnan().sum() == 1 and (q.float().nan_to_num() == 0).all()
+    assert reference.AMAX_FLOOR == 1e-12
+
+
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+def test_delayed_scale_saturates(dtype):
+    y = make((7, 64), torch.float32, False) * 1e3
+    scale = torch.tensor(0.125)
+    q, s = quantize_fp8(y, dtype, "tensor", scale=scale)
+    want = oracle_codes((y.numpy() / F32(0.125)).astype(float), dtype)
+    assert torch.equal(q.view(torch.uint8), torch.from_numpy(want))
+    assert s.shape == () and s.dtype == torch.float32 and s.item() == 0.125
+    assert (q.float().abs() == FMAX[dtype]).sum() > 10  # some beyond the range
+
+
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+def test_e8m0_exponent_sweep(dtype):
+    """Block amaxes at and either side of powers of two over fp32's whole range, subnormals,
+    the largest finite fp32 and the FP8 maxima."""
+    amaxes = [2.0**-149, 2.0**-140, 2.0**-127, 2.0**-126, 1.5 * 2.0**-126, 1e-30, 3.4028235e38,
+              FMAX[dtype], 2.0 ** (EMAX[dtype] + 1), 1.0, 0.0]
+    for k in range(-126, 128, 7):
+        p = F32(2.0**k)
+        amaxes += [p, np.nextafter(p, F32(0)), np.nextafter(p, F32(INF)), p * F32(1.75)]
+    a = torch.tensor(np.array(amaxes, np.float32))
+    a = a[a.isfinite()]
+    y = torch.rand(len(a), 32, generator=torch.Generator().manual_seed(2)) * a[:, None]
+    y[:, 7] = -a  # the amax itself, negative
+    for block in (32, 16, 2):
+        check(y, dtype, "block", block=block)
+
+
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("block", [2, 16, 64])
+def test_other_blocks(dtype, block):
+    y = make((2, 3, 128), torch.bfloat16, True, seed=3)
+    _, s = check(y, dtype, "block", block=block)
+    assert s.shape == (2, 3, 128 // block)
+
+
+def test_fp64_input_is_its_fp32_value():
+    y = make((7, 64), torch.float32, True).double() * (1 + 2.0**-40)
+    for scaling in ("tensor", "row", "block"):
+        for a, b in zip(quantize_fp8(y, E4M3, scaling), quantize_fp8(y.float(), E4M3, scaling),
+                        strict=True):
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def half_ulp(v, dtype):
+    """Half the FP8 spacing at each float64 magnitude v (the subnormal spacing below normals)."""
+    ex = np.frexp(np.abs(v))[1] - 1
+    return np.exp2(np.maximum(ex, MIN_EXP[dtype]) - MANT[dtype] - 1)
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row", "block"])
+@pytest.mark.parametrize("dtype", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("ydtype", YDTYPES, ids=["fp32", "fp16", "bf16"])
+def test_dequantize_round_trip(ydtype, dtype, scaling):
+    y = make((2, 3, 96), ydtype, True, seed=4)
+    if scaling == "tensor":  # one inf or NaN poisons the whole tensor
+        y = make((2, 3, 96), ydtype, False, seed=4)
+    y.view(-1, 96)[-1, 0] = 500.0  # 1.95 * 2^8: its block's amax, beyond e4m3's 448 * 2^e
+    q, s = quantize_fp8(y, dtype, scaling)
+    d = dequantize_fp8(q, s, scaling)
+    assert d.dtype == torch.float32 and d.shape == y.shape
+    yf = y.float().double().numpy()
+    if scaling == "block":
+        mult = s.float().double().numpy().repeat(32, -1)
+    else:
+        mult = np.broadcast_to(s.double().numpy(), yf.shape)
+    finite = np.isfinite(mult)
+    assert finite.sum() >= yf.size // 2
+    assert np.isnan(d.numpy()[~finite]).all()  # poisoned groups stay NaN
+    v, m, dn = yf[finite] / mult[finite], mult[finite], d.double().numpy()[finite]
+    inside = np.abs(v) <= FMAX[dtype] * (1 + 2.0**-20)
+    err = np.abs(dn - yf[finite])
+    tol = half_ulp(v, dtype) * m + np.abs(yf[finite]) * 2.0**-22 + 2.0**-149
+    assert (err <= tol)[inside].all()
+    assert (np.abs(dn[~inside]) == FMAX[dtype] * m[~inside]).all()  # the MX FLOOR rule saturates
+    if scaling == "block":
+        assert (~inside).any()
+
+
+def test_dequantize_e8m0_decoding():
+    q = torch.ones(1, 96).to(E4M3)
+    s = torch.tensor([[0, 127, 0xFF]], dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    d = dequantize_fp8(q, s, "block")
+    assert (d[0, :32] == 2.0**-127).all() and (d[0, 32:64] == 1).all() and d[0, 64:].isnan().all()
+
+
+def scale_of(value, shape=(), dtype=torch.float32):
+    return torch.full(shape, value, dtype=dtype)
+
+
+Y = torch.ones(4, 64)
+ERRORS = [
+    (lambda: quantize_fp8(torch.ones(4, 64, dtype=torch.int32), E4M3, "tensor"), TypeError,
+     "y must"),
+    (lambda: quantize_fp8(Y.numpy(), E4M3, "tensor"), TypeError, "y must"),
+    (lambda: quantize_fp8(Y, torch.float16, "tensor"), ValueError, "dtype must"),
+    (lambda: quantize_fp8(Y, torch.float8_e4m3fnuz, "tensor"), ValueError, "dtype must"),
+    (lambda: quantize_fp8(Y, E4M3, "column"), ValueError, "scaling must"),
+    (lambda: quantize_fp8(Y, E4M3, "row", scale=scale_of(1.0)), ValueError, "scale is for"),
+    (lambda: quantize_fp8(Y, E4M3, "block", scale=scale_of(1.0)), ValueError, "scale is for"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=1.0), TypeError, "scale must"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=scale_of(1.0, (2,))), ValueError,
+     r"scale must.*shape \(2,\)"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=scale_of(1.0, (), torch.float64)),
+     ValueError, "scale must.*float64"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=scale_of(0.0)), ValueError,
+     "scale must.*value 0.0"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=scale_of(-1.0)), ValueError, "scale must"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=scale_of(INF)), ValueError, "scale must"),
+    (lambda: quantize_fp8(Y, E4M3, "tensor", scale=scale_of(NAN)), ValueError,
+     "scale must.*nan"),
+    (lambda: quantize_fp8(torch.ones(()), E4M3, "row"), ValueError, "y must have"),
+    (lambda: quantize_fp8(torch.ones(4, 40), E4M3, "block"), ValueError,
+     "block must.*block=32.*dimension of 40"),
+    (lambda: quantize_fp8(Y, E4M3, "block", block=48), ValueError, "block must.*48"),
+    (lambda: quantize_fp8(Y, E4M3, "block", block=1), ValueError, "block must"),
+    (lambda: quantize_fp8(Y, E4M3, "block", block=128), ValueError, "block must"),
+    (lambda: dequantize_fp8(Y.to(E4M3), torch.ones(()), "col"), ValueError, "scaling must"),
+    (lambda: dequantize_fp8(torch.ones(4, 40).to(E4M3), torch.ones(4, 1), "block"), ValueError,
+     "block must"),
+    (lambda: blocked_scales(torch.ones(4, dtype=torch.uint8)), ValueError, "scales must"),
+    (lambda: blocked_scales(torch.ones(4, 4)), ValueError, "scales must"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", ERRORS)
+def test_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def ceil_to(n, m):
+    return -(-n // m) * m
+
+
+@pytest.mark.parametrize("kb", [1, 4, 5])
+@pytest.mark.parametrize("m", [1, 128, 130])
+def test_blocked_scales_layout(m, kb):
+    rows, cols = torch.meshgrid(torch.arange(m), torch.arange(kb), indexing="ij")
+    by_row = blocked_scales((rows + 1).to(torch.uint8).view(torch.float8_e8m0fnu))
+    by_col = blocked_scales((cols + 1).to(torch.uint8))
+    assert by_row.dtype == torch.float8_e8m0fnu and by_col.dtype == torch.uint8
+    mp, kp = ceil_to(m, 128), ceil_to(kb, 4)
+    assert by_row.shape == by_col.shape == (mp * kp,)
+    # where each (row, col) of the padded grid lands: 128 x 4 tiles, row-major, each tile its
+    # row r, column c at (r % 32) * 16 + (r // 32) * 4 + c
+    want_row = np.zeros(mp * kp, np.uint8)
+    want_col = np.zeros(mp * kp, np.uint8)
+    for r in range(mp):
+        for c in range(kp):
+            tile = (r // 128) * (kp // 4) + c // 4
+            p = tile * 512 + (r % 32) * 16 + (r % 128 // 32) * 4 + c % 4
+            if r < m and c < kb:
+                want_row[p], want_col[p] = r + 1, c + 1
+    assert torch.equal(by_row.view(torch.uint8), torch.from_numpy(want_row))
+    assert torch.equal(by_col, torch.from_numpy(want_col))
+
+
+def test_blocked_scales_hand_checked():
+    # (row, col) -> flat position for a 130 x 5 matrix (two tile rows, two tile columns)
+    s = torch.zeros(130, 5, dtype=torch.uint8)
+    spots = {(0, 0): 0, (0, 1): 1, (1, 0): 16, (31, 3): 499, (32, 0): 4, (97, 2): 16 + 12 + 2,
+             (0, 4): 512, (127, 4): 512 + 31 * 16 + 12, (128, 0): 1024, (129, 4): 1536 + 16}
+    for i, (r, c) in enumerate(spots, 1):
+        s[r, c] = i
+    out = blocked_scales(s)
+    assert out.numel() == 256 * 8
+    for i, p in enumerate(spots.values(), 1):
+        assert out[p] == i
+    assert out.count_nonzero() == len(spots)
