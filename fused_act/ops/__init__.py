@@ -25,12 +25,12 @@ from .acon import (
 )
 from .activation import (
     ACTIVATION,
-    run_activation,
     activation_backward_op,
     activation_op,
     apply_,
     backward_impl,
     forward_impl,
+    run_activation,
 )
 from .batchnorm import (
     AFFINE_ACT,
@@ -64,7 +64,7 @@ __all__ = [
     "FRELU_MAX_AFFINE", "GATED", "Op", "Schema",
     "acon_backward_impl", "acon_c_backward_op", "acon_c_op", "acon_forward_impl",
     "affine_act_backward_op", "affine_act_op", "batch_norm_act_backward_op", "batch_norm_act_op",
-    "activation_backward_op", "activation_op", "apply_", "backward_impl", "dense",
+    "activation_backward_op", "activation_op", "apply_", "backward_impl", "run_activation", "dense",
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
     "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",
