@@ -56,10 +56,21 @@ int dtype_code(const Tensor& t) {
 
 // Every tensor on x's device (CUDA, or CPU for FA_CPU); data in x's dtype, parameters in its
 // opmath dtype.
+// A tensor whose memory a kernel may read: a subclass that dispatches itself (Python key)
+// or a transform's wrapper has no storage of its own, and its data pointer is not its data.
+void check_memory(const Tensor& t) {
+  TORCH_CHECK(t.defined() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python),
+              "fused_act ", KIND, " kernels: a tensor without plain storage of its own (a tensor "
+              "subclass or a transform's wrapper) cannot reach a kernel");
+}
+
 void check(const Tensor& x, std::initializer_list<const Tensor*> data,
            std::initializer_list<const Tensor*> params) {
   TORCH_CHECK(x.device().type() == DEVICE, "fused_act ", KIND, " kernels need ", KIND,
               " tensors, got ", x.device());
+  check_memory(x);
+  for (const Tensor* t : data) check_memory(*t);
+  for (const Tensor* t : params) check_memory(*t);
   const auto op = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const Tensor* t : data) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(),

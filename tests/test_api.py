@@ -16,7 +16,7 @@ import fused_act
 from fused_act import ops, reference, registry
 from fused_act.triton_kernels import math as tmath
 
-from .cases import ROOT, need_device
+from .cases import CPU_BACKENDS, ROOT, need_backend, need_device
 
 
 def c_enum(text: str, name: str) -> dict[str, int]:
@@ -431,6 +431,38 @@ def test_tensor_subclass_after_the_first_argument(case, backend):
             for i, (t, p) in enumerate(zip(leaves, plain, strict=True)):
                 got = getattr(t.grad, part) if type(t.grad) is TwoTensor else t.grad
                 torch.testing.assert_close(got, p.grad, msg=f"gradient {i} {part}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tensor_subclass_gradient_and_inplace(backend):
+    """A gradient of a subclass that dispatches itself (TwoTensor) reaching the backward of an
+    op on plain tensors (the eager Function, for a Parameter x and a beta tensor, and the CPU
+    kernels' C++ node) and a TwoTensor overwritten in place: the reference math runs on the
+    subclass, each component as its plain call; no kernel reads the subclass's data pointer
+    (it read stray memory: a segfault)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    need_backend(backend, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    a, b, x0 = (torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    beta = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    calls = {"plain": (lambda x: fused_act.mish(x), x0.clone()),
+             "parameter": (lambda x: fused_act.silu(x), torch.nn.Parameter(x0.clone())),
+             "beta": (lambda x: fused_act.swish(x, beta), x0.clone())}
+    with fused_act.use_backend(backend):
+        for what, (call, x) in calls.items():
+            x.requires_grad_()
+            (got,) = torch.autograd.grad(call(x), x, TwoTensor(a, b))
+            assert type(got) is TwoTensor, what
+            for part, g in (("a", a), ("b", b)):
+                xp = x0.clone().requires_grad_()
+                torch.testing.assert_close(getattr(got, part),
+                                           torch.autograd.grad(call(xp), xp, g)[0],
+                                           msg=f"{what} {part}")
+        t = TwoTensor(a.clone(), b.clone())
+        fused_act.mish(t, inplace=True)
+        torch.testing.assert_close(t.a, fused_act.mish(a))
+        torch.testing.assert_close(t.b, fused_act.mish(b))
 
 
 def test_plain_tensors_and_parameters_take_the_eager_function():

@@ -13,7 +13,7 @@ from ..backend import get_backend
 from ..kernels import launcher
 from ..registry import SPECS
 from .layout import dense, flat_param, fp32, is_dense, like
-from .op import Op, Schema, attr, data, param, reference_math
+from .op import Op, Schema, attr, data, dispatches_itself, param, reference_math
 
 
 def _act_plan(x: Tensor, beta: Tensor | None) -> plan.Plan:
@@ -125,8 +125,8 @@ def apply_(x: Tensor, name: str, beta_value: float = 1.0) -> Tensor:
     The write bumps x's autograd version exactly once, as torch's in-place ops do, so a tensor
     that autograd saved elsewhere raises torch's error instead of giving a wrong gradient."""
     backend = get_backend()
-    if (torch.compiler.is_compiling() or reference_math() or not is_dense(x)
-            or launcher(x.device, backend) is None):
+    if (torch.compiler.is_compiling() or reference_math() or dispatches_itself((x,))
+            or not is_dense(x) or launcher(x.device, backend) is None):
         return x.copy_(ACTIVATION(x, name, None, beta_value, mode=name))  # copy_ bumps the version
     _act_forward(x, name, None, fp32(beta_value), backend, out=x)
     if not x.is_inference():

@@ -166,10 +166,12 @@ def dispatches_itself(args: tuple) -> bool:
 
 def plain_backward(grad: Tensor) -> bool:
     """False where a backward must run the reference math: ``create_graph=True`` (the gradient
-    needs a graph of its own), a torch.func transform over the backward, or a batched gradient
-    (``autograd.grad(is_grads_batched=True)``)."""
+    needs a graph of its own), a torch.func transform over the backward, a batched gradient
+    (``autograd.grad(is_grads_batched=True)``), or a gradient of a subclass that dispatches
+    itself (its data pointer is not its data: a kernel would read stray memory)."""
     return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                or torch._C._functorch.is_legacy_batchedtensor(grad))
+                or torch._C._functorch.is_legacy_batchedtensor(grad)
+                or dispatches_itself((grad,)))
 
 
 def _own(d: Tensor | None, grad: Tensor) -> Tensor:
