@@ -263,6 +263,14 @@ struct ActMath {
     terms[0] = r.dparam;
     return r.dx;
   }
+  // grad's result, with f(x) into `value`: one pass over the math for both
+  Vec<M> value_grad(const Vec<M>& x, const At& a, int64_t n, Vec<M>* terms,
+                    Vec<M>& value) const {
+    const Grad3<Vec<M>> r = act_both<ACT>(x, beta_at(a, n));
+    value = r.value;
+    terms[0] = r.dparam;
+    return r.dx;
+  }
 };
 
 // ACON-C with its per-channel p1, p2 and per-channel or per-sample beta; NONZERO: every
@@ -382,8 +390,9 @@ struct GluGradOp {
     const Vec<M> x = load(gate + a.row * s_gate + a.col, n);
     const Vec<M> gu = gv * load(up + a.row * s_up + a.col, n);
     Vec<M> terms[NP];
-    store(dgate + a.row * s_dgate + a.col, gu * f.grad(x, a, n, terms), n);
-    store(dup + a.row * s_dup + a.col, gv * f.value(x, a, n), n);
+    Vec<M> value;
+    store(dgate + a.row * s_dgate + a.col, gu * f.value_grad(x, a, n, terms, value), n);
+    store(dup + a.row * s_dup + a.col, gv * value, n);
     for (int q = 0; q < NP; ++q) d[q] = gu * terms[q];
   }
 };
