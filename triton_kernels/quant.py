@@ -35,8 +35,7 @@ BLOCK_SCALES = tl.constexpr(2)
 AMAX = tl.constexpr(3)
 SCALINGS = {"tensor": 0, "row": 1, "block": 2, "amax": 3}
 
-# FP8 selectors, and each format's facts: mantissa bits, exponent bias, the largest finite value
-# (as fp32 bits) and its exponent (the MX rule's emax)
+# FP8 selectors (each format's facts: where the kernels read them)
 E4M3 = tl.constexpr(0)
 E5M2 = tl.constexpr(1)
 FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
@@ -46,22 +45,14 @@ AMAX_FLOOR = tl.constexpr(1e-12)  # reference.AMAX_FLOOR
 
 
 @triton.jit
-def _format(FP8: tl.constexpr):
-    """(mantissa bits, exponent bias, FMAX as fp32 bits, FMAX, emax) of the format FP8."""
-    if FP8 == E4M3:
-        r = (3, 7, 0x43E00000, 448.0, 8)
-    elif FP8 == E5M2:
-        r = (2, 15, 0x47600000, 57344.0, 15)
-    else:
-        tl.static_assert(False, "_format: unknown FP8 selector")
-    return r
-
-
-@triton.jit
 def fp8_bits(v, FP8: tl.constexpr):
     """The FP8 code (uint8) of fp32 ``v``: saturated to +-FMAX, rounded to nearest even,
     subnormals included, sign kept (-0 -> 0x80), every NaN -> 0x7F (``reference._to_fp8``)."""
-    MANT, BIAS, FMAX_BITS, _, _ = _format(FP8)
+    tl.static_assert(FP8 <= E5M2, "fp8_bits: unknown FP8 selector")
+    # the format's mantissa bits, exponent bias and largest finite value as fp32 bits
+    MANT: tl.constexpr = 3 if FP8 == E4M3 else 2
+    BIAS: tl.constexpr = 7 if FP8 == E4M3 else 15
+    FMAX_BITS: tl.constexpr = 0x43E00000 if FP8 == E4M3 else 0x47600000
     bits = v.to(tl.uint32, bitcast=True)
     sign = (bits >> 24) & 0x80
     # saturating first equals rounding then saturating: FMAX is a code, and no magnitude at or
@@ -108,7 +99,7 @@ def _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT: tl.con
 @triton.jit
 def _row_scale(amax_bits, FP8: tl.constexpr):
     """max(amax, AMAX_FLOOR) / FMAX, one IEEE division (NaN stays NaN: no max() to drop it)."""
-    _, _, _, FMAX, _ = _format(FP8)
+    FMAX: tl.constexpr = 448.0 if FP8 == E4M3 else 57344.0
     amax = amax_bits.to(tl.float32, bitcast=True)
     return tl.math.div_rn(tl.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax), FMAX)
 
@@ -118,7 +109,7 @@ def _block_quant(y, mask, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: t
                  FP8: tl.constexpr):
     """(codes, E8M0 bytes (BLOCK_R, BLOCK_K // GROUP)) of the tile ``y``: reference
     ``_e8m0_exponent`` (the FLOOR rule on amax's exponent field), q = sat(y 2^-e)."""
-    _, _, _, _, EMAX = _format(FP8)
+    EMAX: tl.constexpr = 8 if FP8 == E4M3 else 15  # floor(log2(FMAX))
     NG: tl.constexpr = BLOCK_K // GROUP
     amax = tl.max(tl.reshape(abs_bits(y, mask), (BLOCK_R, NG, GROUP)), axis=2)
     biased = amax >> 23
@@ -154,15 +145,15 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
             tl.store(q_ptr + rows[:, None] * K + lanes[None, :], q, mask=mask)
         else:
             amax = tl.zeros((BLOCK_R,), tl.int32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + lanes
+            for c in range(0, tl.cdiv(K, BLOCK_K)):
+                cols = c * BLOCK_K + lanes
                 mask = row_mask[:, None] & (cols[None, :] < K)
                 y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT,
                        GATED)
                 amax = tl.maximum(amax, tl.max(abs_bits(y, mask), axis=1))
             scale = _row_scale(amax, FP8)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + lanes
+            for c in range(0, tl.cdiv(K, BLOCK_K)):
+                cols = c * BLOCK_K + lanes
                 mask = row_mask[:, None] & (cols[None, :] < K)
                 y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT,
                        GATED)
