@@ -144,21 +144,26 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
             q = fp8_bits(tl.math.div_rn(y, scale[:, None]), FP8)
             tl.store(q_ptr + rows[:, None] * K + lanes[None, :], q, mask=mask)
         else:
+            # while, not for: triton 3.6's interpreter cannot run a loop over a runtime range
             amax = tl.zeros((BLOCK_R,), tl.int32)
-            for c in range(0, tl.cdiv(K, BLOCK_K)):
-                cols = c * BLOCK_K + lanes
+            start = 0
+            while start < K:
+                cols = start + lanes
                 mask = row_mask[:, None] & (cols[None, :] < K)
                 y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT,
                        GATED)
                 amax = tl.maximum(amax, tl.max(abs_bits(y, mask), axis=1))
+                start += BLOCK_K
             scale = _row_scale(amax, FP8)
-            for c in range(0, tl.cdiv(K, BLOCK_K)):
-                cols = c * BLOCK_K + lanes
+            start = 0
+            while start < K:
+                cols = start + lanes
                 mask = row_mask[:, None] & (cols[None, :] < K)
                 y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT,
                        GATED)
                 q = fp8_bits(tl.math.div_rn(y, scale[:, None]), FP8)
                 tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+                start += BLOCK_K
         tl.store(scale_ptr + rows, scale, mask=row_mask)
     else:
         _, rb, pid_l, rows, cols, offs, mask, row_mask = tile(pid, R, K, 1, BLOCK_R, BLOCK_K,
