@@ -86,6 +86,29 @@ class Kernels(Protocol):
         parameter gradients: g df/dbeta (3 rows), or with ``acon`` g df/dp1, g df/dp2,
         g df/dbeta (5 rows); ``p.partials`` slots a row."""
 
+    def act_quant(self, gate: Tensor, up: Tensor | None, q: Tensor, scales: Tensor,
+                  strides: tuple[int, ...], act: int, beta_value: float, scaling: str,
+                  block: int, p: Plan) -> None:
+        """y = f(gate) (* up where given) in opmath, quantised into ``q`` (float8_e4m3fn or
+        float8_e5m2, contiguous: its dtype is the format) without writing y, bit for bit as
+        ``reference.quantize_fp8`` with ``scaling``: "tensor" by the one fp32 scale in
+        ``scales``; "row" writing one fp32 scale a row into ``scales``; "block" one E8M0 byte
+        a ``block`` elements; "amax" no q, but one partial amax of |y| (NaN if any y is) a
+        tile of ``p.grid`` into ``scales``.  A ``plan.quant_plan`` over rows of the last dim;
+        ``strides``: the row strides of gate and up.  Optional (``OPTIONAL``)."""
+
+
+# launchers a backend may lack: the host asks ``offers`` and runs the reference math without
+OPTIONAL = frozenset({"act_quant"})
+
+
+def offers(k: Kernels | None, name: str) -> bool:
+    """Whether the kernels ``k`` (None: the reference math) implement launcher ``name``, one of
+    ``OPTIONAL`` (every backend implements the others)."""
+    if name not in OPTIONAL:
+        raise ValueError(f"fused_act.kernels: {name!r} is not an optional launcher")
+    return k is not None and callable(getattr(k, name, None))
+
 
 _loaded: dict[str, Kernels] = {}
 

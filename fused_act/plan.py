@@ -163,6 +163,27 @@ def row_plan(rows: int, cols: int, layout: int) -> Plan:
     return Plan(rows, cols, 1, layout, BLOCK // block_l, block_l)
 
 
+# row scaling holds rows of up to ROW_HOLD elements on chip (y computed once); longer rows are
+# walked twice in chunks of ROW_CHUNK, the activation recomputed, since holding them would spill
+ROW_HOLD = 8192
+ROW_CHUNK = 2048
+
+
+@memo
+def quant_plan(rows: int, cols: int, scaling: str, block: int) -> Plan:
+    """Tiles of the fused quantising kernels over ``rows`` rows of ``cols`` (the last dim):
+    for "row", ``block_r`` whole rows a program, walked in ``block_l`` chunks (one chunk: the
+    row held); otherwise ``block_r`` x ``block_l`` tiles, ``block_l`` a multiple of the MX
+    ``block`` for "block", whose groups then never straddle two tiles."""
+    width = next_power_of_2(cols)
+    if scaling == "row":
+        block_l = width if width <= ROW_HOLD else ROW_CHUNK
+    else:
+        block_l = max(min(width, BLOCK), block if scaling == "block" else 1)
+    return Plan(rows, cols, 1, SCALAR, min(max(1, BLOCK // block_l), next_power_of_2(rows)),
+                block_l)
+
+
 def accumulator(x: torch.Tensor) -> torch.dtype:
     """The dtype partial sums are kept in: fp32, fp64 for fp64 data."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

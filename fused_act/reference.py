@@ -484,6 +484,15 @@ def _e8m0_exponent(amax: Tensor, emax: int) -> tuple[Tensor, Tensor]:
     return torch.where(biased == 0xFF, E8M0_NAN, byte).to(torch.uint8), mult
 
 
+def amax_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
+    """The tensor or row scale max(amax, AMAX_FLOOR) / FMAX of fp32 ``amax`` (NaN stays NaN),
+    by one IEEE division on amax's device: also what the fused kernels' host finishes their
+    tensor amax with."""
+    # the divisor is a tensor on amax's device: with a CPU scalar divisor torch's CUDA division
+    # multiplies by its reciprocal, which is not the IEEE quotient
+    return torch.clamp_min(amax, AMAX_FLOOR) / torch.full((), FP8_MAX[dtype], device=amax.device)
+
+
 def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | None = None,
                  block: int = MX_BLOCK) -> tuple[Tensor, Tensor]:
     """(q, scales): ``y`` quantised to ``dtype`` (float8_e4m3fn or float8_e5m2) by one fp32
@@ -502,7 +511,6 @@ def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | No
     with an inf or NaN the E8M0 NaN byte 0xFF and all-NaN q."""
     _check_quantize(y, dtype, scaling, scale, block)
     yf = y.float()
-    fmax = FP8_MAX[dtype]
     if scaling == "block":
         k = y.shape[-1]
         blocks = yf.unflatten(-1, (k // block, block))
@@ -510,10 +518,7 @@ def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | No
         v = torch.where(byte == E8M0_NAN, math.nan, blocks * mult)
         return _to_fp8(v, dtype).flatten(-2), byte.squeeze(-1).view(torch.float8_e8m0fnu)
     if scale is None:
-        amax = _amax(yf, None if scaling == "tensor" else -1)
-        # divisors are tensors on y's device: with a CPU scalar divisor torch's CUDA division
-        # multiplies by its reciprocal, which is not the IEEE quotient
-        scale = torch.clamp_min(amax, AMAX_FLOOR) / torch.full((), fmax, device=yf.device)
+        scale = amax_scale(_amax(yf, None if scaling == "tensor" else -1), dtype)
     else:
         scale = scale.to(yf.device).reshape(())
     return _to_fp8(yf / scale, dtype), scale

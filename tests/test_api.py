@@ -370,11 +370,12 @@ def test_autocast_bf16_on_cpu():
 
 def test_backends_implement_the_kernel_interface():
     """Both kernel backends offer every launcher of ``kernels.Kernels`` with its parameters (what
-    a type checker verifies, checked here without one)."""
+    a type checker verifies, checked here without one); an optional one, where they have it,
+    and ``kernels.offers`` says which they have."""
     import inspect
 
     from fused_act._cuda import ExtensionKernels
-    from fused_act.kernels import Kernels
+    from fused_act.kernels import OPTIONAL, Kernels, offers
     from fused_act.triton_kernels import TritonKernels
 
     def params(fn):
@@ -382,10 +383,16 @@ def test_backends_implement_the_kernel_interface():
 
     launchers = [n for n, v in vars(Kernels).items()
                  if inspect.isfunction(v) and not n.startswith("_")]
-    assert len(launchers) == 12
+    assert len(launchers) == 13 and OPTIONAL <= set(launchers)
     for cls in (TritonKernels, ExtensionKernels):
         for name in launchers:
+            if name in OPTIONAL and not hasattr(cls, name):
+                continue
             assert params(getattr(cls, name)) == params(getattr(Kernels, name)), (cls, name)
+    assert offers(TritonKernels(), "act_quant") and not offers(ExtensionKernels(None), "act_quant")
+    assert not offers(None, "act_quant")
+    with pytest.raises(ValueError, match="not an optional"):
+        offers(TritonKernels(), "act_forward")
 
 
 # A tensor subclass in any tensor argument: (call, x's shape, the subclassed argument's shape,

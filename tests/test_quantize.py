@@ -363,3 +363,311 @@ def test_blocked_scales_hand_checked():
     for i, p in enumerate(spots.values(), 1):
         assert out[p] == i
     assert out.count_nonzero() == len(spots)
+
+
+# ---- the fused kernel: ops.quant.act_quant ----------------------------------------------------
+# Under the interpreter (backend "triton" on CPU tensors), every q and scale must equal, bit for
+# bit, quantize_fp8 of the same backend's own fp32 activation: the existing op on the fp32 input
+# (16-bit inputs upcast: the kernel computes from them in fp32).
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fused_act import kernels, ops, registry  # noqa: E402
+from fused_act._cuda import ExtensionKernels  # noqa: E402
+from fused_act.ops import quant  # noqa: E402
+from fused_act.triton_kernels.quant import fp8_bits  # noqa: E402
+
+from .cases import need_backend  # noqa: E402
+
+KACTS = list(registry.KERNEL_IDS)
+BETA = 0.7  # swish's beta (the others take none)
+MODES = ["elementwise", "gated", "packed"]
+# (scaling, the caller's scale or None): "delayed" is tensor scaling with a caller's scale
+SCALINGS = {"tensor": ("tensor", None), "delayed": ("tensor", 0.03125), "row": ("row", None),
+            "block": ("block", None)}
+QSHAPES = [(3, 96), (5, 160), (2, 32)]  # rows not a multiple of any tile; a row of one block
+
+
+def interpreted():
+    need_backend("triton", "cpu")
+
+
+def op_y32(g, u, act):
+    """The triton backend's own fp32 activation of the inputs' fp32 values."""
+    name = registry.KERNELS[act].name
+    if u is None:
+        return ops.forward_impl(g.float(), name, None, BETA, "triton")
+    return ops.glu_forward_impl(g.float(), u.float(), name, None, BETA, -1, "triton")
+
+
+def inputs(mode, shape, ydtype, seed=0):
+    """(gate, up, dim) as act_quant takes them, and the (gate, up) halves they stand for;
+    "packed": one (..., 2K) tensor whose halves are read in place (row stride 2K)."""
+    g = torch.Generator().manual_seed(seed)
+    k = shape[-1]
+    x = (torch.randn(*shape[:-1], 2 * k, generator=g) * 4).to(ydtype)
+    x.view(-1)[::7] *= 8  # some values far out (several binades; the saturating branches)
+    if mode == "elementwise":
+        return (x[..., :k].contiguous(), None, None), (x[..., :k], None)
+    if mode == "gated":
+        return (x[..., :k].contiguous(), x[..., k:].contiguous(), None), (x[..., :k], x[..., k:])
+    return (x, None, -1), (x[..., :k], x[..., k:])
+
+
+def same(got, want):
+    """Bit for bit: codes as bytes, scales as their bits (NaN: any NaN), shapes and dtypes."""
+    (q, s), (wq, ws) = got, want
+    assert q.dtype == wq.dtype and q.shape == wq.shape
+    bad = (q.view(torch.uint8) != wq.view(torch.uint8)).nonzero()
+    assert not len(bad), f"{len(bad)} codes differ, first at {bad[:4].tolist()}: " \
+        f"{q.view(torch.uint8)[tuple(bad[0])]} vs {wq.view(torch.uint8)[tuple(bad[0])]}"
+    assert s.dtype == ws.dtype and s.shape == ws.shape
+    if s.element_size() == 1:
+        assert torch.equal(s.view(torch.uint8), ws.view(torch.uint8))
+    else:
+        sf, wf = s.reshape(-1), ws.reshape(-1)
+        both_nan = sf.isnan() & wf.isnan()
+        assert torch.equal(sf.view(torch.int32)[~both_nan], wf.view(torch.int32)[~both_nan])
+        assert torch.equal(sf.isnan(), wf.isnan())
+
+
+def run(args, act, fp8, scaling, backend="triton"):
+    gate, up, dim = args
+    mode, scale = SCALINGS[scaling]
+    return quant.act_quant(gate, up, act, BETA, dim, fp8, mode,
+                           None if scale is None else torch.tensor(scale), 32, backend)
+
+
+def expect(halves, act, fp8, scaling):
+    mode, scale = SCALINGS[scaling]
+    return quantize_fp8(op_y32(*halves, act), fp8, mode,
+                        None if scale is None else torch.tensor(scale))
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("ydtype", YDTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", KACTS)
+def test_act_quant_kernel_is_bit_exact(act, mode, ydtype, fp8, scaling):
+    interpreted()
+    shape = QSHAPES[(KACTS.index(act) + MODES.index(mode) + list(SCALINGS).index(scaling))
+                    % len(QSHAPES)]
+    args, halves = inputs(mode, shape, ydtype, seed=KACTS.index(act))
+    got = run(args, act, fp8, scaling)
+    same(got, expect(halves, act, fp8, scaling))
+
+
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("layout", ["slices", "transposed"])
+@pytest.mark.parametrize("scaling", ["tensor", "row", "block"])
+def test_act_quant_strided_rows(scaling, layout, fp8):
+    """Rows a row stride apart (slices of wider tensors, read in place; gate and up with
+    different strides) and rows that are no evenly spaced runs (transposed: copied once)."""
+    interpreted()
+    g = torch.Generator().manual_seed(5)
+    if layout == "slices":
+        gate = (torch.randn(6, 200, generator=g) * 4)[1:, 8:104]
+        up = torch.randn(5, 130, generator=g)[:, 32:128]
+        assert quant.row_stride(gate, 1) == 200 and quant.row_stride(up, 1) == 130
+    else:
+        gate = (torch.randn(96, 5, generator=g) * 4).t()
+        up = torch.randn(96, 5, generator=g).t()
+        assert quant.row_stride(gate, 1) is None
+    for u in (None, up):
+        got = quant.act_quant(gate, u, "gelu", 1.0, None, fp8, scaling, None, 32, "triton")
+        y = ops.forward_impl(gate.contiguous(), "gelu", None, 1.0, "triton")
+        if u is not None:
+            y = ops.glu_forward_impl(gate.contiguous(), up.contiguous(), "gelu", None, 1.0, -1,
+                                     "triton")
+        same(got, quantize_fp8(y, fp8, scaling))
+
+
+def edge_rows(case, fp8, rows=40, k=64):
+    """y (rows x k, fp32): normal rows, and in row 35 (past the first tile of a strided walk)
+    the case: all zero with -0s, one inf, one -inf, one NaN, far beyond FMAX, or outputs
+    subnormal in the format (a tiny row beside large ones)."""
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(rows, k, generator=g) * 3
+    r = y[35]
+    if case == "zeros":
+        r.zero_()[::3] = -0.0
+    elif case in ("inf", "neg_inf", "nan"):
+        r[17] = {"inf": INF, "neg_inf": -INF, "nan": NAN}[case]
+    elif case == "huge":
+        r *= 1e30
+    elif case == "subnormal":
+        r *= 2.0 ** (MIN_EXP[fp8] - 4)  # row-scaled up, but not beside row 0's large values
+    return y
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("case", ["zeros", "inf", "neg_inf", "nan", "huge", "subnormal"])
+def test_act_quant_edge_values(case, fp8, scaling):
+    """y = squared_relu(1) * up = up exactly, so up places any value: poisoned rows, amax 0,
+    saturation, subnormal codes, -0 (kept: 0x80), in a strided walk of two tiles (the tensor
+    amax: partials reduced across them)."""
+    interpreted()
+    y = edge_rows(case, fp8)
+    up = torch.cat([y, torch.zeros(40, 16)], 1)[:, :64]  # a row stride: tiles of 32 rows
+    gate = torch.ones(40, 64)
+    mode, scale = SCALINGS[scaling]
+    scale = None if scale is None else torch.tensor(scale)
+    got = quant.act_quant(gate, up, "squared_relu", 1.0, None, fp8, mode, scale, 32, "triton")
+    assert torch.equal(op_y32(gate, up, "squared_relu").view(torch.int32), y.view(torch.int32))
+    same(got, quantize_fp8(y, fp8, mode, scale))
+    q = got[0].view(torch.uint8)
+    if case == "zeros" and scaling != "tensor":
+        assert (q[35, ::3] == 0x80).all() and (q[35, 1::3] == 0).all()
+    if case == "nan" and scaling != "delayed":
+        poisoned = {"tensor": q, "row": q[35], "block": q[35, :32]}[scaling]
+        assert (poisoned == NAN_CODE).all() and (q[34] != NAN_CODE).all() != (scaling == "tensor")
+
+
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["delayed", "block"])
+def test_act_quant_ties_and_every_code(fp8, scaling):
+    """The cast sweep (every code's value, midpoints: exact ties, +-1 fp32 ulp, the band past
+    FMAX, subnormal outputs, specials) through the whole kernel: scale 1 keeps each value as it
+    is, and block scaling moves it by an exact power of two."""
+    interpreted()
+    v = cast_values(fp8)
+    v = np.concatenate([v, np.zeros(-len(v) % 32, np.float32)]).reshape(-1, 32)
+    y = torch.from_numpy(v)
+    scale = torch.tensor(1.0) if scaling == "delayed" else None
+    mode = "tensor" if scaling == "delayed" else "block"
+    got = quant.act_quant(torch.ones_like(y), y, "squared_relu", 1.0, None, fp8, mode, scale, 32,
+                          "triton")
+    same(got, quantize_fp8(y, fp8, mode, scale))
+    if scaling == "delayed":
+        assert torch.equal(got[0].view(torch.uint8),
+                           torch.from_numpy(oracle_codes(v.astype(float), fp8)))
+
+
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+def test_act_quant_long_rows_two_passes(fp8):
+    """Rows longer than plan.ROW_HOLD: walked twice in chunks, the amax carried across chunks
+    (a NaN in a late chunk poisons its row)."""
+    interpreted()
+    k = 9024  # 282 MX blocks; 2^14 > ROW_HOLD
+    assert quant.plan.quant_plan(2, k, "row", 32).block_l < k
+    gate = torch.randn(2, k, generator=torch.Generator().manual_seed(7)) * 4
+    gate[1, 8000] = NAN
+    up = torch.randn(2, k, generator=torch.Generator().manual_seed(8))
+    for u in (None, up):
+        got = quant.act_quant(gate, u, "mish", 1.0, None, fp8, "row", None, 32, "triton")
+        same(got, quantize_fp8(op_y32(gate, u, "mish"), fp8, "row"))
+        assert got[1][1].isnan() and not got[1][0].isnan()
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", KACTS)
+def test_act_quant_reference_path(act, mode, scaling):
+    """Backend "reference": quantize_fp8 of the reference activation in fp32, exactly; fp64
+    inputs take it on every backend (their fp32 value)."""
+    args, halves = inputs(mode, (3, 96), torch.bfloat16)
+    fp8 = E4M3
+    y = registry.KERNELS[act].forward(halves[0].float(), torch.tensor(BETA))
+    if halves[1] is not None:
+        y = y * halves[1].float()
+    mode_, scale = SCALINGS[scaling]
+    scale = None if scale is None else torch.tensor(scale)
+    want = quantize_fp8(y, fp8, mode_, scale)
+    same(run(args, act, fp8, scaling, "reference"), want)
+    if scaling == "row" and act == "gelu":
+        need_backend("triton", "cpu")
+        g, u, dim = args
+        got64 = quant.act_quant(g.double(), None if u is None else u.double(), act, BETA, dim,
+                                fp8, mode_, scale, 32, "triton")
+        same(got64, want)
+
+
+def code_order(q):
+    """FP8 codes as integers in the order of their values (-0 and +0 both 0)."""
+    c = q.view(torch.uint8).int()
+    return torch.where(c >= 0x80, -(c & 0x7F), c)
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("act", KACTS)
+def test_act_quant_kernel_near_reference_path(act, scaling):
+    """The kernel against the reference path: where the two fp32 activations agree to a few
+    ulps they may still cross a rounding boundary, but by no more than one code; scales within
+    rel 1e-6.  (Deep in gelu's negative tail the kernel's 0.5 (1 + erf) is off from the
+    reference by an absolute ~1e-8, within the fp32 tolerance but many ulps of the tiny value:
+    there the codes may differ more, and are checked against each path's own y elsewhere.)"""
+    interpreted()
+    for mode, fp8 in (("gated", E4M3), ("packed", E5M2), ("elementwise", E4M3)):
+        args, halves = inputs(mode, (5, 160), torch.float32, seed=9)
+        (q, s), (rq, rs) = (run(args, act, fp8, scaling, b)
+                            for b in ("triton", "reference"))
+        y, ry = op_y32(*halves, act), registry.KERNELS[act].forward(halves[0], torch.tensor(BETA))
+        if halves[1] is not None:
+            ry = ry * halves[1]
+        close = (y - ry).abs() <= 4e-7 * ry.abs()
+        assert close.float().mean() > 0.9
+        assert (code_order(q) - code_order(rq)).abs()[close].max() <= 1
+        if s.element_size() == 1:
+            assert torch.equal(s.view(torch.uint8), rs.view(torch.uint8))
+        else:
+            torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+
+
+def test_act_quant_backends_without_the_kernel_take_the_reference(monkeypatch):
+    """A backend without ``act_quant`` (the C++ kernels, for now) is asked, not called: the
+    reference path, no AttributeError."""
+    k = ExtensionKernels(None)
+    assert not kernels.offers(k, "act_quant")
+    monkeypatch.setattr(quant, "launcher", lambda device, backend: k)
+    args, halves = inputs("gated", (3, 96), torch.float32)
+    for scaling in SCALINGS:
+        same(run(args, "gelu", E5M2, scaling, "cpu"),
+             run(args, "gelu", E5M2, scaling, "reference"))
+
+
+def test_act_quant_errors():
+    x = torch.ones(4, 64)
+    with pytest.raises(ValueError, match="act must"):
+        quant.act_quant(x, None, "silu")
+    with pytest.raises(ValueError, match="up must"):
+        quant.act_quant(x, torch.ones(4, 32), "swish")
+    with pytest.raises(ValueError, match="block must"):
+        quant.act_quant(x, None, "gelu", block=48)
+    with pytest.raises(ValueError, match="scale is for"):
+        quant.act_quant(x, None, "gelu", scaling="row", scale=torch.tensor(1.0))
+    q, s = quant.act_quant(x[:0], None, "gelu", scaling="tensor", backend="reference")
+    assert q.shape == (0, 64) and s.shape == ()
+
+
+def _all_top_halves():
+    """Every fp32 whose low 16 bits are 0, and its neighbours +-1 ulp: all exponents of both
+    signs, fp32 subnormals, +-inf, NaNs of many payloads, +-0."""
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16
+    bits = torch.cat([top, top + 1, top - 1]) & 0xFFFFFFFF
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(
+        torch.float32)
+
+
+@triton.jit
+def _encode_kernel(v_ptr, q_ptr, N, FP8: tl.constexpr, B: tl.constexpr):
+    o = tl.program_id(0) * B + tl.arange(0, B)
+    tl.store(q_ptr + o, fp8_bits(tl.load(v_ptr + o, mask=o < N), FP8), mask=o < N)
+
+
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+def test_fp8_encoder_sweep(fp8):
+    """The kernels' integer encoder alone against reference._to_fp8 (and the oracle's codes on
+    the cast sweep): every code, midpoints +-1 ulp, subnormals, specials, and every fp32 with
+    zero low half and its neighbours."""
+    interpreted()
+    sweep = torch.from_numpy(cast_values(fp8))
+    v = torch.cat([sweep, _all_top_halves()])
+    q = torch.empty(v.shape, dtype=torch.uint8)
+    _encode_kernel[(triton.cdiv(v.numel(), 1 << 16),)](v, q, v.numel(), FP8=[E4M3, E5M2].index(
+        fp8), B=1 << 16)
+    assert torch.equal(q, reference._to_fp8(v, fp8).view(torch.uint8))
+    assert torch.equal(q[:len(sweep)], torch.from_numpy(oracle_codes(sweep.double().numpy(),
+                                                                     fp8)))

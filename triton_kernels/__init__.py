@@ -5,7 +5,7 @@ finishes partial sums (``fused_act/ops/``, ``fused_act/plan.py``); ``TritonKerne
 launchers as ``fused_act.kernels.Kernels`` names them.
 """
 
-from . import acon, batchnorm, elementwise, frelu, gated
+from . import acon, batchnorm, elementwise, frelu, gated, quant
 
 
 class TritonKernels:
@@ -23,3 +23,4 @@ class TritonKernels:
     stats = staticmethod(batchnorm.stats)
     affine_act_forward = staticmethod(batchnorm.affine_act_forward)
     affine_act_backward = staticmethod(batchnorm.affine_act_backward)
+    act_quant = staticmethod(quant.act_quant)

@@ -1,0 +1,95 @@
+"""An activation fused with FP8 quantisation (issue 30): ``act_quant`` quantises act(gate) or
+act(gate) * up as ``reference.quantize_fp8`` does, without writing the activation out, where the
+backend has the kernel (``Kernels.act_quant``), else by the reference math.  A plain function:
+no autograd, no custom op yet."""
+
+import torch
+from torch import Tensor
+
+from .. import plan, reference
+from ..kernels import launcher, offers
+from ..registry import KERNEL_IDS, KERNELS
+from .layout import fp32, row_stride
+
+# inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """``t`` and the distance between its rows of the last dim: in place where they are
+    contiguous and evenly spaced (the halves of a packed tensor), else a contiguous copy."""
+    s = row_stride(t, t.dim() - 1)
+    if s is None:
+        t = t.contiguous()
+        s = t.shape[-1]
+    return t, s
+
+
+def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dtype: torch.dtype,
+               scaling: str, scale: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
+    y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device))
+    if u is not None:
+        y = y * u.float()
+    return reference.quantize_fp8(y, out_dtype, scaling, scale, block)
+
+
+def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0,
+              dim: int | None = None, out_dtype: torch.dtype = torch.float8_e4m3fn,
+              scaling: str = "block", scale: Tensor | None = None,
+              block: int = reference.MX_BLOCK, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(q, scales) = ``reference.quantize_fp8(y, out_dtype, scaling, scale, block)`` of
+    y = act(gate) (``up`` None, ``dim`` None), act(gate) * up, or with ``up`` None and ``dim``
+    given act(first half) * (second half) of ``gate`` split along ``dim`` (a packed gate_up,
+    read in place), y computed in fp32 and never stored.  ``act`` is a kernel activation of
+    ``registry.KERNEL_IDS`` (silu: "swish" with ``beta_value`` 1.0), ``out_dtype``
+    float8_e4m3fn or float8_e5m2; scales are shaped as ``quantize_fp8`` returns them (a
+    caller's ``scale`` comes back as that tensor, reshaped to ()).  With ``backend``'s kernels
+    for gate's device (``kernels.launcher``), where they offer ``act_quant``, fp16/bf16/fp32
+    inputs are quantised in one pass over gate and up ("tensor" without a caller's scale: two,
+    the first reducing per-tile amaxes that torch finishes on the device, no host sync); q then
+    equals ``quantize_fp8`` of that backend's own fp32 activation bit for bit.  Otherwise (fp64
+    too) it is ``quantize_fp8`` of the reference activation of gate.float() (times
+    up.float()).  Rows of the last dim that are not evenly spaced runs are copied once."""
+    if act not in KERNEL_IDS:
+        raise ValueError(f"fused_act.act_quant: act must be one of {sorted(KERNEL_IDS)}, "
+                         f"got {act!r}")
+    g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
+    if u is not None and (u.shape != g.shape or u.device != g.device):
+        raise ValueError(f"fused_act.act_quant: up must have gate's shape and device, got "
+                         f"{tuple(u.shape)} on {u.device} and {tuple(g.shape)} on {g.device}")
+    reference._check_quantize(g, out_dtype, scaling, scale, block)
+    if u is not None and not u.is_floating_point():
+        raise TypeError(f"fused_act.act_quant: up must be a floating-point tensor, got {u.dtype}")
+    k = launcher(g.device, backend)
+    if (not offers(k, "act_quant") or g.numel() == 0 or g.dtype not in KERNEL_DTYPES
+            or (u is not None and u.dtype not in KERNEL_DTYPES)):
+        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
+    shape = g.shape
+    if g.dim() == 0:
+        g, u = g.reshape(1), None if u is None else u.reshape(1)
+    cols = g.shape[-1]
+    rows = g.numel() // cols
+    g, s_gate = _rows(g)
+    u, s_up = (None, s_gate) if u is None else _rows(u)
+    strides = (s_gate, s_up)
+    if scaling != "row" and s_gate == s_up == cols:
+        # one contiguous run: the last dim's rows matter to row scales only (block groups of a
+        # divisor of cols stay where they were)
+        rows, cols = 1, rows * cols
+    q = torch.empty(shape, dtype=out_dtype, device=g.device)
+    act_id, beta_value = KERNEL_IDS[act], fp32(beta_value)
+    p = plan.quant_plan(rows, cols, scaling, block)
+    if scaling == "block":
+        scales = torch.empty((*shape[:-1], shape[-1] // block), dtype=torch.float8_e8m0fnu,
+                             device=g.device)
+    elif scaling == "row":
+        scales = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=g.device)
+    elif scale is not None:
+        scales = scale.to(g.device).reshape(())
+    else:
+        partial = torch.empty(p.grid[0], dtype=torch.float32, device=g.device)
+        k.act_quant(g, u, q, partial, strides, act_id, beta_value, "amax", block, p)
+        # torch's amax propagates NaN, and a max is exact in any order
+        scales = reference.amax_scale(partial.amax(), out_dtype)
+    k.act_quant(g, u, q, scales, strides, act_id, beta_value, scaling, block, p)
+    return q, scales
