@@ -8,6 +8,7 @@ its own sees the call.
 
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -68,7 +69,73 @@ def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
                          f"{tuple(x.shape)} (got shape {shape})")
 
 
-def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
+# ---- FP8 output: the activation fused with the quantisation that feeds an FP8 matmul ---------
+
+FP8_DTYPES = tuple(reference.FP8_MAX)
+QUANT_ARGS = ("out_dtype", "scaling", "scale", "block")
+_Out = Tensor | tuple[Tensor, Tensor]
+QUANT_DOC = """
+
+    ``out_dtype=torch.float8_e4m3fn`` or ``torch.float8_e5m2`` returns ``(q, scales)`` instead:
+    the result quantised as ``fused_act.reference.quantize_fp8`` defines (computed in fp32,
+    saturated to the format's finite range, rounded to nearest even, every NaN the code 0x7F),
+    in one pass where the kernels offer it, the activation never written out.  ``scaling="row"``
+    (the default): one fp32 scale per row of the last dim, shape ``(..., 1)``, the rowwise
+    ``scale_a`` of ``torch._scaled_mm``; ``"tensor"``: one fp32 scale, shape (), from the amax
+    of the whole result, or the caller's ``scale`` (one finite fp32 value > 0: delayed
+    scaling); ``"block"``: one E8M0 power of two per ``block`` (32, the MX layout) elements of
+    the last dim, ``float8_e8m0fnu`` of shape ``(..., K // block)``, row-major
+    (``reference.blocked_scales`` swizzles them for the matmul).  q times its scale gives the
+    result back.  No gradient flows through FP8 data: such a call refuses inputs that require
+    grad where grad mode is on."""
+
+
+def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+               dim: int | None, out_dtype: object, scaling: object, scale: object,
+               block: object) -> tuple[Tensor, Tensor]:
+    """The checks of an FP8-output call (naming ``op`` and the argument), then the op."""
+    if out_dtype not in FP8_DTYPES:
+        raise ValueError(f"fused_act.{op}: out_dtype must be torch.float8_e4m3fn or "
+                         f"torch.float8_e5m2 (or None), got {out_dtype}")
+    if scaling not in reference.SCALINGS:
+        raise ValueError(f"fused_act.{op}: scaling must be one of {reference.SCALINGS}, got "
+                         f"{scaling!r}")
+    g = gate if up is not None or dim is None else reference.halves(gate, dim)[0]
+    if scaling != "tensor" and g.dim() == 0:
+        raise ValueError(f"fused_act.{op}: scaling={scaling!r} needs a last dimension (got a "
+                         f"0-d tensor)")
+    if scaling == "block":
+        k = g.shape[-1]
+        if isinstance(block, bool) or not isinstance(block, int) or block < 2 or (
+                block & (block - 1)) or k % block:
+            raise ValueError(f"fused_act.{op}: block must be a power of two >= 2 dividing the "
+                             f"last dimension {k} (the MX layout's is {reference.MX_BLOCK}), "
+                             f"got {block!r}")
+    if scale is not None:
+        if scaling != "tensor":
+            raise ValueError(f"fused_act.{op}: a caller's scale is for scaling='tensor' only, "
+                             f"got scaling={scaling!r}")
+        if not isinstance(scale, Tensor) or scale.numel() != 1 or scale.dtype != torch.float32:
+            raise ValueError(f"fused_act.{op}: scale must be a one-element float32 tensor, got "
+                             f"{getattr(scale, 'dtype', type(scale).__name__)} of shape "
+                             f"{tuple(getattr(scale, 'shape', ()))}")
+        if scale.device != g.device:
+            raise ValueError(f"fused_act.{op}: scale is on {scale.device} but the input is on "
+                             f"{g.device}")
+        if not torch.compiler.is_compiling():  # a traced graph cannot read a value
+            value = scale.item()
+            if not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"fused_act.{op}: scale must be finite and > 0, got {value}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up)):
+        raise RuntimeError(f"fused_act.{op}: out_dtype={out_dtype} gives FP8 data, through "
+                           "which autograd carries no gradient; call it under torch.no_grad() "
+                           "or torch.inference_mode(), or on inputs that do not require grad")
+    return ops.run_act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
+
+
+def swish(x: Tensor, beta: float | Tensor = 1.0, *, out_dtype: torch.dtype | None = None,
+          scaling: str = "row", scale: Tensor | None = None,
+          block: int = reference.MX_BLOCK) -> _Out:
     """Swish, ``x * sigmoid(beta * x)`` (Ramachandran et al., 2017).
 
     ``beta`` is a float, a one-element tensor, or a per-channel tensor of C = ``x.shape[1]``
@@ -80,14 +147,21 @@ def swish(x: Tensor, beta: float | Tensor = 1.0) -> Tensor:
     _check_x("swish", x)
     if isinstance(beta, Tensor):
         _check_channel_param("swish", "beta", beta, x)
+        if out_dtype is not None:
+            raise ValueError("fused_act.swish: out_dtype takes a float beta; a tensor beta "
+                             "has no FP8 output yet")
         return ops.ACTIVATION(x, "swish", beta, 1.0, mode="swish")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
+    if out_dtype is not None:
+        return _quantized("swish", x, None, "swish", beta, None, out_dtype, scaling, scale, block)
     return ops.run_activation(x, "swish", None, beta)  # ops round beta to fp32
 
 
-def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+def gelu(x: Tensor, approximate: str = "none", *, out_dtype: torch.dtype | None = None,
+         scaling: str = "row", scale: Tensor | None = None,
+         block: int = reference.MX_BLOCK) -> _Out:
     """GELU (Hendrycks & Gimpel, 2016) as ``torch.nn.functional.gelu``.
 
     ``approximate="none"`` is ``x * Phi(x)`` with the normal CDF through erf; ``"tanh"`` is
@@ -95,10 +169,11 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     gelu(+inf) = +inf, gelu(-inf) = 0.  Backward saves only ``x``.
     """
     _check_x("gelu", x)
-    if approximate == "none":
-        return ops.run_activation(x, "gelu", None, 1.0)
-    if approximate == "tanh":
-        return ops.run_activation(x, "gelu_tanh", None, 1.0)
+    act = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    if act is not None and out_dtype is not None:
+        return _quantized("gelu", x, None, act, 1.0, None, out_dtype, scaling, scale, block)
+    if act is not None:
+        return ops.run_activation(x, act, None, 1.0)
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
 
 
@@ -225,10 +300,20 @@ def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
 
 
 def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
-           kwargs: dict) -> Tensor:
-    """The checks and the call of every gated function (``op``: the one the user called)."""
+           kwargs: dict, quant: tuple = (None,)) -> _Out:
+    """The checks and the call of every gated function (``op``: the one the user called);
+    ``quant``: its (out_dtype, scaling, scale, block)."""
     _check_gated(op, gate, up, dim)
     spec, beta = _gated_activation(op, activation, dict(kwargs))
+    if quant[0] is not None:
+        if isinstance(beta, Tensor):
+            raise ValueError(f"fused_act.{op}: out_dtype takes a float beta; a tensor beta has "
+                             "no FP8 output yet")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+            raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
+                            f"(got {type(beta).__name__})")
+        return _quantized(op, gate, up, spec.kernel, 1.0 if beta is None else beta,
+                          None if up is not None else dim, *quant)
     if not spec.beta:
         return ops.GATED(gate, up, spec.name, None, 1.0, dim, mode="glu")
     if isinstance(beta, Tensor):
@@ -243,8 +328,9 @@ def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
     return ops.GATED(gate, up, spec.name, None, beta, dim, mode="glu")  # rounded to fp32
 
 
-def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1,
-        **activation_kwargs: object) -> Tensor:
+def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1, *,
+        out_dtype: torch.dtype | None = None, scaling: str = "row", scale: Tensor | None = None,
+        block: int = reference.MX_BLOCK, **activation_kwargs: object) -> _Out:
     """Gated activation ``activation(gate) * up`` (Shazeer, "GLU Variants Improve Transformer",
     2020), fused: one pass forward, one pass backward.
 
@@ -259,19 +345,25 @@ def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: i
     Backward saves only gate and up (or the packed tensor); other non-dense inputs are copied
     once.
     """
-    return _gated("glu", gate, up, activation, dim, activation_kwargs)
+    return _gated("glu", gate, up, activation, dim, activation_kwargs,
+                  (out_dtype, scaling, scale, block))
 
 
-def swiglu(gate: Tensor, up: Tensor | None = None, dim: int = -1) -> Tensor:
-    """SwiGLU, ``silu(gate) * up``: ``glu`` with activation "silu" (``up=None`` splits gate)."""
-    return _gated("swiglu", gate, up, "silu", dim, {})
+def swiglu(gate: Tensor, up: Tensor | None = None, dim: int = -1, *,
+           out_dtype: torch.dtype | None = None, scaling: str = "row",
+           scale: Tensor | None = None, block: int = reference.MX_BLOCK) -> _Out:
+    """SwiGLU, ``silu(gate) * up``: ``glu`` with activation "silu" (``up=None`` splits gate;
+    ``out_dtype``: an FP8 result and its scales, as ``glu``)."""
+    return _gated("swiglu", gate, up, "silu", dim, {}, (out_dtype, scaling, scale, block))
 
 
 def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
-          dim: int = -1) -> Tensor:
+          dim: int = -1, *, out_dtype: torch.dtype | None = None, scaling: str = "row",
+          scale: Tensor | None = None, block: int = reference.MX_BLOCK) -> _Out:
     """GeGLU, ``gelu(gate, approximate) * up``: ``glu`` with activation "gelu" (``up=None``
-    splits gate)."""
-    return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate})
+    splits gate; ``out_dtype``: an FP8 result and its scales, as ``glu``)."""
+    return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate},
+                  (out_dtype, scaling, scale, block))
 
 
 # ---- BatchNorm + activation ------------------------------------------------------------------
@@ -374,8 +466,16 @@ def _plain(spec: Spec) -> Callable[..., Tensor]:
     with torch.nn.functional's ``inplace``."""
     name = spec.name
 
-    def function(x: Tensor, inplace: bool = False) -> Tensor:
+    def function(x: Tensor, inplace: bool = False, *, out_dtype: torch.dtype | None = None,
+                 scaling: str = "row", scale: Tensor | None = None,
+                 block: int = reference.MX_BLOCK) -> _Out:
         _check_x(name, x)
+        if out_dtype is not None:
+            if inplace:
+                raise ValueError(f"fused_act.{name}: inplace=True writes x's dtype; out_dtype "
+                                 "gives a new FP8 tensor")
+            return _quantized(name, x, None, spec.kernel, 1.0, None, out_dtype, scaling, scale,
+                              block)
         if not inplace:
             return ops.run_activation(x, name, None, 1.0)
         if torch.is_grad_enabled() and x.requires_grad:
@@ -386,9 +486,13 @@ def _plain(spec: Spec) -> Callable[..., Tensor]:
 
     function.__name__ = function.__qualname__ = name
     function.__doc__ = (f"{inspect.cleandoc(spec.doc)}\n\n``inplace=True`` writes the result into "
-                        "``x`` and returns ``x``, as torch.nn.functional's ``inplace``.")
+                        "``x`` and returns ``x``, as torch.nn.functional's ``inplace``.\n\n"
+                        + inspect.cleandoc(QUANT_DOC))
     return function
 
+
+for _written in (swish, gelu, glu):
+    _written.__doc__ += QUANT_DOC
 
 _F = TypeVar("_F", bound=Callable[..., Tensor])
 
@@ -428,5 +532,5 @@ __all__ = sorted(FUNCTIONS)
 _ACTIVATION_ARGS = {
     s.public: {p.name: p.default
                for p in list(inspect.signature(FUNCTIONS[s.public]).parameters.values())[1:]
-               if p.name != "inplace"}
+               if p.name != "inplace" and p.name not in QUANT_ARGS}
     for s in SPECS.values()}

@@ -54,7 +54,8 @@ def test_every_activation_in_every_math_site():
         assert hasattr(tmath, f"{name}_fwd") and hasattr(tmath, f"{name}_bwd"), name
         assert getattr(tmath, name.upper()).value == i, name
         assert f"M {name}_fwd(" in header and f"{name}_bwd(" in header, name
-        assert header.count(f"ACT == ACT_{name.upper()})") == 2, name
+        # act_fwd's and act_bwd's branches; act_both's one special case is swish's
+        assert header.count(f"ACT == ACT_{name.upper()})") == 2 + (name == "swish"), name
         for file, text in others.items():
             assert not re.search(rf"\b(FA|ACT)_{name.upper()}\b", text), (file, name)
         assert registry.KERNELS[name].kernel == name

@@ -671,3 +671,114 @@ def test_fp8_encoder_sweep(fp8):
     assert torch.equal(q, reference._to_fp8(v, fp8).view(torch.uint8))
     assert torch.equal(q[:len(sweep)], torch.from_numpy(oracle_codes(sweep.double().numpy(),
                                                                      fp8)))
+
+
+# ---- the public functions' out_dtype: each call reaches act_quant with its activation ----------
+
+import fused_act  # noqa: E402
+
+# (the public call with out_dtype, its kernel activation and beta, mode); x: (4, 64), or the
+# (4, 128) packed gate_up of the gated calls
+PUBLIC = {
+    "silu": (lambda x, **q: fused_act.silu(x, **q), "swish", 1.0, "elementwise"),
+    "mish": (lambda x, **q: fused_act.mish(x, **q), "mish", 1.0, "elementwise"),
+    "squared_relu": (lambda x, **q: fused_act.squared_relu(x, **q), "squared_relu", 1.0,
+                     "elementwise"),
+    "swish": (lambda x, **q: fused_act.swish(x, 1.5, **q), "swish", 1.5, "elementwise"),
+    "gelu": (lambda x, **q: fused_act.gelu(x, **q), "gelu", 1.0, "elementwise"),
+    "gelu_tanh": (lambda x, **q: fused_act.gelu(x, approximate="tanh", **q), "gelu_tanh", 1.0,
+                  "elementwise"),
+    "swiglu": (lambda x, **q: fused_act.swiglu(x, **q), "swish", 1.0, "packed"),
+    "geglu_tanh": (lambda x, **q: fused_act.geglu(x[:, :64], x[:, 64:], "tanh", **q),
+                   "gelu_tanh", 1.0, "gated"),
+    "glu_swish": (lambda x, **q: fused_act.glu(x[:, :64], x[:, 64:], "swish", beta=0.5, **q),
+                  "swish", 0.5, "gated"),
+    "glu_mish": (lambda x, **q: fused_act.glu(x, activation="mish", **q), "mish", 1.0,
+                 "packed"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("name", list(PUBLIC))
+def test_public_out_dtype(name, scaling, backend):
+    """``fused_act.<op>(..., out_dtype=...)`` is act_quant of its activation, bit for bit, on
+    inputs that require grad under no_grad (grad mode off: nothing to refuse)."""
+    if backend == "triton":
+        interpreted()
+    call, act, beta, mode = PUBLIC[name]
+    mode_, scale = SCALINGS[scaling]
+    x = torch.randn(4, 128 if mode != "elementwise" else 64, dtype=torch.bfloat16,
+                    requires_grad=True)
+    kw = dict(out_dtype=E4M3, scaling=mode_, scale=None if scale is None else torch.tensor(scale))
+    with fused_act.use_backend(backend), torch.no_grad():
+        got = call(x, **kw)
+        gate, up, dim = ((x, None, None) if mode == "elementwise" else
+                         (x, None, -1) if mode == "packed" else (x[:, :64], x[:, 64:], None))
+        want = quant.act_quant(gate, up, act, beta, dim, E4M3, mode_, kw["scale"], 32, backend)
+    same(got, want)
+
+
+def test_public_out_dtype_errors():
+    x = torch.randn(4, 64)
+    for kw, err, match in [
+            (dict(out_dtype=torch.float16), ValueError, "out_dtype must be"),
+            (dict(out_dtype=E4M3, scaling="column"), ValueError, "scaling must be"),
+            (dict(out_dtype=E4M3, scaling="block", block=48), ValueError, "block must be"),
+            (dict(out_dtype=E4M3, scaling="block", block=128), ValueError, "dividing the last"),
+            (dict(out_dtype=E4M3, scaling="row", scale=torch.tensor(1.0)), ValueError,
+             "scaling='tensor' only"),
+            (dict(out_dtype=E4M3, scaling="tensor", scale=torch.ones(2)), ValueError,
+             "one-element float32"),
+            (dict(out_dtype=E4M3, scaling="tensor", scale=torch.tensor(1.0).double()),
+             ValueError, "one-element float32"),
+            (dict(out_dtype=E4M3, scaling="tensor", scale=torch.tensor(math.inf)), ValueError,
+             "finite and > 0"),
+            (dict(out_dtype=E4M3, scaling="tensor", scale=torch.tensor(0.0)), ValueError,
+             "finite and > 0"),
+            (dict(out_dtype=E4M3, scaling="tensor", scale=torch.tensor(math.nan)), ValueError,
+             "finite and > 0")]:
+        with pytest.raises(err, match=match):
+            fused_act.silu(x, **kw)
+    with pytest.raises(ValueError, match="0-d tensor"):
+        fused_act.mish(torch.tensor(1.0), out_dtype=E4M3)
+    with pytest.raises(ValueError, match="inplace=True"):
+        fused_act.silu(x, inplace=True, out_dtype=E4M3)
+    with pytest.raises(ValueError, match="tensor beta"):
+        fused_act.swish(x, torch.tensor([1.0]), out_dtype=E4M3)
+    with pytest.raises(ValueError, match="tensor beta"):
+        fused_act.glu(x, activation="swish", beta=torch.tensor([1.0]), out_dtype=E4M3)
+    with pytest.raises(TypeError, match="out_dtype"):
+        fused_act.acon_c(x, torch.ones(64), torch.zeros(64), torch.ones(64), out_dtype=E4M3)
+    xg = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="autograd carries no gradient"):
+        fused_act.silu(xg, out_dtype=E4M3)
+    with pytest.raises(RuntimeError, match="autograd carries no gradient"):
+        fused_act.swiglu(torch.randn(4, 64), torch.randn(4, 64, requires_grad=True),
+                         out_dtype=E4M3)
+
+
+@pytest.mark.parametrize("scaling", ["row", "delayed", "block"])
+def test_public_out_dtype_compiles(scaling):
+    """torch.compile(fullgraph=True) traces the opaque fused_act::act_quant: the eager result,
+    bit for bit, a caller's scale an input of the graph (its value is not read there)."""
+    mode, scale = SCALINGS[scaling]
+    x = torch.randn(6, 128)
+    s = None if scale is None else torch.tensor(scale)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    f = torch.compile(lambda t, s: fused_act.swiglu(t, out_dtype=E5M2, scaling=mode, scale=s),
+                      fullgraph=True, backend=backend)
+    same(f(x, s), fused_act.swiglu(x, out_dtype=E5M2, scaling=mode, scale=s))
+    assert any("act_quant" in t for t in seen), seen
+
+
+def test_public_out_dtype_under_vmap():
+    """torch.func transforms take the reference math, which batches: per-sample row scales."""
+    x = torch.randn(3, 4, 64)
+    q, s = torch.func.vmap(lambda t: fused_act.gelu(t, out_dtype=E4M3))(x)
+    same((q, s), quantize_fp8(reference.gelu(x), E4M3, "row"))

@@ -55,6 +55,7 @@ from .frelu import (
 from .glu import GATED, glu_backward_impl, glu_backward_op, glu_forward_impl, glu_op
 from .layout import dense, flat_param, is_dense, like, row_stride, row_walk
 from .op import Op, Schema
+from .quant import act_quant, act_quant_op, run_act_quant
 
 FAMILIES: tuple[Op, ...] = (ACTIVATION, GATED, ACON_C, FRELU_MAX, FRELU_MAX_AFFINE, AFFINE_ACT,
                             BATCH_NORM_ACT)
@@ -62,9 +63,11 @@ FAMILIES: tuple[Op, ...] = (ACTIVATION, GATED, ACON_C, FRELU_MAX, FRELU_MAX_AFFI
 __all__ = [
     "ACON_C", "ACTIVATION", "AFFINE_ACT", "BATCH_NORM_ACT", "FAMILIES", "FRELU_MAX",
     "FRELU_MAX_AFFINE", "GATED", "Op", "Schema",
-    "acon_backward_impl", "acon_c_backward_op", "acon_c_op", "acon_forward_impl",
+    "act_quant", "act_quant_op", "acon_backward_impl", "acon_c_backward_op", "acon_c_op",
+    "acon_forward_impl",
     "affine_act_backward_op", "affine_act_op", "batch_norm_act_backward_op", "batch_norm_act_op",
-    "activation_backward_op", "activation_op", "apply_", "backward_impl", "run_activation", "dense",
+    "activation_backward_op", "activation_op", "apply_", "backward_impl", "run_act_quant",
+    "run_activation", "dense",
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
     "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",

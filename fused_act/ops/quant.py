@@ -1,15 +1,18 @@
-"""An activation fused with FP8 quantisation (issue 30): ``act_quant`` quantises act(gate) or
+"""An activation fused with FP8 quantisation: ``act_quant`` quantises act(gate) or
 act(gate) * up as ``reference.quantize_fp8`` does, without writing the activation out, where the
-backend has the kernel (``Kernels.act_quant``), else by the reference math.  A plain function:
-no autograd, no custom op yet."""
+backend has the kernel (``Kernels.act_quant``), else by the reference math; ``fused_act::act_quant``
+is its custom op (what torch.compile traces) and ``run_act_quant`` the entry of the public
+functions' ``out_dtype``.  No autograd: a gradient cannot flow through FP8 data."""
 
 import torch
 from torch import Tensor
 
 from .. import plan, reference
+from ..backend import get_backend
 from ..kernels import launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
 from .layout import fp32, row_stride
+from .op import dispatches_itself, reference_math
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -93,3 +96,53 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
         scales = reference.amax_scale(partial.amax(), out_dtype)
     k.act_quant(g, u, q, scales, strides, act_id, beta_value, scaling, block, p)
     return q, scales
+
+
+def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
+          out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
+          backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Outputs shaped as ``act_quant``'s: what torch.compile traces the op with."""
+    g = gate if up is not None or dim is None else reference.halves(gate, dim)[0]
+    q = g.new_empty(g.shape, dtype=out_dtype)
+    if scaling == "block":
+        return q, g.new_empty((*g.shape[:-1], g.shape[-1] // block),
+                              dtype=torch.float8_e8m0fnu)
+    if scaling == "row":
+        return q, g.new_empty((*g.shape[:-1], 1), dtype=torch.float32)
+    return q, g.new_empty((), dtype=torch.float32)
+
+
+def _run(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
+         out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
+         backend: str | None = None) -> tuple[Tensor, Tensor]:
+    q, scales = act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                          backend or get_backend())
+    # an op's outputs own their memory: a caller's scale comes back as a copy
+    return q, scales if scale is None else scales.clone()
+
+
+# what torch.compile traces (an opaque op: Inductor cannot see inside the kernel), and what
+# torch.export records; eager calls skip its dispatch
+act_quant_op = torch.library.custom_op(
+    "fused_act::act_quant", _run, mutates_args=(),
+    schema="(Tensor gate, Tensor? up, str act, float beta_value, int? dim, ScalarType out_dtype, "
+           "str scaling, Tensor? scale, int block, str? backend=None) -> (Tensor, Tensor)")
+act_quant_op.register_fake(_fake)
+
+
+def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+                  dim: int | None, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
+                  block: int) -> tuple[Tensor, Tensor]:
+    """``act_quant`` on validated arguments under the backend in force, by the path the call
+    needs: the reference math under torch.func transforms (plain torch operations, which
+    batch), the custom op under torch.compile and export, else the function itself."""
+    if reference_math():
+        g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
+        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
+    if torch.compiler.is_compiling():
+        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
+    if dispatches_itself((gate, up, scale)):
+        raise TypeError("fused_act: an FP8 output (out_dtype) takes plain tensors: a tensor "
+                        "subclass (DTensor, ...) has no quantising rule yet")
+    return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                     get_backend())
