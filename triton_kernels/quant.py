@@ -124,6 +124,14 @@ def _block_quant(y, mask, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: t
 
 
 @triton.jit
+def _row_chunk(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, row_mask, cols, K,
+               ACT: tl.constexpr, GATED: tl.constexpr):
+    """(y, cols, mask) of the columns ``cols`` of whole rows walked in chunks."""
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    return _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT, GATED), cols, mask
+
+
+@triton.jit
 def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_up, R, K,
                      ACT: tl.constexpr, GATED: tl.constexpr, SCALING: tl.constexpr,
                      FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -148,19 +156,15 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
             amax = tl.zeros((BLOCK_R,), tl.int32)
             start = 0
             while start < K:
-                cols = start + lanes
-                mask = row_mask[:, None] & (cols[None, :] < K)
-                y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT,
-                       GATED)
+                y, cols, mask = _row_chunk(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows,
+                                           row_mask, start + lanes, K, ACT, GATED)
                 amax = tl.maximum(amax, tl.max(abs_bits(y, mask), axis=1))
                 start += BLOCK_K
             scale = _row_scale(amax, FP8)
             start = 0
             while start < K:
-                cols = start + lanes
-                mask = row_mask[:, None] & (cols[None, :] < K)
-                y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT,
-                       GATED)
+                y, cols, mask = _row_chunk(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows,
+                                           row_mask, start + lanes, K, ACT, GATED)
                 q = fp8_bits(tl.math.div_rn(y, scale[:, None]), FP8)
                 tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
                 start += BLOCK_K
