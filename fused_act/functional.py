@@ -73,6 +73,7 @@ def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
 
 FP8_DTYPES = tuple(reference.FP8_MAX)
 QUANT_ARGS = ("out_dtype", "scaling", "scale", "block")
+MAX_BLOCK = 2048  # one tile of the kernels holds a whole block
 _Out = Tensor | tuple[Tensor, Tensor]
 QUANT_DOC = """
 
@@ -85,9 +86,11 @@ QUANT_DOC = """
     of the whole result, or the caller's ``scale`` (one finite fp32 value > 0: delayed
     scaling); ``"block"``: one E8M0 power of two per ``block`` (32, the MX layout) elements of
     the last dim, ``float8_e8m0fnu`` of shape ``(..., K // block)``, row-major
-    (``reference.blocked_scales`` swizzles them for the matmul).  q times its scale gives the
-    result back.  No gradient flows through FP8 data: such a call refuses inputs that require
-    grad where grad mode is on."""
+    (``reference.blocked_scales`` swizzles them for the matmul).  q (row-major) times its scale
+    gives the result back; the scales are a tensor of their own (a caller's is copied), and a
+    caller's scale is checked on the host in eager calls only (torch.compile does not read it).
+    No gradient flows through FP8 data: such a call refuses inputs that require grad where grad
+    mode is on."""
 
 
 def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: float,
@@ -106,11 +109,11 @@ def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: f
                          f"0-d tensor)")
     if scaling == "block":
         k = g.shape[-1]
-        if isinstance(block, bool) or not isinstance(block, int) or block < 2 or (
-                block & (block - 1)) or k % block:
-            raise ValueError(f"fused_act.{op}: block must be a power of two >= 2 dividing the "
-                             f"last dimension {k} (the MX layout's is {reference.MX_BLOCK}), "
-                             f"got {block!r}")
+        if isinstance(block, bool) or not isinstance(block, int) or not (
+                2 <= block <= MAX_BLOCK) or (block & (block - 1)) or k % block:
+            raise ValueError(f"fused_act.{op}: block must be a power of two from 2 to "
+                             f"{MAX_BLOCK} dividing the last dimension {k} (the MX layout's is "
+                             f"{reference.MX_BLOCK}), got {block!r}")
     if scale is not None:
         if scaling != "tensor":
             raise ValueError(f"fused_act.{op}: a caller's scale is for scaling='tensor' only, "
@@ -122,10 +125,15 @@ def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: f
         if scale.device != g.device:
             raise ValueError(f"fused_act.{op}: scale is on {scale.device} but the input is on "
                              f"{g.device}")
-        if not torch.compiler.is_compiling():  # a traced graph cannot read a value
+        # its value, read once, on the host, eagerly: a traced graph cannot read it (there a
+        # scale of 0, inf or NaN goes unchecked: the docstring says so)
+        if not torch.compiler.is_compiling():
             value = scale.item()
             if not (math.isfinite(value) and value > 0.0):
                 raise ValueError(f"fused_act.{op}: scale must be finite and > 0, got {value}")
+    if ops.op.dispatches_itself((gate, up, scale)):
+        raise TypeError(f"fused_act.{op}: out_dtype takes plain tensors: a tensor subclass "
+                        f"(DTensor, ...) has no rule for FP8 outputs yet")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up)):
         raise RuntimeError(f"fused_act.{op}: out_dtype={out_dtype} gives FP8 data, through "
                            "which autograd carries no gradient; call it under torch.no_grad() "

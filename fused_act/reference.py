@@ -456,11 +456,9 @@ def _check_quantize(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor |
                              f"got scaling={scaling!r}")
         if not isinstance(scale, Tensor):
             raise TypeError(f"quantize_fp8: scale must be a tensor, got {type(scale).__name__}")
-        ok = scale.numel() == 1 and scale.dtype == torch.float32
-        value = scale.reshape(-1)[0].item() if scale.numel() == 1 else None
-        if not (ok and math.isfinite(value) and value > 0.0):
+        if not (scale.numel() == 1 and scale.dtype == torch.float32):
             raise ValueError(f"quantize_fp8: scale must be one finite fp32 value > 0, got shape "
-                             f"{tuple(scale.shape)}, dtype {scale.dtype}, value {value}")
+                             f"{tuple(scale.shape)}, dtype {scale.dtype}")
     if scaling == "block":
         _check_block(block, y.shape[-1])
 
@@ -510,6 +508,12 @@ def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | No
     then quantise to 0, infinities to NaN), an amax of NaN a NaN scale and NaN q, and a block
     with an inf or NaN the E8M0 NaN byte 0xFF and all-NaN q."""
     _check_quantize(y, dtype, scaling, scale, block)
+    if scale is not None:
+        # its value, read on the host: the fused path's caller checks it once, outside the op
+        value = scale.reshape(-1)[0].item()
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"quantize_fp8: scale must be one finite fp32 value > 0, got "
+                             f"value {value}")
     yf = y.float()
     if scaling == "block":
         k = y.shape[-1]

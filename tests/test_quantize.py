@@ -782,3 +782,40 @@ def test_public_out_dtype_under_vmap():
     x = torch.randn(3, 4, 64)
     q, s = torch.func.vmap(lambda t: fused_act.gelu(t, out_dtype=E4M3))(x)
     same((q, s), quantize_fp8(reference.gelu(x), E4M3, "row"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("scaling", ["row", "tensor", "block"])
+def test_public_out_dtype_layouts_and_ownership(scaling, backend):
+    """q is row-major and the scales contiguous whatever x's strides (as the fake kernel says, so
+    Inductor's stride checks hold), and the scales never share a caller's scale's memory."""
+    if backend == "triton":
+        interpreted()
+    x = torch.randn(2, 64, 4, 4).to(memory_format=torch.channels_last)
+    for t in (x, x.transpose(-1, -2), torch.randn(64, 8).t()):
+        with fused_act.use_backend(backend):
+            q, s = fused_act.silu(t, out_dtype=E4M3, scaling=scaling, block=2)
+        assert q.is_contiguous() and s.is_contiguous(), (t.stride(), q.stride(), s.stride())
+        same((q, s), quantize_fp8(ops.forward_impl(t.float(), "silu", None, 1.0, backend),
+                                  E4M3, scaling, block=2))
+    scale = torch.tensor(0.25)
+    with fused_act.use_backend(backend):
+        _, s = fused_act.silu(x, out_dtype=E4M3, scaling="tensor", scale=scale)
+    scale.mul_(4)
+    assert s.item() == 0.25 and s.untyped_storage().data_ptr() != scale.untyped_storage().data_ptr()
+
+
+def test_public_out_dtype_inductor_strided():
+    """Inductor checks the op's outputs against the fake kernel's strides."""
+    x = torch.randn(2, 64, 4, 4).to(memory_format=torch.channels_last)
+    f = torch.compile(lambda t: fused_act.mish(t, out_dtype=E5M2, scaling="row"), fullgraph=True)
+    same(f(x), fused_act.mish(x, out_dtype=E5M2, scaling="row"))
+
+
+def test_public_out_dtype_refusals_before_any_launch():
+    x = torch.randn(4, 4096)
+    with pytest.raises(ValueError, match="from 2 to 2048"):
+        fused_act.silu(x, out_dtype=E4M3, scaling="block", block=4096)
+    from torch.testing._internal.two_tensor import TwoTensor
+    with pytest.raises(TypeError, match="fused_act.gelu: out_dtype takes plain tensors"):
+        fused_act.gelu(TwoTensor(x, x), out_dtype=E4M3)

@@ -12,7 +12,7 @@ from ..backend import get_backend
 from ..kernels import launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
 from .layout import fp32, row_stride
-from .op import dispatches_itself, reference_math
+from .op import reference_math
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,7 +33,9 @@ def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dty
     y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device))
     if u is not None:
         y = y * u.float()
-    return reference.quantize_fp8(y, out_dtype, scaling, scale, block)
+    q, scales = reference.quantize_fp8(y, out_dtype, scaling, scale, block)
+    # row-major whatever the inputs' strides, as the kernels write them (and the fake says)
+    return q.contiguous(), scales.contiguous() if scale is None else scales.clone()
 
 
 def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0,
@@ -45,8 +47,9 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     given act(first half) * (second half) of ``gate`` split along ``dim`` (a packed gate_up,
     read in place), y computed in fp32 and never stored.  ``act`` is a kernel activation of
     ``registry.KERNEL_IDS`` (silu: "swish" with ``beta_value`` 1.0), ``out_dtype``
-    float8_e4m3fn or float8_e5m2; scales are shaped as ``quantize_fp8`` returns them (a
-    caller's ``scale`` comes back as that tensor, reshaped to ()).  With ``backend``'s kernels
+    float8_e4m3fn or float8_e5m2; q is row-major and scales are shaped as ``quantize_fp8``
+    returns them (a caller's ``scale`` comes back as a copy of shape ()); the caller has checked
+    the scale's value (this reads nothing on the host).  With ``backend``'s kernels
     for gate's device (``kernels.launcher``), where they offer ``act_quant``, fp16/bf16/fp32
     inputs are quantised in one pass over gate and up ("tensor" without a caller's scale: two,
     the first reducing per-tile amaxes that torch finishes on the device, no host sync); q then
@@ -64,7 +67,8 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     if u is not None and not u.is_floating_point():
         raise TypeError(f"fused_act.act_quant: up must be a floating-point tensor, got {u.dtype}")
     k = launcher(g.device, backend)
-    if (not offers(k, "act_quant") or g.numel() == 0 or g.dtype not in KERNEL_DTYPES
+    if (not offers(k, "act_quant") or g.numel() == 0 or block > plan.BLOCK
+            or g.dtype not in KERNEL_DTYPES
             or (u is not None and u.dtype not in KERNEL_DTYPES)):
         return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
     shape = g.shape
@@ -88,7 +92,8 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     elif scaling == "row":
         scales = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=g.device)
     elif scale is not None:
-        scales = scale.to(g.device).reshape(())
+        # a copy: the caller's delayed scale moves on, these scales belong to this q
+        scales = scale.detach().to(g.device).reshape(()).clone()
     else:
         partial = torch.empty(p.grid[0], dtype=torch.float32, device=g.device)
         k.act_quant(g, u, q, partial, strides, act_id, beta_value, "amax", block, p)
@@ -115,10 +120,8 @@ def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int
 def _run(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
          out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
          backend: str | None = None) -> tuple[Tensor, Tensor]:
-    q, scales = act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                          backend or get_backend())
-    # an op's outputs own their memory: a caller's scale comes back as a copy
-    return q, scales if scale is None else scales.clone()
+    return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                     backend or get_backend())
 
 
 # what torch.compile traces (an opaque op: Inductor cannot see inside the kernel), and what
@@ -141,8 +144,5 @@ def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
         return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
     if torch.compiler.is_compiling():
         return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
-    if dispatches_itself((gate, up, scale)):
-        raise TypeError("fused_act: an FP8 output (out_dtype) takes plain tensors: a tensor "
-                        "subclass (DTensor, ...) has no quantising rule yet")
     return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
                      get_backend())
