@@ -164,6 +164,33 @@ def strategies(rule: Pointwise, *args: object) -> list[tuple[list, list]]:
     return pairs
 
 
+def quant_strategies(gate: object, up: object, act: str, beta_value: float,
+                     dim: int | None, out_dtype: object, scaling: str, scale: object,
+                     block: int, backend: str | None = None) -> list[tuple[list, list]]:
+    """``strategies`` for ``fused_act::act_quant`` (q and its scales), one mesh dim: all
+    replicated, or gate (and up) sharded along a dim before the last (rows), not the dim a
+    packed gate_up splits along.  Sharded rows give row or block scales sharded with them
+    (each rank quantises its own rows: nothing is communicated) and, with a caller's scale
+    (replicated), one replicated scale.  Tensor scaling from the amax of the whole result has
+    no sharded strategy: DTensor gathers gate first, so the one scale is the global one."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    packed = None if up is not None or dim is None else dim % gate.ndim
+    pairs = [([Replicate(), Replicate()],
+              [Replicate(), None if up is None else Replicate(), *[None] * 5,
+               None if scale is None else Replicate(), None])]
+    if scaling == "tensor" and scale is None:
+        return pairs
+    for d in range(gate.ndim - 1):
+        if d == packed:
+            continue
+        scales = Replicate() if scaling == "tensor" else Shard(d)
+        pairs.append(([Shard(d), scales],
+                      [Shard(d), None if up is None else Shard(d), *[None] * 5,
+                       None if scale is None else Replicate(), None]))
+    return pairs
+
+
 def _key_cache_from(overload: torch._ops.OpOverload, position: int) -> None:
     """Make DTensor's sharding cache tell calls apart by the op's arguments from ``position`` on.
 
@@ -203,6 +230,9 @@ def register() -> None:
         register_sharding(overload)(functools.partial(strategies, rule))
         if rule.keyed_from is not None:
             _key_cache_from(overload, rule.keyed_from)
+    # up's absence and every attribute after it decide the outputs' shapes
+    register_sharding(torch.ops.fused_act.act_quant.default)(quant_strategies)
+    _key_cache_from(torch.ops.fused_act.act_quant.default, 1)
     _registered = True
 
 

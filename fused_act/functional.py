@@ -131,9 +131,6 @@ def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: f
             value = scale.item()
             if not (math.isfinite(value) and value > 0.0):
                 raise ValueError(f"fused_act.{op}: scale must be finite and > 0, got {value}")
-    if ops.op.dispatches_itself((gate, up, scale)):
-        raise TypeError(f"fused_act.{op}: out_dtype takes plain tensors: a tensor subclass "
-                        f"(DTensor, ...) has no rule for FP8 outputs yet")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up)):
         raise RuntimeError(f"fused_act.{op}: out_dtype={out_dtype} gives FP8 data, through "
                            "which autograd carries no gradient; call it under torch.no_grad() "

@@ -246,7 +246,52 @@ def _tp_worker(rank: int) -> dict:
     for case in CASES.values():
         for where in PLACEMENTS:
             results[case.name, where] = _guarded(_tp_case, mesh, case, where)
+    for name in FP8_CASES:
+        for where in PLACEMENTS:
+            results[name, where] = _guarded(_fp8_case, mesh, name, where)
     return results
+
+
+# FP8 outputs (out_dtype) of x of shape (N, C, 8), fp32 (the kernels' input): rows sharded on
+# dims 0 and 1 quantise on their own ranks; the last dim (shard2) and tensor scaling from the
+# whole result's amax gather first
+FP8_CASES = {
+    "silu_row": lambda x, s: fused_act.silu(x, out_dtype=torch.float8_e4m3fn),
+    "mish_block": lambda x, s: fused_act.mish(x, out_dtype=torch.float8_e5m2, scaling="block",
+                                              block=4),
+    "gelu_delayed": lambda x, s: fused_act.gelu(x, out_dtype=torch.float8_e4m3fn,
+                                                scaling="tensor", scale=s),
+    "silu_tensor": lambda x, s: fused_act.silu(x, out_dtype=torch.float8_e4m3fn,
+                                               scaling="tensor"),
+    "swiglu_packed_row": lambda x, s: fused_act.swiglu(x, out_dtype=torch.float8_e4m3fn),
+}
+
+
+def _fp8_inputs(name: str) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return 3 * torch.randn(N, C, 8, generator=gen), torch.tensor(0.0625)
+
+
+def _fp8_case(mesh: object, name: str, where: str) -> dict:
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    def whole(t: DTensor) -> Tensor:
+        # gathered as bytes: gloo has no float8 dtypes
+        local = t.to_local()
+        if local.element_size() == 1:
+            local = local.view(torch.uint8)
+        return DTensor.from_local(local, mesh, t.placements).full_tensor()
+
+    x, scale = _fp8_inputs(name)
+    xd = distribute_tensor(x, mesh, [_placement(where)])
+    sd = distribute_tensor(scale, mesh, [Replicate()])
+    with CommDebugMode() as comm:
+        q, s = FP8_CASES[name](xd, sd)
+    return {"comms": {str(k): v for k, v in comm.get_comm_counts().items()},
+            "type": type(q).__name__,
+            "placements": [repr(tuple(t.placements)) for t in (q, s)],
+            "q": whole(q), "s": whole(s)}
 
 
 def _tp_case(mesh: object, case: Case, where: str) -> dict:
@@ -315,6 +360,30 @@ def test_dtensor_sharded_matches_single_process(run, name, where):
         torch.testing.assert_close(g, ref, msg=f"{name} gradient {i}")
 
 
+@pytest.mark.parametrize("where", PLACEMENTS)
+@pytest.mark.parametrize("name", list(FP8_CASES))
+def test_dtensor_fp8_output(run, name, where):
+    """out_dtype on a DTensor: the single-process q and scales bit for bit; rows sharded on a
+    dim before the last quantise in place (no collective; q and row or block scales sharded
+    with them, a caller's scale replicated); the last dim and tensor amax scaling gather."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    backend, results = run
+    got = results["tp"][name, where]
+    assert "error" not in got, got.get("error")
+    x, scale = _fp8_inputs(name)
+    with fused_act.use_backend(backend):
+        q, s = FP8_CASES[name](x, scale)
+    assert got["type"] == "DTensor"
+    assert torch.equal(got["q"], q.view(torch.uint8)), name
+    assert torch.equal(got["s"].reshape(-1).view(torch.uint8), s.reshape(-1).view(torch.uint8))
+    if where in ("shard0", "shard1") and name != "silu_tensor":
+        d = int(where[-1])
+        assert not got["comms"], f"collectives issued: {got['comms']}"
+        scales = Replicate() if name == "gelu_delayed" else Shard(d)
+        assert got["placements"] == [repr((Shard(d),)), repr((scales,))]
+
+
 def test_every_op_has_a_sharding_rule():
     """Every custom op of fused_act has a rule in distributed.RULES (a new op needs its line),
     and the rule's positions fit the op's schema: tensors where it names tensors, a bool flag,
@@ -324,7 +393,9 @@ def test_every_op_has_a_sharding_rule():
 
     ours = {name for name in dir(torch.ops.fused_act)
             if isinstance(getattr(torch.ops.fused_act, name), torch._ops.OpOverloadPacket)}
-    assert ours - {"batch_norm_act", "batch_norm_act_backward"} == set(distributed.RULES)
+    # act_quant's rule is distributed.quant_strategies (test_dtensor_fp8_output)
+    assert ours - {"batch_norm_act", "batch_norm_act_backward", "act_quant"} == set(
+        distributed.RULES)
     for name, rule in distributed.RULES.items():
         schema = getattr(torch.ops.fused_act, name).default._schema
         types = [str(a.type) for a in schema.arguments]

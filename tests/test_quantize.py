@@ -816,6 +816,14 @@ def test_public_out_dtype_refusals_before_any_launch():
     x = torch.randn(4, 4096)
     with pytest.raises(ValueError, match="from 2 to 2048"):
         fused_act.silu(x, out_dtype=E4M3, scaling="block", block=4096)
+
+
+
+def test_public_out_dtype_subclass_dispatches_itself():
+    """A tensor subclass with a dispatch of its own meets the custom op (TwoTensor: each half
+    quantised as alone); DTensor's rule is test_distributed's."""
     from torch.testing._internal.two_tensor import TwoTensor
-    with pytest.raises(TypeError, match="fused_act.gelu: out_dtype takes plain tensors"):
-        fused_act.gelu(TwoTensor(x, x), out_dtype=E4M3)
+    x = torch.randn(4, 64)
+    q, s = fused_act.gelu(TwoTensor(x, 2 * x), out_dtype=E4M3)
+    same((q.a, s.a), fused_act.gelu(x, out_dtype=E4M3))
+    same((q.b, s.b), fused_act.gelu(2 * x, out_dtype=E4M3))

@@ -12,7 +12,7 @@ from ..backend import get_backend
 from ..kernels import launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
 from .layout import fp32, row_stride
-from .op import reference_math
+from .op import SUBCLASS_HOOKS, dispatches_itself, reference_math
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,6 +143,12 @@ def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
         g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
         return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
     if torch.compiler.is_compiling():
+        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
+    if dispatches_itself((gate, up, scale)):
+        # DTensor's rule (distributed.quant_strategies); any other subclass that dispatches
+        # itself meets the op, which it either handles or refuses
+        for hook in SUBCLASS_HOOKS:
+            hook()
         return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
     return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
                      get_backend())
