@@ -22,6 +22,10 @@ GRAPH_ELEMENTS = 2**27  # a timed CUDA graph repeats a call until it covers this
 # stand-in for a GPU runs every "cuda" code path of the benchmark on CPU tensors
 TENSOR_DEVICE: dict[str, str] = {}
 
+# host-timed calls per ``time_ms`` on the CPU, quick and full: there the times only stand in for a
+# GPU's, and a run that checks the code paths alone (the test suite's) may take one call
+CPU_CALLS = {True: 3, False: 10}
+
 _side: list[torch.cuda.Stream] = []
 
 
@@ -47,7 +51,7 @@ def time_ms(fn: Callable, n: int, quick: bool, device: str = "cuda") -> float:
     if device != "cuda":
         fn()
         times = []
-        for _ in range(3 if quick else 10):
+        for _ in range(CPU_CALLS[quick]):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
