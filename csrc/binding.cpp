@@ -297,6 +297,31 @@ void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor&
            "max_affine");
 }
 
+#ifndef FA_CPU
+// fused_act.h fa_act_quant: q holds one-byte codes and scales its fp32 values or E8M0 bytes, both
+// dense (the kernels write them row-major); up, where given, is gate's dtype.
+void act_quant(const Tensor& gate, const OptTensor& up, Tensor& q, Tensor& scales,
+               const std::vector<int64_t>& strides, int64_t act, double beta_value, int64_t fp8,
+               int64_t scaling, int64_t block, const std::vector<int64_t>& plan) {
+  check(gate, {}, {});
+  if (up) check(gate, {&*up}, {});
+  for (const Tensor* t : {&q, &scales}) {
+    check_memory(*t);
+    TORCH_CHECK(t->device() == gate.device() && t->is_contiguous(), "fused_act ", KIND,
+                " kernels: q and scales must be contiguous on ", gate.device());
+  }
+  TORCH_CHECK(q.element_size() == 1 && (scales.element_size() == 1 || scales.scalar_type() ==
+                                        at::kFloat),
+              "fused_act ", KIND, " kernels: q of one-byte codes and fp32 or one-byte scales "
+              "expected, got ", q.scalar_type(), " and ", scales.scalar_type());
+  const DeviceGuard guard(gate.device());
+  raise_if(fa_act_quant(gate.data_ptr(), ptr(up), q.data_ptr(), scales.data_ptr(),
+                        row_strides(strides, 2), dtype_code(gate), int(act), float(beta_value),
+                        int(fp8), int(scaling), int(block), to_plan(plan), stream_of(gate)),
+           "act_quant");
+}
+#endif
+
 #ifdef FA_CPU
 // The eager path of an activation without a beta tensor on CPU tensors
 // (fused_act/ops/activation.py, run_activation): a C++ autograd node, as torch's own ops have,
@@ -393,6 +418,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats", &stats, no_gil());
   m.def("affine_act_forward", &affine_act_forward, no_gil());
   m.def("affine_act_backward", &affine_act_backward, no_gil());
+#ifndef FA_CPU
+  // the CPU kernels have no act_quant: fused_act/_cuda.py then offers none (the reference runs)
+  m.def("act_quant", &act_quant, no_gil());
+#endif
 #ifdef FA_CPU
   m.def("eager_activation", &eager_activation, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);

@@ -87,6 +87,17 @@ int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, in
                            const void* k0, void* partial, int sums, int64_t n_partial,
                            fa_plan plan, void* stream);
 
+// An activation quantised to FP8 without writing it (fused_act/kernels.py act_quant): y =
+// act(gate), or act(gate) * up where up is not null, in fp32 from fp32/fp16/bf16 inputs (fp64
+// is cudaErrorInvalidValue), each walked as plan.rows rows of plan.cols elements `strides`
+// (gate, up) apart; q: one byte a code, row-major.  fp8: 0 float8_e4m3fn, 1 float8_e5m2.
+// scaling: 0 tensor (q = y / the fp32 at scales), 1 row (an fp32 scale a row into scales),
+// 2 block (an E8M0 byte a `block` elements of a row into scales), 3 amax (no q: one fp32 partial
+// max of |y| a plan tile into scales, NaN if any y is).  A fused_act/plan.py quant_plan.
+int fa_act_quant(const void* gate, const void* up, void* q, void* scales, const int64_t* strides,
+                 int dtype, int act, float beta_value, int fp8, int scaling, int block,
+                 fa_plan plan, void* stream);
+
 const char* fa_error_string(int err);
 
 #ifdef __cplusplus

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-SOURCES = ("binding.cpp", "elementwise.cu", "acon.cu", "frelu.cu", "batchnorm.cu")
+SOURCES = ("binding.cpp", "elementwise.cu", "acon.cu", "frelu.cu", "batchnorm.cu", "quant.cu")
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3"]
 CPU_SOURCES = ("binding.cpp", "cpu.cpp")

@@ -22,6 +22,10 @@ from .plan import Plan
 
 log = logging.getLogger("fused_act")
 
+# csrc/fused_act.h fa_act_quant's selectors
+FP8_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+SCALING_CODES = {"tensor": 0, "row": 1, "block": 2, "amax": 3}
+
 
 def source_dir() -> Path:
     """csrc/: beside the installed package (wheel), or at the root of a source checkout."""
@@ -85,6 +89,10 @@ class ExtensionKernels:
 
     def __init__(self, lib: ModuleType) -> None:
         self.lib = lib
+        if not hasattr(lib, "act_quant"):
+            # the CPU kernels' extension has no act_quant: offering none sends kernels.offers
+            # callers to the reference math
+            self.act_quant = None  # type: ignore[assignment]
 
     def act_forward(self, x: Tensor, y: Tensor, act: int, beta: Tensor | None,
                     beta_value: float, p: Plan) -> None:
@@ -123,6 +131,17 @@ class ExtensionKernels:
                      partial: Tensor | None, p: Plan) -> None:
         self.lib.glu_backward(g, gate, up, dgate, dup, strides, act, beta, beta_value, partial,
                               p.fields())
+
+    def act_quant(self, gate: Tensor, up: Tensor | None, q: Tensor, scales: Tensor,
+                  strides: tuple[int, ...], act: int, beta_value: float, scaling: str,
+                  block: int, p: Plan) -> None:
+        """``kernels.Kernels.act_quant`` (csrc/quant.cu)."""
+        if up is not None and up.dtype != gate.dtype:
+            # the kernels read gate and up in one dtype: fp32 holds fp16 and bf16 values exactly
+            gate, up = gate.float().contiguous(), up.float().contiguous()
+            strides = (gate.shape[-1], gate.shape[-1])
+        self.lib.act_quant(gate, up, q, scales, list(strides), act, beta_value,
+                           FP8_CODES[q.dtype], SCALING_CODES[scaling], block, p.fields())
 
     def stats(self, x: Tensor, partial: Tensor, p: Plan) -> None:
         self.lib.stats(x, partial.view(3, p.partials), p.partials, p.fields())

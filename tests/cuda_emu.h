@@ -80,6 +80,9 @@ inline dim3 blockDim;
 
 inline void __syncthreads() { fa_emu::block().sync(); }
 
+// IEEE division, which the device asks for by name (its `/` may be approximate): the host's `/`.
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
 // The store intrinsic csrc uses to keep a vector store whole: a plain store on the host.
 template <class T>
 inline void __stwb(T* p, T v) { *p = v; }

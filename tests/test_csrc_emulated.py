@@ -21,6 +21,7 @@ from . import test_autograd as autograd_tables
 from . import test_cpu_kernels as cpu_tables
 from . import test_frelu as frelu_tables
 from . import test_kernels as kernel_tables
+from . import test_quantize as quant_tables
 from .cases import ROOT, make_x
 from .test_csrc import toolchain_gap
 
@@ -50,7 +51,7 @@ class Emulated:
         for name in ("fa_act_forward", "fa_act_backward", "fa_acon_forward", "fa_acon_backward",
                      "fa_max_forward", "fa_max_backward", "fa_max_affine", "fa_glu_forward",
                      "fa_glu_backward", "fa_stats", "fa_affine_act_forward",
-                     "fa_affine_act_backward"):
+                     "fa_affine_act_backward", "fa_act_quant"):
             getattr(self.lib, name).restype = ctypes.c_int
         self.lib.fa_error_string.restype = ctypes.c_char_p
 
@@ -98,6 +99,12 @@ class Emulated:
                                           _strides(strides), CODES[gate.dtype], act, _p(beta),
                                           ctypes.c_float(beta_value), _p(partial), Plan(*plan),
                                           None))
+
+    def act_quant(self, gate, up, q, scales, strides, act, beta_value, fp8, scaling, block,
+                  plan):
+        self._ok(self.lib.fa_act_quant(_p(gate), _p(up), _p(q), _p(scales), _strides(strides),
+                                       CODES[gate.dtype], act, ctypes.c_float(beta_value), fp8,
+                                       scaling, block, Plan(*plan), None))
 
     def stats(self, x, partial, n_partial, plan):
         self._ok(self.lib.fa_stats(_p(x), _p(partial), ctypes.c_int64(n_partial),
@@ -279,3 +286,100 @@ def test_models_eager_and_compiled(family, cuda_on_cpu, monkeypatch):
     model.eval()
     with torch.no_grad(), fused_act.use_backend("cuda"):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- act_quant (csrc/quant.cu): q and scales bit for bit against quantize_fp8 of the emulated
+# backend's own fp32 activation (the existing kernels on the inputs' fp32 values), on
+# test_quantize.py's tables
+
+QDTYPES = [torch.float32, torch.bfloat16]
+
+
+def _y32(gate, up, act):
+    """Backend "cuda"'s own fp32 activation of the inputs' fp32 values."""
+    name = fused_act.registry.KERNELS[act].name
+    if up is None:
+        return fused_act.ops.forward_impl(gate.float(), name, None, quant_tables.BETA, "cuda")
+    return fused_act.ops.glu_forward_impl(gate.float(), up.float(), name, None,
+                                          quant_tables.BETA, -1, "cuda")
+
+
+def _quant(gate, up, act, fp8, scaling, dim=None):
+    mode, scale = quant_tables.SCALINGS[scaling]
+    return fused_act.ops.quant.act_quant(gate, up, act, quant_tables.BETA, dim, fp8, mode,
+                                         None if scale is None else torch.tensor(scale), 32,
+                                         "cuda")
+
+
+def _want(y, fp8, scaling):
+    mode, scale = quant_tables.SCALINGS[scaling]
+    return quant_tables.quantize_fp8(y, fp8, mode, None if scale is None else torch.tensor(scale))
+
+
+def test_act_quant_is_offered(cuda_on_cpu):
+    """The CUDA kernels offer act_quant; the CPU kernels' extension (no such entry) does not."""
+    assert kernels.offers(kernels.kernels("cuda"), "act_quant")
+    assert not kernels.offers(_cuda.ExtensionKernels(object()), "act_quant")
+
+
+@pytest.mark.parametrize("dtype", QDTYPES, ids=str)
+@pytest.mark.parametrize("mode", quant_tables.MODES)
+@pytest.mark.parametrize("act", quant_tables.KACTS)
+def test_act_quant(act, mode, dtype, cuda_on_cpu):
+    """Every activation, elementwise, gated and packed (halves read in place), both formats, every
+    scaling (the tensor amax: partials over tiles), on the odd shapes of test_quantize.py."""
+    i = quant_tables.KACTS.index(act) + quant_tables.MODES.index(mode)
+    for j, scaling in enumerate(quant_tables.SCALINGS):
+        shape = quant_tables.QSHAPES[(i + j) % len(quant_tables.QSHAPES)]
+        args, halves = quant_tables.inputs(mode, shape, dtype, seed=i)
+        for fp8 in quant_tables.F8:
+            got = _quant(args[0], args[1], act, fp8, scaling, args[2])
+            quant_tables.same(got, _want(_y32(*halves, act), fp8, scaling))
+
+
+@pytest.mark.parametrize("case", ["zeros", "inf", "neg_inf", "nan", "huge", "subnormal"])
+def test_act_quant_edge_values(case, cuda_on_cpu):
+    """squared_relu(1) * up = up exactly, so up places the value: rows of zeros (-0 kept), +-inf,
+    NaN, far past FMAX, subnormal codes; up a row stride apart, gate contiguous."""
+    for fp8 in quant_tables.F8:
+        y = quant_tables.edge_rows(case, fp8)
+        up = torch.cat([y, torch.zeros(40, 16)], 1)[:, :64]
+        gate = torch.ones(40, 64)
+        assert torch.equal(_y32(gate, up, "squared_relu").view(torch.int32), y.view(torch.int32))
+        for scaling in quant_tables.SCALINGS:
+            quant_tables.same(_quant(gate, up, "squared_relu", fp8, scaling),
+                              _want(y, fp8, scaling))
+
+
+@pytest.mark.parametrize("scaling", ["delayed", "block"])
+def test_act_quant_every_code(scaling, cuda_on_cpu):
+    """The cast sweep (every code, ties, +-1 ulp, past FMAX, subnormals, specials) through the
+    kernel's encoder: a scale of 1 keeps each value, block scales move it by a power of two."""
+    for fp8 in quant_tables.F8:
+        v = quant_tables.cast_values(fp8)
+        y = torch.from_numpy(v)
+        y = torch.cat([y, y.new_zeros(-len(y) % 32)]).reshape(-1, 32)
+        got = _quant(torch.ones_like(y), y, "squared_relu", fp8, scaling)
+        quant_tables.same(got, _want(y, fp8, scaling))
+
+
+def test_act_quant_long_rows_and_strides(cuda_on_cpu):
+    """Rows past plan.ROW_HOLD (two walks, a NaN in a late chunk poisoning its row), gate and up
+    slices of wider tensors with strides of their own, and gate and up of two dtypes."""
+    k = 9024
+    gate = torch.randn(2, k, generator=torch.Generator().manual_seed(7)) * 4
+    gate[1, 8000] = torch.nan
+    up = torch.randn(2, k, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(5)
+    sliced = ((torch.randn(6, 200, generator=g) * 4)[1:, 8:104],
+              torch.randn(5, 130, generator=g)[:, 32:128])
+    for fp8 in quant_tables.F8:
+        for u in (None, up):
+            quant_tables.same(_quant(gate, u, "mish", fp8, "row"),
+                              _want(_y32(gate, u, "mish"), fp8, "row"))
+        for scaling in quant_tables.SCALINGS:
+            quant_tables.same(_quant(*sliced, "gelu", fp8, scaling),
+                              _want(_y32(*sliced, "gelu"), fp8, scaling))
+            mixed = (sliced[0], sliced[1].bfloat16())
+            quant_tables.same(_quant(*mixed, "swish", fp8, scaling),
+                              _want(_y32(*mixed, "swish"), fp8, scaling))

@@ -617,7 +617,7 @@ def test_act_quant_kernel_near_reference_path(act, scaling):
 
 
 def test_act_quant_backends_without_the_kernel_take_the_reference(monkeypatch):
-    """A backend without ``act_quant`` (the C++ kernels, for now) is asked, not called: the
+    """A backend without ``act_quant`` (the CPU kernels) is asked, not called: the
     reference path, no AttributeError."""
     k = ExtensionKernels(None)
     assert not kernels.offers(k, "act_quant")
