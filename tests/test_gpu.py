@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import fused_act
-from fused_act import ops, reference
+from fused_act import ops, reference, registry
+from fused_act.ops import quant
 
 from .cases import ALL_OPS, TOL, need_backend
 from .sparse_launch import sparse_launches
@@ -49,7 +50,10 @@ class _ReplayedGraph:
         self.step, self.out = step, out
 
     def replay(self):
-        self.out.copy_(self.step())
+        for out, new in zip(*(o if isinstance(o, tuple) else (o,) for o in (self.out,
+                                                                           self.step())),
+                            strict=True):
+            out.copy_(new)
 
 
 def capture(step):
@@ -204,3 +208,111 @@ def test_parameter_gradients_bit_identical(kind, backend_name, use):
     first, second = run(), run()
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- act_quant: the activation fused with FP8 quantisation -----------------------------------
+
+QUANT_CASES = [("swish", "gated", "row"), ("gelu_tanh", "packed", "block"),
+               ("mish", "elementwise", "tensor"), ("swish", "gated", "delayed")]
+QUANT_IDS = ["-".join(c) for c in QUANT_CASES]
+
+
+def _quant_inputs(mode: str, rows: int, k: int, make=torch.randn):
+    """(gate, up, dim) of ``rows`` rows of ``k`` bf16 values as act_quant takes them ("packed":
+    one (rows, 2k) tensor read in halves)."""
+    if mode == "packed":
+        return make(rows, 2 * k, device=DEVICE, dtype=torch.bfloat16), None, -1
+    gate = make(rows, k, device=DEVICE, dtype=torch.bfloat16)
+    up = make(rows, k, device=DEVICE, dtype=torch.bfloat16) if mode == "gated" else None
+    return gate, up, None
+
+
+def _scaling(scaling: str) -> tuple[str, torch.Tensor | None]:
+    """(act_quant's scaling, the caller's scale): "delayed" is "tensor" with a given scale."""
+    if scaling == "delayed":
+        return "tensor", torch.tensor(0.05, device=DEVICE)
+    return scaling, None
+
+
+def _quant(args, act, mode, scale, backend_name):
+    gate, up, dim = args
+    return quant.act_quant(gate, up, act, 1.0, dim, torch.float8_e4m3fn, mode, scale, 32,
+                           backend_name)
+
+
+def _quant_expected(args, act, mode, scale, backend_name):
+    """quantize_fp8 of the backend's own fp32 activation (what its kernel must equal)."""
+    gate, up, dim = args
+    if dim is not None:
+        gate, up = reference.halves(gate, dim)
+    name = registry.KERNELS[act].name
+    if up is None:
+        y = ops.forward_impl(gate.float(), name, None, 1.0, backend_name)
+    else:
+        y = ops.glu_forward_impl(gate.float(), up.float(), name, None, 1.0, -1, backend_name)
+    return reference.quantize_fp8(y, torch.float8_e4m3fn, mode, scale)
+
+
+def _same_quant(got, want):
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(got[1].reshape(-1).view(torch.uint8), want[1].reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("act, mode, scaling", QUANT_CASES, ids=QUANT_IDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_act_quant_past_2_31_elements(act, mode, scaling, backend_name):
+    """act_quant's 64-bit offsets: bf16 rows of 4096 (gate and up, or packed) past 2^31
+    elements, checked at the start, around 2^31 and at the tail against quantize_fp8 of the
+    backend's own activation (on the CPU: the accesses of each launch's programs next to the
+    edges, on reserved memory; the CUDA C++ kernels only on a GPU)."""
+    need_backend(backend_name, DEVICE)
+    k = 4096
+    rows = 2**31 // k + 3
+    args = _quant_inputs(mode, rows, k, torch.randn if GPU else torch.empty)
+    mode_, scale = _scaling(scaling)
+    with contextlib.nullcontext() if GPU else sparse_launches(lambda n: _near_edges(
+            n, rows * k)):
+        q, s = _quant(args, act, mode_, scale, backend_name)
+    if not GPU:
+        return
+    gate, up, dim = args
+    edge = 2**31 // k
+    for r in (slice(0, 2), slice(edge - 1, edge + 2), slice(rows - 2, rows)):
+        part = (gate[r], None if up is None else up[r], dim)
+        want = _quant_expected(part, act, mode_, s if mode_ == "tensor" else scale, backend_name)
+        assert torch.equal(q[r].view(torch.uint8), want[0].view(torch.uint8))
+        if mode_ != "tensor":
+            assert torch.equal(s[r].view(torch.uint8), want[1].view(torch.uint8))
+
+
+def _near_edges(grid: int, elements: int, window: int = 4) -> list[int]:
+    """The first and last programs and ``window`` on either side of each 2^31-element offset,
+    for a launch of ``grid`` programs over ``elements`` (evenly spread)."""
+    per = -(-elements // grid)
+    picks = {0, 1, grid - 2, grid - 1}
+    for k in range(1, 1 + elements // 2**31):
+        p = k * 2**31 // per
+        picks |= set(range(p - window, p + window + 1))
+    return sorted(p for p in picks if 0 <= p < grid)
+
+
+@pytest.mark.parametrize("act, mode, scaling", QUANT_CASES, ids=QUANT_IDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_act_quant_on_device(act, mode, scaling, backend_name, use):
+    """act_quant of each kernel backend on this device, rows held and rows past ROW_HOLD
+    (two passes), bit for bit against quantize_fp8 of the backend's own activation; then the
+    same call captured in a CUDA graph and replayed on new inputs (the amax pass of "tensor"
+    stays on the device: nothing to sync)."""
+    use(backend_name)
+    torch.manual_seed(0)
+    mode_, scale = _scaling(scaling)
+    for rows, k in ((64 if GPU else 5, 4096 if GPU else 96), (3, 9024)):
+        args = _quant_inputs(mode, rows, k)
+        got = _quant(args, act, mode_, scale, backend_name)
+        _same_quant(got, _quant_expected(args, act, mode_, scale, backend_name))
+    graph, (q, s) = capture(lambda: _quant(args, act, mode_, scale, backend_name))
+    for a in args[:2]:
+        if a is not None:
+            a.copy_(torch.randn_like(a))
+    graph.replay()
+    _same_quant((q, s), _quant_expected(args, act, mode_, scale, backend_name))
