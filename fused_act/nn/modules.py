@@ -373,9 +373,10 @@ class GatedMLP(FusedModule):
     is computed by ``fused_act.glu_fp8_linear`` from h quantised to ``fp8_dtype`` with that
     scaling (MX blocks of 32 for "block") and its weight in e4m3, the backward straight-through
     the quantisation (that function's docstring); h is never kept, so nothing is recomputed.
-    The state_dict is the same.  Measured on a small block (64 -> 192 -> 64, fp32, 25 Adam
-    steps on a random regression, tests/test_fp8_training.py): the loss stays within a few per
-    cent of the high-precision block's from the same init.
+    The state_dict is the same.  Measured on a small block (64 -> 192 -> 64, fp32, e4m3, 25
+    Adam steps on a random regression whose loss falls 20-fold, tests/test_fp8_training.py):
+    the loss stays within 1.7% ("row"), 2.3% ("tensor") and 3.6% ("block") of the fp32
+    block's from the same init at every step.
     """
 
     recompute = True  # the defaults, also for a module pickled before the options existed
