@@ -150,7 +150,8 @@ class GluFp8Linear(torch.autograd.Function):
                 dweight = (d2.float().t() @ h).to(weight.dtype)
             if needs[3]:
                 dbias = d2.float().sum(0).to(bias_dtype)
-        return (dgate, dup if needs[1] else None, dweight, dbias, *([None] * 7))
+        return (dgate if needs[0] else None, dup if needs[1] else None, dweight, dbias,
+                *([None] * 7))
 
 
 def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None,
