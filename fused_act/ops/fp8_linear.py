@@ -2,10 +2,11 @@
 ``F.linear(act(gate) * up, weight, bias)`` with h = act(gate) * up quantised by the fused
 ``act_quant`` (never written in high precision) and the weight quantised with the matching
 scaling, multiplied by ``torch._scaled_mm`` where torch offers the combination on the device,
-else from the dequantised operands in fp32.  Its backward is straight-through both
+else from the dequantised operands in the output's dtype (a matmul that accumulates in fp32).  Its backward is straight-through both
 quantisations: dh = dout @ weight, then glu's own fused backward (``GATED``'s implementations,
 under the forward's backend) for dgate and dup; dW = dout^T @ dequant(q_h), what the forward
-matmul read; db = dout summed over the tokens."""
+matmul read, in dout's dtype as a mixed-precision linear computes it (fp32 would cost a GPU
+its tensor-core rate); db = dout summed over the tokens in fp32."""
 
 import contextlib
 
@@ -56,7 +57,7 @@ def matmul_path(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dty
     """Which product ``glu_fp8_linear`` runs for these operands: ``"scaled_mm"``
     (``torch._scaled_mm`` on the FP8 operands and their scales) where torch computes the
     combination on ``device`` (tried once per combination), else ``"dequant"`` (the dequantised
-    operands multiplied in fp32): always for ``scaling="block"`` (cuBLAS's MX path needs a
+    operands multiplied in the output's dtype): always for ``scaling="block"`` (cuBLAS's MX path needs a
     Blackwell-class GPU and ``reference.blocked_scales``; not taken yet) and for no tokens."""
     if scaling == "block" or tokens == 0:
         return DEQUANT
@@ -85,10 +86,12 @@ def fp8_product(q_h: Tensor, s_h: Tensor, q_w: Tensor, s_w: Tensor, bias: Tensor
         b = None if bias is None else bias.to(out_dtype)
         s_b = s_w if scaling == "tensor" else s_w.reshape(1, -1)
         return torch._scaled_mm(q_h, q_w.t(), s_h, s_b, bias=b, out_dtype=out_dtype)
-    h = reference.dequantize_fp8(q_h, s_h, scaling, block)
-    w = reference.dequantize_fp8(q_w, s_w, scaling, block)
+    # in the output's dtype, as the high-precision linear runs (block scales are powers of two:
+    # the dequantised values are exact in bf16 too)
+    h = reference.dequantize_fp8(q_h, s_h, scaling, block).to(out_dtype)
+    w = reference.dequantize_fp8(q_w, s_w, scaling, block).to(out_dtype)
     out = h @ w.t()
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+    return out if bias is None else out + bias.to(out_dtype)
 
 
 def _tokens(t: Tensor) -> Tensor:
@@ -146,8 +149,8 @@ class GluFp8Linear(torch.autograd.Function):
                                                      False)
                 dgate, dup = grads[0], (grads[1] if up is not None else None)
             if needs[2]:
-                h = reference.dequantize_fp8(q2, s2, scaling, block)
-                dweight = (d2.float().t() @ h).to(weight.dtype)
+                h = reference.dequantize_fp8(q2, s2, scaling, block).to(d2.dtype)
+                dweight = (d2.t() @ h).to(weight.dtype)
             if needs[3]:
                 dbias = d2.float().sum(0).to(bias_dtype)
         return (dgate if needs[0] else None, dup if needs[1] else None, dweight, dbias,
