@@ -93,10 +93,10 @@ QUANT_DOC = """
     mode is on."""
 
 
-def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: float,
-               dim: int | None, out_dtype: object, scaling: object, scale: object,
-               block: object) -> tuple[Tensor, Tensor]:
-    """The checks of an FP8-output call (naming ``op`` and the argument), then the op."""
+def _check_quant(op: str, gate: Tensor, up: Tensor | None, dim: int | None, out_dtype: object,
+                 scaling: object, scale: object, block: object) -> None:
+    """The checks of the quantisation arguments of an FP8-output call (naming ``op`` and the
+    argument)."""
     if out_dtype not in FP8_DTYPES:
         raise ValueError(f"fused_act.{op}: out_dtype must be torch.float8_e4m3fn or "
                          f"torch.float8_e5m2 (or None), got {out_dtype}")
@@ -131,6 +131,13 @@ def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: f
             value = scale.item()
             if not (math.isfinite(value) and value > 0.0):
                 raise ValueError(f"fused_act.{op}: scale must be finite and > 0, got {value}")
+
+
+def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+               dim: int | None, out_dtype: object, scaling: object, scale: object,
+               block: object) -> tuple[Tensor, Tensor]:
+    """The checks of an FP8-output call (naming ``op`` and the argument), then the op."""
+    _check_quant(op, gate, up, dim, out_dtype, scaling, scale, block)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up)):
         raise RuntimeError(f"fused_act.{op}: out_dtype={out_dtype} gives FP8 data, through "
                            "which autograd carries no gradient; call it under torch.no_grad() "
@@ -304,6 +311,18 @@ def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
                          "equal halves")
 
 
+def _fp8_beta(op: str, beta: object) -> float:
+    """The float beta (1.0 for none) of a gated call with an FP8 result, which the fused
+    quantisation takes as a constant."""
+    if isinstance(beta, Tensor):
+        raise ValueError(f"fused_act.{op}: out_dtype takes a float beta; a tensor beta has no "
+                         "FP8 output yet")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+        raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
+                        f"(got {type(beta).__name__})")
+    return 1.0 if beta is None else beta
+
+
 def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
            kwargs: dict, quant: tuple = (None,)) -> _Out:
     """The checks and the call of every gated function (``op``: the one the user called);
@@ -311,13 +330,7 @@ def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
     _check_gated(op, gate, up, dim)
     spec, beta = _gated_activation(op, activation, dict(kwargs))
     if quant[0] is not None:
-        if isinstance(beta, Tensor):
-            raise ValueError(f"fused_act.{op}: out_dtype takes a float beta; a tensor beta has "
-                             "no FP8 output yet")
-        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
-            raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
-                            f"(got {type(beta).__name__})")
-        return _quantized(op, gate, up, spec.kernel, 1.0 if beta is None else beta,
+        return _quantized(op, gate, up, spec.kernel, _fp8_beta(op, beta),
                           None if up is not None else dim, *quant)
     if not spec.beta:
         return ops.GATED(gate, up, spec.name, None, 1.0, dim, mode="glu")
@@ -369,6 +382,63 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
     splits gate; ``out_dtype``: an FP8 result and its scales, as ``glu``)."""
     return _gated("geglu", gate, up, "gelu", dim, {"approximate": approximate},
                   (out_dtype, scaling, scale, block))
+
+
+def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None = None,
+                   activation: str = "silu", dim: int = -1, *,
+                   out_dtype: torch.dtype = torch.float8_e4m3fn, scaling: str = "row",
+                   block: int = reference.MX_BLOCK, **activation_kwargs: object) -> Tensor:
+    """``F.linear(activation(gate) * up, weight, bias)`` in FP8, differentiable: a gated MLP's
+    activation and down projection for FP8 training.
+
+    h = activation(gate) * up (``up=None``: the halves of a packed gate_up along ``dim``, as
+    ``glu``) is quantised to ``out_dtype`` with its scales by the fused quantisation of
+    ``glu(..., out_dtype=, scaling=, block=)``, in one pass, never written in high precision;
+    the (N, K) ``weight`` is quantised to float8_e4m3fn (the forward format of FP8 recipes,
+    whatever ``out_dtype``) by ``reference.quantize_fp8`` with the same ``scaling``: one scale
+    per output feature ("row", ``torch._scaled_mm``'s rowwise ``scale_b``), one ("tensor"), or
+    one E8M0 scale per ``block`` of K ("block").  Leading dims of gate are the tokens,
+    flattened for the product and restored; the result is in gate's dtype.  The product is
+    ``torch._scaled_mm(q_h, q_w.t(), ...)`` where torch computes that combination on the device,
+    else dequant(q_h) @ dequant(q_w)^T in fp32 (always for "block": cuBLAS's MX path is not
+    taken yet); ``fused_act.ops.fp8_linear.matmul_path`` says which runs.
+
+    The backward is straight-through both quantisations, as FP8 training recipes are: it takes
+    the output's gradient in gate's dtype, forms dh = dout @ weight (gate's dtype, as
+    ``F.linear``'s backward) and gives dgate and dup by glu's own fused backward under the
+    backend in force at the forward, bit for bit what the unquantised ``glu`` gives for that
+    dh; dweight = dout^T @ dequant(q_h) (what the forward product read) and dbias = dout summed
+    over the tokens, both in fp32, then in their parameters' dtypes.  Saved: gate and up (or
+    the packed tensor), q_h and its scales (one byte per element of h instead of h) and
+    weight.  Not supported: a tensor (learnable) beta, which the quantisation takes as a
+    constant; gradients in FP8 (e5m2 with its scale); double backward; torch.func transforms
+    and forward-mode AD (each is a clear error).  ``weight`` and ``bias`` may be of another
+    floating dtype than gate (fp32 master weights).
+    """
+    op = "glu_fp8_linear"
+    _check_gated(op, gate, up, dim)
+    spec, beta = _gated_activation(op, activation, dict(activation_kwargs))
+    beta_value = _fp8_beta(op, beta)
+    if gate.dim() == 0:
+        raise ValueError(f"fused_act.{op}: gate must have a last dimension (got a 0-d tensor)")
+    packed = None if up is not None else dim
+    _check_quant(op, gate, up, packed, out_dtype, scaling, None, block)
+    k = (gate if up is not None else reference.halves(gate, dim)[0]).shape[-1]
+    _check_param_type(op, "weight", weight, gate, "gate")
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"fused_act.{op}: weight must be (N, K) with K={k}, the last dimension "
+                         f"of activation(gate) * up (got shape {tuple(weight.shape)})")
+    if bias is not None:
+        _check_param_type(op, "bias", bias, gate, "gate")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"fused_act.{op}: bias must be (N,) = ({weight.shape[0]},) (got "
+                             f"shape {tuple(bias.shape)})")
+    if ops.reference_math():
+        raise RuntimeError(f"fused_act.{op}: torch.func transforms, forward-mode AD and "
+                           "torch.jit.trace are not supported (its backward is a "
+                           "straight-through estimator, not the derivative of its forward)")
+    return ops.glu_fp8_linear(gate, up, weight, bias, spec.name, beta_value, dim, out_dtype,
+                              scaling, block)
 
 
 # ---- BatchNorm + activation ------------------------------------------------------------------
@@ -524,7 +594,8 @@ def _overridable(function: _F) -> _F:
 # generated for every other activation of the registry (it takes x alone); each is registered
 # overridable, the one place the protocol is added.
 _WRITTEN = {"acon_c": acon_c, "batch_norm_act": batch_norm_act, "frelu_max": frelu_max,
-            "geglu": geglu, "gelu": gelu, "glu": glu, "swiglu": swiglu, "swish": swish}
+            "geglu": geglu, "gelu": gelu, "glu": glu, "glu_fp8_linear": glu_fp8_linear,
+            "swiglu": swiglu, "swish": swish}
 FUNCTIONS.update({name: _overridable(f) for name, f in _WRITTEN.items()})
 FUNCTIONS.update({s.public: _overridable(_plain(s)) for s in SPECS.values()
                   if s.public not in FUNCTIONS})

@@ -10,7 +10,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from .. import functional, ops
+from .. import functional, ops, reference
 from ..backend import get_backend
 from ..registry import SPECS, Spec
 
@@ -221,9 +221,15 @@ class GLU(FusedModule):
     ``forward(x)`` with ``x`` split in halves along ``dim``, gate first (torch.nn.GLU gates the
     other way round).  ``activation`` takes its function's arguments (``approximate`` for gelu,
     ``beta`` for swish); ``learnable=True`` makes swish's ``beta`` a one-value parameter.
+
+    ``fp8="row"``, ``"tensor"`` or ``"block"`` (default None: the result in the input's dtype)
+    makes ``forward`` return ``(q, scales)``, the result quantised to ``fp8_dtype`` as
+    ``fused_act.glu(..., out_dtype=fp8_dtype, scaling=fp8)`` gives it (MX blocks of 32): for
+    inference, as no gradient flows through FP8 data (training: ``GatedMLP(fp8=...)``).
     """
 
     def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
+                 fp8: str | None = None, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                  **activation_kwargs: object) -> None:
         super().__init__()
         if learnable and activation != "swish":
@@ -231,7 +237,12 @@ class GLU(FusedModule):
         _check_gated_args("GLU", activation, activation_kwargs)
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"fused_act.nn.GLU: dim must be an int (got {type(dim).__name__})")
+        _check_fp8("GLU", fp8, fp8_dtype)
+        if fp8 is not None and learnable:
+            raise ValueError("fused_act.nn.GLU: fp8 takes a float beta; learnable=True has no "
+                             "FP8 output yet")
         self.activation, self.dim, self.learnable = activation, dim, learnable
+        self.fp8, self.fp8_dtype = fp8, fp8_dtype
         if learnable:
             beta = float(activation_kwargs.pop("beta", 1.0))
             self.beta = nn.Parameter(torch.full((1,), beta))
@@ -240,14 +251,38 @@ class GLU(FusedModule):
     def _kwargs(self) -> dict:
         return {**self.activation_kwargs, **({"beta": self.beta} if self.learnable else {})}
 
-    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor:
+    fp8: str | None = None  # the defaults, also for a module pickled before the option existed
+    fp8_dtype = torch.float8_e4m3fn
+
+    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if self.fp8 is not None:
+            return functional.glu(gate, up, self.activation, self.dim, out_dtype=self.fp8_dtype,
+                                  scaling=self.fp8, **self._kwargs())
         return functional.glu(gate, up, self.activation, self.dim, **self._kwargs())
 
     def _details(self) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
         return f"activation={self.activation!r}{args}" + (
             f", dim={self.dim}" if self.dim != -1 else "") + (
-            ", learnable=True" if self.learnable else "")
+            ", learnable=True" if self.learnable else "") + _fp8_details(self)
+
+
+def _check_fp8(module: str, fp8: object, fp8_dtype: object) -> None:
+    """``fp8`` is None or a scaling of ``reference.SCALINGS``, ``fp8_dtype`` an FP8 format."""
+    if fp8 is not None and fp8 not in reference.SCALINGS:
+        raise ValueError(f"fused_act.nn.{module}: fp8 must be None or one of "
+                         f"{reference.SCALINGS}, got {fp8!r}")
+    if fp8_dtype not in functional.FP8_DTYPES:
+        raise ValueError(f"fused_act.nn.{module}: fp8_dtype must be torch.float8_e4m3fn or "
+                         f"torch.float8_e5m2, got {fp8_dtype}")
+
+
+def _fp8_details(m: nn.Module) -> str:
+    """The FP8 options in a module's repr, where set."""
+    if m.fp8 is None:
+        return ""
+    return f", fp8={m.fp8!r}" + (
+        "" if m.fp8_dtype == torch.float8_e4m3fn else f", fp8_dtype={m.fp8_dtype}")
 
 
 class _SavedH:
@@ -332,13 +367,26 @@ class GatedMLP(FusedModule):
     is traced and AOTAutograd decides what to save; under no_grad, FX tracing, torch.func
     transforms, DTensor, or where saved-tensor hooks are disabled, h is kept as without
     recompute.
+
+    ``fp8="row"``, ``"tensor"`` or ``"block"`` (default None: the high-precision block) trains
+    through FP8: ``down_proj`` (an ``nn.Linear``, whose forward and hooks are then not called)
+    is computed by ``fused_act.glu_fp8_linear`` from h quantised to ``fp8_dtype`` with that
+    scaling (MX blocks of 32 for "block") and its weight in e4m3, the backward straight-through
+    the quantisation (that function's docstring); h is never kept, so nothing is recomputed.
+    The state_dict is the same.  Measured on a small block (64 -> 192 -> 64, fp32, e4m3, 25
+    Adam steps on a random regression whose loss falls 20-fold, tests/test_fp8_training.py):
+    the loss stays within 1.7% ("row"), 2.3% ("tensor") and 3.6% ("block") of the fp32
+    block's from the same init at every step.
     """
 
-    recompute = True  # the default, also for a module pickled before the option existed
+    recompute = True  # the defaults, also for a module pickled before the options existed
+    fp8: str | None = None
+    fp8_dtype = torch.float8_e4m3fn
 
     def __init__(self, down_proj: nn.Module, activation: str, *,
                  gate_proj: nn.Module | None = None, up_proj: nn.Module | None = None,
                  gate_up_proj: nn.Module | None = None, recompute: bool = True,
+                 fp8: str | None = None, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                  **activation_kwargs: object) -> None:
         super().__init__()
         if (gate_up_proj is None) == (gate_proj is None or up_proj is None) or (
@@ -352,12 +400,36 @@ class GatedMLP(FusedModule):
                 self.add_module(name, m)
         self.activation, self.activation_kwargs = activation, activation_kwargs
         self.recompute = bool(recompute)
+        self.use_fp8(fp8, fp8_dtype)
+
+    def use_fp8(self, fp8: str | None, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
+        """Set the FP8 options of the constructor (None: the high-precision block), checked
+        against this block: ``down_proj`` an ``nn.Linear`` (or a subclass with its forward),
+        a float beta, and for "block" K divisible by 32."""
+        _check_fp8("GatedMLP", fp8, fp8_dtype)
+        if fp8 is not None:
+            down = self.down_proj
+            if not isinstance(down, nn.Linear) or type(down).forward is not nn.Linear.forward:
+                raise TypeError(f"fused_act.nn.GatedMLP: fp8 needs down_proj to be an "
+                                f"nn.Linear, whose weight it quantises (got "
+                                f"{type(down).__name__})")
+            functional._fp8_beta("nn.GatedMLP", self.activation_kwargs.get("beta"))
+            if fp8 == "block" and down.in_features % reference.MX_BLOCK:
+                raise ValueError(f"fused_act.nn.GatedMLP: fp8='block' needs down_proj's "
+                                 f"in_features {down.in_features} to be a multiple of "
+                                 f"{reference.MX_BLOCK}")
+        self.fp8, self.fp8_dtype = fp8, fp8_dtype
 
     def forward(self, x: Tensor) -> Tensor:
         if "gate_up_proj" in self._modules:
             gate, up = self.gate_up_proj(x), None
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fp8 is not None:
+            down = self.down_proj
+            return functional.glu_fp8_linear(gate, up, down.weight, down.bias, self.activation,
+                                             out_dtype=self.fp8_dtype, scaling=self.fp8,
+                                             **self.activation_kwargs)
         h = functional.glu(gate, up, self.activation, **self.activation_kwargs)
         node = self._glu_node(h)
         if node is None:
@@ -382,7 +454,7 @@ class GatedMLP(FusedModule):
     def _details(self) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
         return f"activation={self.activation!r}{args}" + (
-            "" if self.recompute else ", recompute=False")
+            "" if self.recompute else ", recompute=False") + _fp8_details(self)
 
 
 def activation_form(act: nn.Module) -> tuple[str, dict] | None:

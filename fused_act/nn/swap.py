@@ -22,6 +22,7 @@ from .modules import (
     GatedMLP,
     MetaAconC,
     Swish,
+    _check_fp8,
     _InplaceActivation,
     activation_form,
 )
@@ -567,7 +568,8 @@ def _block_check(old: nn.Module, new: GatedMLP, act_name: str) -> str:
     return ""
 
 
-def patch_gated_mlps(model: nn.Module, *, recompute: bool = True, verbose: bool = False
+def patch_gated_mlps(model: nn.Module, *, recompute: bool = True, fp8: str | None = None,
+                     fp8_dtype: torch.dtype = torch.float8_e4m3fn, verbose: bool = False
                      ) -> Replacement:
     """Make the gated MLP blocks of ``model`` use the fused gated op, in place.
 
@@ -579,6 +581,9 @@ def patch_gated_mlps(model: nn.Module, *, recompute: bool = True, verbose: bool 
     dtype and device, in eval and train mode (a bf16 forward 5% off, an fp16 one 1% off, is
     caught).  ``recompute`` is each ``GatedMLP``'s: True (the default) recomputes h =
     act(gate) * up in ``down_proj``'s backward rather than keeping it for it, False keeps it.
+    ``fp8`` and ``fp8_dtype`` are each ``GatedMLP``'s too (FP8 training through an
+    ``nn.Linear`` down_proj; a block whose down_proj is not one is left, with why), set once
+    the block has passed the probes in high precision.
     ``restore_activations`` undoes it.  Returns a ``Replacement``, as ``replace_activations``;
     ``verbose=True`` prints it.
     """
@@ -588,8 +593,16 @@ def patch_gated_mlps(model: nn.Module, *, recompute: bool = True, verbose: bool 
         if new is None or why:
             return new, why, True
         new.training = child.training  # its projections keep their own modes
-        return new, _COMPILED if compiled else _block_check(child, new, act_name), True
+        why = _COMPILED if compiled else _block_check(child, new, act_name)
+        if not why and fp8 is not None:
+            try:
+                new.use_fp8(fp8, fp8_dtype)
+            except (TypeError, ValueError) as e:
+                why = str(e)
+        return new, why, True
 
+    if fp8 is not None or fp8_dtype != torch.float8_e4m3fn:
+        _check_fp8("patch_gated_mlps", fp8, fp8_dtype)
     return _swap_all(model, Replacement(by="patch_gated_mlps"), decide, verbose)
 
 

@@ -3,7 +3,9 @@
 ``op.py`` is the builder (schemas, custom ops, autograd, the path of each call); ``layout.py``
 how tensors reach the kernels; one file per family: ``activation.py`` (mish, swish/silu, gelu,
 ... as ``fused_act::activation``), ``glu.py`` (their gated forms act(gate) * up), ``acon.py``
-(ACON-C, Meta-ACON), ``frelu.py`` (FReLU's max step and its BatchNorm-folded eval form),
+(ACON-C, Meta-ACON), ``fp8_linear.py`` (a gated activation quantised to FP8 into its down
+projection, with a straight-through backward), ``frelu.py`` (FReLU's max step and its
+BatchNorm-folded eval form),
 ``batchnorm.py`` (BatchNorm + activation, training and eval).
 
 Backward saves only the inputs (x and the parameters), except frelu_max, which saves a one-byte
@@ -40,6 +42,7 @@ from .batchnorm import (
     batch_norm_act_backward_op,
     batch_norm_act_op,
 )
+from .fp8_linear import glu_fp8_linear, matmul_path
 from .frelu import (
     FRELU_MAX,
     FRELU_MAX_AFFINE,
@@ -54,7 +57,7 @@ from .frelu import (
 )
 from .glu import GATED, glu_backward_impl, glu_backward_op, glu_forward_impl, glu_op
 from .layout import dense, flat_param, is_dense, like, row_stride, row_walk
-from .op import Op, Schema
+from .op import Op, Schema, reference_math
 from .quant import act_quant, act_quant_op, run_act_quant
 
 FAMILIES: tuple[Op, ...] = (ACTIVATION, GATED, ACON_C, FRELU_MAX, FRELU_MAX_AFFINE, AFFINE_ACT,
@@ -71,5 +74,5 @@ __all__ = [
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
     "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",
-    "glu_backward_impl", "glu_backward_op", "glu_forward_impl", "glu_op", "is_dense", "like",
-    "row_stride", "row_walk"]
+    "glu_backward_impl", "glu_backward_op", "glu_forward_impl", "glu_fp8_linear", "glu_op",
+    "is_dense", "like", "matmul_path", "reference_math", "row_stride", "row_walk"]

@@ -1,0 +1,166 @@
+"""FP8 training through a gated MLP's down projection: ``glu_fp8_linear`` computes
+``F.linear(act(gate) * up, weight, bias)`` with h = act(gate) * up quantised by the fused
+``act_quant`` (never written in high precision) and the weight quantised with the matching
+scaling, multiplied by ``torch._scaled_mm`` where torch offers the combination on the device,
+else from the dequantised operands in the output's dtype (a matmul that accumulates in fp32).  Its backward is straight-through both
+quantisations: dh = dout @ weight, then glu's own fused backward (``GATED``'s implementations,
+under the forward's backend) for dgate and dup; dW = dout^T @ dequant(q_h), what the forward
+matmul read, in dout's dtype as a mixed-precision linear computes it (fp32 would cost a GPU
+its tensor-core rate); db = dout summed over the tokens in fp32."""
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backend import get_backend
+from ..registry import SPECS
+from .glu import GATED
+from .op import plain_backward
+from .quant import run_act_quant
+
+# the forward format of both operands in FP8 training recipes: the weight is always e4m3
+WEIGHT_DTYPE = torch.float8_e4m3fn
+SCALED_MM, DEQUANT = "scaled_mm", "dequant"
+
+# (device, fp8 dtype of h, output dtype, scaling, bias, K % 16, N % 16) -> whether
+# torch._scaled_mm computes that combination here (cuBLAS wants 16-aligned K and N; torch
+# versions and devices differ in the dtypes and scalings they take)
+_SUPPORTED: dict[tuple, bool] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _scaled_mm_runs(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dtype,
+                    scaling: str, bias: bool, k_rem: int, n_rem: int) -> bool:
+    """Whether ``torch._scaled_mm`` takes this combination, tried once on a small product of
+    the same K and N remainders (torch.compile reads the answer as a constant)."""
+    key = (device, h_dtype, out_dtype, scaling, bias, k_rem, n_rem)
+    if key not in _SUPPORTED:
+        m, k, n = 16, 16 + k_rem, 16 + n_rem
+        a = torch.ones(m, k, device=device).to(h_dtype)
+        b = torch.ones(n, k, device=device).to(WEIGHT_DTYPE).t()
+        one = torch.ones((), device=device)
+        sa, sb = (one, one) if scaling == "tensor" else (one.expand(m, 1).contiguous(),
+                                                         one.expand(1, n).contiguous())
+        c = torch.zeros(n, device=device, dtype=out_dtype) if bias else None
+        try:
+            out = torch._scaled_mm(a, b, sa, sb, bias=c, out_dtype=out_dtype)
+            _SUPPORTED[key] = bool((out.float() == k).all())
+        except (RuntimeError, TypeError, NotImplementedError, ValueError):
+            _SUPPORTED[key] = False
+    return _SUPPORTED[key]
+
+
+def matmul_path(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dtype,
+                scaling: str, k: int, n: int, bias: bool, tokens: int = 1) -> str:
+    """Which product ``glu_fp8_linear`` runs for these operands: ``"scaled_mm"``
+    (``torch._scaled_mm`` on the FP8 operands and their scales) where torch computes the
+    combination on ``device`` (tried once per combination), else ``"dequant"`` (the dequantised
+    operands multiplied in the output's dtype): always for ``scaling="block"`` (cuBLAS's MX path needs a
+    Blackwell-class GPU and ``reference.blocked_scales``; not taken yet) and for no tokens."""
+    if scaling == "block" or tokens == 0:
+        return DEQUANT
+    ok = _scaled_mm_runs(torch.device(device), h_dtype, out_dtype, scaling, bias, k % 16, n % 16)
+    return SCALED_MM if ok else DEQUANT
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: the fp32 products and the casts here are chosen, not the autocast dtype."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def quantize_weight(weight: Tensor, scaling: str, block: int) -> tuple[Tensor, Tensor]:
+    """(q_w, scales) of the (N, K) weight in e4m3 by ``reference.quantize_fp8``: one scale per
+    output feature ("row": (N, 1)), one ("tensor") or one per ``block`` of K ("block")."""
+    return reference.quantize_fp8(weight, WEIGHT_DTYPE, scaling, None, block)
+
+
+def fp8_product(q_h: Tensor, s_h: Tensor, q_w: Tensor, s_w: Tensor, bias: Tensor | None,
+                scaling: str, block: int, out_dtype: torch.dtype, path: str) -> Tensor:
+    """(M, N) = dequant(q_h) @ dequant(q_w)^T + bias in ``out_dtype``, for (M, K) ``q_h`` and
+    (N, K) ``q_w`` with their scales as ``quantize_fp8`` makes them, by ``path``."""
+    if path == SCALED_MM:
+        b = None if bias is None else bias.to(out_dtype)
+        s_b = s_w if scaling == "tensor" else s_w.reshape(1, -1)
+        return torch._scaled_mm(q_h, q_w.t(), s_h, s_b, bias=b, out_dtype=out_dtype)
+    # in the output's dtype, as the high-precision linear runs (block scales are powers of two:
+    # the dequantised values are exact in bf16 too)
+    h = reference.dequantize_fp8(q_h, s_h, scaling, block).to(out_dtype)
+    w = reference.dequantize_fp8(q_w, s_w, scaling, block).to(out_dtype)
+    out = h @ w.t()
+    return out if bias is None else out + bias.to(out_dtype)
+
+
+def _tokens(t: Tensor) -> Tensor:
+    """``t`` with its leading dims flattened into one (the matmul's M)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+class GluFp8Linear(torch.autograd.Function):
+    """The autograd of ``glu_fp8_linear`` (module docstring).  Saves gate and up (or the packed
+    tensor), q_h and its scales (one byte per element of h instead of h) and the weight."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None,
+                act: str, beta_value: float, dim: int, out_dtype: torch.dtype, scaling: str,
+                block: int, path: str | None) -> Tensor:
+        backend = get_backend()
+        packed = None if up is not None else dim
+        q_h, s_h = run_act_quant(gate, up, SPECS[act].kernel, beta_value, packed, out_dtype,
+                                 scaling, None, block)
+        shape, k, n = q_h.shape, q_h.shape[-1], weight.shape[0]
+        q2, s2 = _tokens(q_h), (s_h if scaling == "tensor" else _tokens(s_h))
+        with _no_autocast(gate.device):
+            q_w, s_w = quantize_weight(weight, scaling, block)
+            if path is None:
+                path = matmul_path(gate.device, out_dtype, gate.dtype, scaling, k, n,
+                                   bias is not None, q2.shape[0])
+            out = fp8_product(q2, s2, q_w, s_w, bias, scaling, block, gate.dtype, path)
+        ctx.save_for_backward(gate, up, q2, s2, weight)
+        ctx.attrs = (act, beta_value, dim, scaling, block, backend, shape,
+                     None if bias is None else bias.dtype)
+        return out.reshape(*shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple:
+        gate, up, q2, s2, weight = ctx.saved_tensors
+        act, beta_value, dim, scaling, block, backend, shape, bias_dtype = ctx.attrs
+        if torch.is_grad_enabled():
+            raise RuntimeError("fused_act.glu_fp8_linear: double backward (create_graph=True) "
+                               "is not supported")
+        needs = ctx.needs_input_grad
+        d2 = _tokens(dout)
+        dgate = dup = dweight = dbias = None
+        with _no_autocast(dout.device):
+            if needs[0] or needs[1]:
+                # straight-through h's quantisation: the gradient the unquantised h gets
+                dh = (d2 @ weight.to(d2.dtype)).reshape(shape)
+                if torch.compiler.is_compiling():
+                    grads = GATED.backward_op(dh, gate, up, act, None, beta_value, dim, False,
+                                              backend)
+                elif plain_backward(dh):
+                    grads = GATED.backward(dh, gate, up, act, None, beta_value, dim, False,
+                                           backend)
+                else:
+                    grads = GATED.reference_backward(dh, gate, up, act, None, beta_value, dim,
+                                                     False)
+                dgate, dup = grads[0], (grads[1] if up is not None else None)
+            if needs[2]:
+                h = reference.dequantize_fp8(q2, s2, scaling, block).to(d2.dtype)
+                dweight = (d2.t() @ h).to(weight.dtype)
+            if needs[3]:
+                dbias = d2.float().sum(0).to(bias_dtype)
+        return (dgate if needs[0] else None, dup if needs[1] else None, dweight, dbias,
+                *([None] * 7))
+
+
+def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None,
+                   act: str, beta_value: float, dim: int, out_dtype: torch.dtype, scaling: str,
+                   block: int, path: str | None = None) -> Tensor:
+    """``GluFp8Linear`` on validated arguments: ``act`` a gated spec name of the registry (a
+    float ``beta_value``), ``path`` None (``matmul_path`` decides) or the product to run."""
+    return GluFp8Linear.apply(gate, up, weight, bias, act, beta_value, dim, out_dtype, scaling,
+                              block, path)
