@@ -2,11 +2,12 @@
 ``F.linear(act(gate) * up, weight, bias)`` with h = act(gate) * up quantised by the fused
 ``act_quant`` (never written in high precision) and the weight quantised with the matching
 scaling, multiplied by ``torch._scaled_mm`` where torch offers the combination on the device,
-else from the dequantised operands in the output's dtype (a matmul that accumulates in fp32).  Its backward is straight-through both
-quantisations: dh = dout @ weight, then glu's own fused backward (``GATED``'s implementations,
-under the forward's backend) for dgate and dup; dW = dout^T @ dequant(q_h), what the forward
-matmul read, in dout's dtype as a mixed-precision linear computes it (fp32 would cost a GPU
-its tensor-core rate); db = dout summed over the tokens in fp32."""
+else from the dequantised operands in the output's dtype (a matmul that accumulates in fp32).
+Its backward is straight-through both quantisations: dh = dout @ weight, then glu's own fused
+backward (``GATED``'s implementations, under the forward's backend) for dgate and dup;
+dW = dout^T @ dequant(q_h), what the forward matmul read, in dout's dtype as a mixed-precision
+linear computes it (fp32 would cost a GPU its tensor-core rate); db = dout summed over the
+tokens in fp32."""
 
 import contextlib
 
@@ -57,8 +58,9 @@ def matmul_path(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dty
     """Which product ``glu_fp8_linear`` runs for these operands: ``"scaled_mm"``
     (``torch._scaled_mm`` on the FP8 operands and their scales) where torch computes the
     combination on ``device`` (tried once per combination), else ``"dequant"`` (the dequantised
-    operands multiplied in the output's dtype): always for ``scaling="block"`` (cuBLAS's MX path needs a
-    Blackwell-class GPU and ``reference.blocked_scales``; not taken yet) and for no tokens."""
+    operands multiplied in the output's dtype): always for ``scaling="block"`` (cuBLAS's MX
+    path needs a Blackwell-class GPU and ``reference.blocked_scales``; not taken yet) and for
+    no tokens."""
     if scaling == "block" or tokens == 0:
         return DEQUANT
     ok = _scaled_mm_runs(torch.device(device), h_dtype, out_dtype, scaling, bias, k % 16, n % 16)
