@@ -355,7 +355,7 @@ int act_quant(const void* gate, const void* up, void* q, void* scales, const int
     const Source<T, ACT, decltype(gated)::value> src{static_cast<const T*>(gate),
                                                      static_cast<const T*>(up), strides[0],
                                                      strides[1], beta_value};
-    return launch_format(src, q, scales, fp8, scaling, group, p, stream);
+    return launch_format<decltype(src)>(src, q, scales, fp8, scaling, group, p, stream);
   };
   return up == nullptr ? with(std::false_type{}) : with(std::true_type{});
 }
@@ -369,7 +369,7 @@ int channel_quant(const void* gate, void* q, void* scales, const int64_t* stride
         static_cast<const T*>(gate), strides[0], static_cast<const float*>(beta),
         static_cast<const float*>(p1), static_cast<const float*>(p2), run, p.channels,
         p.layout == FA_COLS};
-    return launch_format(src, q, scales, fp8, scaling, group, p, stream);
+    return launch_format<decltype(src)>(src, q, scales, fp8, scaling, group, p, stream);
   };
   return p1 == nullptr ? with(std::false_type{}) : with(std::true_type{});
 }
