@@ -302,9 +302,17 @@ void max_affine(const Tensor& x, const Tensor& t, const Tensor& a, const Tensor&
 // dense (the kernels write them row-major); up, where given, is gate's dtype.
 void act_quant(const Tensor& gate, const OptTensor& up, Tensor& q, Tensor& scales,
                const std::vector<int64_t>& strides, int64_t act, double beta_value, int64_t fp8,
-               int64_t scaling, int64_t block, const std::vector<int64_t>& plan) {
+               int64_t scaling, int64_t block, const OptTensor& beta, const OptTensor& p1,
+               const OptTensor& p2, int64_t run, const std::vector<int64_t>& plan) {
   check(gate, {}, {});
   if (up) check(gate, {&*up}, {});
+  const fa_plan fp = to_plan(plan);
+  for (const OptTensor* t : {&beta, &p1, &p2}) {
+    if (!*t) continue;
+    check(gate, {}, {&**t});
+    TORCH_CHECK((*t)->numel() == fp.channels, "fused_act ", KIND, " kernels: a parameter of ",
+                fp.channels, " values expected, got ", (*t)->numel());
+  }
   for (const Tensor* t : {&q, &scales}) {
     check_memory(*t);
     TORCH_CHECK(t->device() == gate.device() && t->is_contiguous(), "fused_act ", KIND,
@@ -317,7 +325,8 @@ void act_quant(const Tensor& gate, const OptTensor& up, Tensor& q, Tensor& scale
   const DeviceGuard guard(gate.device());
   raise_if(fa_act_quant(gate.data_ptr(), ptr(up), q.data_ptr(), scales.data_ptr(),
                         row_strides(strides, 2), dtype_code(gate), int(act), float(beta_value),
-                        int(fp8), int(scaling), int(block), to_plan(plan), stream_of(gate)),
+                        int(fp8), int(scaling), int(block), ptr(beta), ptr(p1), ptr(p2), run, fp,
+                        stream_of(gate)),
            "act_quant");
 }
 #endif

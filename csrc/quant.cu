@@ -9,6 +9,8 @@
 //   host and device, so the CPU emulation runs the very encoder a GPU does.
 //   __nv_cvt_float_to_fp8(v, __NV_SATFINITE, ...) rounds the same way, but keeps a NaN's sign
 //   (0xFF for a negative one) where the reference writes 0x7F for every NaN.
+// * Swish with a tensor beta and ACON-C read their per-channel parameters (ChannelSource) in
+//   the same kernels.
 // * Two kernels: rows (one block a row, y held in registers up to ROW_HOLD elements, else
 //   walked twice, the activation recomputed) and tiles (the plan's block_r x block_l tiles, a
 //   tile held 8 values a thread: tensor scales, MX block scales and per-tile amax partials).
@@ -115,6 +117,32 @@ struct Source {
     float v = act_fwd<ACT>(to_op(gate[row * s_gate + col]), beta);
     if constexpr (GATED) v = v * to_op(up[row * s_up + col]);
     return v;
+  }
+};
+
+// y = f(gate) in fp32 at (row, col) with per-channel parameters (opmath floats, `channels` of
+// them): swish with a tensor beta, or (ACON) ACON-C of p1, p2 and beta, as elementwise.cu and
+// acon.cu compute them.  A row's channel is the column (by_col: x is (N, C)) or, x being
+// (N, C, *inner) walked by rows of its last dim, (row / run) % channels.
+template <class T, bool ACON>
+struct ChannelSource {
+  const T* gate;
+  int64_t s_gate;
+  const float* beta;
+  const float* p1;
+  const float* p2;
+  int64_t run, channels;
+  bool by_col;
+
+  __device__ __forceinline__ float y(int64_t row, int64_t col) const {
+    const int64_t c = by_col ? col : row / run % channels;
+    const float x = to_op(gate[row * s_gate + col]);
+    if constexpr (ACON) {
+      const float q2 = p2[c];
+      return acon_c_fwd(x, p1[c] - q2, q2, beta[c]);
+    } else {
+      return act_fwd<ACT_SWISH>(x, beta[c]);
+    }
   }
 };
 
@@ -311,6 +339,14 @@ int quant_launch(const S& src, void* q, void* scales, int scaling, int group, co
   }
 }
 
+template <class S>
+int launch_format(const S& src, void* q, void* scales, int fp8, int scaling, int group,
+                  const fa_plan& p, void* stream) {
+  return fp8 == E4M3   ? quant_launch<S, E4M3>(src, q, scales, scaling, group, p, stream)
+         : fp8 == E5M2 ? quant_launch<S, E5M2>(src, q, scales, scaling, group, p, stream)
+                       : int(cudaErrorInvalidValue);
+}
+
 template <int ACT, class T>
 int act_quant(const void* gate, const void* up, void* q, void* scales, const int64_t* strides,
               float beta_value, int fp8, int scaling, int group, const fa_plan& p,
@@ -319,13 +355,23 @@ int act_quant(const void* gate, const void* up, void* q, void* scales, const int
     const Source<T, ACT, decltype(gated)::value> src{static_cast<const T*>(gate),
                                                      static_cast<const T*>(up), strides[0],
                                                      strides[1], beta_value};
-    return fp8 == E4M3   ? quant_launch<decltype(src), E4M3>(src, q, scales, scaling, group, p,
-                                                             stream)
-           : fp8 == E5M2 ? quant_launch<decltype(src), E5M2>(src, q, scales, scaling, group, p,
-                                                             stream)
-                         : int(cudaErrorInvalidValue);
+    return launch_format<decltype(src)>(src, q, scales, fp8, scaling, group, p, stream);
   };
   return up == nullptr ? with(std::false_type{}) : with(std::true_type{});
+}
+
+template <class T>
+int channel_quant(const void* gate, void* q, void* scales, const int64_t* strides,
+                  const void* beta, const void* p1, const void* p2, int64_t run, int fp8,
+                  int scaling, int group, const fa_plan& p, void* stream) {
+  auto with = [&](auto acon) {
+    const ChannelSource<T, decltype(acon)::value> src{
+        static_cast<const T*>(gate), strides[0], static_cast<const float*>(beta),
+        static_cast<const float*>(p1), static_cast<const float*>(p2), run, p.channels,
+        p.layout == FA_COLS};
+    return launch_format<decltype(src)>(src, q, scales, fp8, scaling, group, p, stream);
+  };
+  return p1 == nullptr ? with(std::false_type{}) : with(std::true_type{});
 }
 
 }  // namespace fused_act
@@ -334,8 +380,29 @@ using namespace fused_act;
 
 extern "C" int fa_act_quant(const void* gate, const void* up, void* q, void* scales,
                             const int64_t* strides, int dtype, int act, float beta_value, int fp8,
-                            int scaling, int block, fa_plan plan, void* stream) {
+                            int scaling, int block, const void* beta, const void* p1,
+                            const void* p2, int64_t run, fa_plan plan, void* stream) {
   if (plan.samples != 1 || block < 1) return int(cudaErrorInvalidValue);
+  if (beta != nullptr) {
+    // per-channel parameters: elementwise only, swish or (p1 and p2 given) ACON-C
+    if (up != nullptr || (p1 == nullptr) != (p2 == nullptr) ||
+        (p1 == nullptr && act != ACT_SWISH) || run < 1 || plan.channels < 1) {
+      return int(cudaErrorInvalidValue);
+    }
+    switch (dtype) {
+      case FA_F32:
+        return channel_quant<float>(gate, q, scales, strides, beta, p1, p2, run, fp8, scaling,
+                                    block, plan, stream);
+      case FA_F16:
+        return channel_quant<__half>(gate, q, scales, strides, beta, p1, p2, run, fp8, scaling,
+                                     block, plan, stream);
+      case FA_BF16:
+        return channel_quant<__nv_bfloat16>(gate, q, scales, strides, beta, p1, p2, run, fp8,
+                                            scaling, block, plan, stream);
+      default:
+        return int(cudaErrorInvalidValue);
+    }
+  }
   return dispatch_act(act, [&](auto a) {
     constexpr int ACT = decltype(a)::value;
     switch (dtype) {

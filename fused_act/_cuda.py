@@ -13,12 +13,16 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ._build import CXX_FLAGS, NVCC_FLAGS, SOURCES, nvcc_path
 from .plan import Plan
+
+if TYPE_CHECKING:  # kernels imports this module's users: a run-time import would be circular
+    from .kernels import ChannelParams
 
 log = logging.getLogger("fused_act")
 
@@ -134,14 +138,16 @@ class ExtensionKernels:
 
     def act_quant(self, gate: Tensor, up: Tensor | None, q: Tensor, scales: Tensor,
                   strides: tuple[int, ...], act: int, beta_value: float, scaling: str,
-                  block: int, p: Plan) -> None:
+                  block: int, p: Plan, params: "ChannelParams | None" = None) -> None:
         """``kernels.Kernels.act_quant`` (csrc/quant.cu)."""
         if up is not None and up.dtype != gate.dtype:
             # the kernels read gate and up in one dtype: fp32 holds fp16 and bf16 values exactly
             gate, up = gate.float().contiguous(), up.float().contiguous()
             strides = (gate.shape[-1], gate.shape[-1])
+        beta, p1, p2, run = params or (None, None, None, 1)
         self.lib.act_quant(gate, up, q, scales, list(strides), act, beta_value,
-                           FP8_CODES[q.dtype], SCALING_CODES[scaling], block, p.fields())
+                           FP8_CODES[q.dtype], SCALING_CODES[scaling], block, beta, p1, p2, run,
+                           p.fields())
 
     def stats(self, x: Tensor, partial: Tensor, p: Plan) -> None:
         self.lib.stats(x, partial.view(3, p.partials), p.partials, p.fields())

@@ -166,28 +166,36 @@ def strategies(rule: Pointwise, *args: object) -> list[tuple[list, list]]:
 
 def quant_strategies(gate: object, up: object, act: str, beta_value: float,
                      dim: int | None, out_dtype: object, scaling: str, scale: object,
-                     block: int, backend: str | None = None) -> list[tuple[list, list]]:
+                     block: int, backend: str | None = None, beta: object = None,
+                     p1: object = None, p2: object = None) -> list[tuple[list, list]]:
     """``strategies`` for ``fused_act::act_quant`` (q and its scales), one mesh dim: all
     replicated, or gate (and up) sharded along a dim before the last (rows), not the dim a
     packed gate_up splits along.  Sharded rows give row or block scales sharded with them
     (each rank quantises its own rows: nothing is communicated) and, with a caller's scale
     (replicated), one replicated scale.  Tensor scaling from the amax of the whole result has
-    no sharded strategy: DTensor gathers gate first, so the one scale is the global one."""
+    no sharded strategy: DTensor gathers gate first, so the one scale is the global one.
+    Per-channel parameters (a tensor beta; ACON-C's p1, p2) are replicated, and x is not
+    sharded along its channel dim 1 unless each holds one value (a shard's channels would
+    not be the parameters' C)."""
     from torch.distributed.tensor import Replicate, Shard
+
+    params = [None if t is None else Replicate() for t in (beta, p1, p2)]
+    per_channel = any(t is not None and t.numel() > 1 for t in (beta, p1, p2))
+
+    def inputs(x: object, s: object) -> list:
+        return [x, None if up is None else x, *[None] * 5, s, None, None, *params]
 
     packed = None if up is not None or dim is None else dim % gate.ndim
     pairs = [([Replicate(), Replicate()],
-              [Replicate(), None if up is None else Replicate(), *[None] * 5,
-               None if scale is None else Replicate(), None])]
+              inputs(Replicate(), None if scale is None else Replicate()))]
     if scaling == "tensor" and scale is None:
         return pairs
     for d in range(gate.ndim - 1):
-        if d == packed:
+        if d == packed or (d == 1 and per_channel):
             continue
         scales = Replicate() if scaling == "tensor" else Shard(d)
         pairs.append(([Shard(d), scales],
-                      [Shard(d), None if up is None else Shard(d), *[None] * 5,
-                       None if scale is None else Replicate(), None]))
+                      inputs(Shard(d), None if scale is None else Replicate())))
     return pairs
 
 

@@ -135,14 +135,17 @@ def _check_quant(op: str, gate: Tensor, up: Tensor | None, dim: int | None, out_
 
 def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: float,
                dim: int | None, out_dtype: object, scaling: object, scale: object,
-               block: object) -> tuple[Tensor, Tensor]:
-    """The checks of an FP8-output call (naming ``op`` and the argument), then the op."""
+               block: object, params: tuple[Tensor | None, ...] = ()) -> tuple[Tensor, Tensor]:
+    """The checks of an FP8-output call (naming ``op`` and the argument), then the op;
+    ``params``: the checked per-channel (beta, p1, p2) of swish's tensor beta or ACON-C."""
     _check_quant(op, gate, up, dim, out_dtype, scaling, scale, block)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (gate, up, *params)):
         raise RuntimeError(f"fused_act.{op}: out_dtype={out_dtype} gives FP8 data, through "
                            "which autograd carries no gradient; call it under torch.no_grad() "
                            "or torch.inference_mode(), or on inputs that do not require grad")
-    return ops.run_act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
+    return ops.run_act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                             *params)
 
 
 def swish(x: Tensor, beta: float | Tensor = 1.0, *, out_dtype: torch.dtype | None = None,
@@ -160,8 +163,8 @@ def swish(x: Tensor, beta: float | Tensor = 1.0, *, out_dtype: torch.dtype | Non
     if isinstance(beta, Tensor):
         _check_channel_param("swish", "beta", beta, x)
         if out_dtype is not None:
-            raise ValueError("fused_act.swish: out_dtype takes a float beta; a tensor beta "
-                             "has no FP8 output yet")
+            return _quantized("swish", x, None, "swish", 1.0, None, out_dtype, scaling, scale,
+                              block, (beta,))
         return ops.ACTIVATION(x, "swish", beta, 1.0, mode="swish")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
@@ -189,7 +192,9 @@ def gelu(x: Tensor, approximate: str = "none", *, out_dtype: torch.dtype | None 
     raise ValueError(f"fused_act.gelu: approximate must be 'none' or 'tanh' (got {approximate!r})")
 
 
-def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, *,
+           out_dtype: torch.dtype | None = None, scaling: str = "row",
+           scale: Tensor | None = None, block: int = reference.MX_BLOCK) -> _Out:
     """ACON-C (Ma et al., 2021): ``(p1 - p2) x sigmoid(beta (p1 - p2) x) + p2 x``.
 
     ``x`` is (N, C, *) or (N, C) in any floating dtype (fp16/bf16/fp32 computed in fp32);
@@ -197,7 +202,8 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     shapes or per sample, (N, C) or (N, C, 1, ...), which is Meta-ACON.  Parameters may be fp32 or
     x's dtype; their gradients come back in their dtype, reduced inside the fused backward
     (deterministically).  Contiguous and channels_last inputs run without a copy; other strides
-    are copied once.  Backward saves only x and the parameters.
+    are copied once.  Backward saves only x and the parameters.  ``out_dtype`` (below) takes a
+    per-channel beta only: Meta-ACON's per-sample beta has no FP8 output.
     """
     _check_x("acon_c", x)
     if x.dim() < 2:
@@ -206,6 +212,13 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     for name, p in (("p1", p1), ("p2", p2)):
         _check_channel_param("acon_c", name, p, x, allow_scalar=x.shape[1] == 1)
     _check_acon_beta(x, beta)
+    if out_dtype is not None:
+        if reference.per_sample(beta, x):
+            raise ValueError(f"fused_act.acon_c: out_dtype takes a per-channel beta; a "
+                             f"per-sample beta of shape {tuple(beta.shape)} (Meta-ACON) has no "
+                             "FP8 output")
+        return _quantized("acon_c", x, None, "acon_c", 1.0, None, out_dtype, scaling, scale,
+                          block, (beta, p1, p2))
     return ops.ACON_C(x, p1, p2, beta, mode="acon_c")
 
 
@@ -566,7 +579,7 @@ def _plain(spec: Spec) -> Callable[..., Tensor]:
     return function
 
 
-for _written in (swish, gelu, glu):
+for _written in (swish, gelu, glu, acon_c):
     _written.__doc__ += QUANT_DOC
 
 _F = TypeVar("_F", bound=Callable[..., Tensor])

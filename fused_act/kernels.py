@@ -15,7 +15,7 @@ and ``_cuda.ExtensionKernels`` implement it, the latter over the C interface of
 """
 
 import logging
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -24,6 +24,19 @@ from .backend import resolve
 from .plan import Plan
 
 log = logging.getLogger("fused_act")
+
+
+class ChannelParams(NamedTuple):
+    """The per-channel parameters of an activation that ``act_quant`` quantises: ``beta`` (a
+    tensor beta of swish, or ACON-C's) and, for ACON-C, ``p1`` and ``p2``; each flat, contiguous,
+    fp32, of the plan's ``channels`` values (one: the same everywhere).  In a ROWS plan a
+    channel is ``run`` consecutive rows of the last dim: row r's channel is
+    (r // run) % channels; in a COLS plan it is the column."""
+
+    beta: Tensor
+    p1: Tensor | None
+    p2: Tensor | None
+    run: int
 
 
 class Kernels(Protocol):
@@ -88,14 +101,16 @@ class Kernels(Protocol):
 
     def act_quant(self, gate: Tensor, up: Tensor | None, q: Tensor, scales: Tensor,
                   strides: tuple[int, ...], act: int, beta_value: float, scaling: str,
-                  block: int, p: Plan) -> None:
+                  block: int, p: Plan, params: ChannelParams | None = None) -> None:
         """y = f(gate) (* up where given) in opmath, quantised into ``q`` (float8_e4m3fn or
         float8_e5m2, contiguous: its dtype is the format) without writing y, bit for bit as
         ``reference.quantize_fp8`` with ``scaling``: "tensor" by the one fp32 scale in
         ``scales``; "row" writing one fp32 scale a row into ``scales``; "block" one E8M0 byte
         a ``block`` elements; "amax" no q, but one partial amax of |y| (NaN if any y is) a
         tile of ``p.grid`` into ``scales``.  A ``plan.quant_plan`` over rows of the last dim;
-        ``strides``: the row strides of gate and up.  Optional (``OPTIONAL``)."""
+        ``strides``: the row strides of gate and up.  With ``params`` (no up), f is ``act``
+        with the tensor beta, or ACON-C where ``params.p1`` is given (``act`` unused), its
+        parameters read per channel.  Optional (``OPTIONAL``)."""
 
 
 # launchers a backend may lack: the host asks ``offers`` and runs the reference math without

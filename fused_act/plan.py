@@ -170,18 +170,21 @@ ROW_CHUNK = 2048
 
 
 @memo
-def quant_plan(rows: int, cols: int, scaling: str, block: int) -> Plan:
+def quant_plan(rows: int, cols: int, scaling: str, block: int, channels: int = 1,
+               layout: int = SCALAR) -> Plan:
     """Tiles of the fused quantising kernels over ``rows`` rows of ``cols`` (the last dim):
     for "row", ``block_r`` whole rows a program, walked in ``block_l`` chunks (one chunk: the
     row held); otherwise ``block_r`` x ``block_l`` tiles, ``block_l`` a multiple of the MX
-    ``block`` for "block", whose groups then never straddle two tiles."""
+    ``block`` for "block", whose groups then never straddle two tiles.  With per-channel
+    parameters (``channels`` values), ``layout`` says where a row's channel comes from: ROWS
+    from its row (a run of rows a channel), COLS from its column (a 2-D (N, C) input)."""
     width = next_power_of_2(cols)
     if scaling == "row":
         block_l = width if width <= ROW_HOLD else ROW_CHUNK
     else:
         block_l = max(min(width, BLOCK), block if scaling == "block" else 1)
-    return Plan(rows, cols, 1, SCALAR, min(max(1, BLOCK // block_l), next_power_of_2(rows)),
-                block_l)
+    return Plan(rows, cols, channels, layout,
+                min(max(1, BLOCK // block_l), next_power_of_2(rows)), block_l)
 
 
 def accumulator(x: torch.Tensor) -> torch.dtype:

@@ -101,10 +101,11 @@ class Emulated:
                                           None))
 
     def act_quant(self, gate, up, q, scales, strides, act, beta_value, fp8, scaling, block,
-                  plan):
+                  beta, p1, p2, run, plan):
         self._ok(self.lib.fa_act_quant(_p(gate), _p(up), _p(q), _p(scales), _strides(strides),
                                        CODES[gate.dtype], act, ctypes.c_float(beta_value), fp8,
-                                       scaling, block, Plan(*plan), None))
+                                       scaling, block, _p(beta), _p(p1), _p(p2),
+                                       ctypes.c_int64(run), Plan(*plan), None))
 
     def stats(self, x, partial, n_partial, plan):
         self._ok(self.lib.fa_stats(_p(x), _p(partial), ctypes.c_int64(n_partial),
@@ -383,3 +384,13 @@ def test_act_quant_long_rows_and_strides(cuda_on_cpu):
             mixed = (sliced[0], sliced[1].bfloat16())
             quant_tables.same(_quant(*mixed, "swish", fp8, scaling),
                               _want(_y32(*mixed, "swish"), fp8, scaling))
+
+
+@pytest.mark.parametrize("dtype", QDTYPES, ids=str)
+@pytest.mark.parametrize("act", quant_tables.PACTS)
+def test_act_quant_params(act, dtype, cuda_on_cpu):
+    """Swish with a tensor beta and ACON-C, their parameters read per channel: every scaling,
+    both formats, NCHW, 2-D, channels_last and sliced x, one or C values."""
+    for fp8 in quant_tables.F8:
+        quant_tables.check_params(act, dtype, fp8, "cuda",
+                                  quant_tables.PACTS.index(act) + 2 * quant_tables.F8.index(fp8))

@@ -745,11 +745,7 @@ def test_public_out_dtype_errors():
     with pytest.raises(ValueError, match="inplace=True"):
         fused_act.silu(x, inplace=True, out_dtype=E4M3)
     with pytest.raises(ValueError, match="tensor beta"):
-        fused_act.swish(x, torch.tensor([1.0]), out_dtype=E4M3)
-    with pytest.raises(ValueError, match="tensor beta"):
         fused_act.glu(x, activation="swish", beta=torch.tensor([1.0]), out_dtype=E4M3)
-    with pytest.raises(TypeError, match="out_dtype"):
-        fused_act.acon_c(x, torch.ones(64), torch.zeros(64), torch.ones(64), out_dtype=E4M3)
     xg = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="autograd carries no gradient"):
         fused_act.silu(xg, out_dtype=E4M3)
@@ -834,3 +830,134 @@ def test_public_out_dtype_subclass_dispatches_itself():
     q, s = fused_act.gelu(TwoTensor(x, 2 * x), out_dtype=E4M3)
     same((q.a, s.a), fused_act.gelu(x, out_dtype=E4M3))
     same((q.b, s.b), fused_act.gelu(2 * x, out_dtype=E4M3))
+
+
+# ---- per-channel parameters: swish with a tensor beta, ACON-C ---------------------------------
+
+# x layouts: NCHW (a channel a run of rows of the last dim), 2-D (N, C) (the channel is the
+# column), channels_last (copied once) and a slice of a wider last dim (rows read in place)
+PLAYOUTS = ["nchw", "2d", "channels_last", "sliced"]
+PACTS = ["acon_c", "swish"]
+
+
+def param_inputs(act, layout, ydtype, one, seed=0):
+    """(x, dict of the parameters act_quant takes) with 1 (``one``) or C values each, in x's
+    dtype, some of them (1, C, 1, 1)-shaped as the modules hold them."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (6, 64) if layout == "2d" else (2, 3, 4, 32)
+    x = torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 4
+    x.view(-1)[::7] *= 8
+    x = x[..., :shape[-1]] if layout == "sliced" else x[..., shape[-1]:].contiguous()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = 1 if one else shape[1]
+    pshape = (c,) if layout == "2d" or one else (1, c, 1, 1)
+    beta = (torch.rand(pshape, generator=g) * 2 + 0.25).to(ydtype)
+    params = {"beta": beta}
+    if act == "acon_c":
+        params.update(p1=torch.randn(pshape, generator=g).to(ydtype),
+                      p2=torch.randn(pshape, generator=g).to(ydtype))
+    return x.to(ydtype), params
+
+
+def param_y32(x, act, params, backend):
+    """``backend``'s own fp32 activation of x's fp32 values (the parameters upcast alike)."""
+    if act == "acon_c":
+        return ops.acon_forward_impl(x.float(), params["p1"], params["p2"], params["beta"],
+                                     backend)
+    return ops.forward_impl(x.float(), "swish", params["beta"], 1.0, backend)
+
+
+def check_params(act, ydtype, fp8, backend, seed):
+    """Every scaling, the layouts and one or C parameter values in turn: bit for bit against
+    quantize_fp8 of the backend's own fp32 activation."""
+    for j, scaling in enumerate(SCALINGS):
+        layout = PLAYOUTS[(seed + j) % len(PLAYOUTS)]
+        x, params = param_inputs(act, layout, ydtype, one=(seed + j) % 3 == 2, seed=seed + j)
+        mode, scale = SCALINGS[scaling]
+        scale = None if scale is None else torch.tensor(scale)
+        got = quant.act_quant(x, None, act, 1.0, None, fp8, mode, scale, 32, backend, **params)
+        same(got, quantize_fp8(param_y32(x, act, params, backend), fp8, mode, scale))
+
+
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", PACTS)
+def test_act_quant_params_kernel_is_bit_exact(act, ydtype, fp8):
+    interpreted()
+    check_params(act, ydtype, fp8, "triton", PACTS.index(act) + 2 * F8.index(fp8))
+
+
+def test_act_quant_params_long_rows():
+    """Rows past plan.ROW_HOLD walked twice in chunks, a channel a row (x of shape (1, C, K))."""
+    interpreted()
+    x = torch.randn(1, 2, 9024, generator=torch.Generator().manual_seed(10)) * 4
+    params = {"beta": torch.tensor([0.5, 2.0]), "p1": torch.tensor([1.0, -0.5]),
+              "p2": torch.tensor([0.25, 0.75])}
+    got = quant.act_quant(x, None, "acon_c", 1.0, None, E5M2, "row", None, 32, "triton",
+                          **params)
+    same(got, quantize_fp8(param_y32(x, "acon_c", params, "triton"), E5M2, "row"))
+
+
+@pytest.mark.parametrize("act", PACTS)
+def test_act_quant_params_reference_path(act):
+    """Backend "reference": quantize_fp8 of the reference activation in fp32, exactly."""
+    for j, scaling in enumerate(SCALINGS):
+        x, params = param_inputs(act, PLAYOUTS[j], torch.bfloat16, one=j == 3, seed=j)
+        mode, scale = SCALINGS[scaling]
+        scale = None if scale is None else torch.tensor(scale)
+        y = (reference.acon_c(x.float(), params["p1"], params["p2"], params["beta"])
+             if act == "acon_c" else reference.swish(x.float(), params["beta"]))
+        same(quant.act_quant(x, None, act, 1.0, None, E4M3, mode, scale, 32, "reference",
+                             **params), quantize_fp8(y, E4M3, mode, scale))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_public_params_out_dtype(backend):
+    """fused_act.acon_c and fused_act.swish with a tensor beta, out_dtype given: act_quant of
+    the same parameters, on learnable parameters under no_grad."""
+    if backend == "triton":
+        interpreted()
+    for act, layout, one in (("acon_c", "nchw", False), ("swish", "2d", False),
+                             ("swish", "nchw", True)):
+        x, params = param_inputs(act, layout, torch.float32, one)
+        params = {k: torch.nn.Parameter(v) for k, v in params.items()}
+        with fused_act.use_backend(backend), torch.no_grad():
+            got = (fused_act.acon_c(x, params["p1"], params["p2"], params["beta"],
+                                    out_dtype=E4M3, scaling="block")
+                   if act == "acon_c" else
+                   fused_act.swish(x, params["beta"], out_dtype=E4M3, scaling="block"))
+            want = quant.act_quant(x, None, act, 1.0, None, E4M3, "block", None, 32, backend,
+                                   **params)
+        same(got, want)
+
+
+def test_public_params_out_dtype_errors():
+    x = torch.randn(2, 3, 4, 32)
+    p = torch.ones(3)
+    with pytest.raises(ValueError, match="per-sample beta"):
+        fused_act.acon_c(x, p, p, torch.ones(2, 3), out_dtype=E4M3)
+    with pytest.raises(ValueError, match=r"beta must have one element or C=3"):
+        fused_act.swish(x, torch.ones(4), out_dtype=E4M3)
+    with pytest.raises(ValueError, match="block must be"):
+        fused_act.acon_c(x, p, p, p, out_dtype=E4M3, scaling="block", block=64)
+    with pytest.raises(RuntimeError, match="autograd carries no gradient"):
+        fused_act.swish(x, torch.nn.Parameter(p), out_dtype=E4M3)
+    with pytest.raises(RuntimeError, match="autograd carries no gradient"):
+        fused_act.acon_c(x, p, torch.nn.Parameter(p), p, out_dtype=E5M2)
+    for kw, match in [(dict(act="acon_c", beta=p), "takes p1, p2 and beta"),
+                      (dict(act="gelu", beta=p), "parameter tensors are for"),
+                      (dict(act="swish", beta=p, p1=p), "parameter tensors are for"),
+                      (dict(act="swish", beta=torch.ones(2)), "1 or C=3 values"),
+                      (dict(act="swish", beta=p, dim=-1), "elementwise call")]:
+        with pytest.raises(ValueError, match=match):
+            quant.act_quant(x, None, kw.pop("act"), 1.0, kw.pop("dim", None), **kw)
+
+
+def test_public_params_out_dtype_compiles():
+    """torch.compile (aot_eager, fullgraph) traces act_quant with the parameters as inputs."""
+    x, params = param_inputs("acon_c", "nchw", torch.float32, False)
+    f = torch.compile(lambda t, p1, p2, b: fused_act.acon_c(t, p1, p2, b, out_dtype=E4M3),
+                      fullgraph=True, backend="aot_eager")
+    args = (x, params["p1"], params["p2"], params["beta"])
+    same(f(*args), fused_act.acon_c(*args, out_dtype=E4M3))

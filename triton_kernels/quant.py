@@ -13,6 +13,11 @@ forms (``GATED``), both formats (``FP8``) and every scaling (``SCALING``), as
 * ``TENSOR``: q = sat(y / scale) for the one fp32 scale at ``scale_ptr`` (the caller's, or the
   one the host derived from ``AMAX``'s per-tile partial amaxes of |y|).
 
+``PARAMS`` says where the activation's parameters come from: ``beta_value`` (SCALAR_BETA), a
+tensor beta read per channel (BETA), or ACON-C's p1, p2 and beta per channel (ACON), the channel
+of a row of the last dim being ``(row // RUN) % C`` (``LAYOUT`` ROWS: x is (N, C, *inner)) or
+its column (COLS: x is (N, C)).
+
 amaxes are taken on the bits of |y|: for non-negative floats the integer order is the float
 order, with every NaN above inf, so an integer max is exact, deterministic and propagates NaN
 without a separate test.  Scales and q divide with ``div_rn`` (IEEE), not ``/``, which the GPU
@@ -20,13 +25,27 @@ lowers to an approximate division.  The fp32 -> fp8 conversion is ``fp8_bits``, 
 our own on GPU and interpreter alike: the interpreter's fp8 casts do not round as the GPU's do.
 """
 
+from typing import Protocol
+
 import torch
 import triton
 import triton.language as tl
 
 from .gated import INT32_MAX, _at
-from .math import act_fwd, opmath, settle_cache_keys
-from .tiling import NUM_WARPS, Plan, launch, tile
+from .math import acon_c_fwd, act_fwd, opmath, settle_cache_keys
+from .tiling import NUM_WARPS, Plan, launch, load_channel, tile
+
+
+class ChannelParams(Protocol):
+    """What the launcher reads of the host's per-channel parameters (``fused_act/kernels.py``
+    ``ChannelParams``): flat fp32 tensors of the plan's ``channels`` values (p1, p2 None but
+    for ACON-C), a channel ``run`` rows of the last dim in a ROWS plan."""
+
+    beta: torch.Tensor
+    p1: torch.Tensor | None
+    p2: torch.Tensor | None
+    run: int
+
 
 # SCALING selectors
 TENSOR = tl.constexpr(0)
@@ -42,6 +61,11 @@ FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 NAN_CODE = tl.constexpr(0x7F)  # reference.FP8_NAN: one code for every NaN, whatever its sign
 E8M0_NAN = tl.constexpr(0xFF)
 AMAX_FLOOR = tl.constexpr(1e-12)  # reference.AMAX_FLOOR
+
+# PARAMS selectors: where the activation's parameters come from
+SCALAR_BETA = tl.constexpr(0)
+BETA = tl.constexpr(1)
+ACON = tl.constexpr(2)
 
 
 @triton.jit
@@ -87,10 +111,23 @@ def abs_bits(y, mask):
 
 @triton.jit
 def _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT: tl.constexpr,
-       GATED: tl.constexpr):
-    """act(gate) (* up) over the tile in fp32, as the elementwise and gated kernels compute it."""
+       GATED: tl.constexpr, beta_ptr, p1_ptr, p2_ptr, RUN, C, PARAMS: tl.constexpr,
+       LAYOUT: tl.constexpr):
+    """act(gate) (* up) over the tile in fp32, as the elementwise, gated and ACON-C kernels
+    compute it."""
     x = opmath(tl.load(_at(gate_ptr, rows, cols, s_gate, False), mask=mask))
-    y = act_fwd(x, beta_value, ACT)
+    if PARAMS == SCALAR_BETA:
+        y = act_fwd(x, beta_value, ACT)
+    else:
+        # rows of one channel are RUN consecutive rows (ROWS); COLS reads by column
+        channel = rows // RUN
+        b = load_channel(beta_ptr, channel, cols, C, LAYOUT)
+        if PARAMS == BETA:
+            y = act_fwd(x, b, ACT)
+        else:
+            tl.static_assert(PARAMS == ACON, "act_quant_kernel: unknown PARAMS selector")
+            p2 = load_channel(p2_ptr, channel, cols, C, LAYOUT)
+            y = acon_c_fwd(x, load_channel(p1_ptr, channel, cols, C, LAYOUT) - p2, p2, b)
     if GATED:
         y = y * opmath(tl.load(_at(up_ptr, rows, cols, s_up, False), mask=mask))
     return y
@@ -125,17 +162,21 @@ def _block_quant(y, mask, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: t
 
 @triton.jit
 def _row_chunk(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, row_mask, cols, K,
-               ACT: tl.constexpr, GATED: tl.constexpr):
+               ACT: tl.constexpr, GATED: tl.constexpr, beta_ptr, p1_ptr, p2_ptr, RUN, C,
+               PARAMS: tl.constexpr, LAYOUT: tl.constexpr):
     """(y, cols, mask) of the columns ``cols`` of whole rows walked in chunks."""
     mask = row_mask[:, None] & (cols[None, :] < K)
-    return _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT, GATED), cols, mask
+    return _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT, GATED,
+              beta_ptr, p1_ptr, p2_ptr, RUN, C, PARAMS, LAYOUT), cols, mask
 
 
 @triton.jit
 def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_up, R, K,
+                     beta_ptr, p1_ptr, p2_ptr, RUN, C,
                      ACT: tl.constexpr, GATED: tl.constexpr, SCALING: tl.constexpr,
                      FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr, INT64: tl.constexpr):
+                     BLOCK_K: tl.constexpr, INT64: tl.constexpr, PARAMS: tl.constexpr,
+                     LAYOUT: tl.constexpr):
     pid = tl.program_id(0)
     if SCALING == ROW:
         # whole rows a program: the tile walks along them
@@ -147,7 +188,8 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
         if BLOCK_K >= K:
             # the row held: one read, one activation
             mask = row_mask[:, None] & (lanes[None, :] < K)
-            y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, lanes, mask, ACT, GATED)
+            y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, lanes, mask, ACT, GATED,
+                   beta_ptr, p1_ptr, p2_ptr, RUN, C, PARAMS, LAYOUT)
             scale = _row_scale(tl.max(abs_bits(y, mask), axis=1), FP8)
             q = fp8_bits(tl.math.div_rn(y, scale[:, None]), FP8)
             tl.store(q_ptr + rows[:, None] * K + lanes[None, :], q, mask=mask)
@@ -157,14 +199,16 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
             start = 0
             while start < K:
                 y, cols, mask = _row_chunk(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows,
-                                           row_mask, start + lanes, K, ACT, GATED)
+                                           row_mask, start + lanes, K, ACT, GATED, beta_ptr,
+                                           p1_ptr, p2_ptr, RUN, C, PARAMS, LAYOUT)
                 amax = tl.maximum(amax, tl.max(abs_bits(y, mask), axis=1))
                 start += BLOCK_K
             scale = _row_scale(amax, FP8)
             start = 0
             while start < K:
                 y, cols, mask = _row_chunk(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows,
-                                           row_mask, start + lanes, K, ACT, GATED)
+                                           row_mask, start + lanes, K, ACT, GATED, beta_ptr,
+                                           p1_ptr, p2_ptr, RUN, C, PARAMS, LAYOUT)
                 q = fp8_bits(tl.math.div_rn(y, scale[:, None]), FP8)
                 tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
                 start += BLOCK_K
@@ -172,7 +216,8 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
     else:
         _, rb, pid_l, rows, cols, offs, mask, row_mask = tile(pid, R, K, 1, BLOCK_R, BLOCK_K,
                                                               False, INT64)
-        y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT, GATED)
+        y = _y(gate_ptr, up_ptr, beta_value, s_gate, s_up, rows, cols, mask, ACT, GATED,
+               beta_ptr, p1_ptr, p2_ptr, RUN, C, PARAMS, LAYOUT)
         if SCALING == AMAX:
             tl.store(scale_ptr + pid, tl.max(tl.max(abs_bits(y, mask), axis=1), axis=0)
                      .to(tl.float32, bitcast=True))
@@ -193,11 +238,11 @@ def act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, beta_value, s_gate, s_u
 
 def act_quant(gate: torch.Tensor, up: torch.Tensor | None, q: torch.Tensor,
               scales: torch.Tensor, strides: tuple[int, ...], act: int, beta_value: float,
-              scaling: str, block: int, p: Plan) -> None:
+              scaling: str, block: int, p: Plan, params: ChannelParams | None = None) -> None:
     """Quantise act(gate) (* up) into ``q`` (its fp8 dtype picks the format) by ``scaling``
     ("tensor": by the one fp32 scale in ``scales``; "row", "block": writing the scales; "amax":
     no q, one partial amax of |y| a tile into ``scales``); ``strides``: the row strides of gate
-    and up."""
+    and up; ``params``: per-channel parameters (``kernels.ChannelParams``)."""
     fp8 = FORMATS[q.dtype]
     mode = SCALINGS[scaling]
     rows_grid = mode == SCALINGS["row"]
@@ -207,9 +252,11 @@ def act_quant(gate: torch.Tensor, up: torch.Tensor | None, q: torch.Tensor,
     launch(act_quant_kernel)[grid](
         gate, gate if up is None else up, q.view(torch.uint8), scales.view(torch.uint8)
         if scales.element_size() == 1 else scales, beta_value, strides[0], strides[-1], p.rows,
-        p.cols, ACT=act, GATED=up is not None, SCALING=mode, FP8=fp8,
-        GROUP=block if scaling == "block" else 1,
+        p.cols, *(gate if t is None else t for t in (params or (None,) * 3)[:3]),
+        1 if params is None else params.run, p.channels, ACT=max(act, 0), GATED=up is not None,
+        SCALING=mode, FP8=fp8, GROUP=block if scaling == "block" else 1,
         BLOCK_R=p.block_r, BLOCK_K=p.block_l, INT64=int64,
+        PARAMS=0 if params is None else 1 if params.p1 is None else 2, LAYOUT=p.layout,
         num_warps=max(NUM_WARPS, p.block_r * p.block_l // 1024))
 
 

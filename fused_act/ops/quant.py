@@ -2,20 +2,24 @@
 act(gate) * up as ``reference.quantize_fp8`` does, without writing the activation out, where the
 backend has the kernel (``Kernels.act_quant``), else by the reference math; ``fused_act::act_quant``
 is its custom op (what torch.compile traces) and ``run_act_quant`` the entry of the public
-functions' ``out_dtype``.  No autograd: a gradient cannot flow through FP8 data."""
+functions' ``out_dtype``.  Activations with per-channel parameters (swish with a tensor beta,
+ACON-C) read them by channel.  No autograd: a gradient cannot flow through FP8 data."""
+
+import math
 
 import torch
 from torch import Tensor
 
 from .. import plan, reference
 from ..backend import get_backend
-from ..kernels import launcher, offers
+from ..kernels import ChannelParams, launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
-from .layout import fp32, row_stride
+from .layout import flat_param, fp32, row_stride
 from .op import SUBCLASS_HOOKS, dispatches_itself, reference_math
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACON_C = "acon_c"  # act_quant's name for ACON-C (no kernel id: its kernels take p1, p2, beta)
 
 
 def _rows(t: Tensor) -> tuple[Tensor, int]:
@@ -29,8 +33,12 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
 
 
 def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dtype: torch.dtype,
-               scaling: str, scale: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
-    y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device))
+               scaling: str, scale: Tensor | None, block: int, beta: Tensor | None = None,
+               p1: Tensor | None = None, p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    if act == ACON_C:
+        y = reference.acon_c(g.float(), p1, p2, beta)
+    else:
+        y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device) if beta is None else beta)
     if u is not None:
         y = y * u.float()
     q, scales = reference.quantize_fp8(y, out_dtype, scaling, scale, block)
@@ -38,10 +46,51 @@ def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dty
     return q.contiguous(), scales.contiguous() if scale is None else scales.clone()
 
 
+def _check_params(x: Tensor, up: Tensor | None, dim: int | None, act: str,
+                  beta: Tensor | None, p1: Tensor | None, p2: Tensor | None) -> None:
+    """Per-channel parameters (beta; with ACON-C p1 and p2) of one or C = x.shape[1] values
+    each, on x's device, for an elementwise call: what the kernels index."""
+    acon = act == ACON_C
+    if acon and (beta is None or p1 is None or p2 is None):
+        raise ValueError("fused_act.act_quant: act 'acon_c' takes p1, p2 and beta")
+    if not acon and (p1 is not None or p2 is not None or (beta is not None and act != "swish")):
+        raise ValueError(f"fused_act.act_quant: parameter tensors are for 'swish' (beta) and "
+                         f"'acon_c' (p1, p2, beta), got act {act!r}")
+    if beta is None:
+        return
+    if up is not None or dim is not None:
+        raise ValueError("fused_act.act_quant: per-channel parameters are for an elementwise "
+                         "call (no up, no dim)")
+    c = x.shape[1] if x.dim() >= 2 else 1
+    for name, t in (("beta", beta), ("p1", p1), ("p2", p2)):
+        if t is not None and (t.numel() not in (1, c) or t.device != x.device
+                              or not t.is_floating_point()):
+            raise ValueError(f"fused_act.act_quant: {name} must be a floating-point tensor of "
+                             f"1 or C={c} values on {x.device} for x of shape "
+                             f"{tuple(x.shape)}, got {t.dtype} of shape {tuple(t.shape)} on "
+                             f"{t.device}")
+
+
+def _channel_params(x: Tensor, beta: Tensor, p1: Tensor | None, p2: Tensor | None
+                    ) -> tuple[ChannelParams, int, int]:
+    """(the kernels' parameters, their channel count, the plan layout) for x of shape
+    (N, C, *inner) read as rows of its last dim: a channel is inner // cols rows (ROWS), or the
+    column of a 2-D x (COLS); one value for all is one channel."""
+    c = max(t.numel() for t in (beta, p1, p2) if t is not None)
+    params = [None if t is None else flat_param(t, x).expand(c).contiguous()
+              for t in (beta, p1, p2)]
+    if c == 1 or x.dim() > 2:
+        run = math.prod(x.shape[2:-1]) if c > 1 else 1
+        return ChannelParams(*params, run), c, plan.ROWS
+    return ChannelParams(*params, 1), c, plan.COLS
+
+
 def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0,
               dim: int | None = None, out_dtype: torch.dtype = torch.float8_e4m3fn,
               scaling: str = "block", scale: Tensor | None = None,
-              block: int = reference.MX_BLOCK, backend: str = "auto") -> tuple[Tensor, Tensor]:
+              block: int = reference.MX_BLOCK, backend: str = "auto",
+              beta: Tensor | None = None, p1: Tensor | None = None,
+              p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(q, scales) = ``reference.quantize_fp8(y, out_dtype, scaling, scale, block)`` of
     y = act(gate) (``up`` None, ``dim`` None), act(gate) * up, or with ``up`` None and ``dim``
     given act(first half) * (second half) of ``gate`` split along ``dim`` (a packed gate_up,
@@ -55,10 +104,14 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     the first reducing per-tile amaxes that torch finishes on the device, no host sync); q then
     equals ``quantize_fp8`` of that backend's own fp32 activation bit for bit.  Otherwise (fp64
     too) it is ``quantize_fp8`` of the reference activation of gate.float() (times
-    up.float()).  Rows of the last dim that are not evenly spaced runs are copied once."""
-    if act not in KERNEL_IDS:
-        raise ValueError(f"fused_act.act_quant: act must be one of {sorted(KERNEL_IDS)}, "
-                         f"got {act!r}")
+    up.float()).  Rows of the last dim that are not evenly spaced runs are copied once.
+    ``beta`` (a tensor: swish's, read per channel instead of ``beta_value``) and with ``act``
+    "acon_c" also ``p1`` and ``p2`` are per-channel parameters of 1 or C = gate.shape[1]
+    values, for an elementwise call (``up`` and ``dim`` None), read in fp32."""
+    if act not in KERNEL_IDS and act != ACON_C:
+        raise ValueError(f"fused_act.act_quant: act must be one of "
+                         f"{sorted([*KERNEL_IDS, ACON_C])}, got {act!r}")
+    _check_params(gate, up, dim, act, beta, p1, p2)
     g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
     if u is not None and (u.shape != g.shape or u.device != g.device):
         raise ValueError(f"fused_act.act_quant: up must have gate's shape and device, got "
@@ -70,8 +123,10 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     if (not offers(k, "act_quant") or g.numel() == 0 or block > plan.BLOCK
             or g.dtype not in KERNEL_DTYPES
             or (u is not None and u.dtype not in KERNEL_DTYPES)):
-        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
+        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block, beta, p1, p2)
     shape = g.shape
+    params, channels, layout = (None, 1, plan.SCALAR) if beta is None else _channel_params(
+        g, beta, p1, p2)
     if g.dim() == 0:
         g, u = g.reshape(1), None if u is None else u.reshape(1)
     cols = g.shape[-1]
@@ -79,13 +134,13 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     g, s_gate = _rows(g)
     u, s_up = (None, s_gate) if u is None else _rows(u)
     strides = (s_gate, s_up)
-    if scaling != "row" and s_gate == s_up == cols:
+    if scaling != "row" and s_gate == s_up == cols and channels == 1:
         # one contiguous run: the last dim's rows matter to row scales only (block groups of a
         # divisor of cols stay where they were)
         rows, cols = 1, rows * cols
     q = torch.empty(shape, dtype=out_dtype, device=g.device)
-    act_id, beta_value = KERNEL_IDS[act], fp32(beta_value)
-    p = plan.quant_plan(rows, cols, scaling, block)
+    act_id, beta_value = KERNEL_IDS.get(act, -1), fp32(beta_value)
+    p = plan.quant_plan(rows, cols, scaling, block, channels, layout)
     if scaling == "block":
         scales = torch.empty((*shape[:-1], shape[-1] // block), dtype=torch.float8_e8m0fnu,
                              device=g.device)
@@ -96,16 +151,17 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
         scales = scale.detach().to(g.device).reshape(()).clone()
     else:
         partial = torch.empty(p.grid[0], dtype=torch.float32, device=g.device)
-        k.act_quant(g, u, q, partial, strides, act_id, beta_value, "amax", block, p)
+        k.act_quant(g, u, q, partial, strides, act_id, beta_value, "amax", block, p, params)
         # torch's amax propagates NaN, and a max is exact in any order
         scales = reference.amax_scale(partial.amax(), out_dtype)
-    k.act_quant(g, u, q, scales, strides, act_id, beta_value, scaling, block, p)
+    k.act_quant(g, u, q, scales, strides, act_id, beta_value, scaling, block, p, params)
     return q, scales
 
 
 def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
           out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
-          backend: str | None = None) -> tuple[Tensor, Tensor]:
+          backend: str | None = None, beta: Tensor | None = None, p1: Tensor | None = None,
+          p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Outputs shaped as ``act_quant``'s: what torch.compile traces the op with."""
     g = gate if up is not None or dim is None else reference.halves(gate, dim)[0]
     q = g.new_empty(g.shape, dtype=out_dtype)
@@ -119,9 +175,10 @@ def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int
 
 def _run(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
          out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
-         backend: str | None = None) -> tuple[Tensor, Tensor]:
+         backend: str | None = None, beta: Tensor | None = None, p1: Tensor | None = None,
+         p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                     backend or get_backend())
+                     backend or get_backend(), beta, p1, p2)
 
 
 # what torch.compile traces (an opaque op: Inductor cannot see inside the kernel), and what
@@ -129,26 +186,31 @@ def _run(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int 
 act_quant_op = torch.library.custom_op(
     "fused_act::act_quant", _run, mutates_args=(),
     schema="(Tensor gate, Tensor? up, str act, float beta_value, int? dim, ScalarType out_dtype, "
-           "str scaling, Tensor? scale, int block, str? backend=None) -> (Tensor, Tensor)")
+           "str scaling, Tensor? scale, int block, str? backend=None, Tensor? beta=None, "
+           "Tensor? p1=None, Tensor? p2=None) -> (Tensor, Tensor)")
 act_quant_op.register_fake(_fake)
 
 
 def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
                   dim: int | None, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
-                  block: int) -> tuple[Tensor, Tensor]:
+                  block: int, beta: Tensor | None = None, p1: Tensor | None = None,
+                  p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``act_quant`` on validated arguments under the backend in force, by the path the call
     needs: the reference math under torch.func transforms (plain torch operations, which
     batch), the custom op under torch.compile and export, else the function itself."""
+    params = (beta, p1, p2)
     if reference_math():
         g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
-        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
+        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block, *params)
     if torch.compiler.is_compiling():
-        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
-    if dispatches_itself((gate, up, scale)):
+        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                            None, *params)
+    if dispatches_itself((gate, up, scale, *params)):
         # DTensor's rule (distributed.quant_strategies); any other subclass that dispatches
         # itself meets the op, which it either handles or refuses
         for hook in SUBCLASS_HOOKS:
             hook()
-        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
+        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                            None, *params)
     return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                     get_backend())
+                     get_backend(), *params)
