@@ -4,6 +4,8 @@ backend has the kernel (``Kernels.act_quant``), else by the reference math; ``fu
 is its custom op (what torch.compile traces) and ``run_act_quant`` the entry of the public
 functions' ``out_dtype``.  No autograd: a gradient cannot flow through FP8 data."""
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -12,10 +14,12 @@ from ..backend import get_backend
 from ..kernels import launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
 from .layout import fp32, row_stride
-from .op import SUBCLASS_HOOKS, dispatches_itself, reference_math
+from .op import SUBCLASS_HOOKS, dispatches_itself, exporting, onnx_exporting, reference_math
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# what a torch.onnx.export traces in the op's place (deploy.install sets it), as Op.onnx_form
+onnx_form: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 def _rows(t: Tensor) -> tuple[Tensor, int]:
@@ -28,12 +32,22 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
     return t, s
 
 
+def reference_form(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+                   dim: int | None, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
+                   block: int, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """The op's reference math on checked arguments (``backend`` unused): plain functional
+    torch operations reading nothing on the host, which torch.func transforms batch and a
+    decomposed exported program holds."""
+    g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
+    return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
+
+
 def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dtype: torch.dtype,
                scaling: str, scale: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
     y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device))
     if u is not None:
         y = y * u.float()
-    q, scales = reference.quantize_fp8(y, out_dtype, scaling, scale, block)
+    q, scales = reference.quantize_fp8_unchecked(y, out_dtype, scaling, scale, block)
     # row-major whatever the inputs' strides, as the kernels write them (and the fake says)
     return q.contiguous(), scales.contiguous() if scale is None else scales.clone()
 
@@ -63,9 +77,17 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     if u is not None and (u.shape != g.shape or u.device != g.device):
         raise ValueError(f"fused_act.act_quant: up must have gate's shape and device, got "
                          f"{tuple(u.shape)} on {u.device} and {tuple(g.shape)} on {g.device}")
-    reference._check_quantize(g, out_dtype, scaling, scale, block)
+    reference.check_quantize(g, out_dtype, scaling, scale, block, "fused_act.act_quant",
+                             ("gate", "out_dtype"), read_scale=False)
     if u is not None and not u.is_floating_point():
         raise TypeError(f"fused_act.act_quant: up must be a floating-point tensor, got {u.dtype}")
+    return _act_quant(g, u, act, beta_value, out_dtype, scaling, scale, block, backend)
+
+
+def _act_quant(g: Tensor, u: Tensor | None, act: str, beta_value: float,
+               out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
+               backend: str) -> tuple[Tensor, Tensor]:
+    """``act_quant`` of checked arguments, gate and up apart (a packed gate split)."""
     k = launcher(g.device, backend)
     if (not offers(k, "act_quant") or g.numel() == 0 or block > plan.BLOCK
             or g.dtype not in KERNEL_DTYPES
@@ -107,6 +129,10 @@ def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int
           out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
           backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Outputs shaped as ``act_quant``'s: what torch.compile traces the op with."""
+    if onnx_exporting() and onnx_form is not None:
+        # torch.onnx's strict try (Dynamo) records the op where its ONNX form refused the call:
+        # the form refuses here too, so that the export fails with the form's error
+        onnx_form(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
     g = gate if up is not None or dim is None else reference.halves(gate, dim)[0]
     q = g.new_empty(g.shape, dtype=out_dtype)
     if scaling == "block":
@@ -117,17 +143,21 @@ def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int
     return q, g.new_empty((), dtype=torch.float32)
 
 
-def _run(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
-         out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
-         backend: str | None = None) -> tuple[Tensor, Tensor]:
-    return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                     backend or get_backend())
+def act_quant_unchecked(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+                        dim: int | None, out_dtype: torch.dtype, scaling: str,
+                        scale: Tensor | None, block: int,
+                        backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """``act_quant`` of arguments a public function checked (the op's schema order), under
+    ``backend`` or else the backend in force: what the custom op runs."""
+    g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
+    return _act_quant(g, u, act, beta_value, out_dtype, scaling, scale, block,
+                      backend or get_backend())
 
 
 # what torch.compile traces (an opaque op: Inductor cannot see inside the kernel), and what
 # torch.export records; eager calls skip its dispatch
 act_quant_op = torch.library.custom_op(
-    "fused_act::act_quant", _run, mutates_args=(),
+    "fused_act::act_quant", act_quant_unchecked, mutates_args=(),
     schema="(Tensor gate, Tensor? up, str act, float beta_value, int? dim, ScalarType out_dtype, "
            "str scaling, Tensor? scale, int block, str? backend=None) -> (Tensor, Tensor)")
 act_quant_op.register_fake(_fake)
@@ -138,11 +168,14 @@ def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
                   block: int) -> tuple[Tensor, Tensor]:
     """``act_quant`` on validated arguments under the backend in force, by the path the call
     needs: the reference math under torch.func transforms (plain torch operations, which
-    batch), the custom op under torch.compile and export, else the function itself."""
+    batch), ``onnx_form`` under ONNX export, the custom op under torch.compile and export,
+    else the kernels or the reference math directly."""
     if reference_math():
-        g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
-        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block)
+        return reference_form(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
     if torch.compiler.is_compiling():
+        if exporting() and onnx_exporting():
+            return (onnx_form or reference_form)(gate, up, act, beta_value, dim, out_dtype,
+                                                 scaling, scale, block)
         return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
     if dispatches_itself((gate, up, scale)):
         # DTensor's rule (distributed.quant_strategies); any other subclass that dispatches
@@ -150,5 +183,4 @@ def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
         for hook in SUBCLASS_HOOKS:
             hook()
         return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
-    return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                     get_backend())
+    return act_quant_unchecked(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block)
