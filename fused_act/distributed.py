@@ -166,8 +166,8 @@ def strategies(rule: Pointwise, *args: object) -> list[tuple[list, list]]:
 
 def quant_strategies(gate: object, up: object, act: str, beta_value: float,
                      dim: int | None, out_dtype: object, scaling: str, scale: object,
-                     block: int, backend: str | None = None, beta: object = None,
-                     p1: object = None, p2: object = None) -> list[tuple[list, list]]:
+                     block: int, beta: object = None, p1: object = None, p2: object = None,
+                     backend: str | None = None) -> list[tuple[list, list]]:
     """``strategies`` for ``fused_act::act_quant`` (q and its scales), one mesh dim: all
     replicated, or gate (and up) sharded along a dim before the last (rows), not the dim a
     packed gate_up splits along.  Sharded rows give row or block scales sharded with them
@@ -183,7 +183,7 @@ def quant_strategies(gate: object, up: object, act: str, beta_value: float,
     per_channel = any(t is not None and t.numel() > 1 for t in (beta, p1, p2))
 
     def inputs(x: object, s: object) -> list:
-        return [x, None if up is None else x, *[None] * 5, s, None, None, *params]
+        return [x, None if up is None else x, *[None] * 5, s, None, *params, None]
 
     packed = None if up is not None or dim is None else dim % gate.ndim
     pairs = [([Replicate(), Replicate()],

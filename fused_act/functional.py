@@ -8,7 +8,6 @@ its own sees the call.
 
 import functools
 import inspect
-import math
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -71,7 +70,6 @@ def _check_channel_param(op: str, arg: str, p: Tensor, x: Tensor,
 
 # ---- FP8 output: the activation fused with the quantisation that feeds an FP8 matmul ---------
 
-FP8_DTYPES = tuple(reference.FP8_MAX)
 QUANT_ARGS = ("out_dtype", "scaling", "scale", "block")
 MAX_BLOCK = 2048  # one tile of the kernels holds a whole block
 _Out = Tensor | tuple[Tensor, Tensor]
@@ -97,40 +95,15 @@ def _check_quant(op: str, gate: Tensor, up: Tensor | None, dim: int | None, out_
                  scaling: object, scale: object, block: object) -> None:
     """The checks of the quantisation arguments of an FP8-output call (naming ``op`` and the
     argument)."""
-    if out_dtype not in FP8_DTYPES:
-        raise ValueError(f"fused_act.{op}: out_dtype must be torch.float8_e4m3fn or "
-                         f"torch.float8_e5m2 (or None), got {out_dtype}")
-    if scaling not in reference.SCALINGS:
-        raise ValueError(f"fused_act.{op}: scaling must be one of {reference.SCALINGS}, got "
-                         f"{scaling!r}")
     g = gate if up is not None or dim is None else reference.halves(gate, dim)[0]
-    if scaling != "tensor" and g.dim() == 0:
-        raise ValueError(f"fused_act.{op}: scaling={scaling!r} needs a last dimension (got a "
-                         f"0-d tensor)")
-    if scaling == "block":
-        k = g.shape[-1]
-        if isinstance(block, bool) or not isinstance(block, int) or not (
-                2 <= block <= MAX_BLOCK) or (block & (block - 1)) or k % block:
-            raise ValueError(f"fused_act.{op}: block must be a power of two from 2 to "
-                             f"{MAX_BLOCK} dividing the last dimension {k} (the MX layout's is "
-                             f"{reference.MX_BLOCK}), got {block!r}")
-    if scale is not None:
-        if scaling != "tensor":
-            raise ValueError(f"fused_act.{op}: a caller's scale is for scaling='tensor' only, "
-                             f"got scaling={scaling!r}")
-        if not isinstance(scale, Tensor) or scale.numel() != 1 or scale.dtype != torch.float32:
-            raise ValueError(f"fused_act.{op}: scale must be a one-element float32 tensor, got "
-                             f"{getattr(scale, 'dtype', type(scale).__name__)} of shape "
-                             f"{tuple(getattr(scale, 'shape', ()))}")
-        if scale.device != g.device:
-            raise ValueError(f"fused_act.{op}: scale is on {scale.device} but the input is on "
-                             f"{g.device}")
-        # its value, read once, on the host, eagerly: a traced graph cannot read it (there a
-        # scale of 0, inf or NaN goes unchecked: the docstring says so)
-        if not torch.compiler.is_compiling():
-            value = scale.item()
-            if not (math.isfinite(value) and value > 0.0):
-                raise ValueError(f"fused_act.{op}: scale must be finite and > 0, got {value}")
+    # a traced graph cannot read a caller's scale (there a scale of 0, inf or NaN goes
+    # unchecked: the docstring says so)
+    reference.check_quantize(g, out_dtype, scaling, scale, block, f"fused_act.{op}",
+                             ("the input", "out_dtype"), MAX_BLOCK,
+                             read_scale=not torch.compiler.is_compiling())
+    if scale is not None and scale.device != g.device:
+        raise ValueError(f"fused_act.{op}: scale is on {scale.device} but the input is on "
+                         f"{g.device}")
 
 
 def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: float,

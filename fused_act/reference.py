@@ -421,54 +421,72 @@ FP8_NAN = 0x7F  # the one code every quantised NaN gets, so that q is the same o
 
 
 def _amax(yf: Tensor, dim: int | None = None) -> Tensor:
-    """max |yf| (NaN if any element is NaN: torch's max reductions propagate it), 0 over none."""
+    """max |yf| over ``dim`` (kept), or over all of yf (shape ()); NaN if any element is NaN,
+    0 over none."""
     a = yf.abs()
     if dim is None:
-        return a.amax() if a.numel() else a.new_zeros(())
-    return a.amax(dim, keepdim=True) if a.shape[dim] else a.sum(dim, keepdim=True)
+        # over one flat dim: ONNX export has no amax over all dims
+        return _amax(a.reshape(-1), 0).reshape(())
+    if not a.shape[dim]:
+        return a.sum(dim, keepdim=True)
+    # NaN by a where: torch's max reductions propagate it, onnxruntime's ReduceMax drops it
+    return torch.where(a.isnan().any(dim, True), math.nan, a.amax(dim, keepdim=True))
 
 
 def _to_fp8(v: Tensor, dtype: torch.dtype) -> Tensor:
     """Saturating round-to-nearest-even cast of fp32 ``v``: the clamp makes torch's cast
-    saturate on every version (its e5m2 cast overflows to inf), and NaN gets one code whatever
-    its sign, which the cast keeps and devices choose differently (x86 makes inf / inf a
-    negative NaN, CUDA a positive one)."""
+    saturate on every version (its e5m2 cast overflows to inf), and every NaN becomes a
+    positive one first, which the cast writes as FP8_NAN in both formats: the cast keeps a
+    NaN's sign, which devices choose differently (x86 makes inf / inf a negative NaN, CUDA a
+    positive one).  No bit view: torch.func batches it on every torch, and ONNX has it."""
     fmax = FP8_MAX[dtype]
-    q = v.clamp(-fmax, fmax).to(dtype).view(torch.uint8)
-    return torch.where(v.isnan(), FP8_NAN, q).view(dtype)
+    return torch.where(v.isnan(), math.nan, v.clamp(-fmax, fmax)).to(dtype)
 
 
-def _check_quantize(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | None,
-                    block: int) -> None:
+def check_quantize(y: Tensor, dtype: object, scaling: object, scale: object, block: object,
+                   fn: str = "quantize_fp8", names: tuple[str, str] = ("y", "dtype"),
+                   max_block: int | None = None, read_scale: bool = True) -> None:
+    """The checks of a quantisation's arguments, one place for every entry: errors name the
+    function ``fn`` and the argument (``names``: what ``fn`` calls y and dtype).  ``max_block``
+    bounds the block size where a kernel holds a block in one tile; ``read_scale`` reads a
+    caller's scale's value on the host (a traced graph cannot, a kernel's caller has)."""
+    y_name, dtype_name = names
     if not isinstance(y, Tensor) or not y.is_floating_point():
-        raise TypeError(f"quantize_fp8: y must be a floating-point tensor, got "
+        raise TypeError(f"{fn}: {y_name} must be a floating-point tensor, got "
                         f"{getattr(y, 'dtype', type(y).__name__)}")
     if dtype not in FP8_MAX:
-        raise ValueError(f"quantize_fp8: dtype must be torch.float8_e4m3fn or "
+        raise ValueError(f"{fn}: {dtype_name} must be torch.float8_e4m3fn or "
                          f"torch.float8_e5m2, got {dtype}")
     if scaling not in SCALINGS:
-        raise ValueError(f"quantize_fp8: scaling must be one of {SCALINGS}, got {scaling!r}")
+        raise ValueError(f"{fn}: scaling must be one of {SCALINGS}, got {scaling!r}")
     if scaling != "tensor" and y.dim() == 0:
-        raise ValueError(f"quantize_fp8: y must have a last dimension for scaling={scaling!r}")
+        raise ValueError(f"{fn}: {y_name} must have a last dimension for scaling={scaling!r} "
+                         "(got a 0-d tensor)")
     if scale is not None:
         if scaling != "tensor":
-            raise ValueError(f"quantize_fp8: a caller's scale is for scaling='tensor' only, "
+            raise ValueError(f"{fn}: a caller's scale is for scaling='tensor' only, "
                              f"got scaling={scaling!r}")
         if not isinstance(scale, Tensor):
-            raise TypeError(f"quantize_fp8: scale must be a tensor, got {type(scale).__name__}")
+            raise TypeError(f"{fn}: scale must be a tensor, got {type(scale).__name__}")
         if not (scale.numel() == 1 and scale.dtype == torch.float32):
-            raise ValueError(f"quantize_fp8: scale must be one finite fp32 value > 0, got shape "
+            raise ValueError(f"{fn}: scale must be a one-element float32 tensor, got shape "
                              f"{tuple(scale.shape)}, dtype {scale.dtype}")
+        if read_scale:
+            value = scale.reshape(-1)[0].item()
+            if not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"{fn}: scale must be finite and > 0, got value {value}")
     if scaling == "block":
-        _check_block(block, y.shape[-1])
+        _check_block(block, y.shape[-1], fn, max_block)
 
 
-def _check_block(block: int, k: int) -> None:
-    pow2 = isinstance(block, int) and block >= 2 and block & (block - 1) == 0
-    if not pow2 or k % block:
-        raise ValueError(f"block must be a power of two >= 2 (the MX layout's is {MX_BLOCK}) "
-                         f"dividing the last dimension, got block={block!r} for a last "
-                         f"dimension of {k}")
+def _check_block(block: object, k: int, fn: str, max_block: int | None = None) -> None:
+    pow2 = (isinstance(block, int) and not isinstance(block, bool) and block >= 2
+            and block & (block - 1) == 0)
+    if not pow2 or k % block or (max_block is not None and block > max_block):
+        sizes = f"from 2 to {max_block}" if max_block is not None else ">= 2"
+        raise ValueError(f"{fn}: block must be a power of two {sizes} dividing the last "
+                         f"dimension (the MX layout's is {MX_BLOCK}), got block={block!r} for a "
+                         f"last dimension of {k}")
 
 
 def _e8m0_exponent(amax: Tensor, emax: int) -> tuple[Tensor, Tensor]:
@@ -488,7 +506,10 @@ def amax_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
     tensor amax with."""
     # the divisor is a tensor on amax's device: with a CPU scalar divisor torch's CUDA division
     # multiplies by its reciprocal, which is not the IEEE quotient
-    return torch.clamp_min(amax, AMAX_FLOOR) / torch.full((), FP8_MAX[dtype], device=amax.device)
+    # a where, not clamp_min: ONNX export writes that as a Clip to the largest float, which
+    # makes an amax of inf finite
+    floored = torch.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax)
+    return floored / torch.full((), FP8_MAX[dtype], device=amax.device)
 
 
 def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | None = None,
@@ -507,13 +528,16 @@ def quantize_fp8(y: Tensor, dtype: torch.dtype, scaling: str, scale: Tensor | No
     visibly poisoned rather than quietly finite: an amax of inf gives scale inf (finite values
     then quantise to 0, infinities to NaN), an amax of NaN a NaN scale and NaN q, and a block
     with an inf or NaN the E8M0 NaN byte 0xFF and all-NaN q."""
-    _check_quantize(y, dtype, scaling, scale, block)
-    if scale is not None:
-        # its value, read on the host: the fused path's caller checks it once, outside the op
-        value = scale.reshape(-1)[0].item()
-        if not (math.isfinite(value) and value > 0.0):
-            raise ValueError(f"quantize_fp8: scale must be one finite fp32 value > 0, got "
-                             f"value {value}")
+    check_quantize(y, dtype, scaling, scale, block)
+    return quantize_fp8_unchecked(y, dtype, scaling, scale, block)
+
+
+def quantize_fp8_unchecked(y: Tensor, dtype: torch.dtype, scaling: str,
+                           scale: Tensor | None = None,
+                           block: int = MX_BLOCK) -> tuple[Tensor, Tensor]:
+    """``quantize_fp8`` of arguments ``check_quantize`` passed: plain functional torch
+    operations that read nothing on the host, so a traced graph (an exported program, a
+    decomposition) can hold them."""
     yf = y.float()
     if scaling == "block":
         k = y.shape[-1]
@@ -537,7 +561,7 @@ def dequantize_fp8(q: Tensor, scales: Tensor, scaling: str, block: int = MX_BLOC
     qf = q.float()
     if scaling != "block":
         return qf * scales.float()
-    _check_block(block, q.shape[-1])
+    _check_block(block, q.shape[-1], "dequantize_fp8")
     mult = scales.view(torch.uint8).view(torch.float8_e8m0fnu).float().unsqueeze(-1)
     return (qf.unflatten(-1, (q.shape[-1] // block, block)) * mult).flatten(-2)
 

@@ -6,8 +6,10 @@ transformers Llama after ``patch_gated_mlps``.  On the CPU; the CUDA package (ou
 inside) is a cuda-marked test.
 """
 
+import ctypes
 import importlib
 import io
+import math
 import os
 import subprocess
 import sys
@@ -201,6 +203,78 @@ def test_aoti_package_runs_without_fused_act(name, tmp_path):
     assert out.strip().endswith("ok")
 
 
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+class _FP8Out(nn.Module):
+    """Activations with FP8 outputs (fused_act::act_quant) on (4, 64) x: every scaling, both
+    formats, elementwise, packed and gated, a caller's scale a buffer; ``act`` the elementwise
+    activation.  Its outputs flat: q, scales, q, scales, ..."""
+
+    def __init__(self, act: str = "silu", block: bool = True) -> None:
+        super().__init__()
+        self.act, self.block = getattr(fused_act, act), block
+        self.register_buffer("scale", torch.tensor(0.25))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        out = [*self.act(x, out_dtype=E4M3, scaling="row"),
+               *self.act(x, out_dtype=E5M2, scaling="tensor"),
+               *self.act(x, out_dtype=E4M3, scaling="tensor", scale=self.scale),
+               *fused_act.glu(x[:, :32], x[:, 32:], self.act.__name__, out_dtype=E5M2)]
+        if self.block:
+            out += [*fused_act.swiglu(x, out_dtype=E4M3, scaling="block"),
+                    *fused_act.glu(x[:, :32], x[:, 32:], "gelu", out_dtype=E5M2,
+                                   scaling="block", block=16)]
+        return tuple(out)
+
+
+def _fp8_input() -> Tensor:
+    """(4, 64) values over FP8's range, with +-inf, a subnormal, zeros and a NaN in rows of
+    their own."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)) * 20
+    x[0, :4] = torch.tensor([math.inf, 1e-42, 0.0, -0.0])
+    x[1, 40] = -math.inf
+    x[2, 7] = math.nan
+    return x
+
+
+def _bits(ts: tuple[Tensor, ...]) -> list[Tensor]:
+    """Each tensor's bits: NaNs compared too."""
+    return [t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32) for t in ts]
+
+
+# in a process without fused_act: the outputs bit for bit (this module's _bits)
+_SAME_BITS = ("bits = lambda ts: [t.view(torch.uint8) if t.element_size() == 1 else "
+              "t.view(torch.int32) for t in ts]\n"
+              "assert all(torch.equal(a, b) for a, b in zip(bits(got), bits(want), strict=True))\n"
+              "print('ok')\n")
+
+
+def test_fp8_outputs_decomposed_and_packaged_run_without_fused_act(tmp_path):
+    """An exported program with FP8 outputs (``fused_act::act_quant``: row, tensor, a caller's
+    scale, block; elementwise, packed and gated) decomposed by ``decompositions()`` runs from
+    its ``.pt2`` file without fused_act, and ``decompositions(kernels=True)`` compiled by
+    AOTInductor runs too (no block scaling: torch's AOTInductor CPU wrapper does not declare
+    float8_e8m0fnu): both equal eager bit for bit, data and scales."""
+    x = _fp8_input()
+    for name, model in (("model.pt2", _FP8Out("squared_relu")),
+                        ("aoti.pt2", _FP8Out("squared_relu", block=False))):
+        ep = torch.export.export(model, (x,))
+        assert _ours(ep.graph) == {"fused_act.act_quant.default"}
+        ep = ep.run_decompositions(deploy.decompositions(kernels=name == "aoti.pt2"))
+        assert not _ours(ep.graph)
+        if name == "model.pt2":
+            torch.export.save(ep, tmp_path / name)
+        else:
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / name))
+        torch.save((x, model(x)), tmp_path / f"{name}.io")
+    for name, load in (("model.pt2", "torch.export.load('model.pt2').module()"),
+                       ("aoti.pt2", "torch._inductor.aoti_load_package('aoti.pt2')")):
+        out = _fresh(f"x, want = torch.load('{name}.io')\ngot = {load}(x)\n" + _SAME_BITS,
+                     tmp_path)
+        assert out.strip().endswith("ok"), name
+
+
 def test_kernels_refused_where_they_cannot_be_traced():
     """``kernels=True`` with Triton's interpreter in force: its kernels run on the host, so a
     graph would hold no launch; a clear error, never a program that computes nothing."""
@@ -232,6 +306,8 @@ calls = {
     "acon_c": lambda x, c, n: ops.acon_c(x, c, c, n),
     "frelu_max": lambda x, c, n: ops.frelu_max(x, x, True),
     "frelu_max_affine": lambda x, c, n: ops.frelu_max_affine(x, x, c, c),
+    "act_quant": lambda x, c, n: ops.act_quant(x, None, "swish", 1.0, None,
+                                               torch.float8_e4m3fn, "row", None, 32),
 }
 for name, call in calls.items():
     g = make_fx(call, decomposition_table=deploy.decompositions(kernels=True),
@@ -255,7 +331,8 @@ def test_kernels_traced_on_cuda_tensors(tmp_path):
     launched = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
     assert launched == {"activation": "act_fwd_kernel", "swish_beta": "act_fwd_kernel",
                         "glu": "glu_fwd_kernel", "acon_c": "acon_fwd_kernel",
-                        "frelu_max": "max_fwd_kernel", "frelu_max_affine": "max_affine_kernel"}
+                        "frelu_max": "max_fwd_kernel", "frelu_max_affine": "max_affine_kernel",
+                        "act_quant": "act_quant_kernel"}
 
 
 def test_no_global_registration():
@@ -307,6 +384,40 @@ def test_onnx_export_of_models(name):
     kinds, got = _onnx_run(model, x)
     assert MODEL_ONNX_OPS[name] <= kinds, kinds
     torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+def _ort_outputs(proto: object, x: Tensor, ort: object) -> tuple[Tensor, ...]:
+    """onnxruntime's outputs as tensors of their own dtypes, FP8 too (read from its buffers:
+    numpy has no FP8 type for onnxruntime to return)."""
+    dtypes = {1: torch.float32, 17: E4M3, 19: E5M2}  # ONNX's element types
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    binding.bind_cpu_input(session.get_inputs()[0].name, x.numpy())
+    for o in session.get_outputs():
+        binding.bind_output(o.name, "cpu")
+    session.run_with_iobinding(binding)
+    outs = []
+    for v in binding.get_outputs():
+        dtype = dtypes[v.element_type()]
+        raw = ctypes.string_at(v.data_ptr(), math.prod(v.shape()) * dtype.itemsize)
+        outs.append(torch.frombuffer(bytearray(raw), dtype=dtype).reshape(v.shape()))
+    return tuple(outs)
+
+
+def test_onnx_export_of_fp8_outputs():
+    """FP8 outputs export to ONNX as the reference's primitive operations (Div, Clip, IsNaN,
+    Where and a Cast to FLOAT8E4M3FN / FLOAT8E5M2) and onnxruntime gives eager's data and
+    scales bit for bit (squared_relu: exact activation math in both); block scaling, whose
+    E8M0 scales torch.onnx cannot write, is refused by name."""
+    _need("onnxscript")
+    ort = _need("onnxruntime")
+    model, x = _FP8Out("squared_relu", block=False).eval(), _fp8_input()
+    proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+    assert {"Div", "IsNaN", "Cast"} <= {n.op_type for n in proto.graph.node}
+    got = _ort_outputs(proto, x, ort)
+    assert all(torch.equal(a, b) for a, b in zip(_bits(got), _bits(model(x)), strict=True))
+    with pytest.raises(Exception, match="scaling='block' is not supported"):
+        torch.onnx.export(_FP8Out().eval(), (x,), dynamo=True, verbose=False)
 
 
 @pytest.mark.cuda

@@ -272,7 +272,7 @@ def _check_fp8(module: str, fp8: object, fp8_dtype: object) -> None:
     if fp8 is not None and fp8 not in reference.SCALINGS:
         raise ValueError(f"fused_act.nn.{module}: fp8 must be None or one of "
                          f"{reference.SCALINGS}, got {fp8!r}")
-    if fp8_dtype not in functional.FP8_DTYPES:
+    if fp8_dtype not in reference.FP8_MAX:
         raise ValueError(f"fused_act.nn.{module}: fp8_dtype must be torch.float8_e4m3fn or "
                          f"torch.float8_e5m2, got {fp8_dtype}")
 

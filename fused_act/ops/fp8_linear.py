@@ -31,7 +31,6 @@ SCALED_MM, DEQUANT = "scaled_mm", "dequant"
 _SUPPORTED: dict[tuple, bool] = {}
 
 
-@torch._dynamo.assume_constant_result
 def _scaled_mm_runs(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dtype,
                     scaling: str, bias: bool, k_rem: int, n_rem: int) -> bool:
     """Whether ``torch._scaled_mm`` takes this combination, tried once on a small product of
@@ -51,6 +50,12 @@ def _scaled_mm_runs(device: torch.device, h_dtype: torch.dtype, out_dtype: torch
         except (RuntimeError, TypeError, NotImplementedError, ValueError):
             _SUPPORTED[key] = False
     return _SUPPORTED[key]
+
+
+# what torch.compiler.assume_constant_result marks, without importing the compiler with
+# fused_act (that takes seconds and imports torch.distributed.tensor, whose import is when our
+# sharding rules register)
+_scaled_mm_runs._dynamo_marked_constant = True
 
 
 def matmul_path(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dtype,

@@ -6,6 +6,7 @@ functions' ``out_dtype``.  Activations with per-channel parameters (swish with a
 ACON-C) read them by channel.  No autograd: a gradient cannot flow through FP8 data."""
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,11 +16,13 @@ from ..backend import get_backend
 from ..kernels import ChannelParams, launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
 from .layout import flat_param, fp32, row_stride
-from .op import SUBCLASS_HOOKS, dispatches_itself, reference_math
+from .op import SUBCLASS_HOOKS, dispatches_itself, exporting, onnx_exporting, reference_math
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACON_C = "acon_c"  # act_quant's name for ACON-C (no kernel id: its kernels take p1, p2, beta)
+# what a torch.onnx.export traces in the op's place (deploy.install sets it), as Op.onnx_form
+onnx_form: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 def _rows(t: Tensor) -> tuple[Tensor, int]:
@@ -32,6 +35,18 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
     return t, s
 
 
+def reference_form(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+                   dim: int | None, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
+                   block: int, beta: Tensor | None = None, p1: Tensor | None = None,
+                   p2: Tensor | None = None, backend: str | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """The op's reference math on checked arguments (``backend`` unused): plain functional
+    torch operations reading nothing on the host, which torch.func transforms batch and a
+    decomposed exported program holds."""
+    g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
+    return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block, beta, p1, p2)
+
+
 def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dtype: torch.dtype,
                scaling: str, scale: Tensor | None, block: int, beta: Tensor | None = None,
                p1: Tensor | None = None, p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -41,7 +56,7 @@ def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dty
         y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device) if beta is None else beta)
     if u is not None:
         y = y * u.float()
-    q, scales = reference.quantize_fp8(y, out_dtype, scaling, scale, block)
+    q, scales = reference.quantize_fp8_unchecked(y, out_dtype, scaling, scale, block)
     # row-major whatever the inputs' strides, as the kernels write them (and the fake says)
     return q.contiguous(), scales.contiguous() if scale is None else scales.clone()
 
@@ -116,9 +131,19 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     if u is not None and (u.shape != g.shape or u.device != g.device):
         raise ValueError(f"fused_act.act_quant: up must have gate's shape and device, got "
                          f"{tuple(u.shape)} on {u.device} and {tuple(g.shape)} on {g.device}")
-    reference._check_quantize(g, out_dtype, scaling, scale, block)
+    reference.check_quantize(g, out_dtype, scaling, scale, block, "fused_act.act_quant",
+                             ("gate", "out_dtype"), read_scale=False)
     if u is not None and not u.is_floating_point():
         raise TypeError(f"fused_act.act_quant: up must be a floating-point tensor, got {u.dtype}")
+    return _act_quant(g, u, act, beta_value, out_dtype, scaling, scale, block, backend, beta,
+                      p1, p2)
+
+
+def _act_quant(g: Tensor, u: Tensor | None, act: str, beta_value: float,
+               out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
+               backend: str, beta: Tensor | None, p1: Tensor | None,
+               p2: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``act_quant`` of checked arguments, gate and up apart (a packed gate split)."""
     k = launcher(g.device, backend)
     if (not offers(k, "act_quant") or g.numel() == 0 or block > plan.BLOCK
             or g.dtype not in KERNEL_DTYPES
@@ -160,9 +185,14 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
 
 def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
           out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
-          backend: str | None = None, beta: Tensor | None = None, p1: Tensor | None = None,
-          p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+          beta: Tensor | None = None, p1: Tensor | None = None, p2: Tensor | None = None,
+          backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Outputs shaped as ``act_quant``'s: what torch.compile traces the op with."""
+    if onnx_exporting() and onnx_form is not None:
+        # torch.onnx's strict try (Dynamo) records the op where its ONNX form refused the call:
+        # the form refuses here too, so that the export fails with the form's error
+        onnx_form(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block, beta, p1,
+                  p2)
     g = gate if up is not None or dim is None else reference.halves(gate, dim)[0]
     q = g.new_empty(g.shape, dtype=out_dtype)
     if scaling == "block":
@@ -173,21 +203,25 @@ def _fake(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int
     return q, g.new_empty((), dtype=torch.float32)
 
 
-def _run(gate: Tensor, up: Tensor | None, act: str, beta_value: float, dim: int | None,
-         out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
-         backend: str | None = None, beta: Tensor | None = None, p1: Tensor | None = None,
-         p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                     backend or get_backend(), beta, p1, p2)
+def act_quant_unchecked(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
+                        dim: int | None, out_dtype: torch.dtype, scaling: str,
+                        scale: Tensor | None, block: int, beta: Tensor | None = None,
+                        p1: Tensor | None = None, p2: Tensor | None = None,
+                        backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """``act_quant`` of arguments a public function checked (the op's schema order), under
+    ``backend`` or else the backend in force: what the custom op runs."""
+    g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
+    return _act_quant(g, u, act, beta_value, out_dtype, scaling, scale, block,
+                      backend or get_backend(), beta, p1, p2)
 
 
 # what torch.compile traces (an opaque op: Inductor cannot see inside the kernel), and what
 # torch.export records; eager calls skip its dispatch
 act_quant_op = torch.library.custom_op(
-    "fused_act::act_quant", _run, mutates_args=(),
+    "fused_act::act_quant", act_quant_unchecked, mutates_args=(),
     schema="(Tensor gate, Tensor? up, str act, float beta_value, int? dim, ScalarType out_dtype, "
-           "str scaling, Tensor? scale, int block, str? backend=None, Tensor? beta=None, "
-           "Tensor? p1=None, Tensor? p2=None) -> (Tensor, Tensor)")
+           "str scaling, Tensor? scale, int block, Tensor? beta=None, Tensor? p1=None, "
+           "Tensor? p2=None, str? backend=None) -> (Tensor, Tensor)")
 act_quant_op.register_fake(_fake)
 
 
@@ -197,20 +231,19 @@ def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
                   p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``act_quant`` on validated arguments under the backend in force, by the path the call
     needs: the reference math under torch.func transforms (plain torch operations, which
-    batch), the custom op under torch.compile and export, else the function itself."""
-    params = (beta, p1, p2)
+    batch), ``onnx_form`` under ONNX export, the custom op under torch.compile and export,
+    else the kernels or the reference math directly."""
+    args = (gate, up, act, beta_value, dim, out_dtype, scaling, scale, block, beta, p1, p2)
     if reference_math():
-        g, u = (gate, up) if up is not None or dim is None else reference.halves(gate, dim)
-        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block, *params)
+        return reference_form(*args)
     if torch.compiler.is_compiling():
-        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                            None, *params)
-    if dispatches_itself((gate, up, scale, *params)):
+        if exporting() and onnx_exporting():
+            return (onnx_form or reference_form)(*args)
+        return act_quant_op(*args)
+    if dispatches_itself((gate, up, scale, beta, p1, p2)):
         # DTensor's rule (distributed.quant_strategies); any other subclass that dispatches
         # itself meets the op, which it either handles or refuses
         for hook in SUBCLASS_HOOKS:
             hook()
-        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                            None, *params)
-    return act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                     get_backend(), *params)
+        return act_quant_op(*args)
+    return act_quant_unchecked(*args)
