@@ -347,7 +347,7 @@ def _gated_beta(op: str, beta: object, gate: Tensor) -> tuple[Tensor | None, flo
 
 def _fp8_beta(op: str, beta: object) -> float:
     """The float beta of an FP8 training call (``glu_fp8_linear``, ``nn.GatedMLP(fp8=)``),
-    which quantises with beta as a constant and has no gradient for it: a tensor is refused."""
+    whose straight-through backward gives no gradient for beta: a tensor is refused."""
     if isinstance(beta, Tensor):
         raise ValueError(f"fused_act.{op}: takes a float beta; a tensor (learnable) beta is "
                          "not supported")
