@@ -94,9 +94,10 @@ int fa_affine_act_backward(const void* g, const void* x, void* dx, int dtype, in
 // scaling: 0 tensor (q = y / the fp32 at scales), 1 row (an fp32 scale a row into scales),
 // 2 block (an E8M0 byte a `block` elements of a row into scales), 3 amax (no q: one fp32 partial
 // max of |y| a plan tile into scales, NaN if any y is).  A fused_act/plan.py quant_plan.
-// Where beta is not null (up null), f reads per-channel parameters, plan.channels floats each:
-// swish (act) with the tensor beta, or where p1 and p2 are not null ACON-C of p1, p2 and beta
-// (act unread); a row's channel is its column (plan.layout FA_COLS) or (row / run) % channels.
+// Where beta is not null, f reads per-channel parameters, plan.channels floats each: swish
+// (act) with the tensor beta, or where p1 and p2 are not null (up null) ACON-C of p1, p2 and
+// beta (act unread); a row's channel is its column (plan.layout FA_COLS) or (row / run) %
+// channels.  With up, beta (swish's) is one float (plan.channels 1).
 int fa_act_quant(const void* gate, const void* up, void* q, void* scales, const int64_t* strides,
                  int dtype, int act, float beta_value, int fp8, int scaling, int block,
                  const void* beta, const void* p1, const void* p2, int64_t run, fa_plan plan,

@@ -10,7 +10,7 @@
 //   __nv_cvt_float_to_fp8(v, __NV_SATFINITE, ...) rounds the same way, but keeps a NaN's sign
 //   (0xFF for a negative one) where the reference writes 0x7F for every NaN.
 // * Swish with a tensor beta and ACON-C read their per-channel parameters (ChannelSource) in
-//   the same kernels.
+//   the same kernels; gated swish its one-value tensor beta (GatedBetaSource).
 // * Two kernels: rows (one block a row, y held in registers up to ROW_HOLD elements, else
 //   walked twice, the activation recomputed) and tiles (the plan's block_r x block_l tiles, a
 //   tile held 8 values a thread: tensor scales, MX block scales and per-tile amax partials).
@@ -105,6 +105,16 @@ __device__ __forceinline__ float row_scale(int amax_bits) {
   return div_rn(amax < AMAX_FLOOR ? AMAX_FLOOR : amax, Fp8<FP8>::FMAX);
 }
 
+// act(gate) (* up) in fp32 at (row, col) with beta b, each input `stride` elements a row: the
+// value of Source and of GatedBetaSource
+template <int ACT, bool GATED, class T>
+__device__ __forceinline__ float act_y(const T* gate, const T* up, int64_t s_gate, int64_t s_up,
+                                       int64_t row, int64_t col, float b) {
+  float v = act_fwd<ACT>(to_op(gate[row * s_gate + col]), b);
+  if constexpr (GATED) v = v * to_op(up[row * s_up + col]);
+  return v;
+}
+
 // y = act(gate) (* up) in fp32 at (row, col), each input `stride` elements a row
 template <class T, int ACT, bool GATED>
 struct Source {
@@ -114,9 +124,21 @@ struct Source {
   float beta;
 
   __device__ __forceinline__ float y(int64_t row, int64_t col) const {
-    float v = act_fwd<ACT>(to_op(gate[row * s_gate + col]), beta);
-    if constexpr (GATED) v = v * to_op(up[row * s_up + col]);
-    return v;
+    return act_y<ACT, GATED>(gate, up, s_gate, s_up, row, col, beta);
+  }
+};
+
+// y = swish(gate) * up in fp32 at (row, col) with the gated op's tensor beta (one opmath float,
+// read on the device: no host sync), as elementwise.cu's GluOp reads it
+template <class T>
+struct GatedBetaSource {
+  const T* gate;
+  const T* up;
+  int64_t s_gate, s_up;
+  const float* beta;
+
+  __device__ __forceinline__ float y(int64_t row, int64_t col) const {
+    return act_y<ACT_SWISH, true>(gate, up, s_gate, s_up, row, col, *beta);
   }
 };
 
@@ -361,9 +383,14 @@ int act_quant(const void* gate, const void* up, void* q, void* scales, const int
 }
 
 template <class T>
-int channel_quant(const void* gate, void* q, void* scales, const int64_t* strides,
-                  const void* beta, const void* p1, const void* p2, int64_t run, int fp8,
-                  int scaling, int group, const fa_plan& p, void* stream) {
+int channel_quant(const void* gate, const void* up, void* q, void* scales,
+                  const int64_t* strides, const void* beta, const void* p1, const void* p2,
+                  int64_t run, int fp8, int scaling, int group, const fa_plan& p, void* stream) {
+  if (up != nullptr) {
+    const GatedBetaSource<T> src{static_cast<const T*>(gate), static_cast<const T*>(up),
+                                 strides[0], strides[1], static_cast<const float*>(beta)};
+    return launch_format<decltype(src)>(src, q, scales, fp8, scaling, group, p, stream);
+  }
   auto with = [&](auto acon) {
     const ChannelSource<T, decltype(acon)::value> src{
         static_cast<const T*>(gate), strides[0], static_cast<const float*>(beta),
@@ -384,21 +411,22 @@ extern "C" int fa_act_quant(const void* gate, const void* up, void* q, void* sca
                             const void* p2, int64_t run, fa_plan plan, void* stream) {
   if (plan.samples != 1 || block < 1) return int(cudaErrorInvalidValue);
   if (beta != nullptr) {
-    // per-channel parameters: elementwise only, swish or (p1 and p2 given) ACON-C
-    if (up != nullptr || (p1 == nullptr) != (p2 == nullptr) ||
-        (p1 == nullptr && act != ACT_SWISH) || run < 1 || plan.channels < 1) {
+    // per-channel parameters: swish or (p1 and p2 given, elementwise) ACON-C; gated: swish
+    // with one beta value
+    if ((p1 == nullptr) != (p2 == nullptr) || (p1 == nullptr && act != ACT_SWISH) || run < 1 ||
+        plan.channels < 1 || (up != nullptr && (p1 != nullptr || plan.channels != 1))) {
       return int(cudaErrorInvalidValue);
     }
     switch (dtype) {
       case FA_F32:
-        return channel_quant<float>(gate, q, scales, strides, beta, p1, p2, run, fp8, scaling,
-                                    block, plan, stream);
+        return channel_quant<float>(gate, up, q, scales, strides, beta, p1, p2, run, fp8,
+                                    scaling, block, plan, stream);
       case FA_F16:
-        return channel_quant<__half>(gate, q, scales, strides, beta, p1, p2, run, fp8, scaling,
-                                     block, plan, stream);
+        return channel_quant<__half>(gate, up, q, scales, strides, beta, p1, p2, run, fp8,
+                                     scaling, block, plan, stream);
       case FA_BF16:
-        return channel_quant<__nv_bfloat16>(gate, q, scales, strides, beta, p1, p2, run, fp8,
-                                            scaling, block, plan, stream);
+        return channel_quant<__nv_bfloat16>(gate, up, q, scales, strides, beta, p1, p2, run,
+                                            fp8, scaling, block, plan, stream);
       default:
         return int(cudaErrorInvalidValue);
     }

@@ -180,7 +180,8 @@ def quant_strategies(gate: object, up: object, act: str, beta_value: float,
     from torch.distributed.tensor import Replicate, Shard
 
     params = [None if t is None else Replicate() for t in (beta, p1, p2)]
-    per_channel = any(t is not None and t.numel() > 1 for t in (beta, p1, p2))
+    # the strategy sees DTensorSpecs, which have a shape but no numel()
+    per_channel = any(t is not None and math.prod(t.shape) > 1 for t in (beta, p1, p2))
 
     def inputs(x: object, s: object) -> list:
         return [x, None if up is None else x, *[None] * 5, s, None, *params, None]

@@ -297,16 +297,33 @@ def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
                          "equal halves")
 
 
-def _fp8_beta(op: str, beta: object) -> float:
-    """The float beta (1.0 for none) of a gated call with an FP8 result, which the fused
-    quantisation takes as a constant."""
-    if isinstance(beta, Tensor):
-        raise ValueError(f"fused_act.{op}: out_dtype takes a float beta; a tensor beta has no "
-                         "FP8 output yet")
+def _float_beta(op: str, beta: object) -> float:
+    """A gated call's float beta (1.0 for none); the ops round it to fp32."""
     if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
         raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
     return 1.0 if beta is None else beta
+
+
+def _gated_beta(op: str, beta: object, gate: Tensor) -> tuple[Tensor | None, float]:
+    """(the tensor beta or None, the float beta) of a gated call's activation: a float, or a
+    tensor of one value on gate's device, which the gated kernels read as one channel."""
+    if isinstance(beta, Tensor):
+        _check_param_type(op, "beta", beta, gate, "gate")
+        if beta.numel() != 1:
+            raise ValueError(f"fused_act.{op}: beta must be a float or a one-element tensor "
+                             f"(got shape {tuple(beta.shape)})")
+        return beta, 1.0
+    return None, _float_beta(op, beta)
+
+
+def _fp8_beta(op: str, beta: object) -> float:
+    """The float beta of an FP8 training call (``glu_fp8_linear``, ``nn.GatedMLP(fp8=)``),
+    whose straight-through backward gives no gradient for beta: a tensor is refused."""
+    if isinstance(beta, Tensor):
+        raise ValueError(f"fused_act.{op}: takes a float beta; a tensor (learnable) beta is "
+                         "not supported")
+    return _float_beta(op, beta)
 
 
 def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
@@ -315,21 +332,12 @@ def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
     ``quant``: its (out_dtype, scaling, scale, block)."""
     _check_gated(op, gate, up, dim)
     spec, beta = _gated_activation(op, activation, dict(kwargs))
+    beta_t, beta_value = _gated_beta(op, beta, gate)
     if quant[0] is not None:
-        return _quantized(op, gate, up, spec.kernel, _fp8_beta(op, beta),
-                          None if up is not None else dim, *quant)
-    if not spec.beta:
-        return ops.GATED(gate, up, spec.name, None, 1.0, dim, mode="glu")
-    if isinstance(beta, Tensor):
-        _check_param_type(op, "beta", beta, gate, "gate")
-        if beta.numel() != 1:
-            raise ValueError(f"fused_act.{op}: beta must be a float or a one-element tensor "
-                             f"(got shape {tuple(beta.shape)})")
-        return ops.GATED(gate, up, spec.name, beta, 1.0, dim, mode="glu")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"fused_act.{op}: beta must be a float or a tensor "
-                        f"(got {type(beta).__name__})")
-    return ops.GATED(gate, up, spec.name, None, beta, dim, mode="glu")  # rounded to fp32
+        return _quantized(op, gate, up, spec.kernel, beta_value,
+                          None if up is not None else dim, *quant,
+                          () if beta_t is None else (beta_t,))
+    return ops.GATED(gate, up, spec.name, beta_t, beta_value, dim, mode="glu")
 
 
 def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1, *,
@@ -340,7 +348,8 @@ def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: i
 
     ``activation`` is any elementwise activation here ("silu", "swish", "gelu", "mish", ...),
     with its own keyword arguments (``beta`` for swish: a float or a one-element tensor, whose
-    gradient is reduced inside the backward; ``approximate`` for gelu).  ``gate`` and ``up``
+    gradient is reduced inside the backward, and which ``out_dtype`` reads on the device as the
+    unquantised forward does; ``approximate`` for gelu).  ``gate`` and ``up``
     have the same shape, dtype and device (no broadcasting).  With ``up=None``, ``gate`` is the
     packed gate_up tensor, split into two halves along ``dim`` (first half gate); the halves of a
     contiguous packed tensor are read in place and its gradient is one buffer of its shape
@@ -396,8 +405,8 @@ def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor
     dh; dweight = dout^T @ dequant(q_h) (what the forward product read) and dbias = dout summed
     over the tokens, both in fp32, then in their parameters' dtypes.  Saved: gate and up (or
     the packed tensor), q_h and its scales (one byte per element of h instead of h) and
-    weight.  Not supported: a tensor (learnable) beta, which the quantisation takes as a
-    constant; gradients in FP8 (e5m2 with its scale); double backward; torch.func transforms
+    weight.  Not supported: a tensor (learnable) beta, for which this backward gives no
+    gradient; gradients in FP8 (e5m2 with its scale); double backward; torch.func transforms
     and forward-mode AD (each is a clear error).  ``weight`` and ``bias`` may be of another
     floating dtype than gate (fp32 master weights).
     """

@@ -108,9 +108,10 @@ class Kernels(Protocol):
         ``scales``; "row" writing one fp32 scale a row into ``scales``; "block" one E8M0 byte
         a ``block`` elements; "amax" no q, but one partial amax of |y| (NaN if any y is) a
         tile of ``p.grid`` into ``scales``.  A ``plan.quant_plan`` over rows of the last dim;
-        ``strides``: the row strides of gate and up.  With ``params`` (no up), f is ``act``
+        ``strides``: the row strides of gate and up.  With ``params``, f is ``act``
         with the tensor beta, or ACON-C where ``params.p1`` is given (``act`` unused), its
-        parameters read per channel.  Optional (``OPTIONAL``)."""
+        parameters read per channel; with up as well, swish with a beta of one value (one
+        channel).  Optional (``OPTIONAL``)."""
 
 
 # launchers a backend may lack: the host asks ``offers`` and runs the reference math without

@@ -55,7 +55,8 @@ def test_rows_cover_every_op_and_the_baseline(rows):
     assert {r["storage"] for r in vectorized} == {"float", "__half", "__nv_bfloat16"}
     ops = {r["kernel"].split("<")[1] for r in rows}
     assert ops == {"MapOp", "GradOp", "GluOp", "GluGradOp", "MaxForward", "MaxBackward",
-                   "MaxAffine", "StatsOp", "AffineGradOp", "Source", "ChannelSource"}
+                   "MaxAffine", "StatsOp", "AffineGradOp", "Source", "ChannelSource",
+                   "GatedBetaSource"}
     assert codegen_cuda.sums_only_ops() == {"StatsOp"}
     assert all(r["ldg128"] and (r["stg128"] or r["sums_only"]) for r in vectorized)
     missing = ({codegen_cuda.activation_free(r["mangled"]) for r in rows}

@@ -394,3 +394,11 @@ def test_act_quant_params(act, dtype, cuda_on_cpu):
     for fp8 in quant_tables.F8:
         quant_tables.check_params(act, dtype, fp8, "cuda",
                                   quant_tables.PACTS.index(act) + 2 * quant_tables.F8.index(fp8))
+
+
+@pytest.mark.parametrize("dtype", QDTYPES, ids=str)
+def test_act_quant_gated_beta(dtype, cuda_on_cpu):
+    """Gated swish with the gated op's tensor beta (one value, read on the device), gate and up
+    or packed: every scaling, both formats."""
+    for fp8 in quant_tables.F8:
+        quant_tables.check_gated_beta(dtype, fp8, "cuda", 1 + quant_tables.F8.index(fp8))

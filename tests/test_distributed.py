@@ -264,6 +264,9 @@ FP8_CASES = {
     "silu_tensor": lambda x, s: fused_act.silu(x, out_dtype=torch.float8_e4m3fn,
                                                scaling="tensor"),
     "swiglu_packed_row": lambda x, s: fused_act.swiglu(x, out_dtype=torch.float8_e4m3fn),
+    # the gated op's tensor beta (one value, replicated: here 0.5 from the replicated s)
+    "glu_beta_packed_row": lambda x, s: fused_act.glu(x, activation="swish", beta=8 * s,
+                                                      out_dtype=torch.float8_e4m3fn),
 }
 
 

@@ -161,7 +161,7 @@ def test_errors():
         fused_act.glu_fp8_linear(gate, up, w.t())
     with pytest.raises(ValueError, match=r"glu_fp8_linear: bias must be \(N,\)"):
         fused_act.glu_fp8_linear(gate, up, w, b[:3])
-    with pytest.raises(ValueError, match="glu_fp8_linear: out_dtype takes a float beta"):
+    with pytest.raises(ValueError, match="glu_fp8_linear: takes a float beta"):
         fused_act.glu_fp8_linear(gate, up, w, activation="swish", beta=torch.ones(1))
     with pytest.raises(RuntimeError, match="glu_fp8_linear: torch.func transforms"):
         torch.func.grad(lambda g: fused_act.glu_fp8_linear(g, up, w).sum())(gate)

@@ -744,8 +744,10 @@ def test_public_out_dtype_errors():
         fused_act.mish(torch.tensor(1.0), out_dtype=E4M3)
     with pytest.raises(ValueError, match="inplace=True"):
         fused_act.silu(x, inplace=True, out_dtype=E4M3)
-    with pytest.raises(ValueError, match="tensor beta"):
-        fused_act.glu(x, activation="swish", beta=torch.tensor([1.0]), out_dtype=E4M3)
+    with pytest.raises(ValueError, match=r"float8_e5m2 \(or None\), got torch.float16"):
+        fused_act.glu(x, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="glu_fp8_linear: out_dtype must be .*float8_e5m2, got"):
+        fused_act.glu_fp8_linear(x, x, torch.ones(8, 64), out_dtype=torch.float16)
     xg = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="autograd carries no gradient"):
         fused_act.silu(xg, out_dtype=E4M3)
@@ -946,6 +948,75 @@ def test_public_params_out_dtype_errors():
                       (dict(act="swish", beta=p, dim=-1), "elementwise call")]:
         with pytest.raises(ValueError, match=match):
             quant.act_quant(x, None, kw.pop("act"), 1.0, kw.pop("dim", None), **kw)
+
+
+# ---- gated swish with a tensor beta (one value, as the gated op takes it) ----------------------
+
+def gated_beta_case(ydtype, fp8, seed, j):
+    """(act_quant's gate, up, dim, beta) and the (gate, up) halves of case ``j``: gated and
+    packed in turn (alternating with ``fp8``), beta of one value in x's dtype shaped (), (1,) or
+    (1, 1)."""
+    mode = ("gated", "packed")[(j + F8.index(fp8)) % 2]
+    (gate, up, dim), halves = inputs(mode, QSHAPES[(seed + j) % len(QSHAPES)], ydtype,
+                                     seed=seed + j)
+    beta = torch.tensor(0.4 + 0.45 * j, dtype=ydtype).reshape((1,) * (j % 3))
+    return (gate, up, dim, beta), halves
+
+
+def check_gated_beta(ydtype, fp8, backend, seed):
+    """Every scaling: bit for bit against quantize_fp8 of the backend's own fp32 gated forward
+    (``glu_forward_impl``, which reads the tensor beta as the gated op does)."""
+    for j, scaling in enumerate(SCALINGS):
+        (gate, up, dim, beta), (g, u) = gated_beta_case(ydtype, fp8, seed, j)
+        mode, scale = SCALINGS[scaling]
+        scale = None if scale is None else torch.tensor(scale)
+        got = quant.act_quant(gate, up, "swish", 1.0, dim, fp8, mode, scale, 32, backend,
+                              beta=beta)
+        y = ops.glu_forward_impl(g.float(), u.float(), "swish", beta, 1.0, -1, backend)
+        same(got, quantize_fp8(y, fp8, mode, scale))
+
+
+@pytest.mark.parametrize("fp8", F8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_act_quant_gated_beta_kernel_is_bit_exact(ydtype, fp8):
+    interpreted()
+    check_gated_beta(ydtype, fp8, "triton", 2 * F8.index(fp8))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_public_gated_beta_out_dtype(backend):
+    """fused_act.glu (gate and up; packed) and nn.GLU(learnable=True) with a tensor beta,
+    out_dtype given: act_quant of that beta, on learnable parameters under no_grad; the
+    reference backend is quantize_fp8 of the reference gated swish exactly."""
+    if backend == "triton":
+        interpreted()
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(3)) * 4
+    beta = torch.nn.Parameter(torch.tensor([0.7]))
+    module = fused_act.nn.GLU("swish", learnable=True, fp8="row", beta=0.7)
+    with fused_act.use_backend(backend), torch.no_grad():
+        for got, (gate, up, dim) in (
+                (fused_act.glu(x[:, :64], x[:, 64:], "swish", beta=beta, out_dtype=E4M3,
+                               scaling="block"), (x[:, :64], x[:, 64:], None)),
+                (fused_act.glu(x, activation="swish", beta=beta, out_dtype=E4M3,
+                               scaling="block"), (x, None, -1))):
+            same(got, quant.act_quant(gate, up, "swish", 1.0, dim, E4M3, "block", None, 32,
+                                      backend, beta=beta))
+        same(module(x), quant.act_quant(x, None, "swish", 1.0, -1, E4M3, "row", None, 32,
+                                        backend, beta=module.beta))
+    if backend == "reference":
+        y = reference.swish(x[:, :64], beta.detach()) * x[:, 64:]
+        same(got, quantize_fp8(y, E4M3, "block"))
+
+
+def test_public_gated_beta_out_dtype_errors():
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="glu: beta must be a float or a one-element tensor"):
+        fused_act.glu(x, activation="swish", beta=torch.ones(2), out_dtype=E4M3)
+    with pytest.raises(RuntimeError, match="glu: out_dtype=.* autograd carries no gradient"):
+        fused_act.glu(x, activation="swish", beta=torch.nn.Parameter(torch.ones(1)),
+                      out_dtype=E4M3)
+    with pytest.raises(ValueError, match="gated call .* takes swish's beta of one value"):
+        quant.act_quant(x, None, "swish", 1.0, -1, beta=torch.ones(4))
 
 
 def test_public_params_out_dtype_compiles():

@@ -14,9 +14,9 @@ forms (``GATED``), both formats (``FP8``) and every scaling (``SCALING``), as
   one the host derived from ``AMAX``'s per-tile partial amaxes of |y|).
 
 ``PARAMS`` says where the activation's parameters come from: ``beta_value`` (SCALAR_BETA), a
-tensor beta read per channel (BETA), or ACON-C's p1, p2 and beta per channel (ACON), the channel
-of a row of the last dim being ``(row // RUN) % C`` (``LAYOUT`` ROWS: x is (N, C, *inner)) or
-its column (COLS: x is (N, C)).
+tensor beta read per channel (BETA; gated: the gated op's one value, C = 1), or ACON-C's p1, p2
+and beta per channel (ACON), the channel of a row of the last dim being ``(row // RUN) % C``
+(``LAYOUT`` ROWS: x is (N, C, *inner)) or its column (COLS: x is (N, C)).
 
 amaxes are taken on the bits of |y|: for non-negative floats the integer order is the float
 order, with every NaN above inf, so an integer max is exact, deterministic and propagates NaN

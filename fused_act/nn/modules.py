@@ -225,7 +225,8 @@ class GLU(FusedModule):
     ``fp8="row"``, ``"tensor"`` or ``"block"`` (default None: the result in the input's dtype)
     makes ``forward`` return ``(q, scales)``, the result quantised to ``fp8_dtype`` as
     ``fused_act.glu(..., out_dtype=fp8_dtype, scaling=fp8)`` gives it (MX blocks of 32): for
-    inference, as no gradient flows through FP8 data (training: ``GatedMLP(fp8=...)``).
+    inference, as no gradient flows through FP8 data (a learnable beta: under
+    ``torch.no_grad()``; training: ``GatedMLP(fp8=...)``).
     """
 
     def __init__(self, activation: str = "silu", dim: int = -1, learnable: bool = False,
@@ -238,9 +239,6 @@ class GLU(FusedModule):
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"fused_act.nn.GLU: dim must be an int (got {type(dim).__name__})")
         _check_fp8("GLU", fp8, fp8_dtype)
-        if fp8 is not None and learnable:
-            raise ValueError("fused_act.nn.GLU: fp8 takes a float beta; learnable=True has no "
-                             "FP8 output yet")
         self.activation, self.dim, self.learnable = activation, dim, learnable
         self.fp8, self.fp8_dtype = fp8, fp8_dtype
         if learnable:

@@ -3,7 +3,8 @@ act(gate) * up as ``reference.quantize_fp8`` does, without writing the activatio
 backend has the kernel (``Kernels.act_quant``), else by the reference math; ``fused_act::act_quant``
 is its custom op (what torch.compile traces) and ``run_act_quant`` the entry of the public
 functions' ``out_dtype``.  Activations with per-channel parameters (swish with a tensor beta,
-ACON-C) read them by channel.  No autograd: a gradient cannot flow through FP8 data."""
+ACON-C) read them by channel; a gated swish reads its one-value tensor beta as one channel.
+No autograd: a gradient cannot flow through FP8 data."""
 
 import math
 from collections.abc import Callable
@@ -64,7 +65,8 @@ def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dty
 def _check_params(x: Tensor, up: Tensor | None, dim: int | None, act: str,
                   beta: Tensor | None, p1: Tensor | None, p2: Tensor | None) -> None:
     """Per-channel parameters (beta; with ACON-C p1 and p2) of one or C = x.shape[1] values
-    each, on x's device, for an elementwise call: what the kernels index."""
+    each, on x's device, for an elementwise call, or swish's beta of one value for a gated one
+    (as the gated op takes it): what the kernels index."""
     acon = act == ACON_C
     if acon and (beta is None or p1 is None or p2 is None):
         raise ValueError("fused_act.act_quant: act 'acon_c' takes p1, p2 and beta")
@@ -73,10 +75,12 @@ def _check_params(x: Tensor, up: Tensor | None, dim: int | None, act: str,
                          f"'acon_c' (p1, p2, beta), got act {act!r}")
     if beta is None:
         return
-    if up is not None or dim is not None:
-        raise ValueError("fused_act.act_quant: per-channel parameters are for an elementwise "
-                         "call (no up, no dim)")
-    c = x.shape[1] if x.dim() >= 2 else 1
+    gated = up is not None or dim is not None
+    if gated and (acon or beta.numel() != 1):
+        raise ValueError(f"fused_act.act_quant: a gated call (up or dim given) takes swish's "
+                         f"beta of one value; per-channel parameters are for an elementwise "
+                         f"call (got act {act!r}, beta of shape {tuple(beta.shape)})")
+    c = x.shape[1] if x.dim() >= 2 and not gated else 1
     for name, t in (("beta", beta), ("p1", p1), ("p2", p2)):
         if t is not None and (t.numel() not in (1, c) or t.device != x.device
                               or not t.is_floating_point()):
@@ -122,7 +126,8 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
     up.float()).  Rows of the last dim that are not evenly spaced runs are copied once.
     ``beta`` (a tensor: swish's, read per channel instead of ``beta_value``) and with ``act``
     "acon_c" also ``p1`` and ``p2`` are per-channel parameters of 1 or C = gate.shape[1]
-    values, for an elementwise call (``up`` and ``dim`` None), read in fp32."""
+    values, for an elementwise call (``up`` and ``dim`` None), read in fp32; a gated call takes
+    swish's ``beta`` of one value (the gated op's learnable beta)."""
     if act not in KERNEL_IDS and act != ACON_C:
         raise ValueError(f"fused_act.act_quant: act must be one of "
                          f"{sorted([*KERNEL_IDS, ACON_C])}, got {act!r}")
