@@ -59,6 +59,10 @@ MAIN = ("fused", "fused_cuda", "eager")  # timed on every case
 # the rows that also time torch.compile of the eager function (each costs a compile)
 COMPILED = [("mish", "bf16", 2**26), ("swish_beta", "bf16", 2**26), ("swiglu", "bf16", None),
             ("acon_c", "bf16", 2**26)]
+# the FP8 rows (bench.quant) at the target's shape: the fused kernels, eager and the peers
+# where importable on every row; torch.compile of the eager expression on these
+QUANT_MAIN = (*MAIN, "vllm", "liger")
+QUANT_COMPILED = ["swiglu_fp8_row", "swiglu_fp8_block"]
 BUILD = Path("/tmp/fused_act_build")
 
 
@@ -275,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan(dry: bool) -> list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]:
     """(op, dtype, shape, contestants) of every timed case, in the order they are timed: every
-    op and dtype at the largest size, one LLM shape for the gated ops, the compiled rows, then
-    the smaller sizes."""
-    from bench import table
+    op and dtype at the largest size, one LLM shape for the gated ops, the FP8 rows in bf16 at
+    the target's shape, the compiled rows, then the smaller sizes."""
+    from bench import quant, table
     sizes = [256] if dry else SIZES
     cases = [(name, d, op.shape(n), MAIN) for n in sizes[:1] for name, op in table.OPS.items()
              for d in ("fp32", "bf16")]
@@ -287,9 +291,17 @@ def plan(dry: bool) -> list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]:
 
     gated = [name for name, op in table.OPS.items() if op.compile_key]
     cases += [(name, d, llm(name), MAIN) for name in gated for d in ("fp32", "bf16")]
+
+    def target(name: str) -> tuple[int, ...]:
+        # quick: the target's shape alone (dry: 256 output elements alone)
+        return quant.cases(name, [256], [], True)[0] if dry else quant.cases(name, [], None,
+                                                                             True)[0]
+
+    cases += [(name, "bf16", target(name), QUANT_MAIN) for name in quant.QUANT]
     for name, d, n in COMPILED:
         shape = llm(name) if n is None else table.OPS[name].shape(256 if dry else n)
         cases.append((name, d, shape, ("compile",)))
+    cases += [(name, "bf16", target(name), ("compile",)) for name in QUANT_COMPILED]
     cases += [(name, d, op.shape(n), MAIN) for n in sizes[1:] for name, op in table.OPS.items()
               for d in ("fp32", "bf16")]
     return cases
