@@ -305,3 +305,25 @@ def test_cpu_table(tmp_path):
     assert "| mish | F.mish | float32 | 2^10 | 2 |" in md and "## Models" in md
     assert "| swiglu_fp8_block | eager expression (amax, cast) | bfloat16 | 2^10 | 1 |" in md
     assert cpu.results_dir().name == "cpu-" + cpu.slug(info["cpu"])
+
+
+def test_fp8_peer_is_checked(monkeypatch):
+    """An FP8 row's peer (Liger-Kernel's SwiGLU then the eager quantisation) joins the
+    contestants on a GPU where it imports, and the check before timing passes it only where it
+    computes the row's function: a stand-in module computing SiLU * up passes, GELU * up
+    fails.  vLLM, not importable here, is absent and says why."""
+    from bench import quant
+    x, params = quant.make_inputs("swiglu_fp8_block", (4, 64), torch.bfloat16, "cpu")
+    for act, right in ((torch.nn.functional.silu, True), (torch.nn.functional.gelu, False)):
+        fake = SimpleNamespace(LigerSiLUMulFunction=SimpleNamespace(
+            apply=lambda g, u, a=act: a(g) * u))
+        monkeypatch.setitem(sys.modules, "liger_kernel.ops.swiglu", fake)
+        found = quant.contestants("swiglu_fp8_block", "aot_eager", "cuda")
+        assert "liger" in found and "vllm" not in quant.contestants(
+            "swiglu_packed_fp8_row", "aot_eager", "cuda")
+        if right:
+            quant.check("swiglu_fp8_block", found["liger"], x, params)
+        else:
+            with pytest.raises(AssertionError, match="codes off by more than one FP8 step"):
+                quant.check("swiglu_fp8_block", found["liger"], x, params)
+    assert quant.peers("cuda")["vllm"].startswith("absent")
