@@ -4,10 +4,12 @@ Activations are memory-bound, so each time is also given as GB/s (bytes that mus
 forward reads x and writes y: 2nb; backward reads grad and x and writes dx: 3nb; a gated op's
 forward reads gate and up and writes the output: 3nb, its backward reads grad, gate and up and
 writes both gradients: 5nb) and as a fraction of a device-to-device copy of the same bytes
-timed in the same run.  Each contestant's
-output is checked against the reference before it is timed.  Without a GPU the harness checks
-every kernel through Triton's interpreter against the reference, reports eager host overhead,
-and says that GPU timings need a GPU.  ``--cpu`` times every op on CPU tensors instead,
+timed in the same run.  Each contestant's output is checked against the reference before it
+is timed.  The activation fused with FP8 quantisation has forward-only rows of its own
+(``bench.quant``: bytes read plus one-byte codes and scales written), in a section of the table
+that states their target.  Without a GPU the harness checks every kernel through Triton's
+interpreter against the reference, reports eager host overhead, and says that GPU timings need
+a GPU.  ``--cpu`` times every op on CPU tensors instead,
 fused_act vs PyTorch, and writes a table of its own (``bench.cpu``).
 """
 
