@@ -61,6 +61,12 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.halves(x, -1)
 
 
+def _packed_swiglu(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a packed gate_up as users write it: the halves by ``chunk``."""
+    g, u = x.chunk(2, -1)
+    return F.silu(g) * u
+
+
 LAYOUTS = {
     "silu": QuantOp(lambda x, s: fused_act.silu(x, out_dtype=OUT_DTYPE, scaling=s), F.silu,
                     _silu, lambda x: [], 1, _rows, reference.MX_BLOCK),
@@ -68,7 +74,7 @@ LAYOUTS = {
                       lambda g, u: F.silu(g) * u, lambda g, u: _silu(g) * u.float(),
                       lambda x: [torch.randn_like(x)], 2, _rows, reference.MX_BLOCK),
     "swiglu_packed": QuantOp(lambda x, s: fused_act.swiglu(x, out_dtype=OUT_DTYPE, scaling=s),
-                             lambda x: F.silu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1],
+                             _packed_swiglu,
                              lambda x: _silu(_halves(x)[0]) * _halves(x)[1].float(),
                              lambda x: [], 2, lambda n: _packed_rows(2 * n),
                              2 * reference.MX_BLOCK),
