@@ -4,10 +4,12 @@ Activations are memory-bound, so each time is also given as GB/s (bytes that mus
 forward reads x and writes y: 2nb; backward reads grad and x and writes dx: 3nb; a gated op's
 forward reads gate and up and writes the output: 3nb, its backward reads grad, gate and up and
 writes both gradients: 5nb) and as a fraction of a device-to-device copy of the same bytes
-timed in the same run.  Each contestant's
-output is checked against the reference before it is timed.  Without a GPU the harness checks
-every kernel through Triton's interpreter against the reference, reports eager host overhead,
-and says that GPU timings need a GPU.  ``--cpu`` times every op on CPU tensors instead,
+timed in the same run.  Each contestant's output is checked against the reference before it
+is timed.  The activation fused with FP8 quantisation has forward-only rows of its own
+(``bench.quant``: bytes read plus one-byte codes and scales written), in a section of the table
+that states their target.  Without a GPU the harness checks every kernel through Triton's
+interpreter against the reference, reports eager host overhead, and says that GPU timings need
+a GPU.  ``--cpu`` times every op on CPU tensors instead,
 fused_act vs PyTorch, and writes a table of its own (``bench.cpu``).
 """
 
@@ -21,9 +23,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
 
-from bench import harness, report, table, timing  # noqa: E402
+from bench import harness, quant, report, table, timing  # noqa: E402
 
 DEFAULT_DTYPES = ["fp32", "fp16", "bf16"]
+# the ops of bench.table, then the rows of an activation fused with FP8 quantisation
+ALL_OPS = [*table.OPS, *quant.QUANT]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -39,13 +43,10 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     print(f"{'op':<{width}} {'dtype':<5} forward and input gradients (Triton interpreter, CPU)")
     ok_all = True
     for name in ops:
-        op = table.OPS[name]
         for dname in dtypes:
             try:
-                x, g, params = table.make_inputs(op, op.shape(2**12), table.DTYPES[dname],
-                                                 "cpu")
                 with fused_act.use_backend("triton"):
-                    table.check(name, op.fused, x, g, params)
+                    _check_interpreted(name, table.DTYPES[dname])
                 verdict = "ok"
             except AssertionError as e:
                 verdict, ok_all = f"FAIL: {e}", False
@@ -62,10 +63,23 @@ def run_without_gpu(ops: list[str], dtypes: list[str]) -> int:
     return 0 if ok_all else 1
 
 
+def _check_interpreted(name: str, dtype: torch.dtype) -> None:
+    """One op or FP8 row of 2^12 elements checked against the reference on CPU tensors."""
+    if name in quant.QUANT:
+        layout = quant.LAYOUTS[quant.QUANT[name][0]]
+        x, params = quant.make_inputs(name, layout.shape(2**12), dtype, "cpu")
+        quant.check(name, quant.contestants(name, device="cpu")["fused"], x, params)
+        return
+    op = table.OPS[name]
+    x, g, params = table.make_inputs(op, op.shape(2**12), dtype, "cpu")
+    table.check(name, op.fused, x, g, params)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few sizes, fewer repetitions")
-    p.add_argument("--ops", nargs="+", default=list(table.OPS), choices=list(table.OPS))
+    p.add_argument("--ops", nargs="+", default=ALL_OPS, choices=ALL_OPS,
+                   help="ops of bench.table and FP8 rows of bench.quant (default: all)")
     p.add_argument("--dtypes", nargs="+", default=DEFAULT_DTYPES,
                    choices=list(table.DTYPES))
     p.add_argument("--sizes", nargs="+", type=int, default=None,

@@ -35,6 +35,11 @@ REGISTER_SLACK = 8
 VECTOR_BYTES = 16
 # where a flat row is tiled: the first such argument of a kernel is the length a tail cuts
 LENGTHS = ("L", "N")
+# specializations that store one value a program and no tile (the FP8 kernel's amax pass):
+# (kernel, constexpr, value); only their loads are held to 16 bytes
+SCALAR_STORES = {("act_quant_kernel", "SCALING", 3)}
+# the modules of triton_kernels whose kernels the sweep records and compiles
+KERNEL_MODULES = ("acon", "elementwise", "frelu", "gated", "quant")
 
 # ---- the sweep: host ops on meta tensors ------------------------------------------------------
 
@@ -47,6 +52,7 @@ FLAT = {"aligned": (8, 1000), "tail": (7, 999)}
 GLU_ROWS = 63  # odd: separate gate and up of the tail width make a flat tail
 GLU_H = {"aligned": 256, "tail": 173}
 INT64_NUMEL = 2**31 + 2048
+QUANT_ROWS, QUANT_K = 63, 1024  # the FP8 kernel's rows: an odd count, a held width
 
 
 def _sweep():
@@ -54,7 +60,7 @@ def _sweep():
     tensors (the launchers record, nothing runs)."""
     import torch
 
-    from fused_act import ops
+    from fused_act import ops, plan
 
     def t(shape, dtype, channels_last=False):
         x = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
@@ -160,6 +166,30 @@ def _sweep():
                  frelu_affine(t(NCHW[kind], dt, channels_last=True))),
             ]
     cases.append(("frelu", "bfloat16 64-bit offsets", frelu(t((INT64_NUMEL,), "bfloat16"), True)))
+
+    def quant(gate, up, scaling, dim=None):
+        def run():
+            ops.quant.act_quant(gate, up, "swish", 1.0, dim, torch.float8_e4m3fn, scaling, None,
+                                32, "triton")
+        return run
+
+    # representative specializations of the FP8 kernel, not its product of options: gated row
+    # scaling with the row held in each dtype, then in bf16 a row past plan.ROW_HOLD (two
+    # passes), block and tensor scaling (its amax pass too), the elementwise and packed forms
+    held, long = (QUANT_ROWS, QUANT_K), (QUANT_ROWS, 2 * plan.ROW_HOLD)
+    for dt in ("float32", "float16", "bfloat16"):
+        cases.append(("quant", f"swiglu {dt} row held",
+                      quant(t(held, dt), t(held, dt), "row")))
+    bf = "bfloat16"
+    cases += [
+        ("quant", "swiglu bfloat16 row two-pass", quant(t(long, bf), t(long, bf), "row")),
+        ("quant", "swiglu bfloat16 block", quant(t(held, bf), t(held, bf), "block")),
+        ("quant", "swiglu bfloat16 tensor", quant(t(held, bf), t(held, bf), "tensor")),
+        ("quant", "silu bfloat16 row held", quant(t(held, bf), None, "row")),
+        ("quant", "silu bfloat16 block", quant(t(held, bf), None, "block")),
+        ("quant", "swiglu bfloat16 packed block",
+         quant(t((QUANT_ROWS, 2 * QUANT_K), bf), None, "block", -1)),
+    ]
     return cases
 
 
@@ -248,7 +278,7 @@ def _record(only: list[str] | None) -> list[dict]:
             entry["cases"].append(current["case"])
         return run
 
-    patched = list({id(value): value for name in ("acon", "elementwise", "frelu", "gated")
+    patched = list({id(value): value for name in KERNEL_MODULES
                     for value in vars(getattr(package, name)).values()
                     if isinstance(value, triton.runtime.JITFunction)}.values())
     for fn in patched:
@@ -369,7 +399,7 @@ def _compile(entry: dict) -> dict:
     import torch
     import triton
     fn = None
-    for module in ("acon", "elementwise", "frelu", "gated"):
+    for module in KERNEL_MODULES:
         fn = getattr(sys.modules[f"fused_act.triton_kernels.{module}"], entry["kernel"], fn)
     args = [_Pointer(getattr(torch, a[1]), a[2]) if a[0] == "ptr" else a[1]
             for a in entry["args"]]
@@ -378,6 +408,8 @@ def _compile(entry: dict) -> dict:
                            entry["constexprs"]),
                dtype=entry["args"][0][1], case=entry["cases"][0], launches=len(entry["cases"]),
                expects_vectors=_expects_vectors(entry), tail=_tail(entry),
+               scalar_store=any(entry["kernel"] == k and entry["constexprs"].get(c) == v
+                                for k, c, v in SCALAR_STORES),
                triton=triton.__version__)
     try:
         kernel = fn.warmup(*args, grid=(1,), **entry["constexprs"], **entry["options"])
@@ -457,8 +489,8 @@ def problems(rows: list[dict], baseline: dict) -> list[str]:
     """What fails the gate, one line each: a specialization that does not compile, a spill (any
     dtype: fp64, the dtype of gradcheck, included), registers over ``baseline`` (id ->
     registers; an id it lacks is held to its kernel's largest) + 8, a case that could be read
-    16 bytes at a time whose widest global load or store is narrower, and a float narrowing
-    that does not round to nearest even."""
+    16 bytes at a time whose widest global load or store (a tile's: not ``SCALAR_STORES``'
+    one value) is narrower, and a float narrowing that does not round to nearest even."""
     out = []
     by_kernel = defaultdict(int)
     for spec_id, regs in baseline.items():
@@ -474,7 +506,8 @@ def problems(rows: list[dict], baseline: dict) -> list[str]:
         limit = baseline.get(r["id"], by_kernel.get(r["kernel"]))
         if limit is not None and r["regs"] > limit + REGISTER_SLACK:
             out.append(f"{what}: {r['regs']} registers, baseline {limit} + {REGISTER_SLACK}")
-        if r["expects_vectors"] and min(r["load"], r["store"]) < VECTOR_BYTES:
+        store = VECTOR_BYTES if r.get("scalar_store") else r["store"]
+        if r["expects_vectors"] and min(r["load"], store) < VECTOR_BYTES:
             out.append(f"{what}: widest global load {r['load']} B, store {r['store']} B "
                        f"(16-byte accesses expected)")
         if r["narrowing"] not in ("", "rn"):

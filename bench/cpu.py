@@ -4,7 +4,9 @@ What users get on a machine without a GPU: fused_act with backend "auto" on CPU 
 kernels, ``csrc/cpu.cpp``; the reference where they cannot be built) against PyTorch's own function
 where one exists (``F.mish``, ``F.silu``, ``F.gelu`` both forms) or else the eager expression a
 user would write (the table's eager contestant), for every op of ``bench.table.OPS``, forward,
-backward and both, at each size, dtype and thread count (``torch.set_num_threads``).  Each
+backward and both, at each size, dtype and thread count (``torch.set_num_threads``), and the
+forward of each FP8 row of ``bench.quant`` against its eager expression (on CPU tensors "auto"
+runs the reference math there: the CPU kernels have no FP8 output).  Each
 contestant is checked against the reference first (``table.check``); times are medians of
 repetitions interleaved between the two contestants, so that a change of load on a shared machine
 hits both alike, and each row gives the ratio fused / torch.  Two model rows: timm's resnet10t with
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_act
+from bench import quant
 from bench.harness import env
 from bench.table import DTYPES, MODES, OPS, check, copies, make_inputs
 
@@ -151,6 +154,23 @@ def op_case(name: str, dtype: torch.dtype, n: int, reps: int) -> list[dict]:
     return rows
 
 
+def quant_case(name: str, dtype: torch.dtype, n: int, reps: int) -> list[dict]:
+    """One FP8 row of ``bench.quant`` (n output elements) at the current thread count: the
+    forward, fused_act against the eager expression, each checked first."""
+    x, params = quant.make_inputs(name, quant.LAYOUTS[quant.QUANT[name][0]].shape(n), dtype,
+                                  "cpu")
+    found = quant.contestants(name, device="cpu")
+    fns = {"fused": found["fused"], "torch": found["eager"]}
+    with torch.no_grad():
+        for fn in fns.values():
+            quant.check(name, fn, x, params)
+        ms = interleaved({k: lambda f=fn: f(x, *params) for k, fn in fns.items()}, reps)
+    return [dict(op=name, dtype=str(dtype).replace("torch.", ""), n=n, shape=list(x.shape),
+                 threads=torch.get_num_threads(), mode="forward",
+                 torch="eager expression (amax, cast)", fused_ms=ms["fused"],
+                 torch_ms=ms["torch"], ratio=ms["fused"] / ms["torch"])]
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
     scale = max(1.0, float(b.abs().max()))
     err = float((a - b).abs().max()) / scale
@@ -268,7 +288,7 @@ def run(out: Path | None = None, ops: list[str] | None = None, dtypes: list[str]
 
     from bench.report import cpu_markdown
     out = out or results_dir()
-    ops = ops or list(OPS)
+    ops = ops or [*OPS, *quant.QUANT]
     dtypes = dtypes or ["fp32", "bf16"]
     sizes = sizes or SIZES
     threads = threads or THREADS
@@ -288,7 +308,8 @@ def run(out: Path | None = None, ops: list[str] | None = None, dtypes: list[str]
                     for dname in dtypes:
                         for n in sizes:
                             try:
-                                found = op_case(name, DTYPES[dname], n, reps)
+                                case = quant_case if name in quant.QUANT else op_case
+                                found = case(name, DTYPES[dname], n, reps)
                             except Exception as e:  # noqa: BLE001 - one case must not end the run
                                 errors.append(_failure(e, what="case", op=name, dtype=dname,
                                                        n=n, threads=t))

@@ -14,8 +14,10 @@ in priority order, each until its deadline (seconds from the start, ``DEADLINES`
 4. ``measure`` (a fresh interpreter, whose deadline is enforced from outside): the ulp histograms
    of fp16/bf16 results against the fp32 result rounded by torch, the host overhead of an
    eager mish forward+backward, every op forward and backward in fp32 and bf16 at 2^26, at
-   one LLM shape for the gated ops, a few ``torch.compile`` rows, then at 2^20, for fused
-   Triton / fused CUDA / eager / copy;
+   one LLM shape for the gated ops, the FP8 rows of ``bench.quant`` in bf16 at 8192 x 14336
+   (their target's shape; peers too where importable), a few ``torch.compile`` rows, then at
+   2^20, for fused Triton / fused CUDA / eager / copy, and last ``torch.compile`` of two FP8
+   rows;
 5. ``bench.profile`` under Nsight Compute: the counters that say why a kernel misses the copy;
 6. ``bench.overhead``: the host time of an eager call, layer by layer;
 7. ``bench.tune``: Triton's block sizes and warps on this GPU.
@@ -59,6 +61,10 @@ MAIN = ("fused", "fused_cuda", "eager")  # timed on every case
 # the rows that also time torch.compile of the eager function (each costs a compile)
 COMPILED = [("mish", "bf16", 2**26), ("swish_beta", "bf16", 2**26), ("swiglu", "bf16", None),
             ("acon_c", "bf16", 2**26)]
+# the FP8 rows (bench.quant) at the target's shape: the fused kernels, eager and the peers
+# where importable on every row; torch.compile of the eager expression on these
+QUANT_MAIN = (*MAIN, "vllm", "liger")
+QUANT_COMPILED = ["swiglu_fp8_row", "swiglu_fp8_block"]
 BUILD = Path("/tmp/fused_act_build")
 
 
@@ -275,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan(dry: bool) -> list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]:
     """(op, dtype, shape, contestants) of every timed case, in the order they are timed: every
-    op and dtype at the largest size, one LLM shape for the gated ops, the compiled rows, then
-    the smaller sizes."""
-    from bench import table
+    op and dtype at the largest size, one LLM shape for the gated ops, the FP8 rows in bf16 at
+    the target's shape, the compiled rows, the smaller sizes, then the compiled FP8 rows."""
+    from bench import quant, table
     sizes = [256] if dry else SIZES
     cases = [(name, d, op.shape(n), MAIN) for n in sizes[:1] for name, op in table.OPS.items()
              for d in ("fp32", "bf16")]
@@ -287,11 +293,20 @@ def plan(dry: bool) -> list[tuple[str, str, tuple[int, ...], tuple[str, ...]]]:
 
     gated = [name for name, op in table.OPS.items() if op.compile_key]
     cases += [(name, d, llm(name), MAIN) for name in gated for d in ("fp32", "bf16")]
+
+    def target(name: str) -> tuple[int, ...]:
+        # quick: the target's shape alone (dry: 256 output elements alone)
+        return quant.cases(name, [256], [], True)[0] if dry else quant.cases(name, [], None,
+                                                                             True)[0]
+
+    cases += [(name, "bf16", target(name), QUANT_MAIN) for name in quant.QUANT]
     for name, d, n in COMPILED:
         shape = llm(name) if n is None else table.OPS[name].shape(256 if dry else n)
         cases.append((name, d, shape, ("compile",)))
     cases += [(name, d, op.shape(n), MAIN) for n in sizes[1:] for name, op in table.OPS.items()
               for d in ("fp32", "bf16")]
+    # last: a compile each, which the deadline may cut without losing a kernel's figure
+    cases += [(name, "bf16", target(name), ("compile",)) for name in QUANT_COMPILED]
     return cases
 
 

@@ -33,6 +33,7 @@ import torch
 
 import fused_act
 from bench import pipelines as pipes
+from bench import quant
 from bench.report import markdown, plot
 from bench.table import (
     BACKEND_OF,
@@ -57,7 +58,10 @@ def bench_case(name: str, dtype: torch.dtype, shape: tuple[int, ...], quick: boo
                device: str = "cuda", compile_backend: str = "inductor",
                only: Collection[str] | None = None) -> list[dict]:
     """Every contestant (or those of them named in ``only``) and mode for one op, dtype and
-    shape: result rows, copy row first."""
+    shape: result rows, copy row first.  A row of ``bench.quant`` (an activation fused with
+    FP8 quantisation) is timed there, forward only."""
+    if name in quant.QUANT:
+        return quant.bench_case(name, dtype, shape, quick, device, compile_backend, only)
     op = OPS[name]
     n = math.prod(shape)
     b = torch.finfo(dtype).bits // 8
@@ -132,9 +136,10 @@ def run(ops: list[str], dtypes: list[str], sizes: list[int],
 
     Each op runs on ``table.cases``: ``sizes`` (its ``shape`` of that many elements) and the
     layer shapes ``shapes`` it takes, or where None its own (``table.layer_shapes``: LLM MLP
-    shapes for the gated ops).  Each case and pipeline goes to ``out/results.jsonl`` as it is
-    measured; one that raises is printed, recorded in the result's ``errors`` and skipped, so
-    the caller decides what a failure means once everything else is written."""
+    shapes for the gated ops); a row of ``bench.quant`` on ``quant.cases``.  Each case and
+    pipeline goes to ``out/results.jsonl`` as it is measured; one that raises is printed,
+    recorded in the result's ``errors`` and skipped, so the caller decides what a failure
+    means once everything else is written."""
     with settings():
         return _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipelines)
 
@@ -170,14 +175,17 @@ def _run(ops, dtypes, sizes, shapes, quick, out, device, compile_backend, pipeli
             # the limit counts graphs per code object, which the gated rows' compiled
             # contestants share (one lambda each way): a fresh start per op and dtype
             torch._dynamo.reset()
-            for shape in cases(name, sizes, shapes, quick):
+            found = quant.cases if name in quant.QUANT else cases
+            for shape in found(name, sizes, shapes, quick):
                 record_case(log, rows, errors, name, dtype, shape, quick, device,
                             compile_backend)
-    result = dict(env=info, peers=peers(device), rows=rows,
+    timed_quant = any(name in quant.QUANT for name in ops)
+    result = dict(env=info, peers=peers(device) | (quant.peers(device) if timed_quant else {}),
+                  rows=rows,
                   host_overhead_us=host_overhead(device), errors=errors)
     if pipelines:
         measured = []
-        for name in dict.fromkeys(ops):
+        for name in dict.fromkeys(n for n in ops if n in OPS):
             try:
                 found = pipes.run([name], device, quick, compile_backend)
             except Exception as e:  # noqa: BLE001 - as for a case

@@ -39,7 +39,7 @@ def _per(row: dict, other: dict, key: str) -> str:
 def markdown(result: dict) -> str:
     """The tables: per op, dtype, shape and mode, the compile pipelines, and the cases and
     pipelines that failed (``errors``), which have no rows above."""
-    info, rows = result["env"], result["rows"]
+    info, rows = result["env"], [r for r in result["rows"] if "scaling" not in r]
     by = {(r["op"], r["dtype"], tuple(r["shape"]), r["mode"], r["contestant"]): r for r in rows}
     overhead = ", ".join(f"{k} {v:.1f} us" for k, v in result["host_overhead_us"].items())
     fused = "the Triton kernels" + (" under Triton's CPU interpreter (not GPU figures)"
@@ -76,6 +76,7 @@ def markdown(result: dict) -> str:
             f"{_fmt(k.get('frac_copy'), '.2f')} | {more} | "
             f"{_ratio(e, r)} | {_ratio(k, r)} | "
             f"{peaks if mode == 'fwd+bwd' else ''} |")
+    lines += quant_markdown([r for r in result["rows"] if "scaling" in r])
     if result.get("pipelines"):
         lines += ["", "## torch.compile pipelines (forward+backward of a block, ms)", "",
                   "| op | block | " + " | ".join(result["pipelines"][0]["ms"]) + " | choice |",
@@ -117,6 +118,52 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quant_markdown(rows: list[dict]) -> list[str]:
+    """The section of the activation fused with FP8 quantisation (``bench.quant``): a line per
+    row, scaling, dtype and shape, with the target's verdict where it applies."""
+    from bench.quant import TARGET, TARGET_SHAPE
+    if not rows:
+        return []
+    by = {(r["op"], r["dtype"], tuple(r["shape"]), r["contestant"]): r for r in rows
+          if r["mode"] != "copy"}
+    peers = sorted({r["contestant"] for r in rows} - {"torch", "fused", "fused_cuda", "eager",
+                                                      "compile"})
+    target = "x".join(map(str, TARGET_SHAPE))
+    lines = ["", "## Activation fused with FP8 quantisation (forward, out_dtype "
+             f"{rows[0]['out_dtype']})", "",
+             "act(x) or act(gate) * up returned as (q, scales) by one kernel, against the "
+             "eager expression (the activation, then torch's amax, scale and clamped cast), "
+             "torch.compile of it, and peers where importable. Bytes: the inputs read (n or 2n "
+             "elements), n one-byte codes and the scales written. Target: at least "
+             f"{TARGET['frac_copy']} of the copy and {TARGET['vs_eager']:g}x eager for "
+             f"{' and '.join(TARGET['scalings'])} scaling at {target} (a packed gate_up twice "
+             "as wide); the last column says whether the fused kernel meets it.", "",
+             "| row | scaling | dtype | shape | fused ms | fused / copy | cuda / copy "
+             "| eager / copy | compile / copy | peers / copy | vs eager | vs compile "
+             "| peak MB fused / eager / compile | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (op, dtype, shape, c), r in by.items():
+        if c != "fused":
+            continue
+        e, k, cu = (by.get((op, dtype, shape, c), {}) for c in ("eager", "compile",
+                                                                "fused_cuda"))
+        more = ", ".join(f"{p} {_fmt(by[op, dtype, shape, p]['frac_copy'], '.2f')}"
+                         for p in peers if (op, dtype, shape, p) in by)
+        peaks = " / ".join(_fmt(x.get("peak_mb"), ".0f") for x in (r, e, k))
+        gate = shape[:-1] + (shape[-1] // (2 if "packed" in op else 1),)
+        verdict = ""
+        if gate == TARGET_SHAPE and r["scaling"] in TARGET["scalings"] and e:
+            met = (r["frac_copy"] >= TARGET["frac_copy"]
+                   and e["ms"] / r["ms"] >= TARGET["vs_eager"])
+            verdict = "met" if met else "missed"
+        shown = _size(r["n"]) if shape[0] == 1 else _shown(shape)
+        lines.append(f"| {op} | {r['scaling']} | {dtype} | {shown} | {r['ms']:.4f} "
+                     f"| {_fmt(r['frac_copy'], '.2f')} | {_fmt(cu.get('frac_copy'), '.2f')} "
+                     f"| {_fmt(e.get('frac_copy'), '.2f')} | {_fmt(k.get('frac_copy'), '.2f')} "
+                     f"| {more} | {_ratio(e, r)} | {_ratio(k, r)} | {peaks} | {verdict} |")
+    return lines
+
+
 def plot(rows: list[dict], folder: Path) -> None:
     """GB/s against size, one panel per op and mode, a line per contestant and dtype, the copy
     of the same dtype dashed."""
@@ -127,7 +174,8 @@ def plot(rows: list[dict], folder: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plots")
         return
-    sweep = [r for r in rows if r["gbps"] is not None]
+    # the FP8 rows (forward only, their own bytes) are in their own table, not on these axes
+    sweep = [r for r in rows if r["gbps"] is not None and "scaling" not in r]
     ops = sorted({r["op"] for r in sweep if r["op"] != "copy"})
     dtypes = sorted({r["dtype"] for r in sweep})
     if not ops:

@@ -92,8 +92,9 @@ def test_bench_quick_without_gpu():
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "GPU timings need a GPU" in out.stdout and "FAIL" not in out.stdout
-    from bench import table
-    assert out.stdout.count(" ok") == len(table.OPS)  # a line per op, the gated ones included
+    from bench import quant, table
+    # a line per op, the gated ones included, and per FP8 row
+    assert out.stdout.count(" ok") == len(table.OPS) + len(quant.QUANT)
 
 
 def _default_cases() -> list[tuple[str, tuple[int, ...]]]:
@@ -276,7 +277,7 @@ def test_cpu_table(tmp_path):
     model rows (each run or skipped with its reason), the files it writes.  Times are not
     asserted, only that they were measured."""
     need_device("cpu")
-    from bench import cpu, table
+    from bench import cpu, quant, table
     result = cpu.run(tmp_path, sizes=[2**10], threads=[1, 2], reps=1,
                      resnet_input=(2, 3, 32, 32), mlp_size=(8, 32, 48),
                      compile_backend="aot_eager", verbose=False)
@@ -289,7 +290,8 @@ def test_cpu_table(tmp_path):
     rows = saved["rows"]
     assert {(r["op"], r["dtype"], r["threads"], r["mode"]) for r in rows} == {
         (op, d, t, m) for op in table.OPS for d in ("float32", "bfloat16") for t in (1, 2)
-        for m in table.MODES}
+        for m in table.MODES} | {(op, d, t, "forward") for op in quant.QUANT
+                                 for d in ("float32", "bfloat16") for t in (1, 2)}
     assert all(r["fused_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0 for r in rows)
     assert {r["torch"] for r in rows if r["op"] in ("mish", "silu", "gelu", "gelu_tanh")} == {
         "F.mish", "F.silu", "F.gelu", "F.gelu(tanh)"}
@@ -301,4 +303,27 @@ def test_cpu_table(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert md.startswith(f"# fused_act on CPU: {info['cpu']}")
     assert "| mish | F.mish | float32 | 2^10 | 2 |" in md and "## Models" in md
+    assert "| swiglu_fp8_block | eager expression (amax, cast) | bfloat16 | 2^10 | 1 |" in md
     assert cpu.results_dir().name == "cpu-" + cpu.slug(info["cpu"])
+
+
+def test_fp8_peer_is_checked(monkeypatch):
+    """An FP8 row's peer (Liger-Kernel's SwiGLU then the eager quantisation) joins the
+    contestants on a GPU where it imports, and the check before timing passes it only where it
+    computes the row's function: a stand-in module computing SiLU * up passes, GELU * up
+    fails.  vLLM, not importable here, is absent and says why."""
+    from bench import quant
+    x, params = quant.make_inputs("swiglu_fp8_block", (4, 64), torch.bfloat16, "cpu")
+    for act, right in ((torch.nn.functional.silu, True), (torch.nn.functional.gelu, False)):
+        fake = SimpleNamespace(LigerSiLUMulFunction=SimpleNamespace(
+            apply=lambda g, u, a=act: a(g) * u))
+        monkeypatch.setitem(sys.modules, "liger_kernel.ops.swiglu", fake)
+        found = quant.contestants("swiglu_fp8_block", "aot_eager", "cuda")
+        assert "liger" in found and "vllm" not in quant.contestants(
+            "swiglu_packed_fp8_row", "aot_eager", "cuda")
+        if right:
+            quant.check("swiglu_fp8_block", found["liger"], x, params)
+        else:
+            with pytest.raises(AssertionError, match="codes off by more than one FP8 step"):
+                quant.check("swiglu_fp8_block", found["liger"], x, params)
+    assert quant.peers("cuda")["vllm"].startswith("absent")

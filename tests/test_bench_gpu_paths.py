@@ -262,6 +262,7 @@ def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
                 assert len(found) == len(shapes), (op, c, mode, len(found))
         assert {r["contestant"] for r in rows if r["op"] == op} == names | {"torch"}, op
     assert not [r for r in rows if r["contestant"] == "fused_cuda"]
+    _check_quant_rows(rows, (out / "results.md").read_text(), result["peers"])
     assert set(result["host_overhead_us"]) == {"fused_act.mish [triton, cuda]",
                                                "F.mish [torch, cuda]"}
 
@@ -299,6 +300,31 @@ def test_gpu_path_end_to_end(gpu, tmp_path, monkeypatch, capsys):
     assert (out / "bandwidth.png").exists()
 
 
+def _check_quant_rows(rows: list[dict], md: str, peers: dict[str, str]) -> None:
+    """The FP8 rows of ``bench.quant`` as the GPU path times them at 256 output elements:
+    fused, eager and compiled forward only, each a fraction of the copy of the bytes it must
+    move (inputs read, one-byte codes and the scales written); peers absent with a reason; their
+    own section of results.md."""
+    from bench import quant
+    got = [r for r in rows if r["op"] in quant.QUANT]
+    assert {(r["op"], r["contestant"], r["mode"]) for r in got} == {
+        (name, c, m) for name in quant.QUANT
+        for c, m in (("torch", "copy"), ("fused", "forward"), ("eager", "forward"),
+                     ("compile", "forward"))}
+    for r in got:
+        if r["mode"] == "copy":
+            continue
+        layout, scaling = quant.QUANT[r["op"]]
+        reads = quant.LAYOUTS[layout].reads
+        scales = {"row": 4, "tensor": 4, "block": 256 // 32}[scaling]  # one row of 256
+        assert (r["n"], r["scaling"], r["out_dtype"]) == (256, scaling, "float8_e4m3fn")
+        assert r["gbps"] * r["ms"] * 1e6 == pytest.approx(reads * 256 * 2 + 256 + scales)
+        assert isinstance(r["peak_mb"], float)
+    assert {"vllm", "liger"} <= set(peers) and peers["vllm"].startswith("absent")
+    assert "## Activation fused with FP8 quantisation" in md
+    assert "| swiglu_fp8_block | block |" in md
+
+
 def test_stand_in_is_scoped():
     """After a test with the stand-in, torch, Triton, fused_act and the benchmark are their own
     again (run after it in this file)."""
@@ -319,7 +345,7 @@ def test_lease_command_dry_run(gpu, tmp_path, monkeypatch):
     """``bench/gpu_run.py``, the one command of a GPU lease, end to end at tiny sizes: every
     stage runs (the tests collected only, the extension not built), every planned case is
     timed, and its files turn into results as they would after a lease."""
-    from bench import gpu_run, table
+    from bench import gpu_run, quant, table
     monkeypatch.setitem(gpu_run.DEADLINES, "measure", 10**6)  # the interpreter is slow
     out = tmp_path / "out"
     assert gpu_run.main(["--dry-run", "--out", str(out)]) == 0
@@ -361,4 +387,9 @@ def test_lease_command_dry_run(gpu, tmp_path, monkeypatch):
     assert len(result["rows"]) == len(rows)
     md = (tmp_path / "results" / "results.md").read_text()
     assert "| mish | float32 | 2^8 | forward |" in md and "ulps off" in md
+    # the FP8 rows: every one with the kernels and eager, the compiled ones, in their section
+    fp8 = {(r["op"], r["contestant"]) for r in rows if r["mode"] == "forward" and "scaling" in r}
+    assert fp8 == {(name, c) for name in quant.QUANT for c in ("fused", "eager")} | {
+        (name, "compile") for name in gpu_run.QUANT_COMPILED}
+    assert "| swiglu_fp8_row | row | bfloat16 | 2^8 |" in md
     assert (tmp_path / "results" / "bandwidth.png").exists()

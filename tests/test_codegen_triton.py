@@ -32,8 +32,8 @@ def test_sweep_covers_every_kernel_and_tail(rows):
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"act_fwd_kernel", "act_bwd_kernel", "glu_fwd_kernel", "glu_bwd_kernel",
                        "acon_fwd_kernel", "acon_bwd_kernel", "max_fwd_kernel", "max_bwd_kernel",
-                       "max_affine_kernel"}
-    assert len(rows) <= 400
+                       "max_affine_kernel", "act_quant_kernel"}
+    assert len(rows) <= 420
     for kernel in kernels:
         mine = [r for r in rows if r["kernel"] == kernel]
         assert {r["dtype"] for r in mine} >= {"float32", "float16", "bfloat16"}, kernel
@@ -46,6 +46,14 @@ def test_sweep_covers_every_kernel_and_tail(rows):
     assert all(r["constexprs"].get("SPLIT") for r in rows if r["tail"] == "flat")
     assert {r["kernel"] for r in split} >= {"acon_fwd_kernel", "acon_bwd_kernel"}
     assert {r["dtype"] for r in split} == {"float32", "float16", "bfloat16", "float64"}
+    # the FP8 kernel: row scaling held and in two passes, block, tensor and its amax pass,
+    # elementwise and gated; the amax pass alone stores no tile
+    quant = [r for r in rows if r["kernel"] == "act_quant_kernel"]
+    assert {(r["constexprs"]["SCALING"], r["constexprs"]["GATED"]) for r in quant} == {
+        (1, True), (1, False), (2, True), (2, False), (0, True), (3, True)}
+    assert {r["case"] for r in quant} >= {"swiglu bfloat16 row held",
+                                         "swiglu bfloat16 row two-pass"}
+    assert [r["scalar_store"] for r in quant].count(True) == 1
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
