@@ -374,7 +374,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fused_act import kernels, ops, registry  # noqa: E402
-from fused_act._cuda import ExtensionKernels  # noqa: E402
 from fused_act.ops import quant  # noqa: E402
 from fused_act.triton_kernels.quant import fp8_bits  # noqa: E402
 
@@ -393,12 +392,12 @@ def interpreted():
     need_backend("triton", "cpu")
 
 
-def op_y32(g, u, act):
-    """The triton backend's own fp32 activation of the inputs' fp32 values."""
+def op_y32(g, u, act, backend="triton"):
+    """The backend's own fp32 activation of the inputs' fp32 values."""
     name = registry.KERNELS[act].name
     if u is None:
-        return ops.forward_impl(g.float(), name, None, BETA, "triton")
-    return ops.glu_forward_impl(g.float(), u.float(), name, None, BETA, -1, "triton")
+        return ops.forward_impl(g.float(), name, None, BETA, backend)
+    return ops.glu_forward_impl(g.float(), u.float(), name, None, BETA, -1, backend)
 
 
 def inputs(mode, shape, ydtype, seed=0):
@@ -439,9 +438,9 @@ def run(args, act, fp8, scaling, backend="triton"):
                            None if scale is None else torch.tensor(scale), 32, backend)
 
 
-def expect(halves, act, fp8, scaling):
+def expect(halves, act, fp8, scaling, backend="triton"):
     mode, scale = SCALINGS[scaling]
-    return quantize_fp8(op_y32(*halves, act), fp8, mode,
+    return quantize_fp8(op_y32(*halves, act, backend), fp8, mode,
                         None if scale is None else torch.tensor(scale))
 
 
@@ -616,16 +615,18 @@ def test_act_quant_kernel_near_reference_path(act, scaling):
             torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
 
 
-def test_act_quant_backends_without_the_kernel_take_the_reference(monkeypatch):
-    """A backend without ``act_quant`` (the CPU kernels) is asked, not called: the
-    reference path, no AttributeError."""
-    k = ExtensionKernels(None)
-    assert not kernels.offers(k, "act_quant")
-    monkeypatch.setattr(quant, "launcher", lambda device, backend: k)
-    args, halves = inputs("gated", (3, 96), torch.float32)
-    for scaling in SCALINGS:
-        same(run(args, "gelu", E5M2, scaling, "cpu"),
-             run(args, "gelu", E5M2, scaling, "reference"))
+def test_act_quant_kernels_without_it_run_their_own_activation():
+    """The CPU kernels have no fused act_quant: their own fp32 activation (elementwise, gated,
+    packed; a tensor beta, ACON-C), then quantize_fp8 in torch operations, bit for bit."""
+    need_backend("cpu", "cpu")
+    assert not kernels.offers(kernels.launcher(torch.device("cpu"), "cpu"), "act_quant")
+    for i, mode in enumerate(MODES):
+        args, halves = inputs(mode, QSHAPES[i], torch.bfloat16, seed=i)
+        for j, scaling in enumerate(SCALINGS):
+            act, fp8 = KACTS[(i + j) % len(KACTS)], F8[(i + j) % 2]
+            same(run(args, act, fp8, scaling, "cpu"), expect(halves, act, fp8, scaling, "cpu"))
+    for act in PACTS:
+        check_params(act, torch.bfloat16, E5M2, "cpu", seed=5)
 
 
 def test_act_quant_errors():

@@ -16,6 +16,9 @@ from .. import plan, reference
 from ..backend import get_backend
 from ..kernels import ChannelParams, launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
+from .acon import acon_forward_impl
+from .activation import forward_impl
+from .glu import glu_forward_impl
 from .layout import flat_param, fp32, row_stride
 from .op import SUBCLASS_HOOKS, dispatches_itself, exporting, onnx_exporting, reference_math
 
@@ -57,6 +60,30 @@ def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dty
         y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device) if beta is None else beta)
     if u is not None:
         y = y * u.float()
+    return _quantise(y, out_dtype, scaling, scale, block)
+
+
+def _two_passes(g: Tensor, u: Tensor | None, act: str, beta_value: float,
+                out_dtype: torch.dtype, scaling: str, scale: Tensor | None, block: int,
+                backend: str, beta: Tensor | None, p1: Tensor | None,
+                p2: Tensor | None) -> tuple[Tensor, Tensor]:
+    """For kernels without a fused act_quant (the CPU ones): their own fp32 activation, then
+    the quantisation in torch operations, so q is ``quantize_fp8`` of that backend's own fp32
+    activation as on every backend.  Two passes over memory and an fp32 temporary, but each at
+    the kernels' speed: the reference activation's chain of exp and where is several times
+    slower than the eager expression a user would write."""
+    x = g.float()
+    if act == ACON_C:
+        y = acon_forward_impl(x, p1, p2, beta, backend)
+    elif u is None:
+        y = forward_impl(x, KERNELS[act].name, beta, beta_value, backend)
+    else:
+        y = glu_forward_impl(x, u.float(), KERNELS[act].name, beta, beta_value, -1, backend)
+    return _quantise(y, out_dtype, scaling, scale, block)
+
+
+def _quantise(y: Tensor, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
+              block: int) -> tuple[Tensor, Tensor]:
     q, scales = reference.quantize_fp8_unchecked(y, out_dtype, scaling, scale, block)
     # row-major whatever the inputs' strides, as the kernels write them (and the fake says)
     return q.contiguous(), scales.contiguous() if scale is None else scales.clone()
@@ -150,10 +177,12 @@ def _act_quant(g: Tensor, u: Tensor | None, act: str, beta_value: float,
                p2: Tensor | None) -> tuple[Tensor, Tensor]:
     """``act_quant`` of checked arguments, gate and up apart (a packed gate split)."""
     k = launcher(g.device, backend)
-    if (not offers(k, "act_quant") or g.numel() == 0 or block > plan.BLOCK
-            or g.dtype not in KERNEL_DTYPES
+    args = (g, u, act, beta_value, out_dtype, scaling, scale, block)
+    if (k is None or g.numel() == 0 or block > plan.BLOCK or g.dtype not in KERNEL_DTYPES
             or (u is not None and u.dtype not in KERNEL_DTYPES)):
-        return _reference(g, u, act, beta_value, out_dtype, scaling, scale, block, beta, p1, p2)
+        return _reference(*args, beta, p1, p2)
+    if not offers(k, "act_quant"):
+        return _two_passes(*args, backend, beta, p1, p2)
     shape = g.shape
     params, channels, layout = (None, 1, plan.SCALAR) if beta is None else _channel_params(
         g, beta, p1, p2)
