@@ -87,6 +87,8 @@ QUANT_DOC = """
     (``reference.blocked_scales`` swizzles them for the matmul).  q (row-major) times its scale
     gives the result back; the scales are a tensor of their own (a caller's is copied), and a
     caller's scale is checked on the host in eager calls only (torch.compile does not read it).
+    torch.compile traces the op, or its reference math where the call's compile mode
+    (``fused_act.config.compile_mode``: glu's key for the gated forms) is "decompose".
     No gradient flows through FP8 data: such a call refuses inputs that require grad where grad
     mode is on."""
 
@@ -117,8 +119,11 @@ def _quantized(op: str, gate: Tensor, up: Tensor | None, act: str, beta_value: f
         raise RuntimeError(f"fused_act.{op}: out_dtype={out_dtype} gives FP8 data, through "
                            "which autograd carries no gradient; call it under torch.no_grad() "
                            "or torch.inference_mode(), or on inputs that do not require grad")
+    # the compile mode of the call without out_dtype: glu's for the gated forms, else the
+    # activation's own (gelu's two forms apart)
+    mode = "glu" if up is not None or dim is not None else act if op == "gelu" else op
     return ops.run_act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                             *params)
+                             *params, mode=mode)
 
 
 def swish(x: Tensor, beta: float | Tensor = 1.0, *, out_dtype: torch.dtype | None = None,

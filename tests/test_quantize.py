@@ -776,6 +776,31 @@ def test_public_out_dtype_compiles(scaling):
     assert any("act_quant" in t for t in seen), seen
 
 
+@pytest.mark.parametrize("name", ["swiglu", "gelu_tanh", "acon_c"])
+def test_public_out_dtype_compiles_decomposed(name, monkeypatch):
+    """Compile mode "decompose" (the call's own key: glu's, the activation's) traces the
+    reference math instead of the op: equal to backend "reference" bit for bit."""
+    x = torch.randn(2, 3, 64)
+    p = torch.rand(3) + 0.5
+    call = {"swiglu": lambda t: fused_act.swiglu(t, out_dtype=E4M3),
+            "gelu_tanh": lambda t: fused_act.gelu(t, "tanh", out_dtype=E4M3, scaling="block"),
+            "acon_c": lambda t: fused_act.acon_c(t, p, -p, p, out_dtype=E4M3)}[name]
+    key = "glu" if name == "swiglu" else name
+    for mode, has_op in (("decompose", False), ("opaque", True)):
+        monkeypatch.setattr(fused_act.config, "compile_mode", {key: mode})
+        seen = []
+
+        def backend(gm, inputs, seen=seen):
+            seen.extend(str(n.target) for n in gm.graph.nodes)
+            return gm
+        torch._dynamo.reset()
+        got = torch.compile(call, fullgraph=True, backend=backend)(x)
+        assert any("act_quant" in t for t in seen) == has_op, (mode, seen)
+        if not has_op:
+            with fused_act.use_backend("reference"):
+                same(got, call(x))
+
+
 def test_public_out_dtype_under_vmap():
     """torch.func transforms take the reference math, which batches (its FP8 cast reads no
     bits through view(dtype), which torch 2.11's vmap cannot batch): per-sample row scales."""

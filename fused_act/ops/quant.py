@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .. import plan, reference
+from .. import config, plan, reference
 from ..backend import get_backend
 from ..kernels import ChannelParams, launcher, offers
 from ..registry import KERNEL_IDS, KERNELS
@@ -262,17 +262,21 @@ act_quant_op.register_fake(_fake)
 def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
                   dim: int | None, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
                   block: int, beta: Tensor | None = None, p1: Tensor | None = None,
-                  p2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  p2: Tensor | None = None, mode: str | None = None) -> tuple[Tensor, Tensor]:
     """``act_quant`` on validated arguments under the backend in force, by the path the call
     needs: the reference math under torch.func transforms (plain torch operations, which
-    batch), ``onnx_form`` under ONNX export, the custom op under torch.compile and export,
-    else the kernels or the reference math directly."""
+    batch) and under torch.compile where ``mode`` (the op's ``config.compile_mode`` key) says
+    "decompose" (Inductor then fuses the activation, the amax and the cast itself),
+    ``onnx_form`` under ONNX export, the custom op under torch.compile and export, else the
+    kernels or the reference math directly."""
     args = (gate, up, act, beta_value, dim, out_dtype, scaling, scale, block, beta, p1, p2)
     if reference_math():
         return reference_form(*args)
     if torch.compiler.is_compiling():
         if exporting() and onnx_exporting():
             return (onnx_form or reference_form)(*args)
+        if mode is not None and config.mode_for(mode) == "decompose":
+            return reference_form(*args)
         return act_quant_op(*args)
     if dispatches_itself((gate, up, scale, beta, p1, p2)):
         # DTensor's rule (distributed.quant_strategies); any other subclass that dispatches
