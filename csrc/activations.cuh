@@ -225,6 +225,10 @@ enum act_id : int {
 template <int ACT>
 constexpr bool act_reads_beta = ACT == ACT_SWISH;
 
+// The activation whose beta may be a tensor (a learnable swish): what the parameterised
+// sources of quant.cu compute, which name no activation themselves.
+constexpr int ACT_TENSOR_BETA = ACT_SWISH;
+
 template <int ACT, class M, class B>
 FA_HD M act_fwd(M x, B beta) {
   if constexpr (ACT == ACT_MISH) {

@@ -138,7 +138,7 @@ struct GatedBetaSource {
   const float* beta;
 
   __device__ __forceinline__ float y(int64_t row, int64_t col) const {
-    return act_y<ACT_SWISH, true>(gate, up, s_gate, s_up, row, col, *beta);
+    return act_y<ACT_TENSOR_BETA, true>(gate, up, s_gate, s_up, row, col, *beta);
   }
 };
 
@@ -163,7 +163,7 @@ struct ChannelSource {
       const float q2 = p2[c];
       return acon_c_fwd(x, p1[c] - q2, q2, beta[c]);
     } else {
-      return act_fwd<ACT_SWISH>(x, beta[c]);
+      return act_fwd<ACT_TENSOR_BETA>(x, beta[c]);
     }
   }
 };
@@ -413,7 +413,7 @@ extern "C" int fa_act_quant(const void* gate, const void* up, void* q, void* sca
   if (beta != nullptr) {
     // per-channel parameters: swish or (p1 and p2 given, elementwise) ACON-C; gated: swish
     // with one beta value
-    if ((p1 == nullptr) != (p2 == nullptr) || (p1 == nullptr && act != ACT_SWISH) || run < 1 ||
+    if ((p1 == nullptr) != (p2 == nullptr) || (p1 == nullptr && act != ACT_TENSOR_BETA) || run < 1 ||
         plan.channels < 1 || (up != nullptr && (p1 != nullptr || plan.channels != 1))) {
       return int(cudaErrorInvalidValue);
     }

@@ -13,16 +13,12 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ._build import CXX_FLAGS, NVCC_FLAGS, SOURCES, nvcc_path
 from .plan import Plan
-
-if TYPE_CHECKING:  # kernels imports this module's users: a run-time import would be circular
-    from .kernels import ChannelParams
 
 log = logging.getLogger("fused_act")
 
@@ -138,7 +134,7 @@ class ExtensionKernels:
 
     def act_quant(self, gate: Tensor, up: Tensor | None, q: Tensor, scales: Tensor,
                   strides: tuple[int, ...], act: int, beta_value: float, scaling: str,
-                  block: int, p: Plan, params: "ChannelParams | None" = None) -> None:
+                  block: int, p: Plan, params: tuple | None = None) -> None:
         """``kernels.Kernels.act_quant`` (csrc/quant.cu)."""
         if up is not None and up.dtype != gate.dtype:
             # the kernels read gate and up in one dtype: fp32 holds fp16 and bf16 values exactly
