@@ -13,7 +13,9 @@ becomes its reference math (the exact limits at +-inf; Inductor and AOTInductor 
 loop per op); ``act_quant`` becomes ``reference.quantize_fp8``'s operations, which give the
 eager q and scales bit for bit for every scaling.  An AOTInductor package cannot hold block
 scaling: torch's AOTInductor C++ wrapper (2.14) does not declare float8_e8m0fnu, so compiling
-it fails there (a ``.pt2`` of ``torch.export`` runs it).
+it fails there (a ``.pt2`` of ``torch.export`` runs it from torch 2.14 on; torch 2.11's
+serializer cannot write the E8M0 scales' ``view(dtype)``, and its AOTInductor wrapper
+declares no float8 type: FP8 outputs in AOTInductor packages need torch 2.14).
 
 ONNX export (``torch.onnx.export(model, args, dynamo=True)``) needs no argument: while it runs
 (``torch.onnx.is_in_onnx_export()``), each op traces its ONNX form instead of itself (``install``

@@ -257,8 +257,13 @@ def test_fp8_outputs_decomposed_and_packaged_run_without_fused_act(tmp_path):
     AOTInductor runs too (no block scaling: torch's AOTInductor CPU wrapper does not declare
     float8_e8m0fnu): both equal eager bit for bit, data and scales."""
     x = _fp8_input()
-    for name, model in (("model.pt2", _FP8Out("squared_relu")),
-                        ("aoti.pt2", _FP8Out("squared_relu", block=False))):
+    # torch 2.11's .pt2 serializer cannot write the E8M0 scales' view(dtype), and its
+    # AOTInductor C++ wrapper declares no float8 type at all; 2.14 has both but E8M0 in AOTI
+    new = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
+    cases = [("model.pt2", _FP8Out("squared_relu", block=new))]
+    if new:
+        cases.append(("aoti.pt2", _FP8Out("squared_relu", block=False)))
+    for name, model in cases:
         ep = torch.export.export(model, (x,))
         assert _ours(ep.graph) == {"fused_act.act_quant.default"}
         ep = ep.run_decompositions(deploy.decompositions(kernels=name == "aoti.pt2"))
@@ -268,8 +273,9 @@ def test_fp8_outputs_decomposed_and_packaged_run_without_fused_act(tmp_path):
         else:
             torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / name))
         torch.save((x, model(x)), tmp_path / f"{name}.io")
-    for name, load in (("model.pt2", "torch.export.load('model.pt2').module()"),
-                       ("aoti.pt2", "torch._inductor.aoti_load_package('aoti.pt2')")):
+    loads = {"model.pt2": "torch.export.load('model.pt2').module()",
+             "aoti.pt2": "torch._inductor.aoti_load_package('aoti.pt2')"}
+    for name, load in ((name, loads[name]) for name, _ in cases):
         out = _fresh(f"x, want = torch.load('{name}.io')\ngot = {load}(x)\n" + _SAME_BITS,
                      tmp_path)
         assert out.strip().endswith("ok"), name
