@@ -322,15 +322,6 @@ def _gated_beta(op: str, beta: object, gate: Tensor) -> tuple[Tensor | None, flo
     return None, _float_beta(op, beta)
 
 
-def _fp8_beta(op: str, beta: object) -> float:
-    """The float beta of an FP8 training call (``glu_fp8_linear``, ``nn.GatedMLP(fp8=)``),
-    whose straight-through backward gives no gradient for beta: a tensor is refused."""
-    if isinstance(beta, Tensor):
-        raise ValueError(f"fused_act.{op}: takes a float beta; a tensor (learnable) beta is "
-                         "not supported")
-    return _float_beta(op, beta)
-
-
 def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
            kwargs: dict, quant: tuple = (None,)) -> _Out:
     """The checks and the call of every gated function (``op``: the one the user called);
@@ -384,6 +375,98 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none",
                   (out_dtype, scaling, scale, block))
 
 
+def _fp8_linear(op: str, gated: bool, x: Tensor, up: Tensor | None, dim: int | None,
+                weight: Tensor, bias: Tensor | None, activation: str, kwargs: dict,
+                out_dtype: object, scaling: object, block: object) -> Tensor:
+    """The checks and the call of both FP8 linear functions (``op``: the one the user called):
+    the gated form act(gate) * up (a tensor beta of one value, as ``glu`` takes it), or the
+    elementwise form act(x) (``up`` and ``dim`` None; a tensor beta of 1 or C values, as
+    ``swish`` takes it)."""
+    elementwise = not gated
+    name = "x" if elementwise else "gate"
+    if elementwise:
+        _check_tensor(op, name, x)
+        if activation == "acon_c":
+            raise ValueError(f"fused_act.{op}: activation 'acon_c' is not supported (its "
+                             "per-channel p1, p2 and beta have no FP8 training path); use "
+                             "fused_act.acon_c and a linear apart")
+    else:
+        _check_gated(op, x, up, dim)
+    spec, beta = _gated_activation(op, activation, dict(kwargs))
+    if not elementwise:
+        beta_t, beta_value = _gated_beta(op, beta, x)
+    elif isinstance(beta, Tensor):
+        _check_channel_param(op, "beta", beta, x)
+        beta_t, beta_value = beta, 1.0
+    else:
+        beta_t, beta_value = None, _float_beta(op, beta)
+    if x.dim() == 0:
+        raise ValueError(f"fused_act.{op}: {name} must have a last dimension (got a 0-d tensor)")
+    packed = None if up is not None else dim
+    _check_quant(op, x, up, packed, out_dtype, scaling, None, block)
+    k = (x if packed is None else reference.halves(x, dim)[0]).shape[-1]
+    _check_param_type(op, "weight", weight, x, name)
+    if weight.dim() != 2 or weight.shape[1] != k:
+        h = "activation(x)" if elementwise else "activation(gate) * up"
+        raise ValueError(f"fused_act.{op}: weight must be (N, K) with K={k}, the last dimension "
+                         f"of {h} (got shape {tuple(weight.shape)})")
+    if bias is not None:
+        _check_param_type(op, "bias", bias, x, name)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"fused_act.{op}: bias must be (N,) = ({weight.shape[0]},) (got "
+                             f"shape {tuple(bias.shape)})")
+    if ops.reference_math():
+        raise RuntimeError(f"fused_act.{op}: torch.func transforms, forward-mode AD and "
+                           "torch.jit.trace are not supported (its backward is a "
+                           "straight-through estimator, not the derivative of its forward)")
+    return ops.act_fp8_linear(x, up, beta_t, weight, bias, spec.name, beta_value, dim,
+                              out_dtype, scaling, block)
+
+
+FP8_LINEAR_DOC = """
+
+    The (N, K) ``weight`` is quantised to float8_e4m3fn (the forward format of FP8 recipes,
+    whatever ``out_dtype``) by ``reference.quantize_fp8`` with the same ``scaling`` as h: one
+    scale per output feature ("row", ``torch._scaled_mm``'s rowwise ``scale_b``), one
+    ("tensor"), or one E8M0 scale per ``block`` of K ("block").  Leading dims of the input are
+    the tokens, flattened for the product and restored; the result is in the input's dtype.
+    The product is ``torch._scaled_mm(q_h, q_w.t(), ...)`` where torch computes that
+    combination on the device, else dequant(q_h) @ dequant(q_w)^T in the result's dtype
+    (always for "block": cuBLAS's MX path is not taken yet);
+    ``fused_act.ops.fp8_linear.matmul_path`` says which runs.
+
+    The backward is straight-through both quantisations, as FP8 training recipes are: it takes
+    the output's gradient in the input's dtype and forms dh = dout @ weight (in that dtype, as
+    ``F.linear``'s backward); the unquantised activation's own fused backward, under the
+    backend in force at the forward, gives dx (dgate and dup) and a tensor beta's gradient,
+    bit for bit what the unquantised op gives for that dh; dweight = dout^T @ dequant(q_h) (what the
+    forward product read) in dout's dtype, as a mixed-precision linear, and dbias = dout
+    summed over the tokens in fp32, each then in its parameter's dtype.  Saved: the
+    activation's inputs (and a tensor beta), q_h and its scales (one byte per element of h
+    instead of h) and weight.  Not supported: gradients in FP8 (e5m2 with its scale); double
+    backward; torch.func transforms and forward-mode AD (each is a clear error).  ``weight``
+    and ``bias`` may be of another floating dtype than the input (fp32 master weights)."""
+
+
+def act_fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                   activation: str = "gelu", *, out_dtype: torch.dtype = torch.float8_e4m3fn,
+                   scaling: str = "row", block: int = reference.MX_BLOCK,
+                   **activation_kwargs: object) -> Tensor:
+    """``F.linear(activation(x), weight, bias)`` in FP8, differentiable: an MLP's activation
+    and second projection (``fc2(gelu(fc1(x)))``) for FP8 training.
+
+    h = activation(x), any elementwise activation here ("gelu", "silu", "swish", "mish",
+    "squared_relu", ...) with its own keyword arguments (``approximate`` for gelu; ``beta`` for
+    swish: a float, or a tensor of 1 or C = ``x.shape[1]`` values as ``swish`` takes it, so per
+    feature for a 2-D (tokens, features) x, whose gradient the backward gives; not "acon_c"),
+    is quantised to ``out_dtype`` with its scales
+    by the fused quantisation of ``fused_act.<activation>(x, out_dtype=, scaling=, block=)``,
+    in one pass, never written in high precision.  ``glu_fp8_linear`` is the gated form.
+    """
+    return _fp8_linear("act_fp8_linear", False, x, None, None, weight, bias, activation,
+                       activation_kwargs, out_dtype, scaling, block)
+
+
 def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None = None,
                    activation: str = "silu", dim: int = -1, *,
                    out_dtype: torch.dtype = torch.float8_e4m3fn, scaling: str = "row",
@@ -392,53 +475,13 @@ def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor
     activation and down projection for FP8 training.
 
     h = activation(gate) * up (``up=None``: the halves of a packed gate_up along ``dim``, as
-    ``glu``) is quantised to ``out_dtype`` with its scales by the fused quantisation of
-    ``glu(..., out_dtype=, scaling=, block=)``, in one pass, never written in high precision;
-    the (N, K) ``weight`` is quantised to float8_e4m3fn (the forward format of FP8 recipes,
-    whatever ``out_dtype``) by ``reference.quantize_fp8`` with the same ``scaling``: one scale
-    per output feature ("row", ``torch._scaled_mm``'s rowwise ``scale_b``), one ("tensor"), or
-    one E8M0 scale per ``block`` of K ("block").  Leading dims of gate are the tokens,
-    flattened for the product and restored; the result is in gate's dtype.  The product is
-    ``torch._scaled_mm(q_h, q_w.t(), ...)`` where torch computes that combination on the device,
-    else dequant(q_h) @ dequant(q_w)^T in fp32 (always for "block": cuBLAS's MX path is not
-    taken yet); ``fused_act.ops.fp8_linear.matmul_path`` says which runs.
-
-    The backward is straight-through both quantisations, as FP8 training recipes are: it takes
-    the output's gradient in gate's dtype, forms dh = dout @ weight (gate's dtype, as
-    ``F.linear``'s backward) and gives dgate and dup by glu's own fused backward under the
-    backend in force at the forward, bit for bit what the unquantised ``glu`` gives for that
-    dh; dweight = dout^T @ dequant(q_h) (what the forward product read) and dbias = dout summed
-    over the tokens, both in fp32, then in their parameters' dtypes.  Saved: gate and up (or
-    the packed tensor), q_h and its scales (one byte per element of h instead of h) and
-    weight.  Not supported: a tensor (learnable) beta, for which this backward gives no
-    gradient; gradients in FP8 (e5m2 with its scale); double backward; torch.func transforms
-    and forward-mode AD (each is a clear error).  ``weight`` and ``bias`` may be of another
-    floating dtype than gate (fp32 master weights).
+    ``glu``; ``activation`` and its keyword arguments as ``glu`` takes them, ``beta`` a float or
+    a one-element tensor whose gradient the backward gives) is quantised to ``out_dtype`` with
+    its scales by the fused quantisation of ``glu(..., out_dtype=, scaling=, block=)``, in one
+    pass, never written in high precision.  ``act_fp8_linear`` is the elementwise form.
     """
-    op = "glu_fp8_linear"
-    _check_gated(op, gate, up, dim)
-    spec, beta = _gated_activation(op, activation, dict(activation_kwargs))
-    beta_value = _fp8_beta(op, beta)
-    if gate.dim() == 0:
-        raise ValueError(f"fused_act.{op}: gate must have a last dimension (got a 0-d tensor)")
-    packed = None if up is not None else dim
-    _check_quant(op, gate, up, packed, out_dtype, scaling, None, block)
-    k = (gate if up is not None else reference.halves(gate, dim)[0]).shape[-1]
-    _check_param_type(op, "weight", weight, gate, "gate")
-    if weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"fused_act.{op}: weight must be (N, K) with K={k}, the last dimension "
-                         f"of activation(gate) * up (got shape {tuple(weight.shape)})")
-    if bias is not None:
-        _check_param_type(op, "bias", bias, gate, "gate")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"fused_act.{op}: bias must be (N,) = ({weight.shape[0]},) (got "
-                             f"shape {tuple(bias.shape)})")
-    if ops.reference_math():
-        raise RuntimeError(f"fused_act.{op}: torch.func transforms, forward-mode AD and "
-                           "torch.jit.trace are not supported (its backward is a "
-                           "straight-through estimator, not the derivative of its forward)")
-    return ops.glu_fp8_linear(gate, up, weight, bias, spec.name, beta_value, dim, out_dtype,
-                              scaling, block)
+    return _fp8_linear("glu_fp8_linear", True, gate, up, dim, weight, bias, activation,
+                       activation_kwargs, out_dtype, scaling, block)
 
 
 # ---- BatchNorm + activation ------------------------------------------------------------------
@@ -568,6 +611,8 @@ def _plain(spec: Spec) -> Callable[..., Tensor]:
 
 for _written in (swish, gelu, glu, acon_c):
     _written.__doc__ += QUANT_DOC
+for _written in (act_fp8_linear, glu_fp8_linear):
+    _written.__doc__ += FP8_LINEAR_DOC
 
 _F = TypeVar("_F", bound=Callable[..., Tensor])
 
@@ -593,9 +638,9 @@ def _overridable(function: _F) -> _F:
 # The public functions, re-exported by fused_act/__init__.py: those written above, and one
 # generated for every other activation of the registry (it takes x alone); each is registered
 # overridable, the one place the protocol is added.
-_WRITTEN = {"acon_c": acon_c, "batch_norm_act": batch_norm_act, "frelu_max": frelu_max,
-            "geglu": geglu, "gelu": gelu, "glu": glu, "glu_fp8_linear": glu_fp8_linear,
-            "swiglu": swiglu, "swish": swish}
+_WRITTEN = {"acon_c": acon_c, "act_fp8_linear": act_fp8_linear, "batch_norm_act": batch_norm_act,
+            "frelu_max": frelu_max, "geglu": geglu, "gelu": gelu, "glu": glu,
+            "glu_fp8_linear": glu_fp8_linear, "swiglu": swiglu, "swish": swish}
 FUNCTIONS.update({name: _overridable(f) for name, f in _WRITTEN.items()})
 FUNCTIONS.update({s.public: _overridable(_plain(s)) for s in SPECS.values()
                   if s.public not in FUNCTIONS})

@@ -1,11 +1,13 @@
-"""FP8 training through a gated MLP: ``fused_act.glu_fp8_linear`` and ``GatedMLP(fp8=...)``.
+"""FP8 training through an MLP: ``fused_act.glu_fp8_linear`` (gated), ``act_fp8_linear``
+(elementwise) and ``GatedMLP(fp8=...)``.
 
-Forward: the fused quantisation of h (``glu(..., out_dtype=)``, itself ``quantize_fp8`` of the
-backend's fp32 h bit for bit: test_quantize) times the quantised weight, dequantised, within fp32
-summation-order error; ``torch._scaled_mm`` and the dequantised product agree.  Backward,
-straight-through: dgate/dup bit for bit glu's own backward of dh = dout @ W, dW = dout^T @
-dequant(q_h) and db = sum(dout) bit for bit.  Then errors, torch.compile, and the loss of a
-small block trained in FP8 against the same block in fp32.
+Forward: the fused quantisation of h (``glu(..., out_dtype=)`` or the activation's, itself
+``quantize_fp8`` of the backend's fp32 h bit for bit: test_quantize) times the quantised weight,
+dequantised, within fp32 summation-order error; ``torch._scaled_mm`` and the dequantised product
+agree.  Backward, straight-through: the input's gradients (dgate/dup, dx) and a tensor beta's bit
+for bit the unquantised op's own backward of dh = dout @ W, dW = dout^T @ dequant(q_h) and db =
+sum(dout) bit for bit.  Then errors, torch.compile, and the loss of a small block trained in FP8
+against the same block in fp32.
 """
 
 import pytest
@@ -37,19 +39,17 @@ def _inputs(dtype=torch.float32, packed=False, bias=True):
     return gate, up, w, b
 
 
-def _dequant_h(gate, up, scaling, out_dtype=E4M3):
-    """dequant(q_h) of the fused quantisation under the backend in force, as (M, K) fp32."""
-    with torch.no_grad():
-        q, s = fused_act.glu(gate, up, out_dtype=out_dtype, scaling=scaling)
+def _dequant(q, s, scaling):
+    """dequant(q_h) of a fused quantisation's (q, scales), as (M, K) fp32."""
     s = s if scaling == "tensor" else s.reshape(-1, s.shape[-1])
     return reference.dequantize_fp8(q.reshape(-1, K), s, scaling)
 
 
-def _expected(gate, up, w, b, scaling, out_dtype=E4M3):
-    h = _dequant_h(gate, up, scaling, out_dtype)
+def _expected(h, w, b, scaling):
+    """(M, N) dequant(q_h) @ dequant(q_w)^T + b in fp32, for the (M, K) ``h`` = dequant(q_h)."""
     q_w, s_w = reference.quantize_fp8(w, E4M3, scaling)
     out = h @ reference.dequantize_fp8(q_w, s_w, scaling).t()
-    return (out if b is None else out + b.float()).reshape(2, 3, N)
+    return out if b is None else out + b.float()
 
 
 @pytest.mark.parametrize("scaling", SCALINGS)
@@ -58,7 +58,8 @@ def test_forward_is_the_dequantised_product(backend_name, scaling):
     need_backend(backend_name, "cpu")
     gate, up, w, b = _inputs()
     with fused_act.use_backend(backend_name):
-        want = _expected(gate, up, w, b, scaling)
+        want = _expected(_dequant(*fused_act.glu(gate, up, out_dtype=E4M3, scaling=scaling),
+                                  scaling), w, b, scaling).reshape(2, 3, N)
         got = fused_act.glu_fp8_linear(gate, up, w, b, scaling=scaling)
     assert got.dtype == gate.dtype and got.shape == (2, 3, N)
     torch.testing.assert_close(got, want, rtol=0, atol=SUM_ORDER_TOL * want.abs().max().item())
@@ -77,42 +78,122 @@ def test_scaled_mm_and_dequantised_paths_agree(scaling, dtype):
         assert path == fp8_linear.SCALED_MM
     assert fp8_linear.matmul_path(gate.device, E4M3, dtype, "block", K, N, True, 6) == "dequant"
     with fused_act.use_backend("reference"):
-        outs = [fp8_linear.glu_fp8_linear(gate, up, w, b, "silu", 1.0, -1, E4M3, scaling, 32, p)
-                for p in (path, fp8_linear.DEQUANT)]
+        outs = [fp8_linear.act_fp8_linear(gate, up, None, w, b, "silu", 1.0, -1, E4M3, scaling,
+                                          32, p) for p in (path, fp8_linear.DEQUANT)]
     tol = SUM_ORDER_TOL if dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=tol,
                                atol=tol * outs[1].abs().max().item())
+
+
+def _check_straight_through(backend_name, scaling, fp8, plain, ins, w, b):
+    """``fp8(*ins, w, b, scaling=)`` against its definition, ``plain(*ins)`` the unquantised
+    activation (``plain(*ins, out_dtype=, scaling=)`` its fused quantisation): the forward is
+    the dequantised product; the gradients of ``ins`` are bit for bit plain's backward of dh =
+    dout @ W, dW = dout^T @ dequant(q_h) and db = sum(dout)."""
+    need_backend(backend_name, "cpu")
+    ins = [t.detach().requires_grad_() for t in ins]
+    w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+    torch.manual_seed(1)
+    with fused_act.use_backend(backend_name):
+        out = fp8(*ins, w, b, scaling=scaling)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [*ins, w, b], dout)
+        with torch.no_grad():
+            q, s = plain(*ins, out_dtype=E4M3, scaling=scaling)
+        d2 = dout.reshape(-1, N)
+        dh = (d2 @ w.detach()).reshape(q.shape)
+        plain_ins = [t.detach().requires_grad_() for t in ins]
+        want = torch.autograd.grad(plain(*plain_ins), plain_ins, dh)
+    h = _dequant(q, s, scaling)
+    expected = _expected(h, w.detach(), b.detach(), scaling).reshape(out.shape)
+    torch.testing.assert_close(out, expected, rtol=0,
+                               atol=SUM_ORDER_TOL * expected.abs().max().item())
+    for i, (g, wg) in enumerate(zip(grads, [*want, d2.t() @ h, d2.sum(0)], strict=True)):
+        assert torch.equal(g, wg), i
+
+
+def _glu_forms(packed, **act):
+    """(fp8, plain) of ``_check_straight_through`` for glu with activation ``act`` (its beta
+    a tensor among the inputs where "beta" is in ``act``), packed or not."""
+    beta = act.pop("beta", None)
+
+    def split(t):  # (gate, up, *beta) of the inputs
+        return ((t[0], None) if packed else t[:2]), {} if beta is None else {"beta": t[-1]}
+
+    def fp8(*t, scaling):
+        (gate, up), kw = split(t[:-2])
+        return fused_act.glu_fp8_linear(gate, up, *t[-2:], scaling=scaling, **act, **kw)
+
+    def plain(*t, **quant):
+        (gate, up), kw = split(t)
+        return fused_act.glu(gate, up, **act, **kw, **quant)
+
+    return fp8, plain
 
 
 @pytest.mark.parametrize(("backend_name", "scaling", "packed"), [
     ("reference", "row", False), ("reference", "block", True), ("triton", "row", True),
     ("triton", "tensor", False), ("triton", "block", False), ("cpu", "row", False)])
 def test_backward_is_straight_through(backend_name, scaling, packed):
-    need_backend(backend_name, "cpu")
     gate, up, w, b = _inputs(packed=packed)
-    leaves = [t.requires_grad_() for t in (gate, up, w, b) if t is not None]
-    torch.manual_seed(1)
-    dout = torch.randn(2, 3, N)
-    with fused_act.use_backend(backend_name):
-        out = fused_act.glu_fp8_linear(gate, up, w, b, scaling=scaling)
-        grads = torch.autograd.grad(out, leaves, dout)
-        d2 = dout.reshape(-1, N)
-        dh = (d2 @ w.detach()).reshape(2, 3, K)
-        ins = [t.detach().requires_grad_() for t in (gate, up) if t is not None]
-        want = torch.autograd.grad(fused_act.glu(*ins), ins, dh)
-        h_q = _dequant_h(gate.detach(), up, scaling)
-    names = ["gate", "up"][:len(ins)] + ["weight", "bias"]
-    for name, g, wg in zip(names, grads, [*want, d2.t() @ h_q, d2.sum(0)], strict=True):
-        assert torch.equal(g, wg), name
+    _check_straight_through(backend_name, scaling, *_glu_forms(packed),
+                            [gate] if packed else [gate, up], w, b)
 
 
-def _mlp(fp8=None, packed=False, hidden=K, inter=192, seed=0):
+def _act_forms(activation, **act):
+    """(fp8, plain) of ``_check_straight_through`` for ``act_fp8_linear`` and the public
+    activation function (a tensor beta: the inputs' second)."""
+    def fp8(x, *t, scaling):
+        kw = {"beta": t[0]} if len(t) == 3 else {}
+        return fused_act.act_fp8_linear(x, *t[-2:], activation, scaling=scaling, **act, **kw)
+
+    def plain(x, *beta, **quant):
+        return getattr(fused_act, activation)(x, *beta, **act, **quant)
+
+    return fp8, plain
+
+
+@pytest.mark.parametrize(("backend_name", "scaling", "activation", "act"), [
+    ("reference", "row", "gelu", {}), ("reference", "tensor", "squared_relu", {}),
+    ("triton", "block", "gelu", {"approximate": "tanh"}), ("triton", "row", "swish",
+                                                           {"beta": 0.7}),
+    ("triton", "tensor", "mish", {}), ("cpu", "row", "silu", {}),
+    ("cpu", "block", "gelu", {})], ids=lambda v: "-".join(map(str, v.values()))
+                                     if isinstance(v, dict) else None)
+def test_elementwise_forward_and_straight_through_backward(backend_name, scaling, activation,
+                                                           act):
+    """act_fp8_linear: the forward and backward of the gated tests, dx by the activation's own
+    backward."""
+    x, _, w, b = _inputs()
+    _check_straight_through(backend_name, scaling, *_act_forms(activation, **act), [x], w, b)
+
+
+@pytest.mark.parametrize(("backend_name", "scaling", "form"), [
+    ("reference", "row", "glu"), ("triton", "block", "packed"), ("cpu", "tensor", "glu"),
+    ("reference", "tensor", "per feature"), ("triton", "row", "per feature"),
+    ("cpu", "block", "one value")])
+def test_tensor_beta_gets_the_unquantised_gradient(backend_name, scaling, form):
+    """A learnable swish beta (one value for glu; one or one per feature of a (M, K) x for the
+    elementwise form) reaches the forward, and its gradient is bit for bit the unquantised
+    op's for dh."""
+    gate, up, w, b = _inputs(packed=form == "packed")
+    beta = torch.full((K,) if form == "per feature" else (1,), 0.8)
+    if form in ("glu", "packed"):
+        fp8, plain = _glu_forms(form == "packed", activation="swish", beta=beta)
+        ins = [gate, beta] if form == "packed" else [gate, up, beta]
+    else:
+        fp8, plain = _act_forms("swish")
+        ins = [gate.reshape(-1, K), beta]
+    _check_straight_through(backend_name, scaling, fp8, plain, ins, w, b)
+
+
+def _mlp(fp8=None, packed=False, hidden=K, inter=192, seed=0, activation="silu", **act):
     torch.manual_seed(seed)
     if packed:
-        return GatedMLP(nn.Linear(inter, hidden), "silu",
-                        gate_up_proj=nn.Linear(hidden, 2 * inter), fp8=fp8)
-    return GatedMLP(nn.Linear(inter, hidden), "silu", gate_proj=nn.Linear(hidden, inter),
-                    up_proj=nn.Linear(hidden, inter), fp8=fp8)
+        return GatedMLP(nn.Linear(inter, hidden), activation,
+                        gate_up_proj=nn.Linear(hidden, 2 * inter), fp8=fp8, **act)
+    return GatedMLP(nn.Linear(inter, hidden), activation, gate_proj=nn.Linear(hidden, inter),
+                    up_proj=nn.Linear(hidden, inter), fp8=fp8, **act)
 
 
 def test_modules_and_patch():
@@ -161,8 +242,8 @@ def test_errors():
         fused_act.glu_fp8_linear(gate, up, w.t())
     with pytest.raises(ValueError, match=r"glu_fp8_linear: bias must be \(N,\)"):
         fused_act.glu_fp8_linear(gate, up, w, b[:3])
-    with pytest.raises(ValueError, match="glu_fp8_linear: takes a float beta"):
-        fused_act.glu_fp8_linear(gate, up, w, activation="swish", beta=torch.ones(1))
+    with pytest.raises(ValueError, match="glu_fp8_linear: beta must be a float or a one-elem"):
+        fused_act.glu_fp8_linear(gate, up, w, activation="swish", beta=torch.ones(2))
     with pytest.raises(RuntimeError, match="glu_fp8_linear: torch.func transforms"):
         torch.func.grad(lambda g: fused_act.glu_fp8_linear(g, up, w).sum())(gate)
     g = gate.clone().requires_grad_()
@@ -171,22 +252,63 @@ def test_errors():
         torch.autograd.grad(out.sum(), g, create_graph=True)
 
 
-@pytest.mark.parametrize("scaling", ["row", "block"])
-def test_compile_fullgraph_is_eager(scaling):
-    """torch.compile(fullgraph=True) of the FP8 block forward and backward, under the Triton
-    kernels (the interpreter): the eager outputs and gradients, bit for bit."""
+def test_elementwise_errors():
+    x, _, w, b = _inputs()
+    for error, match, args, kwargs in [
+            (TypeError, "x must be a torch.Tensor", (x.tolist(), w), {}),
+            (ValueError, r"weight must be \(N, K\) with K=64, the last dimension of "
+             r"activation\(x\)", (x, w.t()), {}),
+            (ValueError, r"bias must be \(N,\)", (x, w, b[:3]), {}),
+            (ValueError, "out_dtype must be", (x, w), {"out_dtype": torch.float16}),
+            (ValueError, "beta must have one element or C=3 elements", (x, w, None, "swish"),
+             {"beta": torch.ones(K)}),
+            (ValueError, "activation 'acon_c' is not supported", (x, w, None, "acon_c"), {}),
+            (ValueError, "unknown activation 'relu'", (x, w, None, "relu"), {}),
+            (ValueError, "x must have a last dimension", (x[0, 0, 0], w), {})]:
+        with pytest.raises(error, match=f"act_fp8_linear: {match}"):
+            fused_act.act_fp8_linear(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="act_fp8_linear: torch.func transforms"):
+        torch.func.grad(lambda t: fused_act.act_fp8_linear(t, w).sum())(x)
+    xi = x.clone().requires_grad_()
+    out = fused_act.act_fp8_linear(xi, w, b)
+    with pytest.raises(RuntimeError, match="act_fp8_linear: double backward"):
+        torch.autograd.grad(out.sum(), xi, create_graph=True)
+
+
+def _compiled_is_eager(f, x, params):
+    """torch.compile(f, fullgraph=True) forward and backward, under the Triton kernels (the
+    interpreter): the eager outputs and gradients, bit for bit."""
     need_backend("triton", "cpu")
-    m = _mlp(scaling, inter=96)
-    x = torch.randn(2, 3, K)
     results = []
     with fused_act.use_backend("triton"):
-        for f in (m, torch.compile(m, fullgraph=True, backend="aot_eager")):
+        for g in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
             xi = x.clone().requires_grad_()
-            y = f(xi)
-            grads = torch.autograd.grad(y.square().sum(), [xi, *m.parameters()])
+            y = g(xi)
+            grads = torch.autograd.grad(y.square().sum(), [xi, *params])
             results.append((y, *grads))
     for got, want in zip(results[1], results[0], strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scaling", ["row", "block"])
+def test_compile_fullgraph_is_eager(scaling):
+    """The FP8 block, with a learnable swish beta for "block"."""
+    learnable = [nn.Parameter(torch.full((1,), 0.8))] if scaling == "block" else []
+    act = {"activation": "swish", "beta": learnable[0]} if learnable else {}
+    m = _mlp(scaling, inter=96, **act)
+    _compiled_is_eager(m, torch.randn(2, 3, K), [*m.parameters(), *learnable])
+
+
+def test_compile_fullgraph_elementwise_is_eager():
+    """fc2(swish(fc1(x))) with a learnable per-feature beta through act_fp8_linear."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(K, K), nn.Linear(K, N)
+    beta = nn.Parameter(torch.full((K,), 0.8))
+
+    def f(x):
+        return fused_act.act_fp8_linear(fc1(x), fc2.weight, fc2.bias, "swish", beta=beta)
+
+    _compiled_is_eager(f, torch.randn(6, K), [*fc1.parameters(), *fc2.parameters(), beta])
 
 
 # measured max over the 25 steps of |loss_fp8 - loss_fp32| / loss_fp32 (e4m3; the loss falls

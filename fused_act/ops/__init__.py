@@ -3,10 +3,9 @@
 ``op.py`` is the builder (schemas, custom ops, autograd, the path of each call); ``layout.py``
 how tensors reach the kernels; one file per family: ``activation.py`` (mish, swish/silu, gelu,
 ... as ``fused_act::activation``), ``glu.py`` (their gated forms act(gate) * up), ``acon.py``
-(ACON-C, Meta-ACON), ``fp8_linear.py`` (a gated activation quantised to FP8 into its down
-projection, with a straight-through backward), ``frelu.py`` (FReLU's max step and its
-BatchNorm-folded eval form),
-``batchnorm.py`` (BatchNorm + activation, training and eval).
+(ACON-C, Meta-ACON), ``fp8_linear.py`` (an activation, gated or not, quantised to FP8 into
+its down projection, with a straight-through backward), ``frelu.py`` (FReLU's max step and its
+BatchNorm-folded eval form), ``batchnorm.py`` (BatchNorm + activation, training and eval).
 
 Backward saves only the inputs (x and the parameters), except frelu_max, which saves a one-byte
 code of which side won instead of x and t, and batch_norm_act, which saves its C-sized batch
@@ -42,7 +41,7 @@ from .batchnorm import (
     batch_norm_act_backward_op,
     batch_norm_act_op,
 )
-from .fp8_linear import glu_fp8_linear, matmul_path
+from .fp8_linear import act_fp8_linear, matmul_path
 from .frelu import (
     FRELU_MAX,
     FRELU_MAX_AFFINE,
@@ -66,7 +65,8 @@ FAMILIES: tuple[Op, ...] = (ACTIVATION, GATED, ACON_C, FRELU_MAX, FRELU_MAX_AFFI
 __all__ = [
     "ACON_C", "ACTIVATION", "AFFINE_ACT", "BATCH_NORM_ACT", "FAMILIES", "FRELU_MAX",
     "FRELU_MAX_AFFINE", "GATED", "Op", "Schema",
-    "act_quant", "act_quant_op", "acon_backward_impl", "acon_c_backward_op", "acon_c_op",
+    "act_fp8_linear", "act_quant", "act_quant_op", "acon_backward_impl", "acon_c_backward_op",
+    "acon_c_op",
     "acon_forward_impl",
     "affine_act_backward_op", "affine_act_op", "batch_norm_act_backward_op", "batch_norm_act_op",
     "activation_backward_op", "activation_op", "apply_", "backward_impl", "run_act_quant",
@@ -74,5 +74,5 @@ __all__ = [
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
     "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",
-    "glu_backward_impl", "glu_backward_op", "glu_forward_impl", "glu_fp8_linear", "glu_op",
+    "glu_backward_impl", "glu_backward_op", "glu_forward_impl", "glu_op",
     "is_dense", "like", "matmul_path", "reference_math", "row_stride", "row_walk"]

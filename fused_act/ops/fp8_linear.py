@@ -1,13 +1,14 @@
-"""FP8 training through a gated MLP's down projection: ``glu_fp8_linear`` computes
-``F.linear(act(gate) * up, weight, bias)`` with h = act(gate) * up quantised by the fused
-``act_quant`` (never written in high precision) and the weight quantised with the matching
-scaling, multiplied by ``torch._scaled_mm`` where torch offers the combination on the device,
-else from the dequantised operands in the output's dtype (a matmul that accumulates in fp32).
-Its backward is straight-through both quantisations: dh = dout @ weight, then glu's own fused
-backward (``GATED``'s implementations, under the forward's backend) for dgate and dup;
-dW = dout^T @ dequant(q_h), what the forward matmul read, in dout's dtype as a mixed-precision
-linear computes it (fp32 would cost a GPU its tensor-core rate); db = dout summed over the
-tokens in fp32."""
+"""FP8 training through an MLP's down projection: ``act_fp8_linear`` computes
+``F.linear(h, weight, bias)`` for h = act(x) (the elementwise form, ``fused_act.act_fp8_linear``)
+or h = act(gate) * up (the gated form, ``fused_act.glu_fp8_linear``), with h quantised by the
+fused ``act_quant`` (never written in high precision) and the weight quantised with the
+matching scaling, multiplied by ``torch._scaled_mm`` where torch offers the combination on the
+device, else from the dequantised operands in the output's dtype (a matmul that accumulates in
+fp32).  Its backward is straight-through both quantisations: dh = dout @ weight, then the
+unquantised op's own fused backward (``ACTIVATION``'s or ``GATED``'s implementations, under the
+forward's backend) for dx (dgate and dup) and a tensor beta's gradient; dW = dout^T @
+dequant(q_h), what the forward matmul read, in dout's dtype as a mixed-precision linear computes
+it (fp32 would cost a GPU its tensor-core rate); db = dout summed over the tokens in fp32."""
 
 import contextlib
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import get_backend
 from ..registry import SPECS
+from .activation import ACTIVATION
 from .glu import GATED
 from .op import plain_backward
 from .quant import run_act_quant
@@ -60,7 +62,7 @@ _scaled_mm_runs._dynamo_marked_constant = True
 
 def matmul_path(device: torch.device, h_dtype: torch.dtype, out_dtype: torch.dtype,
                 scaling: str, k: int, n: int, bias: bool, tokens: int = 1) -> str:
-    """Which product ``glu_fp8_linear`` runs for these operands: ``"scaled_mm"``
+    """Which product ``act_fp8_linear`` (both forms) runs for these operands: ``"scaled_mm"``
     (``torch._scaled_mm`` on the FP8 operands and their scales) where torch computes the
     combination on ``device`` (tried once per combination), else ``"dequant"`` (the dequantised
     operands multiplied in the output's dtype): always for ``scaling="block"`` (cuBLAS's MX
@@ -107,68 +109,90 @@ def _tokens(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class GluFp8Linear(torch.autograd.Function):
-    """The autograd of ``glu_fp8_linear`` (module docstring).  Saves gate and up (or the packed
-    tensor), q_h and its scales (one byte per element of h instead of h) and the weight."""
+class ActFp8Linear(torch.autograd.Function):
+    """The autograd of ``act_fp8_linear`` (module docstring), for both forms: elementwise
+    (``up`` and ``dim`` None) and gated.  Saves x and up (or the packed tensor), a tensor beta,
+    q_h and its scales (one byte per element of h instead of h) and the weight."""
 
     @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None,
-                act: str, beta_value: float, dim: int, out_dtype: torch.dtype, scaling: str,
-                block: int, path: str | None) -> Tensor:
+    def forward(ctx, x: Tensor, up: Tensor | None, beta: Tensor | None, weight: Tensor,
+                bias: Tensor | None, act: str, beta_value: float, dim: int | None,
+                out_dtype: torch.dtype, scaling: str, block: int, path: str | None) -> Tensor:
         backend = get_backend()
         packed = None if up is not None else dim
-        q_h, s_h = run_act_quant(gate, up, SPECS[act].kernel, beta_value, packed, out_dtype,
-                                 scaling, None, block)
+        q_h, s_h = run_act_quant(x, up, SPECS[act].kernel, beta_value, packed, out_dtype,
+                                 scaling, None, block, beta)
         shape, k, n = q_h.shape, q_h.shape[-1], weight.shape[0]
         q2, s2 = _tokens(q_h), (s_h if scaling == "tensor" else _tokens(s_h))
-        with _no_autocast(gate.device):
+        with _no_autocast(x.device):
             q_w, s_w = quantize_weight(weight, scaling, block)
             if path is None:
-                path = matmul_path(gate.device, out_dtype, gate.dtype, scaling, k, n,
+                path = matmul_path(x.device, out_dtype, x.dtype, scaling, k, n,
                                    bias is not None, q2.shape[0])
-            out = fp8_product(q2, s2, q_w, s_w, bias, scaling, block, gate.dtype, path)
-        ctx.save_for_backward(gate, up, q2, s2, weight)
+            out = fp8_product(q2, s2, q_w, s_w, bias, scaling, block, x.dtype, path)
+        ctx.save_for_backward(x, up, beta, q2, s2, weight)
         ctx.attrs = (act, beta_value, dim, scaling, block, backend, shape,
                      None if bias is None else bias.dtype)
         return out.reshape(*shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple:
-        gate, up, q2, s2, weight = ctx.saved_tensors
+        x, up, beta, q2, s2, weight = ctx.saved_tensors
         act, beta_value, dim, scaling, block, backend, shape, bias_dtype = ctx.attrs
         if torch.is_grad_enabled():
-            raise RuntimeError("fused_act.glu_fp8_linear: double backward (create_graph=True) "
-                               "is not supported")
+            raise RuntimeError(f"fused_act.{_name(up, dim)}: double backward "
+                               "(create_graph=True) is not supported")
         needs = ctx.needs_input_grad
         d2 = _tokens(dout)
-        dgate = dup = dweight = dbias = None
+        dx = dup = dbeta = dweight = dbias = None
         with _no_autocast(dout.device):
-            if needs[0] or needs[1]:
-                # straight-through h's quantisation: the gradient the unquantised h gets
+            if needs[0] or needs[1] or needs[2]:
+                # straight-through h's quantisation: the gradient the unquantised h gets, by
+                # the unquantised op's own backward
                 dh = (d2 @ weight.to(d2.dtype)).reshape(shape)
-                if torch.compiler.is_compiling():
-                    grads = GATED.backward_op(dh, gate, up, act, None, beta_value, dim, False,
-                                              backend)
-                elif plain_backward(dh):
-                    grads = GATED.backward(dh, gate, up, act, None, beta_value, dim, False,
-                                           backend)
-                else:
-                    grads = GATED.reference_backward(dh, gate, up, act, None, beta_value, dim,
-                                                     False)
-                dgate, dup = grads[0], (grads[1] if up is not None else None)
-            if needs[2]:
+                dx, dup, dbeta = _activation_backward(dh, x, up, beta, act, beta_value, dim,
+                                                      needs[2], backend)
+            if needs[3]:
                 h = reference.dequantize_fp8(q2, s2, scaling, block).to(d2.dtype)
                 dweight = (d2.t() @ h).to(weight.dtype)
-            if needs[3]:
+            if needs[4]:
                 dbias = d2.float().sum(0).to(bias_dtype)
-        return (dgate if needs[0] else None, dup if needs[1] else None, dweight, dbias,
-                *([None] * 7))
+        return (dx if needs[0] else None, dup if needs[1] else None,
+                dbeta if needs[2] else None, dweight, dbias, *([None] * 7))
 
 
-def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None,
-                   act: str, beta_value: float, dim: int, out_dtype: torch.dtype, scaling: str,
-                   block: int, path: str | None = None) -> Tensor:
-    """``GluFp8Linear`` on validated arguments: ``act`` a gated spec name of the registry (a
-    float ``beta_value``), ``path`` None (``matmul_path`` decides) or the product to run."""
-    return GluFp8Linear.apply(gate, up, weight, bias, act, beta_value, dim, out_dtype, scaling,
-                              block, path)
+def _name(up: Tensor | None, dim: int | None) -> str:
+    """The public function of a call: the elementwise form, or the gated one."""
+    return "act_fp8_linear" if up is None and dim is None else "glu_fp8_linear"
+
+
+def _activation_backward(dh: Tensor, x: Tensor, up: Tensor | None, beta: Tensor | None,
+                         act: str, beta_value: float, dim: int | None, need_dbeta: bool,
+                         backend: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dx, dup, dbeta) of dh by the unquantised op's backward (the activation's, or glu's),
+    under ``backend`` and by the path its own node takes: the backward op while compiling,
+    the reference math where the gradient needs it (``plain_backward``), else the kernels."""
+    family, args = ((ACTIVATION, (dh, x, act, beta, beta_value, need_dbeta))
+                    if up is None and dim is None else
+                    (GATED, (dh, x, up, act, beta, beta_value, dim, need_dbeta)))
+    if torch.compiler.is_compiling():
+        grads = family.backward_op(*args, backend)
+    elif plain_backward(dh):
+        grads = family.backward(*args, backend)
+    else:
+        grads = family.reference_backward(*args)
+    # the gated form's dup is absent for a packed input (the backward op's: an empty tensor)
+    return grads[0], (grads[1] if up is not None else None), grads[-1]
+
+
+def act_fp8_linear(x: Tensor, up: Tensor | None, beta: Tensor | None, weight: Tensor,
+                   bias: Tensor | None, act: str, beta_value: float, dim: int | None,
+                   out_dtype: torch.dtype, scaling: str, block: int,
+                   path: str | None = None) -> Tensor:
+    """``ActFp8Linear`` on validated arguments: ``act`` a spec name of the registry, with
+    ``up`` and ``dim`` None its elementwise form (``beta``: swish's one or per-channel tensor),
+    else its gated form (``up`` None: x is the packed gate_up split along ``dim``; ``beta``:
+    one value); ``beta_value`` the float beta where ``beta`` is None; ``path`` None
+    (``matmul_path`` decides) or the product to run."""
+    return ActFp8Linear.apply(x, up, beta, weight, bias, act, beta_value, dim, out_dtype,
+                              scaling, block, path)
