@@ -322,10 +322,10 @@ def _time_block(model: nn.Module, x: torch.Tensor, mode: str | None, key: str, d
 def mlp_recompute(device: str, quick: bool) -> list[dict]:
     """The swiglu MLP block (bf16, ``MLP_SIZES``) forward+backward in eager mode three ways:
     PyTorch's, fused keeping h = silu(gate) * up for down_proj (``recompute=False``) and fused
-    recomputing it (the default), each first checked against PyTorch's.  Per way: ms (host
-    timers on the CPU, as ``time_ms``), the MiB autograd keeps (``saved_mib``) and the step's
-    peak MiB on a GPU.  Compiled blocks take the plain path (AOTAutograd decides), so only
-    eager is measured."""
+    recomputing it (``recompute=True``, on every device; the default does so off the CPU only),
+    each first checked against PyTorch's.  Per way: ms (host timers on the CPU, as
+    ``time_ms``), the MiB autograd keeps (``saved_mib``) and the step's peak MiB on a GPU.
+    Compiled blocks take the plain path (AOTAutograd decides), so only eager is measured."""
     shape, width = _mlp_sizes(device, quick)
     torch.manual_seed(0)
     plain = Residual(MLP(shape[-1], width, nn.SiLU())).to(tensor_device(device), torch.bfloat16)

@@ -1,9 +1,9 @@
 """``fused_act.nn.GatedMLP`` recomputing h = act(gate) * up in ``down_proj``'s backward
-(``recompute=True``, the default): the gradients of the eager block and of ``recompute=False``
-(bit for bit) with every kind of ``down_proj`` (Linear, frozen, LoRA-style), both backends on
-the CPU, fp64, fp32 and bf16 autocast, backward twice, double backward, checkpointing, hooks of
-the caller and torch.compile; and the bytes autograd keeps for a Llama block and a hand-built
-one, which are deterministic."""
+(``recompute=True``; the default, None, does so off the CPU only): the gradients of the eager
+block and of ``recompute=False`` (bit for bit) with every kind of ``down_proj`` (Linear, frozen,
+LoRA-style), both backends on the CPU, fp64, fp32 and bf16 autocast, backward twice, double
+backward, checkpointing, hooks of the caller and torch.compile; the default's choice by device;
+and the bytes autograd keeps for a Llama block and a hand-built one, which are deterministic."""
 
 import copy
 import importlib
@@ -57,17 +57,18 @@ ACTS = {
 }
 
 
-def _block(down: str, packed: bool, act: str, dtype: torch.dtype = torch.float32
-           ) -> tuple[GatedMLP, callable, list[Tensor]]:
-    """A seeded GatedMLP, the same block in torch over its modules, and what the gradients
-    are taken of besides x (its parameters that need one, swish's beta)."""
+def _block(down: str, packed: bool, act: str, dtype: torch.dtype = torch.float32,
+           recompute: bool | None = True) -> tuple[GatedMLP, callable, list[Tensor]]:
+    """A seeded GatedMLP (recomputing h on the CPU too, unless told), the same block in torch
+    over its modules, and what the gradients are taken of besides x (its parameters that need
+    one, swish's beta)."""
     torch.manual_seed(0)
     name, kwargs, torch_act = ACTS[act]
     kw = {k: v.to(dtype).detach().requires_grad_() if isinstance(v, Tensor) else v
           for k, v in kwargs().items()}
     proj = ({"gate_up_proj": nn.Linear(HIDDEN, 2 * INTER)} if packed else
             {"gate_proj": nn.Linear(HIDDEN, INTER), "up_proj": nn.Linear(HIDDEN, INTER)})
-    m = GatedMLP(DOWNS[down](), name, **proj, **kw).to(dtype)
+    m = GatedMLP(DOWNS[down](), name, **proj, recompute=recompute, **kw).to(dtype)
 
     def eager(x: Tensor) -> Tensor:
         if packed:
@@ -261,17 +262,41 @@ def test_compile_fullgraph(reruns):
 
 
 def test_option_repr_and_state_dict():
-    """recompute is an option of the module and of patch_gated_mlps; it changes neither the
-    state_dict keys nor the repr of the default."""
-    m, _, _ = _block("linear", False, "silu")
-    assert m.recompute and "recompute" not in repr(m)
-    off = GatedMLP(m.down_proj, "silu", gate_proj=m.gate_proj, up_proj=m.up_proj,
-                   recompute=False)
-    assert "recompute=False" in repr(off) and off.state_dict().keys() == m.state_dict().keys()
+    """recompute is an option of the module and of patch_gated_mlps (None by default); it
+    changes neither the state_dict keys nor the repr of the default.  A module pickled before
+    the option existed recomputes, as it did then."""
+    m, _, _ = _block("linear", False, "silu", recompute=None)
+    assert m.recompute is None and "recompute" not in repr(m)
     for recompute in (True, False):
+        other = GatedMLP(m.down_proj, "silu", gate_proj=m.gate_proj, up_proj=m.up_proj,
+                         recompute=recompute)
+        assert f"recompute={recompute}" in repr(other)
+        assert other.state_dict().keys() == m.state_dict().keys()
+    old = GatedMLP.__new__(GatedMLP)
+    old.__setstate__({k: v for k, v in m.__dict__.items() if k != "recompute"})
+    assert old.recompute is True and "recompute=True" in repr(old)
+    for recompute in (None, True, False):
         model = nn.Sequential(HandMLP(HIDDEN, INTER))
         fused_act.patch_gated_mlps(model, recompute=recompute)
         assert type(model[0]) is GatedMLP and model[0].recompute is recompute
+
+
+def test_default_keeps_h_on_cpu_recomputes_elsewhere(reruns):
+    """recompute=None keeps h for CPU tensors (the bytes of recompute=False, no glu pass in
+    the backward, the eager block's gradients) and recomputes it on any other device (the meta
+    device here: one glu pass)."""
+    m, eager, wrt = _block("linear", False, "silu", F64, recompute=None)
+    x = _x(F64)
+    _assert_grads(_grads(m, x, wrt), _grads(eager, x, wrt), F64)
+    assert reruns == []
+    kept, recomputed = copy.deepcopy(m), copy.deepcopy(m)
+    kept.recompute, recomputed.recompute = False, True
+    assert activation_bytes(m, x, False) == activation_bytes(kept, x, False) > \
+        activation_bytes(recomputed, x, False)
+    m.to("meta")
+    y = m(torch.empty(2, 5, HIDDEN, dtype=F64, device="meta", requires_grad=True))
+    torch.autograd.grad(y.sum(), list(m.parameters()))
+    assert len(reruns) == 1
 
 
 # ---- bytes autograd keeps ------------------------------------------------------------------------
