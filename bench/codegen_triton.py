@@ -174,14 +174,18 @@ def _sweep():
         return run
 
     # representative specializations of the FP8 kernel, not its product of options: gated row
-    # scaling with the row held in each dtype, then in bf16 a row past plan.ROW_HOLD (two
-    # passes), block and tensor scaling (its amax pass too), the elementwise and packed forms
+    # scaling with the row held in each dtype, then in bf16 the widest held row and a row past
+    # plan.ROW_HOLD (two passes), block and tensor scaling (its amax pass too), the elementwise
+    # and packed forms
     held, long = (QUANT_ROWS, QUANT_K), (QUANT_ROWS, 2 * plan.ROW_HOLD)
+    widest = (QUANT_ROWS, plan.ROW_HOLD)  # the most registers a held row takes
     for dt in ("float32", "float16", "bfloat16"):
         cases.append(("quant", f"swiglu {dt} row held",
                       quant(t(held, dt), t(held, dt), "row")))
     bf = "bfloat16"
     cases += [
+        ("quant", "swiglu bfloat16 row held at its widest",
+         quant(t(widest, bf), t(widest, bf), "row")),
         ("quant", "swiglu bfloat16 row two-pass", quant(t(long, bf), t(long, bf), "row")),
         ("quant", "swiglu bfloat16 block", quant(t(held, bf), t(held, bf), "block")),
         ("quant", "swiglu bfloat16 tensor", quant(t(held, bf), t(held, bf), "tensor")),

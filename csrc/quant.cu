@@ -171,7 +171,8 @@ struct ChannelSource {
 constexpr int Q_THREADS = 256;
 constexpr int TILE_MAX = 2048;               // fused_act/plan.py BLOCK: the largest tile
 constexpr int PER = TILE_MAX / Q_THREADS;    // tile values a thread holds
-constexpr int ROW_HOLD = 8192;               // fused_act/plan.py ROW_HOLD
+constexpr int ROW_HOLD = 8192;               // 32 values a thread (the Triton kernel, at
+                                             // 16 warps, holds plan.py's ROW_HOLD = 16384)
 constexpr int HELD = ROW_HOLD / Q_THREADS;   // row values a thread holds
 
 // The max of every thread's v, in every thread; `warp_max` is the block's shared scratch.

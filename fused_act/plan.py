@@ -163,9 +163,12 @@ def row_plan(rows: int, cols: int, layout: int) -> Plan:
     return Plan(rows, cols, 1, layout, BLOCK // block_l, block_l)
 
 
-# row scaling holds rows of up to ROW_HOLD elements on chip (y computed once); longer rows are
-# walked twice in chunks of ROW_CHUNK, the activation recomputed, since holding them would spill
-ROW_HOLD = 8192
+# row scaling holds rows of up to ROW_HOLD elements on chip (y computed once: LLM widths such
+# as 11008 and 14336 in one pass); longer rows are walked twice in chunks of ROW_CHUNK, the
+# activation recomputed.  A held row takes block_l / 1024 warps (triton_kernels/quant.py), 32
+# values a thread: at 16384, 16 warps and 61 registers on sm_90 without spills, fewer than
+# 8192's 80 at 8 warps (bench/codegen_triton.py's widest held row)
+ROW_HOLD = 16384
 ROW_CHUNK = 2048
 
 

@@ -550,10 +550,10 @@ def test_act_quant_long_rows_two_passes(fp8):
     """Rows longer than plan.ROW_HOLD: walked twice in chunks, the amax carried across chunks
     (a NaN in a late chunk poisons its row)."""
     interpreted()
-    k = 9024  # 282 MX blocks; 2^14 > ROW_HOLD
+    k = quant.plan.ROW_HOLD + 32  # MX blocks, one past the widest held row
     assert quant.plan.quant_plan(2, k, "row", 32).block_l < k
     gate = torch.randn(2, k, generator=torch.Generator().manual_seed(7)) * 4
-    gate[1, 8000] = NAN
+    gate[1, k - 100] = NAN
     up = torch.randn(2, k, generator=torch.Generator().manual_seed(8))
     for u in (None, up):
         got = quant.act_quant(gate, u, "mish", 1.0, None, fp8, "row", None, 32, "triton")
@@ -913,7 +913,8 @@ def test_act_quant_params_kernel_is_bit_exact(act, ydtype, fp8):
 def test_act_quant_params_long_rows():
     """Rows past plan.ROW_HOLD walked twice in chunks, a channel a row (x of shape (1, C, K))."""
     interpreted()
-    x = torch.randn(1, 2, 9024, generator=torch.Generator().manual_seed(10)) * 4
+    x = torch.randn(1, 2, quant.plan.ROW_HOLD + 32, generator=torch.Generator().manual_seed(10))
+    x = x * 4
     params = {"beta": torch.tensor([0.5, 2.0]), "p1": torch.tensor([1.0, -0.5]),
               "p2": torch.tensor([0.25, 0.75])}
     got = quant.act_quant(x, None, "acon_c", 1.0, None, E5M2, "row", None, 32, "triton",
