@@ -384,22 +384,23 @@ def _fp8_linear(op: str, gated: bool, x: Tensor, up: Tensor | None, dim: int | N
     ``swish`` takes it)."""
     elementwise = not gated
     name = "x" if elementwise else "gate"
+    p1 = p2 = None
     if elementwise:
         _check_tensor(op, name, x)
-        if activation == "acon_c":
-            raise ValueError(f"fused_act.{op}: activation 'acon_c' is not supported (its "
-                             "per-channel p1, p2 and beta have no FP8 training path); use "
-                             "fused_act.acon_c and a linear apart")
     else:
         _check_gated(op, x, up, dim)
-    spec, beta = _gated_activation(op, activation, dict(kwargs))
-    if not elementwise:
-        beta_t, beta_value = _gated_beta(op, beta, x)
-    elif isinstance(beta, Tensor):
-        _check_channel_param(op, "beta", beta, x)
-        beta_t, beta_value = beta, 1.0
+    if elementwise and activation == "acon_c":
+        act, beta_value, (beta_t, p1, p2) = "acon_c", 1.0, _fp8_acon_params(op, x, kwargs)
     else:
-        beta_t, beta_value = None, _float_beta(op, beta)
+        spec, beta = _gated_activation(op, activation, dict(kwargs))
+        act = spec.name
+        if not elementwise:
+            beta_t, beta_value = _gated_beta(op, beta, x)
+        elif isinstance(beta, Tensor):
+            _check_channel_param(op, "beta", beta, x)
+            beta_t, beta_value = beta, 1.0
+        else:
+            beta_t, beta_value = None, _float_beta(op, beta)
     if x.dim() == 0:
         raise ValueError(f"fused_act.{op}: {name} must have a last dimension (got a 0-d tensor)")
     packed = None if up is not None else dim
@@ -419,8 +420,30 @@ def _fp8_linear(op: str, gated: bool, x: Tensor, up: Tensor | None, dim: int | N
         raise RuntimeError(f"fused_act.{op}: torch.func transforms, forward-mode AD and "
                            "torch.jit.trace are not supported (its backward is a "
                            "straight-through estimator, not the derivative of its forward)")
-    return ops.act_fp8_linear(x, up, beta_t, weight, bias, spec.name, beta_value, dim,
-                              out_dtype, scaling, block)
+    return ops.act_fp8_linear(x, up, beta_t, weight, bias, act, beta_value, dim, out_dtype,
+                              scaling, block, p1=p1, p2=p2)
+
+
+def _fp8_acon_params(op: str, x: Tensor, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(beta, p1, p2) of ACON-C in ``act_fp8_linear``, checked as ``acon_c(..., out_dtype=)``
+    checks them: per-channel tensors of C = ``x.shape[1]`` values (Meta-ACON's per-sample beta
+    has no FP8 output)."""
+    missing = sorted({"p1", "p2", "beta"} - set(kwargs))
+    extra = sorted(set(kwargs) - {"p1", "p2", "beta"})
+    if missing or extra:
+        raise TypeError(f"fused_act.{op}: activation 'acon_c' takes p1, p2 and beta (got "
+                        f"{sorted(kwargs)})")
+    if x.dim() < 2:
+        raise ValueError(f"fused_act.{op}: activation 'acon_c' needs x of shape (N, C, *), got "
+                         f"rank {x.dim()}")
+    beta = kwargs["beta"]
+    if isinstance(beta, Tensor) and reference.per_sample(beta, x):
+        raise ValueError(f"fused_act.{op}: activation 'acon_c' takes a per-channel beta; a "
+                         f"per-sample beta of shape {tuple(beta.shape)} (Meta-ACON) has no FP8 "
+                         "output")
+    for key in ("p1", "p2", "beta"):
+        _check_channel_param(op, key, kwargs[key], x, allow_scalar=x.shape[1] == 1)
+    return beta, kwargs["p1"], kwargs["p2"]
 
 
 FP8_LINEAR_DOC = """
@@ -438,11 +461,12 @@ FP8_LINEAR_DOC = """
     The backward is straight-through both quantisations, as FP8 training recipes are: it takes
     the output's gradient in the input's dtype and forms dh = dout @ weight (in that dtype, as
     ``F.linear``'s backward); the unquantised activation's own fused backward, under the
-    backend in force at the forward, gives dx (dgate and dup) and a tensor beta's gradient,
-    bit for bit what the unquantised op gives for that dh; dweight = dout^T @ dequant(q_h) (what the
-    forward product read) in dout's dtype, as a mixed-precision linear, and dbias = dout
-    summed over the tokens in fp32, each then in its parameter's dtype.  Saved: the
-    activation's inputs (and a tensor beta), q_h and its scales (one byte per element of h
+    backend in force at the forward, gives dx (dgate and dup) and the gradients of a tensor
+    beta (and ACON-C's p1 and p2), bit for bit what the unquantised op gives for that dh;
+    dweight = dout^T @ dequant(q_h) (what the forward product read) in dout's dtype, as a
+    mixed-precision linear, and dbias = dout summed over the tokens in fp32, each then in its
+    parameter's dtype.  Saved: the activation's inputs (and its parameter tensors), q_h and
+    its scales (one byte per element of h
     instead of h) and weight.  Not supported: gradients in FP8 (e5m2 with its scale); double
     backward; torch.func transforms and forward-mode AD (each is a clear error).  ``weight``
     and ``bias`` may be of another floating dtype than the input (fp32 master weights)."""
@@ -458,7 +482,10 @@ def act_fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     h = activation(x), any elementwise activation here ("gelu", "silu", "swish", "mish",
     "squared_relu", ...) with its own keyword arguments (``approximate`` for gelu; ``beta`` for
     swish: a float, or a tensor of 1 or C = ``x.shape[1]`` values as ``swish`` takes it, so per
-    feature for a 2-D (tokens, features) x, whose gradient the backward gives; not "acon_c"),
+    feature for a 2-D (tokens, features) x, whose gradient the backward gives; or "acon_c"
+    with per-channel tensors ``p1``, ``p2`` and ``beta`` of C = ``x.shape[1]`` values, whose
+    gradients it gives, Meta-ACON's per-sample beta refused as ``acon_c(..., out_dtype=)``
+    refuses it),
     is quantised to ``out_dtype`` with its scales
     by the fused quantisation of ``fused_act.<activation>(x, out_dtype=, scaling=, block=)``,
     in one pass, never written in high precision.  ``glu_fp8_linear`` is the gated form.

@@ -168,6 +168,21 @@ def test_elementwise_forward_and_straight_through_backward(backend_name, scaling
     _check_straight_through(backend_name, scaling, *_act_forms(activation, **act), [x], w, b)
 
 
+@pytest.mark.parametrize(("backend_name", "scaling"), [
+    ("reference", "row"), ("triton", "block"), ("cpu", "tensor")])
+def test_acon_c_gets_the_unquantised_gradients(backend_name, scaling):
+    """act_fp8_linear with ACON-C: x (N, C, K) and per-channel p1, p2, beta; dx, dp1, dp2
+    and dbeta bit for bit ACON-C's own backward of dh."""
+    x, _, w, b = _inputs()
+    params = [torch.tensor(v) for v in ([1.0, 0.5, -0.25], [0.1, -0.3, 0.2], [0.8, 1.5, 2.0])]
+
+    def fp8(x, p1, p2, beta, *t, scaling):
+        return fused_act.act_fp8_linear(x, *t, "acon_c", scaling=scaling, p1=p1, p2=p2,
+                                        beta=beta)
+
+    _check_straight_through(backend_name, scaling, fp8, fused_act.acon_c, [x, *params], w, b)
+
+
 @pytest.mark.parametrize(("backend_name", "scaling", "form"), [
     ("reference", "row", "glu"), ("triton", "block", "packed"), ("cpu", "tensor", "glu"),
     ("reference", "tensor", "per feature"), ("triton", "row", "per feature"),
@@ -262,7 +277,11 @@ def test_elementwise_errors():
             (ValueError, "out_dtype must be", (x, w), {"out_dtype": torch.float16}),
             (ValueError, "beta must have one element or C=3 elements", (x, w, None, "swish"),
              {"beta": torch.ones(K)}),
-            (ValueError, "activation 'acon_c' is not supported", (x, w, None, "acon_c"), {}),
+            (TypeError, "activation 'acon_c' takes p1, p2 and beta", (x, w, None, "acon_c"),
+             {}),
+            (ValueError, "activation 'acon_c' takes a per-channel beta",
+             (x, w, None, "acon_c"), {"p1": torch.ones(3), "p2": torch.ones(3),
+                                      "beta": torch.ones(2, 3)}),
             (ValueError, "unknown activation 'relu'", (x, w, None, "relu"), {}),
             (ValueError, "x must have a last dimension", (x[0, 0, 0], w), {})]:
         with pytest.raises(error, match=f"act_fp8_linear: {match}"):

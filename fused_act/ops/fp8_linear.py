@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import get_backend
 from ..registry import SPECS
+from .acon import ACON_C
 from .activation import ACTIVATION
 from .glu import GATED
 from .op import plain_backward
@@ -111,17 +112,20 @@ def _tokens(t: Tensor) -> Tensor:
 
 class ActFp8Linear(torch.autograd.Function):
     """The autograd of ``act_fp8_linear`` (module docstring), for both forms: elementwise
-    (``up`` and ``dim`` None) and gated.  Saves x and up (or the packed tensor), a tensor beta,
-    q_h and its scales (one byte per element of h instead of h) and the weight."""
+    (``up`` and ``dim`` None) and gated.  Saves x and up (or the packed tensor), a tensor beta
+    (with ACON-C's p1 and p2), q_h and its scales (one byte per element of h instead of h) and
+    the weight."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, up: Tensor | None, beta: Tensor | None, weight: Tensor,
-                bias: Tensor | None, act: str, beta_value: float, dim: int | None,
-                out_dtype: torch.dtype, scaling: str, block: int, path: str | None) -> Tensor:
+    def forward(ctx, x: Tensor, up: Tensor | None, beta: Tensor | None, p1: Tensor | None,
+                p2: Tensor | None, weight: Tensor, bias: Tensor | None, act: str,
+                beta_value: float, dim: int | None, out_dtype: torch.dtype, scaling: str,
+                block: int, path: str | None) -> Tensor:
         backend = get_backend()
         packed = None if up is not None else dim
-        q_h, s_h = run_act_quant(x, up, SPECS[act].kernel, beta_value, packed, out_dtype,
-                                 scaling, None, block, beta)
+        kernel = act if act == ACON_C.schema.name else SPECS[act].kernel
+        q_h, s_h = run_act_quant(x, up, kernel, beta_value, packed, out_dtype, scaling, None,
+                                 block, beta, p1, p2)
         shape, k, n = q_h.shape, q_h.shape[-1], weight.shape[0]
         q2, s2 = _tokens(q_h), (s_h if scaling == "tensor" else _tokens(s_h))
         with _no_autocast(x.device):
@@ -130,35 +134,36 @@ class ActFp8Linear(torch.autograd.Function):
                 path = matmul_path(x.device, out_dtype, x.dtype, scaling, k, n,
                                    bias is not None, q2.shape[0])
             out = fp8_product(q2, s2, q_w, s_w, bias, scaling, block, x.dtype, path)
-        ctx.save_for_backward(x, up, beta, q2, s2, weight)
+        ctx.save_for_backward(x, up, beta, p1, p2, q2, s2, weight)
         ctx.attrs = (act, beta_value, dim, scaling, block, backend, shape,
                      None if bias is None else bias.dtype)
         return out.reshape(*shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple:
-        x, up, beta, q2, s2, weight = ctx.saved_tensors
+        x, up, beta, p1, p2, q2, s2, weight = ctx.saved_tensors
         act, beta_value, dim, scaling, block, backend, shape, bias_dtype = ctx.attrs
         if torch.is_grad_enabled():
             raise RuntimeError(f"fused_act.{_name(up, dim)}: double backward "
                                "(create_graph=True) is not supported")
         needs = ctx.needs_input_grad
         d2 = _tokens(dout)
-        dx = dup = dbeta = dweight = dbias = None
+        grads = [None] * 5  # dx, dup, dbeta, dp1, dp2
+        dweight = dbias = None
         with _no_autocast(dout.device):
-            if needs[0] or needs[1] or needs[2]:
+            if any(needs[:5]):
                 # straight-through h's quantisation: the gradient the unquantised h gets, by
                 # the unquantised op's own backward
                 dh = (d2 @ weight.to(d2.dtype)).reshape(shape)
-                dx, dup, dbeta = _activation_backward(dh, x, up, beta, act, beta_value, dim,
-                                                      needs[2], backend)
-            if needs[3]:
+                grads = _activation_backward(dh, x, up, beta, p1, p2, act, beta_value, dim,
+                                             any(needs[2:5]), backend)
+            if needs[5]:
                 h = reference.dequantize_fp8(q2, s2, scaling, block).to(d2.dtype)
                 dweight = (d2.t() @ h).to(weight.dtype)
-            if needs[4]:
+            if needs[6]:
                 dbias = d2.float().sum(0).to(bias_dtype)
-        return (dx if needs[0] else None, dup if needs[1] else None,
-                dbeta if needs[2] else None, dweight, dbias, *([None] * 7))
+        return (*(g if need else None for g, need in zip(grads, needs[:5], strict=True)),
+                dweight, dbias, *([None] * 7))
 
 
 def _name(up: Tensor | None, dim: int | None) -> str:
@@ -167,32 +172,41 @@ def _name(up: Tensor | None, dim: int | None) -> str:
 
 
 def _activation_backward(dh: Tensor, x: Tensor, up: Tensor | None, beta: Tensor | None,
-                         act: str, beta_value: float, dim: int | None, need_dbeta: bool,
-                         backend: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(dx, dup, dbeta) of dh by the unquantised op's backward (the activation's, or glu's),
-    under ``backend`` and by the path its own node takes: the backward op while compiling,
-    the reference math where the gradient needs it (``plain_backward``), else the kernels."""
-    family, args = ((ACTIVATION, (dh, x, act, beta, beta_value, need_dbeta))
-                    if up is None and dim is None else
-                    (GATED, (dh, x, up, act, beta, beta_value, dim, need_dbeta)))
+                         p1: Tensor | None, p2: Tensor | None, act: str, beta_value: float,
+                         dim: int | None, need_params: bool, backend: str) -> list:
+    """[dx, dup, dbeta, dp1, dp2] of dh by the unquantised op's backward (the activation's,
+    ACON-C's or glu's), under ``backend`` and by the path its own node takes: the backward op
+    while compiling, the reference math where the gradient needs it (``plain_backward``), else
+    the kernels."""
+    if act == ACON_C.schema.name:
+        family, args = ACON_C, (dh, x, p1, p2, beta, need_params)
+    elif up is None and dim is None:
+        family, args = ACTIVATION, (dh, x, act, beta, beta_value, need_params)
+    else:
+        family, args = GATED, (dh, x, up, act, beta, beta_value, dim, need_params)
     if torch.compiler.is_compiling():
         grads = family.backward_op(*args, backend)
     elif plain_backward(dh):
         grads = family.backward(*args, backend)
     else:
         grads = family.reference_backward(*args)
+    if family is ACON_C:
+        dx, dp1, dp2, dbeta = grads
+        return [dx, None, dbeta, dp1, dp2]
     # the gated form's dup is absent for a packed input (the backward op's: an empty tensor)
-    return grads[0], (grads[1] if up is not None else None), grads[-1]
+    return [grads[0], grads[1] if up is not None else None, grads[-1], None, None]
 
 
 def act_fp8_linear(x: Tensor, up: Tensor | None, beta: Tensor | None, weight: Tensor,
                    bias: Tensor | None, act: str, beta_value: float, dim: int | None,
                    out_dtype: torch.dtype, scaling: str, block: int,
-                   path: str | None = None) -> Tensor:
+                   path: str | None = None, p1: Tensor | None = None,
+                   p2: Tensor | None = None) -> Tensor:
     """``ActFp8Linear`` on validated arguments: ``act`` a spec name of the registry, with
     ``up`` and ``dim`` None its elementwise form (``beta``: swish's one or per-channel tensor),
     else its gated form (``up`` None: x is the packed gate_up split along ``dim``; ``beta``:
     one value); ``beta_value`` the float beta where ``beta`` is None; ``path`` None
-    (``matmul_path`` decides) or the product to run."""
-    return ActFp8Linear.apply(x, up, beta, weight, bias, act, beta_value, dim, out_dtype,
-                              scaling, block, path)
+    (``matmul_path`` decides) or the product to run; ``p1`` and ``p2`` ACON-C's (``act``
+    "acon_c", with its per-channel ``beta``)."""
+    return ActFp8Linear.apply(x, up, beta, p1, p2, weight, bias, act, beta_value, dim,
+                              out_dtype, scaling, block, path)
