@@ -318,16 +318,20 @@ def test_compile_fullgraph_is_eager(scaling):
     _compiled_is_eager(m, torch.randn(2, 3, K), [*m.parameters(), *learnable])
 
 
-def test_compile_fullgraph_elementwise_is_eager():
-    """fc2(swish(fc1(x))) with a learnable per-feature beta through act_fp8_linear."""
+@pytest.mark.parametrize("activation", ["swish", "acon_c"])
+def test_compile_fullgraph_elementwise_is_eager(activation):
+    """fc2(act(fc1(x))) through act_fp8_linear with learnable per-feature parameters: swish's
+    beta, or ACON-C's p1, p2 and beta."""
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(K, K), nn.Linear(K, N)
-    beta = nn.Parameter(torch.full((K,), 0.8))
+    names = ("beta",) if activation == "swish" else ("p1", "p2", "beta")
+    params = {k: nn.Parameter(torch.rand(K) + 0.5) for k in names}
 
     def f(x):
-        return fused_act.act_fp8_linear(fc1(x), fc2.weight, fc2.bias, "swish", beta=beta)
+        return fused_act.act_fp8_linear(fc1(x), fc2.weight, fc2.bias, activation, **params)
 
-    _compiled_is_eager(f, torch.randn(6, K), [*fc1.parameters(), *fc2.parameters(), beta])
+    _compiled_is_eager(f, torch.randn(6, K), [*fc1.parameters(), *fc2.parameters(),
+                                              *params.values()])
 
 
 # measured max over the 25 steps of |loss_fp8 - loss_fp32| / loss_fp32 (e4m3; the loss falls
