@@ -353,15 +353,19 @@ def _train(m, x, target, steps=25):
     return torch.tensor(run)
 
 
-def test_fp8_training_loss_follows_the_fp32_block():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_training_loss_follows_the_high_precision_block(dtype):
     """A 64 -> 192 -> 64 block trained 25 Adam steps on a fixed random regression, in FP8 (each
-    scaling) and in fp32 from the same init: the losses stay within LOSS_BOUND of each other."""
+    scaling) and in high precision (fp32, or bf16 parameters and data) from the same init: the
+    losses stay within LOSS_BOUND of each other.  Measured against the bf16 block (seeds 1-3):
+    row up to 2.0%, tensor 2.2%, block 3.9%."""
     torch.manual_seed(1)
     x = torch.randn(64, K)
     target = torch.tanh(x @ torch.randn(K, K) / 4)
+    x, target = x.to(dtype), target.to(dtype)
     with fused_act.use_backend("reference"):
-        base = _train(_mlp(), x, target)
+        base = _train(_mlp().to(dtype), x, target)
         assert base[-1] < 0.5 * base[0]  # it learns
-        rel = {s: ((_train(_mlp(s), x, target) - base).abs() / base).max().item()
+        rel = {s: ((_train(_mlp(s).to(dtype), x, target) - base).abs() / base).max().item()
                for s in SCALINGS}
     assert all(rel[s] < LOSS_BOUND[s] for s in SCALINGS), rel
