@@ -333,15 +333,37 @@ void act_quant(const Tensor& gate, const OptTensor& up, Tensor& q, Tensor& scale
 
 #ifdef FA_CPU
 // The eager path of an activation without a beta tensor on CPU tensors
-// (fused_act/ops/activation.py, run_activation): a C++ autograd node, as torch's own ops have,
+// (fused_act/ops/eager.py, run_activation): a C++ autograd node, as torch's own ops have,
 // in place of the Python Function's bookkeeping, which cost more than the kernels on small
 // tensors.  The same kernels and flat plan as the op's "cpu" backend (plan.flat, SCALAR), so
 // the results are the op's bit for bit; it saves x only.  A backward that needs a graph of its
 // own (create_graph) or gets a gradient autograd cannot hand a kernel (batched, a subclass)
 // calls the Python side's differentiable backward instead.
 pybind11::object* differentiable_backward = nullptr;  // kept to the end: no destructor at exit
+pybind11::object* differentiable_glu_backward = nullptr;  // EagerGlu's
 
 fa_plan flat_plan(int64_t n, int64_t block) { return fa_plan{1, n, 1, 0, 1, int32_t(block), 1, 0}; }
+
+// Whether an eager node's backward must run the Python side's differentiable backward: a graph
+// of its own (create_graph), a torch.func transform over it, or a gradient or saved tensor the
+// kernels cannot take (batched, a subclass, another dtype or device).
+bool needs_differentiable(const Tensor& g, const Tensor& x) {
+  constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Batched,
+                                                c10::DispatchKey::FuncTorchBatched,
+                                                c10::DispatchKey::FuncTorchGradWrapper,
+                                                c10::DispatchKey::Python});
+  // a torch.func transform over the backward (as _are_functorch_transforms_active): what
+  // empty_like makes there has no storage for a kernel
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  const bool transformed = included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+                           included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+  return at::GradMode::is_enabled() || transformed || g.key_set().has_any(wrapped) ||
+         x.key_set().has_any(wrapped) || g.scalar_type() != x.scalar_type() ||
+         g.device() != x.device() || !x.is_cpu();
+}
+
+// a saved tensor as the kernels read it: a saved-tensor hook's unpack may give a view
+Tensor dense_saved(const Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
 
 struct EagerActivation : public torch::autograd::Function<EagerActivation> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
@@ -364,26 +386,13 @@ struct EagerActivation : public torch::autograd::Function<EagerActivation> {
     const int64_t act = ctx->saved_data["act"].toInt();
     const double beta_value = ctx->saved_data["beta_value"].toDouble();
     Tensor g = grads[0];
-    constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Batched,
-                                                  c10::DispatchKey::FuncTorchBatched,
-                                                  c10::DispatchKey::FuncTorchGradWrapper,
-                                                  c10::DispatchKey::Python});
-    // a torch.func transform over the backward (as _are_functorch_transforms_active): what
-    // empty_like makes there has no storage for a kernel
-    const auto included = c10::impl::tls_local_dispatch_key_set().included_;
-    const bool transformed = included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-                             included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-    if (at::GradMode::is_enabled() || transformed || g.key_set().has_any(wrapped) ||
-        x.key_set().has_any(wrapped) || g.scalar_type() != x.scalar_type() ||
-        g.device() != x.device() || !x.is_cpu()) {
+    if (needs_differentiable(g, x)) {
       pybind11::gil_scoped_acquire gil;
       Tensor dx = (*differentiable_backward)(g, x, ctx->saved_data["name"].toStringRef(),
                                              beta_value).cast<Tensor>();
       return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
     }
-    if (!x.is_non_overlapping_and_dense()) {  // a saved-tensor hook's unpack gave a view
-      x = x.contiguous();
-    }
+    x = dense_saved(x);
     if (g.strides() != x.strides()) {  // e.g. the expanded gradient of a sum
       g = at::empty_like(x).copy_(g);
     }
@@ -402,9 +411,64 @@ Tensor eager_activation(const Tensor& x, const std::string& name, int64_t act,
   return EagerActivation::apply(x, name, act, beta_value, block);
 }
 
-void set_differentiable_backward(pybind11::object fn) {
+// The eager path of act(gate) * up on two contiguous CPU tensors of one shape and dtype without
+// a beta tensor (fused_act/ops/glu.py, run_glu), as EagerActivation's: the op's kernels and
+// flat plan, bit for bit; it saves gate and up.
+struct EagerGlu : public torch::autograd::Function<EagerGlu> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate,
+                        const Tensor& up, const std::string& name, int64_t act,
+                        double beta_value, int64_t block) {
+    ctx->save_for_backward({gate, up});
+    ctx->saved_data["name"] = name;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["beta_value"] = beta_value;
+    ctx->saved_data["block"] = block;
+    Tensor out = at::empty_like(gate);
+    const int64_t n = gate.numel(), rows[3] = {n, n, n};
+    raise_if(fa_glu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), rows,
+                            dtype_code(gate), int(act), nullptr, float(beta_value),
+                            flat_plan(n, block), nullptr),
+             "glu_forward");
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    Tensor gate = saved[0], up = saved[1], g = grads[0];
+    const double beta_value = ctx->saved_data["beta_value"].toDouble();
+    if (needs_differentiable(g, gate) || needs_differentiable(g, up)) {
+      pybind11::gil_scoped_acquire gil;
+      auto d = (*differentiable_glu_backward)(g, gate, up, ctx->saved_data["name"].toStringRef(),
+                                              beta_value).cast<std::tuple<Tensor, Tensor>>();
+      return {std::get<0>(d), std::get<1>(d), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    gate = gate.contiguous();  // a saved-tensor hook's unpack may give any view
+    up = up.contiguous();
+    g = g.contiguous();
+    Tensor dgate = at::empty_like(gate), dup = at::empty_like(gate);
+    const int64_t n = gate.numel(), rows[5] = {n, n, n, n, n};
+    raise_if(fa_glu_backward(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(),
+                             dup.data_ptr(), rows, dtype_code(gate),
+                             int(ctx->saved_data["act"].toInt()), nullptr, float(beta_value),
+                             nullptr, flat_plan(n, ctx->saved_data["block"].toInt()), nullptr),
+             "glu_backward");
+    return {dgate, dup, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor eager_glu(const Tensor& gate, const Tensor& up, const std::string& name, int64_t act,
+                 double beta_value, int64_t block) {
+  check(gate, {&up}, {});
+  return EagerGlu::apply(gate, up, name, act, beta_value, block);
+}
+
+// The Python side's differentiable backwards of the eager nodes (activation, glu).
+void set_differentiable_backward(pybind11::object fn, pybind11::object glu_fn) {
   delete differentiable_backward;
+  delete differentiable_glu_backward;
   differentiable_backward = new pybind11::object(std::move(fn));
+  differentiable_glu_backward = new pybind11::object(std::move(glu_fn));
 }
 #endif
 
@@ -433,6 +497,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef FA_CPU
   m.def("eager_activation", &eager_activation, no_gil());
+  m.def("eager_glu", &eager_glu, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);
 #endif
 }

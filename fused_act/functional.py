@@ -323,9 +323,10 @@ def _gated_beta(op: str, beta: object, gate: Tensor) -> tuple[Tensor | None, flo
 
 
 def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
-           kwargs: dict, quant: tuple = (None,)) -> _Out:
+           kwargs: dict, quant: tuple = (None,), eager: bool = True) -> _Out:
     """The checks and the call of every gated function (``op``: the one the user called);
-    ``quant``: its (out_dtype, scaling, scale, block)."""
+    ``quant``: its (out_dtype, scaling, scale, block); ``eager`` False: the op's own node even
+    where the CPU fast path would run (``nn.GatedMLP`` reruns that node)."""
     _check_gated(op, gate, up, dim)
     spec, beta = _gated_activation(op, activation, dict(kwargs))
     beta_t, beta_value = _gated_beta(op, beta, gate)
@@ -333,7 +334,9 @@ def _gated(op: str, gate: Tensor, up: Tensor | None, activation: str, dim: int,
         return _quantized(op, gate, up, spec.kernel, beta_value,
                           None if up is not None else dim, *quant,
                           () if beta_t is None else (beta_t,))
-    return ops.GATED(gate, up, spec.name, beta_t, beta_value, dim, mode="glu")
+    if not eager:
+        return ops.GATED(gate, up, spec.name, beta_t, beta_value, dim, mode="glu")
+    return ops.run_glu(gate, up, spec.name, beta_t, beta_value, dim)
 
 
 def glu(gate: Tensor, up: Tensor | None = None, activation: str = "silu", dim: int = -1, *,

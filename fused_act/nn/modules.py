@@ -9,6 +9,7 @@ import inspect
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import has_torch_function
 
 from .. import functional, ops, reference
 from ..backend import get_backend
@@ -436,8 +437,15 @@ class GatedMLP(FusedModule):
             return functional.glu_fp8_linear(gate, up, down.weight, down.bias, self.activation,
                                              out_dtype=self.fp8_dtype, scaling=self.fp8,
                                              **self.activation_kwargs)
-        h = functional.glu(gate, up, self.activation, **self.activation_kwargs)
-        node = self._glu_node(h)
+        # recomputing h needs glu's op node (the CPU fast path's C++ node cannot be rerun);
+        # tensors that override functions (FX proxies, tensor-likes) meet the public function
+        recompute = not has_torch_function((gate, up)) and self._recomputes(gate.device)
+        if recompute:
+            h = functional._gated("glu", gate, up, self.activation, -1, self.activation_kwargs,
+                                  eager=False)
+        else:
+            h = functional.glu(gate, up, self.activation, **self.activation_kwargs)
+        node = self._glu_node(h) if recompute else None
         if node is None:
             return self.down_proj(h)
         beta = self.activation_kwargs.get("beta")
@@ -448,12 +456,15 @@ class GatedMLP(FusedModule):
         finally:
             hooks.raw = ()  # what outlives the forward holds glu's inputs only as packed
 
-    def _glu_node(self, h: Tensor) -> torch.autograd.graph.Node | None:
-        """glu's eager node, where h is to be recomputed from it."""
-        recompute = h.device.type != "cpu" if self.recompute is None else self.recompute
-        if (not recompute or torch.compiler.is_compiling() or not torch.is_grad_enabled()
-                or not torch._C._autograd._saved_tensors_hooks_is_enabled()):
-            return None
+    def _recomputes(self, device: torch.device) -> bool:
+        """Whether this forward is to recompute h (for a ``glu`` node that allows it)."""
+        recompute = device.type != "cpu" if self.recompute is None else self.recompute
+        return (recompute and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+                and torch._C._autograd._saved_tensors_hooks_is_enabled())
+
+    @staticmethod
+    def _glu_node(h: Tensor) -> torch.autograd.graph.Node | None:
+        """glu's op node, where h is to be recomputed from it."""
         node = ops.GATED.node_of(h)
         # an empty h shares its null data pointer with every other empty tensor
         return node if node is not None and h.numel() else None

@@ -2,9 +2,6 @@
 ``fused_act::activation`` and ``fused_act::activation_backward``, for every activation of
 ``registry.SPECS``, which ``act`` names.  Backward saves only x and beta."""
 
-import functools
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
@@ -86,36 +83,6 @@ ACTIVATION = Op(
     forward_impl, _act_reference, backward_impl,
     _act_reference_backward, compile_mode=config.mode_for)
 activation_op, activation_backward_op = ACTIVATION.forward_op, ACTIVATION.backward_op
-
-
-def run_activation(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
-    """``ACTIVATION`` on validated arguments.  An eager call on a plain, dense CPU tensor
-    without a beta tensor that backend "cpu" runs (also as "auto") takes the CPU kernels' C++
-    autograd node (csrc/binding.cpp, EagerActivation): the same kernels, plan and saved tensor
-    as the op there, without the Python Function's bookkeeping, which costs more than the
-    kernel on small tensors.  Every other call is the op's."""
-    if (beta is None and not torch.compiler.is_compiling() and type(x) is Tensor and x.is_cpu
-            and x.numel() and not reference_math() and is_dense(x)):
-        backend = get_backend()
-        # on a CPU tensor, "auto" is "cpu" where the kernels build, else the reference (None)
-        k = launcher(x.device, backend) if backend in ("auto", "cpu") else None
-        if k is not None:
-            return _eager(k).eager_activation(x, act, SPECS[act].kernel_id, fp32(beta_value),
-                                              plan.BLOCK)
-    return ACTIVATION(x, act, beta, beta_value, mode=act)
-
-
-@functools.cache
-def _eager(k: object) -> ModuleType:
-    """The CPU kernels' extension, told the backward to run where a gradient needs a graph."""
-    k.lib.set_differentiable_backward(_differentiable_backward)
-    return k.lib
-
-
-def _differentiable_backward(grad: Tensor, x: Tensor, act: str, beta_value: float) -> Tensor:
-    """dx of the eager node where the kernels cannot give it (create_graph, a batched or
-    wrapped gradient): the reference math, as the op's backward runs there."""
-    return _act_reference_backward(grad, x, act, None, beta_value, False)[0]
 
 
 def apply_(x: Tensor, name: str, beta_value: float = 1.0) -> Tensor:
