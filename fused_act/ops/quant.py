@@ -68,11 +68,12 @@ def _two_passes(g: Tensor, u: Tensor | None, act: str, beta_value: float,
                 backend: str, beta: Tensor | None, p1: Tensor | None,
                 p2: Tensor | None) -> tuple[Tensor, Tensor]:
     """For kernels without a fused act_quant (the CPU ones): their own fp32 activation, then
-    its quantisation by their ``quantize`` (else torch operations), so q is ``quantize_fp8``
-    of that backend's own fp32 activation as on every backend.  Two passes over memory and an
-    fp32 temporary, but each at the kernels' speed: the reference activation's chain of exp and
-    where is several times slower than the eager expression a user would write, and
-    quantize_fp8's torch operations, one pass over y each, took twice its time."""
+    its quantisation by their ``quantize`` (a 0-dim y, or kernels without one: torch
+    operations), so q is ``quantize_fp8`` of that backend's own fp32 activation as on every
+    backend.  Two passes over memory and an fp32 temporary, but each at the kernels' speed: the
+    reference activation's chain of exp and where is several times slower than the eager
+    expression a user would write, and quantize_fp8's torch operations, one pass over y each,
+    took about twice that expression's time."""
     x = g.float()
     if act == ACON_C:
         y = acon_forward_impl(x, p1, p2, beta, backend)
@@ -90,9 +91,8 @@ def _two_passes(g: Tensor, u: Tensor | None, act: str, beta_value: float,
         scales = torch.empty((*lead, cols // block), dtype=torch.float8_e8m0fnu, device=y.device)
     else:
         scales = torch.empty((*lead, 1) if scaling == "row" else (), device=y.device)
-    # the caller's scale in fp32, as torch's division of fp32 y reads it
-    given = None if scale is None else scale.to(y.device, torch.float32).reshape(1)
-    k.quantize(y, q, scales, given, scaling, block)
+    k.quantize(y, q, scales, None if scale is None else scale.to(y.device).reshape(1), scaling,
+               block)
     return q, scales if scale is None else scale.to(y.device).reshape(()).clone()
 
 
