@@ -332,6 +332,39 @@ void act_quant(const Tensor& gate, const OptTensor& up, Tensor& q, Tensor& scale
 #endif
 
 #ifdef FA_CPU
+// fused_act.h fa_quantize: y contiguous fp32, q one-byte codes of y's size, scales dense: fp32
+// for tensor (one) and row (one a row) scaling, one-byte E8M0 for block scaling (one a `block`
+// elements); scale, where given, the caller's fp32 value (tensor scaling).
+void quantize(const Tensor& y, Tensor& q, Tensor& scales, const OptTensor& scale, int64_t fp8,
+              int64_t scaling, int64_t block) {
+  check(y, {}, {});
+  if (scale) check(y, {}, {&*scale});
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous(), "fused_act ", KIND,
+              " kernels: quantize takes contiguous fp32 y, got ", y.scalar_type());
+  for (const Tensor* t : {&q, &scales}) {
+    check_memory(*t);
+    TORCH_CHECK(t->device() == y.device() && t->is_contiguous(), "fused_act ", KIND,
+                " kernels: q and scales must be contiguous on ", y.device());
+  }
+  const int64_t cols = y.dim() == 0 ? 1 : y.size(-1);
+  const int64_t rows = cols == 0 ? 0 : y.numel() / cols;
+  // fa_quantize's selectors: 1 row, 2 block, else tensor
+  const bool fp32 = scaling != 2;
+  const int64_t n_scales = scaling == 1 ? rows : scaling == 2 && block > 0 ? y.numel() / block : 1;
+  TORCH_CHECK(q.element_size() == 1 && q.numel() == y.numel() && scales.numel() == n_scales &&
+                  (fp32 ? scales.scalar_type() == at::kFloat : scales.element_size() == 1) &&
+                  (!scale || scale->numel() == 1),
+              "fused_act ", KIND, " kernels: quantize of y of shape ", y.sizes(), " expects q ",
+              "of one-byte codes of its size, ", n_scales, fp32 ? " fp32" : " one-byte",
+              " scales and a given scale of one value; got q ", q.scalar_type(), " ", q.sizes(),
+              ", scales ", scales.scalar_type(), " ", scales.sizes());
+  if (rows == 0) return;
+  raise_if(fa_quantize(y.data_ptr<float>(), q.data_ptr(), scales.data_ptr(),
+                       scale ? scale->data_ptr<float>() : nullptr, int(fp8), int(scaling),
+                       int(block), rows, cols),
+           "quantize");
+}
+
 // The eager path of an activation without a beta tensor on CPU tensors
 // (fused_act/ops/eager.py, run_activation): a C++ autograd node, as torch's own ops have,
 // in place of the Python Function's bookkeeping, which cost more than the kernels on small
@@ -492,10 +525,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_act_forward", &affine_act_forward, no_gil());
   m.def("affine_act_backward", &affine_act_backward, no_gil());
 #ifndef FA_CPU
-  // the CPU kernels have no act_quant: fused_act/_cuda.py then offers none (the reference runs)
+  // the CPU kernels have no act_quant (fused_act/_cuda.py then offers none): they quantise the
+  // activation they wrote (quantize), which the CUDA ones, quantising it unwritten, need not
   m.def("act_quant", &act_quant, no_gil());
 #endif
 #ifdef FA_CPU
+  m.def("quantize", &quantize, no_gil());
   m.def("eager_activation", &eager_activation, no_gil());
   m.def("eager_glu", &eager_glu, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);

@@ -101,6 +101,7 @@ Vec<M> pick(const Vec<M>& c, A a, B b) { return Vec<M>::blendv(b(), a(), c); }
 }  // namespace fused_act
 
 #include "activations.cuh"
+#include "fp8.cuh"
 
 namespace fused_act {
 namespace {
@@ -721,6 +722,66 @@ int launch(const Op& op, const fa_plan& p, void* partial = nullptr, int64_t n_pa
   return OK;
 }
 
+// ---- FP8 quantisation of fp32 y (fa_quantize) ------------------------------------------------
+// fp8.cuh's encoder and scale rules, shared with the CUDA kernel, so q is quantize_fp8's bit for
+// bit; rows in parallel, each by one thread.
+
+// max of |y| as int bits (fp8.cuh abs_bits) over n values: an integer max, which vectorises,
+// and a NaN is above every number
+int amax_bits(const float* y, int64_t n) {
+  int a = 0;
+  for (int64_t i = 0; i < n; ++i) a = imax(a, abs_bits(y[i]));
+  return a;
+}
+
+template <int FP8>
+void divide(const float* y, uint8_t* q, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) q[i] = fp8_code<FP8>(div_rn(y[i], scale));
+}
+
+template <int FP8>
+int quantize(const float* y, uint8_t* q, void* scales, const float* scale, int scaling,
+             int64_t group, int64_t rows, int64_t cols) {
+  if (scaling == Q_BLOCK && (group < 1 || cols % group != 0)) return BAD_VALUE;
+  if (scaling != Q_TENSOR && scaling != Q_ROW && scaling != Q_BLOCK) return BAD_VALUE;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / cols);
+  float s = 0.0f;
+  if (scaling == Q_TENSOR && scale != nullptr) {
+    s = *scale;
+  } else if (scaling == Q_TENSOR) {
+    const int a = at::parallel_reduce(
+        int64_t(0), rows, grain, 0,
+        [&](int64_t begin, int64_t end, int acc) {
+          return imax(acc, amax_bits(y + begin * cols, (end - begin) * cols));
+        },
+        [](int a, int b) { return imax(a, b); });
+    s = row_scale<FP8>(a);
+    *static_cast<float*>(scales) = s;
+  }
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* yr = y + r * cols;
+      uint8_t* qr = q + r * cols;
+      if (scaling == Q_TENSOR) {
+        divide<FP8>(yr, qr, cols, s);
+      } else if (scaling == Q_ROW) {
+        const float rs = row_scale<FP8>(amax_bits(yr, cols));
+        static_cast<float*>(scales)[r] = rs;
+        divide<FP8>(yr, qr, cols, rs);
+      } else {
+        uint8_t* bytes = static_cast<uint8_t*>(scales) + r * (cols / group);
+        for (int64_t c0 = 0; c0 < cols; c0 += group) {
+          float mult;
+          const uint8_t byte = mx_byte<FP8>(amax_bits(yr + c0, group), mult);
+          bytes[c0 / group] = byte;
+          for (int64_t c = c0; c < c0 + group; ++c) qr[c] = mx_code<FP8>(yr[c], byte, mult);
+        }
+      }
+    }
+  });
+  return OK;
+}
+
 int64_t slots(const fa_plan& p) {
   const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
   if (p.layout != FA_COLS) return col_blocks * p.rows;
@@ -912,6 +973,20 @@ extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, in
     return partial != nullptr && sums == ALL ? go(std::integral_constant<int, ALL>{})
                                              : go(std::integral_constant<int, 2>{});
   }, partial);
+}
+
+extern "C" int fa_quantize(const float* y, void* q, void* scales, const float* scale, int fp8,
+                           int scaling, int block, int64_t rows, int64_t cols) {
+  if (rows < 0 || cols < 1) return BAD_VALUE;
+  auto u8 = static_cast<uint8_t*>(q);
+  switch (fp8) {
+    case E4M3:
+      return quantize<E4M3>(y, u8, scales, scale, scaling, block, rows, cols);
+    case E5M2:
+      return quantize<E5M2>(y, u8, scales, scale, scaling, block, rows, cols);
+    default:
+      return BAD_VALUE;
+  }
 }
 
 extern "C" const char* fa_error_string(int err) {

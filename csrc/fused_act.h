@@ -103,6 +103,14 @@ int fa_act_quant(const void* gate, const void* up, void* q, void* scales, const 
                  const void* beta, const void* p1, const void* p2, int64_t run, fa_plan plan,
                  void* stream);
 
+// fp32 y (rows x cols, contiguous) quantised to FP8 as fa_act_quant quantises its y: q one byte
+// a code, row-major; fp8 and scaling (tensor, row, block) its selectors.  Tensor scaling divides
+// by *scale where scale is not null (the caller's), else by the scale of the amax of all of y,
+// written to scales.  The CPU kernels only (cpu.cpp): the quantisation of activations their
+// kernels wrote.
+int fa_quantize(const float* y, void* q, void* scales, const float* scale, int fp8, int scaling,
+                int block, int64_t rows, int64_t cols);
+
 const char* fa_error_string(int err);
 
 #ifdef __cplusplus

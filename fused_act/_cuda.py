@@ -93,6 +93,9 @@ class ExtensionKernels:
             # the CPU kernels' extension has no act_quant: offering none sends kernels.offers
             # callers to the reference math
             self.act_quant = None  # type: ignore[assignment]
+        if not hasattr(lib, "quantize"):
+            # the CUDA kernels quantise in act_quant, never writing the activation
+            self.quantize = None  # type: ignore[assignment]
 
     def act_forward(self, x: Tensor, y: Tensor, act: int, beta: Tensor | None,
                     beta_value: float, p: Plan) -> None:
@@ -144,6 +147,12 @@ class ExtensionKernels:
         self.lib.act_quant(gate, up, q, scales, list(strides), act, beta_value,
                            FP8_CODES[q.dtype], SCALING_CODES[scaling], block, beta, p1, p2, run,
                            p.fields())
+
+    def quantize(self, y: Tensor, q: Tensor, scales: Tensor, scale: Tensor | None,
+                 scaling: str, block: int) -> None:
+        """``kernels.Kernels.quantize`` (csrc/cpu.cpp)."""
+        self.lib.quantize(y, q, scales, scale, FP8_CODES[q.dtype], SCALING_CODES[scaling],
+                          block)
 
     def stats(self, x: Tensor, partial: Tensor, p: Plan) -> None:
         self.lib.stats(x, partial.view(3, p.partials), p.partials, p.fields())

@@ -114,8 +114,17 @@ class Kernels(Protocol):
         channel).  Optional (``OPTIONAL``)."""
 
 
+    def quantize(self, y: Tensor, q: Tensor, scales: Tensor, scale: Tensor | None,
+                 scaling: str, block: int) -> None:
+        """Contiguous fp32 ``y`` quantised into ``q`` (of y's shape, contiguous: its dtype is
+        the format) and ``scales`` (contiguous, shaped as ``reference.quantize_fp8`` returns
+        them) bit for bit as ``reference.quantize_fp8`` with ``scaling``, "tensor" dividing by
+        ``scale`` (one fp32 value) where given: the quantisation of an activation a backend
+        without ``act_quant`` wrote.  Optional (``OPTIONAL``)."""
+
+
 # launchers a backend may lack: the host asks ``offers`` and runs the reference math without
-OPTIONAL = frozenset({"act_quant"})
+OPTIONAL = frozenset({"act_quant", "quantize"})
 
 
 def offers(k: Kernels | None, name: str) -> bool:

@@ -384,13 +384,15 @@ def test_backends_implement_the_kernel_interface():
 
     launchers = [n for n, v in vars(Kernels).items()
                  if inspect.isfunction(v) and not n.startswith("_")]
-    assert len(launchers) == 13 and OPTIONAL <= set(launchers)
+    assert len(launchers) == 14 and OPTIONAL <= set(launchers)
     for cls in (TritonKernels, ExtensionKernels):
         for name in launchers:
             if name in OPTIONAL and not hasattr(cls, name):
                 continue
             assert params(getattr(cls, name)) == params(getattr(Kernels, name)), (cls, name)
     assert offers(TritonKernels(), "act_quant") and not offers(ExtensionKernels(None), "act_quant")
+    assert not offers(TritonKernels(), "quantize")
+    assert not offers(ExtensionKernels(None), "quantize")
     assert not offers(None, "act_quant")
     with pytest.raises(ValueError, match="not an optional"):
         offers(TritonKernels(), "act_forward")

@@ -629,6 +629,29 @@ def test_act_quant_kernels_without_it_run_their_own_activation():
         check_params(act, torch.bfloat16, E5M2, "cpu", seed=5)
 
 
+def test_cpu_quantiser_edges_and_every_code():
+    """The CPU kernels' quantiser (the second pass of their act_quant) on the edge rows of every
+    scaling and format (poisoned rows, amax 0, saturation, subnormal outputs, -0) and on the cast
+    sweep with every fp32 of zero low half and its neighbours (several threads' rows), bit for
+    bit: y = squared_relu(1) * up = up (NaN payloads aside)."""
+    need_backend("cpu", "cpu")
+    assert kernels.offers(kernels.launcher(torch.device("cpu"), "cpu"), "quantize")
+    for fp8 in F8:
+        ys = [edge_rows(case, fp8) for case in ("zeros", "inf", "neg_inf", "nan", "huge",
+                                                "subnormal")]
+        v = torch.cat([torch.from_numpy(cast_values(fp8)), _all_top_halves()])
+        ys.append(torch.cat([v, v.new_zeros(-len(v) % 32)]).reshape(-1, 32))
+        for y in ys:
+            gate = torch.ones_like(y)
+            y32 = op_y32(gate, y, "squared_relu", "cpu")
+            torch.testing.assert_close(y32, y, rtol=0, atol=0, equal_nan=True)
+            for mode, scale in SCALINGS.values():
+                scale = None if scale is None else torch.tensor(scale)
+                got = quant.act_quant(gate, y, "squared_relu", 1.0, None, fp8, mode, scale, 32,
+                                      "cpu")
+                same(got, quantize_fp8(y32, fp8, mode, scale))
+
+
 def test_act_quant_errors():
     x = torch.ones(4, 64)
     with pytest.raises(ValueError, match="act must"):

@@ -68,10 +68,12 @@ def _two_passes(g: Tensor, u: Tensor | None, act: str, beta_value: float,
                 backend: str, beta: Tensor | None, p1: Tensor | None,
                 p2: Tensor | None) -> tuple[Tensor, Tensor]:
     """For kernels without a fused act_quant (the CPU ones): their own fp32 activation, then
-    the quantisation in torch operations, so q is ``quantize_fp8`` of that backend's own fp32
-    activation as on every backend.  Two passes over memory and an fp32 temporary, but each at
-    the kernels' speed: the reference activation's chain of exp and where is several times
-    slower than the eager expression a user would write."""
+    its quantisation by their ``quantize`` (a 0-dim y, or kernels without one: torch
+    operations), so q is ``quantize_fp8`` of that backend's own fp32 activation as on every
+    backend.  Two passes over memory and an fp32 temporary, but each at the kernels' speed: the
+    reference activation's chain of exp and where is several times slower than the eager
+    expression a user would write, and quantize_fp8's torch operations, one pass over y each,
+    took about twice that expression's time."""
     x = g.float()
     if act == ACON_C:
         y = acon_forward_impl(x, p1, p2, beta, backend)
@@ -79,7 +81,19 @@ def _two_passes(g: Tensor, u: Tensor | None, act: str, beta_value: float,
         y = forward_impl(x, KERNELS[act].name, beta, beta_value, backend)
     else:
         y = glu_forward_impl(x, u.float(), KERNELS[act].name, beta, beta_value, -1, backend)
-    return _quantise(y, out_dtype, scaling, scale, block)
+    k = launcher(y.device, backend)
+    if not offers(k, "quantize") or y.dim() == 0:
+        return _quantise(y, out_dtype, scaling, scale, block)
+    y = y.contiguous()
+    q = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+    lead, cols = y.shape[:-1], y.shape[-1]
+    if scaling == "block":
+        scales = torch.empty((*lead, cols // block), dtype=torch.float8_e8m0fnu, device=y.device)
+    else:
+        scales = torch.empty((*lead, 1) if scaling == "row" else (), device=y.device)
+    k.quantize(y, q, scales, None if scale is None else scale.to(y.device).reshape(1), scaling,
+               block)
+    return q, scales if scale is None else scale.to(y.device).reshape(()).clone()
 
 
 def _quantise(y: Tensor, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
