@@ -6,8 +6,8 @@ where one exists (``F.mish``, ``F.silu``, ``F.gelu`` both forms) or else the eag
 user would write (the table's eager contestant), for every op of ``bench.table.OPS``, forward,
 backward and both, at each size, dtype and thread count (``torch.set_num_threads``), and the
 forward of each FP8 row of ``bench.quant`` against its eager expression (on CPU tensors "auto"
-runs the CPU kernels' fp32 activation, then the reference quantisation: they have no fused
-FP8 output).  Each
+runs the CPU kernels' fp32 activation, then their C++ quantiser: they have no fused FP8
+output).  Each
 contestant is checked against the reference first (``table.check``); times are medians of
 repetitions interleaved between the two contestants, so that a change of load on a shared machine
 hits both alike, and each row gives the ratio fused / torch.  Two model rows: timm's resnet10t with

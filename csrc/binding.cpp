@@ -349,6 +349,9 @@ void quantize(const Tensor& y, Tensor& q, Tensor& scales, const OptTensor& scale
   const int64_t cols = y.dim() == 0 ? 1 : y.size(-1);
   const int64_t rows = cols == 0 ? 0 : y.numel() / cols;
   // fa_quantize's selectors: 1 row, 2 block, else tensor
+  TORCH_CHECK(scaling != 2 || (block > 0 && block <= INT32_MAX && cols % block == 0),
+              "fused_act ", KIND, " kernels: quantize's block ", block, " must divide the row of ",
+              cols);
   const bool fp32 = scaling != 2;
   const int64_t n_scales = scaling == 1 ? rows : scaling == 2 && block > 0 ? y.numel() / block : 1;
   TORCH_CHECK(q.element_size() == 1 && q.numel() == y.numel() && scales.numel() == n_scales &&
@@ -441,11 +444,13 @@ struct EagerActivation : public torch::autograd::Function<EagerActivation> {
 Tensor eager_activation(const Tensor& x, const std::string& name, int64_t act,
                         double beta_value, int64_t block) {
   check(x, {}, {});
+  // one flat pass over x's memory: any dense layout, its output of the same strides
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fused_act: eager_activation takes a dense x");
   return EagerActivation::apply(x, name, act, beta_value, block);
 }
 
 // The eager path of act(gate) * up on two contiguous CPU tensors of one shape and dtype without
-// a beta tensor (fused_act/ops/glu.py, run_glu), as EagerActivation's: the op's kernels and
+// a beta tensor (fused_act/ops/eager.py, run_glu), as EagerActivation's: the op's kernels and
 // flat plan, bit for bit; it saves gate and up.
 struct EagerGlu : public torch::autograd::Function<EagerGlu> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate,
@@ -493,6 +498,10 @@ struct EagerGlu : public torch::autograd::Function<EagerGlu> {
 Tensor eager_glu(const Tensor& gate, const Tensor& up, const std::string& name, int64_t act,
                  double beta_value, int64_t block) {
   check(gate, {&up}, {});
+  // one flat pass over both: contiguous, of one shape
+  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(),
+              "fused_act: eager_glu takes contiguous gate and up of one shape, got ",
+              gate.sizes(), " and ", up.sizes());
   return EagerGlu::apply(gate, up, name, act, beta_value, block);
 }
 

@@ -549,7 +549,7 @@ struct AffineGradOp {
   void apply(const At& a, int64_t n, Vec<M>* d) const {
     const int64_t off = a.row * cols + a.col;
     const Vec<M> gv = load(g + off, n);
-    Vec<M> xc, av, terms[F::NP];
+    Vec<M> xc, av, terms[F::NP > 0 ? F::NP : 1];
     d[0] = gv * f.grad(affine.z(load(x + off, n), a, n, xc, av), a, n, terms);
     d[1] = d[0] * xc;
     for (int q = 2; q < NP; ++q) d[q] = gv * terms[q - 2];

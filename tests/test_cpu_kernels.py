@@ -137,6 +137,20 @@ def test_backend_cpu_refuses_other_devices():
         backend.resolve(torch.device("meta"), "cpu")
 
 
+def test_eager_nodes_refuse_what_one_flat_pass_cannot_read():
+    """The eager C++ nodes walk their tensors' memory flat: the binding refuses a strided or
+    shorter up and a non-dense x, whatever the Python side checked before."""
+    need_backend("cpu", "cpu")
+    lib = fused_act.ops.eager._kernels(torch.ones(1))
+    big, g = torch.randn(16), torch.randn(8)
+    silu = fused_act.registry.SPECS["silu"].kernel_id
+    for up in (big[::2], big[:4]):
+        with pytest.raises(RuntimeError, match="eager_glu takes contiguous gate and up"):
+            lib.eager_glu(g, up, "silu", silu, 1.0, 2048)
+    with pytest.raises(RuntimeError, match="eager_activation takes a dense x"):
+        lib.eager_activation(big[::2], "silu", silu, 1.0, 2048)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "per_sample"])
 def test_parameter_gradients_do_not_depend_on_threads(layout):
     """Each tile's partial sums are added by one thread in a fixed order, and the partials in a

@@ -297,6 +297,11 @@ def test_default_keeps_h_on_cpu_recomputes_elsewhere(reruns):
     y = m(torch.empty(2, 5, HIDDEN, dtype=F64, device="meta", requires_grad=True))
     torch.autograd.grad(y.sum(), list(m.parameters()))
     assert len(reruns) == 1
+    # a TorchFunctionMode in force (torch.device's) is no argument that overrides functions:
+    # recompute=True still recomputes on the CPU under it
+    with torch.device("cpu"):
+        torch.autograd.grad(recomputed(x).sum(), list(recomputed.parameters()))
+    assert len(reruns) == 2
 
 
 # ---- bytes autograd keeps ------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import inspect
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import has_torch_function
 
 from .. import functional, ops, reference
 from ..backend import get_backend
@@ -438,8 +437,8 @@ class GatedMLP(FusedModule):
                                              out_dtype=self.fp8_dtype, scaling=self.fp8,
                                              **self.activation_kwargs)
         # recomputing h needs glu's op node (the CPU fast path's C++ node cannot be rerun);
-        # tensors that override functions (FX proxies, tensor-likes) meet the public function
-        recompute = not has_torch_function((gate, up)) and self._recomputes(gate.device)
+        # arguments that override functions (FX proxies, tensor-likes) meet the public function
+        recompute = not _overrides_functions(gate, up) and self._recomputes(gate.device)
         if recompute:
             h = functional._gated("glu", gate, up, self.activation, -1, self.activation_kwargs,
                                   eager=False)
@@ -473,6 +472,15 @@ class GatedMLP(FusedModule):
         args = "".join(f", {k}={v!r}" for k, v in self.activation_kwargs.items())
         recompute = "" if self.recompute is None else f", recompute={self.recompute}"
         return f"activation={self.activation!r}{args}{recompute}" + _fp8_details(self)
+
+
+def _overrides_functions(*ts: object) -> bool:
+    """Whether an argument hands functions to its own ``__torch_function__`` (an FX proxy, a
+    tensor-like, a subclass keeping the protocol); a TorchFunctionMode in force does not count
+    (``has_torch_function`` says True under any, ``torch.device(...)`` among them)."""
+    return any(t is not None and type(t) not in (Tensor, nn.Parameter)
+               and getattr(type(t), "__torch_function__", None)
+               is not torch._C._disabled_torch_function_impl for t in ts)
 
 
 def activation_form(act: nn.Module) -> tuple[str, dict] | None:
