@@ -368,22 +368,33 @@ void quantize(const Tensor& y, Tensor& q, Tensor& scales, const OptTensor& scale
            "quantize");
 }
 
-// The eager path of an activation without a beta tensor on CPU tensors
-// (fused_act/ops/eager.py, run_activation): a C++ autograd node, as torch's own ops have,
-// in place of the Python Function's bookkeeping, which cost more than the kernels on small
-// tensors.  The same kernels and flat plan as the op's "cpu" backend (plan.flat, SCALAR), so
-// the results are the op's bit for bit; it saves x only.  A backward that needs a graph of its
-// own (create_graph) or gets a gradient autograd cannot hand a kernel (batched, a subclass)
-// calls the Python side's differentiable backward instead.
-pybind11::object* differentiable_backward = nullptr;  // kept to the end: no destructor at exit
-pybind11::object* differentiable_glu_backward = nullptr;  // EagerGlu's
+// The eager paths on CPU tensors (fused_act/ops/eager.py): C++ autograd nodes, as torch's own
+// ops have, in place of the op's Python Function, whose bookkeeping cost more than the kernels on
+// small tensors.  The same kernels and plans as the op's "cpu" backend (plan.flat, row_plan,
+// channel_plan), so the results are the op's bit for bit, a beta tensor's gradient reduced as the
+// op reduces it, and the same saved tensors.  A backward that needs a graph of its own
+// (create_graph) or gets a gradient the kernels cannot take (batched, a subclass) calls the
+// Python side's differentiable backward of that node instead.
+struct DifferentiableBackwards {
+  pybind11::object activation, glu, max;
+};
+// kept to the end: no destructor runs at exit, after the interpreter
+DifferentiableBackwards* differentiable = nullptr;
 
 fa_plan flat_plan(int64_t n, int64_t block) { return fa_plan{1, n, 1, 0, 1, int32_t(block), 1, 0}; }
 
+// plan.row_plan(rows, cols, layout): rows of cols contiguous elements, one row flat
+fa_plan row_plan(int64_t rows, int64_t cols, int32_t layout, int64_t block) {
+  if (rows == 1) return fa_plan{1, cols, 1, layout, 1, int32_t(block), 1, 0};
+  int64_t width = 1;
+  while (width < cols && width < block) width *= 2;
+  return fa_plan{rows, cols, 1, layout, int32_t(block / width), int32_t(width), 1, 0};
+}
+
 // Whether an eager node's backward must run the Python side's differentiable backward: a graph
 // of its own (create_graph), a torch.func transform over it, or a gradient or saved tensor the
-// kernels cannot take (batched, a subclass, another dtype or device).
-bool needs_differentiable(const Tensor& g, const Tensor& x) {
+// kernels cannot take (batched, a subclass, another dtype than `dtype`, another device).
+bool needs_differentiable(const Tensor& g, const Tensor& saved, at::ScalarType dtype) {
   constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Batched,
                                                 c10::DispatchKey::FuncTorchBatched,
                                                 c10::DispatchKey::FuncTorchGradWrapper,
@@ -394,123 +405,335 @@ bool needs_differentiable(const Tensor& g, const Tensor& x) {
   const bool transformed = included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
                            included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
   return at::GradMode::is_enabled() || transformed || g.key_set().has_any(wrapped) ||
-         x.key_set().has_any(wrapped) || g.scalar_type() != x.scalar_type() ||
-         g.device() != x.device() || !x.is_cpu();
+         (saved.defined() && (saved.key_set().has_any(wrapped) || !saved.is_cpu())) ||
+         g.scalar_type() != dtype || !g.is_cpu();
 }
 
-// a saved tensor as the kernels read it: a saved-tensor hook's unpack may give a view
-Tensor dense_saved(const Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+bool needs_differentiable(const Tensor& g, std::initializer_list<const Tensor*> saved) {
+  for (const Tensor* t : saved) {
+    if (needs_differentiable(g, *t, (*saved.begin())->scalar_type())) return true;
+  }
+  return false;
+}
 
-struct EagerActivation : public torch::autograd::Function<EagerActivation> {
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
-                        const std::string& name, int64_t act, double beta_value, int64_t block) {
-    ctx->save_for_backward({x});
+// A saved tensor as the kernels read it, in the strides it had at the forward (which the plan
+// was made for): a saved-tensor hook's unpack may give any view
+Tensor as_saved(const Tensor& x, c10::IntArrayRef strides) {
+  return x.strides() == strides ? x : at::empty_strided(x.sizes(), strides, x.options()).copy_(x);
+}
+
+// g with x's strides (x dense): a copy only where they differ, e.g. the expanded gradient of a sum
+Tensor like(const Tensor& g, const Tensor& x) {
+  return g.strides() == x.strides() ? g : at::empty_like(x, g.options()).copy_(g);
+}
+
+void* ptr_of(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// A beta tensor as the kernels read it (layout.flat_param): flat, contiguous, in x's opmath
+// dtype; none stays none
+Tensor flat_param(const Tensor& p, const Tensor& x) {
+  if (!p.defined()) return p;
+  return p.reshape(-1).to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+// partials for a beta's gradient (plan.Plan.partials, one quantity), where one is needed
+Tensor partials_for(bool need, const Tensor& x, const fa_plan& p) {
+  if (!need) return Tensor();
+  const int64_t row_blocks = p.samples * ((p.rows / p.samples + p.block_r - 1) / p.block_r);
+  const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
+  return at::empty({p.layout == FA_COLS ? row_blocks * p.cols : col_blocks * p.rows},
+                   x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+// beta's gradient from its partials (plan.channel_sums), in beta's shape and dtype
+Tensor beta_grad(const Tensor& partial, const Tensor& beta, int64_t channels) {
+  if (!partial.defined()) return Tensor();
+  return partial.view({-1, channels}).sum(0).reshape(beta.sizes()).to(beta.scalar_type());
+}
+
+// A defined tensor, or Python's None
+pybind11::object or_none(const Tensor& t) {
+  return t.defined() ? pybind11::cast(t) : pybind11::none();
+}
+
+// What an activation's node keeps beside its tensors: the name the Python side's backward
+// takes, the kernel id and the fp32 beta.
+struct ActAttrs {
+  std::string name;
+  int64_t act;
+  double beta_value;
+
+  void save(torch::autograd::AutogradContext* ctx) const {
     ctx->saved_data["name"] = name;
     ctx->saved_data["act"] = act;
     ctx->saved_data["beta_value"] = beta_value;
-    ctx->saved_data["block"] = block;
-    Tensor y = at::empty_like(x);
-    raise_if(fa_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(act), nullptr,
-                            float(beta_value), flat_plan(x.numel(), block), nullptr),
+  }
+  static ActAttrs load(torch::autograd::AutogradContext* ctx) {
+    return {ctx->saved_data["name"].toStringRef(), ctx->saved_data["act"].toInt(),
+            ctx->saved_data["beta_value"].toDouble()};
+  }
+};
+
+// An activation (run_activation) on a dense x, with a float beta or a beta tensor read by
+// `plan` (activation._act_plan; none: flat); saves x and beta.
+struct EagerActivation : public torch::autograd::Function<EagerActivation> {
+  static Tensor run(const Tensor& x, const Tensor& beta, const ActAttrs& a, const fa_plan& p) {
+    Tensor y = at::empty_like(x), fb = flat_param(beta, x);
+    raise_if(fa_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(a.act), ptr_of(fb),
+                            float(a.beta_value), p, nullptr),
              "act_forward");
     return y;
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    Tensor x = ctx->get_saved_variables()[0];
-    const int64_t act = ctx->saved_data["act"].toInt();
-    const double beta_value = ctx->saved_data["beta_value"].toDouble();
-    Tensor g = grads[0];
-    if (needs_differentiable(g, x)) {
-      pybind11::gil_scoped_acquire gil;
-      Tensor dx = (*differentiable_backward)(g, x, ctx->saved_data["name"].toStringRef(),
-                                             beta_value).cast<Tensor>();
-      return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
-    }
-    x = dense_saved(x);
-    if (g.strides() != x.strides()) {  // e.g. the expanded gradient of a sum
-      g = at::empty_like(x).copy_(g);
-    }
-    Tensor dx = at::empty_like(x);
-    raise_if(fa_act_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x), int(act),
-                             nullptr, float(beta_value), nullptr,
-                             flat_plan(x.numel(), ctx->saved_data["block"].toInt()), nullptr),
-             "act_backward");
-    return {dx, Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
-
-Tensor eager_activation(const Tensor& x, const std::string& name, int64_t act,
-                        double beta_value, int64_t block) {
-  check(x, {}, {});
-  // one flat pass over x's memory: any dense layout, its output of the same strides
-  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fused_act: eager_activation takes a dense x");
-  return EagerActivation::apply(x, name, act, beta_value, block);
-}
-
-// The eager path of act(gate) * up on two contiguous CPU tensors of one shape and dtype without
-// a beta tensor (fused_act/ops/eager.py, run_glu), as EagerActivation's: the op's kernels and
-// flat plan, bit for bit; it saves gate and up.
-struct EagerGlu : public torch::autograd::Function<EagerGlu> {
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate,
-                        const Tensor& up, const std::string& name, int64_t act,
-                        double beta_value, int64_t block) {
-    ctx->save_for_backward({gate, up});
-    ctx->saved_data["name"] = name;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["beta_value"] = beta_value;
-    ctx->saved_data["block"] = block;
-    Tensor out = at::empty_like(gate);
-    const int64_t n = gate.numel(), rows[3] = {n, n, n};
-    raise_if(fa_glu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), rows,
-                            dtype_code(gate), int(act), nullptr, float(beta_value),
-                            flat_plan(n, block), nullptr),
-             "glu_forward");
-    return out;
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                        const OptTensor& beta_or_none, const ActAttrs& a,
+                        const std::vector<int64_t>& plan) {
+    const Tensor beta = beta_or_none.value_or(Tensor());
+    ctx->save_for_backward({x, beta});
+    a.save(ctx);
+    ctx->saved_data["plan"] = plan;
+    ctx->saved_data["strides"] = x.strides().vec();
+    return run(x, beta, a, to_plan(plan));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    Tensor gate = saved[0], up = saved[1], g = grads[0];
-    const double beta_value = ctx->saved_data["beta_value"].toDouble();
-    if (needs_differentiable(g, gate) || needs_differentiable(g, up)) {
+    Tensor x = saved[0], beta = saved[1], g = grads[0];
+    const ActAttrs a = ActAttrs::load(ctx);
+    const bool need_dbeta = beta.defined() && ctx->needs_input_grad(1);
+    if (needs_differentiable(g, {&x, &beta})) {
       pybind11::gil_scoped_acquire gil;
-      auto d = (*differentiable_glu_backward)(g, gate, up, ctx->saved_data["name"].toStringRef(),
-                                              beta_value).cast<std::tuple<Tensor, Tensor>>();
-      return {std::get<0>(d), std::get<1>(d), Tensor(), Tensor(), Tensor(), Tensor()};
+      auto d = differentiable->activation(g, x, a.name, or_none(beta), a.beta_value, need_dbeta)
+                   .cast<std::tuple<Tensor, OptTensor>>();
+      return {std::get<0>(d), std::get<1>(d).value_or(Tensor()), Tensor(), Tensor()};
     }
-    gate = gate.contiguous();  // a saved-tensor hook's unpack may give any view
-    up = up.contiguous();
-    g = g.contiguous();
-    Tensor dgate = at::empty_like(gate), dup = at::empty_like(gate);
-    const int64_t n = gate.numel(), rows[5] = {n, n, n, n, n};
-    raise_if(fa_glu_backward(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(),
-                             dup.data_ptr(), rows, dtype_code(gate),
-                             int(ctx->saved_data["act"].toInt()), nullptr, float(beta_value),
-                             nullptr, flat_plan(n, ctx->saved_data["block"].toInt()), nullptr),
-             "glu_backward");
-    return {dgate, dup, Tensor(), Tensor(), Tensor(), Tensor()};
+    x = as_saved(x, ctx->saved_data["strides"].toIntVector());
+    g = like(g, x);
+    const fa_plan p = to_plan(ctx->saved_data["plan"].toIntVector());
+    Tensor dx = at::empty_like(x), fb = flat_param(beta, x);
+    Tensor partial = partials_for(need_dbeta, x, p);
+    raise_if(fa_act_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
+                             int(a.act), ptr_of(fb), float(a.beta_value), ptr_of(partial), p,
+                             nullptr),
+             "act_backward");
+    return {dx, beta_grad(partial, beta, p.channels), Tensor(), Tensor()};
   }
 };
 
-Tensor eager_glu(const Tensor& gate, const Tensor& up, const std::string& name, int64_t act,
-                 double beta_value, int64_t block) {
-  check(gate, {&up}, {});
-  // one flat pass over both: contiguous, of one shape
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(),
-              "fused_act: eager_glu takes contiguous gate and up of one shape, got ",
-              gate.sizes(), " and ", up.sizes());
-  return EagerGlu::apply(gate, up, name, act, beta_value, block);
+// Whether a call records a node: grad mode on and an input that requires grad (else the nodes'
+// bookkeeping is skipped, as autograd would skip the graph)
+bool records(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
 }
 
-// The Python side's differentiable backwards of the eager nodes (activation, glu).
-void set_differentiable_backward(pybind11::object fn, pybind11::object glu_fn) {
-  delete differentiable_backward;
-  delete differentiable_glu_backward;
-  differentiable_backward = new pybind11::object(std::move(fn));
-  differentiable_glu_backward = new pybind11::object(std::move(glu_fn));
+Tensor eager_activation(const Tensor& x, const OptTensor& beta, const std::string& name,
+                        int64_t act, double beta_value, int64_t block,
+                        const std::optional<std::vector<int64_t>>& plan) {
+  check(x, {}, {});
+  const fa_plan p = plan ? to_plan(*plan) : flat_plan(x.numel(), block);
+  // one flat pass over x's memory (any dense layout, its output of the same strides), in tiles
+  // of the plan, which reads beta's values by channel
+  TORCH_CHECK(x.is_non_overlapping_and_dense() && p.rows * p.cols == x.numel(),
+              "fused_act: eager_activation takes a dense x and a plan of its ", x.numel(),
+              " elements, got sizes ", x.sizes(), " and a plan of ", p.rows, " x ", p.cols);
+  const Tensor b = beta.value_or(Tensor());
+  if (b.defined()) {
+    check_memory(b);
+    TORCH_CHECK(b.device() == x.device() && b.is_floating_point() && b.numel() == p.channels,
+                "fused_act: eager_activation takes a floating beta of the plan's ", p.channels,
+                " channels on ", x.device(), ", got ", b.scalar_type(), " ", b.sizes(), " on ",
+                b.device());
+  }
+  const ActAttrs a{name, act, beta_value};
+  if (!records({&x, &b})) return EagerActivation::run(x, b, a, p);
+  return EagerActivation::apply(x, beta, a, plan ? *plan : std::vector<int64_t>{
+      p.rows, p.cols, p.channels, p.layout, p.block_r, p.block_l, p.samples, p.batch});
+}
+
+// How act(gate) * up walks its tensors: separate contiguous gate and up are one flat row; the
+// halves of a contiguous packed gate along `dim` (up undefined) are the rows of `cols`
+// elements before dim's middle and after it, 2 cols apart.
+struct GluWalk {
+  int64_t rows, cols;
+  bool packed;
+
+  GluWalk(const Tensor& gate, const Tensor& up, int64_t dim) : packed(!up.defined()) {
+    rows = 1;
+    cols = gate.numel();
+    if (packed) {
+      rows = c10::multiply_integers(gate.sizes().slice(0, dim));
+      cols = rows == 0 ? 0 : gate.numel() / rows / 2;
+    }
+  }
+  // gate's (and up's) distance between rows; out's is cols
+  int64_t stride() const { return packed ? 2 * cols : cols; }
+  const void* up(const Tensor& gate, const Tensor& up) const {
+    return packed ? static_cast<const char*>(gate.data_ptr()) + cols * gate.element_size()
+                  : up.data_ptr();
+  }
+  // glu._glu_plan: a beta tensor (one value) is read as one channel of ROWS
+  fa_plan plan(const Tensor& beta, int64_t block) const {
+    return row_plan(rows, cols, beta.defined() ? FA_ROWS : FA_SCALAR, block);
+  }
+};
+
+// act(gate) * up (run_glu) on contiguous CPU tensors, with a float beta or a beta tensor of one
+// value: gate and up of one shape and dtype, or the halves of a packed gate along dim (up
+// undefined, as the op's None); saves gate, up and beta.
+struct EagerGlu : public torch::autograd::Function<EagerGlu> {
+  static Tensor run(const Tensor& gate, const Tensor& up, const Tensor& beta, const ActAttrs& a,
+                    int64_t dim, int64_t block) {
+    const GluWalk w(gate, up, dim);
+    auto shape = gate.sizes().vec();
+    if (w.packed) shape[dim] /= 2;
+    Tensor out = at::empty(shape, gate.options()), fb = flat_param(beta, gate);
+    const int64_t s[3] = {w.stride(), w.stride(), w.cols};
+    raise_if(fa_glu_forward(gate.data_ptr(), w.up(gate, up), out.data_ptr(), s,
+                            dtype_code(gate), int(a.act), ptr_of(fb), float(a.beta_value),
+                            w.plan(beta, block), nullptr),
+             "glu_forward");
+    return out;
+  }
+
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate,
+                        const OptTensor& up_or_none, const OptTensor& beta_or_none,
+                        const ActAttrs& a, int64_t dim, int64_t block) {
+    const Tensor up = up_or_none.value_or(Tensor()), beta = beta_or_none.value_or(Tensor());
+    ctx->save_for_backward({gate, up, beta});
+    a.save(ctx);
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["block"] = block;
+    return run(gate, up, beta, a, dim, block);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    Tensor gate = saved[0], up = saved[1], beta = saved[2], g = grads[0];
+    const ActAttrs a = ActAttrs::load(ctx);
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    // beta's input follows gate's and up's, where up is one
+    const bool need_dbeta = beta.defined() && ctx->needs_input_grad(up.defined() ? 2 : 1);
+    if (needs_differentiable(g, {&gate, &up, &beta})) {
+      pybind11::gil_scoped_acquire gil;
+      auto d = differentiable->glu(g, gate, or_none(up), a.name, or_none(beta), a.beta_value,
+                                   dim, need_dbeta)
+                   .cast<std::tuple<Tensor, OptTensor, OptTensor>>();
+      return {std::get<0>(d), std::get<1>(d).value_or(Tensor()),
+              std::get<2>(d).value_or(Tensor()), Tensor(), Tensor(), Tensor()};
+    }
+    gate = gate.contiguous();  // a saved-tensor hook's unpack may give any view
+    if (up.defined()) up = up.contiguous();
+    g = g.contiguous();
+    const GluWalk w(gate, up, dim);
+    const fa_plan p = w.plan(beta, ctx->saved_data["block"].toInt());
+    // packed: d of gate's two halves, written in place into one tensor of gate's shape
+    Tensor dgate = at::empty_like(gate), dup = w.packed ? Tensor() : at::empty_like(gate);
+    void* dup_ptr = w.packed ? static_cast<char*>(dgate.data_ptr()) + w.cols * gate.element_size()
+                             : dup.data_ptr();
+    Tensor fb = flat_param(beta, gate), partial = partials_for(need_dbeta, gate, p);
+    const int64_t s = w.stride(), strides[5] = {w.cols, s, s, s, s};
+    raise_if(fa_glu_backward(g.data_ptr(), gate.data_ptr(), w.up(gate, up), dgate.data_ptr(),
+                             dup_ptr, strides, dtype_code(gate), int(a.act), ptr_of(fb),
+                             float(a.beta_value), ptr_of(partial), p, nullptr),
+             "glu_backward");
+    return {dgate, dup, beta_grad(partial, beta, 1), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor eager_glu(const Tensor& gate, const OptTensor& up, const OptTensor& beta,
+                 const std::string& name, int64_t act, double beta_value, int64_t dim,
+                 int64_t block) {
+  check(gate, {}, {});
+  if (up) {
+    check(gate, {&*up}, {});
+    // one flat pass over both: contiguous, of one shape
+    TORCH_CHECK(gate.is_contiguous() && up->is_contiguous() && gate.sizes() == up->sizes(),
+                "fused_act: eager_glu takes contiguous gate and up of one shape, got ",
+                gate.sizes(), " and ", up->sizes());
+  } else {
+    TORCH_CHECK(gate.is_contiguous() && gate.dim() > 0, "fused_act: eager_glu takes a "
+                "contiguous gate of one dimension or more, got sizes ", gate.sizes());
+    dim = c10::maybe_wrap_dim(dim, gate.dim());
+    TORCH_CHECK(gate.size(dim) % 2 == 0, "fused_act: eager_glu splits gate of sizes ",
+                gate.sizes(), " into two halves along dim ", dim, ": an even size expected");
+  }
+  if (beta) {
+    check_memory(*beta);
+    TORCH_CHECK(beta->device() == gate.device() && beta->is_floating_point() &&
+                    beta->numel() == 1,
+                "fused_act: eager_glu takes a floating beta of one value on ", gate.device(),
+                ", got ", beta->scalar_type(), " ", beta->sizes(), " on ", beta->device());
+  }
+  const ActAttrs a{name, act, beta_value};
+  const Tensor u = up.value_or(Tensor()), b = beta.value_or(Tensor());
+  if (!records({&gate, &u, &b})) return EagerGlu::run(gate, u, b, a, dim, block);
+  return EagerGlu::apply(gate, up, beta, a, dim, block);
+}
+
+// max(x, t) (run_max) on a dense x and a t of its strides; saves the one-byte code of the side
+// that won, written only where a backward will read it (need_code: else no node).
+struct EagerMax : public torch::autograd::Function<EagerMax> {
+  // max(x, t), and its code where code is defined
+  static Tensor run(const Tensor& x, const Tensor& t, const Tensor& code, int64_t block) {
+    Tensor y = at::empty_like(x);
+    raise_if(fa_max_forward(x.data_ptr(), t.data_ptr(), y.data_ptr(), ptr_of(code),
+                            dtype_code(x), flat_plan(x.numel(), block), nullptr),
+             "max_forward");
+    return y;
+  }
+
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& t,
+                        int64_t block) {
+    Tensor code = at::empty_like(x, x.options().dtype(at::kByte));
+    ctx->save_for_backward({code});
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["strides"] = x.strides().vec();
+    return run(x, t, code, block);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    Tensor code = ctx->get_saved_variables()[0], g = grads[0];
+    if (needs_differentiable(g, code, g.scalar_type())) {
+      pybind11::gil_scoped_acquire gil;
+      auto d = differentiable->max(g, code).cast<std::tuple<Tensor, Tensor>>();
+      return {std::get<0>(d), std::get<1>(d), Tensor()};
+    }
+    code = as_saved(code, ctx->saved_data["strides"].toIntVector());
+    g = like(g, code);
+    Tensor dx = at::empty_like(g), dt = at::empty_like(g);
+    raise_if(fa_max_backward(g.data_ptr(), code.data_ptr(), dx.data_ptr(), dt.data_ptr(),
+                             dtype_code(g), flat_plan(code.numel(), ctx->saved_data["block"].toInt()),
+                             nullptr),
+             "max_backward");
+    return {dx, dt, Tensor()};
+  }
+};
+
+Tensor eager_max(const Tensor& x, const Tensor& t, bool need_code, int64_t block) {
+  check(x, {&t}, {});
+  // one flat pass over the memory of both
+  TORCH_CHECK(x.is_non_overlapping_and_dense() && t.sizes() == x.sizes() &&
+                  t.strides() == x.strides(),
+              "fused_act: eager_max takes a dense x and a t of its sizes and strides, got ",
+              x.sizes(), " ", x.strides(), " and ", t.sizes(), " ", t.strides());
+  // need_code: grad mode on and x or t requiring grad (as records() would say)
+  if (!need_code) return EagerMax::run(x, t, Tensor(), block);
+  return EagerMax::apply(x, t, block);
+}
+
+// The Python side's differentiable backwards of the eager nodes (activation, glu, max).
+void set_differentiable_backward(pybind11::object activation, pybind11::object glu,
+                                 pybind11::object max) {
+  delete differentiable;
+  differentiable = new DifferentiableBackwards{std::move(activation), std::move(glu),
+                                               std::move(max)};
 }
 #endif
 
@@ -542,6 +765,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, no_gil());
   m.def("eager_activation", &eager_activation, no_gil());
   m.def("eager_glu", &eager_glu, no_gil());
+  m.def("eager_max", &eager_max, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);
 #endif
 }

@@ -143,7 +143,7 @@ def swish(x: Tensor, beta: float | Tensor = 1.0, *, out_dtype: torch.dtype | Non
         if out_dtype is not None:
             return _quantized("swish", x, None, "swish", 1.0, None, out_dtype, scaling, scale,
                               block, (beta,))
-        return ops.ACTIVATION(x, "swish", beta, 1.0, mode="swish")
+        return ops.run_activation(x, "swish", beta, 1.0)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"fused_act.swish: beta must be a float or a tensor "
                         f"(got {type(beta).__name__})")
@@ -237,7 +237,7 @@ def frelu_max(x: Tensor, t: Tensor) -> Tensor:
     """
     _check_frelu_pair("frelu_max", x, t)
     need_code = torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)
-    return ops.FRELU_MAX(x, t, need_code, mode="frelu_max")
+    return ops.run_max(x, t, need_code)
 
 
 # ---- gated activations: act(gate) * up ----------------------------------------------------

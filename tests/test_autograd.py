@@ -200,35 +200,33 @@ def test_gradients_never_written_into_inputs():
 def test_cpu_eager_node(op, dtype):
     """An eager call on a plain, dense CPU tensor under "auto" or "cpu" records the CPU
     kernels' C++ node: values and gradients bit for bit the op's own (its Python Function, by
-    the same kernels), x alone saved, in any dense layout and for an expanded gradient; a
-    batched gradient and create_graph take the reference math; an in-place write to x after
-    the forward is torch's error; other backends, strided x, a beta tensor and inference mode
-    keep the op."""
+    the same kernels), a beta tensor's gradient too, x and beta alone saved, in any dense layout
+    and for an expanded gradient; a batched gradient and create_graph take the reference math;
+    an in-place write to x after the forward is torch's error; other backends, strided x and
+    inference mode keep the op."""
     need_backend("cpu", "cpu")
     base = make_x("nchw_c3", torch.float64, "cpu", 4.0, CHANNEL_SHAPES).to(dtype)
-    params = op.params(base)
-    if params:  # a beta tensor: the op's own path
-        y = op.call(base.clone().requires_grad_(), params)
-        assert type(y.grad_fn).__name__ == "ActivationBackward"
-        return
+    # a beta tensor (per channel or one value) requires grad: its gradient is compared too
+    params = [p.detach().requires_grad_() for p in op.params(base)]
     for x0 in (base, base.contiguous(memory_format=torch.channels_last)):
         x = x0.clone().requires_grad_()
         for backend_name in ("auto", "cpu"):
             y, saved = saved_by(lambda x=x: op.call(x, params), backend_name)
             assert "EagerActivation" in y.grad_fn.name(), y.grad_fn.name()
-            assert [t.data_ptr() for t in saved] == [x.data_ptr()]
+            assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in (x, *params)]
             with fused_act.use_backend("cpu"):
-                want = ops.ACTIVATION(x, op.spec.kernel, None, op.beta_value)
+                want = ops.ACTIVATION(x, op.spec.kernel, params[0] if params else None,
+                                      op.beta_value)
             assert type(want.grad_fn).__name__ == "ActivationBackward"
             assert torch.equal(y, want) and y.stride() == x.stride()
             g = torch.randn(y.shape, dtype=dtype)
             for grad in (g, torch.ones((), dtype=dtype).expand(y.shape)):
-                got, ref = (torch.autograd.grad(t, x, grad, retain_graph=True)[0]
+                got, ref = (torch.autograd.grad(t, [x, *params], grad, retain_graph=True)
                             for t in (y, want))
-                assert torch.equal(got, ref)
+                assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
             batched = torch.stack([g, 2 * g])
-            got, ref = (torch.autograd.grad(t, x, batched, retain_graph=True,
-                                            is_grads_batched=True)[0] for t in (y, want))
+            got, ref = (torch.autograd.grad(t, [x, *params], batched, retain_graph=True,
+                                            is_grads_batched=True) for t in (y, want))
             torch.testing.assert_close(got, ref)
     x = base.clone().requires_grad_()
     y = op.call(x, params)
@@ -267,3 +265,97 @@ def test_cpu_eager_node(op, dtype):
     with torch.inference_mode():
         y = op.call(base.clone(), params)
     assert y.grad_fn is None
+
+
+# the gated and max eager nodes: (inputs from x of (4, 6, 6), the public call, the op's call)
+EAGER_NODES = {
+    "glu": (lambda x: [x, torch.randn(x.shape, dtype=x.dtype)],
+            lambda a: fused_act.geglu(a[0], a[1], approximate="tanh"),
+            lambda a: ops.GATED(a[0], a[1], "gelu_tanh", None, 1.0, -1, mode="glu")),
+    "glu packed, last dim": (lambda x: [x], lambda a: fused_act.swiglu(a[0]),
+                             lambda a: ops.GATED(a[0], None, "silu", None, 1.0, -1, mode="glu")),
+    "glu packed, dim 1": (lambda x: [x[:, :4]], lambda a: fused_act.swiglu(a[0], dim=1),
+                          lambda a: ops.GATED(a[0], None, "silu", None, 1.0, 1, mode="glu")),
+    "glu packed, beta tensor": (
+        lambda x: [x, torch.tensor([0.75], dtype=x.dtype)],
+        lambda a: fused_act.glu(a[0], activation="swish", beta=a[1]),
+        lambda a: ops.GATED(a[0], None, "swish", a[1], 1.0, -1, mode="glu")),
+    "glu, fp32 beta tensor": (
+        lambda x: [x, torch.randn(x.shape, dtype=x.dtype), torch.tensor(1.5)],
+        lambda a: fused_act.glu(a[0], a[1], activation="swish", beta=a[2]),
+        lambda a: ops.GATED(a[0], a[1], "swish", a[2], 1.0, -1, mode="glu")),
+    "max": (lambda x: [x, torch.where(torch.rand(x.shape) < 0.3, x, torch.randn(x.shape,
+                                                                               dtype=x.dtype))],
+            lambda a: fused_act.frelu_max(*a),
+            lambda a: ops.FRELU_MAX(*a, True, mode="frelu_max")),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", EAGER_NODES)
+def test_cpu_eager_gated_and_max_nodes(case, dtype):
+    """EagerGlu (two tensors, or the halves of one along a dim) and EagerMax, as
+    test_cpu_eager_node's EagerActivation: values and gradients the op's own bit for bit, for an
+    expanded gradient too; the op's saved tensors (the inputs; the max's win code); a batched
+    gradient, create_graph and torch.func over the backward take the reference math; a strided
+    unpack is read right; an in-place write after the forward is torch's error; a strided
+    input keeps the op."""
+    need_backend("cpu", "cpu")
+    make, call, op_call = EAGER_NODES[case]
+    torch.manual_seed(0)
+    base = (torch.randn(4, 6, 6, dtype=torch.float64) * 4).to(dtype)
+    inputs = [t.contiguous().requires_grad_() for t in make(base)]
+    y, saved = saved_by(lambda: call(inputs), "auto")
+    assert "Eager" in y.grad_fn.name(), y.grad_fn.name()
+    if case == "max":
+        assert [t.dtype for t in saved] == [torch.uint8]
+    else:
+        assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in inputs]
+    with fused_act.use_backend("cpu"):
+        want = op_call(inputs)
+    assert "Eager" not in want.grad_fn.name() and torch.equal(y, want)
+    g = torch.randn(y.shape, dtype=dtype)
+    for grad in (g, torch.ones((), dtype=dtype).expand(y.shape)):
+        # the node reads an expanded gradient contiguous (the op tiles it otherwise: a beta's
+        # partial sums in another order)
+        got = torch.autograd.grad(y, inputs, grad, retain_graph=True)
+        ref = torch.autograd.grad(want, inputs, grad.contiguous(), retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    batched = torch.stack([g, 2 * g])
+    got, ref = (torch.autograd.grad(t, inputs, batched, retain_graph=True,
+                                    is_grads_batched=True) for t in (y, want))
+    torch.testing.assert_close(got, ref)
+    dx = torch.autograd.grad((y * y).sum(), inputs[0], create_graph=True)[0]
+    with fused_act.use_backend("reference"):
+        ref = torch.autograd.grad((want * want).sum(), inputs[0], create_graph=True)[0]
+    torch.testing.assert_close(dx, ref)
+    assert dx.grad_fn is not None
+    torch.testing.assert_close(torch.autograd.grad(dx.sum(), inputs[0], retain_graph=True)[0],
+                               torch.autograd.grad(ref.sum(), inputs[0], retain_graph=True)[0])
+
+    def backward_under_transform(s):  # torch.func over the backward: the reference math
+        return (s * torch.autograd.grad(y, inputs[0], g, retain_graph=True)[0].sum()).sum()
+
+    torch.testing.assert_close(
+        torch.func.grad(backward_under_transform)(torch.ones(2, dtype=dtype)),
+        torch.autograd.grad(want, inputs[0], g, retain_graph=True)[0].sum().expand(2))
+
+    def strided(t):  # an unpack hook that gives a saved tensor back as a strided view
+        if t.dim() == 0:
+            return t
+        buf = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+        buf[..., ::2] = t
+        return buf[..., ::2]
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), strided):
+        y2 = call(inputs)
+    got, ref = (torch.autograd.grad(t, inputs, g, retain_graph=True) for t in (y2, want))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    if case != "max":  # the max saves its code, not its inputs
+        y = call(inputs)
+        with torch.no_grad():
+            inputs[0].add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    y = call([(t.detach()[::2] if t.dim() else t).requires_grad_() for t in inputs])
+    assert "Eager" not in y.grad_fn.name(), y.grad_fn.name()

@@ -420,20 +420,20 @@ def test_backward_runs_on_forward_backend(name, fwd, bwd, request, monkeypatch):
     call, x, params = _backward_case(name)
     with fused_act.use_backend(fwd):
         y = call(x, params)
-    eager = "EagerActivation" in y.grad_fn.name()
+    eager = "Eager" in y.grad_fn.name()
     if eager:
-        # the CPU kernels' C++ node (ops/activation.py run_activation) calls them from C++,
-        # where the probe cannot see: its gradient must be the op's own under fwd, bit for bit
+        # the CPU kernels' C++ nodes (ops/eager.py) call them from C++, where the probe cannot
+        # see: their gradient must be the op's own under fwd, bit for bit
         with fused_act.use_backend(bwd):
-            (eager_grad,) = torch.autograd.grad(y.sum(), x)
-        monkeypatch.setattr(fused_act.ops, "run_activation", lambda x, act, beta, beta_value:
-                            fused_act.ops.ACTIVATION(x, act, beta, beta_value, mode=act))
+            eager_grad = torch.autograd.grad(y.sum(), [x, *params])
+        monkeypatch.setattr(fused_act.ops.eager, "_kernels", lambda *ts: None)
         with fused_act.use_backend(fwd):
             y = call(x, params)
     with _kernel_probe(monkeypatch, "backward") as called, fused_act.use_backend(bwd):
         y.sum().backward()
     if eager:
-        assert torch.equal(eager_grad, x.grad), name
+        got = [t.grad for t in (x, *params)]
+        assert all(torch.equal(a, b) for a, b in zip(eager_grad, got, strict=True)), name
     backends = {b for b, _ in called}
     # "auto" runs CPU tensors with the CPU kernels, or the reference where they cannot be built
     ran = fused_act.backend.resolve(x.device, fwd) if fwd == "auto" else fwd

@@ -138,17 +138,34 @@ def test_backend_cpu_refuses_other_devices():
 
 
 def test_eager_nodes_refuse_what_one_flat_pass_cannot_read():
-    """The eager C++ nodes walk their tensors' memory flat: the binding refuses a strided or
-    shorter up and a non-dense x, whatever the Python side checked before."""
+    """The eager C++ nodes walk their tensors' memory flat (or a packed gate's halves as rows):
+    the binding refuses a strided or shorter up, a strided or odd packed gate, a non-dense x, a
+    plan of another size, a beta of other than the plan's channels (one value for glu) and a t
+    of other strides, whatever the Python side checked before."""
     need_backend("cpu", "cpu")
     lib = fused_act.ops.eager._kernels(torch.ones(1))
     big, g = torch.randn(16), torch.randn(8)
     silu = fused_act.registry.SPECS["silu"].kernel_id
+    swish = fused_act.registry.SPECS["swish"].kernel_id
     for up in (big[::2], big[:4]):
         with pytest.raises(RuntimeError, match="eager_glu takes contiguous gate and up"):
-            lib.eager_glu(g, up, "silu", silu, 1.0, 2048)
-    with pytest.raises(RuntimeError, match="eager_activation takes a dense x"):
-        lib.eager_activation(big[::2], "silu", silu, 1.0, 2048)
+            lib.eager_glu(g, up, None, "silu", silu, 1.0, -1, 2048)
+    with pytest.raises(RuntimeError, match="eager_glu takes a contiguous gate"):
+        lib.eager_glu(big.view(4, 4).t(), None, None, "silu", silu, 1.0, -1, 2048)
+    with pytest.raises(RuntimeError, match="an even size expected"):
+        lib.eager_glu(big.view(2, 8)[:, :3].contiguous(), None, None, "silu", silu, 1.0, 1, 2048)
+    with pytest.raises(RuntimeError, match="eager_glu takes a floating beta of one value"):
+        lib.eager_glu(g, g, torch.ones(2), "swish", swish, 1.0, -1, 2048)
+    flat = fused_act.plan.flat(8, fused_act.plan.SCALAR).fields()
+    for x in (big[::2], big):
+        with pytest.raises(RuntimeError, match="eager_activation takes a dense x and a plan"):
+            lib.eager_activation(x, None, "silu", silu, 1.0, 2048, flat)
+    with pytest.raises(RuntimeError, match="eager_activation takes a floating beta of the"):
+        lib.eager_activation(g, torch.ones(2), "swish", swish, 1.0, 2048, flat)
+    m = big.view(4, 4)
+    for x, t in ((m[::2], m[::2]), (m, m.t())):
+        with pytest.raises(RuntimeError, match="eager_max takes a dense x and a t of its"):
+            lib.eager_max(x, t, True, 2048)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "per_sample"])
