@@ -728,7 +728,7 @@ int launch(const Op& op, const fa_plan& p, void* partial = nullptr, int64_t n_pa
 
 // max of |y| as int bits (fp8.cuh abs_bits) over n values: an integer max, which vectorises,
 // and a NaN is above every number
-int amax_bits(const float* y, int64_t n) {
+C10_ALWAYS_INLINE int amax_bits(const float* y, int64_t n) {
   int a = 0;
   for (int64_t i = 0; i < n; ++i) a = imax(a, abs_bits(y[i]));
   return a;
@@ -737,6 +737,21 @@ int amax_bits(const float* y, int64_t n) {
 template <int FP8>
 void divide(const float* y, uint8_t* q, int64_t n, float scale) {
   for (int64_t i = 0; i < n; ++i) q[i] = fp8_code<FP8>(div_rn(y[i], scale));
+}
+
+// The MX block (reference.MX_BLOCK): its groups take loops of a length known when compiling,
+// which unroll and vectorise (4x the speed of loops of a runtime length, at 32 values a group)
+constexpr int64_t MX_GROUP = 32;
+
+// One block group of n values (N where known when compiling, else 0): its codes into q and its
+// E8M0 byte
+template <int FP8, int64_t N>
+C10_ALWAYS_INLINE uint8_t quantize_group(const float* y, uint8_t* q, int64_t n) {
+  const int64_t len = N > 0 ? N : n;
+  float mult;
+  const uint8_t byte = mx_byte<FP8>(amax_bits(y, len), mult);
+  for (int64_t i = 0; i < len; ++i) q[i] = mx_code<FP8>(y[i], byte, mult);
+  return byte;
 }
 
 template <int FP8>
@@ -771,10 +786,8 @@ int quantize(const float* y, uint8_t* q, void* scales, const float* scale, int s
       } else {
         uint8_t* bytes = static_cast<uint8_t*>(scales) + r * (cols / group);
         for (int64_t c0 = 0; c0 < cols; c0 += group) {
-          float mult;
-          const uint8_t byte = mx_byte<FP8>(amax_bits(yr + c0, group), mult);
-          bytes[c0 / group] = byte;
-          for (int64_t c = c0; c < c0 + group; ++c) qr[c] = mx_code<FP8>(yr[c], byte, mult);
+          bytes[c0 / group] = group == MX_GROUP ? quantize_group<FP8, MX_GROUP>(yr + c0, qr + c0, 0)
+                                                : quantize_group<FP8, 0>(yr + c0, qr + c0, group);
         }
       }
     }

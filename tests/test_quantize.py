@@ -633,7 +633,7 @@ def test_cpu_quantiser_edges_and_every_code():
     """The CPU kernels' quantiser (the second pass of their act_quant) on the edge rows of every
     scaling and format (poisoned rows, amax 0, saturation, subnormal outputs, -0) and on the cast
     sweep with every fp32 of zero low half and its neighbours (several threads' rows), bit for
-    bit: y = squared_relu(1) * up = up (NaN payloads aside)."""
+    bit, in MX blocks of 32 and of 16: y = squared_relu(1) * up = up (NaN payloads aside)."""
     need_backend("cpu", "cpu")
     assert kernels.offers(kernels.launcher(torch.device("cpu"), "cpu"), "quantize")
     for fp8 in F8:
@@ -650,6 +650,10 @@ def test_cpu_quantiser_edges_and_every_code():
                 got = quant.act_quant(gate, y, "squared_relu", 1.0, None, fp8, mode, scale, 32,
                                       "cpu")
                 same(got, quantize_fp8(y32, fp8, mode, scale))
+            # groups of another length than the MX block's 32 (a loop of a runtime length)
+            got = quant.act_quant(gate, y, "squared_relu", 1.0, None, fp8, "block", None, 16,
+                                  "cpu")
+            same(got, quantize_fp8(y32, fp8, "block", block=16))
 
 
 def test_act_quant_errors():

@@ -33,12 +33,12 @@ def _kernels(*ts: Tensor) -> ModuleType | None:
     plain tensors or parameters (no dispatch of their own), not compiling, no torch.func
     transform, and backend "cpu" in force (also as "auto", which on a CPU tensor is "cpu" where
     the kernels build, else the reference: None)."""
-    if torch.compiler.is_compiling() or not ts[0].numel():
+    if torch.compiler.is_compiling():
         return None
     for t in ts:  # a loop, not any(): this runs on every call
         if type(t) not in _PLAIN or not t.is_cpu:
             return None
-    if reference_math():
+    if not ts[0].numel() or reference_math():
         return None
     backend = get_backend()
     lib = _LOADED.get(backend)
