@@ -422,6 +422,16 @@ Tensor as_saved(const Tensor& x, c10::IntArrayRef strides) {
   return x.strides() == strides ? x : at::empty_strided(x.sizes(), strides, x.options()).copy_(x);
 }
 
+// A saved tensor as a saved-tensor hook's unpack gave it back must be what the forward saved
+// before a kernel reads it by the forward's sizes and dtype (torch's own nodes trust it; ours
+// would read past its memory)
+void check_unpacked(const Tensor& t, c10::IntArrayRef sizes, at::ScalarType dtype,
+                    const char* what) {
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == dtype, "fused_act: the saved ", what,
+              " came back from a saved-tensor hook as ", t.scalar_type(), " ", t.sizes(),
+              ", not as the forward saved it (", dtype, " ", sizes, ")");
+}
+
 // g with x's strides (x dense): a copy only where they differ, e.g. the expanded gradient of a sum
 Tensor like(const Tensor& g, const Tensor& x) {
   return g.strides() == x.strides() ? g : at::empty_like(x, g.options()).copy_(g);
@@ -508,9 +518,13 @@ struct EagerActivation : public torch::autograd::Function<EagerActivation> {
                    .cast<std::tuple<Tensor, OptTensor>>();
       return {std::get<0>(d), std::get<1>(d).value_or(Tensor()), Tensor(), Tensor()};
     }
+    const fa_plan p = to_plan(ctx->saved_data["plan"].toIntVector());
+    check_unpacked(x, g.sizes(), g.scalar_type(), "x");
+    TORCH_CHECK(!beta.defined() || beta.numel() == p.channels, "fused_act: the saved beta came "
+                "back from a saved-tensor hook with ", beta.numel(), " values, not the plan's ",
+                p.channels);
     x = as_saved(x, ctx->saved_data["strides"].toIntVector());
     g = like(g, x);
-    const fa_plan p = to_plan(ctx->saved_data["plan"].toIntVector());
     Tensor dx = at::empty_like(x), fb = flat_param(beta, x);
     Tensor partial = partials_for(need_dbeta, x, p);
     raise_if(fa_act_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
@@ -627,6 +641,12 @@ struct EagerGlu : public torch::autograd::Function<EagerGlu> {
       return {std::get<0>(d), std::get<1>(d).value_or(Tensor()),
               std::get<2>(d).value_or(Tensor()), Tensor(), Tensor(), Tensor()};
     }
+    auto gate_sizes = g.sizes().vec();  // packed: twice g's size along dim
+    if (!up.defined()) gate_sizes[dim] *= 2;
+    check_unpacked(gate, gate_sizes, g.scalar_type(), "gate");
+    if (up.defined()) check_unpacked(up, g.sizes(), g.scalar_type(), "up");
+    TORCH_CHECK(!beta.defined() || beta.numel() == 1, "fused_act: the saved beta came back from "
+                "a saved-tensor hook with ", beta.numel(), " values, not one");
     gate = gate.contiguous();  // a saved-tensor hook's unpack may give any view
     if (up.defined()) up = up.contiguous();
     g = g.contiguous();
@@ -705,6 +725,7 @@ struct EagerMax : public torch::autograd::Function<EagerMax> {
       auto d = differentiable->max(g, code).cast<std::tuple<Tensor, Tensor>>();
       return {std::get<0>(d), std::get<1>(d), Tensor()};
     }
+    check_unpacked(code, g.sizes(), at::kByte, "code");
     code = as_saved(code, ctx->saved_data["strides"].toIntVector());
     g = like(g, code);
     Tensor dx = at::empty_like(g), dt = at::empty_like(g);

@@ -202,8 +202,9 @@ def test_cpu_eager_node(op, dtype):
     kernels' C++ node: values and gradients bit for bit the op's own (its Python Function, by
     the same kernels), a beta tensor's gradient too, x and beta alone saved, in any dense layout
     and for an expanded gradient; a batched gradient and create_graph take the reference math;
-    an in-place write to x after the forward is torch's error; other backends, strided x and
-    inference mode keep the op."""
+    a saved x given back strided is read right, in another shape refused; an in-place write to
+    x after the forward is torch's error; other backends, strided x and inference mode keep the
+    op."""
     need_backend("cpu", "cpu")
     base = make_x("nchw_c3", torch.float64, "cpu", 4.0, CHANNEL_SHAPES).to(dtype)
     # a beta tensor (per channel or one value) requires grad: its gradient is compared too
@@ -250,6 +251,10 @@ def test_cpu_eager_node(op, dtype):
         y2 = op.call(x, params)
     assert torch.equal(torch.autograd.grad(y2, x, g)[0], torch.autograd.grad(y, x, g,
                                                                              retain_graph=True)[0])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), _flat):
+        y2 = op.call(x, params)
+    with pytest.raises(RuntimeError, match="came back from a saved-tensor hook"):
+        torch.autograd.grad(y2, x, g)
     (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     assert dx.requires_grad and dx.grad_fn is not None
     with torch.no_grad():
@@ -265,6 +270,13 @@ def test_cpu_eager_node(op, dtype):
     with torch.inference_mode():
         y = op.call(base.clone(), params)
     assert y.grad_fn is None
+
+
+
+def _flat(t):
+    """A saved-tensor hook's unpack that gives a tensor back in another shape: a kernel would
+    read it by the forward's, so the nodes refuse it."""
+    return t.reshape(-1) if t.dim() > 1 else t
 
 
 # the gated and max eager nodes: (inputs from x of (4, 6, 6), the public call, the op's call)
@@ -298,8 +310,8 @@ def test_cpu_eager_gated_and_max_nodes(case, dtype):
     test_cpu_eager_node's EagerActivation: values and gradients the op's own bit for bit, for an
     expanded gradient too; the op's saved tensors (the inputs; the max's win code); a batched
     gradient, create_graph and torch.func over the backward take the reference math; a strided
-    unpack is read right; an in-place write after the forward is torch's error; a strided
-    input keeps the op."""
+    unpack is read right, one of another shape refused; an in-place write after the forward is
+    torch's error; a strided input keeps the op."""
     need_backend("cpu", "cpu")
     make, call, op_call = EAGER_NODES[case]
     torch.manual_seed(0)
@@ -316,10 +328,7 @@ def test_cpu_eager_gated_and_max_nodes(case, dtype):
     assert "Eager" not in want.grad_fn.name() and torch.equal(y, want)
     g = torch.randn(y.shape, dtype=dtype)
     for grad in (g, torch.ones((), dtype=dtype).expand(y.shape)):
-        # the node reads an expanded gradient contiguous (the op tiles it otherwise: a beta's
-        # partial sums in another order)
-        got = torch.autograd.grad(y, inputs, grad, retain_graph=True)
-        ref = torch.autograd.grad(want, inputs, grad.contiguous(), retain_graph=True)
+        got, ref = (torch.autograd.grad(t, inputs, grad, retain_graph=True) for t in (y, want))
         assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     batched = torch.stack([g, 2 * g])
     got, ref = (torch.autograd.grad(t, inputs, batched, retain_graph=True,
@@ -351,6 +360,10 @@ def test_cpu_eager_gated_and_max_nodes(case, dtype):
         y2 = call(inputs)
     got, ref = (torch.autograd.grad(t, inputs, g, retain_graph=True) for t in (y2, want))
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), _flat):
+        y2 = call(inputs)
+    with pytest.raises(RuntimeError, match="came back from a saved-tensor hook"):
+        torch.autograd.grad(y2, inputs, g)
     if case != "max":  # the max saves its code, not its inputs
         y = call(inputs)
         with torch.no_grad():

@@ -6,7 +6,8 @@ how tensors reach the kernels; one file per family: ``activation.py`` (mish, swi
 (ACON-C, Meta-ACON), ``fp8_linear.py`` (an activation, gated or not, quantised to FP8 into
 its down projection, with a straight-through backward), ``frelu.py`` (FReLU's max step and its
 BatchNorm-folded eval form), ``batchnorm.py`` (BatchNorm + activation, training and eval);
-``eager.py`` the C++ autograd nodes that eager calls of the first two take on CPU tensors.
+``eager.py`` the C++ autograd nodes that eager calls of the activations, their gated forms and
+FReLU's max take on CPU tensors.
 
 Backward saves only the inputs (x and the parameters), except frelu_max, which saves a one-byte
 code of which side won instead of x and t, and batch_norm_act, which saves its C-sized batch

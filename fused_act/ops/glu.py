@@ -88,6 +88,9 @@ def glu_backward_impl(grad: Tensor, gate: Tensor, up: Tensor | None, act: str,
         dg.copy_(rg)
         du.copy_(ru)
         return *grads, db
+    # a gradient walked as the output is laid out: an expanded one (a sum's) would otherwise
+    # fit only as rows of one element, and a beta's partials sum in the order of that walk
+    grad = grad.contiguous()
     rows, cols, (grad, g, u), strides = row_walk((grad, g, u), (dg, du))
     p = _glu_plan(rows, cols, beta)
     partial = torch.empty(p.partials, dtype=plan.accumulator(gate),
