@@ -64,6 +64,11 @@ void check_memory(const Tensor& t) {
               "subclass or a transform's wrapper) cannot reach a kernel");
 }
 
+// x's opmath dtype, which parameters and partial sums are kept in (plan.accumulator)
+at::ScalarType accumulator(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void check(const Tensor& x, std::initializer_list<const Tensor*> data,
            std::initializer_list<const Tensor*> params) {
   TORCH_CHECK(x.device().type() == DEVICE, "fused_act ", KIND, " kernels need ", KIND,
@@ -71,7 +76,7 @@ void check(const Tensor& x, std::initializer_list<const Tensor*> data,
   check_memory(x);
   for (const Tensor* t : data) check_memory(*t);
   for (const Tensor* t : params) check_memory(*t);
-  const auto op = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto op = accumulator(x);
   for (const Tensor* t : data) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(),
                 "fused_act ", KIND, " kernels: a tensor on ", t->device(), " of ", t->scalar_type(),
@@ -376,15 +381,40 @@ void quantize(const Tensor& y, Tensor& q, Tensor& scales, const OptTensor& scale
 // (create_graph) or gets a gradient the kernels cannot take (batched, a subclass) calls the
 // Python side's differentiable backward of that node instead.
 struct DifferentiableBackwards {
-  pybind11::object activation, glu, max;
+  pybind11::object activation, glu, max, acon;
 };
 // kept to the end: no destructor runs at exit, after the interpreter
 DifferentiableBackwards* differentiable = nullptr;
 
-fa_plan flat_plan(int64_t n, int64_t block) { return fa_plan{1, n, 1, 0, 1, int32_t(block), 1, 0}; }
+fa_plan flat_plan(int64_t n, int64_t block) {
+  TORCH_CHECK(block > 0, "fused_act: a block of ", block, " elements");
+  return fa_plan{1, n, 1, 0, 1, int32_t(block), 1, 0};
+}
+
+// to_plan's inverse: Plan.fields() of p, as a node keeps its plan
+std::vector<int64_t> from_plan(const fa_plan& p) {
+  return {p.rows, p.cols, p.channels, p.layout, p.block_r, p.block_l, p.samples, p.batch};
+}
+
+// A channel plan from the Python side (plan.channel_plan) as the kernels index x and the
+// parameters by it: tiles of at least one element over x's elements; COLS reads a channel a
+// column; a per-sample parameter's samples are x's N, its rows split evenly among them.
+void check_channel_plan(const Tensor& x, const fa_plan& p, bool per_sample, const char* op) {
+  const int64_t n = x.dim() > 0 ? x.size(0) : 1;
+  TORCH_CHECK(!per_sample || n > 0, "fused_act: ", op, ": a per-sample plan of no samples");
+  const bool tiles = p.block_r > 0 && p.block_l > 0 && p.samples > 0 && p.channels > 0 &&
+                     p.rows * p.cols == x.numel();
+  const bool samples = !per_sample              ? p.samples == 1 && p.batch == 0
+                       : p.layout == FA_COLS ? p.samples == n && p.batch == 0 && p.rows % n == 0
+                                             : p.samples == 1 && p.batch == n && p.rows % n == 0;
+  TORCH_CHECK(tiles && samples && (p.layout != FA_COLS || p.cols == p.channels), "fused_act: ",
+              op, " takes a channel plan of x's ", x.numel(), " elements (per sample: ",
+              per_sample, ", of ", n, "), got the plan ", c10::IntArrayRef(from_plan(p)));
+}
 
 // plan.row_plan(rows, cols, layout): rows of cols contiguous elements, one row flat
 fa_plan row_plan(int64_t rows, int64_t cols, int32_t layout, int64_t block) {
+  TORCH_CHECK(block > 0, "fused_act: a block of ", block, " elements");
   if (rows == 1) return fa_plan{1, cols, 1, layout, 1, int32_t(block), 1, 0};
   int64_t width = 1;
   while (width < cols && width < block) width *= 2;
@@ -443,16 +473,13 @@ void* ptr_of(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 // dtype; none stays none
 Tensor flat_param(const Tensor& p, const Tensor& x) {
   if (!p.defined()) return p;
-  return p.reshape(-1).to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return p.reshape(-1).to(accumulator(x)).contiguous();
 }
 
 // partials for a beta's gradient (plan.Plan.partials, one quantity), where one is needed
 Tensor partials_for(bool need, const Tensor& x, const fa_plan& p) {
   if (!need) return Tensor();
-  const int64_t row_blocks = p.samples * ((p.rows / p.samples + p.block_r - 1) / p.block_r);
-  const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
-  return at::empty({p.layout == FA_COLS ? row_blocks * p.cols : col_blocks * p.rows},
-                   x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  return at::empty({fa_partial_slots(p)}, x.options().dtype(accumulator(x)));
 }
 
 // beta's gradient from its partials (plan.channel_sums), in beta's shape and dtype
@@ -552,9 +579,9 @@ Tensor eager_activation(const Tensor& x, const OptTensor& beta, const std::strin
   const fa_plan p = plan ? to_plan(*plan) : flat_plan(x.numel(), block);
   // one flat pass over x's memory (any dense layout, its output of the same strides), in tiles
   // of the plan, which reads beta's values by channel
-  TORCH_CHECK(x.is_non_overlapping_and_dense() && p.rows * p.cols == x.numel(),
-              "fused_act: eager_activation takes a dense x and a plan of its ", x.numel(),
-              " elements, got sizes ", x.sizes(), " and a plan of ", p.rows, " x ", p.cols);
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fused_act: eager_activation takes a dense x, "
+              "got sizes ", x.sizes(), " and strides ", x.strides());
+  check_channel_plan(x, p, false, "eager_activation");
   const Tensor b = beta.value_or(Tensor());
   if (b.defined()) {
     check_memory(b);
@@ -565,8 +592,7 @@ Tensor eager_activation(const Tensor& x, const OptTensor& beta, const std::strin
   }
   const ActAttrs a{name, act, beta_value};
   if (!records({&x, &b})) return EagerActivation::run(x, b, a, p);
-  return EagerActivation::apply(x, beta, a, plan ? *plan : std::vector<int64_t>{
-      p.rows, p.cols, p.channels, p.layout, p.block_r, p.block_l, p.samples, p.batch});
+  return EagerActivation::apply(x, beta, a, from_plan(p));
 }
 
 // How act(gate) * up walks its tensors: separate contiguous gate and up are one flat row; the
@@ -749,12 +775,117 @@ Tensor eager_max(const Tensor& x, const Tensor& t, bool need_code, int64_t block
   return EagerMax::apply(x, t, block);
 }
 
-// The Python side's differentiable backwards of the eager nodes (activation, glu, max).
+// ACON-C (run_acon) on a dense x, N outermost in memory for a per-sample beta (Meta-ACON), with
+// the op's channel plan; saves x, p1, p2 and beta.
+struct EagerAcon : public torch::autograd::Function<EagerAcon> {
+  static Tensor run(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta,
+                    bool per_sample, const fa_plan& p) {
+    Tensor y = at::empty_like(x);
+    raise_if(fa_acon_forward(x.data_ptr(), y.data_ptr(), dtype_code(x),
+                             flat_param(p1, x).data_ptr(), flat_param(p2, x).data_ptr(),
+                             flat_param(beta, x).data_ptr(), per_sample, p, nullptr),
+             "acon_forward");
+    return y;
+  }
+
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& p1,
+                        const Tensor& p2, const Tensor& beta, bool per_sample,
+                        const std::vector<int64_t>& plan) {
+    ctx->save_for_backward({x, p1, p2, beta});
+    ctx->saved_data["per_sample"] = per_sample;
+    ctx->saved_data["plan"] = plan;
+    ctx->saved_data["strides"] = x.strides().vec();
+    return run(x, p1, p2, beta, per_sample, to_plan(plan));
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    Tensor x = saved[0], g = grads[0];
+    const Tensor &p1 = saved[1], &p2 = saved[2], &beta = saved[3];
+    const bool per_sample = ctx->saved_data["per_sample"].toBool();
+    const bool need_params =
+        ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
+    if (needs_differentiable(g, {&x, &p1, &p2, &beta})) {
+      pybind11::gil_scoped_acquire gil;
+      auto d = differentiable->acon(g, x, p1, p2, beta)
+                   .cast<std::tuple<Tensor, Tensor, Tensor, Tensor>>();
+      return {std::get<0>(d), std::get<1>(d), std::get<2>(d), std::get<3>(d), Tensor(),
+              Tensor()};
+    }
+    const fa_plan p = to_plan(ctx->saved_data["plan"].toIntVector());
+    check_unpacked(x, g.sizes(), g.scalar_type(), "x");
+    const int64_t n = x.size(0), betas = per_sample ? n * p.channels : p.channels;
+    TORCH_CHECK(p1.numel() == p.channels && p2.numel() == p.channels && beta.numel() == betas,
+                "fused_act: the saved p1, p2 and beta came back from a saved-tensor hook with ",
+                p1.numel(), ", ", p2.numel(), " and ", beta.numel(), " values, not ", p.channels,
+                ", ", p.channels, " and ", betas);
+    x = as_saved(x, ctx->saved_data["strides"].toIntVector());
+    g = like(g, x);
+    const int64_t slots = fa_partial_slots(p);
+    Tensor dx = at::empty_like(x), partial;
+    if (need_params) partial = at::empty({3 * slots}, x.options().dtype(accumulator(x)));
+    raise_if(fa_acon_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
+                              flat_param(p1, x).data_ptr(), flat_param(p2, x).data_ptr(),
+                              flat_param(beta, x).data_ptr(), per_sample, ptr_of(partial), slots,
+                              p, nullptr),
+             "acon_backward");
+    if (!need_params) return {dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    // plan.acon_sums, call for call: the op's gradients bit for bit
+    const bool same = p1.scalar_type() == p2.scalar_type() && p1.scalar_type() == beta.scalar_type();
+    const auto out = same ? p1.scalar_type() : accumulator(x);
+    const int64_t c = p.channels;
+    Tensor dp1, dp2, dbeta;
+    if (!per_sample) {
+      const Tensor sums = partial.view({3, -1, c}).sum(1).to(out);
+      dp1 = sums[0], dp2 = sums[1], dbeta = sums[2];
+    } else {
+      const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
+      const Tensor by_sample = p.layout == FA_ROWS
+                                   ? partial.view({3, col_blocks, n, -1, c}).sum({1, 3})
+                                   : partial.view({3, n, -1, c}).sum(2);
+      const Tensor dp = by_sample.slice(0, 0, 2).sum(1).to(out);
+      dp1 = dp[0], dp2 = dp[1], dbeta = by_sample[2].to(out);
+    }
+    const auto as = [](const Tensor& d, const Tensor& q) {
+      return d.reshape(q.sizes()).to(q.scalar_type());
+    };
+    return {dx, as(dp1, p1), as(dp2, p2), as(dbeta, beta), Tensor(), Tensor()};
+  }
+};
+
+Tensor eager_acon(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta,
+                  bool per_sample, const std::vector<int64_t>& plan) {
+  check(x, {}, {});
+  const fa_plan p = to_plan(plan);
+  // one pass over x's memory in the plan's tiles, which read the parameters by channel (and by
+  // sample: N outermost)
+  TORCH_CHECK(x.dim() >= 2 && x.is_non_overlapping_and_dense() &&
+                  (!per_sample || x.size(0) == 1 || x.stride(0) * x.size(0) == x.numel()),
+              "fused_act: eager_acon takes a dense x (N outermost for a per-sample beta), got "
+              "sizes ", x.sizes(), " and strides ", x.strides());
+  check_channel_plan(x, p, per_sample, "eager_acon");
+  const int64_t betas = per_sample ? x.size(0) * p.channels : p.channels;
+  for (const auto& [name, t, count] : {std::tuple{"p1", &p1, p.channels},
+                                       std::tuple{"p2", &p2, p.channels},
+                                       std::tuple{"beta", &beta, betas}}) {
+    check_memory(*t);
+    TORCH_CHECK(t->device() == x.device() && t->is_floating_point() && t->numel() == count,
+                "fused_act: eager_acon takes a floating ", name, " of ", count, " values on ",
+                x.device(), " (the plan's ", p.channels, " channels", per_sample && t == &beta ?
+                " per sample" : "", "), got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
+  }
+  if (!records({&x, &p1, &p2, &beta})) return EagerAcon::run(x, p1, p2, beta, per_sample, p);
+  return EagerAcon::apply(x, p1, p2, beta, per_sample, plan);
+}
+
+// The Python side's differentiable backwards of the eager nodes (activation, glu, max, acon).
 void set_differentiable_backward(pybind11::object activation, pybind11::object glu,
-                                 pybind11::object max) {
+                                 pybind11::object max, pybind11::object acon) {
   delete differentiable;
   differentiable = new DifferentiableBackwards{std::move(activation), std::move(glu),
-                                               std::move(max)};
+                                               std::move(max), std::move(acon)};
 }
 #endif
 
@@ -787,6 +918,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eager_activation", &eager_activation, no_gil());
   m.def("eager_glu", &eager_glu, no_gil());
   m.def("eager_max", &eager_max, no_gil());
+  m.def("eager_acon", &eager_acon, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);
 #endif
 }

@@ -795,13 +795,6 @@ int quantize(const float* y, uint8_t* q, void* scales, const float* scale, int s
   return OK;
 }
 
-int64_t slots(const fa_plan& p) {
-  const int64_t col_blocks = (p.cols + p.block_l - 1) / p.block_l;
-  if (p.layout != FA_COLS) return col_blocks * p.rows;
-  const int64_t rows_per_sample = p.rows / p.samples;
-  return p.samples * ((rows_per_sample + p.block_r - 1) / p.block_r) * p.cols;
-}
-
 }  // namespace
 }  // namespace fused_act
 
@@ -829,7 +822,7 @@ extern "C" int fa_act_backward(const void* g, const void* x, void* dx, int dtype
     return with_math<decltype(a)::value, opmath_t<T>>(beta, beta_value, plan, [&](auto f) {
       return launch(GradOp<T, decltype(f)>{static_cast<const T*>(g), static_cast<const T*>(x),
                                            static_cast<T*>(dx), plan.cols, f},
-                    plan, partial, slots(plan));
+                    plan, partial, fa_partial_slots(plan));
     }, partial);
   });
 }
@@ -858,7 +851,7 @@ extern "C" int fa_glu_backward(const void* g, const void* gate, const void* up, 
                                               static_cast<const T*>(up), static_cast<T*>(dgate),
                                               static_cast<T*>(dup), s[0], s[1], s[2], s[3], s[4],
                                               f},
-                    plan, partial, slots(plan));
+                    plan, partial, fa_partial_slots(plan));
     }, partial);
   });
 }

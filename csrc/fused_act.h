@@ -30,6 +30,14 @@ typedef struct {
 } fa_plan;
 enum { FA_PLAN_FIELDS = 8 };  // the members of fa_plan: Plan.fields() has as many
 
+// The partial-sum slots of one quantity under plan p (Plan.partials): one per (column block,
+// row) for ROWS and one-channel plans, one per (row block, column) for COLS, each sample's row
+// blocks apart.
+static inline int64_t fa_partial_slots(fa_plan p) {
+  if (p.layout != FA_COLS) return (p.cols + p.block_l - 1) / p.block_l * p.rows;
+  return p.samples * ((p.rows / p.samples + p.block_r - 1) / p.block_r) * p.cols;
+}
+
 // act: a kernel id of fused_act/registry.py KERNEL_IDS (csrc/activations.cuh act_id); an id
 // without an activation is cudaErrorInvalidValue.
 

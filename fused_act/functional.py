@@ -197,7 +197,7 @@ def acon_c(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, *,
                              "FP8 output")
         return _quantized("acon_c", x, None, "acon_c", 1.0, None, out_dtype, scaling, scale,
                           block, (beta, p1, p2))
-    return ops.ACON_C(x, p1, p2, beta, mode="acon_c")
+    return ops.run_acon(x, p1, p2, beta)
 
 
 def _check_acon_beta(x: Tensor, beta: Tensor) -> None:

@@ -279,7 +279,8 @@ def _flat(t):
     return t.reshape(-1) if t.dim() > 1 else t
 
 
-# the gated and max eager nodes: (inputs from x of (4, 6, 6), the public call, the op's call)
+# the eager nodes but the activations': (inputs from x of (4, 6, 6), the public call, the
+# op's call)
 EAGER_NODES = {
     "glu": (lambda x: [x, torch.randn(x.shape, dtype=x.dtype)],
             lambda a: fused_act.geglu(a[0], a[1], approximate="tanh"),
@@ -300,18 +301,28 @@ EAGER_NODES = {
                                                                                dtype=x.dtype))],
             lambda a: fused_act.frelu_max(*a),
             lambda a: ops.FRELU_MAX(*a, True, mode="frelu_max")),
+    # p1 in x's dtype, p2 and beta fp32 (their gradients then fp32), beta per channel
+    "acon_c": (lambda x: [x, torch.randn(6, dtype=x.dtype), torch.randn(1, 6, 1),
+                          torch.rand(6) + 0.5],
+               lambda a: fused_act.acon_c(*a),
+               lambda a: ops.ACON_C(*a, mode="acon_c")),
+    # Meta-ACON: a beta per (sample, channel), all in x's dtype
+    "meta_acon": (lambda x: [x, torch.randn(6, dtype=x.dtype), torch.randn(6, dtype=x.dtype),
+                             (torch.rand(4, 6, 1) + 0.5).to(x.dtype)],
+                  lambda a: fused_act.acon_c(*a),
+                  lambda a: ops.ACON_C(*a, mode="acon_c")),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", EAGER_NODES)
-def test_cpu_eager_gated_and_max_nodes(case, dtype):
-    """EagerGlu (two tensors, or the halves of one along a dim) and EagerMax, as
-    test_cpu_eager_node's EagerActivation: values and gradients the op's own bit for bit, for an
-    expanded gradient too; the op's saved tensors (the inputs; the max's win code); a batched
-    gradient, create_graph and torch.func over the backward take the reference math; a strided
-    unpack is read right, one of another shape refused; an in-place write after the forward is
-    torch's error; a strided input keeps the op."""
+def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
+    """EagerGlu (two tensors, or the halves of one along a dim), EagerMax and EagerAcon
+    (ACON-C, Meta-ACON), as test_cpu_eager_node's EagerActivation: values and gradients the
+    op's own bit for bit, for an expanded gradient too; the op's saved tensors (the inputs; the
+    max's win code); a batched gradient, create_graph and torch.func over the backward take the
+    reference math; a strided unpack is read right, one of another shape refused; an in-place
+    write after the forward is torch's error; a strided input keeps the op."""
     need_backend("cpu", "cpu")
     make, call, op_call = EAGER_NODES[case]
     torch.manual_seed(0)
@@ -370,5 +381,8 @@ def test_cpu_eager_gated_and_max_nodes(case, dtype):
             inputs[0].add_(1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
-    y = call([(t.detach()[::2] if t.dim() else t).requires_grad_() for t in inputs])
+    # a strided input (ACON-C's along a spatial dim, where its parameters still fit)
+    cut = (..., slice(None, None, 2)) if "acon" in case else slice(None, None, 2)
+    y = call([(t.detach()[cut] if t.shape == inputs[0].shape else t).requires_grad_()
+              for t in inputs])
     assert "Eager" not in y.grad_fn.name(), y.grad_fn.name()

@@ -140,8 +140,10 @@ def test_backend_cpu_refuses_other_devices():
 def test_eager_nodes_refuse_what_one_flat_pass_cannot_read():
     """The eager C++ nodes walk their tensors' memory flat (or a packed gate's halves as rows):
     the binding refuses a strided or shorter up, a strided or odd packed gate, a non-dense x, a
-    plan of another size, a beta of other than the plan's channels (one value for glu) and a t
-    of other strides, whatever the Python side checked before."""
+    plan of another size, a beta of other than the plan's channels (one value for glu; a value
+    per sample and channel for Meta-ACON), ACON-C's p1 and p2 of other than the plan's
+    channels, a per-sample x whose N is not outermost, and a t of other strides, whatever the
+    Python side checked before."""
     need_backend("cpu", "cpu")
     lib = fused_act.ops.eager._kernels(torch.ones(1))
     big, g = torch.randn(16), torch.randn(8)
@@ -157,15 +159,44 @@ def test_eager_nodes_refuse_what_one_flat_pass_cannot_read():
     with pytest.raises(RuntimeError, match="eager_glu takes a floating beta of one value"):
         lib.eager_glu(g, g, torch.ones(2), "swish", swish, 1.0, -1, 2048)
     flat = fused_act.plan.flat(8, fused_act.plan.SCALAR).fields()
-    for x in (big[::2], big):
-        with pytest.raises(RuntimeError, match="eager_activation takes a dense x and a plan"):
-            lib.eager_activation(x, None, "silu", silu, 1.0, 2048, flat)
+    with pytest.raises(RuntimeError, match="eager_activation takes a dense x"):
+        lib.eager_activation(big[::2], None, "silu", silu, 1.0, 2048, flat)
+    with pytest.raises(RuntimeError, match="eager_activation takes a channel plan of x's"):
+        lib.eager_activation(big, None, "silu", silu, 1.0, 2048, flat)
     with pytest.raises(RuntimeError, match="eager_activation takes a floating beta of the"):
         lib.eager_activation(g, torch.ones(2), "swish", swish, 1.0, 2048, flat)
     m = big.view(4, 4)
     for x, t in ((m[::2], m[::2]), (m, m.t())):
         with pytest.raises(RuntimeError, match="eager_max takes a dense x and a t of its"):
             lib.eager_max(x, t, True, 2048)
+    with pytest.raises(RuntimeError, match="a block of 0 elements"):
+        lib.eager_activation(g, None, "silu", silu, 1.0, 0, None)
+    x = torch.randn(2, 3, 4)
+    c3, c2, six = torch.ones(3), torch.ones(2), torch.ones(6)
+    per_channel = fused_act.plan.channel_plan(x, 3).fields()
+    per_sample = fused_act.plan.channel_plan(x, 3, True).fields()
+    for xs, sample in ((x[..., ::2], False), (x.transpose(0, 2), True)):
+        with pytest.raises(RuntimeError, match="eager_acon takes a dense x"):
+            lib.eager_acon(xs, c3, c3, c3, sample, per_channel)
+    # plans that would read past the parameters or mix up samples: of another size, per
+    # sample of another N, per channel for a per-sample beta (and back), a COLS plan wider
+    # than the channels, tiles of no element
+    last = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # channels innermost: COLS
+    cols = fused_act.plan.channel_plan(last, 3, True).fields()
+    for xs, p, beta, sample in (
+            (x, flat, c3, False), (x, fused_act.plan.channel_plan(torch.empty(4, 3, 2), 3,
+                                                                  True).fields(), six, True),
+            (x, per_channel, six, True), (x, per_sample, c3, False),
+            (last, (2, 12, *cols[2:]), six, True),
+            (last, (*cols[:6], 0, *cols[7:]), six, True),
+            (x, (*per_channel[:5], 0, *per_channel[6:]), c3, False)):
+        with pytest.raises(RuntimeError, match="eager_acon takes a channel plan of x's"):
+            lib.eager_acon(xs, c3, c3, beta, sample, p)
+    for p1, p2, beta, sample, name in ((c2, c3, c3, False, "p1"), (c3, c2, c3, False, "p2"),
+                                       (c3, c3, c2, False, "beta"), (c3, c3, c3, True, "beta"),
+                                       (c3.int(), c3, c3, False, "p1")):
+        with pytest.raises(RuntimeError, match=f"eager_acon takes a floating {name} of"):
+            lib.eager_acon(x, p1, p2, beta, sample, per_sample if sample else per_channel)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "per_sample"])

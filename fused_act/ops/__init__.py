@@ -6,8 +6,8 @@ how tensors reach the kernels; one file per family: ``activation.py`` (mish, swi
 (ACON-C, Meta-ACON), ``fp8_linear.py`` (an activation, gated or not, quantised to FP8 into
 its down projection, with a straight-through backward), ``frelu.py`` (FReLU's max step and its
 BatchNorm-folded eval form), ``batchnorm.py`` (BatchNorm + activation, training and eval);
-``eager.py`` the C++ autograd nodes that eager calls of the activations, their gated forms and
-FReLU's max take on CPU tensors.
+``eager.py`` the C++ autograd nodes that eager calls of the activations, their gated forms,
+FReLU's max and ACON-C take on CPU tensors.
 
 Backward saves only the inputs (x and the parameters), except frelu_max, which saves a one-byte
 code of which side won instead of x and t, and batch_norm_act, which saves its C-sized batch
@@ -42,7 +42,7 @@ from .batchnorm import (
     batch_norm_act_backward_op,
     batch_norm_act_op,
 )
-from .eager import run_activation, run_glu, run_max
+from .eager import run_acon, run_activation, run_glu, run_max
 from .fp8_linear import act_fp8_linear, matmul_path
 from .frelu import (
     FRELU_MAX,
@@ -72,7 +72,7 @@ __all__ = [
     "acon_forward_impl",
     "affine_act_backward_op", "affine_act_op", "batch_norm_act_backward_op", "batch_norm_act_op",
     "activation_backward_op", "activation_op", "apply_", "backward_impl", "run_act_quant",
-    "run_activation", "run_glu", "run_max", "dense",
+    "run_acon", "run_activation", "run_glu", "run_max", "dense",
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
     "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",

@@ -10,12 +10,16 @@ from .layout import dense, flat_param, like
 from .op import Op, Schema, data, param
 
 
+def n_outermost(x: Tensor) -> bool:
+    """Whether a dense ``x``'s samples lie one after another in memory (as a per-sample beta's
+    tiles read them)."""
+    return x.shape[0] == 1 or x.stride(0) * x.shape[0] == x.numel()
+
+
 def acon_dense(x: Tensor, per_sample: bool) -> Tensor:
     """``dense(x)``, and with N outermost in memory when beta is per sample (else one copy)."""
     xd = dense(x)
-    if per_sample and xd.shape[0] != 1 and xd.stride(0) * xd.shape[0] != xd.numel():
-        xd = xd.contiguous()
-    return xd
+    return xd.contiguous() if per_sample and not n_outermost(xd) else xd
 
 
 def acon_forward_impl(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor, backend: str) -> Tensor:

@@ -1,7 +1,8 @@
 """The eager fast paths on CPU tensors: an activation and a gated activation (of two tensors or
-the halves of one), with a float beta or a beta tensor, and FReLU's max, each as a C++ autograd
-node of the CPU kernels' extension (csrc/binding.cpp, EagerActivation, EagerGlu and EagerMax) in
-place of the op's Python Function, whose bookkeeping costs more than the kernels on small tensors
+the halves of one), with a float beta or a beta tensor, FReLU's max and ACON-C (Meta-ACON's
+per-sample beta too), each as a C++ autograd node of the CPU kernels' extension
+(csrc/binding.cpp, EagerActivation, EagerGlu, EagerMax and EagerAcon) in place of the op's
+Python Function, whose bookkeeping costs more than the kernels on small tensors
 (a 1024-element swiglu forward+backward: 85 us through the Function, 33 us for the eager
 expression silu(gate) * up).  The same kernels, plans and saved tensors as the op's "cpu"
 backend, so the results are the op's bit for bit, a beta's gradient too; a backward that needs a
@@ -18,6 +19,7 @@ from .. import plan, reference
 from ..backend import get_backend
 from ..kernels import launcher
 from ..registry import SPECS
+from .acon import ACON_C, n_outermost
 from .activation import ACTIVATION, _act_plan, _act_reference_backward
 from .frelu import FRELU_MAX
 from .glu import GATED, _glu_reference_backward
@@ -28,15 +30,15 @@ from .op import reference_math
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _kernels(*ts: Tensor) -> ModuleType | None:
-    """The CPU kernels' extension where an eager call on these CPU tensors may take its C++ node:
-    plain tensors or parameters (no dispatch of their own), not compiling, no torch.func
-    transform, and backend "cpu" in force (also as "auto", which on a CPU tensor is "cpu" where
-    the kernels build, else the reference: None)."""
+def _kernels(*ts: Tensor | None) -> ModuleType | None:
+    """The CPU kernels' extension where an eager call on these CPU tensors (None: an argument
+    left out) may take its C++ node: plain tensors or parameters (no dispatch of their own),
+    not compiling, no torch.func transform, and backend "cpu" in force (also as "auto", which
+    on a CPU tensor is "cpu" where the kernels build, else the reference: None)."""
     if torch.compiler.is_compiling():
         return None
     for t in ts:  # a loop, not any(): this runs on every call
-        if type(t) not in _PLAIN or not t.is_cpu:
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
             return None
     if not ts[0].numel() or reference_math():
         return None
@@ -56,7 +58,7 @@ _LOADED: dict[str, ModuleType] = {}
 def run_activation(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
     """``ACTIVATION`` on validated arguments: a dense CPU tensor takes EagerActivation (module
     docstring); every other call is the op's."""
-    lib = _kernels(x) if beta is None else _kernels(x, beta)
+    lib = _kernels(x, beta)
     if lib is not None and is_dense(x):  # after _kernels: vmap cannot answer is_dense
         # a flat x: the binding makes plan.flat itself
         return lib.eager_activation(x, beta, act, SPECS[act].kernel_id, fp32(beta_value),
@@ -72,7 +74,7 @@ def run_glu(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None, beta
     every other call is the op's."""
     lib = None
     if up is None or (gate.shape == up.shape and gate.dtype == up.dtype):
-        lib = _kernels(*(t for t in (gate, up, beta) if t is not None))
+        lib = _kernels(gate, up, beta)
     if lib is not None and gate.is_contiguous() and (up is None or up.is_contiguous()):
         return lib.eager_glu(gate, up, beta, act, SPECS[act].kernel_id, fp32(beta_value), dim,
                              plan.BLOCK)
@@ -88,24 +90,23 @@ def run_max(x: Tensor, t: Tensor, need_code: bool) -> Tensor:
     return FRELU_MAX(x, t, need_code, mode="frelu_max")
 
 
+def run_acon(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
+    """``ACON_C`` on validated arguments: a dense CPU ``x`` (N outermost in memory for a
+    per-sample beta) takes EagerAcon; every other call is the op's."""
+    lib = _kernels(x, p1, p2, beta)
+    if lib is not None and is_dense(x):
+        per_sample = reference.per_sample(beta, x)
+        if not per_sample or n_outermost(x):
+            return lib.eager_acon(x, p1, p2, beta, per_sample,
+                                  plan.channel_plan(x, p1.numel(), per_sample).fields())
+    return ACON_C(x, p1, p2, beta, mode="acon_c")
+
+
 @functools.cache
 def _eager(k: object) -> ModuleType:
     """The CPU kernels' extension, told the backwards to run where a gradient needs a graph."""
-    k.lib.set_differentiable_backward(_activation_backward, _glu_backward,
-                                      reference.frelu_max_backward_code)
+    k.lib.set_differentiable_backward(_act_reference_backward, _glu_reference_backward,
+                                      reference.frelu_max_backward_code,
+                                      reference.acon_c_backward)
     return k.lib
 
-
-def _activation_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
-                         beta_value: float, need_dbeta: bool) -> tuple[Tensor, Tensor | None]:
-    """(dx, dbeta or None) of EagerActivation where the kernels cannot give them: the reference
-    math."""
-    return _act_reference_backward(grad, x, act, beta, beta_value, need_dbeta)
-
-
-def _glu_backward(grad: Tensor, gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
-                  beta_value: float, dim: int, need_dbeta: bool
-                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(dgate, dup, dbeta or None) of EagerGlu where the kernels cannot give them, by the
-    reference math; for the halves of one gate (``up`` None), (d of gate, None, dbeta)."""
-    return _glu_reference_backward(grad, gate, up, act, beta, beta_value, dim, need_dbeta)
