@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.utils.checkpoint
+from torch._dynamo.utils import counters
 
 import fused_act
 from fused_act import ops
@@ -386,3 +387,29 @@ def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
     y = call([(t.detach()[cut] if t.shape == inputs[0].shape else t).requires_grad_()
               for t in inputs])
     assert "Eager" not in y.grad_fn.name(), y.grad_fn.name()
+
+
+@pytest.mark.parametrize("case", ["silu", "swish beta tensor", *EAGER_NODES])
+def test_cpu_eager_nodes_under_compiled_autograd(case):
+    """The eager C++ nodes' backward under compiled autograd (a backward compiled after an
+    eager forward): each node's kept attributes are of kinds its cache keys on, and the
+    gradients are those of the plain backward, bit for bit."""
+    need_backend("cpu", "cpu")
+    torch.manual_seed(0)
+    base = torch.randn(4, 6, 6) * 4
+    if case in EAGER_NODES:
+        make, call, _ = EAGER_NODES[case]
+    else:
+        make, call = ((lambda x: [x], lambda a: fused_act.silu(a[0])) if case == "silu" else
+                      (lambda x: [x, torch.rand(6) + 0.5], lambda a: fused_act.swish(*a)))
+    inputs = [t.contiguous().requires_grad_() for t in make(base)]
+    g = torch.randn(call(inputs).shape)
+    want = torch.autograd.grad(call(inputs), inputs, g)
+    torch._dynamo.reset()
+    counters.clear()
+    y = call(inputs)
+    assert "Eager" in y.grad_fn.name(), y.grad_fn.name()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        got = torch.autograd.grad(y, inputs, g)
+    assert counters["compiled_autograd"]["captures"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
