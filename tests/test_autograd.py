@@ -389,12 +389,9 @@ def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
     assert "Eager" not in y.grad_fn.name(), y.grad_fn.name()
 
 
-@pytest.mark.parametrize("case", ["silu", "swish beta tensor", *EAGER_NODES])
-def test_cpu_eager_nodes_under_compiled_autograd(case):
-    """The eager C++ nodes' backward under compiled autograd (a backward compiled after an
-    eager forward): each node's kept attributes are of kinds its cache keys on, and the
-    gradients are those of the plain backward, bit for bit."""
-    need_backend("cpu", "cpu")
+def _node_case(case):
+    """Inputs (requiring grad) and the public call of an eager node's case: "silu", "swish beta
+    tensor" or one of EAGER_NODES, on fp32 (4, 6, 6) data."""
     torch.manual_seed(0)
     base = torch.randn(4, 6, 6) * 4
     if case in EAGER_NODES:
@@ -402,14 +399,55 @@ def test_cpu_eager_nodes_under_compiled_autograd(case):
     else:
         make, call = ((lambda x: [x], lambda a: fused_act.silu(a[0])) if case == "silu" else
                       (lambda x: [x, torch.rand(6) + 0.5], lambda a: fused_act.swish(*a)))
-    inputs = [t.contiguous().requires_grad_() for t in make(base)]
-    g = torch.randn(call(inputs).shape)
-    want = torch.autograd.grad(call(inputs), inputs, g)
+    return [t.contiguous().requires_grad_() for t in make(base)], call
+
+
+@pytest.mark.parametrize("case", ["silu", "swish beta tensor", *EAGER_NODES])
+def test_cpu_eager_nodes_under_compiled_autograd(case):
+    """The eager C++ nodes' backward under compiled autograd (a backward compiled after an
+    eager forward, its gradient from another node): an opaque call of the node's backward, as
+    for an autograd Function, so the gradients are the plain backward's bit for bit."""
+    need_backend("cpu", "cpu")
+    inputs, call = _node_case(case)
+    w = torch.randn(call(inputs).shape)
+    want = torch.autograd.grad((call(inputs) * w).sum(), inputs)
     torch._dynamo.reset()
     counters.clear()
     y = call(inputs)
     assert "Eager" in y.grad_fn.name(), y.grad_fn.name()
     with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
-        got = torch.autograd.grad(y, inputs, g)
+        got = torch.autograd.grad((y * w).sum(), inputs)
     assert counters["compiled_autograd"]["captures"] == 1
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+class _DropFirst(torch.autograd.Function):
+    """Passes two tensors through; its backward gives the first no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a.clone(), b.clone()
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        return None, gb
+
+
+@pytest.mark.parametrize("case", ["silu", "swish beta tensor", *EAGER_NODES])
+def test_cpu_eager_nodes_without_a_gradient_and_creation_hooks(case):
+    """Where no gradient reaches an eager node's output, its inputs get zeros, as from the op's
+    node (an autograd Function's); no node but the eager one is recorded by the forward (a
+    parameter's flattening records none), and node-creation hooks, where torch has them, see
+    it."""
+    need_backend("cpu", "cpu")
+    inputs, call = _node_case(case)
+    other = torch.ones(3, requires_grad=True)
+    y = call(inputs)
+    _, c = _DropFirst.apply(y, other)
+    got = torch.autograd.grad(c.sum(), inputs)
+    assert all(torch.equal(d, torch.zeros_like(t)) for d, t in zip(got, inputs, strict=True))
+    if hasattr(torch.autograd.graph, "node_creation_hook"):
+        seen = []
+        with torch.autograd.graph.node_creation_hook(lambda n: seen.append(n.name())):
+            y = call(inputs)
+        assert [n for n in seen if "Accumulate" not in n] == [y.grad_fn.name()]
