@@ -535,7 +535,7 @@ auto new_node() {
 
 // What the eager nodes share. Each is a node of our own, as torch's generated ones are: a
 // torch::autograd::Function's node costs more to record and to run (a 2^16 fp32 silu's
-// forward+backward took 1.13x torch's with one, 1.04x with this). Its saved tensors are
+// forward+backward took 1.13x torch's with one, 1.06x with this). Its saved tensors are
 // SavedVariables, so saved-tensor hooks, the in-place version check and a second backward's
 // error are torch's own; its backward runs under the node's lock, given zeros where no
 // gradient reached the output (as a Function's is). Compiled autograd calls the backward
@@ -547,8 +547,9 @@ struct EagerNode : public torch::autograd::Node {
   Attrs attrs;
 
   // y = run() with grad mode off (as a Function's forward: flattening a parameter records no
-  // node), its grad_fn a new T of `attrs` that saves `keep` and takes a gradient for each of
-  // `inputs` (an undefined one: none)
+  // node), its grad_fn a new T of `attrs` that takes a gradient for each of `inputs` (an
+  // undefined one: none) and saves `keep` once run() has written them (the max's code: a
+  // saved-tensor hook that copies, as checkpointing's, packs what it is given then)
   template <class Run>
   static Tensor record(Attrs attrs, std::initializer_list<Tensor> inputs,
                        std::initializer_list<Tensor> keep, Run run) {
@@ -560,14 +561,14 @@ struct EagerNode : public torch::autograd::Node {
                                   : torch::autograd::Edge());
     }
     node->set_next_edges(std::move(edges));
-    node->saved.reserve(keep.size());
-    for (const Tensor& t : keep) node->saved.emplace_back(t, false);
     node->attrs = std::move(attrs);
     Tensor y;
     {
       at::AutoGradMode off(false);
       y = run();
     }
+    node->saved.reserve(keep.size());
+    for (const Tensor& t : keep) node->saved.emplace_back(t, false);
     torch::autograd::set_history(y, node);
     if constexpr (!std::is_same_v<decltype(node), std::shared_ptr<T>>) {
       fire_node_creation_hooks(node);
@@ -591,8 +592,10 @@ struct EagerNode : public torch::autograd::Node {
     for (auto& s : saved) s.reset_data();
   }
 
+  // the output's metadata too: the backward's zeros, where no gradient comes, take its shape
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     args.collect(saved, false);
+    args.collect(input_metadata(0));
     args.collect(attrs.name);
     args.collect(attrs.beta_value);
     args.collect(attrs.ints);
@@ -617,6 +620,7 @@ struct EagerNode : public torch::autograd::Node {
       const torch::autograd::variable_list& inputs,
       torch::dynamo::autograd::SwapSavedVariables& swap) override {
     for (auto& s : saved) swap.before(s);
+    swap.before(mutable_input_metadata(0));  // as compiled_args collected it
     torch::dynamo::autograd::PackedArgs packed;
     std::vector<Tensor> unpacked;
     unpacked.reserve(saved.size());
@@ -643,6 +647,7 @@ struct EagerNode : public torch::autograd::Node {
             std::vector<std::optional<torch::autograd::InputMetadata>>>::
             pack(torch::dynamo::autograd::get_input_metadata(next_edges())));
     for (auto& s : saved) swap.after(s);
+    swap.after(mutable_input_metadata(0));
     return out;
   }
 };

@@ -389,11 +389,11 @@ def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
     assert "Eager" not in y.grad_fn.name(), y.grad_fn.name()
 
 
-def _node_case(case):
+def _node_case(case, last=6):
     """Inputs (requiring grad) and the public call of an eager node's case: "silu", "swish beta
-    tensor" or one of EAGER_NODES, on fp32 (4, 6, 6) data."""
+    tensor" or one of EAGER_NODES, on fp32 (4, 6, last) data."""
     torch.manual_seed(0)
-    base = torch.randn(4, 6, 6) * 4
+    base = torch.randn(4, 6, last) * 4
     if case in EAGER_NODES:
         make, call, _ = EAGER_NODES[case]
     else:
@@ -406,7 +406,9 @@ def _node_case(case):
 def test_cpu_eager_nodes_under_compiled_autograd(case):
     """The eager C++ nodes' backward under compiled autograd (a backward compiled after an
     eager forward, its gradient from another node): an opaque call of the node's backward, as
-    for an autograd Function, so the gradients are the plain backward's bit for bit."""
+    for an autograd Function, so the gradients are the plain backward's bit for bit; where no
+    gradient reaches the node, zeros of the output's shape, on a second shape too (the output's
+    shape keys the capture)."""
     need_backend("cpu", "cpu")
     inputs, call = _node_case(case)
     w = torch.randn(call(inputs).shape)
@@ -415,9 +417,35 @@ def test_cpu_eager_nodes_under_compiled_autograd(case):
     counters.clear()
     y = call(inputs)
     assert "Eager" in y.grad_fn.name(), y.grad_fn.name()
-    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+    compiler = torch.compile(backend="eager")
+    with torch._dynamo.compiled_autograd._enable(compiler):
         got = torch.autograd.grad((y * w).sum(), inputs)
     assert counters["compiled_autograd"]["captures"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    for last in (6, 10):
+        inputs, call = _node_case(case, last)
+        with torch._dynamo.compiled_autograd._enable(compiler):
+            got = torch.autograd.grad(_DropFirst.apply(call(inputs), torch.ones(3))[1].sum(),
+                                      inputs, allow_unused=True)
+        assert all(torch.equal(d, torch.zeros_like(t)) for d, t in zip(got, inputs, strict=True))
+
+
+@pytest.mark.parametrize("case", ["silu", "swish beta tensor", *EAGER_NODES])
+def test_cpu_eager_nodes_under_checkpoint_and_copying_hooks(case):
+    """An eager node under checkpointing (non-reentrant: its recomputation stops at the last
+    tensor packed) and under a saved-tensor hook that packs a copy: each saved tensor is packed
+    once the forward has written it (the max's code), so the gradients are the plain
+    backward's bit for bit."""
+    need_backend("cpu", "cpu")
+    inputs, call = _node_case(case)
+    w = torch.randn(call(inputs).shape)
+    want = torch.autograd.grad((call(inputs) * w).sum(), inputs)
+    y = torch.utils.checkpoint.checkpoint(call, inputs, use_reentrant=False)
+    got = torch.autograd.grad((y * w).sum(), inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        y = call(inputs)
+    got = torch.autograd.grad((y * w).sum(), inputs)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 

@@ -9,7 +9,7 @@ backend, so the results are the op's bit for bit, a beta's gradient too; a backw
 graph of its own (create_graph) or gets a gradient the kernels cannot take (batched, a subclass)
 runs the reference math, as the op's backward does there.  Each node is a torch::autograd::Node
 of its own (EagerNode), not an autograd Function's, whose bookkeeping cost more than torch's own
-nodes (a 2^16 fp32 silu forward+backward: 1.13x torch's through one, 1.05x now); compiled
+nodes (a 2^16 fp32 silu forward+backward: 1.13x torch's through one, 1.06x now); compiled
 autograd calls its backward opaquely, as a Function's."""
 
 import functools
