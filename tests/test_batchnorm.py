@@ -4,6 +4,7 @@ and beta gradients, running statistics over several steps, eval after training),
 opcheck, compile, the bytes autograd saves, and bad input."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -342,6 +343,71 @@ def test_cpu_takes_torch_pair(monkeypatch):
             torch.testing.assert_close(ours.state_dict()[k], v, msg=f"{what} {k}")
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_function_takes_torch_pair_where_it_pays(training, monkeypatch):
+    """``fused_act.batch_norm_act`` on CPU runs torch's BatchNorm then the activation's op for
+    contiguous fp32 and fp64 below ``_PAIR_BELOW`` elements with BatchNorm tensors of x's
+    dtype, under every backend but "triton"; 16-bit x (which the fused op rounds once), larger
+    x, channels_last, (N, C) and strided x, and mixed dtypes run the fused op.  Either way:
+    values, gradients and running statistics as the float64 pair, and under non-reentrant
+    checkpointing with the recomputation under another backend, the unsplit run's gradients."""
+    need_backend("cpu", "cpu")
+    from torch.utils.checkpoint import checkpoint
+    monkeypatch.setattr(fused_act.functional, "_PAIR_BELOW", 4 * 3 * 5 * 6)
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    backends = ["auto", "cpu", "reference"] + ["triton"] * fused_act.backend.interpreting()
+    cl, nc = torch.channels_last, (20, 3)  # layouts whose statistics torch lets cancel
+    cases = [(f32, f32, 5, False), (f64, f64, 5, False), (f32, f32, 6, True),
+             (bf16, bf16, 5, True), (bf16, f32, 5, True), (f32, f64, 5, True), (f32, f32, cl, True),
+             (f32, f32, nc, True), (f32, f32, "strided", True)]
+    for (dtype, p_dtype, width, fused), backend_name in itertools.product(cases, backends):
+        last = width if isinstance(width, int) else 10 if width == "strided" else 5
+        x = torch.rand(nc if width == nc else (4, 3, 5, last),
+                       generator=gen, dtype=f64).mul(6).sub(2).to(dtype)
+        x = x[..., ::2] if width == "strided" else x.contiguous(
+            memory_format=cl if width == cl else torch.contiguous_format)
+        w, b, rm, rv = (torch.rand(3, generator=gen, dtype=f64) + s for s in (0.5, -0.5, -0.5, 1))
+        stats = [t.to(p_dtype) for t in (rm, rv)]
+        ps = [t.to(p_dtype).requires_grad_() for t in (w, b)]
+        xs = x.requires_grad_()
+        with fused_act.use_backend(backend_name):
+            y = fused_act.batch_norm_act(xs, *stats, *ps, training, 0.1, 1e-5, "mish")
+        want_stats = [t.to(p_dtype).double() for t in (rm, rv)]
+        wd, bd = (p.detach().double().requires_grad_() for p in ps)
+        xd = x.detach().double().requires_grad_()
+        want = F.mish(F.batch_norm(xd, *want_stats, wd, bd, training, 0.1, 1e-5))
+        what = f"{dtype} params {p_dtype} width {width} {backend_name}"
+        name = type(y.grad_fn).__name__
+        expect_fused = fused or backend_name == "triton"
+        assert (name in ("BatchNormActBackward", "AffineActBackward")) == expect_fused, (
+            what, name)
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(y.double(), want, rtol=rtol, atol=atol * 4, msg=what)
+        g = torch.randn(x.shape, generator=gen, dtype=f64)
+        got = torch.autograd.grad(y, (xs, *ps), g.to(dtype))
+        for o, t in zip(got, torch.autograd.grad(want, (xd, wd, bd), g), strict=True):
+            # dx's terms cancel, and dweight and dbias sum many: a bound scaled by the largest
+            err = (o.double() - t).abs().max() / t.abs().max()
+            assert err <= 8 * torch.finfo(dtype).eps, (what, err.item())
+        tol = torch.finfo(p_dtype).eps * 4
+        for got_stat, ref in zip(stats, want_stats, strict=True):
+            torch.testing.assert_close(got_stat.double(), ref, rtol=tol, atol=tol, msg=what)
+        if backend_name == "triton":
+            continue
+        split = []
+        for first, second in (("auto", "cpu"), ("cpu", "reference")):
+            with fused_act.use_backend(first):
+                y2 = checkpoint(fused_act.batch_norm_act, xs, *stats, *ps, training, 0.1, 1e-5,
+                                "mish", use_reentrant=False)
+            with fused_act.use_backend(second):
+                split.append(torch.autograd.grad(y2, (xs, *ps), g.to(dtype)))
+        for s in split:  # the recomputation's backend runs the backward: to rounding
+            for o, t in zip(s, got, strict=True):
+                err = (o - t).double().abs().max() / t.double().abs().max()
+                assert err <= 8 * torch.finfo(dtype).eps, (what, "checkpointed", err.item())
+
+
 def test_checkpoint_recomputes_under_another_backend():
     """Non-reentrant activation checkpointing of BatchNormAct2d with the forward under one
     backend and the backward (which recomputes the forward) under another: the gradients of
@@ -468,8 +534,13 @@ def test_bad_input():
     x = torch.randn(4, 3, 5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         fused_act.batch_norm_act(torch.randn(1, 3, 1), None, None, training=True)
-    with pytest.raises(ValueError, match="weight must have C=3"):
+    with pytest.raises(ValueError, match="weight must have shape \\(C,\\) = \\(3,\\)"):
         fused_act.batch_norm_act(x, None, None, torch.ones(4), training=True)
+    for shape in ((1, 3, 1), (3, 1)):  # as torch's BatchNorm: the training path read these wrong
+        with pytest.raises(ValueError, match="running_mean must have shape"):
+            fused_act.batch_norm_act(x, torch.zeros(shape), torch.ones(3), training=True)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            fused_act.batch_norm_act(x, None, None, None, torch.zeros(shape), training=True)
     with pytest.raises(TypeError, match="x must be"):
         fused_act.batch_norm_act(x.int(), None, None, training=True)
     with pytest.raises(ValueError, match="unknown activation"):
