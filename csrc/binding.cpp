@@ -578,13 +578,9 @@ struct EagerNode : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<Tensor> unpacked;
-    unpacked.reserve(saved.size());
-    for (const auto& s : saved) unpacked.push_back(s.unpack());
-    std::vector<bool> needs(num_outputs());
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
-    return T::backward(attrs, std::move(unpacked),
-                       grads[0].defined() ? grads[0] : input_metadata(0).zeros_like(), needs);
+    return T::backward(attrs, unpack_saved(),
+                       grads[0].defined() ? grads[0] : input_metadata(0).zeros_like(),
+                       needs_input_grad());
   }
 
   void release_variables() override {
@@ -622,13 +618,8 @@ struct EagerNode : public torch::autograd::Node {
     for (auto& s : saved) swap.before(s);
     swap.before(mutable_input_metadata(0));  // as compiled_args collected it
     torch::dynamo::autograd::PackedArgs packed;
-    std::vector<Tensor> unpacked;
-    unpacked.reserve(saved.size());
-    for (const auto& s : saved) unpacked.push_back(s.unpack());
-    packed.pack(unpacked);
-    std::vector<bool> needs(num_outputs());
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
-    packed.pack(needs);
+    packed.pack(unpack_saved());
+    packed.pack(needs_input_grad());
     packed.pack(input_metadata(0));
     packed.pack(attrs.name);
     packed.pack(attrs.beta_value);
@@ -649,6 +640,21 @@ struct EagerNode : public torch::autograd::Node {
     for (auto& s : saved) swap.after(s);
     swap.after(mutable_input_metadata(0));
     return out;
+  }
+
+ private:
+  std::vector<Tensor> unpack_saved() const {
+    std::vector<Tensor> unpacked;
+    unpacked.reserve(saved.size());
+    for (const auto& s : saved) unpacked.push_back(s.unpack());
+    return unpacked;
+  }
+
+  // which inputs this backward owes a gradient
+  std::vector<bool> needs_input_grad() const {
+    std::vector<bool> needs(num_outputs());
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
+    return needs;
   }
 };
 
