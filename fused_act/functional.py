@@ -6,6 +6,7 @@ function takes part in torch's ``__torch_function__`` protocol as torch.nn.funct
 its own sees the call.
 """
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -518,13 +519,16 @@ def glu_fp8_linear(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor
 # ---- BatchNorm + activation ------------------------------------------------------------------
 
 def _check_bn_tensor(arg: str, t: object, x: Tensor) -> None:
-    """A BatchNorm tensor of shape (C,), C = x.shape[1] (a running statistic, weight or bias),
-    as torch's BatchNorm takes it."""
+    """A BatchNorm tensor of C = x.shape[1] values: a weight or bias of any shape, a running
+    statistic (updated in place) of shape (C,), as torch's BatchNorm takes them."""
     _check_param_type("batch_norm_act", arg, t, x)
-    if t.shape != (x.shape[1],):
+    if arg.startswith("running") and t.shape != (x.shape[1],):
         raise ValueError(f"fused_act.batch_norm_act: {arg} must have shape (C,) = "
                          f"({x.shape[1]},) for x of shape {tuple(x.shape)} (got shape "
                          f"{tuple(t.shape)})")
+    if t.numel() != x.shape[1]:
+        raise ValueError(f"fused_act.batch_norm_act: {arg} must have C={x.shape[1]} elements "
+                         f"for x of shape {tuple(x.shape)} (got shape {tuple(t.shape)})")
 
 
 def _bn_activation(x: Tensor, activation: str, kwargs: dict
@@ -574,14 +578,15 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     whatever the backend but "triton": the fused op's fixed per-call work made such layers up
     to 2.5x slower than the pair, whose BatchNorm output is the fp32 (fp64) value the fused op
     computes inside; larger ones save the fused op's passes over memory.  The choice rests on
-    the device, the dtypes and the shapes alone, so activation checkpointing, which recomputes
-    the forward under whatever backend is in force at backward time, meets the same graph (the
-    Triton interpreter, backend "triton" on CPU tensors, is the one exception).  The fused op
-    keeps fp16 and bf16, which it rounds once (the pair would round the BatchNorm output
-    too); channels_last and (N, C) inputs, whose statistics torch's CPU BatchNorm lets cancel
-    (a channel of mean 1e3 and variance 1 gave fp32 variances 5e-6 to 1.4e-5 off, against
-    5e-8 for contiguous NCHW); other strides; BatchNorm tensors of a dtype other than x's
-    (which torch's BatchNorm refuses); torch.compile, torch.export and CUDA tensors.
+    the device, dtypes, shapes and strides alone, so activation checkpointing, which
+    recomputes the forward under whatever backend is in force at backward time, meets the same
+    graph (the Triton interpreter, backend "triton" on CPU tensors, is the one exception).  The
+    fused op keeps fp16 and bf16, which it rounds once (the pair would round the BatchNorm
+    output too); channels_last and (N, C) inputs, whose statistics torch's CPU BatchNorm lets
+    cancel (a channel of mean 1e3 and variance 1 gave fp32 variances 5e-6 to 1.4e-5 off,
+    against 5e-8 for contiguous NCHW); other strides; BatchNorm tensors of a dtype other than
+    x's and running statistics that require grad (both of which torch's BatchNorm refuses);
+    torch.compile, torch.export and CUDA tensors.
     """
     _check_x("batch_norm_act", x)
     if x.dim() < 2:
@@ -591,6 +596,9 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
                    ("weight", weight), ("bias", bias)):
         if t is not None:
             _check_bn_tensor(arg, t, x)
+    # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
+    weight = None if weight is None else weight.reshape(-1)
+    bias = None if bias is None else bias.reshape(-1)
     act, beta_t, beta_v, p1, p2 = _bn_activation(x, activation, activation_kwargs)
     dtensor = sys.modules.get("torch.distributed.tensor")  # imported by whoever made one
     if dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (
@@ -610,8 +618,8 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
             raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "
                              f"when training, got input size {tuple(x.shape)}")
     if _torch_pair(x, (running_mean, running_var, weight, bias)):
-        z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
-                                           momentum, eps)
+        z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
+                                           bool(training), momentum, eps)
         if act == "acon_c":
             return ops.run_acon(z, p1, p2, beta_t)
         return ops.run_activation(z, act, beta_t, beta_v)
@@ -619,12 +627,12 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         y, mean, var = ops.BATCH_NORM_ACT(x, weight, bias, eps, act, beta_t, beta_v, p1, p2,
                                           mode="batch_norm_act")
         if running_mean is not None and m > 0:
-            if not torch.compiler.is_compiling():
-                # as torch's BatchNorm, the update is no write in autograd's saved-tensor
-                # checks (.data has a version counter of its own): non-reentrant checkpointing
-                # saves the buffers as inputs and would refuse them at recomputation
-                running_mean, running_var = running_mean.data, running_var.data
-            with torch.no_grad():
+            # as torch's BatchNorm, the update is no write in autograd's saved-tensor checks:
+            # non-reentrant checkpointing saves the buffers as inputs and would refuse them at
+            # recomputation (compiled graphs functionalise the update: no counter to keep)
+            kept = contextlib.nullcontext() if torch.compiler.is_compiling() else (
+                torch.autograd._unsafe_preserve_version_counter((running_mean, running_var)))
+            with torch.no_grad(), kept:
                 running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype),
                                                         alpha=momentum)
                 running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(
@@ -649,12 +657,15 @@ _PAIR_BELOW = 1 << 19
 def _torch_pair(x: Tensor, bn: tuple[Tensor | None, ...]) -> bool:
     """Whether ``batch_norm_act`` runs torch's BatchNorm then the activation (its docstring):
     eagerly on a CPU fp32 or fp64 x of fewer than ``_PAIR_BELOW`` elements, contiguous with
-    more than one value per (sample, channel), whose BatchNorm tensors ``bn`` have x's dtype."""
+    more than one value per (sample, channel), whose BatchNorm tensors ``bn`` (running mean and
+    variance, weight, bias) have x's dtype and whose running statistics take no gradient (torch's
+    BatchNorm refuses one; the fused op gives it in eval)."""
     return (x.device.type == "cpu" and type(x) is Tensor and get_backend() != "triton"
             and x.dtype in (torch.float32, torch.float64) and x.numel() < _PAIR_BELOW
             and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
             and not torch.compiler.is_compiling()
-            and all(t is None or t.dtype == x.dtype for t in bn))
+            and all(t is None or t.dtype == x.dtype for t in bn)
+            and not any(t is not None and t.requires_grad for t in bn[:2]))
 
 
 def _plain(spec: Spec) -> Callable[..., Tensor]:

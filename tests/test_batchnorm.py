@@ -408,6 +408,60 @@ def test_function_takes_torch_pair_where_it_pays(training, monkeypatch):
                 assert err <= 8 * torch.finfo(dtype).eps, (what, "checkpointed", err.item())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "n_c_1_1"])
+def test_function_arguments_as_torch_takes_them(layout):
+    """What torch's BatchNorm takes, both paths take alike (contiguous NCHW: the pair on CPU;
+    channels_last and (N, C, 1, 1): the fused op): a weight and bias of C values in any shape
+    (the fused op once broadcast a (1, C, 1, 1) weight to C x C values: wrong outputs), a
+    truthy ``training``, running statistics that require grad (eval), and vmap over members
+    with batched running statistics, each as the float64 pair."""
+    need_backend("cpu", "cpu")
+    gen = torch.Generator().manual_seed(5)
+    shape = (4, 3, 1, 1) if layout == "n_c_1_1" else (4, 3, 5, 6)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).mul(2).add(1).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    rm, rv = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5
+
+    def want(training, rm=rm, rv=rv, x=x):
+        return F.mish(F.batch_norm(x.double(), rm.double(), rv.double(), w.double(),
+                                   b.double(), training, 0.1, 1e-5))
+
+    for training in (1, 0):
+        for ws, bs in (((1, 3, 1, 1), (3, 1)), ((1, 3), (1, 3, 1))):
+            stats = [rm.clone(), rv.clone()]
+            y = fused_act.batch_norm_act(x, *stats, w.reshape(ws), b.reshape(bs), training,
+                                         0.1, 1e-5, "mish")
+            torch.testing.assert_close(y.double(), want(bool(training)), rtol=1e-5, atol=1e-5,
+                                       msg=f"{layout} {training} {ws} {bs}")
+    stats = [t.clone().requires_grad_() for t in (rm, rv)]
+    y = fused_act.batch_norm_act(x, *stats, w, b, False, 0.1, 1e-5, "mish")
+    torch.testing.assert_close(y.double(), want(False), rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y.sum(), stats)
+    ref = [t.double().requires_grad_() for t in (rm, rv)]  # eval's formula: torch refuses these
+
+    def channel(t):
+        return t.double().view(1, 3, 1, 1)
+
+    z = (x.double() - channel(ref[0])) * torch.rsqrt(channel(ref[1]) + 1e-5) * channel(w)
+    torch.testing.assert_close(
+        grads, torch.autograd.grad(F.mish(z + channel(b)).sum(), ref), rtol=1e-4, atol=1e-5,
+        check_dtype=False)
+    xs = torch.stack([x, x * 2 + 1])  # two members of an ensemble, in training
+    if layout == "channels_last":
+        xs = xs.contiguous(memory_format=torch.channels_last_3d)
+    rms, rvs = torch.stack([rm, rm * 2]), torch.stack([rv, rv * 2])
+    ys = torch.func.vmap(lambda x, rm, rv: fused_act.batch_norm_act(
+        x, rm, rv, w, b, True, 0.1, 1e-5, "mish"))(xs, rms, rvs)
+    for i in range(2):
+        stats = [(rm * (i + 1)).double(), (rv * (i + 1)).double()]  # updated as one member's
+        torch.testing.assert_close(ys[i].double(), want(True, *stats, x=xs[i]), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close((rms[i].double(), rvs[i].double()), tuple(stats),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_recomputes_under_another_backend():
     """Non-reentrant activation checkpointing of BatchNormAct2d with the forward under one
     backend and the backward (which recomputes the forward) under another: the gradients of
@@ -534,13 +588,11 @@ def test_bad_input():
     x = torch.randn(4, 3, 5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         fused_act.batch_norm_act(torch.randn(1, 3, 1), None, None, training=True)
-    with pytest.raises(ValueError, match="weight must have shape \\(C,\\) = \\(3,\\)"):
+    with pytest.raises(ValueError, match="weight must have C=3"):
         fused_act.batch_norm_act(x, None, None, torch.ones(4), training=True)
-    for shape in ((1, 3, 1), (3, 1)):  # as torch's BatchNorm: the training path read these wrong
+    for shape in ((1, 3, 1), (3, 1)):  # updated in place: (C,), as torch's BatchNorm takes
         with pytest.raises(ValueError, match="running_mean must have shape"):
             fused_act.batch_norm_act(x, torch.zeros(shape), torch.ones(3), training=True)
-        with pytest.raises(ValueError, match="bias must have shape"):
-            fused_act.batch_norm_act(x, None, None, None, torch.zeros(shape), training=True)
     with pytest.raises(TypeError, match="x must be"):
         fused_act.batch_norm_act(x.int(), None, None, training=True)
     with pytest.raises(ValueError, match="unknown activation"):
