@@ -7,6 +7,7 @@ inside) is a cuda-marked test.
 """
 
 import ctypes
+import functools
 import importlib
 import io
 import math
@@ -448,3 +449,56 @@ def test_aoti_package_on_cuda_holds_our_triton_kernels(tmp_path):
     import zipfile
     names = " ".join(zipfile.ZipFile(path).namelist())
     assert "act_fwd_kernel" in names or "act_fwd_kernel" in str(ep.graph), names[:2000]
+
+
+def _traced_cases() -> dict:
+    """A call of every public function family on CPU tensors: the plain activations (beta as a
+    float and as a tensor), the gated forms (two tensors, one packed), FReLU's max, ACON-C and
+    Meta-ACON, BatchNorm + activation (training, channels_last, and NCHW, which takes torch's
+    BatchNorm), an FP8 output."""
+    from .cases import ALL_OPS
+
+    def p(*shape):
+        return torch.linspace(0.5, 1.5, math.prod(shape)).reshape(shape)
+
+    cases = {op.name: (lambda x, op=op: op.call(x, op.params(x))) for op in ALL_OPS}
+    cases.update({
+        "swiglu": lambda x: fused_act.swiglu(x, x.flip(0)),
+        "geglu_packed": lambda x: fused_act.geglu(x, None, dim=1),
+        "frelu_max": lambda x: fused_act.frelu_max(x, x.flip(0)),
+        "acon_c": lambda x: fused_act.acon_c(x, p(4), -p(4), p(4)),
+        "meta_acon": lambda x: fused_act.acon_c(x, p(4), -p(4), p(2, 4, 1, 1)),
+        "bn_mish_cl": lambda x: fused_act.batch_norm_act(
+            x.contiguous(memory_format=torch.channels_last), torch.zeros(4), torch.ones(4), p(4),
+            None, True, 0.1, 1e-5, "mish"),
+        "bn_silu": lambda x: fused_act.batch_norm_act(x, torch.zeros(4), torch.ones(4), None,
+                                                      None, True, 0.1, 1e-5, "silu"),
+        "silu_fp8": lambda x: torch.cat([t.float().flatten() for t in fused_act.silu(
+            x, out_dtype=torch.float8_e4m3fn)]),
+    })
+    return cases
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_make_fx_on_real_tensors(grad):
+    """``make_fx`` tracing real CPU tensors (its default mode), and any TorchDispatchMode, meets
+    each op as one call: the graph holds it, and running the graph on new inputs gives the
+    function's values, gradients too (traced through the backward).  A kernel called directly
+    was invisible to the mode: the graph held the output's empty buffer alone."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def run(f, x):
+        if not grad:
+            return f(x)
+        x = x.detach().requires_grad_()
+        y = f(x)
+        return y, torch.autograd.grad(y, x, torch.linspace(-1, 1, y.numel()).view(y.shape))
+
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64).mul(2).float()
+    x2 = torch.randn(2, 4, 3, 5, dtype=torch.float64).mul(2).float()
+    for name, f in _traced_cases().items():
+        if grad and name == "silu_fp8":
+            continue  # an FP8 output is differentiated straight through: not this test's matter
+        g = make_fx(functools.partial(run, f))(x)
+        got, want = g(x2), run(f, x2)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)

@@ -157,9 +157,13 @@ def onnx_exporting() -> bool:
 
 
 def dispatches_itself(args: tuple) -> bool:
-    """True where a tensor among ``args`` is of a subclass with a ``__torch_dispatch__`` of its
-    own (DTensor, TwoTensor): an op called on it must reach that dispatch.  ``nn.Parameter`` and
-    subclasses without one dispatch as a plain tensor."""
+    """True where an op call must reach torch's dispatcher as one op: under a TorchDispatchMode
+    (make_fx tracing real tensors, FlopCounterMode, ...), which would not see a kernel called
+    directly (make_fx's graph held the output's empty buffer alone: garbage when run), or where
+    a tensor among ``args`` is of a subclass with a ``__torch_dispatch__`` of its own (DTensor,
+    TwoTensor).  ``nn.Parameter`` and subclasses without one dispatch as a plain tensor."""
+    if torch._C._len_torch_dispatch_stack():
+        return True
     plain = Tensor.__torch_dispatch__
     return any(isinstance(a, Tensor) and type(a).__torch_dispatch__ is not plain for a in args)
 
