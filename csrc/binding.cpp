@@ -14,6 +14,7 @@
 
 #ifdef FA_CPU
 // the eager nodes (EagerNode)
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 
@@ -426,8 +427,10 @@ fa_plan row_plan(int64_t rows, int64_t cols, int32_t layout, int64_t block) {
 }
 
 // Whether an eager node's backward must run the Python side's differentiable backward: a graph
-// of its own (create_graph), a torch.func transform over it, or a gradient or saved tensor the
-// kernels cannot take (batched, a subclass, another dtype than `dtype`, another device).
+// of its own (create_graph), a torch.func transform over it, a TorchDispatchMode (make_fx,
+// FakeTensorMode: a kernel would be invisible to it, or write through a fake tensor's pointer),
+// or a gradient or saved tensor the kernels cannot take (batched, a subclass, another dtype
+// than `dtype`, another device).
 bool needs_differentiable(const Tensor& g, const Tensor& saved, at::ScalarType dtype) {
   constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Batched,
                                                 c10::DispatchKey::FuncTorchBatched,
@@ -438,7 +441,8 @@ bool needs_differentiable(const Tensor& g, const Tensor& saved, at::ScalarType d
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   const bool transformed = included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
                            included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-  return at::GradMode::is_enabled() || transformed || g.key_set().has_any(wrapped) ||
+  return at::GradMode::is_enabled() || transformed ||
+         c10::impl::TorchDispatchModeTLS::stack_len() > 0 || g.key_set().has_any(wrapped) ||
          (saved.defined() && (saved.key_set().has_any(wrapped) || !saved.is_cpu())) ||
          g.scalar_type() != dtype || !g.is_cpu();
 }

@@ -502,3 +502,41 @@ def test_make_fx_on_real_tensors(grad):
         g = make_fx(functools.partial(run, f))(x)
         got, want = g(x2), run(f, x2)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_backward_under_a_dispatch_mode_of_a_graph_built_outside():
+    """A graph built eagerly outside any mode whose backward is traced by ``make_fx`` (a
+    TorchDispatchMode): the C++ eager nodes and GatedMLP's recomputation of h meet the mode
+    as ops (not as kernels it cannot see, which left the graph an empty buffer), so the traced
+    gradient is the eager one.  Uninitialised memory is filled with NaN, so a graph that reads
+    a buffer nothing wrote fails for sure."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, requires_grad=True)
+    beta = torch.linspace(0.5, 1.5, 4).requires_grad_()
+    mlp = fnn.GatedMLP(nn.Linear(8, 5), "silu", gate_proj=nn.Linear(5, 8),
+                       up_proj=nn.Linear(5, 8), recompute=True)
+    cases = {
+        "silu": (x, lambda: fused_act.silu(x)),
+        "swish_beta": (beta, lambda: fused_act.swish(x, beta)),
+        "swiglu": (x, lambda: fused_act.swiglu(x, x.flip(0))),
+        "frelu_max": (x, lambda: fused_act.frelu_max(x, x.flip(0).detach())),
+        "acon_c": (beta, lambda: fused_act.acon_c(x, beta, -beta, beta)),
+        "gated_mlp": (mlp.down_proj.weight, lambda: mlp(x[..., 0, :])),  # reads h
+    }
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)  # empty buffers filled with NaN
+    try:
+        for name, (leaf, f) in cases.items():
+            y = f()
+            g = torch.linspace(-1, 1, y.numel()).view(y.shape)
+
+            def grad(y, leaf, g):
+                return torch.autograd.grad(y, leaf, g, retain_graph=True)[0]
+
+            traced = make_fx(functools.partial(grad, y, leaf))(g)
+            torch.testing.assert_close(traced(g), grad(y, leaf, g), msg=name)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])

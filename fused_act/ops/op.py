@@ -312,7 +312,9 @@ class Op:
         autocast_off = (torch.autocast(device, enabled=False)
                         if torch.amp.is_autocast_available(device) else contextlib.nullcontext())
         with torch.no_grad(), autocast_off:
-            out = self.forward(*args, node.backend)
+            # under a TorchDispatchMode the op itself, which the mode sees (dispatches_itself)
+            out = (self.forward_op if dispatches_itself(tuple(args)) else self.forward)(
+                *args, node.backend)
         return out[0] if isinstance(out, tuple) else out
 
     def _reference_backward(self, grad: Tensor, *args: object) -> tuple:
