@@ -386,7 +386,7 @@ void quantize(const Tensor& y, Tensor& q, Tensor& scales, const OptTensor& scale
 // (create_graph) or gets a gradient the kernels cannot take (batched, a subclass) calls the
 // Python side's differentiable backward of that node instead.
 struct DifferentiableBackwards {
-  pybind11::object activation, glu, max, acon;
+  pybind11::object activation, glu, max, acon, batch_norm;
 };
 // kept to the end: no destructor runs at exit, after the interpreter
 DifferentiableBackwards* differentiable = nullptr;
@@ -1001,12 +1001,188 @@ Tensor eager_acon(const Tensor& x, const Tensor& p1, const Tensor& p2, const Ten
                           [&] { return EagerAcon::run(x, p1, p2, beta, per_sample, p); });
 }
 
-// The Python side's differentiable backwards of the eager nodes (activation, glu, max, acon).
+// The (mean, biased variance) of each channel from the stats kernel's per-slot counts, sums and
+// sums of squared distances from the slot's mean (3 x slots, slot j of channel j % channels):
+// the slots' M2 plus each slot's count times its mean's squared distance from the channel's
+// (batchnorm.merge_stats, whose torch ops cost more than the kernel on small tensors), summed
+// in slot order: deterministic.
+std::tuple<Tensor, Tensor> merge_stats(const Tensor& partial, int64_t channels) {
+  TORCH_CHECK(partial.device().type() == DEVICE && partial.dim() == 2 && partial.size(0) == 3 &&
+                  partial.is_contiguous() && channels > 0 && partial.size(1) % channels == 0 &&
+                  (partial.scalar_type() == at::kFloat || partial.scalar_type() == at::kDouble),
+              "fused_act ", KIND, " kernels: merge_stats takes contiguous fp32 or fp64 partials "
+              "of 3 rows of a multiple of ", channels, " slots, got ", partial.scalar_type(), " ",
+              partial.sizes());
+  Tensor mean = at::empty({channels}, partial.options()), var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "merge_stats", [&] {
+    const int64_t slots = partial.size(1);
+    const scalar_t *n = partial.const_data_ptr<scalar_t>(), *s = n + slots, *m2 = s + slots;
+    for (int64_t c = 0; c < channels; ++c) {
+      scalar_t total = 0, sum = 0, spread = 0, squares = 0;
+      for (int64_t j = c; j < slots; j += channels) total += n[j], sum += s[j];
+      const scalar_t mu = sum / total;
+      for (int64_t j = c; j < slots; j += channels) {
+        squares += m2[j];
+        if (n[j] > 0) {
+          const scalar_t d = s[j] / n[j] - mu;
+          spread += n[j] * (d * d);
+        }
+      }
+      mean.data_ptr<scalar_t>()[c] = mu;
+      var.data_ptr<scalar_t>()[c] = (squares + spread) / total;
+    }
+  });
+  return {mean, var};
+}
+
+// BatchNorm in training then an elementwise activation with a float beta (batch_norm_act) on a
+// dense x (N, C, *) with the op's channel plan, as the op computes it call for call, on the
+// batch statistics (the stats kernel's partials merged by merge_stats), the running
+// statistics, where given, updated as torch's BatchNorm updates them (no version bump:
+// checkpointing saves them as inputs). Weight and bias (C values, or undefined) take
+// gradients. Saves what the op saves, in its order: x, weight, bias, the batch mean and biased
+// variance in opmath (checkpointing may recompute the forward under another backend, whose
+// saved tensors this backward then reads).
+// Its integers: the kernel id, eps's bits, the plan, x's strides.
+struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
+  // (a, b) of the affine in front of the activation (reference.bn_affine), C values each,
+  // contiguous: a saved-tensor hook may unpack a strided bias
+  static std::pair<Tensor, Tensor> affine(const Tensor& weight, const Tensor& bias,
+                                          const Tensor& invstd) {
+    const auto op = invstd.scalar_type();
+    return {(weight.defined() ? invstd * weight.to(op) : invstd).contiguous(),
+            bias.defined() ? bias.to(op).contiguous() : at::zeros_like(invstd)};
+  }
+
+  static Tensor run(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean,
+                    const Tensor& var, double eps, const ActAttrs& a, const fa_plan& p) {
+    const auto [af, bf] = affine(weight, bias, at::rsqrt(var + eps));
+    Tensor y = at::empty_like(x);
+    raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(a.act),
+                                   mean.data_ptr(), af.data_ptr(), bf.data_ptr(), nullptr,
+                                   float(a.beta_value), nullptr, nullptr, p, nullptr),
+             "affine_act_forward");
+    return y;
+  }
+
+  std::string name() const override { return "EagerBatchNormBackward"; }
+
+  // batchnorm.batch_norm_act_backward_impl, call for call: the per-channel sums of dz and
+  // dz (x - mean), then dx with their correction
+  static torch::autograd::variable_list backward(const Attrs& at, std::vector<Tensor> saved,
+                                                 Tensor g, const std::vector<bool>& needs) {
+    Tensor x = saved[0];
+    const Tensor &weight = saved[1], &bias = saved[2], &var = saved[4];
+    const Tensor mean = saved[3].contiguous();
+    const ActAttrs a{at.name, at.ints[0], at.beta_value};
+    const double eps = c10::bit_cast<double>(at.ints[1]);
+    const fa_plan p = to_plan(c10::IntArrayRef(at.ints).slice(2, FA_PLAN_FIELDS));
+    const bool need_params = (weight.defined() && needs[1]) || (bias.defined() && needs[2]);
+    if (needs_differentiable(g, {&x, &weight, &bias})) {
+      pybind11::gil_scoped_acquire gil;
+      auto d = differentiable->batch_norm(g, x, or_none(weight), or_none(bias), eps, a.name,
+                                          a.beta_value, need_params)
+                   .cast<std::tuple<Tensor, OptTensor, OptTensor>>();
+      return {std::get<0>(d), std::get<1>(d).value_or(Tensor()),
+              std::get<2>(d).value_or(Tensor())};
+    }
+    check_unpacked(x, g.sizes(), g.scalar_type(), "x");
+    for (const auto& [what, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
+                                  std::pair{"mean", &mean}, std::pair{"variance", &var}}) {
+      TORCH_CHECK(!t->defined() || t->numel() == p.channels, "fused_act: the saved ", what,
+                  " came back from a saved-tensor hook with ", t->numel(), " values, not the "
+                  "plan's ", p.channels);
+    }
+    x = as_saved(x, c10::IntArrayRef(at.ints).slice(2 + FA_PLAN_FIELDS));
+    g = like(g, x);
+    const Tensor invstd = at::rsqrt(var + eps);
+    const auto [af, bf] = affine(weight, bias, invstd);
+    const int64_t slots = fa_partial_slots(p);
+    const auto pass = [&](void* out, const Tensor& k1, const Tensor& k0, const Tensor& part) {
+      raise_if(fa_affine_act_backward(g.data_ptr(), x.data_ptr(), out, dtype_code(x),
+                                      int(a.act), mean.data_ptr(), af.data_ptr(), bf.data_ptr(),
+                                      nullptr, float(a.beta_value), nullptr, nullptr,
+                                      ptr_of(k1), ptr_of(k0), ptr_of(part),
+                                      part.defined() ? 2 : 0, slots, p, nullptr),
+               "affine_act_backward");
+    };
+    const Tensor partial = at::empty({2, slots}, x.options().dtype(accumulator(x)));
+    pass(nullptr, Tensor(), Tensor(), partial);
+    const Tensor sums = partial.view({2, -1, p.channels}).sum(1);
+    const int64_t m = x.numel() / p.channels;
+    Tensor dx = at::empty_like(x);
+    pass(dx.data_ptr(), (-af * invstd * invstd * sums[1] / m).contiguous(),
+         (-af * sums[0] / m).contiguous(), Tensor());
+    if (!need_params) return {dx, Tensor(), Tensor()};
+    return {dx,
+            weight.defined()
+                ? (sums[1] * invstd).reshape(weight.sizes()).to(weight.scalar_type())
+                : Tensor(),
+            bias.defined() ? sums[0].reshape(bias.sizes()).to(bias.scalar_type()) : Tensor()};
+  }
+};
+
+Tensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& running_mean, const OptTensor& running_var,
+                        double momentum, double eps, const std::string& name, int64_t act,
+                        double beta_value, const std::vector<int64_t>& plan) {
+  check(x, {}, {});
+  const fa_plan p = to_plan(plan);
+  // the plan's tiles over x's memory read the per-channel values by channel
+  TORCH_CHECK(x.dim() >= 2 && x.is_non_overlapping_and_dense() && p.channels == x.size(1) &&
+                  x.numel() > p.channels,
+              "fused_act: eager_batch_norm takes a dense x of two dimensions or more and more "
+              "than one value a channel, got sizes ", x.sizes(), " and strides ", x.strides());
+  check_channel_plan(x, p, false, "eager_batch_norm");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "fused_act: eager_batch_norm takes both running statistics or neither");
+  for (const auto& [what, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
+                                std::pair{"running_mean", &running_mean},
+                                std::pair{"running_var", &running_var}}) {
+    if (!*t) continue;
+    check_memory(**t);
+    TORCH_CHECK((*t)->device() == x.device() && (*t)->is_floating_point() &&
+                    (*t)->sizes() == c10::IntArrayRef{p.channels},
+                "fused_act: eager_batch_norm takes a floating ", what, " of shape (",
+                p.channels, ",) on ", x.device(), ", got ", (*t)->scalar_type(), " ",
+                (*t)->sizes(), " on ", (*t)->device());
+  }
+  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  Tensor mean, var;
+  {
+    const at::NoGradGuard no_grad;
+    Tensor partial = at::empty({3, fa_partial_slots(p)}, x.options().dtype(accumulator(x)));
+    raise_if(fa_stats(x.data_ptr(), partial.data_ptr(), partial.size(1), dtype_code(x), p,
+                      nullptr),
+             "stats");
+    std::tie(mean, var) = merge_stats(partial, p.channels);
+    if (running_mean) {
+      // as torch's BatchNorm: an update that no saved-tensor check sees (below the version
+      // counter's kernel)
+      const at::AutoDispatchBelowADInplaceOrView below;
+      const int64_t m = x.numel() / p.channels;
+      running_mean->mul_(1.0 - momentum).add_(mean.to(running_mean->scalar_type()), momentum);
+      running_var->mul_(1.0 - momentum)
+          .add_((var * (double(m) / double(m - 1))).to(running_var->scalar_type()), momentum);
+    }
+  }
+  const ActAttrs a{name, act, beta_value};
+  if (!records({&x, &w, &b})) return EagerBatchNorm::run(x, w, b, mean, var, eps, a, p);
+  return EagerBatchNorm::record(
+      {name, beta_value, concat({{act, c10::bit_cast<int64_t>(eps)}, from_plan(p), x.strides()})},
+      {x, w, b}, {x, w, b, mean, var},
+      [&] { return EagerBatchNorm::run(x, w, b, mean, var, eps, a, p); });
+}
+
+// The Python side's differentiable backwards of the eager nodes (activation, glu, max, acon,
+// batch_norm).
 void set_differentiable_backward(pybind11::object activation, pybind11::object glu,
-                                 pybind11::object max, pybind11::object acon) {
+                                 pybind11::object max, pybind11::object acon,
+                                 pybind11::object batch_norm) {
   delete differentiable;
   differentiable = new DifferentiableBackwards{std::move(activation), std::move(glu),
-                                               std::move(max), std::move(acon)};
+                                               std::move(max), std::move(acon),
+                                               std::move(batch_norm)};
 }
 #endif
 
@@ -1040,6 +1216,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eager_glu", &eager_glu, no_gil());
   m.def("eager_max", &eager_max, no_gil());
   m.def("eager_acon", &eager_acon, no_gil());
+  m.def("eager_batch_norm", &eager_batch_norm, no_gil());
+  m.def("merge_stats", &merge_stats, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);
 #endif
 }

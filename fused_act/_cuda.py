@@ -96,6 +96,9 @@ class ExtensionKernels:
         if not hasattr(lib, "quantize"):
             # the CUDA kernels quantise in act_quant, never writing the activation
             self.quantize = None  # type: ignore[assignment]
+        if not hasattr(lib, "merge_stats"):
+            # on a device, the statistics' merge is a few torch ops on device-resident partials
+            self.merge_stats = None  # type: ignore[assignment]
 
     def act_forward(self, x: Tensor, y: Tensor, act: int, beta: Tensor | None,
                     beta_value: float, p: Plan) -> None:
@@ -156,6 +159,9 @@ class ExtensionKernels:
 
     def stats(self, x: Tensor, partial: Tensor, p: Plan) -> None:
         self.lib.stats(x, partial.view(3, p.partials), p.partials, p.fields())
+
+    def merge_stats(self, partial: Tensor, p: Plan) -> tuple[Tensor, Tensor]:
+        return self.lib.merge_stats(partial.view(3, p.partials), p.channels)
 
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
                            b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,

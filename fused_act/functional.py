@@ -572,21 +572,25 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     bias.  fp16/bf16 results are rounded once, from fp32.  A DTensor is
     refused: statistics across shards are SyncBatchNorm's job.
 
-    Eager calls on contiguous CPU fp32 and fp64 tensors of fewer than 2^19 elements and more
-    than one value per sample and channel run ``torch.nn.functional.batch_norm`` then the
-    activation (our op, under the backend in force) instead, in training and eval alike,
-    whatever the backend but "triton": the fused op's fixed per-call work made such layers up
-    to 2.5x slower than the pair, whose BatchNorm output is the fp32 (fp64) value the fused op
-    computes inside; larger ones save the fused op's passes over memory.  The choice rests on
-    the device, dtypes, shapes and strides alone, so activation checkpointing, which
-    recomputes the forward under whatever backend is in force at backward time, meets the same
-    graph (the Triton interpreter, backend "triton" on CPU tensors, is the one exception).  The
-    fused op keeps fp16 and bf16, which it rounds once (the pair would round the BatchNorm
-    output too); channels_last and (N, C) inputs, whose statistics torch's CPU BatchNorm lets
-    cancel (a channel of mean 1e3 and variance 1 gave fp32 variances 5e-6 to 1.4e-5 off,
-    against 5e-8 for contiguous NCHW); other strides; BatchNorm tensors of a dtype other than
-    x's and running statistics that require grad (both of which torch's BatchNorm refuses);
-    torch.compile, torch.export and CUDA tensors.
+    Eager calls on CPU tensors under backends "auto" and "cpu" in training, with an
+    elementwise activation of a float beta and weight and bias of shape (C,), run as one C++
+    autograd node (ops/eager.py): the fused op's kernels, results and saved tensors without its
+    Python bookkeeping, which made small layers up to 3x slower than torch's pair.  In eval,
+    contiguous CPU fp32 and fp64 tensors of fewer than 2^19 elements and more than one value
+    per sample and channel run ``torch.nn.functional.batch_norm`` then the activation (our op,
+    under the backend in force) instead, whatever the backend but "triton": the fused op's
+    fixed per-call work made such layers up to 2x slower than the pair, whose BatchNorm output
+    is the fp32 (fp64) value the fused op computes inside; larger ones save the fused op's pass
+    over memory.  Either choice rests on the device, dtypes, shapes and strides alone, or saves
+    the op's tensors, so activation checkpointing, which recomputes the forward under whatever
+    backend is in force at backward time, meets the graph it saved (the Triton interpreter,
+    backend "triton" on CPU tensors, is the one exception).  The fused op keeps fp16 and bf16,
+    which it rounds once (the pair would round the BatchNorm output too); channels_last and
+    (N, C) inputs, whose statistics torch's CPU BatchNorm lets cancel (a channel of mean 1e3
+    and variance 1 gave fp32 variances 5e-6 to 1.4e-5 off, against 5e-8 for contiguous NCHW);
+    other strides; BatchNorm tensors of a dtype other than x's and running statistics that
+    require grad (both of which torch's BatchNorm refuses); torch.compile, torch.export and
+    CUDA tensors.
     """
     _check_x("batch_norm_act", x)
     if x.dim() < 2:
@@ -596,9 +600,6 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
                    ("weight", weight), ("bias", bias)):
         if t is not None:
             _check_bn_tensor(arg, t, x)
-    # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
-    weight = None if weight is None else weight.reshape(-1)
-    bias = None if bias is None else bias.reshape(-1)
     act, beta_t, beta_v, p1, p2 = _bn_activation(x, activation, activation_kwargs)
     dtensor = sys.modules.get("torch.distributed.tensor")  # imported by whoever made one
     if dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (
@@ -617,7 +618,16 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m == 1:
             raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "
                              f"when training, got input size {tuple(x.shape)}")
-    if _torch_pair(x, (running_mean, running_var, weight, bias)):
+    if training:
+        # saves what the op saves: checkpointing may recompute it under another backend
+        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, act,
+                                 beta_t, beta_v)
+        if y is not None:
+            return y
+    # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
+    weight = None if weight is None else weight.reshape(-1)
+    bias = None if bias is None else bias.reshape(-1)
+    if not training and _torch_pair(x, (running_mean, running_var, weight, bias)):
         z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
                                            bool(training), momentum, eps)
         if act == "acon_c":
@@ -647,16 +657,16 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
                           mode="batch_norm_act")
 
 
-# below this many elements the fused op's fixed per-call work (statistics merged on the host,
-# per-channel coefficients, the op's Python autograd node) outweighs the passes over memory it
-# saves: on one and two cores of AMD EPYC, fp32 training forward+backward at 2^18 elements took
-# 1.05-1.56x the pair's time and at 2^19 0.71-1.02x (eval 1.53x, 0.78x)
+# below this many elements the fused op's fixed per-call work (per-channel coefficients, the
+# op's Python autograd node) outweighs the pass over memory it saves: on one and two cores of
+# AMD EPYC, fp32 eval forward+backward took 1.53x the pair's time at 2^18 elements and 0.78x
+# at 2^19
 _PAIR_BELOW = 1 << 19
 
 
 def _torch_pair(x: Tensor, bn: tuple[Tensor | None, ...]) -> bool:
     """Whether ``batch_norm_act`` runs torch's BatchNorm then the activation (its docstring):
-    eagerly on a CPU fp32 or fp64 x of fewer than ``_PAIR_BELOW`` elements, contiguous with
+    in eval, eagerly on a CPU fp32 or fp64 x of fewer than ``_PAIR_BELOW`` elements, contiguous with
     more than one value per (sample, channel), whose BatchNorm tensors ``bn`` (running mean and
     variance, weight, bias) have x's dtype and whose running statistics take no gradient (torch's
     BatchNorm refuses one; the fused op gives it in eval)."""

@@ -84,6 +84,10 @@ class Kernels(Protocol):
         """Per tile and channel: the count of x's values, their sum, and the sum of their
         squared distances from the tile's mean of them (3 x ``p.partials`` slots)."""
 
+    def merge_stats(self, partial: Tensor, p: Plan) -> tuple[Tensor, Tensor]:
+        """(mean, biased variance) of each channel, in opmath, from the partials ``stats``
+        wrote, as ``ops.batchnorm.merge_stats`` computes them.  Optional (``OPTIONAL``)."""
+
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
                            b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,
                            acon: tuple[Tensor, Tensor] | None = None) -> None:
@@ -123,8 +127,9 @@ class Kernels(Protocol):
         without ``act_quant`` wrote.  Optional (``OPTIONAL``)."""
 
 
-# launchers a backend may lack: the host asks ``offers`` and runs the reference math without
-OPTIONAL = frozenset({"act_quant", "quantize"})
+# launchers a backend may lack: the host asks ``offers`` and runs the reference math (for
+# merge_stats, ops.batchnorm.merge_stats's torch ops) without
+OPTIONAL = frozenset({"act_quant", "merge_stats", "quantize"})
 
 
 def offers(k: Kernels | None, name: str) -> bool:

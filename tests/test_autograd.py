@@ -312,18 +312,25 @@ EAGER_NODES = {
                              (torch.rand(4, 6, 1) + 0.5).to(x.dtype)],
                   lambda a: fused_act.acon_c(*a),
                   lambda a: ops.ACON_C(*a, mode="acon_c")),
+    # BatchNorm in training + gelu; weight and bias in x's dtype
+    "batch_norm_act": (lambda x: [x, torch.randn(6, dtype=x.dtype), torch.randn(6, dtype=x.dtype)],
+                       lambda a: fused_act.batch_norm_act(a[0], None, None, a[1], a[2], True,
+                                                          activation="gelu"),
+                       lambda a: ops.BATCH_NORM_ACT(a[0], a[1], a[2], 1e-5, "gelu", None, 1.0,
+                                                    None, None, mode="batch_norm_act")[0]),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", EAGER_NODES)
 def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
-    """EagerGlu (two tensors, or the halves of one along a dim), EagerMax and EagerAcon
-    (ACON-C, Meta-ACON), as test_cpu_eager_node's EagerActivation: values and gradients the
-    op's own bit for bit, for an expanded gradient too; the op's saved tensors (the inputs; the
-    max's win code); a batched gradient, create_graph and torch.func over the backward take the
-    reference math; a strided unpack is read right, one of another shape refused; an in-place
-    write after the forward is torch's error; a strided input keeps the op."""
+    """EagerGlu (two tensors, or the halves of one along a dim), EagerMax, EagerAcon (ACON-C,
+    Meta-ACON) and EagerBatchNorm (training), as test_cpu_eager_node's EagerActivation: values
+    and gradients the op's own bit for bit, for an expanded gradient too; the op's saved
+    tensors (the inputs; the max's win code; BatchNorm's per-channel statistics too); a batched
+    gradient, create_graph and torch.func over the backward take the reference math; a strided
+    unpack is read right, one of another shape refused; an in-place write after the forward is
+    torch's error; a strided input keeps the op."""
     need_backend("cpu", "cpu")
     make, call, op_call = EAGER_NODES[case]
     torch.manual_seed(0)
@@ -333,6 +340,9 @@ def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
     assert "Eager" in y.grad_fn.name(), y.grad_fn.name()
     if case == "max":
         assert [t.dtype for t in saved] == [torch.uint8]
+    elif "batch_norm" in case:  # and the per-channel mean and 1 / std
+        assert [t.data_ptr() for t in saved[:3]] == [t.data_ptr() for t in inputs]
+        assert [t.shape for t in saved[3:]] == [(6,), (6,)]
     else:
         assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in inputs]
     with fused_act.use_backend("cpu"):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import config, plan, reference
-from ..kernels import launcher
+from ..kernels import launcher, offers
 from ..registry import SPECS
 from .layout import dense, flat_param, fp32, like
 from .op import Op, Schema, attr, data, param
@@ -180,7 +180,7 @@ def batch_norm_act_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     p = plan.channel_plan(xd, x.shape[1])
     partial = torch.empty(3, p.partials, dtype=plan.accumulator(x), device=x.device)
     k.stats(xd, partial, p)
-    mean, var = merge_stats(partial, p)
+    mean, var = k.merge_stats(partial, p) if offers(k, "merge_stats") else merge_stats(partial, p)
     a, b = reference.bn_affine(weight, bias, torch.rsqrt(var + eps))
     y = torch.empty_like(xd)
     k.affine_act_forward(xd, y, c=mean, a=a.contiguous(), b=b.contiguous(),
@@ -241,6 +241,19 @@ def _bn_reference_backward(grad: Tensor, x: Tensor, weight: Tensor | None, bias:
     return reference.batch_norm_act_backward(grad, x, weight, bias, eps,
                                              _math(act, beta, beta_value, p1, p2, x)[1],
                                              *reference.batch_stats(x), need_params)
+
+
+def bn_differentiable_backward(grad: Tensor, x: Tensor, weight: Tensor | None,
+                               bias: Tensor | None, eps: float, act: str, beta_value: float,
+                               need_params: bool
+                               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias) of the CPU eager node of ``batch_norm_act`` in training
+    (ops/eager.py) as differentiable torch ops, for a backward that needs a graph of its own:
+    the op's reference backward, x's batch statistics recomputed; dweight and dbias None unless
+    ``need_params``."""
+    dx, dw, db, *_ = _bn_reference_backward(grad, x, weight, bias, eps, act, None, beta_value,
+                                            None, None, None, None, need_params)
+    return dx, dw, db
 
 
 BATCH_NORM_ACT = Op(

@@ -1,7 +1,8 @@
 """The eager fast paths on CPU tensors: an activation and a gated activation (of two tensors or
 the halves of one), with a float beta or a beta tensor, FReLU's max and ACON-C (Meta-ACON's
-per-sample beta too), each as a C++ autograd node of the CPU kernels' extension
-(csrc/binding.cpp, EagerActivation, EagerGlu, EagerMax and EagerAcon) in place of the op's
+per-sample beta too) and BatchNorm with an activation, each as a C++ autograd node of the CPU
+kernels' extension (csrc/binding.cpp, EagerActivation, EagerGlu, EagerMax, EagerAcon and
+EagerBatchNorm) in place of the op's
 Python Function, whose bookkeeping costs more than the kernels on small tensors
 (a 1024-element swiglu forward+backward: 85 us through the Function, 33 us for the eager
 expression silu(gate) * up).  The same kernels, plans and saved tensors as the op's "cpu"
@@ -24,6 +25,7 @@ from ..kernels import launcher
 from ..registry import SPECS
 from .acon import ACON_C, n_outermost
 from .activation import ACTIVATION, _act_plan, _act_reference_backward
+from .batchnorm import ACON, bn_differentiable_backward
 from .frelu import FRELU_MAX
 from .glu import GATED, _glu_reference_backward
 from .layout import fp32, is_dense
@@ -106,11 +108,30 @@ def run_acon(x: Tensor, p1: Tensor, p2: Tensor, beta: Tensor) -> Tensor:
     return ACON_C(x, p1, p2, beta, mode="acon_c")
 
 
+def eager_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                     weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+                     act: str, beta: Tensor | None, beta_value: float) -> Tensor | None:
+    """``batch_norm_act``'s output in training on validated arguments by EagerBatchNorm, which
+    takes a dense CPU ``x`` with an elementwise activation of a float beta, weight and bias of
+    shape (C,) and running statistics that take no gradient (module docstring), and updates the
+    running statistics; None where the call is the op's."""
+    if act == ACON or beta is not None:
+        return None
+    lib = _kernels(x, weight, bias, running_mean, running_var)
+    if lib is None or not is_dense(x) or any(
+            t is not None and (t.requires_grad if i > 1 else t.dim() != 1)
+            for i, t in enumerate((weight, bias, running_mean, running_var))):
+        return None
+    return lib.eager_batch_norm(x, weight, bias, running_mean, running_var, float(momentum),
+                                float(eps), act, SPECS[act].kernel_id, fp32(beta_value),
+                                plan.channel_plan(x, x.shape[1]).fields())
+
+
 @functools.cache
 def _eager(k: object) -> ModuleType:
     """The CPU kernels' extension, told the backwards to run where a gradient needs a graph."""
     k.lib.set_differentiable_backward(_act_reference_backward, _glu_reference_backward,
                                       reference.frelu_max_backward_code,
-                                      reference.acon_c_backward)
+                                      reference.acon_c_backward, bn_differentiable_backward)
     return k.lib
 
