@@ -1035,6 +1035,30 @@ std::tuple<Tensor, Tensor> merge_stats(const Tensor& partial, int64_t channels) 
   return {mean, var};
 }
 
+// BatchNorm's training backward in one evaluation of f' (fused_act.h fa_batch_norm_backward):
+// dx, and the per-channel sums of dz and dz (x - c) into sums (2, C)
+void batch_norm_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t act,
+                         const Tensor& c, const Tensor& a, const Tensor& b, const Tensor& invstd,
+                         double beta_value, Tensor& sums, const std::vector<int64_t>& plan) {
+  check(x, {&g, &dx}, {&c, &a, &b, &invstd, &sums});
+  const fa_plan p = to_plan(plan);
+  check_channel_plan(x, p, false, "batch_norm_backward");
+  TORCH_CHECK(x.is_non_overlapping_and_dense() && g.strides() == x.strides() &&
+                  dx.strides() == x.strides() && g.sizes() == x.sizes() &&
+                  dx.sizes() == x.sizes(),
+              "fused_act: batch_norm_backward takes dense x, g and dx of one layout");
+  for (const Tensor* t : {&c, &a, &b, &invstd}) {
+    TORCH_CHECK(t->numel() == p.channels, "fused_act: batch_norm_backward takes ", p.channels,
+                " values a channel parameter, got ", t->numel());
+  }
+  TORCH_CHECK(sums.numel() == 2 * p.channels, "fused_act: batch_norm_backward writes 2 x ",
+              p.channels, " sums, got a buffer of ", sums.numel());
+  raise_if(fa_batch_norm_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
+                                  int(act), c.data_ptr(), a.data_ptr(), b.data_ptr(),
+                                  invstd.data_ptr(), float(beta_value), sums.data_ptr(), p),
+           "batch_norm_backward");
+}
+
 // BatchNorm in training then an elementwise activation with a float beta (batch_norm_act) on a
 // dense x (N, C, *) with the op's channel plan, as the op computes it call for call, on the
 // batch statistics (the stats kernel's partials merged by merge_stats), the running
@@ -1067,8 +1091,7 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
 
   std::string name() const override { return "EagerBatchNormBackward"; }
 
-  // batchnorm.batch_norm_act_backward_impl, call for call: the per-channel sums of dz and
-  // dz (x - mean), then dx with their correction
+  // batchnorm.batch_norm_act_backward_impl on CPU, call for call
   static torch::autograd::variable_list backward(const Attrs& at, std::vector<Tensor> saved,
                                                  Tensor g, const std::vector<bool>& needs) {
     Tensor x = saved[0];
@@ -1097,22 +1120,12 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
     g = like(g, x);
     const Tensor invstd = at::rsqrt(var + eps);
     const auto [af, bf] = affine(weight, bias, invstd);
-    const int64_t slots = fa_partial_slots(p);
-    const auto pass = [&](void* out, const Tensor& k1, const Tensor& k0, const Tensor& part) {
-      raise_if(fa_affine_act_backward(g.data_ptr(), x.data_ptr(), out, dtype_code(x),
-                                      int(a.act), mean.data_ptr(), af.data_ptr(), bf.data_ptr(),
-                                      nullptr, float(a.beta_value), nullptr, nullptr,
-                                      ptr_of(k1), ptr_of(k0), ptr_of(part),
-                                      part.defined() ? 2 : 0, slots, p, nullptr),
-               "affine_act_backward");
-    };
-    const Tensor partial = at::empty({2, slots}, x.options().dtype(accumulator(x)));
-    pass(nullptr, Tensor(), Tensor(), partial);
-    const Tensor sums = partial.view({2, -1, p.channels}).sum(1);
-    const int64_t m = x.numel() / p.channels;
     Tensor dx = at::empty_like(x);
-    pass(dx.data_ptr(), (-af * invstd * invstd * sums[1] / m).contiguous(),
-         (-af * sums[0] / m).contiguous(), Tensor());
+    Tensor sums = at::empty({2, p.channels}, x.options().dtype(accumulator(x)));
+    raise_if(fa_batch_norm_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
+                                    int(a.act), mean.data_ptr(), af.data_ptr(), bf.data_ptr(),
+                                    invstd.data_ptr(), float(a.beta_value), sums.data_ptr(), p),
+             "batch_norm_backward");
     if (!need_params) return {dx, Tensor(), Tensor()};
     return {dx,
             weight.defined()
@@ -1218,6 +1231,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eager_acon", &eager_acon, no_gil());
   m.def("eager_batch_norm", &eager_batch_norm, no_gil());
   m.def("merge_stats", &merge_stats, no_gil());
+  m.def("batch_norm_backward", &batch_norm_backward, no_gil());
   m.def("set_differentiable_backward", &set_differentiable_backward);
 #endif
 }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -545,12 +546,14 @@ struct AffineGradOp {
   const M* k1;  // null: no correction (then k0 is unread)
   const M* k0;
   F f;
+  M* keep;  // not null: dz kept there, in x's layout (fa_batch_norm_backward)
 
   void apply(const At& a, int64_t n, Vec<M>* d) const {
     const int64_t off = a.row * cols + a.col;
     const Vec<M> gv = load(g + off, n);
     Vec<M> xc, av, terms[F::NP > 0 ? F::NP : 1];
     d[0] = gv * f.grad(affine.z(load(x + off, n), a, n, xc, av), a, n, terms);
+    if (keep != nullptr) d[0].store(keep + off, n);
     d[1] = d[0] * xc;
     for (int q = 2; q < NP; ++q) d[q] = gv * terms[q - 2];
     if (dx == nullptr) return;
@@ -559,6 +562,30 @@ struct AffineGradOp {
       v = v + xc * channel_param(k1, a, n, affine.layout) + channel_param(k0, a, n, affine.layout);
     }
     store(dx + off, v, n);
+  }
+};
+
+// dx = a dz + k1 (x - c) + k0 from the dz an AffineGradOp kept: AffineGradOp's dx, bit for bit,
+// without evaluating f' again
+template <class T>
+struct CorrectOp {
+  using M = opmath_t<T>;
+  static constexpr int NP = 0;
+  const M* dz;
+  const T* x;
+  T* dx;
+  int64_t cols;
+  Affine<M> affine;
+  const M* k1;
+  const M* k0;
+
+  void apply(const At& a, int64_t n, Vec<M>*) const {
+    const int64_t off = a.row * cols + a.col;
+    const Vec<M> xc = load(x + off, n) - channel_param(affine.c, a, n, affine.layout);
+    const Vec<M> v = Vec<M>::loadu(dz + off, n) * channel_param(affine.a, a, n, affine.layout);
+    store(dx + off,
+          v + xc * channel_param(k1, a, n, affine.layout) + channel_param(k0, a, n, affine.layout),
+          n);
   }
 };
 
@@ -973,12 +1000,50 @@ extern "C" int fa_affine_act_backward(const void* g, const void* x, void* dx, in
                         plan.cols,
                         {static_cast<const M*>(c), static_cast<const M*>(a),
                          static_cast<const M*>(b), plan.layout},
-                        static_cast<const M*>(k1), static_cast<const M*>(k0), f},
+                        static_cast<const M*>(k1), static_cast<const M*>(k0), f, nullptr},
                     plan, partial, n_partial);
     };
     return partial != nullptr && sums == ALL ? go(std::integral_constant<int, ALL>{})
                                              : go(std::integral_constant<int, 2>{});
   }, partial);
+}
+
+extern "C" int fa_batch_norm_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                                      const void* c, const void* a, const void* b,
+                                      const void* invstd, float beta_value, void* sums,
+                                      fa_plan plan) {
+  return with_affine_math(act, dtype, nullptr, beta_value, nullptr, nullptr, plan,
+                          [&](auto f, auto t) {
+    using T = decltype(t);
+    using M = opmath_t<T>;
+    const int64_t n = plan.rows * plan.cols, channels = plan.channels;
+    const int64_t slots = fa_partial_slots(plan);
+    if (channels < 1 || n < 2 * channels) return int(BAD_VALUE);
+    const Affine<M> affine{static_cast<const M*>(c), static_cast<const M*>(a),
+                           static_cast<const M*>(b), plan.layout};
+    // not value-initialised: every element is written before it is read
+    const std::unique_ptr<M[]> dz(new M[n]), partial(new M[2 * slots]), k(new M[2 * channels]);
+    run(AffineGradOp<T, decltype(f), 2>{static_cast<const T*>(g), static_cast<const T*>(x),
+                                        nullptr, plan.cols, affine, nullptr, nullptr, f,
+                                        dz.get()},
+        plan, partial.get(), slots);
+    // the channels' sums in slot order (slot j is channel j % channels), then the correction
+    const M m = M(n / channels);
+    const M* inv = static_cast<const M*>(invstd);
+    M* s = static_cast<M*>(sums);
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      M s0 = 0, s1 = 0;
+      for (int64_t j = ch; j < slots; j += channels) s0 += partial[j], s1 += partial[slots + j];
+      s[ch] = s0;
+      s[channels + ch] = s1;
+      k[ch] = -affine.a[ch] * inv[ch] * inv[ch] * s1 / m;
+      k[channels + ch] = -affine.a[ch] * s0 / m;
+    }
+    run(CorrectOp<T>{dz.get(), static_cast<const T*>(x), static_cast<T*>(dx), plan.cols, affine,
+                     k.get(), k.get() + channels},
+        plan, nullptr, 0);
+    return int(OK);
+  });
 }
 
 extern "C" int fa_quantize(const float* y, void* q, void* scales, const float* scale, int fp8,

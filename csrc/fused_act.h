@@ -119,6 +119,15 @@ int fa_act_quant(const void* gate, const void* up, void* q, void* scales, const 
 int fa_quantize(const float* y, void* q, void* scales, const float* scale, int fp8, int scaling,
                 int block, int64_t rows, int64_t cols);
 
+// BatchNorm's training backward, the CPU kernels only (cpu.cpp): with dz = g f'(z), the
+// per-channel sums s0 = sum dz and s1 = sum dz (x - c) into sums (s0's C values, then s1's),
+// and dx = a dz + k1 (x - c) + k0 with k1 = -a invstd^2 s1 / m and k0 = -a s0 / m (m = the
+// elements per channel), f' evaluated once (dz kept in opmath between the passes).  f is
+// activation `act` with the float beta_value.
+int fa_batch_norm_backward(const void* g, const void* x, void* dx, int dtype, int act,
+                           const void* c, const void* a, const void* b, const void* invstd,
+                           float beta_value, void* sums, fa_plan plan);
+
 const char* fa_error_string(int err);
 
 #ifdef __cplusplus

@@ -97,8 +97,10 @@ class ExtensionKernels:
             # the CUDA kernels quantise in act_quant, never writing the activation
             self.quantize = None  # type: ignore[assignment]
         if not hasattr(lib, "merge_stats"):
-            # on a device, the statistics' merge is a few torch ops on device-resident partials
+            # on a device, the statistics' merge is a few torch ops on device-resident partials,
+            # and the backward's two passes recompute f' rather than keep dz in memory
             self.merge_stats = None  # type: ignore[assignment]
+            self.batch_norm_backward = None  # type: ignore[assignment]
 
     def act_forward(self, x: Tensor, y: Tensor, act: int, beta: Tensor | None,
                     beta_value: float, p: Plan) -> None:
@@ -162,6 +164,12 @@ class ExtensionKernels:
 
     def merge_stats(self, partial: Tensor, p: Plan) -> tuple[Tensor, Tensor]:
         return self.lib.merge_stats(partial.view(3, p.partials), p.channels)
+
+    def batch_norm_backward(self, g: Tensor, x: Tensor, dx: Tensor, act: int, c: Tensor,
+                            a: Tensor, b: Tensor, invstd: Tensor, beta_value: float,
+                            sums: Tensor, p: Plan) -> None:
+        self.lib.batch_norm_backward(g, x, dx, act, c, a, b, invstd, beta_value, sums,
+                                     p.fields())
 
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
                            b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,

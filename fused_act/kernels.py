@@ -88,6 +88,14 @@ class Kernels(Protocol):
         """(mean, biased variance) of each channel, in opmath, from the partials ``stats``
         wrote, as ``ops.batchnorm.merge_stats`` computes them.  Optional (``OPTIONAL``)."""
 
+    def batch_norm_backward(self, g: Tensor, x: Tensor, dx: Tensor, act: int, c: Tensor,
+                            a: Tensor, b: Tensor, invstd: Tensor, beta_value: float,
+                            sums: Tensor, p: Plan) -> None:
+        """BatchNorm's training backward for kernel activation ``act`` with a float beta: the
+        per-channel sums of dz = g f'(z) and dz (x - c) into ``sums`` (2, C), and dx = a dz +
+        k1 (x - c) + k0 with k1 = -a invstd^2 sums[1] / m and k0 = -a sums[0] / m, f'
+        evaluated once (``affine_act_backward`` twice).  Optional (``OPTIONAL``)."""
+
     def affine_act_forward(self, x: Tensor, y: Tensor, act: int, c: Tensor, a: Tensor,
                            b: Tensor, beta: Tensor | None, beta_value: float, p: Plan,
                            acon: tuple[Tensor, Tensor] | None = None) -> None:
@@ -128,8 +136,8 @@ class Kernels(Protocol):
 
 
 # launchers a backend may lack: the host asks ``offers`` and runs the reference math (for
-# merge_stats, ops.batchnorm.merge_stats's torch ops) without
-OPTIONAL = frozenset({"act_quant", "merge_stats", "quantize"})
+# merge_stats and batch_norm_backward, torch ops and other launchers) without
+OPTIONAL = frozenset({"act_quant", "batch_norm_backward", "merge_stats", "quantize"})
 
 
 def offers(k: Kernels | None, name: str) -> bool:

@@ -384,7 +384,7 @@ def test_backends_implement_the_kernel_interface():
 
     launchers = [n for n, v in vars(Kernels).items()
                  if inspect.isfunction(v) and not n.startswith("_")]
-    assert len(launchers) == 15 and OPTIONAL <= set(launchers)
+    assert len(launchers) == 16 and OPTIONAL <= set(launchers)
     for cls in (TritonKernels, ExtensionKernels):
         for name in launchers:
             if name in OPTIONAL and not hasattr(cls, name):
@@ -395,6 +395,8 @@ def test_backends_implement_the_kernel_interface():
     assert not offers(ExtensionKernels(None), "quantize")
     assert not offers(TritonKernels(), "merge_stats")
     assert not offers(ExtensionKernels(None), "merge_stats")
+    assert not offers(TritonKernels(), "batch_norm_backward")
+    assert not offers(ExtensionKernels(None), "batch_norm_backward")
     assert not offers(None, "act_quant")
     with pytest.raises(ValueError, match="not an optional"):
         offers(TritonKernels(), "act_forward")

@@ -208,15 +208,21 @@ def batch_norm_act_backward_impl(grad: Tensor, x: Tensor, weight: Tensor | None,
     m = x.numel() // x.shape[1]
     invstd = torch.rsqrt(var + eps)
     a, b = reference.bn_affine(weight, bias, invstd)
-    common = dict(c=mean, a=a.contiguous(), b=b.contiguous(), beta_value=beta_value, p=p,
-                  **_kernel_act(act, beta, p1, p2, x))
-    partial = torch.empty(2 + (_extra_rows(act, beta) if need_params else 0), p.partials,
-                          dtype=plan.accumulator(x), device=x.device)
-    k.affine_act_backward(g, xd, None, k=None, partial=partial, **common)
-    sums = _finish(partial, p)
-    k1, k0 = -a * invstd * invstd * sums[1] / m, -a * sums[0] / m
+    a, b = a.contiguous(), b.contiguous()
     dx = torch.empty_like(xd)
-    k.affine_act_backward(g, xd, dx, k=(k1, k0), partial=None, **common)
+    if offers(k, "batch_norm_backward") and act != ACON and beta is None:
+        sums = torch.empty(2, x.shape[1], dtype=plan.accumulator(x), device=x.device)
+        k.batch_norm_backward(g, xd, dx, SPECS[act].kernel_id, mean, a, b, invstd, beta_value,
+                              sums, p)
+    else:
+        common = dict(c=mean, a=a, b=b, beta_value=beta_value, p=p,
+                      **_kernel_act(act, beta, p1, p2, x))
+        partial = torch.empty(2 + (_extra_rows(act, beta) if need_params else 0), p.partials,
+                              dtype=plan.accumulator(x), device=x.device)
+        k.affine_act_backward(g, xd, None, k=None, partial=partial, **common)
+        sums = _finish(partial, p)
+        k1, k0 = -a * invstd * invstd * sums[1] / m, -a * sums[0] / m
+        k.affine_act_backward(g, xd, dx, k=(k1, k0), partial=None, **common)
     if not need_params:
         return dx, None, None, None, None, None
     dweight = None if weight is None else (sums[1] * invstd).reshape(weight.shape).to(
