@@ -1004,8 +1004,9 @@ Tensor eager_acon(const Tensor& x, const Tensor& p1, const Tensor& p2, const Ten
 // The (mean, biased variance) of each channel from the stats kernel's per-slot counts, sums and
 // sums of squared distances from the slot's mean (3 x slots, slot j of channel j % channels):
 // the slots' M2 plus each slot's count times its mean's squared distance from the channel's
-// (batchnorm.merge_stats, whose torch ops cost more than the kernel on small tensors), summed
-// in slot order: deterministic.
+// (batchnorm.merge_stats, whose torch ops cost more than the kernel on small tensors), a sum of
+// non-negative terms, in slot order (deterministic) and in double (a channel may have millions
+// of slots: an fp32 running sum drifts, and its count stops being exact past 2^24).
 std::tuple<Tensor, Tensor> merge_stats(const Tensor& partial, int64_t channels) {
   TORCH_CHECK(partial.device().type() == DEVICE && partial.dim() == 2 && partial.size(0) == 3 &&
                   partial.is_contiguous() && channels > 0 && partial.size(1) % channels == 0 &&
@@ -1018,18 +1019,18 @@ std::tuple<Tensor, Tensor> merge_stats(const Tensor& partial, int64_t channels) 
     const int64_t slots = partial.size(1);
     const scalar_t *n = partial.const_data_ptr<scalar_t>(), *s = n + slots, *m2 = s + slots;
     for (int64_t c = 0; c < channels; ++c) {
-      scalar_t total = 0, sum = 0, spread = 0, squares = 0;
+      double total = 0, sum = 0, spread = 0, squares = 0;
       for (int64_t j = c; j < slots; j += channels) total += n[j], sum += s[j];
-      const scalar_t mu = sum / total;
+      const double mu = sum / total;
       for (int64_t j = c; j < slots; j += channels) {
         squares += m2[j];
         if (n[j] > 0) {
-          const scalar_t d = s[j] / n[j] - mu;
+          const double d = double(s[j]) / n[j] - mu;
           spread += n[j] * (d * d);
         }
       }
-      mean.data_ptr<scalar_t>()[c] = mu;
-      var.data_ptr<scalar_t>()[c] = (squares + spread) / total;
+      mean.data_ptr<scalar_t>()[c] = scalar_t(mu);
+      var.data_ptr<scalar_t>()[c] = scalar_t((squares + spread) / total);
     }
   });
   return {mean, var};
@@ -1110,12 +1111,14 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
               std::get<2>(d).value_or(Tensor())};
     }
     check_unpacked(x, g.sizes(), g.scalar_type(), "x");
-    for (const auto& [what, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
-                                  std::pair{"mean", &mean}, std::pair{"variance", &var}}) {
+    for (const auto& [what, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
       TORCH_CHECK(!t->defined() || t->numel() == p.channels, "fused_act: the saved ", what,
                   " came back from a saved-tensor hook with ", t->numel(), " values, not the "
                   "plan's ", p.channels);
     }
+    // the kernel reads the mean's memory as C values of x's opmath
+    check_unpacked(mean, {p.channels}, accumulator(x), "mean");
+    check_unpacked(var, {p.channels}, accumulator(x), "variance");
     x = as_saved(x, c10::IntArrayRef(at.ints).slice(2 + FA_PLAN_FIELDS));
     g = like(g, x);
     const Tensor invstd = at::rsqrt(var + eps);

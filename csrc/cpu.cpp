@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -107,7 +108,7 @@ Vec<M> pick(const Vec<M>& c, A a, B b) { return Vec<M>::blendv(b(), a(), c); }
 namespace fused_act {
 namespace {
 
-enum cpu_error : int { OK = 0, BAD_ACT = 1, BAD_DTYPE = 2, BAD_VALUE = 3 };
+enum cpu_error : int { OK = 0, BAD_ACT = 1, BAD_DTYPE = 2, BAD_VALUE = 3, NO_MEMORY = 4 };
 
 template <class T>
 using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -1022,22 +1023,26 @@ extern "C" int fa_batch_norm_backward(const void* g, const void* x, void* dx, in
     const Affine<M> affine{static_cast<const M*>(c), static_cast<const M*>(a),
                            static_cast<const M*>(b), plan.layout};
     // not value-initialised: every element is written before it is read
-    const std::unique_ptr<M[]> dz(new M[n]), partial(new M[2 * slots]), k(new M[2 * channels]);
+    const std::unique_ptr<M[]> dz(new (std::nothrow) M[n]),
+        partial(new (std::nothrow) M[2 * slots]), k(new (std::nothrow) M[2 * channels]);
+    if (!dz || !partial || !k) return int(NO_MEMORY);
     run(AffineGradOp<T, decltype(f), 2>{static_cast<const T*>(g), static_cast<const T*>(x),
                                         nullptr, plan.cols, affine, nullptr, nullptr, f,
                                         dz.get()},
         plan, partial.get(), slots);
-    // the channels' sums in slot order (slot j is channel j % channels), then the correction
-    const M m = M(n / channels);
+    // the channels' sums in slot order (slot j is channel j % channels), in double: a channel
+    // may have millions of slots, whose fp32 running sum would drift; then the correction
+    const double m = double(n / channels);
     const M* inv = static_cast<const M*>(invstd);
     M* s = static_cast<M*>(sums);
     for (int64_t ch = 0; ch < channels; ++ch) {
-      M s0 = 0, s1 = 0;
+      double s0 = 0, s1 = 0;
       for (int64_t j = ch; j < slots; j += channels) s0 += partial[j], s1 += partial[slots + j];
-      s[ch] = s0;
-      s[channels + ch] = s1;
-      k[ch] = -affine.a[ch] * inv[ch] * inv[ch] * s1 / m;
-      k[channels + ch] = -affine.a[ch] * s0 / m;
+      const double a = affine.a[ch], i = inv[ch];
+      s[ch] = M(s0);
+      s[channels + ch] = M(s1);
+      k[ch] = M(-a * i * i * s1 / m);
+      k[channels + ch] = M(-a * s0 / m);
     }
     run(CorrectOp<T>{dz.get(), static_cast<const T*>(x), static_cast<T*>(dx), plan.cols, affine,
                      k.get(), k.get() + channels},
@@ -1070,6 +1075,8 @@ extern "C" const char* fa_error_string(int err) {
       return "unsupported dtype";
     case BAD_VALUE:
       return "invalid argument";
+    case NO_MEMORY:
+      return "out of memory";
     default:
       return "unknown error";
   }

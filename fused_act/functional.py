@@ -564,7 +564,8 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
     ``x`` is (N, C, *).  In training the batch statistics are
     computed in fp32 (fp64 for fp64) in one read of x, then y = f((x - mean) a + b) in a second;
-    the backward reads x and the gradient twice (per-channel sums, then dx) and saves only x,
+    the backward reads x and the gradient twice (per-channel sums, then dx; on CPU the second
+    pass reads the first one's dz in the gradient's place) and saves only x,
     the parameters and the C-sized statistics, never the normalised value.  ``running_mean`` and
     ``running_var`` (both, or neither) are updated in place with ``momentum`` (the unbiased
     variance, as torch).  In eval (``training=False``, which needs the running statistics, as

@@ -571,6 +571,30 @@ def test_statistics_do_not_cancel(layout, backend_name, device):
         torch.testing.assert_close(got.double().cpu(), exact, rtol=1e-5, atol=0)
 
 
+def test_statistics_and_sums_over_millions_of_slots():
+    """A channel of 2^24 values and more, in rows of 2049 (a tile's slot of 2048 and one of 1
+    each): the CPU kernels' merged count, mean and variance and the backward's per-channel sums
+    as accurate as fp32 allows against float64 (summed in fp32 one slot after another, the
+    count stopped being exact, the running mean was 5e-4 off and dweight 3e-5)."""
+    need_backend("cpu", "cpu")
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(8200, 2, 2049, generator=gen) + 3).requires_grad_()
+    w = torch.ones(2, requires_grad=True)
+    stats = [torch.zeros(2), torch.ones(2)]
+    y = fused_act.batch_norm_act(x, *stats, w, None, True, 1.0)
+    g = torch.randn(x.shape, generator=gen) + 2
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want_stats = [torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
+    want = F.silu(F.batch_norm(xd, *want_stats, wd, None, True, 1.0))
+    for got, exact in zip(stats, want_stats, strict=True):
+        torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=0)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    dxd, dwd = torch.autograd.grad(want, (xd, wd), g.double())
+    assert (dw.double() - dwd).abs().max() / dwd.abs().max() < 2e-6
+    assert (dx.double() - dxd).abs().max() / dxd.abs().max() < 2e-6
+
+
 def test_edge_values():
     """inf and NaN in a channel make that channel's statistics NaN, as torch's do; the other
     channels are untouched, and no finite channel gets a NaN."""

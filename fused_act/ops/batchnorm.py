@@ -4,8 +4,10 @@
 Both compute y = f((x - c) a + b), f an elementwise activation of ``registry.SPECS`` (``act``,
 with swish's beta) or ACON-C (``act`` "acon_c": per-channel p1, p2 and beta).  Training reads
 x twice in the forward (statistics, then y) and x and the gradient twice in the backward (the
-per-channel sums of dz and dz (x - mean), then dx), and saves only x, the parameters and the
-C-sized mean and variance: the normalised value is recomputed, never stored.  Eval is one pass
+per-channel sums of dz and dz (x - mean), then dx; the CPU kernels keep dz between the two,
+so the second reads it, not the gradient, and evaluates f' no more), and saves only x, the
+parameters and the C-sized mean and variance: the normalised value is recomputed, never
+stored.  Eval is one pass
 forward and one backward.  The activation's parameter gradients are reduced in the backward
 pass that sums, in the order beta, p1, p2.
 """
