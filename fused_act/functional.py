@@ -615,6 +615,9 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise ValueError("fused_act.batch_norm_act: running_mean and running_var must be "
                          "defined in evaluation mode (training=False)")
     if training:
+        if not eps > 0:  # 1 / sqrt(var + eps) of a constant channel: inf, as torch refuses
+            raise ValueError(f"fused_act.batch_norm_act: eps must be positive during training, "
+                             f"got {eps}")
         m = x.numel() // x.shape[1] if x.shape[1] else 0
         if m == 1:
             raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "

@@ -614,6 +614,9 @@ def test_bad_input():
     x = torch.randn(4, 3, 5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         fused_act.batch_norm_act(torch.randn(1, 3, 1), None, None, training=True)
+    for eps in (0.0, -1.0, float("nan")):  # as torch's, in training
+        with pytest.raises(ValueError, match="eps must be positive"):
+            fused_act.batch_norm_act(x, None, None, training=True, eps=eps)
     with pytest.raises(ValueError, match="weight must have C=3"):
         fused_act.batch_norm_act(x, None, None, torch.ones(4), training=True)
     for shape in ((1, 3, 1), (3, 1)):  # updated in place: (C,), as torch's BatchNorm takes
