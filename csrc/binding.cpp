@@ -1067,7 +1067,8 @@ void batch_norm_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t a
 // checkpointing saves them as inputs). Weight and bias (C values, or undefined) take
 // gradients. Saves what the op saves, in its order: x, weight, bias, the batch mean and biased
 // variance in opmath (checkpointing may recompute the forward under another backend, whose
-// saved tensors this backward then reads).
+// saved tensors this backward then reads).  eager_batch_norm also runs eval without a node
+// (run on the running statistics) where no gradient is to be taken.
 // Its integers: the kernel id, eps's bits, the plan, x's strides.
 struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
   // (a, b) of the affine in front of the activation (reference.bn_affine), C values each,
@@ -1138,20 +1139,23 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
   }
 };
 
-Tensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                        const OptTensor& running_mean, const OptTensor& running_var,
-                        double momentum, double eps, const std::string& name, int64_t act,
-                        double beta_value, const std::vector<int64_t>& plan) {
+OptTensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                           const OptTensor& running_mean, const OptTensor& running_var,
+                           bool training, double momentum, double eps, const std::string& name,
+                           int64_t act, double beta_value, const std::vector<int64_t>& plan) {
   check(x, {}, {});
   const fa_plan p = to_plan(plan);
   // the plan's tiles over x's memory read the per-channel values by channel
   TORCH_CHECK(x.dim() >= 2 && x.is_non_overlapping_and_dense() && p.channels == x.size(1) &&
-                  x.numel() > p.channels,
-              "fused_act: eager_batch_norm takes a dense x of two dimensions or more and more "
-              "than one value a channel, got sizes ", x.sizes(), " and strides ", x.strides());
+                  (x.numel() > p.channels || !training),
+              "fused_act: eager_batch_norm takes a dense x of two dimensions or more and, in "
+              "training, more than one value a channel, got sizes ", x.sizes(), " and strides ",
+              x.strides());
   check_channel_plan(x, p, false, "eager_batch_norm");
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-              "fused_act: eager_batch_norm takes both running statistics or neither");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value() &&
+                  (training || running_mean.has_value()),
+              "fused_act: eager_batch_norm takes both running statistics or neither, and both "
+              "in eval");
   for (const auto& [what, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
                                 std::pair{"running_mean", &running_mean},
                                 std::pair{"running_var", &running_var}}) {
@@ -1164,6 +1168,15 @@ Tensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTenso
                 (*t)->sizes(), " on ", (*t)->device());
   }
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  const ActAttrs a{name, act, beta_value};
+  if (!training) {
+    // the op's eval path (affine_act on the folded running statistics), call for call; a call
+    // that takes a gradient is the op's, whose graph reaches weight through torch's ops
+    if (records({&x, &w, &b, &*running_mean, &*running_var})) return std::nullopt;
+    const auto op = accumulator(x);
+    return EagerBatchNorm::run(x, w, b, running_mean->to(op).contiguous(),
+                               running_var->to(op), eps, a, p);
+  }
   Tensor mean, var;
   {
     const at::NoGradGuard no_grad;
@@ -1182,7 +1195,6 @@ Tensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTenso
           .add_((var * (double(m) / double(m - 1))).to(running_var->scalar_type()), momentum);
     }
   }
-  const ActAttrs a{name, act, beta_value};
   if (!records({&x, &w, &b})) return EagerBatchNorm::run(x, w, b, mean, var, eps, a, p);
   return EagerBatchNorm::record(
       {name, beta_value, concat({{act, c10::bit_cast<int64_t>(eps)}, from_plan(p), x.strides()})},

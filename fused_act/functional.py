@@ -274,6 +274,13 @@ def _gated_activation(op: str, activation: str, kwargs: dict) -> tuple[Spec, obj
     raise ValueError(f"fused_act.{op}: activation {activation!r} takes {allowed} (got {chosen})")
 
 
+@functools.cache
+def _plain_activation(op: str, activation: str) -> tuple[Spec, object]:
+    """``_gated_activation`` of an activation named without arguments, once per name: its
+    search of the registry cost a small layer's call several microseconds."""
+    return _gated_activation(op, activation, {})
+
+
 def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
     _check_tensor(op, "gate", gate)
     if isinstance(dim, bool) or not isinstance(dim, int):
@@ -542,7 +549,10 @@ def _bn_activation(x: Tensor, activation: str, kwargs: dict
         for name in ("p1", "p2", "beta"):
             _check_channel_param(op, name, kwargs[name], x, allow_scalar=x.shape[1] == 1)
         return "acon_c", kwargs["beta"], 1.0, kwargs["p1"], kwargs["p2"]
-    spec, beta = _gated_activation(op, activation, dict(kwargs))
+    if not kwargs and isinstance(activation, str):
+        spec, beta = _plain_activation(op, activation)
+    else:
+        spec, beta = _gated_activation(op, activation, dict(kwargs))
     if isinstance(beta, Tensor):
         _check_channel_param(op, "beta", beta, x)
         return spec.name, beta, 1.0, None, None
@@ -576,7 +586,9 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     Eager calls on CPU tensors under backends "auto" and "cpu" in training, with an
     elementwise activation of a float beta and weight and bias of shape (C,), run as one C++
     autograd node (ops/eager.py): the fused op's kernels, results and saved tensors without its
-    Python bookkeeping, which made small layers up to 3x slower than torch's pair.  In eval,
+    Python bookkeeping, which made small layers up to 3x slower than torch's pair; in eval
+    without a gradient to take (inference), where the fused op runs (below), as one C++ call
+    of its kernel.  In eval,
     contiguous CPU fp32 and fp64 tensors of fewer than 2^19 elements and more than one value
     per sample and channel run ``torch.nn.functional.batch_norm`` then the activation (our op,
     under the backend in force) instead, whatever the backend but "triton": the fused op's
@@ -624,19 +636,24 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
                              f"when training, got input size {tuple(x.shape)}")
     if training:
         # saves what the op saves: checkpointing may recompute it under another backend
-        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, act,
-                                 beta_t, beta_v)
+        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
+                                 eps, act, beta_t, beta_v)
         if y is not None:
             return y
     # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
-    weight = None if weight is None else weight.reshape(-1)
-    bias = None if bias is None else bias.reshape(-1)
-    if not training and _torch_pair(x, (running_mean, running_var, weight, bias)):
-        z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
-                                           bool(training), momentum, eps)
-        if act == "acon_c":
-            return ops.run_acon(z, p1, p2, beta_t)
-        return ops.run_activation(z, act, beta_t, beta_v)
+    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
+    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
+    if not training:
+        if _torch_pair(x, (running_mean, running_var, weight, bias)):
+            z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
+                                               False, momentum, eps)
+            if act == "acon_c":
+                return ops.run_acon(z, p1, p2, beta_t)
+            return ops.run_activation(z, act, beta_t, beta_v)
+        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, False, momentum,
+                                 eps, act, beta_t, beta_v)
+        if y is not None:
+            return y
     if training:
         y, mean, var = ops.BATCH_NORM_ACT(x, weight, bias, eps, act, beta_t, beta_v, p1, p2,
                                           mode="batch_norm_act")
@@ -674,7 +691,7 @@ def _torch_pair(x: Tensor, bn: tuple[Tensor | None, ...]) -> bool:
     more than one value per (sample, channel), whose BatchNorm tensors ``bn`` (running mean and
     variance, weight, bias) have x's dtype and whose running statistics take no gradient (torch's
     BatchNorm refuses one; the fused op gives it in eval)."""
-    return (x.device.type == "cpu" and type(x) is Tensor and get_backend() != "triton"
+    return (type(x) is Tensor and x.is_cpu and get_backend() != "triton"
             and x.dtype in (torch.float32, torch.float64) and x.numel() < _PAIR_BELOW
             and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
             and not torch.compiler.is_compiling()

@@ -355,6 +355,7 @@ def test_function_takes_torch_pair_where_it_pays(training, monkeypatch):
     gradients."""
     need_backend("cpu", "cpu")
     from torch.utils.checkpoint import checkpoint
+    eager = fused_act.ops.eager_batch_norm
     monkeypatch.setattr(fused_act.functional, "_PAIR_BELOW", 4 * 3 * 5 * 6)
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -392,6 +393,19 @@ def test_function_takes_torch_pair_where_it_pays(training, monkeypatch):
             # dx's terms cancel, and dweight and dbias sum many: a bound scaled by the largest
             err = (o.double() - t).abs().max() / t.abs().max()
             assert err <= 8 * torch.finfo(dtype).eps, (what, err.item())
+        if not training:  # inference: under "auto" and "cpu" a dense x takes one C++ call
+            took = []
+            with monkeypatch.context() as m, torch.no_grad(), fused_act.use_backend(
+                    backend_name):
+                m.setattr(fused_act.ops, "eager_batch_norm",
+                          lambda *a, took=took: took.append(eager(*a)) or took[-1])
+                y0 = fused_act.batch_norm_act(x.detach(), *stats, *ps, False, 0.1, 1e-5, "mish")
+            assert y0.grad_fn is None
+            torch.testing.assert_close(y0.double(), want, rtol=rtol, atol=atol * 4, msg=what)
+            kernel = backend_name in ("auto", "cpu") and width != "strided" and fused
+            assert bool(took and took[0] is not None) == kernel, what
+            if kernel:  # the op's kernel on the op's coefficients
+                assert torch.equal(y0, y), what
         tol = torch.finfo(p_dtype).eps * 4
         for got_stat, ref in zip(stats, want_stats, strict=True):
             torch.testing.assert_close(got_stat.double(), ref, rtol=tol, atol=tol, msg=what)

@@ -207,7 +207,6 @@ def batch_norm_act_backward_impl(grad: Tensor, x: Tensor, weight: Tensor | None,
             need_params)
         return (like(dx, xd), *rest)
     p = plan.channel_plan(xd, x.shape[1])
-    m = x.numel() // x.shape[1]
     invstd = torch.rsqrt(var + eps)
     a, b = reference.bn_affine(weight, bias, invstd)
     a, b = a.contiguous(), b.contiguous()
@@ -223,6 +222,7 @@ def batch_norm_act_backward_impl(grad: Tensor, x: Tensor, weight: Tensor | None,
                               dtype=plan.accumulator(x), device=x.device)
         k.affine_act_backward(g, xd, None, k=None, partial=partial, **common)
         sums = _finish(partial, p)
+        m = x.numel() // x.shape[1]
         k1, k0 = -a * invstd * invstd * sums[1] / m, -a * sums[0] / m
         k.affine_act_backward(g, xd, dx, k=(k1, k0), partial=None, **common)
     if not need_params:
