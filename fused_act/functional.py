@@ -274,11 +274,17 @@ def _gated_activation(op: str, activation: str, kwargs: dict) -> tuple[Spec, obj
     raise ValueError(f"fused_act.{op}: activation {activation!r} takes {allowed} (got {chosen})")
 
 
-@functools.cache
 def _plain_activation(op: str, activation: str) -> tuple[Spec, object]:
     """``_gated_activation`` of an activation named without arguments, once per name: its
-    search of the registry cost a small layer's call several microseconds."""
-    return _gated_activation(op, activation, {})
+    search of the registry cost a small layer's call several microseconds.  (A dict, not
+    functools.cache, whose calls Dynamo warns about when it traces them.)"""
+    found = _PLAIN_ACTIVATIONS.get((op, activation))
+    if found is None:
+        found = _PLAIN_ACTIVATIONS[op, activation] = _gated_activation(op, activation, {})
+    return found
+
+
+_PLAIN_ACTIVATIONS: dict[tuple[str, str], tuple[Spec, object]] = {}
 
 
 def _check_gated(op: str, gate: Tensor, up: Tensor | None, dim: int) -> None:
@@ -650,8 +656,9 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
             if act == "acon_c":
                 return ops.run_acon(z, p1, p2, beta_t)
             return ops.run_activation(z, act, beta_t, beta_v)
-        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, False, momentum,
-                                 eps, act, beta_t, beta_v)
+        # momentum is not read in eval (torch's BatchNorm modules pass None there)
+        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps,
+                                 act, beta_t, beta_v)
         if y is not None:
             return y
     if training:

@@ -7,13 +7,14 @@ without a GPU; it says nothing of their speed or of the GPU memory model."""
 
 import ctypes
 import dataclasses
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
 
 import pytest
 import torch
-from torch.utils.file_baton import FileBaton
 
 import fused_act
 from fused_act import _build, _cuda, kernels
@@ -136,30 +137,28 @@ def emulated(tmp_path_factory):
     gap = toolchain_gap(nvcc, std)
     if gap:
         pytest.skip(gap)
-    # one build for the session's xdist workers (about two CPU-minutes each): in the directory
-    # their temporary directories share, the first to take the lock builds, the others wait
+    sources = [CSRC / s for s in _build.SOURCES if s.endswith(".cu")]
+    # nvcc as the C++ driver brings CUDA's headers; cuda_emu.h answers the runtime calls
+    cmd = [nvcc, std, "-O1", "-x", "c++", "-cudart", "none", "-shared", "-Xcompiler", "-fPIC",
+           "-include", str(ROOT / "tests" / "cuda_emu.h"), f"-I{CSRC}", *map(str, sources)]
+    # one build for the session's xdist workers (about two CPU-minutes each), in the directory
+    # their temporary directories share, named by what it is built from; the first to lock it
+    # builds, the others wait for its lock (which the kernel frees should that worker die)
+    digest = hashlib.sha256(" ".join(cmd).encode())
+    for path in sorted({*sources, *CSRC.glob("*.cuh"), *CSRC.glob("*.h"),
+                        ROOT / "tests" / "cuda_emu.h"}):
+        digest.update(path.read_bytes())
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent
-    lib = shared / "libfused_act_emu.so"
-    baton = FileBaton(f"{lib}.lock")
-    if lib.exists():
-        pass
-    elif baton.try_acquire():
-        try:
-            # nvcc as the C++ driver brings CUDA's headers; cuda_emu.h answers the runtime calls
-            out = subprocess.run(
-                [nvcc, std, "-O1", "-x", "c++", "-cudart", "none", "-shared", "-Xcompiler",
-                 "-fPIC", "-include", str(ROOT / "tests" / "cuda_emu.h"), f"-I{CSRC}",
-                 *(str(CSRC / s) for s in _build.SOURCES if s.endswith(".cu")), "-o",
-                 f"{lib}.part"], capture_output=True, text=True, timeout=600)
+    lib = shared / f"libfused_act_emu_{digest.hexdigest()[:16]}.so"
+    with open(f"{lib}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not lib.exists():
+            out = subprocess.run([*cmd, "-o", f"{lib}.part"], capture_output=True, text=True,
+                                 timeout=600)
             assert out.returncode == 0, out.stderr[-4000:]
             os.replace(f"{lib}.part", lib)
-        finally:
-            baton.release()
-    else:
-        baton.wait()
-    assert lib.exists(), "the emulated kernels' build failed in another worker"
     # every runtime call is answered by cuda_emu.h: none may bind to a CUDA runtime that the
     # process has loaded (torch's CUDA wheels ship one)
     undefined = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True,
