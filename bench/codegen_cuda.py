@@ -2,10 +2,10 @@
 compiled for sm_90 (H100) on any machine, GPU or not.
 
 Each ``.cu`` is compiled to a cubin with the flags torch's extension builder uses for an install
-(``fused_act/_build.py``), the translation units in parallel.  Per kernel instantiation it reads
-registers and stack (``cuobjdump -res-usage``), spill bytes (``ptxas -v``, the only place that
-tells a spill from other local memory) and the widest global load and store in bytes
-(``cuobjdump -sass``: ``LDG.E.128`` / ``STG.E.128`` are 16).
+(``fused_act/_build.py``), warnings as errors, the translation units in parallel.  Per kernel
+instantiation it reads registers and stack (``cuobjdump -res-usage``), spill bytes (``ptxas
+-v``, the only place that tells a spill from other local memory) and the widest global load
+and store in bytes (``cuobjdump -sass``: ``LDG.E.128`` / ``STG.E.128`` are 16).
 
 An instantiation is vectorized when the VEC template parameter of its kernel (read from the
 kernel's declaration in ``csrc/``) is above 1; its storage type is the first template argument of
@@ -206,8 +206,8 @@ def _act_names(src: Path) -> dict[str, str]:
 
 def _compile_one(nvcc: str, cuobjdump: str, src: Path, source: str, out: Path) -> list[dict]:
     cubin = out / (Path(source).stem + ".cubin")
-    done = subprocess.run([nvcc, *nvcc_flags(), "-Xptxas", "-v", "-cubin", f"-I{src}",
-                           str(src / source), "-o", str(cubin)],
+    done = subprocess.run([nvcc, *nvcc_flags(), "-Werror", "all-warnings", "-Xptxas", "-v",
+                           "-cubin", f"-I{src}", str(src / source), "-o", str(cubin)],
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         return [{"source": source, "error": done.stderr[-4000:]}]

@@ -1,6 +1,8 @@
-"""The CUDA C++ backend without a GPU: every csrc/*.cu compiles for sm_80 and sm_90 with no
-warning, its math (csrc/activations.cuh) matches the reference on the host, and asking for the
-backend where it cannot run is a clear error.  test_csrc_emulated.py runs the kernels on the
+"""The CUDA C++ backend without a GPU: every csrc/*.cu compiles to PTX for sm_80 with no warning
+(the codegen gate, test_codegen_cuda.py, compiles each through ptxas for sm_90, warnings as
+errors too, which is where the time goes: about 3x the PTX's), its math
+(csrc/activations.cuh) matches the reference on the host, and asking for the backend where it
+cannot run is a clear error.  test_csrc_emulated.py runs the kernels on the
 CPU.  On a GPU, the tables of test_kernels, test_acon, test_frelu and test_autograd run with
 backend "cuda" (``pytest -m cuda``), and test_gpu.py compares it with backend "triton"."""
 
@@ -28,7 +30,7 @@ from .cases import ROOT, TOL, expected
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
 need_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources not compiled")
-ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+ARCHS = ["-gencode", "arch=compute_80,code=compute_80"]
 
 
 def nvcc_version(nvcc: str) -> str:
@@ -71,9 +73,9 @@ def test_every_source_is_built():
 
 @need_nvcc
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
-def test_compiles_for_sm80_and_sm90(source, tmp_path):
-    _nvcc([*ARCHS, *_build.torch_nvcc_defines(), "-c", str(CSRC / source), "-o",
-           str(tmp_path / "k.o")], tmp_path)
+def test_compiles_to_ptx_for_sm80(source, tmp_path):
+    _nvcc([*ARCHS, *_build.torch_nvcc_defines(), "-ptx", str(CSRC / source), "-o",
+           str(tmp_path / "k.ptx")], tmp_path)
 
 
 @need_nvcc
