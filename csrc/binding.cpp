@@ -62,11 +62,16 @@ int dtype_code(const Tensor& t) {
 // Every tensor on x's device (CUDA, or CPU for FA_CPU); data in x's dtype, parameters in its
 // opmath dtype.
 // A tensor whose memory a kernel may read: a subclass that dispatches itself (Python key)
-// or a transform's wrapper has no storage of its own, and its data pointer is not its data.
+// or a transform's wrapper has no storage of its own, and its data pointer is not its data;
+// the memory of a negative view (or a conjugate one) holds the negation of its values. The
+// Python side resolves such a view before any kernel: one reaching here is a bug, not garbage.
 void check_memory(const Tensor& t) {
   TORCH_CHECK(t.defined() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python),
               "fused_act ", KIND, " kernels: a tensor without plain storage of its own (a tensor "
               "subclass or a transform's wrapper) cannot reach a kernel");
+  TORCH_CHECK(!t.is_neg() && !t.is_conj(), "fused_act ", KIND, " kernels: a negative or "
+              "conjugate view (its memory holds other values than it reads as) cannot reach a "
+              "kernel: pass t.resolve_neg()");
 }
 
 // x's opmath dtype, which parameters and partial sums are kept in (plan.accumulator)
@@ -582,8 +587,10 @@ struct EagerNode : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    // a negative view's memory holds the negation of its values, which the kernels would read
     return T::backward(attrs, unpack_saved(),
-                       grads[0].defined() ? grads[0] : input_metadata(0).zeros_like(),
+                       grads[0].defined() ? grads[0].resolve_neg()
+                                          : input_metadata(0).zeros_like(),
                        needs_input_grad());
   }
 
@@ -610,8 +617,8 @@ struct EagerNode : public torch::autograd::Node {
     const auto y = packed.unpack<torch::autograd::InputMetadata>();
     Attrs a{packed.unpack<std::string>(), packed.unpack<double>(),
             packed.unpack<std::vector<int64_t>>()};
-    return T::backward(a, std::move(unpacked), inputs[0].defined() ? inputs[0] : y.zeros_like(),
-                       needs);
+    return T::backward(a, std::move(unpacked),
+                       inputs[0].defined() ? inputs[0].resolve_neg() : y.zeros_like(), needs);
   }
 
   // as a Function's node (CppNode::apply_with_saved): one opaque call of `functional` in the

@@ -1,9 +1,10 @@
 """The contract of DESIGN.md sections 2-4, one table per clause, on every backend ("triton" under
 the interpreter, "cuda" through the CPU emulation of its kernels, "reference"): strided
-parameters, in-place version counters, unsupported dtypes, the backend a backward runs on,
-torch.func, forward-mode AD, autograd.functional.jacobian, dynamic torch.compile, torch.jit, a
-property-based sweep of shapes, layouts, dtypes and ops, torch.compile around transforms, fake
-kernels' strides, one rounding of a float beta, and the benchmark's tables."""
+parameters, in-place version counters, unsupported dtypes, negative views, the backend a
+backward runs on, torch.func, forward-mode AD, autograd.functional.jacobian, dynamic
+torch.compile, torch.jit, a property-based sweep of shapes, layouts, dtypes and ops,
+torch.compile around transforms, fake kernels' strides, one rounding of a float beta, and the
+benchmark's tables."""
 
 import contextlib
 import inspect
@@ -381,6 +382,123 @@ def test_supported_dtypes_work(case, dtype, backend, request):
         want = call(x.double())
     assert y.dtype == dtype, f"{case}: output dtype {y.dtype} for x of {dtype}"
     assert_near(y, want, dtype, f"{case}[{dtype}, {backend}]")
+
+
+# ---- 3b. negative views ------------------------------------------------------------------
+
+def _negative(t):
+    """A negative view that reads as ``t``'s values while its memory holds their negation (as
+    ``z.conj().imag`` of a complex z is), a leaf that requires grad where ``t`` does."""
+    return torch._neg_view(-t.detach()).requires_grad_(t.requires_grad)
+
+
+def _run(call, tensors, grad):
+    """(outputs, gradients of the inputs that require grad) of ``call(*tensors)``; ``grad``
+    the gradient of the first output (None: no backward)."""
+    out = call(*tensors)
+    outs = out if isinstance(out, tuple) else (out,)
+    leaves = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(outs[0], leaves, grad) if grad is not None and leaves else ()
+    return [o.detach() for o in outs], list(grads)
+
+
+def _bn(training):
+    def call(x, w, b):
+        rm, rv = torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)
+        y = fused_act.batch_norm_act(x, rm, rv, w, b, training=training)
+        return y, rm, rv
+    return call
+
+
+_E4M3 = torch.float8_e4m3fn
+# name -> (call, shapes of its tensors (x first), whether it has a backward); the public
+# paths the tables below leave out: BatchNorm (training, eval), FP8 outputs and FP8 linears
+NEGATIVE_EXTRA = {
+    "batch_norm_act_train": (_bn(True), [(4, 3, 5), (3,), (3,)], True),
+    "batch_norm_act_eval": (_bn(False), [(4, 3, 5), (3,), (3,)], True),
+    "batch_norm_act_inference": (_bn(False), [(4, 3, 5), (3,), (3,)], False),
+    "silu_fp8": (lambda x: fused_act.silu(x, out_dtype=_E4M3), [(4, 64)], False),
+    "swiglu_fp8": (lambda g, u: fused_act.swiglu(g, u, out_dtype=_E4M3, scaling="block"),
+                   [(4, 64), (4, 64)], False),
+    "acon_c_fp8": (lambda x, p1, p2, b: fused_act.acon_c(x, p1, p2, b, out_dtype=_E4M3),
+                   [(2, 3, 32), (3,), (3,), (3,)], False),
+    "act_fp8_linear": (lambda x, w: fused_act.act_fp8_linear(x, w, activation="silu"),
+                       [(4, 64), (16, 64)], True),
+    "glu_fp8_linear": (lambda g, u, w: fused_act.glu_fp8_linear(g, u, w),
+                       [(4, 64), (4, 64), (16, 64)], True),
+}
+NEGATIVE_CASES = [pytest.param("table", name, id=name) for name in DTYPE_OPS] + [
+    pytest.param("strided", name, id=f"{name}-params") for name in STRIDED] + [
+    pytest.param("extra", name, id=name) for name in NEGATIVE_EXTRA]
+
+
+def _negative_case(kind, name, dtype):
+    """(call, tensors, grad or None) of one case, the tensors of plain memory."""
+    gen = _gen(17)
+    if kind == "table":
+        _, call, arg = DTYPE_OPS[name]
+        x = _leaf(_randn(2, 4 if arg == "gate" else 3, 4, dtype=dtype, gen=gen))
+        return call, [x], _randn(*call(x).shape, dtype=dtype, scale=1.0, gen=gen)
+    if kind == "strided":
+        call, x, params = _strided_case(name, dtype, False)
+        tensors = [_leaf(t.contiguous()) for t in (x, *params)]
+        return (lambda x, *p: call(x, list(p))), tensors, _randn(*x.shape, dtype=dtype,
+                                                                  scale=1.0, gen=gen)
+    call, shapes, backward = NEGATIVE_EXTRA[name]
+    tensors = [_rand(*s, lo=0.5, dtype=dtype, gen=gen) for s in shapes]
+    tensors[0] = tensors[0] * 4 - 6
+    tensors = [t.requires_grad_(backward) for t in tensors]
+    out = call(*tensors)
+    out = out[0] if isinstance(out, tuple) else out
+    return call, tensors, _randn(*out.shape, dtype=dtype, scale=1.0, gen=gen) if backward else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, name", NEGATIVE_CASES)
+def test_negative_views_are_their_values(kind, name, backend, dtype, request):
+    """Every tensor argument, and the gradient, as a negative view (memory holding the
+    negation of the values it reads as) gives the outputs and gradients of plain tensors of the
+    same values, bit for bit: each path resolves the view before a kernel reads memory."""
+    if name.endswith("fp8_linear") and dtype == torch.float32:
+        pytest.skip("the FP8 linears take bf16 on CPU")
+    _use(request, backend)
+    call, tensors, grad = _negative_case(kind, name, dtype)
+    with fused_act.use_backend(backend):
+        want = _run(call, tensors, grad)
+        negative = [_negative(t) for t in tensors]
+        assert all(t.is_neg() and torch.equal(t, p) for t, p in zip(negative, tensors, strict=True))
+        got = _run(call, negative, None if grad is None else _negative(grad))
+    for what, g, w in (("output", got[0], want[0]), ("gradient", got[1], want[1])):
+        for i, (a, b) in enumerate(zip(g, w, strict=True)):
+            assert torch.equal(a.float(), b.float()) and a.dtype == b.dtype, \
+                f"{name}[{backend}] {what} {i}: {(a.float() - b.float()).abs().max()} off"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours, theirs, fn", INPLACE)
+def test_inplace_into_a_negative_view(ours, theirs, fn, backend, request):
+    """An in-place call on a negative view writes the activation of its values, read through
+    the view, as torch's own in-place write does."""
+    _use(request, backend)
+    for grad_mode in (False, True):
+        x = _negative(torch.randn(50, generator=_gen()) * 4)
+        want = fn(x.double())
+        with torch.set_grad_enabled(grad_mode), fused_act.use_backend(backend):
+            y = ours(inplace=True)(x)
+        assert y is x and x.is_neg()
+        assert_near(x, want, torch.float32, f"{ours.__name__}(inplace=True) into a view")
+
+
+def test_kernels_refuse_a_negative_view():
+    """A negative view that reached the C++ kernels would be read as its memory: they refuse it
+    (every path above resolves it first)."""
+    need_backend("cpu", "cpu")
+    lib = fused_act.kernels.kernels("cpu").lib
+    x = _negative(torch.randn(64))
+    with pytest.raises(RuntimeError, match="negative or conjugate view"):
+        lib.eager_activation(x, None, "silu", registry.SPECS["silu"].kernel_id, 1.0,
+                             fused_act.plan.BLOCK, None)
 
 
 # ---- 4. a backward runs on the backend of its forward -------------------------------------

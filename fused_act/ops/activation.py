@@ -93,7 +93,7 @@ def apply_(x: Tensor, name: str, beta_value: float = 1.0) -> Tensor:
     that autograd saved elsewhere raises torch's error instead of giving a wrong gradient."""
     backend = get_backend()
     if (torch.compiler.is_compiling() or reference_math() or dispatches_itself((x,))
-            or not is_dense(x) or launcher(x.device, backend) is None):
+            or not is_dense(x) or x.is_neg() or launcher(x.device, backend) is None):
         return x.copy_(ACTIVATION(x, name, None, beta_value, mode=name))  # copy_ bumps the version
     _act_forward(x, name, None, fp32(beta_value), backend, out=x)
     if not x.is_inference():

@@ -37,14 +37,15 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def _kernels(*ts: Tensor | None) -> ModuleType | None:
     """The CPU kernels' extension where an eager call on these CPU tensors (None: an argument
-    left out) may take its C++ node: plain tensors or parameters (no dispatch of their own),
+    left out) may take its C++ node: plain tensors or parameters (no dispatch of their own, no
+    negative view: the op resolves one),
     not compiling, no TorchDispatchMode, no torch.func transform, and backend "cpu" in force
     (also as "auto", which on a CPU tensor is "cpu" where the kernels build, else the
     reference: None)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return None  # a TorchDispatchMode sees the op only (op.dispatches_itself)
     for t in ts:  # a loop, not any(): this runs on every call
-        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.is_neg()):
             return None
     if not ts[0].numel() or reference_math():
         return None

@@ -208,5 +208,8 @@ def act_fp8_linear(x: Tensor, up: Tensor | None, beta: Tensor | None, weight: Te
     one value); ``beta_value`` the float beta where ``beta`` is None; ``path`` None
     (``matmul_path`` decides) or the product to run; ``p1`` and ``p2`` ACON-C's (``act``
     "acon_c", with its per-channel ``beta``)."""
+    # the backward hands the saved tensors to the kernels, which would read a negative view's
+    # memory: the negation of its values (resolve_neg is recorded: gradients reach the view)
+    x, up, beta, p1, p2 = (t if t is None else t.resolve_neg() for t in (x, up, beta, p1, p2))
     return ActFp8Linear.apply(x, up, beta, p1, p2, weight, bias, act, beta_value, dim,
                               out_dtype, scaling, block, path)

@@ -178,6 +178,17 @@ def plain_backward(grad: Tensor) -> bool:
                 or dispatches_itself((grad,)))
 
 
+def resolve_negative(args: tuple, at: list[int]) -> tuple:
+    """``args`` with each tensor at the positions ``at`` that is a negative view (``is_neg()``:
+    the imaginary part of a conjugate, ``torch._neg_view``) replaced by a copy of its values: a
+    kernel reads memory, which holds the negation of such a view's values.  The copy is
+    recorded by autograd, so gradients reach the view."""
+    if not any([args[i] is not None and args[i].is_neg() for i in at]):
+        return args
+    return tuple(a.resolve_neg() if i in at and a is not None else a
+                 for i, a in enumerate(args))
+
+
 def _own(d: Tensor | None, grad: Tensor) -> Tensor:
     """A gradient as a custom op returns it: an empty tensor where not needed, and a copy where
     it is part of a bigger buffer (ACON-C's parameter gradients are slices of one sum): an op's
@@ -259,7 +270,7 @@ class Op:
             return out
 
         def backward(ctx, grad: Tensor, *_: Tensor) -> tuple:
-            return op._grads(ctx, grad, op.backward if plain_backward(grad)
+            return op._grads(ctx, grad.resolve_neg(), op.backward if plain_backward(grad)
                              else op._reference_backward)
 
         # the class name is what autograd nodes print: ActivationBackward, GluBackward, ...
@@ -337,11 +348,14 @@ class Op:
             for hook in SUBCLASS_HOOKS:
                 hook()
             out = self.forward_op(*args, get_backend())
-        elif torch.is_grad_enabled() and any([
-                args[i] is not None and args[i].requires_grad for i in self._tensor_at]):
-            out = self.function.apply(*args, get_backend())
-        else:  # no graph to record: the Function's bookkeeping costs more than a small op
-            out = self.forward(*args, get_backend())
+        else:
+            # torch's dispatcher resolves a negative view for the custom op, not for these
+            args = resolve_negative(args, self._tensor_at)
+            if torch.is_grad_enabled() and any([
+                    args[i] is not None and args[i].requires_grad for i in self._tensor_at]):
+                out = self.function.apply(*args, get_backend())
+            else:  # no graph to record: the Function's bookkeeping costs more than a small op
+                out = self.forward(*args, get_backend())
         if not isinstance(out, tuple):
             return out
         return out[0] if self.schema.returned == 1 else out[:self.schema.returned]

@@ -190,6 +190,9 @@ def _act_quant(g: Tensor, u: Tensor | None, act: str, beta_value: float,
                backend: str, beta: Tensor | None, p1: Tensor | None,
                p2: Tensor | None) -> tuple[Tensor, Tensor]:
     """``act_quant`` of checked arguments, gate and up apart (a packed gate split)."""
+    # a negative view's memory holds the negation of its values, which the kernels would read
+    g, u, scale, beta, p1, p2 = (t if t is None else t.resolve_neg()
+                                 for t in (g, u, scale, beta, p1, p2))
     k = launcher(g.device, backend)
     args = (g, u, act, beta_value, out_dtype, scaling, scale, block)
     if (k is None or g.numel() == 0 or block > plan.BLOCK or g.dtype not in KERNEL_DTYPES
