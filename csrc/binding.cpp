@@ -63,15 +63,15 @@ int dtype_code(const Tensor& t) {
 // opmath dtype.
 // A tensor whose memory a kernel may read: a subclass that dispatches itself (Python key)
 // or a transform's wrapper has no storage of its own, and its data pointer is not its data;
-// the memory of a negative view (or a conjugate one) holds the negation of its values. The
-// Python side resolves such a view before any kernel: one reaching here is a bug, not garbage.
+// the memory of a negative view (or a conjugate one) holds the negation of its values. Every
+// path resolves such a view before a kernel: one reaching here is a bug, not garbage.
 void check_memory(const Tensor& t) {
   TORCH_CHECK(t.defined() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python),
               "fused_act ", KIND, " kernels: a tensor without plain storage of its own (a tensor "
               "subclass or a transform's wrapper) cannot reach a kernel");
-  TORCH_CHECK(!t.is_neg() && !t.is_conj(), "fused_act ", KIND, " kernels: a negative or "
-              "conjugate view (its memory holds other values than it reads as) cannot reach a "
-              "kernel: pass t.resolve_neg()");
+  TORCH_CHECK(!t.is_neg() && !t.is_conj(), "fused_act ", KIND, " kernels: internal error, "
+              "please report it: a negative or conjugate view (its memory holds other values "
+              "than it reads as) reached a kernel");
 }
 
 // x's opmath dtype, which parameters and partial sums are kept in (plan.accumulator)
@@ -657,7 +657,8 @@ struct EagerNode : public torch::autograd::Node {
   std::vector<Tensor> unpack_saved() const {
     std::vector<Tensor> unpacked;
     unpacked.reserve(saved.size());
-    for (const auto& s : saved) unpacked.push_back(s.unpack());
+    // resolved: a saved-tensor hook may unpack a negative view
+    for (const auto& s : saved) unpacked.push_back(s.unpack().resolve_neg());
     return unpacked;
   }
 

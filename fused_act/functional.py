@@ -671,9 +671,12 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
             kept = contextlib.nullcontext() if torch.compiler.is_compiling() else (
                 torch.autograd._unsafe_preserve_version_counter((running_mean, running_var)))
             with torch.no_grad(), kept:
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype),
+                # mul_.Scalar, as the C++ node's update (a Python float makes mul_.Tensor,
+                # which rounds bf16 statistics differently: 1 ulp apart in most calls)
+                mul_ = torch.ops.aten.mul_.Scalar
+                mul_(running_mean, 1.0 - momentum).add_(mean.to(running_mean.dtype),
                                                         alpha=momentum)
-                running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(
+                mul_(running_var, 1.0 - momentum).add_((var * (m / (m - 1))).to(
                     running_var.dtype), alpha=momentum)
         return y
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -403,20 +403,20 @@ def _run(call, tensors, grad):
 
 
 def _bn(training):
-    def call(x, w, b):
-        rm, rv = torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)
+    def call(x, w, b, rm, rv):
         y = fused_act.batch_norm_act(x, rm, rv, w, b, training=training)
-        return y, rm, rv
+        return y, rm, rv  # the running statistics as updated
     return call
 
 
 _E4M3 = torch.float8_e4m3fn
+_BN = [(4, 3, 5), (3,), (3,), (3,), (3,)]  # x, weight, bias, running mean and variance
 # name -> (call, shapes of its tensors (x first), whether it has a backward); the public
 # paths the tables below leave out: BatchNorm (training, eval), FP8 outputs and FP8 linears
 NEGATIVE_EXTRA = {
-    "batch_norm_act_train": (_bn(True), [(4, 3, 5), (3,), (3,)], True),
-    "batch_norm_act_eval": (_bn(False), [(4, 3, 5), (3,), (3,)], True),
-    "batch_norm_act_inference": (_bn(False), [(4, 3, 5), (3,), (3,)], False),
+    "batch_norm_act_train": (_bn(True), _BN, True),
+    "batch_norm_act_eval": (_bn(False), _BN, True),
+    "batch_norm_act_inference": (_bn(False), _BN, False),
     "silu_fp8": (lambda x: fused_act.silu(x, out_dtype=_E4M3), [(4, 64)], False),
     "swiglu_fp8": (lambda g, u: fused_act.swiglu(g, u, out_dtype=_E4M3, scaling="block"),
                    [(4, 64), (4, 64)], False),
@@ -447,7 +447,9 @@ def _negative_case(kind, name, dtype):
     call, shapes, backward = NEGATIVE_EXTRA[name]
     tensors = [_rand(*s, lo=0.5, dtype=dtype, gen=gen) for s in shapes]
     tensors[0] = tensors[0] * 4 - 6
-    tensors = [t.requires_grad_(backward) for t in tensors]
+    # BatchNorm's running statistics take no gradient
+    tensors = [t.requires_grad_(backward and i < 3 if shapes is _BN else backward)
+               for i, t in enumerate(tensors)]
     out = call(*tensors)
     out = out[0] if isinstance(out, tuple) else out
     return call, tensors, _randn(*out.shape, dtype=dtype, scale=1.0, gen=gen) if backward else None
@@ -464,15 +466,75 @@ def test_negative_views_are_their_values(kind, name, backend, dtype, request):
         pytest.skip("the FP8 linears take bf16 on CPU")
     _use(request, backend)
     call, tensors, grad = _negative_case(kind, name, dtype)
+    negative = [_negative(t) for t in tensors]  # before the call updates running statistics
+    assert all(t.is_neg() and torch.equal(t, p) for t, p in zip(negative, tensors, strict=True))
     with fused_act.use_backend(backend):
         want = _run(call, tensors, grad)
-        negative = [_negative(t) for t in tensors]
-        assert all(t.is_neg() and torch.equal(t, p) for t, p in zip(negative, tensors, strict=True))
         got = _run(call, negative, None if grad is None else _negative(grad))
     for what, g, w in (("output", got[0], want[0]), ("gradient", got[1], want[1])):
         for i, (a, b) in enumerate(zip(g, w, strict=True)):
             assert torch.equal(a.float(), b.float()) and a.dtype == b.dtype, \
                 f"{name}[{backend}] {what} {i}: {(a.float() - b.float()).abs().max()} off"
+
+
+HOOKED = ["silu", "swish_tensor", "acon_c", "frelu_max", "swiglu", "glu_mish"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", HOOKED + ["batch_norm_act_train", "act_fp8_linear"])
+def test_saved_tensors_unpacked_as_negative_views(name, backend, request):
+    """A saved-tensor hook whose unpack gives negative views (of the saved values) changes no
+    gradient."""
+    _use(request, backend)
+    kind = "extra" if name in NEGATIVE_EXTRA else "table"
+    dtype = torch.bfloat16 if name == "act_fp8_linear" else torch.float32
+    call, tensors, grad = _negative_case(kind, name, dtype)
+    fresh = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    with fused_act.use_backend(backend):
+        want = _run(call, tensors, grad)[1]
+        with torch.autograd.graph.saved_tensors_hooks(  # float8 has no negation
+                lambda t: t, lambda t: _negative(t) if t.dtype in DTYPES else t):
+            got = _run(call, fresh, grad)[1]
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), f"{name}[{backend}] gradient {i}: {(a - b).abs().max()} off"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gated_mlp_recomputes_from_negative_views(backend, request):
+    """GatedMLP's recomputed h (glu run again from its inputs in the backward) of negative views
+    is the h of their values: the same gradients as plain inputs."""
+    _use(request, backend)
+    torch.manual_seed(0)
+    mlp = fused_act.nn.GatedMLP(torch.nn.Linear(8, 4), "silu", gate_proj=torch.nn.Identity(),
+                                up_proj=torch.nn.Identity(), recompute=True)
+    x = _leaf(_randn(5, 8, dtype=torch.float32, gen=_gen(19)))  # glu records its node
+    grads = []
+    for given in (x, _negative(x)):
+        mlp.zero_grad()
+        with fused_act.use_backend(backend):
+            mlp(given).sum().backward()
+        grads.append(torch.cat([mlp.down_proj.weight.grad.flatten(), given.grad.flatten()]))
+    assert torch.equal(*grads), (grads[0] - grads[1]).abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_module_updates_negative_running_statistics(backend, request):
+    """BatchNormAct2d in training updates running statistics that are negative views as it does
+    plain ones (torch's BatchNorm2d, its CPU pair, leaves them as they were: those views take
+    the fused op, whose update rounds apart from torch's)."""
+    _use(request, backend)
+    x = _randn(4, 3, 5, 5, dtype=torch.float32, gen=_gen(23))
+    stats = []
+    for negative in (False, True):
+        m = fused_act.nn.BatchNormAct2d(3)
+        if negative:
+            m.running_mean, m.running_var = _negative(m.running_mean), _negative(m.running_var)
+        with fused_act.use_backend(backend):
+            m(x)
+        assert m.running_mean.is_neg() == negative
+        stats.append(torch.cat([m.running_mean, m.running_var]))
+    torch.testing.assert_close(stats[1], stats[0], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(stats[1][:3], torch.zeros(3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

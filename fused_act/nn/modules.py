@@ -567,8 +567,12 @@ class BatchNormAct2d(nn.BatchNorm2d, FusedModule):
 
     def _torch_pair(self, x: Tensor) -> bool:
         """Whether this call runs torch's BatchNorm2d then ``act`` (the class docstring)."""
+        # not with running statistics that are negative views: torch's BatchNorm leaves them
+        # as they were in training (torch 2.14), where batch_norm_act updates them
         return (x.device.type == "cpu" and type(x) is Tensor and get_backend() != "triton"
-                and not torch.compiler.is_compiling())
+                and not torch.compiler.is_compiling()
+                and not any(t is not None and t.is_neg()
+                            for t in (self.running_mean, self.running_var)))
 
     extra_repr = FusedModule.extra_repr  # "fused", ahead of BatchNorm's in the MRO
 

@@ -141,7 +141,9 @@ class ActFp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple:
-        x, up, beta, p1, p2, q2, s2, weight = ctx.saved_tensors
+        # resolved: a saved-tensor hook may unpack a negative view
+        x, up, beta, p1, p2, q2, s2, weight = (t if t is None else t.resolve_neg()
+                                               for t in ctx.saved_tensors)
         act, beta_value, dim, scaling, block, backend, shape, bias_dtype = ctx.attrs
         if torch.is_grad_enabled():
             raise RuntimeError(f"fused_act.{_name(up, dim)}: double backward "

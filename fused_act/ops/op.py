@@ -183,10 +183,11 @@ def resolve_negative(args: tuple, at: list[int]) -> tuple:
     the imaginary part of a conjugate, ``torch._neg_view``) replaced by a copy of its values: a
     kernel reads memory, which holds the negation of such a view's values.  The copy is
     recorded by autograd, so gradients reach the view."""
-    if not any([args[i] is not None and args[i].is_neg() for i in at]):
-        return args
-    return tuple(a.resolve_neg() if i in at and a is not None else a
-                 for i, a in enumerate(args))
+    for i in at:  # a loop that stops at the first: this runs on every call
+        if args[i] is not None and args[i].is_neg():
+            return tuple(a.resolve_neg() if j in at and a is not None else a
+                         for j, a in enumerate(args))
+    return args
 
 
 def _own(d: Tensor | None, grad: Tensor) -> Tensor:
@@ -292,7 +293,9 @@ class Op:
 
     def _grads(self, ctx, grad: Tensor, backward: Callable) -> tuple:
         needs = ctx.needs_input_grad
-        saved, attrs = iter(ctx.saved_tensors), iter(ctx.attrs)
+        # a saved-tensor hook may unpack a negative view
+        saved = iter([t if t is None else t.resolve_neg() for t in ctx.saved_tensors])
+        attrs = iter(ctx.attrs)
         args = [next(saved) if tensor else next(attrs) for tensor in self._backward_reads]
         if self.schema.flag:
             args.append(any(needs[i] for i in self._param_at))
@@ -318,7 +321,8 @@ class Op:
             raise TypeError(f"fused_act: {self.schema.name}'s node does not keep every "
                             "attribute of its forward")
         given, attrs = iter(tensors), iter(node.attrs)
-        args = [next(given) if a.tensor else next(attrs) for a in self.schema.args]
+        args = resolve_negative(tuple(next(given) if a.tensor else next(attrs)
+                                      for a in self.schema.args), self._tensor_at)
         device = next(a for a in args if isinstance(a, Tensor)).device.type
         autocast_off = (torch.autocast(device, enabled=False)
                         if torch.amp.is_autocast_available(device) else contextlib.nullcontext())
