@@ -391,7 +391,7 @@ void quantize(const Tensor& y, Tensor& q, Tensor& scales, const OptTensor& scale
 // (create_graph) or gets a gradient the kernels cannot take (batched, a subclass) calls the
 // Python side's differentiable backward of that node instead.
 struct DifferentiableBackwards {
-  pybind11::object activation, glu, max, acon, batch_norm;
+  pybind11::object activation, glu, max, acon, batch_norm, affine;
 };
 // kept to the end: no destructor runs at exit, after the interpreter
 DifferentiableBackwards* differentiable = nullptr;
@@ -1076,7 +1076,8 @@ void batch_norm_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t a
 // gradients. Saves what the op saves, in its order: x, weight, bias, the batch mean and biased
 // variance in opmath (checkpointing may recompute the forward under another backend, whose
 // saved tensors this backward then reads).  eager_batch_norm also runs eval without a node
-// (run on the running statistics) where no gradient is to be taken.
+// (run on the running statistics) where no gradient is to be taken, and as EagerAffine where
+// one is.
 // Its integers: the kernel id, eps's bits, the plan, x's strides.
 struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
   // (a, b) of the affine in front of the activation (reference.bn_affine), C values each,
@@ -1147,6 +1148,68 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
   }
 };
 
+// BatchNorm in eval then an elementwise activation with a float beta (batch_norm_act) where a
+// gradient is to be taken: the op's affine_act on the running statistics folded into c, a, b
+// (its forward computes them with autograd on, as the op's caller does: a reaches weight
+// through torch's Mul node, b bias), as the op computes it call for call, and saves what the
+// op saves: x, c, a, b (checkpointing may recompute the forward under another backend; the
+// Mul saves 1/std before them, as there).
+// Its integers: the kernel id, the plan, x's strides.
+struct EagerAffine : public EagerNode<EagerAffine> {
+  static Tensor run(const Tensor& x, const Tensor& c, const Tensor& a, const Tensor& b,
+                    const ActAttrs& at, const fa_plan& p) {
+    Tensor y = at::empty_like(x);
+    raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(at.act),
+                                   c.contiguous().data_ptr(), a.contiguous().data_ptr(),
+                                   b.contiguous().data_ptr(), nullptr, float(at.beta_value),
+                                   nullptr, nullptr, p, nullptr),
+             "affine_act_forward");
+    return y;
+  }
+
+  std::string name() const override { return "EagerAffineBackward"; }
+
+  // batchnorm.affine_act_backward_impl on CPU, call for call (dx only where x needs it)
+  static torch::autograd::variable_list backward(const Attrs& at, std::vector<Tensor> saved,
+                                                 Tensor g, const std::vector<bool>& needs) {
+    Tensor x = saved[0];
+    const ActAttrs a{at.name, at.ints[0], at.beta_value};
+    const fa_plan p = to_plan(c10::IntArrayRef(at.ints).slice(1, FA_PLAN_FIELDS));
+    const bool need_params = needs[1] || needs[2];
+    if (needs_differentiable(g, {&x, &saved[1], &saved[2], &saved[3]})) {
+      pybind11::gil_scoped_acquire gil;
+      auto d = differentiable->affine(g, x, saved[1], saved[2], saved[3], a.name, a.beta_value,
+                                      need_params)
+                   .cast<std::tuple<Tensor, OptTensor, OptTensor>>();
+      return {std::get<0>(d), std::get<1>(d).value_or(Tensor()),
+              std::get<2>(d).value_or(Tensor())};
+    }
+    check_unpacked(x, g.sizes(), g.scalar_type(), "x");
+    // the kernel reads C values of x's opmath a coefficient
+    for (const auto& [what, i] : {std::pair{"c", 1}, std::pair{"a", 2}, std::pair{"b", 3}}) {
+      check_unpacked(saved[i], {p.channels}, accumulator(x), what);
+    }
+    const Tensor c = saved[1].contiguous(), af = saved[2].contiguous(),
+                 bf = saved[3].contiguous();
+    x = as_saved(x, c10::IntArrayRef(at.ints).slice(1 + FA_PLAN_FIELDS));
+    g = like(g, x);
+    Tensor dx = needs[0] ? at::empty_like(x) : Tensor();
+    const int64_t slots = fa_partial_slots(p);
+    Tensor partial = need_params ? at::empty({2, slots}, x.options().dtype(accumulator(x)))
+                                 : Tensor();
+    raise_if(fa_affine_act_backward(g.data_ptr(), x.data_ptr(), ptr_of(dx), dtype_code(x),
+                                    int(a.act), c.data_ptr(), af.data_ptr(), bf.data_ptr(),
+                                    nullptr, float(a.beta_value), nullptr, nullptr, nullptr,
+                                    nullptr, ptr_of(partial), need_params ? 2 : 0, slots, p,
+                                    nullptr),
+             "affine_act_backward");
+    if (!need_params) return {dx, Tensor(), Tensor()};
+    // batchnorm._finish: the totals of each channel's slots
+    const Tensor sums = partial.view({2, -1, p.channels}).sum(1);
+    return {dx, needs[1] ? sums[1] : Tensor(), needs[2] ? sums[0] : Tensor()};
+  }
+};
+
 OptTensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& running_mean, const OptTensor& running_var,
                            bool training, double momentum, double eps, const std::string& name,
@@ -1178,12 +1241,22 @@ OptTensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTe
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   const ActAttrs a{name, act, beta_value};
   if (!training) {
-    // the op's eval path (affine_act on the folded running statistics), call for call; a call
-    // that takes a gradient is the op's, whose graph reaches weight through torch's ops
-    if (records({&x, &w, &b, &*running_mean, &*running_var})) return std::nullopt;
+    // the op's eval path (affine_act on the folded running statistics), call for call
     const auto op = accumulator(x);
-    return EagerBatchNorm::run(x, w, b, running_mean->to(op).contiguous(),
-                               running_var->to(op), eps, a, p);
+    if (!records({&x, &w, &b, &*running_mean, &*running_var})) {
+      return EagerBatchNorm::run(x, w, b, running_mean->to(op).contiguous(),
+                                 running_var->to(op), eps, a, p);
+    }
+    // running statistics that take a gradient are the op's (their gradients reach c too)
+    if (running_mean->requires_grad() || running_var->requires_grad()) return std::nullopt;
+    // as batch_norm_act's eval coefficients, with autograd on
+    const Tensor invstd = at::rsqrt(running_var->to(op) + eps);
+    const Tensor af = w.defined() ? invstd * w.to(op) : invstd;
+    const Tensor bf = b.defined() ? b.to(op) : at::zeros_like(af);
+    const Tensor c = running_mean->to(op);
+    return EagerAffine::record({name, beta_value, concat({{act}, from_plan(p), x.strides()})},
+                               {x, af, bf}, {x, c, af, bf},
+                               [&] { return EagerAffine::run(x, c, af, bf, a, p); });
   }
   Tensor mean, var;
   {
@@ -1211,14 +1284,14 @@ OptTensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTe
 }
 
 // The Python side's differentiable backwards of the eager nodes (activation, glu, max, acon,
-// batch_norm).
+// batch_norm, affine).
 void set_differentiable_backward(pybind11::object activation, pybind11::object glu,
                                  pybind11::object max, pybind11::object acon,
-                                 pybind11::object batch_norm) {
+                                 pybind11::object batch_norm, pybind11::object affine) {
   delete differentiable;
   differentiable = new DifferentiableBackwards{std::move(activation), std::move(glu),
                                                std::move(max), std::move(acon),
-                                               std::move(batch_norm)};
+                                               std::move(batch_norm), std::move(affine)};
 }
 #endif
 

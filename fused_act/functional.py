@@ -592,9 +592,9 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     Eager calls on CPU tensors under backends "auto" and "cpu" in training, with an
     elementwise activation of a float beta and weight and bias of shape (C,), run as one C++
     autograd node (ops/eager.py): the fused op's kernels, results and saved tensors without its
-    Python bookkeeping, which made small layers up to 3x slower than torch's pair; in eval
-    without a gradient to take (inference), where the fused op runs (below), as one C++ call
-    of its kernel.  In eval,
+    Python bookkeeping, which made small layers up to 3x slower than torch's pair; in eval,
+    where the fused op runs (below), as one C++ call of its kernel without a gradient to take
+    (inference) and as a C++ node of its affine_act with one.  In eval,
     contiguous CPU fp32 and fp64 tensors of fewer than 2^19 elements and more than one value
     per sample and channel run ``torch.nn.functional.batch_norm`` then the activation (our op,
     under the backend in force) instead, whatever the backend but "triton": the fused op's

@@ -318,16 +318,40 @@ EAGER_NODES = {
                                                           activation="gelu"),
                        lambda a: ops.BATCH_NORM_ACT(a[0], a[1], a[2], 1e-5, "gelu", None, 1.0,
                                                     None, None, mode="batch_norm_act")[0]),
+    # BatchNorm in eval + gelu (EagerAffine); running statistics in another dtype than x's
+    # (torch's pair would take the same dtype's fp32 and fp64)
+    "batch_norm_eval": (lambda x: [x, torch.rand(6, dtype=x.dtype) + 0.5,
+                                   torch.randn(6, dtype=x.dtype)],
+                        lambda a: fused_act.batch_norm_act(a[0], *_eval_stats(a[0]), a[1], a[2],
+                                                           False, activation="gelu"),
+                        lambda a: _eval_op(*a)),
 }
+
+
+def _eval_stats(x):
+    """Fixed running statistics (mean, variance) of 6 channels, in fp64 (fp32 for fp64 x)."""
+    gen = torch.Generator().manual_seed(1)
+    dtype = torch.float32 if x.dtype == torch.float64 else torch.float64
+    return torch.randn(6, generator=gen, dtype=dtype), torch.rand(6, generator=gen,
+                                                                  dtype=dtype) + 0.5
+
+
+def _eval_op(x, w, b):
+    """batch_norm_act's eval call of the op: affine_act on the folded ``_eval_stats``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rm, rv = (t.to(acc) for t in _eval_stats(x))
+    return ops.AFFINE_ACT(x, rm, torch.rsqrt(rv + 1e-5) * w.to(acc), b.to(acc), "gelu", None,
+                          1.0, None, None, mode="batch_norm_act")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", EAGER_NODES)
 def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
     """EagerGlu (two tensors, or the halves of one along a dim), EagerMax, EagerAcon (ACON-C,
-    Meta-ACON) and EagerBatchNorm (training), as test_cpu_eager_node's EagerActivation: values
-    and gradients the op's own bit for bit, for an expanded gradient too; the op's saved
-    tensors (the inputs; the max's win code; BatchNorm's per-channel statistics too); a batched
+    Meta-ACON), EagerBatchNorm (training) and EagerAffine (its eval), as test_cpu_eager_node's
+    EagerActivation: values and gradients the op's own bit for bit, for an expanded gradient
+    too; the op's saved tensors (the inputs; the max's win code; BatchNorm's per-channel
+    statistics too, or in eval its coefficients); second derivatives to every input; a batched
     gradient, create_graph and torch.func over the backward take the reference math; a strided
     unpack is read right, one of another shape refused; an in-place write after the forward is
     torch's error; a strided input keeps the op."""
@@ -340,6 +364,11 @@ def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
     assert "Eager" in y.grad_fn.name(), y.grad_fn.name()
     if case == "max":
         assert [t.dtype for t in saved] == [torch.uint8]
+    elif case == "batch_norm_eval":  # 1/std (torch's Mul, for weight), x, c, a, b, as the op
+        _, want = saved_by(lambda: op_call(inputs), "cpu")
+        assert len(saved) == len(want) == 5
+        assert all(torch.equal(a, b) for a, b in zip(saved, want, strict=True))
+        assert saved[1] is inputs[0]
     elif "batch_norm" in case:  # and the batch mean and biased variance, as the op saves them
         assert [t.data_ptr() for t in saved[:3]] == [t.data_ptr() for t in inputs]
         mean, var = reference.batch_stats(inputs[0].detach())
@@ -362,8 +391,10 @@ def test_cpu_eager_gated_max_and_acon_nodes(case, dtype):
         ref = torch.autograd.grad((want * want).sum(), inputs[0], create_graph=True)[0]
     torch.testing.assert_close(dx, ref)
     assert dx.grad_fn is not None
-    torch.testing.assert_close(torch.autograd.grad(dx.sum(), inputs[0], retain_graph=True)[0],
-                               torch.autograd.grad(ref.sum(), inputs[0], retain_graph=True)[0])
+    # the second derivatives reach every input (BatchNorm's eval weight through torch's Mul)
+    torch.testing.assert_close(
+        torch.autograd.grad(dx.sum(), inputs, retain_graph=True, allow_unused=True),
+        torch.autograd.grad(ref.sum(), inputs, retain_graph=True, allow_unused=True))
 
     def backward_under_transform(s):  # torch.func over the backward: the reference math
         return (s * torch.autograd.grad(y, inputs[0], g, retain_graph=True)[0].sum()).sum()
@@ -482,8 +513,8 @@ class _DropFirst(torch.autograd.Function):
 def test_cpu_eager_nodes_without_a_gradient_and_creation_hooks(case):
     """Where no gradient reaches an eager node's output, its inputs get zeros, as from the op's
     node (an autograd Function's); no node but the eager one is recorded by the forward (a
-    parameter's flattening records none), and node-creation hooks, where torch has them, see
-    it."""
+    parameter's flattening records none; BatchNorm's eval records its weight's Mul too), and
+    node-creation hooks, where torch has them, see it."""
     need_backend("cpu", "cpu")
     inputs, call = _node_case(case)
     other = torch.ones(3, requires_grad=True)
@@ -495,4 +526,6 @@ def test_cpu_eager_nodes_without_a_gradient_and_creation_hooks(case):
         seen = []
         with torch.autograd.graph.node_creation_hook(lambda n: seen.append(n.name())):
             y = call(inputs)
-        assert [n for n in seen if "Accumulate" not in n] == [y.grad_fn.name()]
+        # BatchNorm's eval coefficient reaches weight through torch's Mul, as the op's
+        mul = ["MulBackward0"] * (case == "batch_norm_eval")
+        assert [n for n in seen if "Accumulate" not in n] == [*mul, y.grad_fn.name()]

@@ -264,6 +264,18 @@ def bn_differentiable_backward(grad: Tensor, x: Tensor, weight: Tensor | None,
     return dx, dw, db
 
 
+def affine_differentiable_backward(grad: Tensor, x: Tensor, c: Tensor, a: Tensor, b: Tensor,
+                                   act: str, beta_value: float, need_params: bool
+                                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dx, da, db) of the CPU eager node of ``batch_norm_act`` in eval (``affine_act`` on the
+    folded running statistics, ops/eager.py) as differentiable torch ops, for a backward that
+    needs a graph of its own: the op's reference backward (a's graph reaches weight); da and db
+    None unless ``need_params``."""
+    dx, _, da, db, *_ = _affine_reference_backward(grad, x, c, a, b, act, None, beta_value,
+                                                   None, None, need_params)
+    return dx, da, db
+
+
 BATCH_NORM_ACT = Op(
     Schema("batch_norm_act", (data("x"), param("weight", optional=True),
                               param("bias", optional=True), attr("eps", "float"), *_ACT_ARGS),

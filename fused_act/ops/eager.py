@@ -1,8 +1,8 @@
 """The eager fast paths on CPU tensors: an activation and a gated activation (of two tensors or
 the halves of one), with a float beta or a beta tensor, FReLU's max and ACON-C (Meta-ACON's
 per-sample beta too) and BatchNorm with an activation, each as a C++ autograd node of the CPU
-kernels' extension (csrc/binding.cpp, EagerActivation, EagerGlu, EagerMax, EagerAcon and
-EagerBatchNorm) in place of the op's
+kernels' extension (csrc/binding.cpp, EagerActivation, EagerGlu, EagerMax, EagerAcon,
+EagerBatchNorm and EagerAffine) in place of the op's
 Python Function, whose bookkeeping costs more than the kernels on small tensors
 (a 1024-element swiglu forward+backward: 85 us through the Function, 33 us for the eager
 expression silu(gate) * up).  The same kernels, plans and saved tensors as the op's "cpu"
@@ -25,7 +25,7 @@ from ..kernels import launcher
 from ..registry import SPECS
 from .acon import ACON_C, n_outermost
 from .activation import ACTIVATION, _act_plan, _act_reference_backward
-from .batchnorm import ACON, bn_differentiable_backward
+from .batchnorm import ACON, affine_differentiable_backward, bn_differentiable_backward
 from .frelu import FRELU_MAX
 from .glu import GATED, _glu_reference_backward
 from .layout import fp32, is_dense
@@ -119,8 +119,9 @@ def eager_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     docstring), which updates the running statistics; in eval without a gradient to take (no
     grad mode, or no input that requires one) as one call of the op's kernel on the folded
     running statistics, with none of its Python work (a bf16 eval BatchNorm then silu of 2^16
-    elements, forward: 1.8x torch's pair through the op, 1.2-1.3x so).  None where the call is
-    the op's."""
+    elements, forward: 1.8x torch's pair through the op, 1.2-1.3x so); in eval with one as
+    EagerAffine, the op's affine_act on those coefficients, which take their gradients to weight
+    and bias through torch's ops as the op's do.  None where the call is the op's."""
     if act == ACON or beta is not None:
         return None
     lib = _kernels(x, weight, bias, running_mean, running_var)
@@ -138,6 +139,7 @@ def _eager(k: object) -> ModuleType:
     """The CPU kernels' extension, told the backwards to run where a gradient needs a graph."""
     k.lib.set_differentiable_backward(_act_reference_backward, _glu_reference_backward,
                                       reference.frelu_max_backward_code,
-                                      reference.acon_c_backward, bn_differentiable_backward)
+                                      reference.acon_c_backward, bn_differentiable_backward,
+                                      affine_differentiable_backward)
     return k.lib
 
