@@ -21,7 +21,7 @@ from ..registry import SPECS
 from .acon import ACON_C
 from .activation import ACTIVATION
 from .glu import GATED
-from .op import plain_backward
+from .op import plain_backward, resolved
 from .quant import run_act_quant
 
 # the forward format of both operands in FP8 training recipes: the weight is always e4m3
@@ -142,8 +142,7 @@ class ActFp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple:
         # resolved: a saved-tensor hook may unpack a negative view
-        x, up, beta, p1, p2, q2, s2, weight = (t if t is None else t.resolve_neg()
-                                               for t in ctx.saved_tensors)
+        x, up, beta, p1, p2, q2, s2, weight = resolved(*ctx.saved_tensors)
         act, beta_value, dim, scaling, block, backend, shape, bias_dtype = ctx.attrs
         if torch.is_grad_enabled():
             raise RuntimeError(f"fused_act.{_name(up, dim)}: double backward "
@@ -212,6 +211,6 @@ def act_fp8_linear(x: Tensor, up: Tensor | None, beta: Tensor | None, weight: Te
     "acon_c", with its per-channel ``beta``)."""
     # the backward hands the saved tensors to the kernels, which would read a negative view's
     # memory: the negation of its values (resolve_neg is recorded: gradients reach the view)
-    x, up, beta, p1, p2 = (t if t is None else t.resolve_neg() for t in (x, up, beta, p1, p2))
+    x, up, beta, p1, p2 = resolved(x, up, beta, p1, p2)
     return ActFp8Linear.apply(x, up, beta, p1, p2, weight, bias, act, beta_value, dim,
                               out_dtype, scaling, block, path)

@@ -190,6 +190,12 @@ def resolve_negative(args: tuple, at: list[int]) -> tuple:
     return args
 
 
+def resolved(*ts: Tensor | None) -> list[Tensor | None]:
+    """Each of ``ts`` with a negative view (``resolve_negative``) replaced by a copy of its
+    values; None stays None."""
+    return [t if t is None else t.resolve_neg() for t in ts]
+
+
 def _own(d: Tensor | None, grad: Tensor) -> Tensor:
     """A gradient as a custom op returns it: an empty tensor where not needed, and a copy where
     it is part of a bigger buffer (ACON-C's parameter gradients are slices of one sum): an op's
@@ -294,7 +300,7 @@ class Op:
     def _grads(self, ctx, grad: Tensor, backward: Callable) -> tuple:
         needs = ctx.needs_input_grad
         # a saved-tensor hook may unpack a negative view
-        saved = iter([t if t is None else t.resolve_neg() for t in ctx.saved_tensors])
+        saved = iter(resolved(*ctx.saved_tensors))
         attrs = iter(ctx.attrs)
         args = [next(saved) if tensor else next(attrs) for tensor in self._backward_reads]
         if self.schema.flag:

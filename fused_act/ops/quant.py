@@ -20,7 +20,14 @@ from .acon import acon_forward_impl
 from .activation import forward_impl
 from .glu import glu_forward_impl
 from .layout import flat_param, fp32, row_stride
-from .op import SUBCLASS_HOOKS, dispatches_itself, exporting, onnx_exporting, reference_math
+from .op import (
+    SUBCLASS_HOOKS,
+    dispatches_itself,
+    exporting,
+    onnx_exporting,
+    reference_math,
+    resolved,
+)
 
 # inputs the kernel computes from (in fp32); fp64 takes the reference (its fp32 value)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -191,8 +198,7 @@ def _act_quant(g: Tensor, u: Tensor | None, act: str, beta_value: float,
                p2: Tensor | None) -> tuple[Tensor, Tensor]:
     """``act_quant`` of checked arguments, gate and up apart (a packed gate split)."""
     # a negative view's memory holds the negation of its values, which the kernels would read
-    g, u, scale, beta, p1, p2 = (t if t is None else t.resolve_neg()
-                                 for t in (g, u, scale, beta, p1, p2))
+    g, u, scale, beta, p1, p2 = resolved(g, u, scale, beta, p1, p2)
     k = launcher(g.device, backend)
     args = (g, u, act, beta_value, out_dtype, scaling, scale, block)
     if (k is None or g.numel() == 0 or block > plan.BLOCK or g.dtype not in KERNEL_DTYPES
