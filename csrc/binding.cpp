@@ -1014,7 +1014,9 @@ Tensor eager_acon(const Tensor& x, const Tensor& p1, const Tensor& p2, const Ten
 // the slots' M2 plus each slot's count times its mean's squared distance from the channel's
 // (batchnorm.merge_stats, whose torch ops cost more than the kernel on small tensors), a sum of
 // non-negative terms, in slot order (deterministic) and in double (a channel may have millions
-// of slots: an fp32 running sum drifts, and its count stops being exact past 2^24).
+// of slots: an fp32 running sum drifts, and its count stops being exact past 2^24).  Walked a
+// row of C slots at a time, every channel's sums side by side (each still in its slots' order):
+// a channel at a time strode through the slots, and cost a third of the stats kernel's time.
 std::tuple<Tensor, Tensor> merge_stats(const Tensor& partial, int64_t channels) {
   TORCH_CHECK(partial.device().type() == DEVICE && partial.dim() == 2 && partial.size(0) == 3 &&
                   partial.is_contiguous() && channels > 0 && partial.size(1) % channels == 0 &&
@@ -1026,19 +1028,24 @@ std::tuple<Tensor, Tensor> merge_stats(const Tensor& partial, int64_t channels) 
   AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "merge_stats", [&] {
     const int64_t slots = partial.size(1);
     const scalar_t *n = partial.const_data_ptr<scalar_t>(), *s = n + slots, *m2 = s + slots;
-    for (int64_t c = 0; c < channels; ++c) {
-      double total = 0, sum = 0, spread = 0, squares = 0;
-      for (int64_t j = c; j < slots; j += channels) total += n[j], sum += s[j];
-      const double mu = sum / total;
-      for (int64_t j = c; j < slots; j += channels) {
-        squares += m2[j];
-        if (n[j] > 0) {
-          const double d = double(s[j]) / n[j] - mu;
-          spread += n[j] * (d * d);
-        }
+    std::vector<double> total(channels), sum(channels), mu(channels), spread(channels),
+        squares(channels);
+    for (int64_t row = 0; row < slots; row += channels) {
+      for (int64_t c = 0; c < channels; ++c) total[c] += n[row + c], sum[c] += s[row + c];
+    }
+    for (int64_t c = 0; c < channels; ++c) mu[c] = sum[c] / total[c];
+    for (int64_t row = 0; row < slots; row += channels) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t j = row + c;
+        squares[c] += m2[j];
+        // an empty slot adds nothing (its mean is 0 / 0)
+        const double d = n[j] > 0 ? double(s[j]) / n[j] - mu[c] : 0.0;
+        spread[c] += n[j] * (d * d);
       }
-      mean.data_ptr<scalar_t>()[c] = scalar_t(mu);
-      var.data_ptr<scalar_t>()[c] = scalar_t((squares + spread) / total);
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      mean.data_ptr<scalar_t>()[c] = scalar_t(mu[c]);
+      var.data_ptr<scalar_t>()[c] = scalar_t((squares[c] + spread[c]) / total[c]);
     }
   });
   return {mean, var};
@@ -1205,7 +1212,7 @@ struct EagerAffine : public EagerNode<EagerAffine> {
              "affine_act_backward");
     if (!need_params) return {dx, Tensor(), Tensor()};
     // batchnorm._finish: the totals of each channel's slots
-    const Tensor sums = partial.view({2, -1, p.channels}).sum(1);
+    const Tensor sums = slots == p.channels ? partial : partial.view({2, -1, p.channels}).sum(1);
     return {dx, needs[1] ? sums[1] : Tensor(), needs[2] ? sums[0] : Tensor()};
   }
 };
@@ -1247,7 +1254,8 @@ OptTensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTe
       return EagerBatchNorm::run(x, w, b, running_mean->to(op).contiguous(),
                                  running_var->to(op), eps, a, p);
     }
-    // running statistics that take a gradient are the op's (their gradients reach c too)
+    // running statistics that take a gradient are the op's (ops/eager.py sends them there):
+    // this node's inputs are x, a and b, and c, the running mean, would get none
     if (running_mean->requires_grad() || running_var->requires_grad()) return std::nullopt;
     // as batch_norm_act's eval coefficients, with autograd on
     const Tensor invstd = at::rsqrt(running_var->to(op) + eps);

@@ -129,20 +129,25 @@ def flat(n: int, layout: int = ROWS) -> Plan:
 def channel_plan(x: torch.Tensor, channels: int, per_sample: bool = False) -> Plan:
     """Tile a dense ``x`` of shape (N, C, *) for parameters of ``channels`` (1 or C) values per
     channel, or per (sample, channel) when ``per_sample`` (then N must be outermost in memory)."""
-    n = x.numel()
-    batch = x.shape[0] if per_sample else 0
+    return _channel_plan(x.numel(), x.shape[0] if x.dim() else 1, x.stride(1) if x.dim() > 1
+                         else 1, channels, per_sample)
+
+
+@memo
+def _channel_plan(n: int, n0: int, inner: int, channels: int, per_sample: bool) -> Plan:
+    """channel_plan of an x of ``n`` elements, ``n0`` samples and channel stride ``inner``."""
+    batch = n0 if per_sample else 0
     if channels == 1:
         if not per_sample:
             return flat(n)
-        inner = n // x.shape[0]
+        inner = n // n0
         block_l = min(next_power_of_2(inner), BLOCK)
-        return Plan(x.shape[0], inner, 1, ROWS, BLOCK // block_l, block_l, batch=batch)
-    inner = x.stride(1)
+        return Plan(n0, inner, 1, ROWS, BLOCK // block_l, block_l, batch=batch)
     # an (N, C) input with a per-sample beta has a beta per element: as ROWS of one element its
     # tiles stay BLOCK long, where COLS would tile each one-row sample apart (tiles of C
     # elements, and more programs than a launch allows from N = 2^31)
-    if inner == 1 and not (per_sample and n == x.shape[0] * channels):
-        samples = x.shape[0] if per_sample else 1
+    if inner == 1 and not (per_sample and n == n0 * channels):
+        samples = n0 if per_sample else 1
         rows_per_sample = next_power_of_2(n // channels // samples)
         # few rows per sample: wide, short tiles
         block_l = min(next_power_of_2(channels), max(MAX_COLS_BLOCK, BLOCK // rows_per_sample))

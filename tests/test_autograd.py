@@ -529,3 +529,38 @@ def test_cpu_eager_nodes_without_a_gradient_and_creation_hooks(case):
         # BatchNorm's eval coefficient reaches weight through torch's Mul, as the op's
         mul = ["MulBackward0"] * (case == "batch_norm_eval")
         assert [n for n in seen if "Accumulate" not in n] == [*mul, y.grad_fn.name()]
+
+
+@pytest.mark.parametrize("weight", ["grad", "frozen", None])
+@pytest.mark.parametrize("bias", ["grad", None])
+def test_cpu_eager_batch_norm_eval_saves_what_the_op_saves(weight, bias):
+    """BatchNorm's eval node (EagerAffine) with a weight that takes a gradient, a frozen one or
+    none, and a bias or none: a saved-tensor hook sees the op's tensors in the op's order (1/std
+    only where torch's Mul of weight saves it), and the gradients are the op's bit for bit."""
+    need_backend("cpu", "cpu")
+    torch.manual_seed(0)
+    x = (torch.randn(4, 6, 6) * 4).to(torch.bfloat16).requires_grad_()
+    w = None if weight is None else (torch.rand(6) + 0.5).requires_grad_(weight == "grad")
+    b = None if bias is None else torch.randn(6).requires_grad_()
+    stats = _eval_stats(x)
+
+    def op_call():
+        acc = torch.float32
+        rm, rv = (t.to(acc) for t in stats)
+        a = torch.rsqrt(rv + 1e-5)
+        a = a if w is None else a * w
+        return ops.AFFINE_ACT(x, rm, a, torch.zeros_like(a) if b is None else b, "gelu", None,
+                              1.0, None, None, mode="batch_norm_act")
+
+    y, saved = saved_by(lambda: fused_act.batch_norm_act(x, *stats, w, b, False,
+                                                         activation="gelu"), "auto")
+    assert y.grad_fn.name() == "EagerAffineBackward"
+    want, want_saved = saved_by(op_call, "cpu")
+    assert "Eager" not in want.grad_fn.name() and torch.equal(y, want)
+    assert len(saved) == len(want_saved) == 4 + (weight == "grad")
+    assert all(s.dtype == t.dtype and torch.equal(s, t)
+               for s, t in zip(saved, want_saved, strict=True))
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    g = torch.randn(y.shape, dtype=y.dtype)
+    got, ref = (torch.autograd.grad(t, leaves, g) for t in (y, want))
+    assert all(torch.equal(s, t) for s, t in zip(got, ref, strict=True))
