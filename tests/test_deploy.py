@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import fused_act
-from fused_act import deploy
+from fused_act import deploy, ops
 from fused_act import nn as fnn
 
 # the first statement of a serving process: fused_act cannot be imported there
@@ -475,6 +475,11 @@ def _traced_cases() -> dict:
                                                       None, True, 0.1, 1e-5, "silu"),
         "silu_fp8": lambda x: torch.cat([t.float().flatten() for t in fused_act.silu(
             x, out_dtype=torch.float8_e4m3fn)]),
+        "act_quant": lambda x: torch.cat([t.float().flatten() for t in ops.act_quant(
+            x, None, "gelu", scaling="row", backend="cpu")]),
+        "bn_silu_eval_cl": lambda x: fused_act.batch_norm_act(
+            x.contiguous(memory_format=torch.channels_last), p(4) - 1, p(4), p(4), p(4), False,
+            0.1, 1e-5, "silu"),
     })
     return cases
 
@@ -497,7 +502,7 @@ def test_make_fx_on_real_tensors(grad):
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64).mul(2).float()
     x2 = torch.randn(2, 4, 3, 5, dtype=torch.float64).mul(2).float()
     for name, f in _traced_cases().items():
-        if grad and name == "silu_fp8":
+        if grad and name in ("silu_fp8", "act_quant"):
             continue  # an FP8 output is differentiated straight through: not this test's matter
         g = make_fx(functools.partial(run, f))(x)
         got, want = g(x2), run(f, x2)

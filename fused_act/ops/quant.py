@@ -188,6 +188,14 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
                              ("gate", "out_dtype"), read_scale=False)
     if u is not None and not u.is_floating_point():
         raise TypeError(f"fused_act.act_quant: up must be a floating-point tensor, got {u.dtype}")
+    if reference_math():  # a torch.func transform: plain torch operations, which batch
+        return reference_form(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                              beta, p1, p2)
+    if torch.compiler.is_compiling() or dispatches_itself((gate, up, scale, beta, p1, p2)):
+        # the op, which a trace records and a TorchDispatchMode or a subclass sees (a kernel
+        # called directly would be invisible to them)
+        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                            beta, p1, p2, backend)
     return _act_quant(g, u, act, beta_value, out_dtype, scaling, scale, block, backend, beta,
                       p1, p2)
 
