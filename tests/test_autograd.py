@@ -533,13 +533,15 @@ def test_cpu_eager_nodes_without_a_gradient_and_creation_hooks(case):
 
 @pytest.mark.parametrize("weight", ["grad", "frozen", None])
 @pytest.mark.parametrize("bias", ["grad", None])
-def test_cpu_eager_batch_norm_eval_saves_what_the_op_saves(weight, bias):
+@pytest.mark.parametrize("n", [4, 1])
+def test_cpu_eager_batch_norm_eval_saves_what_the_op_saves(weight, bias, n):
     """BatchNorm's eval node (EagerAffine) with a weight that takes a gradient, a frozen one or
     none, and a bias or none: a saved-tensor hook sees the op's tensors in the op's order (1/std
-    only where torch's Mul of weight saves it), and the gradients are the op's bit for bit."""
+    only where torch's Mul of weight saves it), and the gradients are the op's bit for bit; one
+    sample too (a channel's one partial slot is its total)."""
     need_backend("cpu", "cpu")
     torch.manual_seed(0)
-    x = (torch.randn(4, 6, 6) * 4).to(torch.bfloat16).requires_grad_()
+    x = (torch.randn(n, 6, 6) * 4).to(torch.bfloat16).requires_grad_()
     w = None if weight is None else (torch.rand(6) + 0.5).requires_grad_(weight == "grad")
     b = None if bias is None else torch.randn(6).requires_grad_()
     stats = _eval_stats(x)

@@ -1080,3 +1080,25 @@ def test_public_params_out_dtype_compiles():
                       fullgraph=True, backend="aot_eager")
     args = (x, params["p1"], params["p2"], params["beta"])
     same(f(*args), fused_act.acon_c(*args, out_dtype=E4M3))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_act_quant_of_a_tensor_requiring_grad_under_a_mode_and_compile(backend):
+    """``ops.act_quant`` (no gradient: FP8 data carries none) of an input that requires grad,
+    eagerly, under a TorchDispatchMode and under torch.compile: the same values, and an output
+    that requires no grad (the op it meets under a mode or a trace has no autograd formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    need_backend(backend, "cpu")
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, requires_grad=True)
+
+    def f(x):
+        return quant.act_quant(x, None, "gelu", scaling="row", backend=backend)
+
+    want = f(x)
+    with FlopCounterMode(display=False):
+        under_mode = f(x)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    for got in (want, under_mode, compiled):
+        assert not got[0].requires_grad
+        assert torch.equal(got[0].float(), want[0].float()) and torch.equal(got[1], want[1])

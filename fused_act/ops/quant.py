@@ -188,16 +188,11 @@ def act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float = 1.0
                              ("gate", "out_dtype"), read_scale=False)
     if u is not None and not u.is_floating_point():
         raise TypeError(f"fused_act.act_quant: up must be a floating-point tensor, got {u.dtype}")
-    if reference_math():  # a torch.func transform: plain torch operations, which batch
-        return reference_form(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                              beta, p1, p2)
-    if torch.compiler.is_compiling() or dispatches_itself((gate, up, scale, beta, p1, p2)):
-        # the op, which a trace records and a TorchDispatchMode or a subclass sees (a kernel
-        # called directly would be invisible to them)
-        return act_quant_op(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
-                            beta, p1, p2, backend)
-    return _act_quant(g, u, act, beta_value, out_dtype, scaling, scale, block, backend, beta,
-                      p1, p2)
+    # the public functions' path (a kernel called directly would be invisible to a trace or a
+    # TorchDispatchMode), with no gradient as the kernels give none (the op has no autograd)
+    with torch.no_grad():
+        return run_act_quant(gate, up, act, beta_value, dim, out_dtype, scaling, scale, block,
+                             beta, p1, p2, backend=backend)
 
 
 def _act_quant(g: Tensor, u: Tensor | None, act: str, beta_value: float,
@@ -293,13 +288,14 @@ act_quant_op.register_fake(_fake)
 def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
                   dim: int | None, out_dtype: torch.dtype, scaling: str, scale: Tensor | None,
                   block: int, beta: Tensor | None = None, p1: Tensor | None = None,
-                  p2: Tensor | None = None, mode: str | None = None) -> tuple[Tensor, Tensor]:
-    """``act_quant`` on validated arguments under the backend in force, by the path the call
-    needs: the reference math under torch.func transforms (plain torch operations, which
-    batch) and under torch.compile where ``mode`` (the op's ``config.compile_mode`` key) says
-    "decompose" (Inductor then fuses the activation, the amax and the cast itself),
-    ``onnx_form`` under ONNX export, the custom op under torch.compile and export, else the
-    kernels or the reference math directly."""
+                  p2: Tensor | None = None, mode: str | None = None,
+                  backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """``act_quant`` on validated arguments under ``backend`` (None: the backend in force
+    where the kernels run), by the path the call needs: the reference math under torch.func
+    transforms (plain torch operations, which batch) and under torch.compile where ``mode``
+    (the op's ``config.compile_mode`` key) says "decompose" (Inductor then fuses the
+    activation, the amax and the cast itself), ``onnx_form`` under ONNX export, the custom op
+    under torch.compile and export, else the kernels or the reference math directly."""
     args = (gate, up, act, beta_value, dim, out_dtype, scaling, scale, block, beta, p1, p2)
     if reference_math():
         return reference_form(*args)
@@ -308,11 +304,11 @@ def run_act_quant(gate: Tensor, up: Tensor | None, act: str, beta_value: float,
             return (onnx_form or reference_form)(*args)
         if mode is not None and config.mode_for(mode) == "decompose":
             return reference_form(*args)
-        return act_quant_op(*args)
+        return act_quant_op(*args, backend)
     if dispatches_itself((gate, up, scale, beta, p1, p2)):
         # DTensor's rule (distributed.quant_strategies); any other subclass that dispatches
         # itself meets the op, which it either handles or refuses
         for hook in SUBCLASS_HOOKS:
             hook()
-        return act_quant_op(*args)
-    return act_quant_unchecked(*args)
+        return act_quant_op(*args, backend)
+    return act_quant_unchecked(*args, backend)
