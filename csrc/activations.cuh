@@ -179,15 +179,11 @@ FA_HD M gelu_cdf(M x) { return M(0.5) * (M(1) + erf_(x * M(SQRT1_2))); }
 template <class M>
 FA_HD M gelu_fwd(M x) { return FA_SEL(x == M(-INFINITY), M(0), x * gelu_cdf(x)); }
 
-// exp(t) for gelu's pdf, t = -x^2 / 2: the CPU kernels give their vectors a faster exp of their
-// own (which keeps NaN; 0 below about -87, where x pdf < 1e-36)
-template <class M>
-FA_HD M gelu_pdf_exp(M t) { return ex(t); }
-
+// (the CPU kernels' float vectors have a gelu_bwd of their own, whose pdf takes the exp erf took)
 template <class M>
 FA_HD M gelu_bwd(M x) {
   const M cdf = gelu_cdf(x);
-  const M pdf = gelu_pdf_exp(M(-0.5) * x * x) * M(INV_SQRT_2PI);
+  const M pdf = ex(M(-0.5) * x * x) * M(INV_SQRT_2PI);
   return FA_SEL(pdf == M(0), cdf, cdf + x * pdf);
 }
 

@@ -40,7 +40,10 @@ Vec<M> erf_(const Vec<M>& v) { return v.erf(); }
 // and dropped: its float error, about 3e-7 near erf = +-1, is absolute where gelu's tail needs
 // it relative (1 + erf near z = -3), and a glu product of such a tail by a large up missed
 // fp32's tolerance 2x.
-inline Vec<float> erf_(const Vec<float>& v) {
+struct ErfParts {
+  Vec<float> erf, e;  // erf(v), and the exp(-v^2) it took
+};
+inline ErfParts erf_parts(const Vec<float>& v) {
   using V = Vec<float>;
   const V a = v.abs();
   const V t = V(1.f) / at::vec::fmadd(V(0.3275911f), a, V(1.f));
@@ -48,8 +51,21 @@ inline Vec<float> erf_(const Vec<float>& v) {
   p = at::vec::fmadd(p, t, V(1.421413741f));
   p = at::vec::fmadd(p, t, V(-0.284496736f));
   p = at::vec::fmadd(p, t, V(0.254829592f));
-  const V r = V(1.f) - p * t * (V(0.f) - a * a).exp_u20();
-  return V::blendv(r, V(0.f) - r, v < V(0.f));
+  const V e = (V(0.f) - a * a).exp_u20();
+  const V r = V(1.f) - p * t * e;
+  return {V::blendv(r, V(0.f) - r, v < V(0.f)), e};
+}
+inline Vec<float> erf_(const Vec<float>& v) { return erf_parts(v).erf; }
+// gelu's derivative (activations.cuh's gelu_bwd) on float lanes with one exp: the pdf's
+// exp(-x^2 / 2) is the exp(-(x / sqrt 2)^2) that erf took (within an ulp of its argument),
+// where two exps made the backward 1.4x torch's at 2^20 elements.  exp_u20's 0 below about
+// -87 makes the pdf 0 there (|x| > 13.2), as the exp of -x^2 / 2 did; a NaN x makes cdf NaN.
+inline Vec<float> gelu_bwd(const Vec<float>& x) {
+  using V = Vec<float>;
+  const ErfParts p = erf_parts(x * V(float(0.7071067811865476)));
+  const V cdf = V(0.5f) * (V(1.f) + p.erf);
+  const V pdf = p.e * V(float(0.3989422804014327));
+  return V::blendv(cdf + x * pdf, cdf, pdf == V(0.f));
 }
 template <class M>
 Vec<M> abs_(const Vec<M>& v) { return v.abs(); }
@@ -88,12 +104,6 @@ template <class M>
 Vec<M> mul_or_zero(const Nonzero<M>& c, const Vec<M>& x) { return c.v * x; }
 inline Vec<float> swish_exp(const Nonzero<float>&, const Vec<float>& z) {
   return (Vec<float>(0.f) - z).exp_u20();
-}
-
-// gelu's pdf exp (activations.cuh): exp_u20, inline, where the exact exp is a call for every
-// vector; NaN lanes are put back (exp_u20 maps NaN to a number)
-inline Vec<float> gelu_pdf_exp(const Vec<float>& t) {
-  return Vec<float>::blendv(t.exp_u20(), t, t != t);
 }
 
 // FA_SEL on vectors: both sides, blended by the mask c
