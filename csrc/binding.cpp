@@ -1075,6 +1075,43 @@ void batch_norm_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t a
            "batch_norm_backward");
 }
 
+// act((x - c) a + b) of a dense x, C values of x's opmath each at c, a and b, as the op's
+// affine_act forward (the eager BatchNorm nodes' forward)
+Tensor affine_forward(const Tensor& x, const void* c, const void* a, const void* b,
+                      const ActAttrs& at, const fa_plan& p) {
+  Tensor y = at::empty_like(x);
+  raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(at.act), c, a, b,
+                                 nullptr, float(at.beta_value), nullptr, nullptr, p, nullptr),
+           "affine_act_forward");
+  return y;
+}
+
+// The C values of t (shape (C,) or C values in any shape, any floating dtype and stride) as
+// `to` converts them to op_t (exactly, or rounded to nearest for double to float), into out.
+template <typename op_t>
+void read_as(const Tensor& t, op_t* out) {
+  const Tensor v = t.dim() == 1 ? t : t.reshape(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "read_as", [&] {
+    const scalar_t* in = v.const_data_ptr<scalar_t>();
+    const int64_t n = v.numel(), stride = v.stride(0);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<op_t>(in[i * stride]);
+  });
+}
+
+// A tensor like `like` (its shape and dtype, contiguous) of values[i] (times scale[i] where
+// given) rounded once to its dtype, as `.to` rounds (to nearest even).
+template <typename op_t>
+Tensor write_as(const Tensor& like, const op_t* values, const op_t* scale) {
+  Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "write_as", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = out.numel(); i < n; ++i) {
+      o[i] = static_cast<scalar_t>(scale ? values[i] * scale[i] : values[i]);
+    }
+  });
+  return out;
+}
+
 // BatchNorm in training then an elementwise activation with a float beta (batch_norm_act) on a
 // dense x (N, C, *) with the op's channel plan, as the op computes it call for call, on the
 // batch statistics (the stats kernel's partials merged by merge_stats), the running
@@ -1087,24 +1124,44 @@ void batch_norm_backward(const Tensor& g, const Tensor& x, Tensor& dx, int64_t a
 // one is.
 // Its integers: the kernel id, eps's bits, the plan, x's strides.
 struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
-  // (a, b) of the affine in front of the activation (reference.bn_affine), C values each,
-  // contiguous: a saved-tensor hook may unpack a strided bias
-  static std::pair<Tensor, Tensor> affine(const Tensor& weight, const Tensor& bias,
-                                          const Tensor& invstd) {
-    const auto op = invstd.scalar_type();
-    return {(weight.defined() ? invstd * weight.to(op) : invstd).contiguous(),
-            bias.defined() ? bias.to(op).contiguous() : at::zeros_like(invstd)};
+  // the running or batch mean, 1 / sqrt(var + eps) and the affine in front of the activation
+  // (reference.bn_affine's a = weight / sqrt(var + eps) and b = bias, 1 and 0 where left out),
+  // C values each in the rows of one (4, C) tensor of x's opmath: a loop, where torch's ops
+  // on C values (a dozen a call, each forward and backward) cost more than a 2^16-element
+  // layer's kernel gains on torch's.  Each value is the IEEE operation those ops compute,
+  // rounded once as there (var + eps in opmath, 1 / sqrt, a product): bit for bit the op's.
+  static Tensor coefficients(const Tensor& mean, const Tensor& var, double eps,
+                             const Tensor& weight, const Tensor& bias, at::ScalarType op) {
+    const int64_t n = var.numel();
+    Tensor out = at::empty({4, n}, var.options().dtype(op));
+    AT_DISPATCH_FLOATING_TYPES(op, "coefficients", [&] {
+      scalar_t *c = out.data_ptr<scalar_t>(), *invstd = c + n, *a = invstd + n, *b = a + n;
+      read_as(mean, c);
+      read_as(var, invstd);
+      for (int64_t i = 0; i < n; ++i) {
+        invstd[i] = scalar_t(1) / std::sqrt(invstd[i] + scalar_t(eps));
+      }
+      if (weight.defined()) {
+        read_as(weight, a);
+        for (int64_t i = 0; i < n; ++i) a[i] *= invstd[i];
+      } else {
+        std::copy(invstd, invstd + n, a);
+      }
+      if (bias.defined()) {
+        read_as(bias, b);
+      } else {
+        std::fill(b, b + n, scalar_t(0));
+      }
+    });
+    return out;
   }
 
   static Tensor run(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean,
                     const Tensor& var, double eps, const ActAttrs& a, const fa_plan& p) {
-    const auto [af, bf] = affine(weight, bias, at::rsqrt(var + eps));
-    Tensor y = at::empty_like(x);
-    raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(a.act),
-                                   mean.data_ptr(), af.data_ptr(), bf.data_ptr(), nullptr,
-                                   float(a.beta_value), nullptr, nullptr, p, nullptr),
-             "affine_act_forward");
-    return y;
+    const Tensor k = coefficients(mean, var, eps, weight, bias, accumulator(x));
+    const int64_t bytes = k.size(1) * k.element_size();
+    const char* c = static_cast<const char*>(k.const_data_ptr());
+    return affine_forward(x, c, c + 2 * bytes, c + 3 * bytes, a, p);
   }
 
   std::string name() const override { return "EagerBatchNormBackward"; }
@@ -1113,8 +1170,7 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
   static torch::autograd::variable_list backward(const Attrs& at, std::vector<Tensor> saved,
                                                  Tensor g, const std::vector<bool>& needs) {
     Tensor x = saved[0];
-    const Tensor &weight = saved[1], &bias = saved[2], &var = saved[4];
-    const Tensor mean = saved[3].contiguous();
+    const Tensor &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
     const ActAttrs a{at.name, at.ints[0], at.beta_value};
     const double eps = c10::bit_cast<double>(at.ints[1]);
     const fa_plan p = to_plan(c10::IntArrayRef(at.ints).slice(2, FA_PLAN_FIELDS));
@@ -1133,25 +1189,29 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
                   " came back from a saved-tensor hook with ", t->numel(), " values, not the "
                   "plan's ", p.channels);
     }
-    // the kernel reads the mean's memory as C values of x's opmath
     check_unpacked(mean, {p.channels}, accumulator(x), "mean");
     check_unpacked(var, {p.channels}, accumulator(x), "variance");
     x = as_saved(x, c10::IntArrayRef(at.ints).slice(2 + FA_PLAN_FIELDS));
     g = like(g, x);
-    const Tensor invstd = at::rsqrt(var + eps);
-    const auto [af, bf] = affine(weight, bias, invstd);
+    const Tensor k = coefficients(mean, var, eps, weight, bias, accumulator(x));
+    const int64_t bytes = k.size(1) * k.element_size();
+    char* c = static_cast<char*>(k.data_ptr());
     Tensor dx = at::empty_like(x);
     Tensor sums = at::empty({2, p.channels}, x.options().dtype(accumulator(x)));
     raise_if(fa_batch_norm_backward(g.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x),
-                                    int(a.act), mean.data_ptr(), af.data_ptr(), bf.data_ptr(),
-                                    invstd.data_ptr(), float(a.beta_value), sums.data_ptr(), p),
+                                    int(a.act), c, c + 2 * bytes, c + 3 * bytes, c + bytes,
+                                    float(a.beta_value), sums.data_ptr(), p),
              "batch_norm_backward");
     if (!need_params) return {dx, Tensor(), Tensor()};
-    return {dx,
-            weight.defined()
-                ? (sums[1] * invstd).reshape(weight.sizes()).to(weight.scalar_type())
-                : Tensor(),
-            bias.defined() ? sums[0].reshape(bias.sizes()).to(bias.scalar_type()) : Tensor()};
+    // (sums[1] * invstd).to(weight's dtype) and sums[0].to(bias's), as the op's backward
+    Tensor dw, db;
+    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "batch_norm_backward", [&] {
+      const scalar_t *s = sums.const_data_ptr<scalar_t>(),
+                     *invstd = reinterpret_cast<const scalar_t*>(c + bytes);
+      if (weight.defined()) dw = write_as(weight, s + p.channels, invstd);
+      if (bias.defined()) db = write_as(bias, s, static_cast<const scalar_t*>(nullptr));
+    });
+    return {dx, dw, db};
   }
 };
 
@@ -1165,13 +1225,8 @@ struct EagerBatchNorm : public EagerNode<EagerBatchNorm> {
 struct EagerAffine : public EagerNode<EagerAffine> {
   static Tensor run(const Tensor& x, const Tensor& c, const Tensor& a, const Tensor& b,
                     const ActAttrs& at, const fa_plan& p) {
-    Tensor y = at::empty_like(x);
-    raise_if(fa_affine_act_forward(x.data_ptr(), y.data_ptr(), dtype_code(x), int(at.act),
-                                   c.contiguous().data_ptr(), a.contiguous().data_ptr(),
-                                   b.contiguous().data_ptr(), nullptr, float(at.beta_value),
-                                   nullptr, nullptr, p, nullptr),
-             "affine_act_forward");
-    return y;
+    return affine_forward(x, c.contiguous().const_data_ptr(), a.contiguous().const_data_ptr(),
+                          b.contiguous().const_data_ptr(), at, p);
   }
 
   std::string name() const override { return "EagerAffineBackward"; }
@@ -1245,23 +1300,27 @@ OptTensor eager_batch_norm(const Tensor& x, const OptTensor& weight, const OptTe
                 p.channels, ",) on ", x.device(), ", got ", (*t)->scalar_type(), " ",
                 (*t)->sizes(), " on ", (*t)->device());
   }
+  // running statistics that take a gradient are the op's (None), which in eval gives them one
+  // (EagerAffine's inputs are x, a and b)
+  if (running_mean && (running_mean->requires_grad() || running_var->requires_grad())) {
+    return std::nullopt;
+  }
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   const ActAttrs a{name, act, beta_value};
   if (!training) {
     // the op's eval path (affine_act on the folded running statistics), call for call
-    const auto op = accumulator(x);
     if (!records({&x, &w, &b, &*running_mean, &*running_var})) {
-      return EagerBatchNorm::run(x, w, b, running_mean->to(op).contiguous(),
-                                 running_var->to(op), eps, a, p);
+      return EagerBatchNorm::run(x, w, b, *running_mean, *running_var, eps, a, p);
     }
-    // running statistics that take a gradient are the op's (ops/eager.py sends them there):
-    // this node's inputs are x, a and b, and c, the running mean, would get none
-    if (running_mean->requires_grad() || running_var->requires_grad()) return std::nullopt;
-    // as batch_norm_act's eval coefficients, with autograd on
-    const Tensor invstd = at::rsqrt(running_var->to(op) + eps);
+    // as batch_norm_act's eval coefficients: a and b with autograd on, from c and 1/std of
+    // the loop (the running statistics take no gradient here)
+    const auto op = accumulator(x);
+    const auto rows =
+        EagerBatchNorm::coefficients(*running_mean, *running_var, eps, Tensor(), Tensor(), op)
+            .unbind();
+    const Tensor &c = rows[0], &invstd = rows[1];
     const Tensor af = w.defined() ? invstd * w.to(op) : invstd;
-    const Tensor bf = b.defined() ? b.to(op) : at::zeros_like(af);
-    const Tensor c = running_mean->to(op);
+    const Tensor bf = b.defined() ? b.to(op) : rows[3];
     return EagerAffine::record({name, beta_value, concat({{act}, from_plan(p), x.strides()})},
                                {x, af, bf}, {x, c, af, bf},
                                [&] { return EagerAffine::run(x, c, af, bf, a, p); });

@@ -595,7 +595,7 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     Python bookkeeping, which made small layers up to 3x slower than torch's pair; in eval,
     where the fused op runs (below), as one C++ call of its kernel without a gradient to take
     (inference) and as a C++ node of its affine_act with one.  In eval,
-    contiguous CPU fp32 and fp64 tensors of fewer than 2^19 elements and more than one value
+    contiguous CPU fp32 and fp64 tensors of fewer than 2^17 elements and more than one value
     per sample and channel run ``torch.nn.functional.batch_norm`` then the activation (our op,
     under the backend in force) instead, whatever the backend but "triton": the fused op's
     fixed per-call work made such layers up to 2x slower than the pair, whose BatchNorm output
@@ -640,16 +640,16 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m == 1:
             raise ValueError(f"fused_act.batch_norm_act: expected more than 1 value per channel "
                              f"when training, got input size {tuple(x.shape)}")
+    # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
+    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
+    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
     if training:
         # saves what the op saves: checkpointing may recompute it under another backend
         y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
                                  eps, act, beta_t, beta_v)
         if y is not None:
             return y
-    # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
-    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
-    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
-    if not training:
+    else:
         if _torch_pair(x, (running_mean, running_var, weight, bias)):
             z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
                                                False, momentum, eps)
@@ -689,11 +689,11 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 
 # below this many elements the fused op's fixed per-call work (per-channel coefficients, the
-# autograd nodes) outweighs the pass over memory it saves: on one and two cores of AMD EPYC,
-# fp32 eval forward+backward took 1.53x the pair's time at 2^18 elements and 0.78x at 2^19
-# through the op's Python node; through the C++ one (EagerAffine), on one core, 1.10x torch's
-# time at 2^16 where the pair took 1.04x, and about the pair's at 2^18
-_PAIR_BELOW = 1 << 19
+# autograd nodes) outweighs the pass over memory it saves: on one core of AMD EPYC, fp32 eval
+# forward+backward through the C++ node (EagerAffine) took 1.05x torch's time at 2^16 where the
+# pair took 1.08x (two cores: 1.18x and 1.16x), and 0.57x at 2^18 where the pair took 0.92x
+# (two: 0.94x and 1.09x); at 2^12 1.54x against the pair's 1.37x
+_PAIR_BELOW = 1 << 17
 
 
 def _torch_pair(x: Tensor, bn: tuple[Tensor | None, ...]) -> bool:

@@ -113,22 +113,22 @@ def eager_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor
                      weight: Tensor | None, bias: Tensor | None, training: bool,
                      momentum: float, eps: float, act: str, beta: Tensor | None,
                      beta_value: float) -> Tensor | None:
-    """``batch_norm_act``'s output on validated arguments by the CPU kernels' extension, for a
-    dense CPU ``x`` with an elementwise activation of a float beta, weight and bias of shape
-    (C,) and running statistics that take no gradient: in training as EagerBatchNorm (module
-    docstring), which updates the running statistics; in eval without a gradient to take (no
-    grad mode, or no input that requires one) as one call of the op's kernel on the folded
-    running statistics, with none of its Python work (a bf16 eval BatchNorm then silu of 2^16
-    elements, forward: 1.8x torch's pair through the op, 1.2-1.3x so); in eval with one as
-    EagerAffine, the op's affine_act on those coefficients, which take their gradients to weight
-    and bias through torch's ops as the op's do.  None where the call is the op's."""
+    """``batch_norm_act``'s output on validated arguments by the CPU kernels' extension, for a dense
+    CPU ``x`` with an elementwise activation of a float beta, weight and bias of shape (C,)
+    (batch_norm_act flattens them) and running statistics that take no gradient: in training as
+    EagerBatchNorm (module docstring), which updates the running statistics; in eval without a
+    gradient to take (no grad mode, or no input that requires one) as one call of the op's
+    kernel on the folded running statistics, with none of its Python work (a bf16 eval BatchNorm
+    then silu of 2^16 elements, forward: 1.8x torch's pair through the op, 1.2-1.3x so); in eval
+    with one as EagerAffine, the op's affine_act on those coefficients, which take their
+    gradients to weight and bias through torch's ops as the op's do. None where the call is the
+    op's."""
     if act == ACON or beta is not None:
         return None
     lib = _kernels(x, weight, bias, running_mean, running_var)
-    if lib is None or not is_dense(x) or any(
-            t is not None and (t.requires_grad if i > 1 else t.dim() != 1)
-            for i, t in enumerate((weight, bias, running_mean, running_var))):
+    if lib is None or not is_dense(x):
         return None
+    # None where the call is the op's: running statistics that take a gradient
     return lib.eager_batch_norm(x, weight, bias, running_mean, running_var, training,
                                 float(momentum), float(eps), act, SPECS[act].kernel_id,
                                 fp32(beta_value), plan.channel_plan(x, x.shape[1]).fields())
