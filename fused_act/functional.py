@@ -18,7 +18,6 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from . import ops, reference
-from .backend import get_backend
 from .registry import FUNCTIONS, SPECS, Spec
 
 # Every op computes in fp32 for the 16-bit types and fp32, in fp64 for fp64.  Anything else
@@ -589,27 +588,12 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     bias.  fp16/bf16 results are rounded once, from fp32.  A DTensor is
     refused: statistics across shards are SyncBatchNorm's job.
 
-    Eager calls on CPU tensors under backends "auto" and "cpu" in training, with an
-    elementwise activation of a float beta and weight and bias of shape (C,), run as one C++
-    autograd node (ops/eager.py): the fused op's kernels, results and saved tensors without its
-    Python bookkeeping, which made small layers up to 3x slower than torch's pair; in eval,
-    where the fused op runs (below), as one C++ call of its kernel without a gradient to take
-    (inference) and as a C++ node of its affine_act with one.  In eval,
-    contiguous CPU fp32 and fp64 tensors of fewer than 2^17 elements and more than one value
-    per sample and channel run ``torch.nn.functional.batch_norm`` then the activation (our op,
-    under the backend in force) instead, whatever the backend but "triton": the fused op's
-    fixed per-call work made such layers up to 2x slower than the pair, whose BatchNorm output
-    is the fp32 (fp64) value the fused op computes inside; larger ones save the fused op's pass
-    over memory.  Either choice rests on the device, dtypes, shapes and strides alone, or saves
-    the op's tensors, so activation checkpointing, which recomputes the forward under whatever
-    backend is in force at backward time, meets the graph it saved (the Triton interpreter,
-    backend "triton" on CPU tensors, is the one exception).  The fused op keeps fp16 and bf16,
-    which it rounds once (the pair would round the BatchNorm output too); channels_last and
-    (N, C) inputs, whose statistics torch's CPU BatchNorm lets cancel (a channel of mean 1e3
-    and variance 1 gave fp32 variances 5e-6 to 1.4e-5 off, against 5e-8 for contiguous NCHW);
-    other strides; BatchNorm tensors of a dtype other than x's and running statistics that
-    require grad (both of which torch's BatchNorm refuses); torch.compile, torch.export and
-    CUDA tensors.
+    Eager calls on CPU tensors under backends "auto" and "cpu", with an elementwise activation
+    of a float beta and running statistics that take no gradient, run the fused op's kernels
+    from C++ (ops/eager.py), without its Python bookkeeping, which made small layers up to 3x
+    slower than torch's pair: in training as one autograd node with the op's results and saved
+    tensors; in eval as one call of its kernel without a gradient to take (inference) and as a
+    node of its affine_act with one.
     """
     _check_x("batch_norm_act", x)
     if x.dim() < 2:
@@ -650,12 +634,6 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if y is not None:
             return y
     else:
-        if _torch_pair(x, (running_mean, running_var, weight, bias)):
-            z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
-                                               False, momentum, eps)
-            if act == "acon_c":
-                return ops.run_acon(z, p1, p2, beta_t)
-            return ops.run_activation(z, act, beta_t, beta_v)
         # momentum is not read in eval (torch's BatchNorm modules pass None there)
         y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps,
                                  act, beta_t, beta_v)
@@ -686,28 +664,6 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     b = torch.zeros_like(a) if bias is None else bias.to(acc)
     return ops.AFFINE_ACT(x, running_mean.to(acc), a, b, act, beta_t, beta_v, p1, p2,
                           mode="batch_norm_act")
-
-
-# below this many elements the fused op's fixed per-call work (per-channel coefficients, the
-# autograd nodes) outweighs the pass over memory it saves: on one core of AMD EPYC, fp32 eval
-# forward+backward through the C++ node (EagerAffine) took 1.05x torch's time at 2^16 where the
-# pair took 1.08x (two cores: 1.18x and 1.16x), and 0.57x at 2^18 where the pair took 0.92x
-# (two: 0.94x and 1.09x); at 2^12 1.54x against the pair's 1.37x
-_PAIR_BELOW = 1 << 17
-
-
-def _torch_pair(x: Tensor, bn: tuple[Tensor | None, ...]) -> bool:
-    """Whether ``batch_norm_act`` runs torch's BatchNorm then the activation (its docstring):
-    in eval, eagerly on a CPU fp32 or fp64 x of fewer than ``_PAIR_BELOW`` elements, contiguous with
-    more than one value per (sample, channel), whose BatchNorm tensors ``bn`` (running mean and
-    variance, weight, bias) have x's dtype and whose running statistics take no gradient (torch's
-    BatchNorm refuses one; the fused op gives it in eval)."""
-    return (type(x) is Tensor and x.is_cpu and get_backend() != "triton"
-            and x.dtype in (torch.float32, torch.float64) and x.numel() < _PAIR_BELOW
-            and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
-            and not torch.compiler.is_compiling()
-            and all(t is None or t.dtype == x.dtype for t in bn)
-            and not any(t is not None and t.requires_grad for t in bn[:2]))
 
 
 def _plain(spec: Spec) -> Callable[..., Tensor]:

@@ -319,7 +319,6 @@ EAGER_NODES = {
                        lambda a: ops.BATCH_NORM_ACT(a[0], a[1], a[2], 1e-5, "gelu", None, 1.0,
                                                     None, None, mode="batch_norm_act")[0]),
     # BatchNorm in eval + gelu (EagerAffine); running statistics in another dtype than x's
-    # (torch's pair would take the same dtype's fp32 and fp64)
     "batch_norm_eval": (lambda x: [x, torch.rand(6, dtype=x.dtype) + 0.5,
                                    torch.randn(6, dtype=x.dtype)],
                         lambda a: fused_act.batch_norm_act(a[0], *_eval_stats(a[0]), a[1], a[2],
