@@ -662,7 +662,9 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if weight is not None:
         a = a * weight.to(acc)
     b = torch.zeros_like(a) if bias is None else bias.to(acc)
-    return ops.AFFINE_ACT(x, running_mean.to(acc), a, b, act, beta_t, beta_v, p1, p2,
+    # a copy: a training step between this forward and its backward updates the running mean in
+    # place below the version counter (as torch's), and the backward reads the forward's
+    return ops.AFFINE_ACT(x, running_mean.to(acc, copy=True), a, b, act, beta_t, beta_v, p1, p2,
                           mode="batch_norm_act")
 
 

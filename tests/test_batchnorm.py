@@ -493,6 +493,31 @@ def test_checkpoint_recomputes_under_another_backend():
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_eval_backward_reads_the_forward_statistics(backend_name):
+    """An eval forward, then a training call that updates the same running statistics in
+    place (which bumps no version counter, as torch's), then the eval backward: the gradients
+    of the statistics the forward read, bit for bit (the op kept the running mean itself and
+    read the updated one)."""
+    need_backend(backend_name, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, generator=gen).requires_grad_()
+    w = (torch.rand(3, generator=gen) + 0.5).requires_grad_()
+    stats = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5
+    g = torch.randn(x.shape, generator=gen)
+    got = []
+    for update in (False, True):
+        rm, rv = (t.clone() for t in stats)
+        with fused_act.use_backend(backend_name):
+            y = fused_act.batch_norm_act(x, rm, rv, w, None, False, 0.1, 1e-5, "mish")
+            if update:
+                fused_act.batch_norm_act(torch.randn(x.shape, generator=gen) * 5 + 3, rm, rv,
+                                         None, None, True, 0.5, 1e-5, "mish")
+                assert not torch.equal(rm, stats[0])
+            got.append(torch.autograd.grad(y, (x, w), g))
+    assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_bf16_autocast_is_as_close_as_torch(backend_name):
     """conv -> BatchNormAct2d under CPU bf16 autocast, training: the output and the gradients
     of x, the conv weight and BatchNorm's weight and bias are as close to float64's as torch's
