@@ -627,18 +627,12 @@ def batch_norm_act(x: Tensor, running_mean: Tensor | None, running_var: Tensor |
     # the ops read C values in a row (a (1, C, 1, 1) weight once broadcast to C x C there)
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
     bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
-    if training:
-        # saves what the op saves: checkpointing may recompute it under another backend
-        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
-                                 eps, act, beta_t, beta_v)
-        if y is not None:
-            return y
-    else:
-        # momentum is not read in eval (torch's BatchNorm modules pass None there)
-        y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps,
-                                 act, beta_t, beta_v)
-        if y is not None:
-            return y
+    # the C++ path saves what the op saves: checkpointing may recompute it under another
+    # backend; momentum is not read in eval (torch's BatchNorm modules pass None there)
+    y = ops.eager_batch_norm(x, running_mean, running_var, weight, bias, bool(training),
+                             momentum if training else 0.0, eps, act, beta_t, beta_v)
+    if y is not None:
+        return y
     if training:
         y, mean, var = ops.BATCH_NORM_ACT(x, weight, bias, eps, act, beta_t, beta_v, p1, p2,
                                           mode="batch_norm_act")
