@@ -68,12 +68,12 @@ def backward_impl(grad: Tensor, x: Tensor, act: str, beta: Tensor | None, beta_v
 
 
 def _act_reference(x: Tensor, act: str, beta: Tensor | None, beta_value: float) -> Tensor:
-    return SPECS[act].forward(x, fp32(beta_value, x.device) if beta is None else beta)
+    return SPECS[act].forward(x, fp32(beta_value, x) if beta is None else beta)
 
 
 def _act_reference_backward(grad: Tensor, x: Tensor, act: str, beta: Tensor | None,
                             beta_value: float, need_dbeta: bool) -> tuple[Tensor, Tensor | None]:
-    return SPECS[act].backward(grad, x, fp32(beta_value, x.device) if beta is None else beta,
+    return SPECS[act].backward(grad, x, fp32(beta_value, x) if beta is None else beta,
                                  need_dbeta)
 
 

@@ -35,7 +35,7 @@ def _math(act: str, beta: Tensor | None, beta_value: float, p1: Tensor | None,
 
         return lambda z: reference.acon_c(z, p1, p2, beta), acon_backward
     spec = SPECS[act]
-    b = fp32(beta_value, x.device) if beta is None else beta
+    b = fp32(beta_value, x) if beta is None else beta
 
     def backward(g: Tensor, z: Tensor, need: bool) -> tuple:
         dz, dbeta = spec.backward(g, z, b, need and beta is not None)

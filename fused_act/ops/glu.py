@@ -25,7 +25,7 @@ def _glu_plan(rows: int, cols: int, beta: Tensor | None) -> plan.Plan:
 def _glu_reference(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None,
                    beta_value: float, dim: int) -> Tensor:
     g, u = _glu_halves(gate, up, dim)
-    b = fp32(beta_value, gate.device) if beta is None else beta
+    b = fp32(beta_value, gate) if beta is None else beta
     return reference.glu(g, u, lambda x: SPECS[act].forward(x, b))
 
 
@@ -33,7 +33,7 @@ def _glu_reference_grads(grad: Tensor, g: Tensor, u: Tensor, act: str, beta: Ten
                          beta_value: float, need_dbeta: bool
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dgate, dup, dbeta or None) of the halves ``g``, ``u`` by the reference math."""
-    spec, b = SPECS[act], fp32(beta_value, g.device) if beta is None else beta
+    spec, b = SPECS[act], fp32(beta_value, g) if beta is None else beta
     return reference.glu_backward(grad, g, u, lambda x: spec.forward(x, b),
                                   lambda gr, x: spec.backward(gr, x, b, need_dbeta))
 

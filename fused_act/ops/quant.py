@@ -64,7 +64,8 @@ def _reference(g: Tensor, u: Tensor | None, act: str, beta_value: float, out_dty
     if act == ACON_C:
         y = reference.acon_c(g.float(), p1, p2, beta)
     else:
-        y = KERNELS[act].forward(g.float(), fp32(beta_value, g.device) if beta is None else beta)
+        gf = g.float()
+        y = KERNELS[act].forward(gf, fp32(beta_value, gf) if beta is None else beta)
     if u is not None:
         y = y * u.float()
     return _quantise(y, out_dtype, scaling, scale, block)
