@@ -56,7 +56,8 @@ def fp32(v: float, like: Tensor | None = None) -> float | Tensor:
     refuse."""
     if torch.compiler.is_dynamo_compiling() or isinstance(v, torch.SymFloat):
         if like is not None and like.dtype != torch.float64:
-            return v
+            # the math tests a float beta against 0 in Python: a beta fp32 rounds to 0 must be 0
+            return v if not abs(v) <= 2.0 ** -150 else v * 0.0
         return torch.tensor(v, dtype=torch.float32, device=None if like is None else like.device)
     return struct.unpack("f", struct.pack("f", v))[0]
 
