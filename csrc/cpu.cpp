@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -632,6 +633,40 @@ Vec<M> max_of(const Vec<M>& x, const Vec<M>& t) {
   return Vec<M>::blendv(t, x, (x > t) | (x != x));
 }
 
+// max_code of n lanes into n bytes, 8 at a time.  The code's bit 0 is "not x >= t" (t wins, or a
+// NaN) and its bit 1 "neither x > t nor x < t" (a tie, or a NaN); zero_mask gives each as one
+// bit a lane, and a table turns 8 such bits into 8 bytes of 0 or 1.  Converting the lanes one at
+// a time cost as much as the whole forward besides.
+static_assert(X_WINS == 0 && T_WINS == 1 && TIE == 2 && NAN_SEEN == 3, "store_codes' bits");
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+constexpr int kByteOf[8] = {7, 6, 5, 4, 3, 2, 1, 0};
+#else
+constexpr int kByteOf[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+
+struct ByteSpread {
+  uint64_t of[256];
+  constexpr ByteSpread() : of{} {
+    for (int m = 0; m < 256; ++m) {
+      // lane k's byte is the k-th in memory once stored
+      for (int k = 0; k < 8; ++k) of[m] |= uint64_t((m >> k) & 1) << (8 * kByteOf[k]);
+    }
+  }
+};
+constexpr ByteSpread kSpread{};
+
+template <class M>
+void store_codes(uint8_t* code, const Vec<M>& x, const Vec<M>& t, int64_t n) {
+  const uint64_t t_or_nan = static_cast<uint32_t>((x >= t).zero_mask());
+  const uint64_t tie_or_nan = static_cast<uint32_t>(((x > t) | (x < t)).zero_mask());
+  for (int64_t k = 0; k < n; k += 8) {
+    const uint64_t bytes =
+        kSpread.of[(t_or_nan >> k) & 0xff] | kSpread.of[(tie_or_nan >> k) & 0xff] << 1;
+    std::memcpy(code + k, &bytes, static_cast<size_t>(std::min<int64_t>(8, n - k)));
+  }
+}
+
 template <class T>
 struct MaxForward {
   using M = opmath_t<T>;
@@ -647,15 +682,7 @@ struct MaxForward {
     const Vec<M> xv = load(x + off, n);
     const Vec<M> tv = load(t + off, n);
     store(y + off, max_of(xv, tv), n);
-    if (code == nullptr) return;
-    // max_code's order of tests: x wins, t wins, a tie, else a NaN
-    using V = Vec<M>;
-    const V c = V::blendv(V::blendv(V::blendv(V(M(NAN_SEEN)), V(M(TIE)), xv == tv),
-                                    V(M(T_WINS)), xv < tv),
-                          V(M(X_WINS)), xv > tv);
-    alignas(64) M lanes[Vec<M>::size()];
-    c.store(lanes);
-    for (int64_t k = 0; k < n; ++k) code[off + k] = static_cast<uint8_t>(lanes[k]);
+    if (code != nullptr) store_codes(code + off, xv, tv, n);
   }
 };
 

@@ -1087,8 +1087,7 @@ def test_float_beta_rounded_alike_on_every_path(spec, dtype, monkeypatch):
     def f(x, b):
         return spec.call(x, b)
 
-    def same(a, b):
-        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    exact = dict(rtol=0, atol=0, equal_nan=True)
 
     got, inductor = {}, {}
     with fused_act.use_backend("reference"):
@@ -1111,13 +1110,15 @@ def test_float_beta_rounded_alike_on_every_path(spec, dtype, monkeypatch):
                     inductor[b, f"dynamic={dynamic}"] = compiled(x, b), compiled(x, rounded)
     torch._dynamo.reset()
     for b, rounded in betas.items():
-        assert same(eager[b], spec.forward(x, rounded)), \
-            f"{spec.name}: eager beta={b} is not beta=fp32({b})"
+        torch.testing.assert_close(eager[b], spec.forward(x, rounded), **exact,
+                                   msg=f"{spec.name}: eager beta={b} is not beta=fp32({b})")
     for (b, path), y in got.items():
-        assert same(y, eager[b]), f"{spec.name} beta={b}, {path}: differs from eager"
+        torch.testing.assert_close(y, eager[b], **exact,
+                                   msg=f"{spec.name} beta={b}, {path}: differs from eager")
     for (b, path), (y, y_rounded) in inductor.items():
-        assert same(y, y_rounded), \
-            f"{spec.name} beta={b}, Inductor {path}: differs from beta=fp32({b})"
+        torch.testing.assert_close(
+            y, y_rounded, **exact,
+            msg=f"{spec.name} beta={b}, Inductor {path}: differs from beta=fp32({b})")
 
 
 # ---- 14. the benchmark's blocks come from the registry -------------------------------------

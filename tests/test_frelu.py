@@ -1,6 +1,8 @@
 """FReLU: the fused max step (ties, NaNs, the saved win code), its eval-mode BatchNorm fold, and
 the module against the paper's published form."""
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -176,6 +178,23 @@ def test_saves_one_byte_per_element(backend_name):
     y.sum().backward()
     with torch.no_grad():  # nothing is kept without grad, and no code is written
         assert ops.frelu_forward_impl(x, t, need_code=False, backend=backend_name)[1] is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_saved_code_in_every_lane(backend_name, dtype):
+    """The saved code is the reference's for each of the four outcomes in every lane position of
+    a vector and in every length of tail (the C++ kernels write the codes 8 lanes at a time)."""
+    need_backend(backend_name, "cpu")
+    nan = float("nan")
+    gen = torch.Generator().manual_seed(3)
+    pairs = torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.5, 1.5], [nan, 1.0], [1.0, nan], [nan, nan],
+                          [-0.0, 0.0], [float("inf"), float("inf")]], dtype=dtype)
+    for n in [*range(1, 41), 67, 2048 + 61]:
+        xt = pairs[torch.randint(len(pairs), (n,), generator=gen)]
+        x, t = (v.clone().requires_grad_() for v in xt.unbind(1))
+        _, saved = saved_by(functools.partial(fused_act.frelu_max, x, t), backend_name)
+        assert torch.equal(saved[0], reference.frelu_max_code(x.detach(), t.detach())), n
 
 
 def test_bad_arguments():
