@@ -14,9 +14,12 @@
 
 #ifdef FA_CPU
 // the eager nodes (EagerNode)
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 namespace {
 constexpr const char* KIND = "CPU";
@@ -912,6 +915,46 @@ Tensor eager_max(const Tensor& x, const Tensor& t, bool need_code, int64_t block
                           [&] { return EagerMax::run(x, t, code, block); });
 }
 
+// No one but the kernels may see an eager call: no TorchFunctionMode or TorchDispatchMode on
+// the stack, no torch.func transform, no jit trace (what fused_act/ops/eager.py's _kernels and
+// reference_math ask in Python; compiling and forward AD stay the Python caller's questions)
+bool untouched() {
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  return at::impl::PythonTorchFunctionTLS::stack_len() == 0 &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) &&
+         !torch::jit::tracer::isTracing();
+}
+
+// The public frelu_max's whole eager call on plain CPU tensors (torch.Tensor or Parameter, not
+// a subclass) of a supported dtype, the same dtype, sizes and dense strides, none empty or a
+// negative view: eager_max as run_max would call it.  None for every other call, which the
+// Python path checks (raising its errors) and routes; that path cost a 2^16-element call half
+// as much again as torch.maximum.
+pybind11::object fast_max(pybind11::handle x_obj, pybind11::handle t_obj, int64_t block) {
+  if (!THPVariable_CheckExact(x_obj.ptr()) || !THPVariable_CheckExact(t_obj.ptr()) ||
+      !untouched()) {
+    return pybind11::none();
+  }
+  const Tensor& x = THPVariable_Unpack(x_obj.ptr());
+  const Tensor& t = THPVariable_Unpack(t_obj.ptr());
+  const auto s = x.scalar_type();
+  if ((s != at::kFloat && s != at::kHalf && s != at::kBFloat16 && s != at::kDouble) ||
+      t.scalar_type() != s || !x.is_cpu() || !t.is_cpu() || x.is_neg() || t.is_neg() ||
+      x.numel() == 0 || !x.is_non_overlapping_and_dense() || t.sizes() != x.sizes() ||
+      t.strides() != x.strides()) {
+    return pybind11::none();
+  }
+  const bool need_code = at::GradMode::is_enabled() && (x.requires_grad() || t.requires_grad());
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = eager_max(x, t, need_code, block);
+  }
+  return pybind11::cast(std::move(y));
+}
+
 // ACON-C (run_acon) on a dense x, N outermost in memory for a per-sample beta (Meta-ACON), with
 // the op's channel plan; saves x, p1, p2 and beta.
 // Its integers: per_sample, the plan, x's strides (which the plan was made for).
@@ -1391,6 +1434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eager_activation", &eager_activation, no_gil());
   m.def("eager_glu", &eager_glu, no_gil());
   m.def("eager_max", &eager_max, no_gil());
+  m.def("fast_max", &fast_max);
   m.def("eager_acon", &eager_acon, no_gil());
   m.def("eager_batch_norm", &eager_batch_norm, no_gil());
   m.def("merge_stats", &merge_stats, no_gil());

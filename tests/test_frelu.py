@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_act
 from fused_act import ops, reference
@@ -210,6 +211,75 @@ def test_bad_arguments():
                                                                            dtype=torch.int64))
     with pytest.raises(TypeError, match="frelu_max: t must be a torch.Tensor"):
         fused_act.frelu_max(x, 0.0)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _PassFunction(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _PassDispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_step_cpu_entry_takes_only_plain_calls(monkeypatch):
+    """frelu_max's one-step C++ entry (fast_max, where ops.cpu_entry gives the extension) runs
+    a plain eager CPU call as the Python path would (EagerMax, the win code only where a
+    gradient will be taken), and leaves None, so the Python path's checks and routing, for
+    everything else: bad arguments (with the
+    Python path's errors), a subclass, an empty tensor, a negative view, another device, t of
+    other strides, a non-dense x, a TorchFunctionMode or TorchDispatchMode, a torch.func
+    transform, forward-mode AD, a jit trace, and backends other than "auto" and "cpu"."""
+    need_backend("cpu", "cpu")
+    ops.eager._kernels(torch.ones(1))  # the extension loaded: the entry may answer
+    lib = ops.eager._LOADED["auto"]
+    x, t = make("nchw", torch.float32, "cpu")
+    x, t = x.detach(), t.detach()
+    want = torch.maximum(x, t)
+    monkeypatch.setattr(fused_act.functional, "_check_frelu_pair", None)  # not reached
+    for a, b in ((x, t), (nn.Parameter(x.clone()), t), (x, nn.Parameter(t.clone())),
+                 (LAYOUTS["channels_last"](x), LAYOUTS["channels_last"](t))):
+        y = fused_act.frelu_max(a, b)
+        torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True, check_stride=False)
+        assert y.stride() == a.stride()
+        assert (y.grad_fn is None) == (not a.requires_grad and not b.requires_grad)
+        if y.grad_fn is not None:
+            assert y.grad_fn.name() == "EagerMaxBackward"
+            with torch.no_grad():
+                assert fused_act.frelu_max(a, b).grad_fn is None
+    monkeypatch.undo()
+
+    def refused(a, b):
+        return lib.fast_max(a, b, fused_act.plan.BLOCK) is None
+
+    m = torch.randn(4, 4)
+    for a, b in ((x, 0.0), (1.0, t), (x.double(), t), (x, t[:1]), (x.int(), t.int()),
+                 (x.as_subclass(_Sub), t), (x, t.as_subclass(_Sub)), (x[:0], t[:0]),
+                 (torch._neg_view(x), t), (x, torch._neg_view(t)), (x, t.to("meta")),
+                 (m, m.t()), (m[::2], m[::2])):
+        assert refused(a, b), (type(a), type(b))
+    with _PassFunction():
+        assert refused(x, t)
+    with _PassDispatch():
+        assert refused(x, t)
+    seen = []
+    torch.func.vmap(lambda a, b: seen.append(refused(a, b)) or a)(x, t)
+    torch.jit.trace(lambda a, b: seen.append(refused(a, b)) or a * 1, (x, t), check_trace=False)
+    assert seen == [True, True]
+    with torch.autograd.forward_ad.dual_level():
+        assert ops.cpu_entry() is None
+    for name in ("reference", "triton"):
+        with fused_act.use_backend(name):
+            assert ops.cpu_entry() is None
+    with fused_act.use_backend("cpu"):
+        ops.eager._kernels(x)
+        assert ops.cpu_entry() is lib
+    test_bad_arguments()  # the Python path's errors, with the entry loaded
 
 
 # ---- the module ----------------------------------------------------------------------------
