@@ -927,18 +927,20 @@ bool untouched() {
          !torch::jit::tracer::isTracing();
 }
 
-// The public frelu_max's whole eager call on plain CPU tensors (torch.Tensor or Parameter, not
-// a subclass) of a supported dtype, the same dtype, sizes and dense strides, none empty or a
-// negative view: eager_max as run_max would call it.  None for every other call, which the
-// Python path checks (raising its errors) and routes; that path cost a 2^16-element call half
-// as much again as torch.maximum.
-pybind11::object fast_max(pybind11::handle x_obj, pybind11::handle t_obj, int64_t block) {
-  if (!THPVariable_CheckExact(x_obj.ptr()) || !THPVariable_CheckExact(t_obj.ptr()) ||
-      !untouched()) {
+// The public frelu_max's whole eager call, its arguments as given (args), on plain CPU tensors
+// (torch.Tensor or Parameter, not a subclass) of a supported dtype, the same dtype, sizes and
+// dense strides, none empty or a negative view: eager_max as run_max would call it.  None for
+// every other call, which the Python path checks (raising its errors) and routes; that path
+// cost a 2^16-element call half as much again as torch.maximum.
+pybind11::object fast_max(const pybind11::tuple& args, int64_t block) {
+  if (args.size() != 2 || !THPVariable_CheckExact(args[0].ptr()) ||
+      !THPVariable_CheckExact(args[1].ptr()) || !untouched()) {
     return pybind11::none();
   }
-  const Tensor& x = THPVariable_Unpack(x_obj.ptr());
-  const Tensor& t = THPVariable_Unpack(t_obj.ptr());
+  // copies, not references: another thread may swap the objects' tensors (swap_tensors) while
+  // the kernel runs without the GIL
+  const Tensor x = THPVariable_Unpack(args[0].ptr());
+  const Tensor t = THPVariable_Unpack(args[1].ptr());
   const auto s = x.scalar_type();
   if ((s != at::kFloat && s != at::kHalf && s != at::kBFloat16 && s != at::kDouble) ||
       t.scalar_type() != s || !x.is_cpu() || !t.is_cpu() || x.is_neg() || t.is_neg() ||

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
-from . import ops, plan, reference
+from . import ops, reference
 from .registry import FUNCTIONS, SPECS, Spec
 
 # Every op computes in fp32 for the 16-bit types and fp32, in fp64 for fp64.  Anything else
@@ -236,13 +236,6 @@ def frelu_max(x: Tensor, t: Tensor) -> Tensor:
     tie, all to both where a NaN is involved.  Backward saves one byte per element (which side
     won) instead of x and t; forward and backward are one pass each.
     """
-    lib = ops.cpu_entry()
-    if lib is not None:  # the whole call in C++ where it takes it (plain CPU tensors)
-        y = lib.fast_max(x, t, plan.BLOCK)
-        if y is not None:
-            return y
-    if has_torch_function((x, t)):  # _overridable's protocol, after the entry (no wrapper)
-        return handle_torch_function(frelu_max, (x, t), x, t)
     _check_frelu_pair("frelu_max", x, t)
     need_code = torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)
     return ops.run_max(x, t, need_code)
@@ -707,16 +700,22 @@ for _written in (act_fp8_linear, glu_fp8_linear):
 _F = TypeVar("_F", bound=Callable[..., Tensor])
 
 
-def _overridable(function: _F) -> _F:
+def _overridable(function: _F, entry: str | None = None) -> _F:
     """``function`` taking part in the ``__torch_function__`` protocol, as torch.nn.functional's
     functions do: a call with any argument whose type overrides it (an FX ``Proxy``, a
     tensor-like, a tensor subclass, or under a TorchFunctionMode) is handed to that override with
     the public function itself as ``func``, so ``torch.fx`` records one node whose target is
     the public function and a traced graph calls it back.  Plain tensors, ``nn.Parameter`` and
-    DTensor (whose ``__torch_function__`` is disabled) pass one C check and run ``function``."""
+    DTensor (whose ``__torch_function__`` is disabled) pass one C check and run ``function``.
+    ``entry`` names the CPU kernels' one-step C++ call of the function (ops.call_entry), tried
+    first on positional arguments: it takes plain tensors only, so before the protocol."""
 
     @functools.wraps(function)
     def public(*args: object, **kwargs: object) -> Tensor:
+        if entry is not None and not kwargs:
+            y = ops.call_entry(entry, args)
+            if y is not None:
+                return y
         relevant = (*args, *kwargs.values()) if kwargs else args
         if has_torch_function(relevant):
             return handle_torch_function(public, relevant, *args, **kwargs)
@@ -727,12 +726,12 @@ def _overridable(function: _F) -> _F:
 
 # The public functions, re-exported by fused_act/__init__.py: those written above, and one
 # generated for every other activation of the registry (it takes x alone); each is registered
-# overridable, the one place the protocol is added, but frelu_max, which asks has_torch_function
-# itself after its C++ entry (a wrapper's call cost its 2^16-element forward 5%).
+# overridable, the one place the protocol is added (and frelu_max's C++ entry tried).
 _WRITTEN = {"acon_c": acon_c, "act_fp8_linear": act_fp8_linear, "batch_norm_act": batch_norm_act,
             "frelu_max": frelu_max, "geglu": geglu, "gelu": gelu, "glu": glu,
             "glu_fp8_linear": glu_fp8_linear, "swiglu": swiglu, "swish": swish}
-FUNCTIONS.update({name: f if f is frelu_max else _overridable(f) for name, f in _WRITTEN.items()})
+FUNCTIONS.update({name: _overridable(f, "fast_max" if f is frelu_max else None)
+                  for name, f in _WRITTEN.items()})
 FUNCTIONS.update({s.public: _overridable(_plain(s)) for s in SPECS.values()
                   if s.public not in FUNCTIONS})
 globals().update(FUNCTIONS)

@@ -218,7 +218,12 @@ class _Sub(torch.Tensor):
 
 
 class _PassFunction(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append((func, len(args), sorted(kwargs or {})))
         return func(*args, **(kwargs or {}))
 
 
@@ -228,13 +233,14 @@ class _PassDispatch(TorchDispatchMode):
 
 
 def test_one_step_cpu_entry_takes_only_plain_calls(monkeypatch):
-    """frelu_max's one-step C++ entry (fast_max, where ops.cpu_entry gives the extension) runs
-    a plain eager CPU call as the Python path would (EagerMax, the win code only where a
-    gradient will be taken), and leaves None, so the Python path's checks and routing, for
-    everything else: bad arguments (with the
-    Python path's errors), a subclass, an empty tensor, a negative view, another device, t of
-    other strides, a non-dense x, a TorchFunctionMode or TorchDispatchMode, a torch.func
-    transform, forward-mode AD, a jit trace, and backends other than "auto" and "cpu"."""
+    """frelu_max's one-step C++ entry (fast_max, by ops.call_entry) runs a plain eager CPU
+    call as the Python path would (EagerMax, the win code only where a gradient will be taken),
+    and leaves None, so the Python path's checks and routing, for everything else: bad
+    arguments (with the Python path's errors), other than two positional arguments, a subclass,
+    an empty tensor, a negative view, another device on either side, t of other strides, a
+    non-dense x, a TorchFunctionMode (which sees the call as made) or a TorchDispatchMode, a
+    torch.func transform, forward-mode AD, a jit trace, a compile session, and backends other
+    than "auto" and "cpu"."""
     need_backend("cpu", "cpu")
     ops.eager._kernels(torch.ones(1))  # the extension loaded: the entry may answer
     lib = ops.eager._LOADED["auto"]
@@ -254,17 +260,21 @@ def test_one_step_cpu_entry_takes_only_plain_calls(monkeypatch):
                 assert fused_act.frelu_max(a, b).grad_fn is None
     monkeypatch.undo()
 
-    def refused(a, b):
-        return lib.fast_max(a, b, fused_act.plan.BLOCK) is None
+    def refused(*args):
+        return lib.fast_max(args, fused_act.plan.BLOCK) is None
 
     m = torch.randn(4, 4)
-    for a, b in ((x, 0.0), (1.0, t), (x.double(), t), (x, t[:1]), (x.int(), t.int()),
-                 (x.as_subclass(_Sub), t), (x, t.as_subclass(_Sub)), (x[:0], t[:0]),
-                 (torch._neg_view(x), t), (x, torch._neg_view(t)), (x, t.to("meta")),
-                 (m, m.t()), (m[::2], m[::2])):
-        assert refused(a, b), (type(a), type(b))
-    with _PassFunction():
+    for args in ((x,), (x, t, t), (x, 0.0), (1.0, t), (x.double(), t), (x, t[:1]),
+                 (x.int(), t.int()), (x.as_subclass(_Sub), t), (x, t.as_subclass(_Sub)),
+                 (x[:0], t[:0]), (torch._neg_view(x), t), (x, torch._neg_view(t)),
+                 (x, t.to("meta")), (x.to("meta"), t), (m, m.t()), (m[::2], m[::2])):
+        assert refused(*args), [type(a) for a in args]
+    with pytest.raises(ValueError, match="frelu_max: t is on cpu but x is on meta"):
+        fused_act.frelu_max(x.to("meta"), t)
+    with _PassFunction() as mode:
         assert refused(x, t)
+        fused_act.frelu_max(x, t=t)
+    assert mode.seen == [(fused_act.frelu_max, 1, ["t"])]
     with _PassDispatch():
         assert refused(x, t)
     seen = []
@@ -272,13 +282,17 @@ def test_one_step_cpu_entry_takes_only_plain_calls(monkeypatch):
     torch.jit.trace(lambda a, b: seen.append(refused(a, b)) or a * 1, (x, t), check_trace=False)
     assert seen == [True, True]
     with torch.autograd.forward_ad.dual_level():
-        assert ops.cpu_entry() is None
+        assert ops.call_entry("fast_max", (x, t)) is None
     for name in ("reference", "triton"):
         with fused_act.use_backend(name):
-            assert ops.cpu_entry() is None
+            assert ops.call_entry("fast_max", (x, t)) is None
     with fused_act.use_backend("cpu"):
         ops.eager._kernels(x)
-        assert ops.cpu_entry() is lib
+        assert ops.call_entry("fast_max", (x, t)) is not None
+    # a compile session runs a backend's Python with the flag set: the op's, as _kernels says
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert ops.call_entry("fast_max", (x, t)) is None
+    monkeypatch.undo()
     test_bad_arguments()  # the Python path's errors, with the entry loaded
 
 

@@ -42,7 +42,7 @@ from .batchnorm import (
     batch_norm_act_backward_op,
     batch_norm_act_op,
 )
-from .eager import cpu_entry, eager_batch_norm, run_acon, run_activation, run_glu, run_max
+from .eager import call_entry, eager_batch_norm, run_acon, run_activation, run_glu, run_max
 from .fp8_linear import act_fp8_linear, matmul_path
 from .frelu import (
     FRELU_MAX,
@@ -72,7 +72,7 @@ __all__ = [
     "acon_forward_impl",
     "affine_act_backward_op", "affine_act_op", "batch_norm_act_backward_op", "batch_norm_act_op",
     "activation_backward_op", "activation_op", "apply_", "backward_impl", "run_act_quant",
-    "cpu_entry", "eager_batch_norm", "run_acon", "run_activation", "run_glu", "run_max", "dense",
+    "call_entry", "eager_batch_norm", "run_acon", "run_activation", "run_glu", "run_max", "dense",
     "flat_param", "forward_impl", "frelu_backward_impl", "frelu_forward_impl",
     "frelu_max_affine_backward_impl", "frelu_max_affine_backward_op", "frelu_max_affine_impl",
     "frelu_max_affine_op", "frelu_max_backward_op", "frelu_max_op",

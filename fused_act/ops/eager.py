@@ -89,18 +89,21 @@ def run_glu(gate: Tensor, up: Tensor | None, act: str, beta: Tensor | None, beta
     return GATED(gate, up, act, beta, beta_value, dim, mode="glu")
 
 
-def cpu_entry() -> ModuleType | None:
-    """The CPU kernels' extension where a public function may try its whole eager call in one
-    C++ step (binding.cpp's fast_max): loaded for the backend in force (by an earlier call
-    through ``_kernels``), not compiling, no forward-mode AD; the entry itself asks the rest of
-    ``_kernels``'s questions and leaves None for every call it does not take.  Only FReLU's max
-    has one: its kernel runs at torch.maximum's speed, and the Python path's checks and routing
-    cost a 2^16-element forward 1.2-1.5x torch.maximum's time.  (Not is_compiling, which costs
-    that forward 5% more: non-strict export's tensors are fakes, which the entry refuses.)"""
-    if torch.compiler.is_dynamo_compiling():
+def call_entry(name: str, args: tuple) -> Tensor | None:
+    """A public function's whole eager call in one step, by the CPU kernels' extension's
+    function ``name`` (binding.cpp's fast_max), once they are loaded for the backend in force
+    (by an earlier call through ``_kernels``), not compiling, no forward-mode AD: that function
+    asks the rest of ``_kernels``'s questions of ``args`` and runs the call, or gives None for
+    every call it does not take (and every error), which the Python path then checks and
+    routes.  Only FReLU's max has one: its kernel runs at torch.maximum's speed, and the Python
+    path's checks and routing cost a 2^16-element forward 1.2-1.5x torch.maximum's time.
+    (``is_compiling`` asked as Dynamo's fold and the flag it reads, a frame fewer: 5% there.)"""
+    if torch.compiler.is_dynamo_compiling() or torch.compiler._is_compiling_flag:
         return None
     lib = _LOADED.get(get_backend())
-    return None if lib is None or forward_ad._current_level >= 0 else lib
+    if lib is None or forward_ad._current_level >= 0:
+        return None
+    return getattr(lib, name)(args, plan.BLOCK)
 
 
 def run_max(x: Tensor, t: Tensor, need_code: bool) -> Tensor:
