@@ -708,7 +708,8 @@ def _overridable(function: _F, entry: str | None = None) -> _F:
     the public function and a traced graph calls it back.  Plain tensors, ``nn.Parameter`` and
     DTensor (whose ``__torch_function__`` is disabled) pass one C check and run ``function``.
     ``entry`` names the CPU kernels' one-step C++ call of the function (ops.call_entry), tried
-    first on positional arguments: it takes plain tensors only, so before the protocol."""
+    first on positional arguments: it takes exact Tensor or Parameter arguments with no
+    TorchFunctionMode on the stack only, the calls for which the protocol does nothing."""
 
     @functools.wraps(function)
     def public(*args: object, **kwargs: object) -> Tensor:

@@ -274,7 +274,10 @@ def test_one_step_cpu_entry_takes_only_plain_calls(monkeypatch):
     with _PassFunction() as mode:
         assert refused(x, t)
         fused_act.frelu_max(x, t=t)
-    assert mode.seen == [(fused_act.frelu_max, 1, ["t"])]
+        with pytest.raises(TypeError, match="missing 1 required positional argument"):
+            fused_act.frelu_max(x)
+    assert mode.seen == [(fused_act.frelu_max, 1, ["t"]), (fused_act.frelu_max, 1, [])]
+    assert fused_act.frelu_max.__wrapped__ is fused_act.functional._WRITTEN["frelu_max"]
     with _PassDispatch():
         assert refused(x, t)
     seen = []
@@ -289,7 +292,8 @@ def test_one_step_cpu_entry_takes_only_plain_calls(monkeypatch):
     with fused_act.use_backend("cpu"):
         ops.eager._kernels(x)
         assert ops.call_entry("fast_max", (x, t)) is not None
-    # a compile session runs a backend's Python with the flag set: the op's, as _kernels says
+    # the flag is_compiling reads (set under export, and by newer torch for a compile session's
+    # backend Python): the op's, as _kernels says
     monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
     assert ops.call_entry("fast_max", (x, t)) is None
     monkeypatch.undo()
